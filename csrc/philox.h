@@ -1,0 +1,66 @@
+// Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11) and the
+// Gaussian transform every samkernels backend shares.  Header-only, free of torch, usable from C++
+// and CUDA.  Contract (see samkernels/ops/reference.py: philox_normal):
+//   element i of parameter `pid` at noise step `step` uses
+//   block = philox(counter = (i >> 2, pid, step_lo, step_hi), key = (seed_lo, seed_hi)), lane i & 3;
+//   u_k = ((x_k >> 8) + 0.5) * 2^-24 in (0, 1); Box-Muller (u0,u1) -> lanes 0,1; (u2,u3) -> lanes 2,3.
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define SK_HD __host__ __device__ __forceinline__
+#else
+#define SK_HD inline
+#endif
+
+namespace samkernels {
+
+struct Philox4 {
+  uint32_t x[4];
+};
+
+SK_HD uint32_t mulhilo32(uint32_t a, uint32_t b, uint32_t* hi) {
+  uint64_t p = static_cast<uint64_t>(a) * static_cast<uint64_t>(b);
+  *hi = static_cast<uint32_t>(p >> 32);
+  return static_cast<uint32_t>(p);
+}
+
+SK_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
+                            uint32_t k1) {
+#pragma unroll
+  for (int r = 0; r < 10; ++r) {
+    uint32_t hi0, hi1;
+    uint32_t lo0 = mulhilo32(0xD2511F53u, c0, &hi0);
+    uint32_t lo1 = mulhilo32(0xCD9E8D57u, c2, &hi1);
+    c0 = hi1 ^ c1 ^ k0;
+    c1 = lo1;
+    c2 = hi0 ^ c3 ^ k1;
+    c3 = lo0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return Philox4{{c0, c1, c2, c3}};
+}
+
+SK_HD float philox_uniform(uint32_t x) {  // (x >> 8 + 1/2) / 2^24: exact in fp32, never 0 or 1
+  return (static_cast<float>(x >> 8) + 0.5f) * 5.9604644775390625e-08f;
+}
+
+// Four standard normals for block `quad` (elements 4*quad .. 4*quad+3) of one parameter.
+template <typename T>
+SK_HD void philox_normal4(uint64_t seed, uint64_t step, uint32_t pid, uint64_t quad, T out[4]) {
+  Philox4 b = philox4x32_10(static_cast<uint32_t>(quad), pid, static_cast<uint32_t>(step),
+                            static_cast<uint32_t>(step >> 32), static_cast<uint32_t>(seed),
+                            static_cast<uint32_t>(seed >> 32));
+  const T two_pi = T(6.283185307179586476925286766559);
+  T u0 = philox_uniform(b.x[0]), u1 = philox_uniform(b.x[1]);
+  T u2 = philox_uniform(b.x[2]), u3 = philox_uniform(b.x[3]);
+  T r01 = std::sqrt(T(-2) * std::log(u0)), r23 = std::sqrt(T(-2) * std::log(u2));
+  out[0] = r01 * std::cos(two_pi * u1);
+  out[1] = r01 * std::sin(two_pi * u1);
+  out[2] = r23 * std::cos(two_pi * u3);
+  out[3] = r23 * std::sin(two_pi * u3);
+}
+
+}  // namespace samkernels
