@@ -1,6 +1,8 @@
 """samkernels: fused multi-tensor kernels for sharpness-aware and Bayesian training."""
 from samkernels._dispatch import set_backend, use_backend
 from samkernels import ops
+from samkernels import optim
+from samkernels.optim import ASAM, BSAM, SAM
 
 __version__ = "0.1.0"
-__all__ = ["ops", "set_backend", "use_backend", "__version__"]
+__all__ = ["ops", "optim", "SAM", "ASAM", "BSAM", "set_backend", "use_backend", "__version__"]

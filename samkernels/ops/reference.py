@@ -186,7 +186,7 @@ def bsam_update_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor
     With ``accums`` (see ``bsam_perturb_``) line 5 runs here with h = accum * accum_scale, and
     ``released_order`` uses the s from before line 5 in line 7 (the authors' JAX code)."""
     for i, (p, g, b, s, gm) in enumerate(zip(params, grads, backups, precisions, momenta)):
-        omega, ge, s_old = b.to(opmath(p)), g.to(opmath(p)), s.to(opmath(p))
+        omega, ge, s_old = b.to(opmath(p)), g.to(opmath(p)), s.to(opmath(p), copy=True)
         s_new = s_old
         if accums:
             s_new = beta2 * s_old + (1 - beta2) * (accums[i].to(s_old.dtype) * accum_scale + delta + gamma)

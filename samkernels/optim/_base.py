@@ -1,0 +1,172 @@
+"""What every two-pass samkernels optimizer shares: argument checks, gathering a group's tensors into
+lists for the multi-tensor ops, the transient weight backups, exception-safe ``step(closure)``, and
+the optimizer-wide state (noise seed and counter) in ``state_dict``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+SeedLike = Union[None, int, torch.Generator]
+
+
+# --- argument checks (one line each at the call site, messages name the argument) ------------
+def check_nonneg(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def check_positive(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def check_beta(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
+
+
+def draw_seed(seed: SeedLike) -> int:
+    """A 62-bit noise seed: an int as given, else one draw from ``seed`` (a Generator) or from torch's
+    default generator, so ``torch.manual_seed`` makes runs reproducible."""
+    if isinstance(seed, bool) or (seed is not None and not isinstance(seed, (int, torch.Generator))):
+        raise ValueError(f"seed must be None, an int or a torch.Generator, got {type(seed).__name__}")
+    if isinstance(seed, int):
+        if not 0 <= seed < 2 ** 63:
+            raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+        return seed
+    return int(torch.randint(0, 2 ** 62, (1,), generator=seed).item())
+
+
+class TwoPassOptimizer(torch.optim.Optimizer):
+    """Base class.  Subclasses implement the phases; this class keeps the bookkeeping.
+
+    Backups of the mean weights live in ``self._backups`` (keyed by parameter), outside
+    ``self.state``: they are transient and never saved in checkpoints.
+    """
+
+    def __init__(self, params, defaults):
+        super().__init__(params, defaults)
+        self._backups: Dict[Tensor, Tensor] = {}
+        self._perturbed: List[Tuple[List[Tensor], List[Tensor]]] = []  # (params, backups) now moved
+        self._param_ids: Dict[Tensor, int] = {}
+        self._extra_state: Dict[str, int] = {}
+
+    # -- tensors -------------------------------------------------------------------------------
+    def _param_id(self, p: Tensor) -> int:
+        """Stable index of ``p`` over all groups (the noise counter's parameter word)."""
+        if p not in self._param_ids:
+            for i, q in enumerate(q for g in self.param_groups for q in g["params"]):
+                self._param_ids.setdefault(q, i)
+        return self._param_ids[p]
+
+    def _backup(self, p: Tensor) -> Tensor:
+        b = self._backups.get(p)
+        if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
+            b = torch.empty_like(p, memory_format=torch.preserve_format)
+            self._backups[p] = b
+        return b
+
+    @staticmethod
+    def _check_grad(gi: int, pi: int, p: Tensor) -> None:
+        g = p.grad
+        if g.is_sparse:
+            raise ValueError(f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)}) has a "
+                             "sparse gradient; samkernels optimizers need dense gradients")
+        if torch.is_complex(p) or torch.is_complex(g):
+            raise ValueError(f"param_groups[{gi}]['params'][{pi}] is complex; samkernels "
+                             "optimizers support real floating-point parameters only")
+        if not p.is_floating_point():
+            raise ValueError(f"param_groups[{gi}]['params'][{pi}] has dtype {p.dtype}; "
+                             "parameters must be floating point")
+
+    def _grouped(self, with_grad: bool = True) -> List[Tuple[dict, List[Tensor]]]:
+        """Per (group, device): the parameters to work on, in group order.  ``with_grad`` keeps those
+        with a gradient (checked dense and real); otherwise all that require grad."""
+        out = []
+        for gi, group in enumerate(self.param_groups):
+            by_device: Dict[torch.device, List[Tensor]] = {}
+            for pi, p in enumerate(group["params"]):
+                if with_grad:
+                    if p.grad is None:
+                        continue
+                    self._check_grad(gi, pi, p)
+                elif not p.requires_grad:
+                    continue
+                by_device.setdefault(p.device, []).append(p)
+            out.extend((group, ps) for ps in by_device.values())
+        return out
+
+    # -- restore -------------------------------------------------------------------------------
+    @property
+    def is_perturbed(self) -> bool:
+        """True between a perturbing phase and the update: the parameters are not the mean weights."""
+        return bool(self._perturbed)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Copy the mean weights back (exact in every dtype).  A no-op when nothing is perturbed."""
+        for params, backups in self._perturbed:
+            torch._foreach_copy_(params, backups)
+        self._perturbed = []
+
+    def _mark_perturbed(self, params: List[Tensor], backups: List[Tensor]) -> None:
+        self._perturbed.append((params, backups))
+
+    def _require_unperturbed(self, what: str) -> None:
+        if self._perturbed:
+            raise RuntimeError(f"{what}: the parameters are still perturbed from an earlier phase; "
+                               "finish the step (second_step) or call restore() first")
+
+    # -- closure driver ------------------------------------------------------------------------
+    def _run_pass(self, closure: Callable):
+        """One forward/backward pass; on any exception the mean weights are restored first."""
+        try:
+            with torch.enable_grad():
+                return closure()
+        except BaseException:
+            self.restore()
+            raise
+
+    # -- state_dict: optimizer-wide values ride along under one key ------------------------------
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["samkernels"] = dict(self._extra_state, cls=type(self).__name__)
+        return sd
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("samkernels", None)
+        if extra is not None and extra.get("cls") != type(self).__name__:
+            raise ValueError(f"this state_dict was saved by {extra.get('cls')}, not "
+                             f"{type(self).__name__}")
+        for gi, (mine, theirs) in enumerate(zip(self.param_groups, state_dict["param_groups"])):
+            if len(mine["params"]) != len(theirs["params"]):
+                raise ValueError(f"param_groups[{gi}] has {len(mine['params'])} parameters but the "
+                                 f"state_dict's has {len(theirs['params'])}")
+        ids = [p for g in self.param_groups for p in g["params"]]
+        for key, st in state_dict["state"].items():
+            p = ids[key] if isinstance(key, int) and key < len(ids) else None
+            for name, v in st.items():
+                if p is not None and torch.is_tensor(v) and v.dim() > 0 and v.numel() != p.numel():
+                    raise ValueError(f"state '{name}' of parameter {key} has {v.numel()} elements "
+                                     f"but the parameter has {p.numel()} (shape {tuple(p.shape)})")
+        super().load_state_dict(state_dict)
+        # torch.optim casts floating state to the parameter's dtype on load; our state is kept in
+        # float32 for bf16/fp16 parameters, so put the saved tensors back losslessly.
+        for key, st in state_dict["state"].items():
+            if isinstance(key, int) and key < len(ids) and ids[key] in self.state:
+                mine = self.state[ids[key]]
+                for name, v in st.items():
+                    if torch.is_tensor(v) and name in mine and mine[name].dtype != v.dtype:
+                        mine[name] = v.to(device=ids[key].device, copy=True)
+        if extra is not None:
+            self._extra_state.update({k: v for k, v in extra.items() if k != "cls"})

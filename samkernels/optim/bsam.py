@@ -1,0 +1,221 @@
+"""Bayesian SAM (Möllenhoff & Khan 2022, Algorithm 1; SPEC "Bayesian SAM").
+
+Three phases per step, each one fused op per parameter group:
+  ``noise_step``   line 1      theta = omega + z / sqrt(N s)   (Philox noise from seed + counter)
+  ``first_step``   lines 3, 5  w = omega + rho g / s; precision update with g from the noisy pass
+  ``second_step``  lines 6, 7  momentum and mean update with the gradient at omega + eps
+The posterior is q(theta) = N(omega, 1 / (N s)); ``sampled_params`` and ``predictive`` use it.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from samkernels import ops
+from samkernels.optim._base import (SeedLike, TwoPassOptimizer, check_beta, check_choice,
+                                    check_nonneg, check_positive, draw_seed)
+
+
+class BSAM(TwoPassOptimizer):
+    r"""Bayesian SAM.
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate ``alpha``.
+        num_data: data-set size ``N`` (times the augmentation factor when augmenting; 4 in the
+            paper).
+        rho: SAM radius (``eps = rho g / s``).
+        betas: ``(beta1, beta2)``: momentum and precision averaging.
+        weight_decay: the L2 regulariser ``delta`` per example (the paper's tables give ``N delta``).
+        gamma: damping added to the precision (0.1).
+        init_precision: ``s0``.
+        seed: int, ``torch.Generator`` or None (one draw from torch's default generator) — the key of
+            the counter-based noise, so a run is reproducible and resumable.
+        update_order: ``"paper"`` (Algorithm 1: line 7 uses the new ``s``) or ``"released"`` (the
+            authors' JAX code: the mean step uses ``s`` from before line 5).
+
+    ``step(closure)`` calls the closure twice (at theta, then at omega + eps) and returns the first
+    loss.  Explicit phases: ``noise_step(); backward; first_step(); backward; second_step()``.
+    """
+
+    def __init__(self, params, lr: float, num_data: float, rho: float = 0.01, *,
+                 betas: Tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0,
+                 gamma: float = 0.1, init_precision: float = 1.0, seed: SeedLike = None,
+                 update_order: str = "paper"):
+        check_nonneg("lr", lr)
+        check_positive("num_data", num_data)
+        check_nonneg("rho", rho)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        check_beta("betas[0]", betas[0])
+        check_beta("betas[1]", betas[1])
+        check_nonneg("weight_decay", weight_decay)
+        check_nonneg("gamma", gamma)
+        check_positive("init_precision", init_precision)
+        check_choice("update_order", update_order, ("paper", "released"))
+        defaults = dict(lr=lr, num_data=float(num_data), rho=rho, betas=tuple(betas),
+                        weight_decay=weight_decay, gamma=gamma, init_precision=init_precision,
+                        update_order=update_order)
+        super().__init__(params, defaults)
+        for g in self.param_groups:
+            if g["weight_decay"] + g["gamma"] <= 0:
+                raise ValueError("weight_decay + gamma must be > 0 (it keeps the precision positive)")
+        self._extra_state.update(seed=draw_seed(seed), noise_step=0)
+        self._accum_bufs = {}  # transient sqrt(s)|g| sums (released order), never saved
+
+    # -- state -----------------------------------------------------------------------------------
+    def _state(self, p: Tensor, group: dict) -> dict:
+        st = self.state[p]
+        if "precision" not in st:
+            dt = torch.float64 if p.dtype == torch.float64 else torch.float32
+            st["precision"] = torch.full_like(p, group["init_precision"], dtype=dt)
+            st["momentum_buffer"] = torch.zeros_like(p, dtype=dt)
+        return st
+
+    def _lists(self, group: dict, ps: List[Tensor]):
+        sts = [self._state(p, group) for p in ps]
+        return [self._backup(p) for p in ps], [s["precision"] for s in sts], \
+            [s["momentum_buffer"] for s in sts]
+
+    # -- phases ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def noise_step(self) -> None:
+        """Line 1: load theta = omega + z / sqrt(N s) into the parameters (mean kept in a backup)."""
+        self._require_unperturbed("noise_step")
+        seed, step = self._extra_state["seed"], self._extra_state["noise_step"]
+        for group, ps in self._grouped(with_grad=False):
+            backups, precisions, _ = self._lists(group, ps)
+            ops.bsam_noise_(ps, backups, precisions, [self._param_id(p) for p in ps], seed, step,
+                            group["num_data"])
+            self._mark_perturbed(ps, backups)
+        self._extra_state["noise_step"] = step + 1
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Lines 3 and 5 with g = the gradient at theta now in ``.grad``: w <- omega + rho g / s."""
+        if not self._perturbed:
+            raise RuntimeError("BSAM.first_step: call noise_step() and run the noisy backward first")
+        noisy, self._perturbed = self._perturbed, []
+        with_grad = {p for _, ps in self._grouped() for p in ps}
+        for params, backups in noisy:  # parameters without a gradient go back to the mean
+            rest = [(p, b) for p, b in zip(params, backups) if p not in with_grad]
+            if rest:
+                torch._foreach_copy_([p for p, _ in rest], [b for _, b in rest])
+        noised = {p for ps, _ in noisy for p in ps}
+        for group, ps in self._grouped():
+            ps = [p for p in ps if p in noised]
+            if not ps:
+                continue
+            backups, precisions, _ = self._lists(group, ps)
+            accums = self._accums(group, ps)
+            ops.bsam_perturb_(ps, [p.grad for p in ps], backups, precisions, accums, group["rho"],
+                              group["betas"][1], group["weight_decay"], group["gamma"])
+            self._mark_perturbed(ps, backups)
+        if zero_grad:
+            self.zero_grad()
+
+    def _accums(self, group: dict, ps: List[Tensor]) -> List[Tensor]:
+        """Scratch for sqrt(s)|g| when line 5 must wait for the update (released order)."""
+        if group["update_order"] != "released":
+            return []
+        out = []
+        for p in ps:
+            a = self._accum_bufs.get(p)
+            if a is None:
+                a = self._accum_bufs[p] = torch.zeros_like(p, dtype=self.state[p]["precision"].dtype)
+            else:
+                a.zero_()
+            out.append(a)
+        return out
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Lines 6-7 with g_eps = the gradient at omega + eps: momentum and mean update."""
+        if not self._perturbed:
+            raise RuntimeError("BSAM.second_step: call first_step() and run the backward first")
+        perturbed, self._perturbed = self._perturbed, []
+        todo = {p for ps, _ in perturbed for p in ps}
+        try:
+            for group, ps in self._grouped():
+                ps = [p for p in ps if p in todo]
+                if not ps:
+                    continue
+                backups, precisions, momenta = self._lists(group, ps)
+                accums = [self._accum_bufs[p] for p in ps] \
+                    if group["update_order"] == "released" else []
+                beta1, beta2 = group["betas"]
+                ops.bsam_update_(ps, [p.grad for p in ps], backups, precisions, momenta, accums,
+                                 group["lr"], beta1, beta2, group["weight_decay"], group["gamma"],
+                                 1.0, group["update_order"] == "released")
+                todo.difference_update(ps)
+        finally:  # anything not updated (no gradient now, or an error) goes back to the mean
+            for ps, bs in perturbed:
+                rest = [(p, b) for p, b in zip(ps, bs) if p in todo]
+                if rest:
+                    torch._foreach_copy_([p for p, _ in rest], [b for _, b in rest])
+        if zero_grad:
+            self.zero_grad()
+
+    def step(self, closure: Optional[Callable] = None):
+        """One bSAM step: closure at theta (noisy), then at omega + eps.  Returns the first loss."""
+        if closure is None:
+            raise RuntimeError("BSAM.step needs a closure (it evaluates the loss twice); or call "
+                               "noise_step() / first_step() / second_step() yourself")
+        self.noise_step()
+        loss = self._run_pass(closure)
+        self.first_step(zero_grad=True)
+        self._run_pass(closure)
+        self.second_step()
+        return loss
+
+    # -- posterior -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def posterior_variance(self) -> List[Optional[Tensor]]:
+        """sigma^2 = 1 / (N s) per parameter (``None`` for parameters never updated)."""
+        out = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state.get(p, {})
+                out.append(1.0 / (group["num_data"] * st["precision"]) if "precision" in st else None)
+        return out
+
+    @contextlib.contextmanager
+    def sampled_params(self, generator: SeedLike = None):
+        """Load one model theta ~ q = N(omega, 1/(N s)) into the parameters; on exit the mean weights
+        are copied back exactly.  ``generator``: int seed, torch.Generator or None."""
+        self._require_unperturbed("sampled_params")
+        seed = draw_seed(generator)
+        with torch.no_grad():
+            for group, ps in self._grouped(with_grad=False):
+                backups, precisions, _ = self._lists(group, ps)
+                ops.bsam_noise_(ps, backups, precisions, [self._param_id(p) for p in ps], seed, 0,
+                                group["num_data"])
+                self._mark_perturbed(ps, backups)
+        try:
+            yield self
+        finally:
+            self.restore()
+
+    @torch.no_grad()
+    def predictive(self, model: torch.nn.Module, inputs, samples: int = 32,
+                   generator: SeedLike = None) -> Tensor:
+        """Softmax of ``model(inputs)`` averaged over ``samples`` posterior draws (the paper uses 32).
+        The model is put in eval mode for the call and returned to its previous mode."""
+        if not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"samples must be an int >= 1, got {samples!r}")
+        gen = generator if isinstance(generator, torch.Generator) else torch.Generator().manual_seed(
+            draw_seed(generator))
+        was_training = model.training
+        model.eval()
+        try:
+            total = None
+            for _ in range(samples):
+                with self.sampled_params(gen):
+                    probs = torch.softmax(model(inputs).float(), dim=-1)
+                total = probs if total is None else total + probs
+            return total / samples
+        finally:
+            model.train(was_training)

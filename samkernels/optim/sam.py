@@ -1,0 +1,177 @@
+"""SAM and ASAM (Foret et al. 2021; Kwon et al. 2021) with SGD, Adam or AdamW as base optimizer.
+
+Two passes per step.  ``first_step`` perturbs the weights to w + e (one fused op per parameter
+group: global gradient norm, backup, perturbation); ``second_step`` restores w from the backup and
+applies the base optimizer's update with the gradient taken at w + e (one fused op per group).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from samkernels import ops
+from samkernels.optim._base import (TwoPassOptimizer, check_beta, check_choice, check_nonneg)
+
+_BASES = ("sgd", "adam", "adamw")
+
+
+class SAM(TwoPassOptimizer):
+    r"""Sharpness-aware minimisation.
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate of the base optimizer.
+        rho: neighbourhood radius (SPEC: ``e = rho g / (||g|| + eps)``); ``rho = 0`` is exactly the
+            base optimizer.
+        base: ``"sgd"`` (momentum, dampening, nesterov, weight_decay as ``torch.optim.SGD``),
+            ``"adam"`` (L2 weight decay) or ``"adamw"`` (decoupled weight decay).
+        adaptive: ASAM: ``e = rho T^2 g / (||T g|| + eps)`` with ``T = |w| + eta``.
+        eps: added to the gradient norm in the perturbation (``perturb_eps``) and, for Adam,
+            ``adam_eps`` in the denominator.
+
+    The norm ``||g||`` is taken over all parameters of all groups, on the device.
+
+    Use either ``step(closure)`` — ``closure()`` runs forward and backward and returns the loss; it
+    is called twice — or the explicit phases::
+
+        loss_fn(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        loss_fn(model(x), y).backward()
+        opt.second_step(zero_grad=True)
+    """
+
+    def __init__(self, params, lr: float, rho: float = 0.05, base: str = "sgd", *,
+                 momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
+                 weight_decay: float = 0.0, betas: Tuple[float, float] = (0.9, 0.999),
+                 adam_eps: float = 1e-8, adaptive: bool = False, eta: float = 0.01,
+                 perturb_eps: float = 1e-12):
+        check_nonneg("lr", lr)
+        check_nonneg("rho", rho)
+        check_choice("base", base, _BASES)
+        check_nonneg("momentum", momentum)
+        check_nonneg("dampening", dampening)
+        check_nonneg("weight_decay", weight_decay)
+        check_nonneg("adam_eps", adam_eps)
+        check_nonneg("eta", eta)
+        check_nonneg("perturb_eps", perturb_eps)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        check_beta("betas[0]", betas[0])
+        check_beta("betas[1]", betas[1])
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("nesterov=True needs momentum > 0 and dampening = 0")
+        defaults = dict(lr=lr, rho=rho, base=base, momentum=momentum, dampening=dampening,
+                        nesterov=nesterov, weight_decay=weight_decay, betas=tuple(betas),
+                        adam_eps=adam_eps, adaptive=adaptive, eta=eta, perturb_eps=perturb_eps)
+        super().__init__(params, defaults)
+
+    # -- phases ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> Optional[torch.Tensor]:
+        """w <- w + e with the gradients now in ``.grad``.  Returns the global norm ||T g||."""
+        self._require_unperturbed("first_step")
+        work = [(g, ps, [p.grad for p in ps]) for g, ps in self._grouped()]
+        norm = None
+        if len(work) > 1:  # the norm spans every group: one reduction op per group, summed on device
+            dev = work[0][1][0].device
+            sq = [ops.grad_sumsq(ps, gs, g["adaptive"], g["eta"] if g["adaptive"] else 0.0).to(dev)
+                  for g, ps, gs in work]
+            norm = torch.stack([s.double() for s in sq]).sum().sqrt()
+        for group, ps, gs in work:
+            backups = [self._backup(p) for p in ps]
+            n = ops.sam_perturb_(ps, gs, backups, None if norm is None else norm.to(ps[0].device),
+                                 group["rho"], group["perturb_eps"], group["adaptive"],
+                                 group["eta"] if group["adaptive"] else 0.0)
+            self._mark_perturbed(ps, backups)
+            norm = n if norm is None else norm
+        if zero_grad:
+            self.zero_grad()
+        return norm
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Restore w from the backup and take the base optimizer's step with the gradient at w + e."""
+        perturbed = {p for ps, _ in self._perturbed for p in ps}
+        for group, ps in self._grouped():
+            for p in ps:  # a parameter with a gradient only in this pass: its backup is itself
+                if p not in perturbed:
+                    self._backup(p).copy_(p)
+            self._base_update(group, ps)
+            perturbed.difference_update(ps)
+        # parameters perturbed in the first pass but without a gradient now: just restore them
+        for ps, bs in self._perturbed:
+            rest = [(p, b) for p, b in zip(ps, bs) if p in perturbed]
+            if rest:
+                torch._foreach_copy_([p for p, _ in rest], [b for _, b in rest])
+        self._perturbed = []
+        if zero_grad:
+            self.zero_grad()
+
+    def _base_update(self, group: dict, ps) -> None:
+        grads = [p.grad for p in ps]
+        backups = [self._backup(p) for p in ps]
+        if group["base"] == "sgd":
+            if group["momentum"] == 0:
+                ops.sam_restore_sgd_(ps, grads, backups, [], group["lr"], 0.0, group["dampening"],
+                                     group["nesterov"], group["weight_decay"], False)
+                return
+            # parameters whose momentum buffer does not exist yet take d as the buffer (first=True)
+            for first in (False, True):
+                idx = [i for i, p in enumerate(ps) if ("momentum_buffer" in self.state[p]) != first]
+                if not idx:
+                    continue
+                sel = [ps[i] for i in idx]
+                for p in sel:
+                    if first:
+                        self.state[p]["momentum_buffer"] = torch.empty_like(p, dtype=_opmath(p))
+                bufs = [self.state[p]["momentum_buffer"] for p in sel]
+                ops.sam_restore_sgd_(sel, [grads[i] for i in idx], [backups[i] for i in idx], bufs,
+                                     group["lr"], group["momentum"], group["dampening"],
+                                     group["nesterov"], group["weight_decay"], first)
+            return
+        # Adam / AdamW: one op per distinct step count (normally exactly one)
+        by_step = {}
+        for i, p in enumerate(ps):
+            st = self.state[p]
+            if "step" not in st:
+                st["step"] = torch.tensor(0.0)
+                st["exp_avg"] = torch.zeros_like(p, dtype=_opmath(p))
+                st["exp_avg_sq"] = torch.zeros_like(p, dtype=_opmath(p))
+            st["step"] += 1
+            by_step.setdefault(int(st["step"].item()), []).append(i)  # CPU scalar: no device sync
+        beta1, beta2 = group["betas"]
+        for step, idx in by_step.items():
+            sel = [ps[i] for i in idx]
+            ops.sam_restore_adam_(sel, [grads[i] for i in idx], [backups[i] for i in idx],
+                                  [self.state[p]["exp_avg"] for p in sel],
+                                  [self.state[p]["exp_avg_sq"] for p in sel], step, group["lr"],
+                                  beta1, beta2, group["adam_eps"], group["weight_decay"],
+                                  group["base"] == "adamw")
+
+    # -- closure API -----------------------------------------------------------------------------
+    def step(self, closure: Optional[Callable] = None):
+        """One SAM step.  ``closure()`` must run forward + backward and return the loss; it is
+        called twice (at w, then at w + e).  Gradients are cleared between the passes.  Returns the
+        loss of the first pass.  An exception in the second pass restores w before propagating."""
+        if closure is None:
+            raise RuntimeError(f"{type(self).__name__}.step needs a closure (it evaluates the loss "
+                               "twice); or call first_step() / second_step() yourself")
+        loss = self._run_pass(closure)
+        self.first_step(zero_grad=True)
+        self._run_pass(closure)
+        self.second_step()
+        return loss
+
+
+class ASAM(SAM):
+    """Adaptive SAM (Kwon et al. 2021): ``SAM(..., adaptive=True)``; rho defaults to 0.5."""
+
+    def __init__(self, params, lr: float, rho: float = 0.5, base: str = "sgd", **kwargs):
+        kwargs.setdefault("adaptive", True)
+        super().__init__(params, lr, rho, base, **kwargs)
+
+
+def _opmath(p: torch.Tensor) -> torch.dtype:
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
