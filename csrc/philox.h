@@ -3,7 +3,7 @@
 // and CUDA.  Contract (see samkernels/ops/reference.py: philox_normal):
 //   element i of parameter `pid` at noise step `step` uses
 //   block = philox(counter = (i >> 2, pid, step_lo, step_hi), key = (seed_lo, seed_hi)), lane i & 3;
-//   u_k = ((x_k >> 8) + 0.5) * 2^-24 in (0, 1); Box-Muller (u0,u1) -> lanes 0,1; (u2,u3) -> lanes 2,3.
+//   u_k = ((x_k >> 9) + 0.5) * 2^-23 in (0, 1) (exact in fp32); Box-Muller (u0,u1) -> lanes 0,1; (u2,u3) -> lanes 2,3.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -43,8 +43,8 @@ SK_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, 
   return Philox4{{c0, c1, c2, c3}};
 }
 
-SK_HD float philox_uniform(uint32_t x) {  // (x >> 8 + 1/2) / 2^24: exact in fp32, never 0 or 1
-  return (static_cast<float>(x >> 8) + 0.5f) * 5.9604644775390625e-08f;
+SK_HD float philox_uniform(uint32_t x) {  // (x >> 9 + 1/2) / 2^23: exact in fp32, never 0 or 1
+  return (static_cast<float>(x >> 9) + 0.5f) * 1.1920928955078125e-07f;
 }
 
 // Four standard normals for block `quad` (elements 4*quad .. 4*quad+3) of one parameter.

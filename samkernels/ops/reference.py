@@ -52,7 +52,8 @@ def philox_normal(seed: int, step: int, param_id: int, numel: int, device=None,
     """Standard normals for elements 0..numel-1 of parameter ``param_id`` at noise step ``step``.
 
     Element i uses Philox block (counter = (i // 4, param_id, step_lo, step_hi), key = seed) and
-    lane i % 4 of it; the four words become uniforms u = (x >> 8 + 1/2) / 2**24 in (0, 1) and two
+    lane i % 4 of it; the four words become uniforms u = (x >> 9 + 1/2) / 2**23 in (0, 1) (23 bits so
+    that float32 holds u exactly on every backend; |z| <= 5.8) and two
     Box-Muller pairs: (u0, u1) -> lanes 0, 1 and (u2, u3) -> lanes 2, 3.  Nothing is stored: the
     same (seed, step, param_id, i) always gives the same number, on every backend.
     """
@@ -62,7 +63,7 @@ def philox_normal(seed: int, step: int, param_id: int, numel: int, device=None,
     full = lambda v: torch.full_like(q, v)  # noqa: E731
     x = philox4x32(q, full(param_id & _MASK32), full(step & _MASK32), full((step >> 32) & _MASK32),
                    seed & _MASK32, (seed >> 32) & _MASK32)
-    u = [((w >> 8).to(dtype) + 0.5) * 2.0 ** -24 for w in x]
+    u = [((w >> 9).to(dtype) + 0.5) * 2.0 ** -23 for w in x]
     r01 = torch.sqrt(-2.0 * torch.log(u[0]))
     r23 = torch.sqrt(-2.0 * torch.log(u[2]))
     t01, t23 = 2.0 * math.pi * u[1], 2.0 * math.pi * u[3]

@@ -4,6 +4,7 @@ the optimizer-wide state (noise seed and counter) in ``state_dict``.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
@@ -127,11 +128,16 @@ class TwoPassOptimizer(torch.optim.Optimizer):
                                "finish the step (second_step) or call restore() first")
 
     # -- closure driver ------------------------------------------------------------------------
-    def _run_pass(self, closure: Callable):
-        """One forward/backward pass; on any exception the mean weights are restored first."""
+    @staticmethod
+    def _run_pass(closure: Callable):
+        with torch.enable_grad():
+            return closure()
+
+    @contextlib.contextmanager
+    def _restore_on_error(self):
+        """Any exception inside (a pass, a phase's argument check) restores the mean weights."""
         try:
-            with torch.enable_grad():
-                return closure()
+            yield
         except BaseException:
             self.restore()
             raise

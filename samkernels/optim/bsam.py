@@ -98,14 +98,15 @@ class BSAM(TwoPassOptimizer):
         """Lines 3 and 5 with g = the gradient at theta now in ``.grad``: w <- omega + rho g / s."""
         if not self._perturbed:
             raise RuntimeError("BSAM.first_step: call noise_step() and run the noisy backward first")
+        grouped = self._grouped()  # validates the gradients before anything moves
         noisy, self._perturbed = self._perturbed, []
-        with_grad = {p for _, ps in self._grouped() for p in ps}
+        with_grad = {p for _, ps in grouped for p in ps}
         for params, backups in noisy:  # parameters without a gradient go back to the mean
             rest = [(p, b) for p, b in zip(params, backups) if p not in with_grad]
             if rest:
                 torch._foreach_copy_([p for p, _ in rest], [b for _, b in rest])
         noised = {p for ps, _ in noisy for p in ps}
-        for group, ps in self._grouped():
+        for group, ps in grouped:
             ps = [p for p in ps if p in noised]
             if not ps:
                 continue
@@ -165,10 +166,11 @@ class BSAM(TwoPassOptimizer):
             raise RuntimeError("BSAM.step needs a closure (it evaluates the loss twice); or call "
                                "noise_step() / first_step() / second_step() yourself")
         self.noise_step()
-        loss = self._run_pass(closure)
-        self.first_step(zero_grad=True)
-        self._run_pass(closure)
-        self.second_step()
+        with self._restore_on_error():
+            loss = self._run_pass(closure)
+            self.first_step(zero_grad=True)
+            self._run_pass(closure)
+            self.second_step()
         return loss
 
     # -- posterior -------------------------------------------------------------------------------

@@ -158,10 +158,11 @@ class SAM(TwoPassOptimizer):
         if closure is None:
             raise RuntimeError(f"{type(self).__name__}.step needs a closure (it evaluates the loss "
                                "twice); or call first_step() / second_step() yourself")
-        loss = self._run_pass(closure)
-        self.first_step(zero_grad=True)
-        self._run_pass(closure)
-        self.second_step()
+        with self._restore_on_error():
+            loss = self._run_pass(closure)
+            self.first_step(zero_grad=True)
+            self._run_pass(closure)
+            self.second_step()
         return loss
 
 

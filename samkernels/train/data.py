@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from samkernels.train.config import ConfigError
+
 TORCHVISION_SETS = {  # name -> (torchvision class, folder of the torchvision layout)
     "mnist": ("MNIST", "MNIST"),
     "fashionmnist": ("FashionMNIST", "FashionMNIST"),
@@ -206,7 +208,7 @@ def train_batches(data: DataSet, batch_size: int, seed: int, epoch: int,
     """Shuffled full batches of one epoch (the last partial batch is dropped)."""
     n = data.x_train.shape[0]
     if n < batch_size:
-        raise ValueError(f"batch size {batch_size} exceeds the {n} training examples")
+        raise ConfigError(f"batch size {batch_size} exceeds the {n} training examples")
     perm = torch.randperm(n, generator=epoch_generator(seed, epoch)).to(data.x_train.device)
     aug_gen = epoch_generator(seed, epoch, stream=1)
     for start in range(0, n - batch_size + 1, batch_size):

@@ -19,6 +19,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from samkernels.train.config import ConfigError
+
 MODELS = ("mlp", "lenet5", "resnet20-frn", "resnet56", "wrn28-K", "vgg19-bn")
 
 
@@ -28,7 +30,7 @@ def build_model(name: str, input_shape: Tuple[int, ...], num_classes: int,
     if key == "mlp":
         return MLP(math.prod(input_shape), hidden if hidden is not None else (256, 256), num_classes)
     if len(input_shape) != 3 and key != "mlp":
-        raise ValueError(f"model {name!r} needs image inputs (C, H, W); this data set has "
+        raise ConfigError(f"model {name!r} needs image inputs (C, H, W); this data set has "
                          f"shape {input_shape}: use --model mlp")
     channels = input_shape[0]
     if key in ("lenet5", "lenet-5"):
@@ -42,7 +44,7 @@ def build_model(name: str, input_shape: Tuple[int, ...], num_classes: int,
         return WideResNet(28, int(match.group(1)), channels, num_classes)
     if key in ("vgg19-bn", "vgg19bn"):
         return VGG19BN(channels, num_classes)
-    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
 
 
 def count_parameters(model: nn.Module) -> int:

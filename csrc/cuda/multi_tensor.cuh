@@ -1,0 +1,372 @@
+// Multi-tensor apply: one launch covers a whole list of tensors (apex / ATen design, see
+// shared/KERNEL-NOTES.md "Multi-tensor launches").  Free of torch headers (see launch.h).
+//
+//  * Tensor addresses, sizes and per-tensor tags travel in the kernel-argument struct `Table`
+//    (no device table, no host->device copy, CUDA-graph friendly).  4 KB of arguments, or 32 KB
+//    where both the toolkit (CUDA >= 12.1) and the driver (>= 12.1) allow it, picked at run time
+//    as ATen does; a new launch only when a table is full, so launches per phase stay bounded.
+//  * One block of 512 threads per 65,536-element chunk.  Instead of a block->chunk table the
+//    table holds each tensor's first block index and a block finds its tensor by binary search,
+//    so the number of blocks per launch is not capped.
+//  * Each thread handles groups of K consecutive elements (K = one 16-byte vector of the
+//    parameter dtype, at least 4: the ILP).  A group is loaded with 16-byte vector accesses when
+//    every list's base address is 16-byte aligned (chunk starts are multiples of 65,536 elements,
+//    so alignment carries over) and the group is full; else element by element.
+//  * Maths in opmath: float, double for double parameters (reference.py `opmath`).
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+
+#include "cuda/launch.h"
+
+// --- 32 KB kernel arguments: CUDA >= 12.1 toolkit, Volta or newer (checked here on the lowest
+// compiled architecture), and a >= 12.1 driver (checked at run time in large_args_usable()).
+#define SK_ARCH_HEAD_IMPL(a, ...) a
+#define SK_ARCH_HEAD(...) SK_ARCH_HEAD_IMPL(__VA_ARGS__)
+#if defined(__CUDA_ARCH_LIST__)
+#if SK_ARCH_HEAD(__CUDA_ARCH_LIST__) >= 700
+#define SK_GRID_CONSTANT __grid_constant__
+#if defined(CUDART_VERSION) && CUDART_VERSION >= 12010
+#define SK_LARGE_ARGS 1
+#endif
+#endif
+#endif
+#ifndef SK_GRID_CONSTANT
+#define SK_GRID_CONSTANT
+#endif
+#ifndef SK_LARGE_ARGS
+#define SK_LARGE_ARGS 0
+#endif
+
+namespace samkernels {
+namespace cuda {
+
+constexpr int kBlockSize = 512;
+constexpr int kSmallArgBytes = 4096;   // classic kernel-parameter limit
+constexpr int kLargeArgBytes = 32764;  // CUDA 12.1+ limit on Volta and newer
+constexpr int kOpArgBytes = 256;       // kept beside the table for a phase's scalars
+
+// ----------------------------------------------------------------------------------------------
+// Types and conversions.  Only the explicit intrinsics: torch builds with __CUDA_NO_HALF_*.
+// ----------------------------------------------------------------------------------------------
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+template <typename P>
+struct OpMath {
+  using type = float;
+};
+template <>
+struct OpMath<double> {
+  using type = double;
+};
+template <typename P>
+using opmath_t = typename OpMath<P>::type;
+
+// Elements per thread and step: one 16-byte vector of the parameter dtype, at least 4 (ILP 4).
+// (A variable template: usable in device code without --expt-relaxed-constexpr.)
+template <typename P>
+constexpr int group_size = 16 / int(sizeof(P)) < 4 ? 4 : 16 / int(sizeof(P));
+
+template <typename S>
+struct Cvt;
+template <>
+struct Cvt<float> {
+  __device__ __forceinline__ static float in(float x) { return x; }
+  __device__ __forceinline__ static float out(float x) { return x; }
+};
+template <>
+struct Cvt<double> {
+  __device__ __forceinline__ static double in(double x) { return x; }
+  __device__ __forceinline__ static double out(double x) { return x; }
+};
+template <>
+struct Cvt<__half> {
+  __device__ __forceinline__ static float in(__half x) { return __half2float(x); }
+  __device__ __forceinline__ static __half out(float x) { return __float2half_rn(x); }
+};
+template <>
+struct Cvt<__nv_bfloat16> {
+  __device__ __forceinline__ static float in(__nv_bfloat16 x) { return __bfloat162float(x); }
+  __device__ __forceinline__ static __nv_bfloat16 out(float x) { return __float2bfloat16_rn(x); }
+};
+
+// K elements moved as 16-byte vectors (sizes here are 16 or 32 bytes: 1 or 2 LDG.128 / STG.128).
+template <typename S, int K>
+struct alignas(16) Pack {
+  S v[K];
+};
+
+// ----------------------------------------------------------------------------------------------
+// The kernel-argument table.
+// ----------------------------------------------------------------------------------------------
+template <int D, int T>
+struct Table {
+  static constexpr int kDepth = D;
+  static constexpr int kCapacity = T;
+  void* addr[D][T];           // addr[list][tensor]; nullptr for an absent list
+  int64_t numel[T];
+  int64_t block_base;         // global index of this launch's block 0 (grad_sumsq partials)
+  int32_t block_begin[T + 1]; // first block of each tensor; block_begin[count] = blocks
+  uint32_t tag[T];            // per-tensor tag (bsam_noise_: param id)
+  int32_t count;
+};
+
+// Tensors per launch for D lists and a given argument budget (4 KB: 119/95/77/68/59 for 2..6
+// lists; 32 KB: about 8x more).
+template <int D, int ArgBytes>
+constexpr int table_capacity() {
+  return (ArgBytes - kOpArgBytes - 32) / (8 * D + 8 + 4 + 4);
+}
+
+// Index of the tensor that owns `block`: the last t with block_begin[t] <= block.  Uniform across
+// the block; reads stay in the constant/parameter bank.
+template <class Tab>
+__device__ __forceinline__ int find_tensor(const Tab& tab, int32_t block) {
+  int lo = 0, hi = tab.count - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (tab.block_begin[mid] <= block)
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  return lo;
+}
+
+// Loads K elements of storage type S starting at element idx into opmath registers; lanes past
+// cnt read as 0 (their results are never stored).
+template <typename S, int K, typename M>
+__device__ __forceinline__ void load_group(const void* base, int64_t idx, int cnt, bool vec,
+                                           M (&r)[K]) {
+  const S* p = static_cast<const S*>(base) + idx;
+  if (vec) {
+    const Pack<S, K> x = *reinterpret_cast<const Pack<S, K>*>(p);
+#pragma unroll
+    for (int k = 0; k < K; ++k) r[k] = static_cast<M>(Cvt<S>::in(x.v[k]));
+  } else {
+#pragma unroll
+    for (int k = 0; k < K; ++k) r[k] = k < cnt ? static_cast<M>(Cvt<S>::in(p[k])) : M(0);
+  }
+}
+
+template <typename S, int K, typename M>
+__device__ __forceinline__ void store_group(void* base, int64_t idx, int cnt, bool vec,
+                                            const M (&r)[K]) {
+  S* p = static_cast<S*>(base) + idx;
+  if (vec) {
+    Pack<S, K> x;
+#pragma unroll
+    for (int k = 0; k < K; ++k) x.v[k] = Cvt<S>::out(r[k]);
+    *reinterpret_cast<Pack<S, K>*>(p) = x;
+  } else {
+#pragma unroll
+    for (int k = 0; k < K; ++k)
+      if (k < cnt) p[k] = Cvt<S>::out(r[k]);
+  }
+}
+
+// Storage type of list L of op Op: the first Op::kParamLists lists hold the parameter dtype
+// (params, grads, backups), the rest opmath state (momentum, exp_avg, precision, ...).
+template <class Op, int L>
+using storage_t =
+    typename std::conditional<(L < Op::kParamLists), typename Op::P, typename Op::M>::type;
+
+template <class Op, int L>
+__device__ __forceinline__ void load_list(void* const* base, int64_t idx, int cnt, bool vec,
+                                          unsigned mask, typename Op::M (&r)[Op::kGroup]) {
+  if (mask >> L & 1u) {
+    load_group<storage_t<Op, L>, Op::kGroup>(base[L], idx, cnt, vec, r);
+  } else {
+#pragma unroll
+    for (int k = 0; k < Op::kGroup; ++k) r[k] = typename Op::M(0);
+  }
+}
+
+template <class Op, int L>
+__device__ __forceinline__ void store_list(void* const* base, int64_t idx, int cnt, bool vec,
+                                           unsigned mask, const typename Op::M (&r)[Op::kGroup]) {
+  if (mask >> L & 1u) store_group<storage_t<Op, L>, Op::kGroup>(base[L], idx, cnt, vec, r);
+}
+
+template <class Op, int... Ls>
+__device__ __forceinline__ void load_lists(std::integer_sequence<int, Ls...>, void* const* base,
+                                           int64_t idx, int cnt, bool vec, unsigned mask,
+                                           typename Op::M (&r)[Op::kDepth][Op::kGroup]) {
+  (load_list<Op, Ls>(base, idx, cnt, vec, mask, r[Ls]), ...);
+}
+
+template <class Op, int... Ls>
+__device__ __forceinline__ void store_lists(std::integer_sequence<int, Ls...>, void* const* base,
+                                            int64_t idx, int cnt, bool vec, unsigned mask,
+                                            const typename Op::M (&r)[Op::kDepth][Op::kGroup]) {
+  (store_list<Op, Ls>(base, idx, cnt, vec, mask, r[Ls]), ...);
+}
+
+// Per-chunk setup shared by all multi-tensor kernels.
+struct ChunkInfo {
+  int tensor;
+  int64_t start;  // first element of the chunk inside its tensor
+  int n;          // elements in this chunk (1 .. kChunkSize)
+};
+
+template <class Tab>
+__device__ __forceinline__ ChunkInfo chunk_info(const Tab& tab) {
+  ChunkInfo c;
+  c.tensor = find_tensor(tab, static_cast<int32_t>(blockIdx.x));
+  c.start = static_cast<int64_t>(static_cast<int32_t>(blockIdx.x) - tab.block_begin[c.tensor]) *
+            kChunkSize;
+  const int64_t rem = tab.numel[c.tensor] - c.start;
+  c.n = rem < kChunkSize ? static_cast<int>(rem) : static_cast<int>(kChunkSize);
+  return c;
+}
+
+// True when every list in `mask` of tensor t starts on a 16-byte boundary.
+template <class Tab>
+__device__ __forceinline__ bool lists_aligned(const Tab& tab, int t, unsigned mask) {
+  bool ok = true;
+#pragma unroll
+  for (int l = 0; l < Tab::kDepth; ++l)
+    if (mask >> l & 1u) ok = ok && (reinterpret_cast<uintptr_t>(tab.addr[l][t]) & 15u) == 0;
+  return ok;
+}
+
+// ----------------------------------------------------------------------------------------------
+// The elementwise engine.  An Op provides
+//   using P (parameter dtype), M (opmath); kDepth, kParamLists, kGroup;
+//   unsigned read_mask, write_mask (bit l: list l is read / written; runtime so that absent or
+//   unused lists cost no traffic);
+//   __device__ M prepare() const                      (once per thread, e.g. a scale from device
+//                                                       memory; keeps the load out of the loop)
+//   __device__ void operator()(M (&r)[kDepth][kGroup], int cnt, int64_t idx, uint32_t tag,
+//                              M prepared) const
+// which updates the registers of one group in place (idx = index of the group's first element in
+// its tensor, a multiple of kGroup).  Each element of each list is read and written at most once.
+// ----------------------------------------------------------------------------------------------
+template <class Op, class Tab>
+__global__ void __launch_bounds__(kBlockSize)
+    apply_kernel(const SK_GRID_CONSTANT Tab tab, const SK_GRID_CONSTANT Op op) {
+  using M = typename Op::M;
+  constexpr int D = Op::kDepth;
+  constexpr int K = Op::kGroup;
+  const ChunkInfo c = chunk_info(tab);
+  const bool aligned = lists_aligned(tab, c.tensor, op.read_mask | op.write_mask);
+  void* base[D];
+#pragma unroll
+  for (int l = 0; l < D; ++l) base[l] = tab.addr[l][c.tensor];
+  const uint32_t tag = tab.tag[c.tensor];
+  const M prepared = op.prepare();
+  for (int off = static_cast<int>(threadIdx.x) * K; off < c.n; off += kBlockSize * K) {
+    const int cnt = c.n - off < K ? c.n - off : K;
+    const bool vec = aligned && cnt == K;
+    const int64_t idx = c.start + off;
+    M r[D][K];
+    load_lists<Op>(std::make_integer_sequence<int, D>{}, base, idx, cnt, vec, op.read_mask, r);
+    op(r, cnt, idx, tag, prepared);
+    store_lists<Op>(std::make_integer_sequence<int, D>{}, base, idx, cnt, vec, op.write_mask, r);
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Host side: fill tables from a Group and launch whenever one is full.
+// ----------------------------------------------------------------------------------------------
+// Calls launch(tab, blocks) for each full table and the last partial one; returns the first
+// error.  Block numbering is global over the group, starting at block_base (count_chunks order).
+template <class Tab, class Launch>
+cudaError_t for_each_table(const Group& g, int64_t block_base, Launch&& launch) {
+  constexpr int D = Tab::kDepth;
+  constexpr int T = Tab::kCapacity;
+  static_assert(D <= kMaxLists, "too many lists");
+  Tab tab;
+  std::memset(&tab, 0, sizeof(tab));  // unused slots are passed to the kernel too
+  tab.block_base = block_base;
+  int64_t blocks = 0;
+  auto flush = [&]() -> cudaError_t {
+    if (tab.count == 0) return cudaSuccess;
+    tab.block_begin[tab.count] = static_cast<int32_t>(blocks);
+    const cudaError_t err = launch(static_cast<const Tab&>(tab), static_cast<int>(blocks));
+    tab.block_base += blocks;
+    tab.count = 0;
+    blocks = 0;
+    return err;
+  };
+  for (int64_t i = 0; i < g.count; ++i) {
+    const int64_t n = g.numel[i];
+    if (n <= 0) continue;
+    const int64_t chunks = (n + kChunkSize - 1) / kChunkSize;
+    if (chunks > INT_MAX) return cudaErrorInvalidValue;  // > 1.4e14 elements
+    if (tab.count == T || blocks + chunks > INT_MAX) {  // gridDim.x and block_begin are int32
+      const cudaError_t err = flush();
+      if (err != cudaSuccess) return err;
+    }
+    const int c = tab.count;
+    for (int l = 0; l < D; ++l) tab.addr[l][c] = g.lists[l] != nullptr ? g.lists[l][i] : nullptr;
+    tab.numel[c] = n;
+    tab.tag[c] = g.tags != nullptr ? g.tags[i] : 0u;
+    tab.block_begin[c] = static_cast<int32_t>(blocks);
+    blocks += chunks;
+    tab.count = c + 1;
+  }
+  return flush();
+}
+
+// Whether the 32 KB argument kernels may run: needs a driver for CUDA >= 12.1 (a binary built with
+// a newer toolkit can run on an older driver through minor-version compatibility).
+inline bool large_args_usable() {
+#if SK_LARGE_ARGS
+  static const bool ok = [] {
+    int version = 0;
+    return cudaDriverGetVersion(&version) == cudaSuccess && version >= 12010;
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+template <int ArgBytes, class Op>
+cudaError_t apply_sized(const Group& g, const Op& op, cudaStream_t stream) {
+  using Tab = Table<Op::kDepth, table_capacity<Op::kDepth, ArgBytes>()>;
+  static_assert(sizeof(Op) <= kOpArgBytes, "phase arguments too large");
+  static_assert(sizeof(Tab) + sizeof(Op) <= ArgBytes, "kernel arguments exceed the limit");
+  return for_each_table<Tab>(g, 0, [&](const Tab& tab, int blocks) {
+    apply_kernel<Op, Tab><<<blocks, kBlockSize, 0, stream>>>(tab, op);
+    return cudaGetLastError();
+  });
+}
+
+template <class Op>
+cudaError_t apply(const Group& g, const Op& op, cudaStream_t stream) {
+#if SK_LARGE_ARGS
+  if (large_args_usable()) return apply_sized<kLargeArgBytes>(g, op, stream);
+#endif
+  return apply_sized<kSmallArgBytes>(g, op, stream);
+}
+
+// Calls f(TypeTag<P>{}) for the group's parameter dtype.
+template <class F>
+cudaError_t dispatch_param(ParamType t, F&& f) {
+  switch (t) {
+    case ParamType::kFloat:
+      return f(TypeTag<float>{});
+    case ParamType::kDouble:
+      return f(TypeTag<double>{});
+    case ParamType::kHalf:
+      return f(TypeTag<__half>{});
+    case ParamType::kBFloat16:
+      return f(TypeTag<__nv_bfloat16>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cuda
+}  // namespace samkernels

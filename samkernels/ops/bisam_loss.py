@@ -1,0 +1,235 @@
+"""BiSAM's ascent loss ``Q`` (Xie et al., "Improving SAM requires rethinking its optimization
+formulation", eq. 11/14; ``shared/SPEC.md`` section "BiSAM"), fused forward + gradient.
+
+For logits ``f`` (B x K) and labels ``y``, with ``F_ij = f_ij - f_{i,y_i}`` (so ``F_{i,y_i} = 0``)::
+
+    Q_i = (1/mu) logsumexp_j( mu * phi(F_ij) ) - log(K)/mu
+    phi = "neglog": phi(x) = -log(1 + exp(gamma - x)) + 1, gamma = log(e - 1)   (eq. 18; mu = 1.5)
+    phi = "tanh":   phi(x) = tanh(alpha x)                                   (eq. 17; mu = 10)
+
+Conventions (chosen to match ``F.cross_entropy``):
+  * ``-log(K)/mu`` is part of every row, so ``reduction="none"`` rows carry it too and a mean over
+    the rows equals ``reduction="mean"``.
+  * ``target == ignore_index`` rows give 0 and a zero gradient; ``"mean"`` divides by the number of
+    other rows, so with every row ignored the mean is NaN (the gradient is then all zeros).
+  * Loss in the logits' dtype; the maths runs in float32 (float64 for float64 logits).
+  * A target outside ``[0, K)`` that is not ``ignore_index``: on CPU a ``TargetOutOfRangeError``
+    (an ``IndexError`` and a ``ValueError``) naming the row.  On CUDA the check is
+    ``torch._assert_async`` (no host sync; it fails like ``F.cross_entropy``'s device-side assert),
+    and the kernels write NaN for such rows instead of reading outside the row.
+
+Backends (``samkernels._dispatch.resolve``): ``reference`` is :func:`bisam_loss_reference` with
+autograd (the naive baseline); ``cpu``/``cuda`` run ``torch.ops.samkernels.bisam_loss_fwd`` and
+``triton`` runs ``samkernels::bisam_loss_fwd_triton``.  The fused op reads the logits once and
+writes the per-row loss and ``d loss_row / d logits`` (skipped when the logits need no gradient);
+backward only scales that buffer by ``grad_output`` (returned as is when ``grad_output`` is 1 on
+CPU, where the mean's ``1/count`` is folded into the kernel).  For fp16/bf16 logits the gradient is
+thus rounded to the logits' dtype before the scaling.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from samkernels import _dispatch
+
+__all__ = ["bisam_loss", "BiSAMLoss", "bisam_loss_reference", "TargetOutOfRangeError",
+           "DEFAULT_MU", "GAMMA"]
+
+GAMMA = math.log(math.e - 1.0)  # phi_neglog(0) = 0 (eq. 18)
+PHI_CODES = {"neglog": 0, "tanh": 1}  # the kernels' ``phi`` argument
+DEFAULT_MU = {"neglog": 1.5, "tanh": 10.0}  # the paper's CIFAR settings (Sec. 4.1)
+_PHI_ALIASES = {"neglog": "neglog", "-log": "neglog", "tanh": "tanh"}
+_REDUCTIONS = ("mean", "sum", "none")
+_LOGIT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+class TargetOutOfRangeError(IndexError, ValueError):
+    """A target that is neither a class in ``[0, K)`` nor ``ignore_index``.
+
+    An ``IndexError`` like ``F.cross_entropy``'s, and a ``ValueError`` since it is a bad argument.
+    """
+
+
+# --- argument checks ---------------------------------------------------------------------------
+def _check_args(logits, target, mu, phi, alpha, reduction, ignore_index) -> Tuple[str, float, float]:
+    if not isinstance(logits, Tensor) or not isinstance(target, Tensor):
+        raise TypeError("bisam_loss: logits and target must be tensors")
+    if logits.dim() != 2:
+        raise ValueError(f"bisam_loss: logits must be 2-D (batch, classes), got shape "
+                         f"{tuple(logits.shape)}")
+    if logits.dtype not in _LOGIT_DTYPES:
+        raise TypeError(f"bisam_loss: logits must be float32/float64/float16/bfloat16, got "
+                        f"{logits.dtype}")
+    if target.dtype != torch.int64:
+        raise TypeError(f"bisam_loss: target must hold int64 class indices, got {target.dtype}")
+    if target.dim() != 1 or target.shape[0] != logits.shape[0]:
+        raise ValueError(f"bisam_loss: target must have shape ({logits.shape[0]},) to match logits "
+                         f"{tuple(logits.shape)}, got {tuple(target.shape)}")
+    if target.device != logits.device:
+        raise ValueError(f"bisam_loss: target is on {target.device} but logits on {logits.device}")
+    if logits.shape[1] < 1:
+        raise ValueError("bisam_loss: logits need at least one class (K >= 1)")
+    if not isinstance(phi, str) or phi.lower() not in _PHI_ALIASES:
+        raise ValueError(f"bisam_loss: unknown phi {phi!r}; expected 'neglog' (eq. 18) or 'tanh' "
+                         "(eq. 17)")
+    phi = _PHI_ALIASES[phi.lower()]
+    mu = DEFAULT_MU[phi] if mu is None else float(mu)
+    if not (mu > 0 and math.isfinite(mu)):
+        raise ValueError(f"bisam_loss: mu must be a positive finite number, got {mu}")
+    alpha = float(alpha)
+    if phi == "tanh" and not (alpha > 0 and math.isfinite(alpha)):
+        raise ValueError(f"bisam_loss: alpha must be a positive finite number for phi='tanh', "
+                         f"got {alpha}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"bisam_loss: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"bisam_loss: ignore_index must be an int, got {ignore_index!r}")
+    return phi, mu, alpha
+
+
+def _check_targets(target: Tensor, num_classes: int, ignore_index: int) -> None:
+    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if target.device.type != "cpu" or torch.compiler.is_compiling():
+        # No host sync: a bad label fails asynchronously, as F.cross_entropy's does on CUDA.
+        torch._assert_async(~bad.any(), f"bisam_loss: a target is out of range for {num_classes} "
+                                        f"classes and is not ignore_index = {ignore_index}")
+        return
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise TargetOutOfRangeError(
+            f"bisam_loss: target[{i}] = {int(target[i])} is out of range for {num_classes} classes "
+            f"(and is not ignore_index = {ignore_index})")
+
+
+# --- the specification -------------------------------------------------------------------------
+def bisam_loss_reference(logits: Tensor, target: Tensor, mu: Optional[float] = None,
+                         phi: str = "neglog", alpha: float = 0.1, reduction: str = "mean",
+                         ignore_index: int = -100) -> Tensor:
+    """Q in plain PyTorch (float64 stays float64, fp16/bf16 run in float32); autograd gives dQ/df."""
+    phi, mu, alpha = _check_args(logits, target, mu, phi, alpha, reduction, ignore_index)
+    _check_targets(target, logits.shape[1], ignore_index)
+    f = logits if logits.dtype == torch.float64 else logits.float()
+    valid = target != ignore_index
+    y = torch.where(valid, target, torch.zeros_like(target))
+    Fm = f - f.gather(1, y[:, None])  # F_ij = f_ij - f_{i,y_i}
+    if phi == "tanh":
+        ph = torch.tanh(alpha * Fm)  # eq. 17
+    else:
+        ph = 1.0 - F.softplus(GAMMA - Fm)  # eq. 18: -log(1 + exp(gamma - x)) + 1
+    rows = torch.logsumexp(mu * ph, dim=1) / mu - math.log(logits.shape[1]) / mu  # eq. 11
+    rows = torch.where(valid, rows, torch.zeros_like(rows))
+    if reduction == "none":
+        out = rows
+    elif reduction == "sum":
+        out = rows.sum()
+    else:
+        out = rows.sum() / valid.sum()
+    return out.to(logits.dtype)
+
+
+# --- fused ops ---------------------------------------------------------------------------------
+def _fake_fwd(logits, target, mu, phi, alpha, ignore_index, grad_scale, compute_grad):
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    loss_rows = logits.new_empty((logits.shape[0],), dtype=acc)
+    grad = logits.new_empty(logits.shape) if compute_grad else logits.new_empty((0,))
+    return loss_rows, grad
+
+
+def _cpp_op_available() -> bool:
+    return _dispatch.extension() is not None and hasattr(torch.ops.samkernels, "bisam_loss_fwd")
+
+
+if _cpp_op_available():  # shapes for torch.compile (FakeTensor) tracing of the C++ op
+    torch.library.register_fake("samkernels::bisam_loss_fwd")(_fake_fwd)
+
+
+def _fused_fwd(backend: str):
+    if backend == "triton":
+        from samkernels.triton.bisam_loss import bisam_loss_fwd_triton
+        return bisam_loss_fwd_triton
+    if not _cpp_op_available():
+        raise RuntimeError(f"samkernels backend {backend!r}: samkernels._C has no bisam_loss_fwd op; "
+                           "rebuild the extension (pip install --no-build-isolation .)")
+    return torch.ops.samkernels.bisam_loss_fwd
+
+
+class _FusedBiSAMLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, mu, phi_code, alpha, reduction, ignore_index, backend):
+        compute_grad = bool(ctx.needs_input_grad[0])
+        count = (target != ignore_index).sum() if reduction == "mean" else None
+        # On CPU the mean's 1/count goes into the kernel (count is on the host anyway), so a
+        # grad_output of 1 needs no extra pass; elsewhere backward divides (no host sync).
+        fold = (reduction == "mean" and logits.device.type == "cpu"
+                and not torch.compiler.is_compiling())
+        grad_scale = 1.0 / max(int(count), 1) if fold else 1.0
+        loss_rows, grad = _fused_fwd(backend)(logits, target, mu, phi_code, alpha, ignore_index,
+                                              grad_scale, compute_grad)
+        if reduction == "none":
+            out = loss_rows
+        elif reduction == "sum":
+            out = loss_rows.sum()
+        else:
+            out = loss_rows.sum() / count  # 0/0 = NaN when every row is ignored, like F.cross_entropy
+        if compute_grad:
+            ctx.save_for_backward(grad, count if (count is not None and not fold) else None)
+        ctx.reduction = reduction
+        return out.to(logits.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad, count = ctx.saved_tensors
+        if ctx.reduction == "none":
+            g = grad * grad_out.to(grad.dtype)[:, None]
+        elif count is not None:  # unfolded mean: d mean / d rows = 1/count (0 rows -> zero gradient)
+            go = grad_out if grad_out.dtype == torch.float64 else grad_out.float()
+            g = grad * (go / count.clamp(min=1)).to(grad.dtype)
+        elif (grad_out.device.type == "cpu" and not torch.compiler.is_compiling()
+              and float(grad_out) == 1.0):
+            g = grad  # the common loss.backward(): the kernel's buffer is already the answer
+        else:
+            g = grad * grad_out.to(grad.dtype)
+        return g, None, None, None, None, None, None, None
+
+
+def bisam_loss(logits: Tensor, target: Tensor, mu: Optional[float] = None, phi: str = "neglog",
+               alpha: float = 0.1, reduction: str = "mean", ignore_index: int = -100) -> Tensor:
+    """BiSAM's ascent loss Q (eq. 14) of ``logits`` (B x K) for int64 labels ``target`` (B,).
+
+    ``phi``: ``"neglog"`` (eq. 18, the paper's recommendation) or ``"tanh"`` (eq. 17, slope
+    ``alpha``); ``mu=None`` takes 1.5 for neglog and 10 for tanh.  ``reduction`` and
+    ``ignore_index`` behave as in ``F.cross_entropy`` (see the module docstring).
+    """
+    phi, mu, alpha = _check_args(logits, target, mu, phi, alpha, reduction, ignore_index)
+    backend = _dispatch.resolve(logits.device)
+    if backend == "reference":
+        return bisam_loss_reference(logits, target, mu, phi, alpha, reduction, ignore_index)
+    _check_targets(target, logits.shape[1], ignore_index)
+    return _FusedBiSAMLoss.apply(logits, target, mu, PHI_CODES[phi], alpha, reduction,
+                                 ignore_index, backend)
+
+
+class BiSAMLoss(nn.Module):
+    """``nn.Module`` form of :func:`bisam_loss` (the perturbation loss of BiSAM, Alg. 1)."""
+
+    def __init__(self, phi: str = "neglog", mu: Optional[float] = None, alpha: float = 0.1,
+                 reduction: str = "mean", ignore_index: int = -100):
+        super().__init__()
+        # validate once, on a dummy input, so a bad setting fails at construction
+        _check_args(torch.zeros(1, 1), torch.zeros(1, dtype=torch.long), mu, phi, alpha, reduction,
+                    ignore_index)
+        self.phi, self.alpha, self.reduction, self.ignore_index = phi, alpha, reduction, ignore_index
+        self.mu = DEFAULT_MU[_PHI_ALIASES[phi.lower()]] if mu is None else float(mu)
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        return bisam_loss(logits, target, self.mu, self.phi, self.alpha, self.reduction,
+                          self.ignore_index)
+
+    def extra_repr(self) -> str:
+        return (f"phi={self.phi!r}, mu={self.mu}, alpha={self.alpha}, "
+                f"reduction={self.reduction!r}, ignore_index={self.ignore_index}")

@@ -1,0 +1,6 @@
+"""``python -m samkernels.train`` == ``samkernels-train``."""
+import sys
+
+from samkernels.train.cli import main
+
+sys.exit(main())

@@ -1,0 +1,438 @@
+"""One training run: one optimizer, one seed, one set of hyper-parameters.
+
+A step hands the optimizer a ``PassClosure``.  Optimizers call it once per gradient evaluation (SGD
+once; SAM and bSAM twice); the closure knows which pass it is in, so the loss can differ per pass
+(BiSAM's first pass uses the ascent loss) and BatchNorm running statistics are only updated by the
+first pass of a step, never at perturbed weights.  m-sharpness (``m > 1``) drives SAM-type optimizers
+through their explicit phases instead, one perturbation per micro-batch.
+
+Checkpoints (written after every epoch when a path is given) hold the model, the optimizer's
+state_dict, the global RNG states, the history and the epoch count; shuffling and augmentation are
+drawn from generators fixed by (seed, epoch), so a resumed run repeats an uninterrupted one exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from samkernels.train import metrics
+from samkernels.train.config import ConfigError
+from samkernels.train.data import DataSet, steps_per_epoch, train_batches
+from samkernels.train.models import build_model, count_parameters, has_batchnorm
+from samkernels.train.optimizers import Entry, ascent_loss_fn, bn_frozen_helper, build
+
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class RunSpec:
+    """Everything that defines a run (resolved from config + preset by the runner)."""
+    key: str                      # unique name, e.g. "bsam-rho=0.05-s0"
+    entry: Entry
+    hyper: Dict[str, Any]
+    seed: int
+    epochs: int
+    batch_size: int
+    model: str
+    hidden: Optional[Tuple[int, ...]] = None
+    schedule: str = "cosine"
+    milestones: Tuple[float, ...] = ()
+    warmup_epochs: int = 0
+    label_smoothing: float = 0.0
+    augment: bool = False
+    aug_factor: float = 1.0
+    m: int = 1
+    sweep: Dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> Dict[str, Any]:
+        """JSON-friendly identity of the run (also used to check a checkpoint belongs to it)."""
+        return {"key": self.key, "optimizer": self.entry.name, "hyper": _jsonable(self.hyper),
+                "seed": self.seed, "epochs": self.epochs, "batch_size": self.batch_size,
+                "model": self.model, "hidden": list(self.hidden) if self.hidden else None,
+                "schedule": self.schedule, "milestones": list(self.milestones),
+                "warmup_epochs": self.warmup_epochs, "label_smoothing": self.label_smoothing,
+                "augment": self.augment, "aug_factor": self.aug_factor, "m": self.m,
+                "sweep": _jsonable(self.sweep)}
+
+
+@dataclass
+class RunOptions:
+    """How to run (does not change the result)."""
+    device: torch.device = torch.device("cpu")
+    samples: int = 32
+    eval_every: int = 1
+    eval_batch_size: int = 1000
+    checkpoint: Optional[str] = None
+    resume: bool = False
+    stop_after: Optional[int] = None
+    progress: bool = False
+    keep_state: bool = False
+    log: Callable[[str], None] = print
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Learning-rate schedule
+# --------------------------------------------------------------------------------------------
+def lr_factor(spec: RunSpec, step: int, steps_per_ep: int) -> float:
+    """Multiplier of the base learning rate at global step ``step`` (0-based)."""
+    total = spec.epochs * steps_per_ep
+    warm = spec.warmup_epochs * steps_per_ep
+    if step < warm:
+        return (step + 1) / warm
+    if spec.schedule == "constant":
+        return 1.0
+    if spec.schedule == "cosine":  # annealed to zero at the end of training
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+    if spec.schedule == "step":  # x0.1 at each milestone (epochs, or fractions of training if < 1)
+        epoch = step / steps_per_ep
+        marks = [m * spec.epochs if m < 1 else m for m in spec.milestones]
+        return 0.1 ** sum(epoch >= mark for mark in marks)
+    raise ConfigError(f"unknown schedule {spec.schedule!r}; choose cosine, step or constant")
+
+
+# --------------------------------------------------------------------------------------------
+# Closures and steps
+# --------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _bn_frozen(model: nn.Module):
+    """BatchNorm layers normalise with batch statistics as usual but leave their running
+    statistics (and batch counters) untouched inside the block."""
+    saved = []
+    for mod in model.modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.track_running_stats:
+            saved.append((mod, mod.momentum, mod.num_batches_tracked.clone()))
+            mod.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
+    try:
+        yield
+    finally:
+        for mod, momentum, count in saved:
+            mod.momentum = momentum
+            mod.num_batches_tracked.copy_(count)
+
+
+class PassLoss:
+    """loss(pass_idx, logits, y): the training criterion on every pass, except the BiSAM family's
+    first (ascent) pass, which uses ``samkernels.bisam_loss``; with ``sds_fraction`` (E-BiSAM) the
+    second pass keeps the examples whose ascent loss rose most under the perturbation."""
+
+    def __init__(self, criterion, ascent=None, sds_fraction: Optional[float] = None):
+        self.criterion, self.ascent, self.sds_fraction = criterion, ascent, sds_fraction
+        self._q0: Optional[Tensor] = None
+
+    def __call__(self, pass_idx: int, logits: Tensor, y: Tensor) -> Tensor:
+        if self.ascent is None:
+            return self.criterion(logits, y)
+        if self.sds_fraction is None:
+            return self.ascent(logits, y) if pass_idx == 0 else self.criterion(logits, y)
+        if pass_idx == 0:  # per-example ascent loss, remembered for the selection
+            q = self._per_example(logits, y)
+            self._q0 = q.detach()
+            return q.mean()
+        with torch.no_grad():
+            rise = self._per_example(logits.detach(), y) - self._q0
+        keep = rise.topk(max(1, math.ceil(self.sds_fraction * y.numel()))).indices
+        return self.criterion(logits[keep], y[keep])
+
+    def _per_example(self, logits: Tensor, y: Tensor) -> Tensor:
+        try:
+            return self.ascent(logits, y, reduction="none")
+        except TypeError as err:
+            raise TypeError("E-BiSAM's data selection needs samkernels.bisam_loss(logits, target, "
+                            "reduction='none')") from err
+
+
+class PassClosure:
+    """The ``closure`` for ``optimizer.step``: zero grads, forward, loss of this pass, backward.
+
+    Records the training loss and accuracy of the first pass and the time spent inside (forward and
+    backward), so that the optimizer's own share of a step can be reported."""
+
+    def __init__(self, model: nn.Module, optimizer, x: Tensor, y: Tensor, loss: PassLoss,
+                 criterion, freeze_bn, sync: Callable[[], None]):
+        self.model, self.optimizer, self.x, self.y = model, optimizer, x, y
+        self.loss, self.criterion, self.freeze_bn, self.sync = loss, criterion, freeze_bn, sync
+        self.calls = 0
+        self.seconds = 0.0
+        self.stats: Optional[Tensor] = None  # (loss sum, correct, count) of the first pass
+
+    def __call__(self, x: Optional[Tensor] = None, y: Optional[Tensor] = None) -> Tensor:
+        x = self.x if x is None else x
+        y = self.y if y is None else y
+        k, self.calls = self.calls, self.calls + 1
+        self.sync()
+        start = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        frozen = self.freeze_bn(self.model) if (k > 0 and self.freeze_bn) else contextlib.nullcontext()
+        with torch.enable_grad(), frozen:
+            logits = self.model(x)
+            loss = self.loss(k, logits, y)
+            loss.backward()
+        if k == 0 or self.stats is None:
+            with torch.no_grad():
+                first = torch.stack([self.criterion(logits, y) * y.numel(),
+                                     (logits.argmax(1) == y).sum().to(logits.dtype),
+                                     torch.tensor(float(y.numel()), device=logits.device)])
+            self.stats = first if self.stats is None else self.stats + first
+        self.sync()
+        self.seconds += time.perf_counter() - start
+        return loss.detach()
+
+
+def msharp_step(optimizer, closure: PassClosure, m: int) -> None:
+    """m-sharpness (SPEC): one perturbation per micro-batch, the m second-pass gradients averaged,
+    one update.  Uses the explicit phases first_step() / second_step(); between micro-batches the
+    trainer restores the weights itself so that every perturbation starts from w."""
+    if hasattr(optimizer, "noise_step") or not hasattr(optimizer, "first_step"):
+        raise ConfigError(f"m-sharpness (m={m}) is supported for SAM-type optimizers with "
+                         f"first_step()/second_step(); {type(optimizer).__name__} does not offer "
+                         "it in this version of samkernels: run it with --m 1")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    xs, ys = closure.x.chunk(m), closure.y.chunk(m)
+    if len(xs) != m:
+        raise ConfigError(f"batch of {closure.x.shape[0]} cannot be split into m={m} micro-batches")
+    start = [p.detach().clone() for p in params]
+    total = [torch.zeros_like(p) for p in params]
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        closure.calls = 0  # each micro-batch has its own first (BN-updating) pass
+        closure(x, y)
+        optimizer.first_step()
+        closure(x, y)
+        with torch.no_grad():
+            for acc, p in zip(total, params):
+                if p.grad is not None:
+                    acc.add_(p.grad)
+            if i < m - 1:
+                for p, w in zip(params, start):
+                    p.copy_(w)
+    with torch.no_grad():
+        for p, acc in zip(params, total):
+            p.grad = acc.div_(m)
+    optimizer.second_step()  # restores w from its backup and updates with the averaged gradient
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def predict_probs(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
+    """Softmax of the model in eval mode, float64 on the CPU."""
+    was_training = model.training
+    model.eval()
+    try:
+        out = [torch.softmax(model(x[i:i + batch_size]).double(), 1).cpu()
+               for i in range(0, x.shape[0], batch_size)]
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
+def is_bayesian(optimizer) -> bool:
+    return hasattr(optimizer, "sampled_params")
+
+
+@torch.no_grad()
+def posterior_predictive(optimizer, model: nn.Module, x: Tensor, samples: int, seed: int,
+                         batch_size: int) -> Tensor:
+    """Softmax averaged over ``samples`` models drawn from the optimizer's posterior; each sample is
+    used for the whole test set."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed + 7919)
+    total = None
+    for _ in range(samples):
+        with optimizer.sampled_params(generator=gen):
+            probs = predict_probs(model, x, batch_size)
+        total = probs if total is None else total + probs
+    return total / samples
+
+
+def _evaluate(probs: Tensor, labels: Tensor) -> Dict[str, Any]:
+    return {"metrics": metrics.all_metrics(probs, labels),
+            "calibration": metrics.calibration_bins(probs, labels)}
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+def _rng_state() -> Dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+             "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str, spec: RunSpec, model, optimizer, epoch: int, history, timing) -> None:
+    payload = {"version": CHECKPOINT_VERSION, "run": spec.describe(), "epoch": epoch,
+               "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+               "rng": _rng_state(), "history": history, "timing": timing}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)  # never leave a half-written checkpoint
+
+
+def load_checkpoint(path: str, spec: RunSpec) -> Dict[str, Any]:
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    if payload.get("version") != CHECKPOINT_VERSION:
+        raise ConfigError(f"checkpoint {path} has version {payload.get('version')}, "
+                         f"expected {CHECKPOINT_VERSION}")
+    if payload["run"] != spec.describe():
+        theirs, ours = payload["run"], spec.describe()
+        diff = [k for k in ours if theirs.get(k) != ours[k]]
+        raise ConfigError(f"checkpoint {path} belongs to another run (differs in {', '.join(diff)}); "
+                         "use another --checkpoint path or the same settings")
+    return payload
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+def train_run(spec: RunSpec, data: DataSet, opts: RunOptions) -> Dict[str, Any]:
+    device = opts.device
+    torch.manual_seed(spec.seed)
+    np.random.seed(spec.seed)
+    random.seed(spec.seed)
+    model = build_model(spec.model, data.input_shape, data.num_classes, spec.hidden).to(device)
+    n_train = data.x_train.shape[0]
+    num_data = n_train * (spec.aug_factor if spec.augment else 1.0)
+    try:
+        optimizer = build(spec.entry, model.parameters(), spec.hyper, num_data, spec.seed)
+    except (TypeError, ValueError) as err:  # the constructor rejected a hyper-parameter
+        raise ConfigError(f"{spec.entry.name} with {spec.hyper}: {err}") from err
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    spe = steps_per_epoch(data, spec.batch_size)
+    if spec.m > 1 and spec.batch_size % spec.m:
+        raise ConfigError(f"batch size {spec.batch_size} is not divisible by m={spec.m}")
+
+    criterion = lambda logits, y: F.cross_entropy(logits, y, label_smoothing=spec.label_smoothing)  # noqa: E731
+    ascent = ascent_loss_fn() if spec.entry.ascent_loss else None
+    sds = spec.hyper.get("sds_fraction") if spec.entry.ascent_loss else None
+    freeze_bn = (bn_frozen_helper() or _bn_frozen) if has_batchnorm(model) else None
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+    history: Dict[str, List[float]] = {k: [] for k in
+                                       ("epoch", "lr", "train_loss", "train_acc", "test_acc", "test_nll")}
+    timing = {"train_seconds": 0.0, "step_seconds": 0.0, "closure_seconds": 0.0, "steps": 0}
+    start_epoch = 0
+    if opts.checkpoint and opts.resume:
+        if os.path.exists(opts.checkpoint):
+            ckpt = load_checkpoint(opts.checkpoint, spec)
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            _set_rng_state(ckpt["rng"])
+            history, timing, start_epoch = ckpt["history"], ckpt["timing"], ckpt["epoch"]
+            opts.log(f"[{spec.key}] resumed from {opts.checkpoint} at epoch {start_epoch}")
+        else:
+            opts.log(f"[{spec.key}] no checkpoint at {opts.checkpoint}: starting from scratch")
+
+    bar = None
+    if opts.progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=spec.epochs * spe, initial=start_epoch * spe, desc=spec.key,
+                   dynamic_ncols=True, leave=True)
+    last_epoch = spec.epochs
+    if opts.stop_after is not None:
+        last_epoch = min(spec.epochs, max(opts.stop_after, start_epoch))
+    try:
+        for epoch in range(start_epoch, last_epoch):
+            model.train()
+            epoch_stats = torch.zeros(3, dtype=torch.float64, device=device)
+            epoch_start = time.perf_counter()
+            for i, (x, y) in enumerate(train_batches(data, spec.batch_size, spec.seed, epoch,
+                                                     spec.augment)):
+                factor = lr_factor(spec, epoch * spe + i, spe)
+                for group, lr in zip(optimizer.param_groups, base_lrs):
+                    group["lr"] = lr * factor
+                closure = PassClosure(model, optimizer, x, y,
+                                      PassLoss(criterion, ascent, sds), criterion, freeze_bn, sync)
+                sync()
+                t0 = time.perf_counter()
+                if spec.m > 1:
+                    msharp_step(optimizer, closure, spec.m)
+                else:
+                    optimizer.step(closure)
+                sync()
+                timing["step_seconds"] += time.perf_counter() - t0
+                timing["closure_seconds"] += closure.seconds
+                timing["steps"] += 1
+                epoch_stats += closure.stats.double()
+                if bar is not None:
+                    bar.update(1)
+                    if i % 10 == 0 or i == spe - 1:
+                        s = epoch_stats.tolist()
+                        rate = (i + 1) / max(1e-9, time.perf_counter() - epoch_start)
+                        bar.set_postfix(epoch=epoch + 1, loss=f"{s[0] / s[2]:.3f}",
+                                        acc=f"{s[1] / s[2]:.3f}", steps_s=f"{rate:.1f}")
+            timing["train_seconds"] += time.perf_counter() - epoch_start
+            s = epoch_stats.tolist()
+            history["epoch"].append(epoch + 1)
+            history["lr"].append(base_lrs[0] * factor)
+            history["train_loss"].append(s[0] / s[2])
+            history["train_acc"].append(s[1] / s[2])
+            if (epoch + 1) % opts.eval_every == 0 or epoch + 1 == spec.epochs:
+                probs = predict_probs(model, data.x_test, opts.eval_batch_size)
+                history["test_acc"].append(metrics.accuracy(probs, data.y_test))
+                history["test_nll"].append(metrics.nll(probs, data.y_test))
+            else:
+                history["test_acc"].append(math.nan)
+                history["test_nll"].append(math.nan)
+            if not math.isfinite(s[0]):
+                raise FloatingPointError(f"[{spec.key}] training loss is {s[0]} in epoch "
+                                         f"{epoch + 1}: lower the learning rate")
+            if opts.checkpoint:
+                save_checkpoint(opts.checkpoint, spec, model, optimizer, epoch + 1, history, timing)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    done = len(history["epoch"])
+    result: Dict[str, Any] = {
+        "key": spec.key, "optimizer": spec.entry.name, "label": spec.entry.label, "seed": spec.seed,
+        "sweep": _jsonable(spec.sweep), "hyper": _jsonable(spec.hyper), "run": spec.describe(),
+        "num_data": num_data, "parameters": count_parameters(model), "epochs_done": done,
+        "complete": done >= spec.epochs, "history": history, "throughput": _throughput(timing),
+        "predictors": {},
+    }
+    probs = predict_probs(model, data.x_test, opts.eval_batch_size)
+    result["predictors"]["mean"] = _evaluate(probs, data.y_test)
+    if is_bayesian(optimizer) and opts.samples > 0:
+        probs = posterior_predictive(optimizer, model, data.x_test, opts.samples, spec.seed,
+                                     opts.eval_batch_size)
+        result["predictors"]["predictive"] = _evaluate(probs, data.y_test)
+        result["predictors"]["predictive"]["samples"] = opts.samples
+    if opts.keep_state:  # final weights (tests compare runs bit for bit)
+        result["state"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return result
+
+
+def _throughput(timing: Dict[str, float]) -> Dict[str, float]:
+    steps, step_s = timing["steps"], timing["step_seconds"]
+    return {"steps": steps, "train_seconds": timing["train_seconds"],
+            "steps_per_s": steps / timing["train_seconds"] if timing["train_seconds"] else math.nan,
+            "optimizer_share": 1.0 - timing["closure_seconds"] / step_s if step_s else math.nan}

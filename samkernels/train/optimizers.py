@@ -1,0 +1,163 @@
+"""Optimizers by name.
+
+Each registry entry names a class (``torch.optim`` for the plain baselines, ``samkernels.optim`` for
+the SAM family, looked up lazily so that optimizers still being written raise a clear error only when
+asked for), the constructor arguments that define the variant (``base="adam"`` for SAM-Adam) and how
+many gradient evaluations one step costs.
+
+Hyper-parameters are the constructor's keyword arguments plus these trainer-level keys:
+
+* ``prior_precision`` - the bSAM paper's ``N * delta``: weight decay becomes ``prior_precision / N``
+  with ``N`` the training-set size (times ``aug_factor`` under augmentation, as in the authors' code);
+* ``sds_fraction``    - E-BiSAM's sharpness-sensitive data selection: fraction of each batch the
+  second pass keeps (the examples whose ascent loss rose most under the perturbation).
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, Optional, Tuple
+
+import torch
+
+from samkernels.train.config import ConfigError
+
+TRAINER_KEYS = ("prior_precision", "sds_fraction")
+
+
+class OptimizerUnavailable(RuntimeError):
+    """The registry knows the optimizer but ``samkernels.optim`` does not provide it (yet)."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str                              # registry key
+    label: str                             # row label in tables and plots
+    module: str                            # "torch.optim" or "samkernels.optim"
+    classes: Tuple[str, ...]               # class names tried in order
+    fixed: Dict[str, Any] = field(default_factory=dict)   # kwargs that define the variant
+    defaults: Dict[str, Any] = field(default_factory=dict)  # used when the preset gives nothing
+    passes: int = 1                        # gradient evaluations per step
+    ascent_loss: bool = False              # first pass on samkernels.bisam_loss (BiSAM family)
+    num_data: bool = False                 # constructor takes num_data (Bayesian methods)
+    seed: bool = False                     # constructor takes seed (noise of its own)
+
+    def cls(self):
+        module = importlib.import_module(self.module)
+        for name in self.classes:
+            found = getattr(module, name, None)
+            if found is not None:
+                return found
+        raise OptimizerUnavailable(
+            f"optimizer {self.name!r} ({self.label}) needs {self.module}.{self.classes[0]}, "
+            f"which this version of samkernels does not provide yet")
+
+    def available(self) -> bool:
+        try:
+            self.cls()
+            return True
+        except (OptimizerUnavailable, ImportError):
+            return False
+
+
+def _e(name, label, module, classes, **kw) -> Entry:
+    return Entry(name, label, module, tuple(classes), **kw)
+
+
+_SK = "samkernels.optim"
+REGISTRY: Dict[str, Entry] = {e.name: e for e in [
+    _e("sgd", "SGD", "torch.optim", ["SGD"], defaults=dict(lr=0.1, momentum=0.9)),
+    _e("adam", "Adam", "torch.optim", ["Adam"], defaults=dict(lr=1e-3)),
+    _e("adamw", "AdamW", "torch.optim", ["AdamW"], defaults=dict(lr=1e-3, weight_decay=1e-2)),
+    _e("sam", "SAM-SGD", _SK, ["SAM"], fixed=dict(base="sgd"), passes=2,
+       defaults=dict(lr=0.1, momentum=0.9, rho=0.05)),
+    _e("sam-adam", "SAM-Adam", _SK, ["SAM"], fixed=dict(base="adam"), passes=2,
+       defaults=dict(lr=1e-3, rho=0.05)),
+    _e("sam-adamw", "SAM-AdamW", _SK, ["SAM"], fixed=dict(base="adamw"), passes=2,
+       defaults=dict(lr=1e-3, rho=0.05)),
+    _e("asam", "ASAM", _SK, ["SAM"], fixed=dict(base="sgd", adaptive=True), passes=2,
+       defaults=dict(lr=0.1, momentum=0.9, rho=0.5)),
+    _e("bsam", "bSAM", _SK, ["BSAM"], passes=2, num_data=True, seed=True,
+       defaults=dict(lr=0.1, rho=0.01, gamma=0.1)),
+    _e("randomsam", "RandomSAM", _SK, ["RandomSAM"], defaults=dict(lr=0.1, momentum=0.9)),
+    _e("mfvi", "MFVI", _SK, ["MFVI"], num_data=True, seed=True, defaults=dict(lr=0.1)),
+    _e("vsam", "VSAM", _SK, ["VariationalSAM", "VSAM"], passes=2, num_data=True,
+       defaults=dict(lr=0.1, rho=0.05)),
+    _e("bisam", "BiSAM", _SK, ["BiSAM"], passes=2, ascent_loss=True,
+       defaults=dict(lr=0.1, momentum=0.9, rho=0.05)),
+    _e("ebisam", "E-BiSAM", _SK, ["EBiSAM", "E_BiSAM"], passes=2, ascent_loss=True,
+       defaults=dict(lr=0.1, momentum=0.9, rho=0.05, sds_fraction=0.5)),
+]}
+ALIASES = {"sam-sgd": "sam", "samsgd": "sam", "samadam": "sam-adam", "b-sam": "bsam",
+           "variationalsam": "vsam", "e-bisam": "ebisam", "random-sam": "randomsam"}
+
+
+def get_entry(name: str) -> Entry:
+    key = name.strip().lower()
+    key = ALIASES.get(key, key)
+    if key not in REGISTRY:
+        raise ConfigError(f"unknown optimizer {name!r}; known: {', '.join(REGISTRY)}")
+    return REGISTRY[key]
+
+
+def accepted_keys(entry: Entry) -> Tuple[str, ...]:
+    """Constructor keywords (minus params and the ones the trainer fills in) plus trainer keys."""
+    sig = inspect.signature(entry.cls().__init__)
+    names = [n for n, p in sig.parameters.items()
+             if n not in ("self", "params") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    skip = set(entry.fixed) | {"num_data", "seed"}
+    return tuple(n for n in names if n not in skip) + TRAINER_KEYS
+
+
+def accepts(entry: Entry, key: str) -> bool:
+    if key in ("beta1", "beta2"):
+        key = "betas"
+    return key in accepted_keys(entry)
+
+
+def set_hyper(hp: Dict[str, Any], key: str, value: Any) -> None:
+    """hp[key] = value, with ``beta1``/``beta2`` editing one element of ``betas``."""
+    if key in ("beta1", "beta2"):
+        betas = list(hp.get("betas", (0.9, 0.999)))
+        betas[0 if key == "beta1" else 1] = float(value)
+        hp["betas"] = tuple(betas)
+    else:
+        hp[key] = value
+        if key == "weight_decay":
+            hp.pop("prior_precision", None)  # an explicit weight decay replaces N*delta
+
+
+def build(entry: Entry, params: Iterable[torch.nn.Parameter], hp: Dict[str, Any], num_data: float,
+          seed: int) -> torch.optim.Optimizer:
+    """Instantiate ``entry`` with hyper-parameters ``hp`` (trainer keys resolved here)."""
+    kwargs = {k: v for k, v in hp.items() if k not in TRAINER_KEYS}
+    if "prior_precision" in hp:
+        kwargs["weight_decay"] = hp["prior_precision"] / num_data
+    kwargs.update(entry.fixed)
+    if entry.num_data:
+        kwargs["num_data"] = num_data
+    if entry.seed:
+        kwargs["seed"] = seed
+    if "betas" in kwargs:
+        kwargs["betas"] = tuple(kwargs["betas"])
+    return entry.cls()(params, **kwargs)
+
+
+def ascent_loss_fn():
+    """``samkernels.bisam_loss`` (BiSAM's ascent loss), looked up when first needed."""
+    import samkernels
+    fn = getattr(samkernels, "bisam_loss", None)
+    if fn is None:
+        raise OptimizerUnavailable("BiSAM needs samkernels.bisam_loss, which this version of "
+                                   "samkernels does not provide yet")
+    return fn
+
+
+def bn_frozen_helper() -> Optional[Any]:
+    """``samkernels.optim.bn_frozen`` once it exists (else the trainer uses its own)."""
+    try:
+        module = importlib.import_module(_SK)
+    except ImportError:
+        return None
+    return getattr(module, "bn_frozen", None)

@@ -1,0 +1,147 @@
+"""Presets: data set, model, schedule and per-optimizer hyper-parameters of the papers' experiments.
+
+Sources (``shared/papers``):
+* ``bsam-*``   - Möllenhoff & Khan, "SAM as an Optimal Relaxation of Bayes" (ICLR 2023), App. H:
+  Table 6 (no augmentation: MNIST/MLP, FashionMNIST/LeNet-5, CIFAR-10/100 ResNet-20-FRN) and Table 7
+  (``-aug``: random crop + flip, N multiplied by 4).  Batch 128, m = 8 for SAM-SGD, SAM-Adam and bSAM,
+  beta2 = 0.999 and gamma = 0.1 for bSAM (fixed across data sets), learning rate annealed to zero
+  with a cosine schedule except Table 6's CIFAR runs (x0.1 at epochs 100 and 120).  The tables give
+  ``N * delta``, stored as ``prior_precision``; ``beta1`` is SGD's momentum or Adam's/bSAM's beta1.
+* ``bisam-*``  - Xie et al., "Improving SAM Requires Rethinking its Optimization Formulation" (ICML
+  2024), §4.1: SGD momentum 0.9, weight decay 5e-4, batch 128, cosine from 0.1, label smoothing 0.1,
+  rho = 0.05, crop + flip, 200 epochs (SGD 400), E-BiSAM beta = gamma = 0.5.
+* ``vsam-cifar10`` - Ujváry et al., "Rethinking SAM as Variational Inference", §5: WRN, SGD momentum
+  0.9, weight decay 5e-4, lr 0.1, batch 128, label smoothing 0.1 (CIFAR-10), 200 epochs (one-pass
+  methods 400), rho = 0.05, RandomSAM sigma = 5e-5.  The paper uses a step schedule without giving
+  the milestones: x0.1 at 50% and 75% of training is this trainer's choice.
+* ``mnist1d`` / ``digits`` - this trainer's quick CPU benchmarks (not from a paper), tuned by hand so
+  that the default comparison finishes in well under two minutes on two CPU cores.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+from samkernels.train.config import ConfigError
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    source: str
+    data: str
+    model: str
+    optimizers: Tuple[str, ...]                  # default comparison
+    hyper: Dict[str, Dict[str, Any]]             # per registry name
+    epochs: int
+    batch_size: int = 128
+    schedule: str = "cosine"
+    milestones: Tuple[float, ...] = ()           # step schedule: epochs (>= 1) or fractions (< 1)
+    warmup_epochs: int = 0
+    label_smoothing: float = 0.0
+    augment: bool = False
+    aug_factor: float = 1.0
+    sgd_double_epochs: bool = False
+    m: Dict[str, int] = field(default_factory=dict)  # m-sharpness per optimizer (default 1)
+    hidden: Optional[Tuple[int, ...]] = None
+
+
+def _adam(lr, beta1, prior, **kw):
+    return dict(lr=lr, betas=(beta1, 0.999), prior_precision=prior, **kw)
+
+
+def _sgd(lr, momentum, prior, **kw):
+    return dict(lr=lr, momentum=momentum, prior_precision=prior, **kw)
+
+
+def _bsam(lr, beta1, prior, rho):
+    return dict(lr=lr, betas=(beta1, 0.999), prior_precision=prior, rho=rho, gamma=0.1)
+
+
+_TABLE = ("sgd", "adam", "sam", "sam-adam", "bsam")
+_M8 = {"sam": 8, "sam-adam": 8, "bsam": 8}
+
+PRESETS: Dict[str, Preset] = {}
+
+
+def _add(p: Preset) -> None:
+    PRESETS[p.name] = p
+
+
+# --- quick CPU benchmarks ---------------------------------------------------------------------
+_add(Preset(
+    "mnist1d", "samkernels trainer (hand-tuned for a 2-minute CPU run)", "mnist1d", "mlp",
+    ("sgd", "sam", "sam-adam", "bsam"), epochs=40, hidden=(256, 256),
+    hyper={"sgd": _sgd(0.05, 0.9, 2.0), "adam": _adam(2e-3, 0.9, 2.0),
+           "sam": _sgd(0.05, 0.9, 2.0, rho=0.05), "sam-adam": _adam(2e-3, 0.9, 2.0, rho=0.05),
+           "bsam": _bsam(0.05, 0.9, 2.0, 0.01)}))
+_add(Preset(
+    "digits", "samkernels trainer (quick CPU benchmark)", "digits", "mlp",
+    ("sgd", "sam", "sam-adam", "bsam"), epochs=30, batch_size=64, hidden=(128,),
+    hyper={"sgd": _sgd(0.05, 0.9, 2.0), "adam": _adam(2e-3, 0.9, 2.0),
+           "sam": _sgd(0.05, 0.9, 2.0, rho=0.05), "sam-adam": _adam(2e-3, 0.9, 2.0, rho=0.05),
+           "bsam": _bsam(0.05, 0.9, 2.0, 0.01)}))
+
+# --- bSAM paper, Table 6 (no augmentation) ----------------------------------------------------
+_add(Preset(
+    "bsam-mnist", "bSAM paper App. H.1, Table 6 (MNIST / MLP)", "mnist", "mlp", _TABLE,
+    epochs=75, hidden=(500, 300), m=_M8,
+    hyper={"sgd": _sgd(0.1, 0.95, 24), "adam": _adam(5e-4, 0.8, 24),
+           "sam": _sgd(0.1, 0.95, 30, rho=0.05), "sam-adam": _adam(5e-4, 0.8, 24, rho=0.02),
+           "bsam": _bsam(0.1, 0.8, 15, 0.01)}))
+_add(Preset(
+    "bsam-fmnist", "bSAM paper App. H.1, Table 6 (FashionMNIST / LeNet-5)", "fashionmnist", "lenet5",
+    _TABLE, epochs=120, m=_M8,
+    hyper={"sgd": _sgd(0.01, 0.8, 60), "adam": _adam(1e-3, 0.9, 60),
+           "sam": _sgd(0.05, 0.8, 60, rho=0.05), "sam-adam": _adam(1e-3, 0.9, 60, rho=0.02),
+           "bsam": _bsam(0.1, 0.95, 50, 0.002)}))
+for _name, _sgd_prior in (("cifar10", 25), ("cifar100", 30)):
+    _add(Preset(
+        f"bsam-{_name}", f"bSAM paper App. H.1, Table 6 ({_name.upper()} / ResNet-20-FRN)", _name,
+        "resnet20-frn", _TABLE, epochs=180, schedule="step", milestones=(100, 120), m=_M8,
+        hyper={"sgd": _sgd(0.1, 0.9, _sgd_prior), "adam": _adam(1e-3, 0.9, 250),
+               "sam": _sgd(0.05, 0.9, 25, rho=0.05), "sam-adam": _adam(3e-4, 0.9, 25, rho=0.1),
+               "bsam": _bsam(0.1, 0.9, 25, 0.001)}))
+
+# --- bSAM paper, Table 7 (random crop + flip, N x 4) ------------------------------------------
+_add(Preset(
+    "bsam-cifar10-aug", "bSAM paper App. H.2, Table 7 (CIFAR-10, augmented)", "cifar10",
+    "resnet20-frn", _TABLE, epochs=180, augment=True, aug_factor=4.0, m=_M8,
+    hyper={"sgd": _sgd(0.1, 0.95, 10), "adam": _adam(5e-3, 0.7, 2.5),
+           "sam": _sgd(0.03, 0.95, 25, rho=0.01), "sam-adam": _adam(1e-3, 0.8, 10, rho=0.1),
+           "bsam": _bsam(1.0, 0.95, 2, 0.01)}))
+_add(Preset(
+    "bsam-cifar100-aug", "bSAM paper App. H.2, Table 7 (CIFAR-100, augmented)", "cifar100",
+    "resnet20-frn", _TABLE, epochs=180, augment=True, aug_factor=4.0, m=_M8,
+    hyper={"sgd": _sgd(0.03, 0.95, 25), "adam": _adam(5e-3, 0.9, 1),
+           "sam": _sgd(0.2, 0.8, 10, rho=0.02), "sam-adam": _adam(5e-3, 0.7, 1, rho=0.2),
+           "bsam": _bsam(1.0, 0.95, 2, 0.01)}))
+
+# --- BiSAM paper §4.1 -------------------------------------------------------------------------
+_BISAM_SGD = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
+for _name in ("cifar10", "cifar100"):
+    _add(Preset(
+        f"bisam-{_name}", f"BiSAM paper §4.1 ({_name.upper()}; models resnet56, wrn28-2, wrn28-10, "
+        "vgg19-bn)", _name, "resnet56", ("sgd", "sam", "bisam"), epochs=200, augment=True,
+        label_smoothing=0.1, sgd_double_epochs=True,
+        hyper={"sgd": dict(_BISAM_SGD), "sam": dict(_BISAM_SGD, rho=0.05),
+               "bisam": dict(_BISAM_SGD, rho=0.05),
+               "ebisam": dict(_BISAM_SGD, rho=0.05, sds_fraction=0.5)}))
+
+# --- VSAM paper §5 ----------------------------------------------------------------------------
+_add(Preset(
+    "vsam-cifar10", "VSAM paper §5 (CIFAR-10 / WRN-28-10; step milestones are this trainer's)",
+    "cifar10", "wrn28-10", ("sgd", "sam", "randomsam", "vsam"), epochs=200, schedule="step",
+    milestones=(0.5, 0.75), augment=True, label_smoothing=0.1, sgd_double_epochs=True,
+    hyper={"sgd": dict(_BISAM_SGD), "sam": dict(_BISAM_SGD, rho=0.05),
+           "randomsam": dict(_BISAM_SGD, sigma=5e-5), "vsam": dict(lr=0.1, rho=0.05)}))
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def list_presets() -> List[str]:
+    return [f"{p.name:18s} {p.data}/{p.model}, {p.epochs} epochs - {p.source}" for p in PRESETS.values()]

@@ -1,0 +1,337 @@
+"""``run(config)``: resolve the preset, train every (sweep value, optimizer, seed), aggregate over seeds,
+print the Table-1-style comparison and write JSON, CSV and plots."""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+import statistics
+import time
+import warnings
+from dataclasses import fields
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from samkernels.train.config import ConfigError, TrainConfig
+from samkernels.train.data import DataSet, load_dataset
+from samkernels.train.engine import RunOptions, RunSpec, train_run
+from samkernels.train.optimizers import (TRAINER_KEYS, Entry, accepted_keys, accepts, get_entry,
+                                         set_hyper)
+from samkernels.train.presets import Preset, get_preset
+
+METRICS = ("accuracy", "nll", "ece", "auroc")
+# --set / --sweep keys that change the training procedure rather than an optimizer
+TRAIN_KEYS = ("epochs", "batch_size", "schedule", "milestones", "warmup_epochs", "label_smoothing",
+              "augment", "aug_factor", "m")
+DEFAULT_MODEL = {"mnist1d": "mlp", "digits": "mlp", "mnist": "mlp", "fashionmnist": "lenet5",
+                 "cifar10": "resnet20-frn", "cifar100": "resnet20-frn"}
+DEFAULT_HIDDEN = {"mnist1d": (256, 256), "digits": (128,), "mnist": (500, 300),
+                  "fashionmnist": (500, 300), "cifar10": (500, 300), "cifar100": (500, 300)}
+PRETTY_DATA = {"mnist1d": "MNIST-1D", "digits": "Digits (8x8)", "mnist": "MNIST",
+               "fashionmnist": "FashionMNIST", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
+
+
+# --------------------------------------------------------------------------------------------
+# Resolution: config + preset -> run specs
+# --------------------------------------------------------------------------------------------
+def _train_settings(cfg: TrainConfig, preset: Preset) -> Dict[str, Any]:
+    pick = lambda ours, theirs: theirs if ours is None else ours  # noqa: E731
+    return {"epochs": pick(cfg.epochs, preset.epochs),
+            "batch_size": pick(cfg.batch_size, preset.batch_size),
+            "schedule": pick(cfg.schedule, preset.schedule),
+            "milestones": tuple(preset.milestones),
+            "warmup_epochs": pick(cfg.warmup_epochs, preset.warmup_epochs),
+            "label_smoothing": pick(cfg.label_smoothing, preset.label_smoothing),
+            "augment": pick(cfg.augment, preset.augment),
+            "aug_factor": pick(cfg.aug_factor, preset.aug_factor),
+            "m": cfg.m}  # None: the preset's per-optimizer value
+
+
+def _check_train_value(key: str, value: Any) -> Any:
+    if key in ("epochs", "batch_size", "warmup_epochs", "m"):
+        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "warmup_epochs" else 1):
+            raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+    if key == "milestones":
+        return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+    return value
+
+
+def _apply(hypers: Dict[str, Dict[str, Any]], entries: List[Entry], settings: Dict[str, Any],
+           key: str, value: Any, option: str) -> None:
+    """Apply one ``key=value`` (``name.key`` targets one optimizer) to settings or hyper-parameters."""
+    if key in TRAIN_KEYS:
+        settings[key] = _check_train_value(key, value)
+        return
+    name, _, sub = key.rpartition(".")
+    targets = entries
+    if name:
+        target = get_entry(name)
+        targets = [e for e in entries if e.name == target.name]
+        if not targets:
+            raise ConfigError(f"{option} {key}: optimizer {name!r} is not among those selected "
+                             f"({', '.join(e.name for e in entries)})")
+        key = sub
+    hit = [e for e in targets if accepts(e, key)]
+    if not hit:
+        known = sorted({k for e in targets for k in accepted_keys(e)} | set(TRAIN_KEYS))
+        raise ConfigError(f"{option} {key}: not a hyper-parameter of "
+                         f"{', '.join(e.name for e in targets)}; known keys: {', '.join(known)}")
+    for e in hit:
+        set_hyper(hypers[e.name], key, value)
+
+
+def resolve(cfg: TrainConfig) -> Tuple[Preset, str, str, Optional[Tuple[int, ...]], List[RunSpec]]:
+    """(preset, data name, model, hidden, run specs) for ``cfg``; raises ValueError on bad input."""
+    preset = get_preset(cfg.preset)
+    entries: List[Entry] = []
+    for name in (cfg.optimizers or preset.optimizers):
+        entry = get_entry(name)
+        if entry not in entries:
+            entries.append(entry)
+    for entry in entries:
+        entry.cls()  # a clear error now if samkernels.optim lacks it
+    data = (cfg.data or preset.data).lower().replace("-", "").replace("_", "")
+    model = cfg.model or (preset.model if data == preset.data else DEFAULT_MODEL.get(data, "mlp"))
+    hidden = tuple(cfg.hidden) if cfg.hidden else (
+        preset.hidden if data == preset.data and preset.hidden else DEFAULT_HIDDEN.get(data))
+    if cfg.seeds < 1 or cfg.samples < 0 or cfg.eval_every < 1:
+        raise ConfigError("seeds and eval_every must be >= 1, samples >= 0")
+
+    # preset hyper-parameters, minus keys this version's constructor does not take
+    base_hypers: Dict[str, Dict[str, Any]] = {}
+    for e in entries:
+        hp = dict(e.defaults)
+        hp.update(copy.deepcopy(preset.hyper.get(e.name, {})))
+        ok = set(accepted_keys(e))
+        dropped = [k for k in hp if k not in ok]
+        if dropped:
+            warnings.warn(f"preset {preset.name}: {e.cls().__name__} takes no {', '.join(dropped)}; "
+                          "ignored", stacklevel=2)
+        base_hypers[e.name] = {k: v for k, v in hp.items() if k in ok}
+    base_settings = _train_settings(cfg, preset)
+    shortcuts = [("lr", cfg.lr), ("rho", cfg.rho)]
+    overrides = [(k, v) for k, v in shortcuts if v is not None] + list(cfg.overrides.items())
+    for key, value in overrides:
+        _apply(base_hypers, entries, base_settings, key, value, "--set")
+
+    sweep_values: List[Any] = [None]
+    if cfg.sweep is not None:
+        key, values = cfg.sweep
+        if not values:
+            raise ConfigError("--sweep needs at least one value")
+        sweep_values = list(values)
+        _apply(copy.deepcopy(base_hypers), entries, dict(base_settings), key, values[0], "--sweep")
+
+    sgd_double = preset.sgd_double_epochs if cfg.sgd_double_epochs is None else cfg.sgd_double_epochs
+    specs: List[RunSpec] = []
+    for value in sweep_values:
+        hypers, settings = copy.deepcopy(base_hypers), dict(base_settings)
+        sweep: Dict[str, Any] = {}
+        if cfg.sweep is not None:
+            sweep = {cfg.sweep[0]: value}
+            _apply(hypers, entries, settings, cfg.sweep[0], value, "--sweep")
+        for e in entries:
+            epochs = settings["epochs"] * (2 if sgd_double and e.passes == 1 else 1)
+            m = settings["m"] if settings["m"] is not None else preset.m.get(e.name, 1)
+            m = m if e.passes >= 2 else 1  # m-sharpness concerns perturbing optimizers only
+            tag = "".join(f"-{k}={v}" for k, v in sweep.items())
+            for seed in range(cfg.seed, cfg.seed + cfg.seeds):
+                specs.append(RunSpec(
+                    key=f"{e.name}{tag}-s{seed}", entry=e, hyper=dict(hypers[e.name]), seed=seed,
+                    epochs=epochs, batch_size=settings["batch_size"], model=model, hidden=hidden,
+                    schedule=settings["schedule"], milestones=tuple(settings["milestones"]),
+                    warmup_epochs=settings["warmup_epochs"],
+                    label_smoothing=settings["label_smoothing"], augment=settings["augment"],
+                    aug_factor=settings["aug_factor"], m=m, sweep=sweep))
+    return preset, data, model, hidden, specs
+
+
+def checkpoint_path(template: Optional[str], key: str, n_runs: int) -> Optional[str]:
+    """Per-run checkpoint file: ``{run}`` in the template is the run key; otherwise the key is
+    inserted before the extension when there are several runs."""
+    if not template:
+        return None
+    if "{run}" in template:
+        return template.replace("{run}", key)
+    if n_runs == 1:
+        return template
+    stem, ext = os.path.splitext(template)
+    return f"{stem}-{key}{ext or '.pt'}"
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda requested but CUDA is not available")
+    return device
+
+
+# --------------------------------------------------------------------------------------------
+# The call
+# --------------------------------------------------------------------------------------------
+def run(config: Optional[TrainConfig] = None, **kwargs) -> Dict[str, Any]:
+    """Train and evaluate everything ``config`` asks for; returns the results dict (also written to
+    ``config.out`` as results.json / runs.csv / summary.csv / *.png when given).
+
+    ``run(epochs=3, optimizers=["sgd"])`` is short for ``run(TrainConfig(epochs=3, ...))``."""
+    cfg = copy.deepcopy(config) if config is not None else TrainConfig()
+    for key, value in kwargs.items():
+        if key not in {f.name for f in fields(TrainConfig)}:
+            raise TypeError(f"run() got an unknown option {key!r}")
+        setattr(cfg, key, value)
+    log = (lambda msg: None) if cfg.quiet else (lambda msg: print(msg, flush=True))
+    started = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+
+    preset, data_name, model, hidden, specs = resolve(cfg)
+    device = _device(cfg.device)
+    data: DataSet = load_dataset(data_name, cfg.data_dir, cfg.download)
+    data = data.subset(cfg.train_subset, cfg.test_subset).to(device)
+    log(f"{PRETTY_DATA.get(data.name, data.name)}: {data.x_train.shape[0]} train / "
+        f"{data.x_test.shape[0]} test, model {model}{'-' + '-'.join(map(str, hidden)) if model == 'mlp' and hidden else ''}, "
+        f"preset {preset.name}, {len(specs)} run(s) on {device}")
+
+    runs: List[Dict[str, Any]] = []
+    for spec in specs:
+        opts = RunOptions(device=device, samples=cfg.samples, eval_every=cfg.eval_every,
+                          checkpoint=checkpoint_path(cfg.checkpoint, spec.key, len(specs)),
+                          resume=cfg.resume, stop_after=cfg.stop_after,
+                          progress=cfg.progress and not cfg.quiet, keep_state=cfg.keep_weights,
+                          log=log)
+        runs.append(train_run(spec, data, opts))
+
+    results = {"config": cfg.to_dict(),
+               "preset": {"name": preset.name, "source": preset.source},
+               "data": data.name, "model": model, "hidden": list(hidden) if hidden else None,
+               "device": str(device), "torch": torch.__version__,
+               "wall_seconds": time.perf_counter() - started,
+               "runs": runs, "summary": summarize(runs)}
+    log("")
+    log(format_table(results))
+    if cfg.out:
+        write_outputs(results, cfg.out, plots=cfg.plots)
+        log(f"\nresults written to {cfg.out}")
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# Aggregation and output
+# --------------------------------------------------------------------------------------------
+def _mean_std(values: List[float]) -> Tuple[float, float]:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return math.nan, math.nan
+    return statistics.fmean(finite), (statistics.stdev(finite) if len(finite) > 1 else 0.0)
+
+
+def predictor_label(run: Dict[str, Any], predictor: str) -> str:
+    if predictor == "predictive":
+        return f"{run['label']} (predictive, {run['predictors']['predictive']['samples']} samples)"
+    if "predictive" in run["predictors"]:
+        return f"{run['label']} (mean weights)"
+    return run["label"]
+
+
+def summarize(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Mean and sample std over seeds per (sweep value, optimizer, predictor), in run order."""
+    groups: Dict[Tuple, List[Dict[str, Any]]] = {}
+    for r in runs:
+        for predictor in sorted(r["predictors"], key=lambda p: p != "predictive"):
+            key = (json.dumps(r["sweep"], sort_keys=True), r["optimizer"], predictor)
+            groups.setdefault(key, []).append(r)
+    rows = []
+    for (_, optimizer, predictor), members in groups.items():
+        row: Dict[str, Any] = {"optimizer": optimizer, "label": predictor_label(members[0], predictor),
+                               "predictor": predictor, "sweep": members[0]["sweep"],
+                               "seeds": [m["seed"] for m in members]}
+        for metric in METRICS:
+            mean, std = _mean_std([m["predictors"][predictor]["metrics"][metric] for m in members])
+            row[metric], row[metric + "_std"] = mean, std
+        for t in ("steps_per_s", "optimizer_share"):
+            row[t], _ = _mean_std([m["throughput"][t] for m in members])
+        row["complete"] = all(m["complete"] for m in members)
+        rows.append(row)
+    return rows
+
+
+def _fmt(mean: float, std: float, nseeds: int, digits: int, scale: float = 1.0) -> str:
+    if not math.isfinite(mean):
+        return "n/a"
+    text = f"{mean * scale:.{digits}f}"
+    return text + (f"({std * scale:.{digits}f})" if nseeds > 1 else "")
+
+
+def format_table(results: Dict[str, Any]) -> str:
+    """The bSAM paper's Table 1 layout: accuracy (%), NLL, ECE, AUROC, mean(std) over seeds, plus
+    throughput (steps/s, optimizer's share of step time)."""
+    rows = results["summary"]
+    head = (f"{'method':<40} {'accuracy % ↑':>14} {'NLL ↓':>14} {'ECE ↓':>16} {'AUROC ↑':>14} "
+            f"{'steps/s':>8} {'opt %':>6}")
+    name = PRETTY_DATA.get(results["data"], results["data"])
+    model = results["model"] + ("-" + "-".join(map(str, results["hidden"]))
+                                if results["model"] == "mlp" and results["hidden"] else "")
+    lines = [f"{name} / {model} (preset {results['preset']['name']})", head, "-" * len(head)]
+    last_sweep, seen = None, set()
+    for row in rows:
+        sweep = json.dumps(row["sweep"], sort_keys=True)
+        if row["sweep"] and sweep != last_sweep:
+            lines.append("  " + ", ".join(f"{k} = {v}" for k, v in row["sweep"].items()))
+        last_sweep = sweep
+        n = len(row["seeds"])
+        first = (sweep, row["optimizer"]) not in seen  # throughput once per optimizer
+        seen.add((sweep, row["optimizer"]))
+        speed = f"{row['steps_per_s']:8.1f} {100 * row['optimizer_share']:5.1f}%" if first else ""
+        label = row["label"] + ("" if row["complete"] else " [incomplete]")
+        lines.append(f"{label:<40} {_fmt(row['accuracy'], row['accuracy_std'], n, 2, 100):>14} "
+                     f"{_fmt(row['nll'], row['nll_std'], n, 3):>14} "
+                     f"{_fmt(row['ece'], row['ece_std'], n, 4):>16} "
+                     f"{_fmt(row['auroc'], row['auroc_std'], n, 3):>14} {speed}")
+    seeds = rows[0]["seeds"] if rows else []
+    lines.append(f"seeds: {', '.join(map(str, seeds))}; mean(std) over seeds; ECE with 20 bins; "
+                 f"wall time {results['wall_seconds']:.1f} s")
+    return "\n".join(lines)
+
+
+def _public(run: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: v for k, v in run.items() if k != "state"}
+
+
+def write_outputs(results: Dict[str, Any], out: str, plots: bool = True) -> None:
+    os.makedirs(out, exist_ok=True)
+    public = dict(results, runs=[_public(r) for r in results["runs"]])
+    with open(os.path.join(out, "results.json"), "w") as fh:
+        json.dump(public, fh, indent=1, default=str, allow_nan=True)
+    with open(os.path.join(out, "runs.csv"), "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["key", "optimizer", "label", "seed", "sweep", "predictor", *METRICS,
+                    "epochs_done", "steps_per_s", "optimizer_share", "train_seconds"])
+        for r in results["runs"]:
+            for predictor, ev in r["predictors"].items():
+                w.writerow([r["key"], r["optimizer"], predictor_label(r, predictor), r["seed"],
+                            json.dumps(r["sweep"]), predictor,
+                            *(ev["metrics"][k] for k in METRICS), r["epochs_done"],
+                            r["throughput"]["steps_per_s"], r["throughput"]["optimizer_share"],
+                            r["throughput"]["train_seconds"]])
+    with open(os.path.join(out, "summary.csv"), "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["optimizer", "label", "predictor", "sweep", "seeds",
+                    *(f"{k}{s}" for k in METRICS for s in ("", "_std")),
+                    "steps_per_s", "optimizer_share"])
+        for row in results["summary"]:
+            w.writerow([row["optimizer"], row["label"], row["predictor"], json.dumps(row["sweep"]),
+                        len(row["seeds"]), *(row[k + s] for k in METRICS for s in ("", "_std")),
+                        row["steps_per_s"], row["optimizer_share"]])
+    with open(os.path.join(out, "table.txt"), "w") as fh:
+        fh.write(format_table(results) + "\n")
+    if plots:
+        from samkernels.train import plots as plotting
+        plotting.write_all(results, out)

@@ -1,0 +1,184 @@
+"""Triton backend: every SAM / bSAM phase of :mod:`samkernels.ops.reference` as multi-tensor
+Triton kernels (one launch per dtype group and phase, see ``_multi_tensor``).
+
+The public functions have exactly the reference's names, signatures and in-place effects.  They run
+on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before triton was imported.
+
+Each phase is a ``torch.library.custom_op`` in the ``samkernels_triton`` namespace (with a fake
+implementation), so ``torch.compile`` traces through it as one opaque, functionalised node instead of
+failing on the raw pointer tables.  Two things stay in thin Python wrappers around the ops:
+  * ``sam_perturb_`` may return its ``grad_norm`` argument, and a custom op may not return an
+    alias of an input: the wrapper computes the norm (``grad_sumsq`` op + sqrt) when it is None and
+    returns it, the ``sam_perturb_`` op itself returns nothing;
+  * ``seed`` / ``step`` / ``param_ids`` are arbitrary Python ints in the reference but ``int``
+    (int64) in an op schema: the wrapper maps them to the signed int64 with the same low 64 bits,
+    which is all the Philox counter and key use.
+"""
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from samkernels.triton import _multi_tensor, bsam_step, sam_step
+from samkernels.triton.bsam_step import philox_probe
+
+__all__ = ["grad_sumsq", "sam_perturb_", "sam_restore_sgd_", "sam_restore_adam_", "bsam_noise_",
+           "bsam_perturb_", "bsam_update_", "philox_probe"]
+
+_NS = "samkernels_triton"
+
+
+def _sumsq_dtype(params):
+    return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+
+
+def _i64(x: int) -> int:
+    """The signed int64 with the same low 64 bits as ``x``."""
+    x &= (1 << 64) - 1
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+# --- SAM / ASAM ------------------------------------------------------------------------------
+@torch.library.custom_op(f"{_NS}::grad_sumsq", mutates_args=())
+def _grad_sumsq_op(params: List[Tensor], grads: List[Tensor], adaptive: bool, eta: float) -> Tensor:
+    return sam_step._grad_sumsq(params, grads, adaptive, eta)
+
+
+@_grad_sumsq_op.register_fake
+def _(params, grads, adaptive, eta):
+    return torch.empty((), dtype=_sumsq_dtype(params),
+                       device=grads[0].device if grads else torch.device("cpu"))
+
+
+@torch.library.custom_op(f"{_NS}::sam_perturb_", mutates_args=("params", "backups"))
+def _sam_perturb_op(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
+                    grad_norm: Tensor, rho: float, eps: float, adaptive: bool, eta: float) -> None:
+    sam_step._sam_perturb_apply(params, grads, backups, grad_norm, rho, eps, adaptive, eta)
+
+
+@_sam_perturb_op.register_fake
+def _(params, grads, backups, grad_norm, rho, eps, adaptive, eta):
+    return None
+
+
+@torch.library.custom_op(f"{_NS}::sam_restore_sgd_", mutates_args=("params", "momentum_bufs"))
+def _sam_restore_sgd_op(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
+                        momentum_bufs: List[Tensor], lr: float, momentum: float, dampening: float,
+                        nesterov: bool, weight_decay: float, first: bool) -> None:
+    sam_step._sam_restore_sgd(params, grads, backups, momentum_bufs, lr, momentum, dampening,
+                              nesterov, weight_decay, first)
+
+
+@_sam_restore_sgd_op.register_fake
+def _(params, grads, backups, momentum_bufs, lr, momentum, dampening, nesterov, weight_decay, first):
+    return None
+
+
+@torch.library.custom_op(f"{_NS}::sam_restore_adam_",
+                         mutates_args=("params", "exp_avgs", "exp_avg_sqs"))
+def _sam_restore_adam_op(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
+                         exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor], step: int, lr: float,
+                         beta1: float, beta2: float, eps: float, weight_decay: float,
+                         decoupled: bool) -> None:
+    sam_step._sam_restore_adam(params, grads, backups, exp_avgs, exp_avg_sqs, step, lr, beta1,
+                               beta2, eps, weight_decay, decoupled)
+
+
+@_sam_restore_adam_op.register_fake
+def _(params, grads, backups, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay,
+      decoupled):
+    return None
+
+
+# --- bSAM ------------------------------------------------------------------------------------
+@torch.library.custom_op(f"{_NS}::bsam_noise_", mutates_args=("params", "backups"))
+def _bsam_noise_op(params: List[Tensor], backups: List[Tensor], precisions: List[Tensor],
+                   param_ids: List[int], seed: int, step: int, num_data: float) -> None:
+    bsam_step._bsam_noise(params, backups, precisions, param_ids, seed, step, num_data)
+
+
+@_bsam_noise_op.register_fake
+def _(params, backups, precisions, param_ids, seed, step, num_data):
+    return None
+
+
+@torch.library.custom_op(f"{_NS}::bsam_perturb_", mutates_args=("params", "precisions", "accums"))
+def _bsam_perturb_op(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
+                     precisions: List[Tensor], accums: List[Tensor], rho: float, beta2: float,
+                     delta: float, gamma: float) -> None:
+    bsam_step._bsam_perturb(params, grads, backups, precisions, accums, rho, beta2, delta, gamma)
+
+
+@_bsam_perturb_op.register_fake
+def _(params, grads, backups, precisions, accums, rho, beta2, delta, gamma):
+    return None
+
+
+@torch.library.custom_op(f"{_NS}::bsam_update_", mutates_args=("params", "precisions", "momenta"))
+def _bsam_update_op(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
+                    precisions: List[Tensor], momenta: List[Tensor], accums: List[Tensor],
+                    lr: float, beta1: float, beta2: float, delta: float, gamma: float,
+                    accum_scale: float, released_order: bool) -> None:
+    bsam_step._bsam_update(params, grads, backups, precisions, momenta, accums, lr, beta1, beta2,
+                           delta, gamma, accum_scale, released_order)
+
+
+@_bsam_update_op.register_fake
+def _(params, grads, backups, precisions, momenta, accums, lr, beta1, beta2, delta, gamma,
+      accum_scale, released_order):
+    return None
+
+
+# --- the public phases (reference.py signatures) ----------------------------------------------
+def grad_sumsq(params: List[Tensor], grads: List[Tensor], adaptive: bool, eta: float) -> Tensor:
+    """sum ||T g||^2 (reference.grad_sumsq); fp64 if any parameter is fp64, else fp32."""
+    return _grad_sumsq_op(list(params), list(grads), bool(adaptive), float(eta))
+
+
+def sam_perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
+                 grad_norm: Optional[Tensor], rho: float, eps: float, adaptive: bool,
+                 eta: float) -> Tensor:
+    if grad_norm is None:  # stays on the device: partial sums -> sum -> sqrt, no host sync
+        grad_norm = grad_sumsq(params, grads, adaptive, eta).sqrt()
+    _sam_perturb_op(list(params), list(grads), list(backups), grad_norm, float(rho), float(eps),
+                    bool(adaptive), float(eta))
+    return grad_norm
+
+
+def sam_restore_sgd_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
+                     momentum_bufs: List[Tensor], lr: float, momentum: float, dampening: float,
+                     nesterov: bool, weight_decay: float, first: bool) -> None:
+    _sam_restore_sgd_op(list(params), list(grads), list(backups), list(momentum_bufs), float(lr),
+                        float(momentum), float(dampening), bool(nesterov), float(weight_decay),
+                        bool(first))
+
+
+def sam_restore_adam_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
+                      exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor], step: int, lr: float,
+                      beta1: float, beta2: float, eps: float, weight_decay: float,
+                      decoupled: bool) -> None:
+    _sam_restore_adam_op(list(params), list(grads), list(backups), list(exp_avgs),
+                         list(exp_avg_sqs), int(step), float(lr), float(beta1), float(beta2),
+                         float(eps), float(weight_decay), bool(decoupled))
+
+
+def bsam_noise_(params: List[Tensor], backups: List[Tensor], precisions: List[Tensor],
+                param_ids: List[int], seed: int, step: int, num_data: float) -> None:
+    _bsam_noise_op(list(params), list(backups), list(precisions), [_i64(int(i)) for i in param_ids],
+                   _i64(int(seed)), _i64(int(step)), float(num_data))
+
+
+def bsam_perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
+                  precisions: List[Tensor], accums: List[Tensor], rho: float, beta2: float,
+                  delta: float, gamma: float) -> None:
+    _bsam_perturb_op(list(params), list(grads), list(backups), list(precisions), list(accums),
+                     float(rho), float(beta2), float(delta), float(gamma))
+
+
+def bsam_update_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
+                 precisions: List[Tensor], momenta: List[Tensor], accums: List[Tensor], lr: float,
+                 beta1: float, beta2: float, delta: float, gamma: float, accum_scale: float,
+                 released_order: bool) -> None:
+    _bsam_update_op(list(params), list(grads), list(backups), list(precisions), list(momenta),
+                    list(accums), float(lr), float(beta1), float(beta2), float(delta), float(gamma),
+                    float(accum_scale), bool(released_order))

@@ -1,0 +1,306 @@
+"""Multi-tensor launch machinery shared by the Triton phases.
+
+One launch covers a whole list of tensors (apex ``multi_tensor_apply`` style, but with the tensor
+addresses in *device tables* instead of the kernel-argument struct, so there is no 4 KB limit):
+
+* per list (params, grads, backups, state ...) an int64 table of data addresses, one per tensor;
+* a numel table and, for the noise, a param-id table (one entry per tensor);
+* a work table of (tensor index, chunk start) pairs, one per ``CHUNK`` elements; grid = #chunks.
+
+A kernel reads its pair, loads the tensor's addresses from the tables and casts them to typed
+pointers (``tl.load(tab + t).to(tl.pointer_type(DT))``).  Tensors are grouped by the dtypes of all
+their lists (e.g. fp32 params + fp32 state, bf16 params + fp32 state, fp64 ...): one launch per
+group, with the element types as constexprs, so a mixed-precision model costs a fixed small number of
+launches.  The tables depend only on (address, numel, dtype) of every tensor, so they are built
+once and cached (bounded LRU) while the optimizer's storages stay put: a step with the same
+parameters does no host->device traffic at all, and nothing in a phase syncs with the host.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+from collections import OrderedDict
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Elements per program (CHUNK) and per inner step (BLOCK); CHUNK is a multiple of BLOCK and both
+# are powers of two >= 16, so chunk starts are 16-element aligned.  GPU: 1024 x fp32 per step with
+# 4 warps = two 16-byte vectors per thread per operand; 4096 per program keeps the work table at
+# 1/4096 of the parameter count and still gives >= 2 programs per SM for a 1M-parameter model.
+# The interpreter pays ~12 ms per program instance whatever the size: use few, large programs.
+BLOCK = 8192 if INTERPRET else 1024
+CHUNK = 8192 if INTERPRET else 4096
+NUM_WARPS = 4
+# Most chunks per launch: bigger plans are split into several launches over slices of the work
+# table (keeps grid and int32 program ids far from their limits; tests lower it).
+MAX_CHUNKS_PER_LAUNCH = 1 << 20
+# Plans kept in the LRU cache (one per distinct set of tensor lists: a few per optimizer).
+CACHE_SIZE = 64
+
+TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64,
+            torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+# --------------------------------------------------------------------------------------------
+# Host-side helpers for scalar arguments
+# --------------------------------------------------------------------------------------------
+def f64_bits(x: float) -> int:
+    """A float hyper-parameter as the int64 bit pattern of its double.
+
+    Triton passes Python floats as fp32 (on the GPU and in the interpreter); fp64 parameter groups
+    need the exact double, so every float travels as int64 bits and ``fp_arg`` rebuilds it."""
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+def u32_words(x: int) -> Tuple[int, int]:
+    """(lo, hi) 32-bit words of a 64-bit integer, each as a *signed* int32 value so the argument
+    type is always i32 (no recompiles as the value changes); the kernel bitcasts to uint32."""
+    lo, hi = x & 0xFFFFFFFF, (x >> 32) & 0xFFFFFFFF
+    return (lo - (1 << 32) if lo >= 1 << 31 else lo), (hi - (1 << 32) if hi >= 1 << 31 else hi)
+
+
+def math_dtype(dt: torch.dtype):
+    """opmath of reference.py: fp64 for fp64 parameters, fp32 otherwise."""
+    return tl.float64 if dt == torch.float64 else tl.float32
+
+
+# --------------------------------------------------------------------------------------------
+# Device-side helpers
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def fp_arg(bits, MATH: tl.constexpr):
+    """Inverse of ``f64_bits`` (the interpreter hands small ints over as int32: widen first)."""
+    return bits.to(tl.int64).to(tl.float64, bitcast=True).to(MATH)
+
+
+@triton.jit
+def chunk_of(work, numel):
+    """This program's (tensor index, first element, tensor numel)."""
+    pid = tl.program_id(0).to(tl.int64)
+    t = tl.load(work + 2 * pid)
+    start = tl.multiple_of(tl.load(work + 2 * pid + 1), 16)  # starts are multiples of CHUNK
+    n = tl.load(numel + t)
+    return t, start, n
+
+
+@triton.jit
+def tensor_ptr(tab, t, DT: tl.constexpr, ALIGNED: tl.constexpr):
+    """Typed pointer to tensor ``t`` of a list.  Integer->pointer casts lose Triton's 16-byte
+    alignment specialisation; the host checked every address of the group, so restore it."""
+    p = tl.load(tab + t).to(tl.pointer_type(DT))
+    if ALIGNED:
+        p = tl.multiple_of(p, 16)
+    return p
+
+
+@triton.jit
+def load(ptr, offs, n, MASKED: tl.constexpr):
+    # Full chunks are unmasked: `offs < n` with n from a table has unknown divisibility and would
+    # stop the compiler from vectorising the accesses.
+    if MASKED:
+        x = tl.load(ptr + offs, mask=offs < n, other=0)
+    else:
+        x = tl.load(ptr + offs)
+    return x
+
+
+@triton.jit
+def load_one(ptr, offs, n, MASKED: tl.constexpr):
+    # for divisors (precisions): masked lanes read 1, so the discarded lanes stay finite
+    if MASKED:
+        x = tl.load(ptr + offs, mask=offs < n, other=1)
+    else:
+        x = tl.load(ptr + offs)
+    return x
+
+
+@triton.jit
+def store(ptr, offs, x, n, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr + offs, x.to(ptr.dtype.element_ty), mask=offs < n)
+    else:
+        tl.store(ptr + offs, x.to(ptr.dtype.element_ty))
+
+
+@triton.jit
+def sqrt(x):
+    # IEEE-rounded in fp32 like the C++/CUDA backends (tl.sqrt is the fast approximation there).
+    if x.dtype == tl.float32:
+        y = tl.sqrt_rn(x)
+    else:
+        y = tl.sqrt(x)
+    return y
+
+
+@triton.jit
+def div(a, b):
+    # IEEE-rounded fp32 division (Triton's `/` is div.full, ~2 ulp); fp64 `/` is already exact.
+    if a.dtype == tl.float32:
+        y = tl.div_rn(a, b)
+    else:
+        y = a / b
+    return y
+
+
+# --------------------------------------------------------------------------------------------
+# Plans: the cached device tables of one set of tensor lists
+# --------------------------------------------------------------------------------------------
+class Group:
+    """The tensors of a plan that share one dtype signature: one launch (or a few, see
+    MAX_CHUNKS_PER_LAUNCH) per phase."""
+
+    __slots__ = ("dtypes", "tl_dtypes", "math", "aligned", "tabs", "numel", "ids", "work",
+                 "n_chunks", "chunk_offset")
+
+    def tab(self, j: int) -> torch.Tensor:
+        return self.tabs[j]
+
+    def launches(self):
+        """(grid, work-table view, first chunk) of each launch of this group."""
+        step = max(1, int(MAX_CHUNKS_PER_LAUNCH))
+        for lo in range(0, self.n_chunks, step):
+            hi = min(self.n_chunks, lo + step)
+            yield (hi - lo,), self.work[2 * lo:], lo
+
+
+class Plan:
+    __slots__ = ("groups", "n_chunks", "device", "buffer")
+
+
+_cache: "OrderedDict[tuple, Plan]" = OrderedDict()
+
+
+def clear_cache() -> None:
+    _cache.clear()
+
+
+def _even(n: int) -> int:  # keeps every table view 16-byte aligned
+    return n + (n & 1)
+
+
+def _build(lists: Sequence[Sequence[torch.Tensor]], ids: Optional[Sequence[int]], chunk: int,
+           device: torch.device) -> Plan:
+    n_tensors = len(lists[0])
+    signature: Dict[tuple, List[int]] = OrderedDict()
+    for i in range(n_tensors):
+        signature.setdefault(tuple(lst[i].dtype for lst in lists), []).append(i)
+
+    host: List[int] = []  # every table of every group in one int64 buffer: one copy to the device
+    layout = []
+    total_chunks = 0
+    for dtypes, members in signature.items():
+        tp = _even(len(members))
+        seg = {"addr": len(host)}
+        aligned = True
+        for lst in lists:
+            addrs = [lst[i].data_ptr() for i in members]
+            aligned = aligned and all(a % 16 == 0 for a in addrs)
+            host += addrs + [0] * (tp - len(members))
+        seg["numel"] = len(host)
+        numels = [lists[0][i].numel() for i in members]
+        host += numels + [0] * (tp - len(members))
+        if ids is not None:
+            seg["ids"] = len(host)
+            host += [ids[i] & 0xFFFFFFFF for i in members] + [0] * (tp - len(members))
+        seg["work"] = len(host)
+        n_chunks = 0
+        for t, n in enumerate(numels):  # empty tensors get no chunk
+            for start in range(0, n, chunk):
+                host += (t, start)
+                n_chunks += 1
+        host += [0] * (_even(len(host)) - len(host))
+        layout.append((dtypes, tp, aligned, seg, n_chunks, total_chunks))
+        total_chunks += n_chunks
+
+    buf = torch.tensor(host if host else [0], dtype=torch.int64)
+    if device.type == "cuda":  # pinned + non_blocking: even a cache miss does not block the host
+        buf = buf.pin_memory().to(device, non_blocking=True)
+    else:
+        buf = buf.to(device)
+
+    plan = Plan()
+    plan.device, plan.buffer, plan.n_chunks, plan.groups = device, buf, total_chunks, []
+    for dtypes, tp, aligned, seg, n_chunks, offset in layout:
+        if n_chunks == 0:
+            continue
+        g = Group()
+        g.dtypes = dtypes
+        g.tl_dtypes = tuple(TL_DTYPE[d] for d in dtypes)
+        g.math = math_dtype(dtypes[0])
+        g.aligned = aligned
+        g.tabs = [buf[seg["addr"] + j * tp: seg["addr"] + (j + 1) * tp] for j in range(len(lists))]
+        g.numel = buf[seg["numel"]: seg["numel"] + tp]
+        g.ids = buf[seg["ids"]: seg["ids"] + tp] if "ids" in seg else None
+        g.work = buf[seg["work"]: seg["work"] + 2 * n_chunks]
+        g.n_chunks = n_chunks
+        g.chunk_offset = offset
+        plan.groups.append(g)
+    return plan
+
+
+def plan_for(lists: Sequence[Sequence[torch.Tensor]], ids: Optional[Sequence[int]] = None) -> Plan:
+    """The (cached) plan for equally long, contiguous tensor lists; ``lists[0]`` are the params,
+    whose dtype decides the maths.  The key is every tensor's (address, numel, dtype): the tables
+    hold nothing else, so a hit is always valid even if a storage was freed and reused."""
+    n = len(lists[0])
+    for lst in lists:
+        if len(lst) != n:
+            raise ValueError(f"tensor lists of different lengths: {[len(x) for x in lists]}")
+    device = lists[0][0].device
+    for lst in lists:
+        for t in lst:
+            if t.dtype not in TL_DTYPE:
+                raise TypeError(f"samkernels.triton: unsupported dtype {t.dtype}")
+            if t.device != device:
+                raise ValueError(f"samkernels.triton: tensors on {device} and {t.device}")
+    if INTERPRET and device.type != "cpu":
+        raise RuntimeError("TRITON_INTERPRET=1 runs on CPU tensors only (the interpreter cannot "
+                           "follow a table of CUDA addresses)")
+    chunk = int(CHUNK)
+    key = (device, chunk, None if ids is None else tuple(ids),
+           tuple((t.data_ptr(), t.numel(), t.dtype) for lst in lists for t in lst))
+    plan = _cache.get(key)
+    if plan is None:
+        plan = _build(lists, ids, chunk, device)
+        _cache[key] = plan
+        while len(_cache) > CACHE_SIZE:
+            _cache.popitem(last=False)
+    else:
+        _cache.move_to_end(key)
+    return plan
+
+
+@contextlib.contextmanager
+def contiguous(lists: Sequence[Sequence[torch.Tensor]], mutated: Sequence[int]):
+    """Yields the lists with non-contiguous tensors replaced by contiguous copies; on exit the
+    copies of the lists at ``mutated`` positions are written back into the originals."""
+    out, back = [], []
+    for j, lst in enumerate(lists):
+        if all(t.is_contiguous() for t in lst):
+            out.append(lst)
+            continue
+        new = []
+        for t in lst:
+            if t.is_contiguous():
+                new.append(t)
+            else:
+                c = t.contiguous()
+                new.append(c)
+                if j in mutated:
+                    back.append((t, c))
+        out.append(new)
+    yield out
+    for t, c in back:
+        t.copy_(c)
+
+
+def launch_args(group: Group):
+    """Constexprs every kernel takes."""
+    return dict(ALIGNED=group.aligned, MATH=group.math, BLOCK=int(BLOCK), CHUNK=int(CHUNK),
+                num_warps=NUM_WARPS)

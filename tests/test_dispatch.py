@@ -1,0 +1,48 @@
+"""The backend choice: auto by device, forced by SAMKERNELS_BACKEND or use_backend, clear errors."""
+import pytest
+import torch
+
+import samkernels
+from samkernels import _dispatch, ops
+
+from conftest import needs_ext
+
+
+def test_auto_on_cpu_uses_the_extension_when_built():
+    want = "cpu" if _dispatch.extension() is not None else "reference"
+    assert _dispatch.resolve(torch.device("cpu")) == want
+
+
+def test_environment_variable_forces_a_backend(monkeypatch):
+    monkeypatch.setenv("SAMKERNELS_BACKEND", "reference")
+    assert _dispatch.resolve(torch.device("cpu")) == "reference"
+    monkeypatch.setenv("SAMKERNELS_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="unknown samkernels backend 'bogus'"):
+        _dispatch.resolve(torch.device("cpu"))
+
+
+def test_use_backend_context_and_errors():
+    with samkernels.use_backend("reference"):
+        assert _dispatch.resolve(torch.device("cpu")) == "reference"
+    with pytest.raises(ValueError, match="unknown"):
+        samkernels.set_backend("fastest")
+    with samkernels.use_backend("cuda"):
+        with pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
+            ops.grad_sumsq([torch.ones(2)], [torch.ones(2)])
+
+
+@needs_ext
+def test_forced_backend_really_runs_that_implementation(monkeypatch):
+    """The cpu path goes through torch.ops.samkernels; the reference path does not."""
+    calls = []
+    real = torch.ops.samkernels.grad_sumsq
+
+    class Spy:
+        def __call__(self, *a):
+            calls.append(1)
+            return real(*a)
+
+    monkeypatch.setitem(_dispatch._LOOKUP, "cpu", lambda name: Spy())
+    ops.grad_sumsq([torch.ones(3)], [torch.ones(3)], backend="cpu")
+    ops.grad_sumsq([torch.ones(3)], [torch.ones(3)], backend="reference")
+    assert calls == [1]

@@ -1,0 +1,319 @@
+"""SAM / ASAM / BSAM end to end: trajectories of the fused CPU backend against the reference
+backend, the bSAM worked example of SPEC.md, noise statistics and reproducibility, argument errors,
+exception safety, and the posterior API."""
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import samkernels
+from samkernels import ASAM, BSAM, SAM
+
+from conftest import needs_ext
+
+
+def mlp(dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 17), torch.nn.Tanh(), torch.nn.Linear(17, 3)).to(dtype)
+
+
+def data(dtype=torch.float64, n=32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=g, dtype=torch.float64).to(dtype), torch.randint(0, 3, (n,), generator=g)
+
+
+def train(make_opt, backend, steps=50, dtype=torch.float64):
+    model = mlp(dtype)
+    opt = make_opt(model.parameters())
+    x, y = data(dtype)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    losses = []
+    with samkernels.use_backend(backend):
+        for _ in range(steps):
+            losses.append(opt.step(closure).item())
+    return model, opt, losses
+
+
+OPTIMIZERS = {
+    "sam_sgd": lambda ps: SAM(ps, lr=0.1, rho=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4),
+    "sam_sgd_damp": lambda ps: SAM(ps, lr=0.1, rho=0.05, momentum=0.9, dampening=0.1),
+    "sam_adam": lambda ps: SAM(ps, lr=1e-2, rho=0.05, base="adam", weight_decay=1e-3),
+    "sam_adamw": lambda ps: SAM(ps, lr=1e-2, rho=0.05, base="adamw", weight_decay=1e-2),
+    "asam": lambda ps: ASAM(ps, lr=0.1, rho=0.5, momentum=0.9),
+    "bsam": lambda ps: BSAM(ps, lr=0.1, num_data=32, rho=0.01, weight_decay=1e-3, seed=3),
+    "bsam_released": lambda ps: BSAM(ps, lr=0.1, num_data=32, rho=0.01, weight_decay=1e-3, seed=3,
+                                     update_order="released"),
+}
+
+
+@needs_ext
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_trajectory_cpu_matches_reference(name):
+    m_ref, _, l_ref = train(OPTIMIZERS[name], "reference")
+    m_cpu, _, l_cpu = train(OPTIMIZERS[name], "cpu")
+    assert l_ref[-1] < l_ref[0]  # it trains
+    for a, b in zip(m_ref.parameters(), m_cpu.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+    # float32 parameters on the fused path follow the float64 reference closely too
+    m32, _, _ = train(OPTIMIZERS[name], "cpu", dtype=torch.float32)
+    for a, b in zip(m_ref.parameters(), m32.parameters()):
+        torch.testing.assert_close(b.double(), a, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_ext)])
+@pytest.mark.parametrize("order,want", [("paper", 0.878095047923), ("released", 0.8779)])
+def test_bsam_worked_example(backend, order, want):
+    """SPEC.md: L = w^2, omega = 1, s = 1, N = 100, rho = 0.01, z = 0.5, delta = 0.4, lr 0.5."""
+    w = torch.nn.Parameter(torch.tensor([1.0], dtype=torch.float64))
+    opt = BSAM([w], lr=0.5, num_data=100, rho=0.01, weight_decay=0.4, gamma=0.1, update_order=order)
+    with samkernels.use_backend(backend):
+        opt.noise_step()
+        with torch.no_grad():
+            w.fill_(1.0 + 0.5 / (100 * 1.0) ** 0.5)  # theta = omega + z sigma with z = 0.5
+        (w ** 2).sum().backward()
+        assert w.grad.item() == pytest.approx(2.1)
+        opt.first_step(zero_grad=True)
+        assert w.item() == pytest.approx(1.021)  # omega + eps
+        (w ** 2).sum().backward()
+        opt.second_step()
+    st = opt.state[w]
+    assert st["momentum_buffer"].item() == pytest.approx(0.2442)
+    assert st["precision"].item() == pytest.approx(1.0016)
+    assert w.item() == pytest.approx(want, abs=1e-9 if order == "paper" else 1e-4)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_ext)])
+def test_bsam_noise_moments(backend):
+    p = torch.nn.Parameter(torch.randn(200_000))
+    opt = BSAM([p], lr=0.1, num_data=50, seed=11)
+    s = torch.rand(200_000) * 4 + 0.25
+    opt.state[p]["precision"] = s.clone()
+    opt.state[p]["momentum_buffer"] = torch.zeros(200_000)
+    omega = p.detach().clone()
+    with samkernels.use_backend(backend):
+        opt.noise_step()
+    z = (p.detach() - omega) * torch.sqrt(50 * s)  # should be N(0, 1)
+    assert abs(z.mean().item()) < 0.01
+    assert abs(z.var().item() - 1) < 0.015
+    opt.restore()
+    assert torch.equal(p.detach(), omega)
+
+
+@needs_ext
+def test_bsam_reproducible_from_seed():
+    _, _, a = train(lambda ps: BSAM(ps, lr=0.1, num_data=32, seed=5), "cpu", steps=5)
+    _, _, b = train(lambda ps: BSAM(ps, lr=0.1, num_data=32, seed=5), "cpu", steps=5)
+    _, _, c = train(lambda ps: BSAM(ps, lr=0.1, num_data=32, seed=6), "cpu", steps=5)
+    assert a == b and a != c
+    torch.manual_seed(123)  # seed=None draws from torch's default generator
+    _, _, d = train(lambda ps: BSAM(ps, lr=0.1, num_data=32), "cpu", steps=3)
+    torch.manual_seed(123)
+    _, _, e = train(lambda ps: BSAM(ps, lr=0.1, num_data=32), "cpu", steps=3)
+    assert d == e
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(rho=-0.1), "rho"), (dict(lr=-1.0), "lr"), (dict(lr=float("nan")), "lr"),
+    (dict(betas=(1.0, 0.9), base="adam"), r"betas\[0\]"), (dict(betas=(0.9, -0.1)), r"betas\[1\]"),
+    (dict(momentum=-0.5), "momentum"), (dict(weight_decay=-1), "weight_decay"),
+    (dict(base="lion"), "base"), (dict(nesterov=True), "nesterov"),
+    (dict(rho=float("inf")), "rho"), (dict(betas=0.9), "betas"),
+])
+def test_sam_bad_hyperparameters(kwargs, match):
+    kw = dict(lr=0.1)
+    kw.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        SAM(mlp().parameters(), **kw)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(num_data=0), "num_data"), (dict(num_data=-5), "num_data"), (dict(rho=-1e-3), "rho"),
+    (dict(lr=-0.1), "lr"), (dict(betas=(0.9, 1.0)), r"betas\[1\]"), (dict(gamma=-1), "gamma"),
+    (dict(init_precision=0), "init_precision"), (dict(update_order="jax"), "update_order"),
+    (dict(seed=-3), "seed"), (dict(seed="abc"), "seed"),
+])
+def test_bsam_bad_hyperparameters(kwargs, match):
+    kw = dict(lr=0.1, num_data=100)
+    kw.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        BSAM(mlp().parameters(), **kw)
+
+
+def test_rho_zero_is_valid():
+    SAM(mlp().parameters(), lr=0.1, rho=0.0)
+    BSAM(mlp().parameters(), lr=0.1, num_data=10, rho=0.0)
+
+
+@pytest.mark.parametrize("make", [lambda ps: SAM(ps, lr=0.1), lambda ps: BSAM(ps, lr=0.1, num_data=4)])
+def test_sparse_gradient_is_rejected(make):
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    opt = make(emb.parameters())
+
+    def closure():
+        opt.zero_grad()
+        loss = emb(torch.tensor([1, 2])).sum()
+        loss.backward()
+        return loss
+
+    before = emb.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\].*sparse"):
+        opt.step(closure)
+    assert torch.equal(emb.weight.detach(), before)
+
+
+class Boom(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_ext)])
+@pytest.mark.parametrize("name", ["sam_sgd", "sam_adam", "asam", "bsam"])
+@pytest.mark.parametrize("fail_at", [1, 2])
+def test_exception_in_a_pass_restores_the_weights(backend, name, fail_at):
+    model = mlp()
+    opt = OPTIMIZERS[name](model.parameters())
+    x, y = data()
+    calls = []
+
+    def closure():
+        calls.append(1)
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        if len(calls) % 2 == fail_at % 2 and len(calls) > 2:
+            raise Boom("out of memory (simulated)")
+        return loss
+
+    with samkernels.use_backend(backend):
+        opt.step(closure)  # a clean step first, so momentum/precision state exists
+        before = copy.deepcopy(model.state_dict())
+        state_before = copy.deepcopy(opt.state_dict())
+        with pytest.raises(Boom):
+            opt.step(closure)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not opt.is_perturbed
+    if fail_at == 1 or not name.startswith("bsam"):
+        after = opt.state_dict()
+        for i, st in state_before["state"].items():
+            for k, v in st.items():
+                if k != "step":
+                    assert torch.equal(after["state"][i][k], v), (i, k)
+
+
+@needs_ext
+def test_multi_group_norm_spans_all_groups():
+    """Two groups must perturb exactly like one group holding the same parameters."""
+    def run(groups):
+        model = mlp()
+        ps = list(model.parameters())
+        opt = SAM([{"params": ps[:2]}, {"params": ps[2:]}] if groups else ps, lr=0.1, rho=0.3)
+        x, y = data()
+        F.cross_entropy(model(x), y).backward()
+        norm = opt.first_step()
+        return norm, [p.detach().clone() for p in ps]
+
+    n1, p1 = run(False)
+    n2, p2 = run(True)
+    torch.testing.assert_close(n2.double(), n1.double())
+    for a, b in zip(p1, p2):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_state_dict_resume_is_exact(name):
+    make = OPTIMIZERS[name]
+    model, opt, _ = train(make, "auto", steps=3)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    _, _, straight = train(make, "auto", steps=6)
+
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=False)
+    model2 = mlp()
+    model2.load_state_dict(ck["model"])
+    opt2 = make(model2.parameters())
+    opt2.load_state_dict(ck["opt"])
+    x, y = data()
+
+    def closure():
+        opt2.zero_grad()
+        loss = F.cross_entropy(model2(x), y)
+        loss.backward()
+        return loss
+
+    resumed = [opt2.step(closure).item() for _ in range(3)]
+    assert resumed == straight[3:]
+    assert all("backup" not in k for st in ck["opt"]["state"].values() for k in st)
+
+
+def test_load_state_dict_from_other_class_or_shape_fails():
+    model = mlp()
+    sam = SAM(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = data()
+    sam.step(lambda: (sam.zero_grad(), F.cross_entropy(model(x), y).backward())[0] or torch.zeros(()))
+    with pytest.raises(ValueError, match="saved by SAM"):
+        BSAM(model.parameters(), lr=0.1, num_data=10).load_state_dict(sam.state_dict())
+    other = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+    with pytest.raises(ValueError, match="elements"):
+        SAM(other.parameters(), lr=0.1, momentum=0.9).load_state_dict(sam.state_dict())
+
+
+@needs_ext
+def test_bf16_parameters_keep_fp32_state():
+    model = mlp(torch.bfloat16)
+    opt = BSAM(model.parameters(), lr=0.05, num_data=32, seed=0)
+    x, y = data(torch.bfloat16)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x).float(), y)
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        opt.step(closure)
+    for p in model.parameters():
+        assert p.dtype == torch.bfloat16 and torch.isfinite(p).all()
+        assert opt.state[p]["precision"].dtype == torch.float32
+    sd = opt.state_dict()
+    opt2 = BSAM(model.parameters(), lr=0.05, num_data=32)
+    opt2.load_state_dict(sd)
+    for p in model.parameters():
+        assert opt2.state[p]["precision"].dtype == torch.float32
+        assert torch.equal(opt2.state[p]["precision"], opt.state[p]["precision"])
+
+
+def test_posterior_api():
+    model, opt, _ = train(OPTIMIZERS["bsam"], "auto", steps=3)
+    mean = [p.detach().clone() for p in model.parameters()]
+    var = opt.posterior_variance()
+    for v, p in zip(var, model.parameters()):
+        torch.testing.assert_close(v, 1.0 / (32 * opt.state[p]["precision"]))
+    with opt.sampled_params(generator=0):
+        sample = [p.detach().clone() for p in model.parameters()]
+    assert all(not torch.equal(a, b) for a, b in zip(sample, mean))
+    assert all(torch.equal(p.detach(), m) for p, m in zip(model.parameters(), mean))
+    x, _ = data()
+    probs = opt.predictive(model, x, samples=4, generator=1)
+    assert probs.shape == (32, 3)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(32, dtype=probs.dtype))
+    again = opt.predictive(model, x, samples=4, generator=1)
+    assert torch.equal(probs, again)
+    assert all(torch.equal(p.detach(), m) for p, m in zip(model.parameters(), mean))
+    with pytest.raises(ValueError, match="samples"):
+        opt.predictive(model, x, samples=0)
+
+
+def test_step_without_closure_explains():
+    with pytest.raises(RuntimeError, match="closure"):
+        SAM(mlp().parameters(), lr=0.1).step()
+    with pytest.raises(RuntimeError, match="closure"):
+        BSAM(mlp().parameters(), lr=0.1, num_data=3).step()
