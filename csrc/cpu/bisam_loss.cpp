@@ -28,11 +28,20 @@ constexpr int64_t kPhiNegLog = 0;
 constexpr int64_t kPhiTanh = 1;
 constexpr double kGamma = 0.54132485461291810;  // log(e - 1): makes phi_neglog(0) = 0 (eq. 18)
 
+// Inlined into each target clone below, so every clone vectorises the row loops for its ISA.
+#if defined(__GNUC__)
+#define SK_INLINE inline __attribute__((always_inline))
+#else
+#define SK_INLINE inline
+#endif
+
 // --- float maths the compiler can vectorise (std::exp/log1p calls block it without -ffast-math)
-inline float bits_to_float(int32_t i) { float f; std::memcpy(&f, &i, 4); return f; }
+SK_INLINE float abs_(float x) { return __builtin_fabsf(x); }
+SK_INLINE double abs_(double x) { return __builtin_fabs(x); }
+SK_INLINE float bits_to_float(int32_t i) { float f; std::memcpy(&f, &i, 4); return f; }
 
 // exp(x) for x <= 0 (all our arguments are), Cephes polynomial, ~1 ulp; 0 below -87.
-inline float exp_neg(float x) {
+SK_INLINE float exp_neg(float x) {
   const float xc = x < -87.0f ? -87.0f : x;
   // round(x / ln2) with the 1.5 * 2^23 trick: no floorf call, so the loop stays vectorisable
   const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
@@ -49,7 +58,7 @@ inline float exp_neg(float x) {
 }
 
 // log(1 + u) for u in [0, 1]: 2 atanh(t), t = u / (2 + u) <= 1/3, odd series to t^13 (< 2e-8 rel.)
-inline float log1p_unit(float u) {
+SK_INLINE float log1p_unit(float u) {
   const float t = u / (2.0f + u);
   const float t2 = t * t;
   float p = 1.0f / 13.0f;
@@ -67,17 +76,17 @@ inline double log1p_unit(double u) { return std::log1p(u); }
 
 // phi and phi' at F, without overflow for any |F| (only exp of non-positive arguments).
 template <typename acc_t, int64_t PHI>
-inline void phi_eval(acc_t F, acc_t alpha, acc_t& phi, acc_t& dphi) {
+SK_INLINE void phi_eval(acc_t F, acc_t alpha, acc_t& phi, acc_t& dphi) {
   if (PHI == kPhiNegLog) {
     // phi = 1 - softplus(v), v = gamma - F; phi' = sigmoid(v)
     const acc_t v = static_cast<acc_t>(kGamma) - F;
-    const acc_t a = exp_neg(-std::abs(v));
+    const acc_t a = exp_neg(-abs_(v));
     phi = acc_t(1) - ((v > acc_t(0) ? v : acc_t(0)) + log1p_unit(a));
     dphi = (v >= acc_t(0) ? acc_t(1) : a) / (acc_t(1) + a);
   } else {
     // tanh(t) = (1 - a)/(1 + a), a = exp(-2|t|); tanh'(t) = 4a/(1 + a)^2 (no 1 - tanh^2 cancellation)
     const acc_t t = alpha * F;
-    const acc_t a = exp_neg(acc_t(-2) * std::abs(t));
+    const acc_t a = exp_neg(acc_t(-2) * abs_(t));
     const acc_t th = (acc_t(1) - a) / (acc_t(1) + a);
     phi = t < acc_t(0) ? -th : th;
     dphi = alpha * acc_t(4) * a / ((acc_t(1) + a) * (acc_t(1) + a));
@@ -87,8 +96,8 @@ inline void phi_eval(acc_t F, acc_t alpha, acc_t& phi, acc_t& dphi) {
 // One row.  x: the row (K values, upcast); z, d: scratch (K each); g: gradient out or nullptr
 // (may alias x: x is no longer read when g is written).  Returns the row's loss.
 template <typename acc_t, int64_t PHI>
-inline acc_t bisam_row(const acc_t* x, int64_t K, int64_t y, acc_t mu, acc_t alpha, acc_t* z,
-                       acc_t* d, acc_t* g, acc_t grad_scale) {
+SK_INLINE acc_t bisam_row(const acc_t* x, int64_t K, int64_t y, acc_t mu, acc_t alpha,
+                          acc_t* __restrict z, acc_t* __restrict d, acc_t* g, acc_t grad_scale) {
   const acc_t xy = x[y];
   acc_t m = -std::numeric_limits<acc_t>::infinity();
 #pragma omp simd reduction(max : m)
@@ -120,8 +129,14 @@ inline acc_t bisam_row(const acc_t* x, int64_t K, int64_t y, acc_t mu, acc_t alp
 }
 
 // float rows get AVX2/AVX-512 clones picked at load time (setup.py compiles for the x86-64 base).
+// no-trapping-math: with the default, GCC will not if-convert the selects above (it treats float
+// ops as trapping once they sit under a condition) and leaves pass 1 scalar.  No trap is ever
+// enabled, so the results are the same; everything the clones call is always_inline, since a
+// function with other optimisation flags would not be inlined into them.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define SK_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define SK_MULTIVERSION                                                                   \
+  __attribute__((optimize("no-trapping-math"),                                            \
+                 target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define SK_MULTIVERSION
 #endif

@@ -195,3 +195,6 @@ def bsam_update_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor
         m = beta1 * gm.to(ge.dtype) + (1 - beta1) * (ge + delta * omega)
         gm.copy_(m)
         p.copy_(omega - lr * m / (s_old if released_order else s_new))
+
+
+from samkernels.ops.reference_vi import *  # noqa

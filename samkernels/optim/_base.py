@@ -5,6 +5,7 @@ the optimizer-wide state (noise seed and counter) in ``state_dict``.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
@@ -60,6 +61,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         self._perturbed: List[Tuple[List[Tensor], List[Tensor]]] = []  # (params, backups) now moved
         self._param_ids: Dict[Tensor, int] = {}
         self._extra_state: Dict[str, int] = {}
+        self._grad_acc: Dict[Tensor, Tensor] = {}  # m-sharpness: summed second-pass gradients
 
     # -- tensors -------------------------------------------------------------------------------
     def _param_id(self, p: Tensor) -> int:
@@ -129,9 +131,53 @@ class TwoPassOptimizer(torch.optim.Optimizer):
 
     # -- closure driver ------------------------------------------------------------------------
     @staticmethod
-    def _run_pass(closure: Callable):
+    def _run_pass(closure: Callable, ascent: bool, micro: Optional[int] = None):
+        """Run one forward/backward pass.  A closure that takes an argument is told which pass this
+        is (``ascent=True`` for the pass whose gradient builds the perturbation), so it can use a
+        different loss there (BiSAM's ascent loss, or any user loss).  With m-sharpness the closure
+        gets the micro-batch index first: ``closure(i)`` or ``closure(i, ascent)``."""
+        n = _n_positional(closure)
         with torch.enable_grad():
-            return closure()
+            if micro is None:
+                return closure(ascent) if n >= 1 else closure()
+            if n == 0:
+                raise TypeError("with m > 1 the closure must take the micro-batch index: "
+                                "closure(i) or closure(i, ascent)")
+            return closure(micro, ascent) if n >= 2 else closure(micro)
+
+    # -- m-sharpness: second-pass gradients summed over micro-batches -----------------------------
+    @torch.no_grad()
+    def _accumulate_grads(self, first: bool) -> None:
+        """acc <- grad (first micro-batch) or acc += grad; buffers are transient."""
+        by_key: Dict[tuple, Tuple[List[Tensor], List[Tensor]]] = {}
+        for _, ps in self._grouped():
+            for p in ps:
+                acc = self._grad_acc.get(p)
+                fresh = acc is None or first
+                if acc is None:
+                    acc = self._grad_acc[p] = torch.zeros_like(p.grad)
+                if fresh:
+                    acc.zero_()
+                key = (p.device, p.dtype)
+                by_key.setdefault(key, ([], []))
+                by_key[key][0].append(acc)
+                by_key[key][1].append(p.grad)
+        for accs, grads in by_key.values():
+            torch._foreach_add_(accs, grads)
+
+    @torch.no_grad()
+    def _load_accumulated_grads(self, scale: float) -> None:
+        """.grad <- acc * scale for every parameter that has an accumulator."""
+        for p, acc in self._grad_acc.items():
+            if p.grad is None:
+                p.grad = torch.empty_like(acc)
+            torch.mul(acc, scale, out=p.grad)
+
+    @staticmethod
+    def _check_m(m) -> int:
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise ValueError(f"m must be an int >= 1 (the number of micro-batches), got {m!r}")
+        return m
 
     @contextlib.contextmanager
     def _restore_on_error(self):
@@ -176,3 +222,16 @@ class TwoPassOptimizer(torch.optim.Optimizer):
                         mine[name] = v.to(device=ids[key].device, copy=True)
         if extra is not None:
             self._extra_state.update({k: v for k, v in extra.items() if k != "cls"})
+
+
+def _n_positional(fn: Callable) -> int:
+    """How many positional arguments ``fn`` accepts (2 for *args)."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return 0
+    kinds = [p.kind for p in sig.parameters.values()]
+    if inspect.Parameter.VAR_POSITIONAL in kinds:
+        return 2
+    return sum(k in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+               for k in kinds)

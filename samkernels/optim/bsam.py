@@ -64,7 +64,8 @@ class BSAM(TwoPassOptimizer):
             if g["weight_decay"] + g["gamma"] <= 0:
                 raise ValueError("weight_decay + gamma must be > 0 (it keeps the precision positive)")
         self._extra_state.update(seed=draw_seed(seed), noise_step=0)
-        self._accum_bufs = {}  # transient sqrt(s)|g| sums (released order), never saved
+        self._accum_bufs = {}  # transient sqrt(s)|g| sums (released order, m-sharpness), never saved
+        self._accumulating = False
 
     # -- state -----------------------------------------------------------------------------------
     def _state(self, p: Tensor, group: dict) -> dict:
@@ -94,7 +95,7 @@ class BSAM(TwoPassOptimizer):
         self._extra_state["noise_step"] = step + 1
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
+    def first_step(self, zero_grad: bool = False, *, _micro: Optional[int] = None) -> None:
         """Lines 3 and 5 with g = the gradient at theta now in ``.grad``: w <- omega + rho g / s."""
         if not self._perturbed:
             raise RuntimeError("BSAM.first_step: call noise_step() and run the noisy backward first")
@@ -111,29 +112,32 @@ class BSAM(TwoPassOptimizer):
             if not ps:
                 continue
             backups, precisions, _ = self._lists(group, ps)
-            accums = self._accums(group, ps)
+            accums = self._accums(group, ps, _micro)
             ops.bsam_perturb_(ps, [p.grad for p in ps], backups, precisions, accums, group["rho"],
                               group["betas"][1], group["weight_decay"], group["gamma"])
             self._mark_perturbed(ps, backups)
         if zero_grad:
             self.zero_grad()
 
-    def _accums(self, group: dict, ps: List[Tensor]) -> List[Tensor]:
-        """Scratch for sqrt(s)|g| when line 5 must wait for the update (released order)."""
-        if group["update_order"] != "released":
+    def _accums(self, group: dict, ps: List[Tensor], micro: Optional[int]) -> List[Tensor]:
+        """Scratch for sqrt(s)|g| when line 5 must wait for the update: the released-code order,
+        or m-sharpness (summed over micro-batches; ``micro`` > 0 keeps the running sum)."""
+        if group["update_order"] != "released" and micro is None:
+            self._accumulating = False
             return []
+        self._accumulating = True
         out = []
         for p in ps:
             a = self._accum_bufs.get(p)
             if a is None:
                 a = self._accum_bufs[p] = torch.zeros_like(p, dtype=self.state[p]["precision"].dtype)
-            else:
+            elif not micro:
                 a.zero_()
             out.append(a)
         return out
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
+    def second_step(self, zero_grad: bool = False, *, _accum_scale: float = 1.0) -> None:
         """Lines 6-7 with g_eps = the gradient at omega + eps: momentum and mean update."""
         if not self._perturbed:
             raise RuntimeError("BSAM.second_step: call first_step() and run the backward first")
@@ -145,12 +149,11 @@ class BSAM(TwoPassOptimizer):
                 if not ps:
                     continue
                 backups, precisions, momenta = self._lists(group, ps)
-                accums = [self._accum_bufs[p] for p in ps] \
-                    if group["update_order"] == "released" else []
+                accums = [self._accum_bufs[p] for p in ps] if self._accumulating else []
                 beta1, beta2 = group["betas"]
                 ops.bsam_update_(ps, [p.grad for p in ps], backups, precisions, momenta, accums,
                                  group["lr"], beta1, beta2, group["weight_decay"], group["gamma"],
-                                 1.0, group["update_order"] == "released")
+                                 _accum_scale, group["update_order"] == "released")
                 todo.difference_update(ps)
         finally:  # anything not updated (no gradient now, or an error) goes back to the mean
             for ps, bs in perturbed:
@@ -160,18 +163,37 @@ class BSAM(TwoPassOptimizer):
         if zero_grad:
             self.zero_grad()
 
-    def step(self, closure: Optional[Callable] = None):
-        """One bSAM step: closure at theta (noisy), then at omega + eps.  Returns the first loss."""
+    def step(self, closure: Optional[Callable] = None, m: int = 1):
+        """One bSAM step: closure at theta (noisy), then at omega + eps.  Returns the first loss.
+
+        ``closure(ascent)`` may take the pass flag as SAM's does.  m-sharpness (``m > 1``, SPEC):
+        lines 1-4 run per micro-batch ``i`` (``closure(i)`` or ``closure(i, ascent)``) with its own
+        noise and perturbation; sqrt(s)|g| and g_eps are averaged over the micro-batches before
+        lines 5-7.  Returns the mean first-pass loss."""
         if closure is None:
             raise RuntimeError("BSAM.step needs a closure (it evaluates the loss twice); or call "
                                "noise_step() / first_step() / second_step() yourself")
-        self.noise_step()
+        if self._check_m(m) == 1:
+            self.noise_step()
+            with self._restore_on_error():
+                loss = self._run_pass(closure, ascent=True)
+                self.first_step(zero_grad=True)
+                self._run_pass(closure, ascent=False)
+                self.second_step()
+            return loss
+        losses = []
         with self._restore_on_error():
-            loss = self._run_pass(closure)
-            self.first_step(zero_grad=True)
-            self._run_pass(closure)
-            self.second_step()
-        return loss
+            for i in range(m):
+                self.noise_step()
+                losses.append(self._run_pass(closure, True, micro=i))
+                self.first_step(zero_grad=True, _micro=i)
+                self._run_pass(closure, False, micro=i)
+                self._accumulate_grads(first=i == 0)
+                if i < m - 1:
+                    self.restore()  # back to omega for the next micro-batch's noise
+            self._load_accumulated_grads(1.0 / m)
+            self.second_step(_accum_scale=1.0 / m)
+        return _mean(losses)
 
     # -- posterior -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -221,3 +243,9 @@ class BSAM(TwoPassOptimizer):
             return total / samples
         finally:
             model.train(was_training)
+
+
+def _mean(losses):
+    if all(torch.is_tensor(x) for x in losses):
+        return torch.stack([x.detach() for x in losses]).mean()
+    return losses[0]

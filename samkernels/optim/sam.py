@@ -151,19 +151,38 @@ class SAM(TwoPassOptimizer):
                                   group["base"] == "adamw")
 
     # -- closure API -----------------------------------------------------------------------------
-    def step(self, closure: Optional[Callable] = None):
+    def step(self, closure: Optional[Callable] = None, m: int = 1):
         """One SAM step.  ``closure()`` must run forward + backward and return the loss; it is
-        called twice (at w, then at w + e).  Gradients are cleared between the passes.  Returns the
-        loss of the first pass.  An exception in the second pass restores w before propagating."""
+        called twice (at w, then at w + e).  ``closure(ascent)`` is told which pass it is (True for
+        the pass whose gradient builds e) and may use a different loss there.  Gradients are
+        cleared between the passes.  Returns the loss of the first pass.  An exception anywhere
+        restores w before propagating.
+
+        m-sharpness (``m > 1``): the closure is called as ``closure(i)`` / ``closure(i, ascent)``
+        for micro-batch ``i`` in ``range(m)``; each micro-batch gets its own perturbation, and the
+        base update uses the average of the m second-pass gradients.  Returns the mean first loss.
+        """
         if closure is None:
             raise RuntimeError(f"{type(self).__name__}.step needs a closure (it evaluates the loss "
                                "twice); or call first_step() / second_step() yourself")
+        if self._check_m(m) == 1:
+            with self._restore_on_error():
+                loss = self._run_pass(closure, ascent=True)
+                self.first_step(zero_grad=True)
+                self._run_pass(closure, ascent=False)
+                self.second_step()
+            return loss
+        losses = []
         with self._restore_on_error():
-            loss = self._run_pass(closure)
-            self.first_step(zero_grad=True)
-            self._run_pass(closure)
+            for i in range(m):
+                losses.append(self._run_pass(closure, True, micro=i))
+                self.first_step(zero_grad=True)
+                self._run_pass(closure, False, micro=i)
+                self._accumulate_grads(first=i == 0)
+                self.restore()
+            self._load_accumulated_grads(1.0 / m)
             self.second_step()
-        return loss
+        return _mean_loss(losses)
 
 
 class ASAM(SAM):
@@ -176,3 +195,11 @@ class ASAM(SAM):
 
 def _opmath(p: torch.Tensor) -> torch.dtype:
     return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def _mean_loss(losses):
+    if all(torch.is_tensor(x) for x in losses):
+        return torch.stack([x.detach() for x in losses]).mean()
+    if all(isinstance(x, (int, float)) for x in losses):
+        return sum(losses) / len(losses)
+    return losses[0]

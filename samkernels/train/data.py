@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
+import importlib.metadata
 import os
 import pickle
 from dataclasses import dataclass
@@ -80,17 +82,42 @@ def load_dataset(name: str, data_dir: Optional[str] = None, download: bool = Fal
     raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
 
 
+def cache_dir() -> str:
+    """Where generated data sets are cached: $SAMKERNELS_CACHE or ~/.cache/samkernels."""
+    return os.environ.get("SAMKERNELS_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "samkernels")
+
+
 @functools.lru_cache(maxsize=1)
 def _mnist1d() -> DataSet:
     try:
+        import mnist1d
         import mnist1d.data as m1d
     except ImportError as err:
         raise DataError("data set 'mnist1d' needs the mnist1d package: pip install mnist1d") from err
-    state = np.random.get_state()  # make_dataset reseeds numpy's global RNG; keep the caller's
+    args = m1d.get_dataset_args(as_dict=True)
+    tag = hashlib.sha1(repr(sorted((k, v) for k, v in args.items() if k != "url")).encode())
     try:
-        d = m1d.make_dataset(m1d.get_dataset_args())
-    finally:
-        np.random.set_state(state)
+        version = importlib.metadata.version("mnist1d")
+    except importlib.metadata.PackageNotFoundError:
+        version = getattr(mnist1d, "__version__", "0")
+    path = os.path.join(cache_dir(), f"mnist1d-{version}-{tag.hexdigest()[:12]}.npz")
+    try:  # generation takes seconds; reuse an earlier one
+        with np.load(path) as z:
+            d = {k: z[k] for k in ("x", "y", "x_test", "y_test")}
+    except (OSError, KeyError, ValueError):
+        state = np.random.get_state()  # make_dataset reseeds numpy's global RNG; keep the caller's
+        try:
+            d = m1d.make_dataset(m1d.get_dataset_args())
+        finally:
+            np.random.set_state(state)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = path + f".{os.getpid()}.tmp.npz"
+            np.savez(tmp, **{k: d[k] for k in ("x", "y", "x_test", "y_test")})
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a read-only home only costs the regeneration next time
     f = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
     l = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.long)  # noqa: E731
     return DataSet("mnist1d", f(d["x"]), l(d["y"]), f(d["x_test"]), l(d["y_test"]), 10,

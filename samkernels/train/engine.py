@@ -13,6 +13,7 @@ drawn from generators fixed by (seed, epoch), so a resumed run repeats an uninte
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import random
@@ -162,8 +163,10 @@ class PassLoss:
 class PassClosure:
     """The ``closure`` for ``optimizer.step``: zero grads, forward, loss of this pass, backward.
 
-    Records the training loss and accuracy of the first pass and the time spent inside (forward and
-    backward), so that the optimizer's own share of a step can be reported."""
+    The pass index comes from the optimizer when it says which pass this is (samkernels optimizers
+    call ``closure(ascent)``, ``ascent=True`` for the perturbation-building pass), else from counting
+    calls.  Records the training loss and accuracy of the first pass and the time spent inside
+    (forward and backward), so that the optimizer's own share of a step can be reported."""
 
     def __init__(self, model: nn.Module, optimizer, x: Tensor, y: Tensor, loss: PassLoss,
                  criterion, freeze_bn, sync: Callable[[], None]):
@@ -171,12 +174,15 @@ class PassClosure:
         self.loss, self.criterion, self.freeze_bn, self.sync = loss, criterion, freeze_bn, sync
         self.calls = 0
         self.seconds = 0.0
-        self.stats: Optional[Tensor] = None  # (loss sum, correct, count) of the first pass
+        self.stats: Optional[Tensor] = None  # (loss sum, correct, count) of first passes
 
-    def __call__(self, x: Optional[Tensor] = None, y: Optional[Tensor] = None) -> Tensor:
-        x = self.x if x is None else x
-        y = self.y if y is None else y
-        k, self.calls = self.calls, self.calls + 1
+    def __call__(self, ascent: Optional[bool] = None) -> Tensor:
+        k = self.calls if ascent is None else (0 if ascent else 1)
+        self.calls += 1
+        return self.run(self.x, self.y, k)
+
+    def run(self, x: Tensor, y: Tensor, k: int) -> Tensor:
+        """Pass ``k`` (0 = first) on the batch (x, y); returns the detached loss."""
         self.sync()
         start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
@@ -185,7 +191,7 @@ class PassClosure:
             logits = self.model(x)
             loss = self.loss(k, logits, y)
             loss.backward()
-        if k == 0 or self.stats is None:
+        if k == 0:
             with torch.no_grad():
                 first = torch.stack([self.criterion(logits, y) * y.numel(),
                                      (logits.argmax(1) == y).sum().to(logits.dtype),
@@ -198,34 +204,33 @@ class PassClosure:
 
 def msharp_step(optimizer, closure: PassClosure, m: int) -> None:
     """m-sharpness (SPEC): one perturbation per micro-batch, the m second-pass gradients averaged,
-    one update.  Uses the explicit phases first_step() / second_step(); between micro-batches the
-    trainer restores the weights itself so that every perturbation starts from w."""
-    if hasattr(optimizer, "noise_step") or not hasattr(optimizer, "first_step"):
-        raise ConfigError(f"m-sharpness (m={m}) is supported for SAM-type optimizers with "
-                         f"first_step()/second_step(); {type(optimizer).__name__} does not offer "
-                         "it in this version of samkernels: run it with --m 1")
+    one update.  Drives the explicit phases: per micro-batch first pass, ``first_step()``, second
+    pass, ``restore()`` (back to w for the next perturbation); then ``second_step()`` with the mean
+    gradient."""
+    if hasattr(optimizer, "noise_step") or not all(
+            hasattr(optimizer, a) for a in ("first_step", "second_step", "restore")):
+        raise ConfigError(f"m-sharpness (m={m}) needs a SAM-type optimizer with first_step(), "
+                          f"restore() and second_step(); {type(optimizer).__name__} in this version "
+                          "of samkernels has no m-sharpness support: run it with --m 1")
     params = [p for g in optimizer.param_groups for p in g["params"]]
     xs, ys = closure.x.chunk(m), closure.y.chunk(m)
     if len(xs) != m:
-        raise ConfigError(f"batch of {closure.x.shape[0]} cannot be split into m={m} micro-batches")
-    start = [p.detach().clone() for p in params]
+        raise ConfigError(f"a batch of {closure.x.shape[0]} cannot be split into m={m} micro-batches")
     total = [torch.zeros_like(p) for p in params]
     for i, (x, y) in enumerate(zip(xs, ys)):
-        closure.calls = 0  # each micro-batch has its own first (BN-updating) pass
-        closure(x, y)
+        closure.run(x, y, 0)  # each micro-batch has its own first (BN-updating) pass
         optimizer.first_step()
-        closure(x, y)
+        closure.run(x, y, 1)
         with torch.no_grad():
             for acc, p in zip(total, params):
                 if p.grad is not None:
                     acc.add_(p.grad)
-            if i < m - 1:
-                for p, w in zip(params, start):
-                    p.copy_(w)
+        if i < m - 1:
+            optimizer.restore()
     with torch.no_grad():
         for p, acc in zip(params, total):
             p.grad = acc.div_(m)
-    optimizer.second_step()  # restores w from its backup and updates with the averaged gradient
+    optimizer.second_step()  # restores w from its backup and updates with the mean gradient
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,8 +258,7 @@ def posterior_predictive(optimizer, model: nn.Module, x: Tensor, samples: int, s
                          batch_size: int) -> Tensor:
     """Softmax averaged over ``samples`` models drawn from the optimizer's posterior; each sample is
     used for the whole test set."""
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed + 7919)
+    gen = torch.Generator().manual_seed(seed + 7919)  # CPU: the optimizer draws noise seeds from it
     total = None
     for _ in range(samples):
         with optimizer.sampled_params(generator=gen):
@@ -331,7 +335,9 @@ def train_run(spec: RunSpec, data: DataSet, opts: RunOptions) -> Dict[str, Any]:
         raise ConfigError(f"batch size {spec.batch_size} is not divisible by m={spec.m}")
 
     criterion = lambda logits, y: F.cross_entropy(logits, y, label_smoothing=spec.label_smoothing)  # noqa: E731
-    ascent = ascent_loss_fn() if spec.entry.ascent_loss else None
+    ascent = None
+    if spec.entry.ascent_loss:
+        ascent = functools.partial(ascent_loss_fn(), **spec.entry.ascent_kwargs)
     sds = spec.hyper.get("sds_fraction") if spec.entry.ascent_loss else None
     freeze_bn = (bn_frozen_helper() or _bn_frozen) if has_batchnorm(model) else None
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)

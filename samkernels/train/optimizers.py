@@ -40,6 +40,7 @@ class Entry:
     defaults: Dict[str, Any] = field(default_factory=dict)  # used when the preset gives nothing
     passes: int = 1                        # gradient evaluations per step
     ascent_loss: bool = False              # first pass on samkernels.bisam_loss (BiSAM family)
+    ascent_kwargs: Dict[str, Any] = field(default_factory=dict)  # e.g. phi="tanh"
     num_data: bool = False                 # constructor takes num_data (Bayesian methods)
     seed: bool = False                     # constructor takes seed (noise of its own)
 
@@ -86,6 +87,8 @@ REGISTRY: Dict[str, Entry] = {e.name: e for e in [
        defaults=dict(lr=0.1, rho=0.05)),
     _e("bisam", "BiSAM", _SK, ["BiSAM"], passes=2, ascent_loss=True,
        defaults=dict(lr=0.1, momentum=0.9, rho=0.05)),
+    _e("bisam-tanh", "BiSAM (tanh)", _SK, ["BiSAM"], passes=2, ascent_loss=True,
+       ascent_kwargs=dict(phi="tanh"), defaults=dict(lr=0.1, momentum=0.9, rho=0.05)),
     _e("ebisam", "E-BiSAM", _SK, ["EBiSAM", "E_BiSAM"], passes=2, ascent_loss=True,
        defaults=dict(lr=0.1, momentum=0.9, rho=0.05, sds_fraction=0.5)),
 ]}
@@ -145,10 +148,16 @@ def build(entry: Entry, params: Iterable[torch.nn.Parameter], hp: Dict[str, Any]
 
 
 def ascent_loss_fn():
-    """``samkernels.bisam_loss`` (BiSAM's ascent loss), looked up when first needed."""
+    """BiSAM's ascent loss ``samkernels.bisam_loss`` (or ``samkernels.ops.bisam_loss.bisam_loss``),
+    looked up when first needed."""
     import samkernels
     fn = getattr(samkernels, "bisam_loss", None)
-    if fn is None:
+    if not callable(fn):
+        try:
+            fn = importlib.import_module("samkernels.ops.bisam_loss").bisam_loss
+        except (ImportError, AttributeError):
+            fn = None
+    if not callable(fn):
         raise OptimizerUnavailable("BiSAM needs samkernels.bisam_loss, which this version of "
                                    "samkernels does not provide yet")
     return fn

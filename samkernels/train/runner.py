@@ -135,8 +135,7 @@ def resolve(cfg: TrainConfig) -> Tuple[Preset, str, str, Optional[Tuple[int, ...
             _apply(hypers, entries, settings, cfg.sweep[0], value, "--sweep")
         for e in entries:
             epochs = settings["epochs"] * (2 if sgd_double and e.passes == 1 else 1)
-            m = settings["m"] if settings["m"] is not None else preset.m.get(e.name, 1)
-            m = m if e.passes >= 2 else 1  # m-sharpness concerns perturbing optimizers only
+            m = _msharpness(e, settings["m"], preset)
             tag = "".join(f"-{k}={v}" for k, v in sweep.items())
             for seed in range(cfg.seed, cfg.seed + cfg.seeds):
                 specs.append(RunSpec(
@@ -147,6 +146,25 @@ def resolve(cfg: TrainConfig) -> Tuple[Preset, str, str, Optional[Tuple[int, ...
                     label_smoothing=settings["label_smoothing"], augment=settings["augment"],
                     aug_factor=settings["aug_factor"], m=m, sweep=sweep))
     return preset, data, model, hidden, specs
+
+
+def _msharpness(entry: Entry, requested: Optional[int], preset: Preset) -> int:
+    """Micro-batches per step for ``entry``: 1 for one-pass optimizers; an explicit ``--m`` the
+    optimizer cannot do is an error, the preset's value falls back to 1 with a warning."""
+    if entry.passes < 2:
+        return 1  # m-sharpness concerns perturbing optimizers only
+    m = requested if requested is not None else preset.m.get(entry.name, 1)
+    cls = entry.cls()
+    able = all(hasattr(cls, a) for a in ("first_step", "second_step", "restore")) and \
+        not hasattr(cls, "noise_step")  # bSAM's m-sharpness needs support inside the optimizer
+    if m > 1 and not able:
+        if requested is not None:
+            raise ConfigError(f"--m {m}: {entry.name} ({cls.__name__}) has no m-sharpness support "
+                              "in this version of samkernels; use --m 1")
+        warnings.warn(f"preset {preset.name} uses m={m} for {entry.name}, which {cls.__name__} "
+                      "cannot do in this version of samkernels: running with m=1", stacklevel=3)
+        m = 1
+    return m
 
 
 def checkpoint_path(template: Optional[str], key: str, n_runs: int) -> Optional[str]:
@@ -160,6 +178,12 @@ def checkpoint_path(template: Optional[str], key: str, n_runs: int) -> Optional[
         return template
     stem, ext = os.path.splitext(template)
     return f"{stem}-{key}{ext or '.pt'}"
+
+
+def _small(model: str, hidden, data: DataSet) -> bool:
+    """Fewer than a million parameters (the CPU benchmarks' MLPs and LeNet-5)."""
+    from samkernels.train.models import build_model, count_parameters
+    return count_parameters(build_model(model, data.input_shape, data.num_classes, hidden)) < 1_000_000
 
 
 def _device(name: str) -> torch.device:
@@ -186,19 +210,29 @@ def run(config: Optional[TrainConfig] = None, **kwargs) -> Dict[str, Any]:
         setattr(cfg, key, value)
     log = (lambda msg: None) if cfg.quiet else (lambda msg: print(msg, flush=True))
     started = time.perf_counter()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    preset, data_name, model, hidden, specs = resolve(cfg)
+    device = _device(cfg.device)
+    threads_before = torch.get_num_threads()
+    try:
+        return _run(cfg, preset, data_name, model, hidden, specs, device, log, started)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(cfg, preset, data_name, model, hidden, specs, device, log, started) -> Dict[str, Any]:
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-
-    preset, data_name, model, hidden, specs = resolve(cfg)
-    device = _device(cfg.device)
     data: DataSet = load_dataset(data_name, cfg.data_dir, cfg.download)
     data = data.subset(cfg.train_subset, cfg.test_subset).to(device)
+    threads = cfg.threads
+    if threads is None and device.type == "cpu" and _small(model, hidden, data):
+        threads = 1  # small models: thread start-up costs more than it saves (and hurts under load)
+    if threads:
+        torch.set_num_threads(threads)
     log(f"{PRETTY_DATA.get(data.name, data.name)}: {data.x_train.shape[0]} train / "
-        f"{data.x_test.shape[0]} test, model {model}{'-' + '-'.join(map(str, hidden)) if model == 'mlp' and hidden else ''}, "
-        f"preset {preset.name}, {len(specs)} run(s) on {device}")
+        f"{data.x_test.shape[0]} test, model {model_name(model, hidden)}, preset {preset.name}, "
+        f"{len(specs)} run(s) on {device} ({torch.get_num_threads()} thread(s))")
 
     runs: List[Dict[str, Any]] = []
     for spec in specs:
@@ -212,7 +246,8 @@ def run(config: Optional[TrainConfig] = None, **kwargs) -> Dict[str, Any]:
     results = {"config": cfg.to_dict(),
                "preset": {"name": preset.name, "source": preset.source},
                "data": data.name, "model": model, "hidden": list(hidden) if hidden else None,
-               "device": str(device), "torch": torch.__version__,
+               "device": str(device), "threads": torch.get_num_threads(),
+               "torch": torch.__version__,
                "wall_seconds": time.perf_counter() - started,
                "runs": runs, "summary": summarize(runs)}
     log("")
@@ -226,6 +261,11 @@ def run(config: Optional[TrainConfig] = None, **kwargs) -> Dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # Aggregation and output
 # --------------------------------------------------------------------------------------------
+def model_name(model: str, hidden) -> str:
+    """``mlp-256-256`` for MLPs, the architecture name otherwise."""
+    return model + ("-" + "-".join(map(str, hidden)) if model == "mlp" and hidden else "")
+
+
 def _mean_std(values: List[float]) -> Tuple[float, float]:
     finite = [v for v in values if v is not None and math.isfinite(v)]
     if not finite:
@@ -277,8 +317,7 @@ def format_table(results: Dict[str, Any]) -> str:
     head = (f"{'method':<40} {'accuracy % ↑':>14} {'NLL ↓':>14} {'ECE ↓':>16} {'AUROC ↑':>14} "
             f"{'steps/s':>8} {'opt %':>6}")
     name = PRETTY_DATA.get(results["data"], results["data"])
-    model = results["model"] + ("-" + "-".join(map(str, results["hidden"]))
-                                if results["model"] == "mlp" and results["hidden"] else "")
+    model = model_name(results["model"], results["hidden"])
     lines = [f"{name} / {model} (preset {results['preset']['name']})", head, "-" * len(head)]
     last_sweep, seen = None, set()
     for row in rows:

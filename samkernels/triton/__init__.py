@@ -5,8 +5,9 @@ The public functions have exactly the reference's names, signatures and in-place
 on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before triton was imported.
 
 Each phase is a ``torch.library.custom_op`` in the ``samkernels_triton`` namespace (with a fake
-implementation), so ``torch.compile`` traces through it as one opaque, functionalised node instead of
-failing on the raw pointer tables.  Two things stay in thin Python wrappers around the ops:
+implementation), so ``torch.compile`` traces through it as one opaque, functionalised node
+instead of failing on the raw pointer tables.  Two things stay in thin Python wrappers around the
+ops:
   * ``sam_perturb_`` may return its ``grad_norm`` argument, and a custom op may not return an
     alias of an input: the wrapper computes the norm (``grad_sumsq`` op + sqrt) when it is None and
     returns it, the ``sam_perturb_`` op itself returns nothing;
@@ -19,7 +20,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from samkernels.triton import _multi_tensor, bsam_step, sam_step
+from samkernels.triton import bsam_step, sam_step
 from samkernels.triton.bsam_step import philox_probe
 
 __all__ = ["grad_sumsq", "sam_perturb_", "sam_restore_sgd_", "sam_restore_adam_", "bsam_noise_",
@@ -32,10 +33,13 @@ def _sumsq_dtype(params):
     return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
 
 
-def _i64(x: int) -> int:
-    """The signed int64 with the same low 64 bits as ``x``."""
-    x &= (1 << 64) - 1
-    return x - (1 << 64) if x >= 1 << 63 else x
+def _i64(x):
+    """The signed int64 with the same low 64 bits as ``x``.  In-range values (and SymInts under
+    torch.compile) pass through untouched, so a changing ``step`` is not specialised on."""
+    if isinstance(x, int) and not -(1 << 63) <= x < (1 << 63):
+        x &= (1 << 64) - 1
+        return x - (1 << 64) if x >= 1 << 63 else x
+    return x
 
 
 # --- SAM / ASAM ------------------------------------------------------------------------------
@@ -70,7 +74,8 @@ def _sam_restore_sgd_op(params: List[Tensor], grads: List[Tensor], backups: List
 
 
 @_sam_restore_sgd_op.register_fake
-def _(params, grads, backups, momentum_bufs, lr, momentum, dampening, nesterov, weight_decay, first):
+def _(params, grads, backups, momentum_bufs, lr, momentum, dampening, nesterov, weight_decay,
+      first):
     return None
 
 
@@ -132,7 +137,7 @@ def _(params, grads, backups, precisions, momenta, accums, lr, beta1, beta2, del
 # --- the public phases (reference.py signatures) ----------------------------------------------
 def grad_sumsq(params: List[Tensor], grads: List[Tensor], adaptive: bool, eta: float) -> Tensor:
     """sum ||T g||^2 (reference.grad_sumsq); fp64 if any parameter is fp64, else fp32."""
-    return _grad_sumsq_op(list(params), list(grads), bool(adaptive), float(eta))
+    return _grad_sumsq_op(list(params), list(grads), adaptive, eta)
 
 
 def sam_perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
@@ -140,17 +145,15 @@ def sam_perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor
                  eta: float) -> Tensor:
     if grad_norm is None:  # stays on the device: partial sums -> sum -> sqrt, no host sync
         grad_norm = grad_sumsq(params, grads, adaptive, eta).sqrt()
-    _sam_perturb_op(list(params), list(grads), list(backups), grad_norm, float(rho), float(eps),
-                    bool(adaptive), float(eta))
+    _sam_perturb_op(list(params), list(grads), list(backups), grad_norm, rho, eps, adaptive, eta)
     return grad_norm
 
 
 def sam_restore_sgd_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
                      momentum_bufs: List[Tensor], lr: float, momentum: float, dampening: float,
                      nesterov: bool, weight_decay: float, first: bool) -> None:
-    _sam_restore_sgd_op(list(params), list(grads), list(backups), list(momentum_bufs), float(lr),
-                        float(momentum), float(dampening), bool(nesterov), float(weight_decay),
-                        bool(first))
+    _sam_restore_sgd_op(list(params), list(grads), list(backups), list(momentum_bufs), lr,
+                        momentum, dampening, nesterov, weight_decay, first)
 
 
 def sam_restore_adam_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
@@ -158,21 +161,21 @@ def sam_restore_adam_(params: List[Tensor], grads: List[Tensor], backups: List[T
                       beta1: float, beta2: float, eps: float, weight_decay: float,
                       decoupled: bool) -> None:
     _sam_restore_adam_op(list(params), list(grads), list(backups), list(exp_avgs),
-                         list(exp_avg_sqs), int(step), float(lr), float(beta1), float(beta2),
-                         float(eps), float(weight_decay), bool(decoupled))
+                         list(exp_avg_sqs), step, lr, beta1, beta2, eps, weight_decay,
+                         decoupled)
 
 
 def bsam_noise_(params: List[Tensor], backups: List[Tensor], precisions: List[Tensor],
                 param_ids: List[int], seed: int, step: int, num_data: float) -> None:
-    _bsam_noise_op(list(params), list(backups), list(precisions), [_i64(int(i)) for i in param_ids],
-                   _i64(int(seed)), _i64(int(step)), float(num_data))
+    _bsam_noise_op(list(params), list(backups), list(precisions), [_i64(i) for i in param_ids],
+                   _i64(seed), _i64(step), num_data)
 
 
 def bsam_perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
                   precisions: List[Tensor], accums: List[Tensor], rho: float, beta2: float,
                   delta: float, gamma: float) -> None:
     _bsam_perturb_op(list(params), list(grads), list(backups), list(precisions), list(accums),
-                     float(rho), float(beta2), float(delta), float(gamma))
+                     rho, beta2, delta, gamma)
 
 
 def bsam_update_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
@@ -180,5 +183,4 @@ def bsam_update_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor
                  beta1: float, beta2: float, delta: float, gamma: float, accum_scale: float,
                  released_order: bool) -> None:
     _bsam_update_op(list(params), list(grads), list(backups), list(precisions), list(momenta),
-                    list(accums), float(lr), float(beta1), float(beta2), float(delta), float(gamma),
-                    float(accum_scale), bool(released_order))
+                    list(accums), lr, beta1, beta2, delta, gamma, accum_scale, released_order)

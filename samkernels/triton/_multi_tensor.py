@@ -8,10 +8,10 @@ addresses in *device tables* instead of the kernel-argument struct, so there is 
 * a work table of (tensor index, chunk start) pairs, one per ``CHUNK`` elements; grid = #chunks.
 
 A kernel reads its pair, loads the tensor's addresses from the tables and casts them to typed
-pointers (``tl.load(tab + t).to(tl.pointer_type(DT))``).  Tensors are grouped by the dtypes of all
-their lists (e.g. fp32 params + fp32 state, bf16 params + fp32 state, fp64 ...): one launch per
-group, with the element types as constexprs, so a mixed-precision model costs a fixed small number of
-launches.  The tables depend only on (address, numel, dtype) of every tensor, so they are built
+pointers (``tl.load(tab + t).to(tl.pointer_type(DT))``).  Tensors are grouped by the dtypes of
+all their lists (e.g. fp32 params + fp32 state, bf16 params + fp32 state, fp64 ...): one launch per
+group, with the element types as constexprs, so a mixed-precision model costs a fixed small number
+of launches.  The tables depend only on (address, numel, dtype) of every tensor, so they are built
 once and cached (bounded LRU) while the optimizer's storages stay put: a step with the same
 parameters does no host->device traffic at all, and nothing in a phase syncs with the host.
 """
@@ -32,7 +32,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Elements per program (CHUNK) and per inner step (BLOCK); CHUNK is a multiple of BLOCK and both
 # are powers of two >= 16, so chunk starts are 16-element aligned.  GPU: 1024 x fp32 per step with
 # 4 warps = two 16-byte vectors per thread per operand; 4096 per program keeps the work table at
-# 1/4096 of the parameter count and still gives >= 2 programs per SM for a 1M-parameter model.
+# 1/4096 of the parameter count (a 1M-parameter model still gets ~2 programs per H100 SM).
 # The interpreter pays ~12 ms per program instance whatever the size: use few, large programs.
 BLOCK = 8192 if INTERPRET else 1024
 CHUNK = 8192 if INTERPRET else 4096
@@ -276,25 +276,49 @@ def plan_for(lists: Sequence[Sequence[torch.Tensor]], ids: Optional[Sequence[int
     return plan
 
 
+def _dense_layout(t: torch.Tensor):
+    """The strides of ``t``'s non-trivial dims if its elements fill exactly ``numel`` consecutive
+    slots of memory (a permutation of a contiguous tensor: transposed, channels_last ...), else
+    None."""
+    dims = sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1)
+    expected = 1
+    for st, sz in dims:
+        if st != expected:
+            return None
+        expected *= sz
+    return tuple(st for st, sz in zip(t.stride(), t.shape) if sz > 1)
+
+
 @contextlib.contextmanager
-def contiguous(lists: Sequence[Sequence[torch.Tensor]], mutated: Sequence[int]):
-    """Yields the lists with non-contiguous tensors replaced by contiguous copies; on exit the
-    copies of the lists at ``mutated`` positions are written back into the originals."""
-    out, back = [], []
-    for j, lst in enumerate(lists):
-        if all(t.is_contiguous() for t in lst):
-            out.append(lst)
+def contiguous(lists: Sequence[Sequence[torch.Tensor]], mutated: Sequence[int],
+               elementwise: bool = True):
+    """Yields the lists with every non-contiguous tensor made contiguous.
+
+    ``elementwise`` phases (all but the noise, whose values depend on the logical element index)
+    see the tensors of one parameter in *memory order* when they all share one dense layout (a
+    channels_last weight with its channels_last grad and state): a flat view of the same memory, no
+    copy, and the plan cache still hits.  Otherwise the tensor is copied, and on exit the copies
+    in the lists at ``mutated`` positions are written back into the originals."""
+    if all(t.is_contiguous() for lst in lists for t in lst):
+        yield lists
+        return
+    out = [list(lst) for lst in lists]
+    back = []
+    for i in range(len(lists[0])):
+        ts = [lst[i] for lst in lists]
+        if all(t.is_contiguous() for t in ts):
             continue
-        new = []
-        for t in lst:
-            if t.is_contiguous():
-                new.append(t)
-            else:
-                c = t.contiguous()
-                new.append(c)
+        layout = _dense_layout(ts[0]) if elementwise else None
+        if layout is not None and all(t.shape == ts[0].shape and _dense_layout(t) == layout
+                                      for t in ts):
+            for j, t in enumerate(ts):
+                out[j][i] = t.as_strided((t.numel(),), (1,))  # same memory, memory order
+            continue
+        for j, t in enumerate(ts):
+            if not t.is_contiguous():
+                out[j][i] = c = t.contiguous()
                 if j in mutated:
                     back.append((t, c))
-        out.append(new)
     yield out
     for t, c in back:
         t.copy_(c)
@@ -302,5 +326,6 @@ def contiguous(lists: Sequence[Sequence[torch.Tensor]], mutated: Sequence[int]):
 
 def launch_args(group: Group):
     """Constexprs every kernel takes."""
+    assert BLOCK % 16 == 0 and CHUNK % BLOCK == 0 and BLOCK & (BLOCK - 1) == 0, (BLOCK, CHUNK)
     return dict(ALIGNED=group.aligned, MATH=group.math, BLOCK=int(BLOCK), CHUNK=int(CHUNK),
                 num_warps=NUM_WARPS)

@@ -9,7 +9,7 @@ Launches per phase (G = number of dtype groups, usually 1):
 Every element is read and written once per launch; maths in fp32 (fp64 for fp64 params).
 """
 import math
-from typing import List, Optional
+from typing import List
 
 import torch
 import triton
@@ -59,6 +59,9 @@ def _grad_sumsq(params: List[Tensor], grads: List[Tensor], adaptive: bool, eta: 
         return torch.zeros((), dtype=torch.float32)
     # fp64 result if any parameter is fp64 (the reference returns fp64; values agree)
     out_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    # ... and then every group squares and sums in fp64 (fp32 values square exactly there), so
+    # an fp64 parameter sharing the norm with fp32/bf16 ones sees the reference's fp64 norm
+    acc = tl.float64 if out_dtype == torch.float64 else tl.float32
     # params are only read for ASAM; SAM's plan covers the grads alone
     lists = [params, grads] if adaptive else [grads, grads]
     with mt.contiguous(lists, mutated=()) as lists:
@@ -71,7 +74,8 @@ def _grad_sumsq(params: List[Tensor], grads: List[Tensor], adaptive: bool, eta: 
                 _sumsq_kernel[grid](work, grp.numel, grp.tab(0), grp.tab(1),
                                     partials[grp.chunk_offset + lo:], mt.f64_bits(eta),
                                     P_DT=grp.tl_dtypes[0], G_DT=grp.tl_dtypes[1],
-                                    ADAPTIVE=bool(adaptive), **mt.launch_args(grp))
+                                    ADAPTIVE=bool(adaptive),
+                                    **dict(mt.launch_args(grp), MATH=acc))
     return partials.sum()
 
 
@@ -117,7 +121,8 @@ def _perturb_kernel(work, numel, p_tab, g_tab, b_tab, norm, rho_bits: tl.int64,
 
 
 def _sam_perturb_apply(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
-                       grad_norm: Tensor, rho: float, eps: float, adaptive: bool, eta: float) -> None:
+                       grad_norm: Tensor, rho: float, eps: float, adaptive: bool,
+                       eta: float) -> None:
     if not params:
         return
     norm = grad_norm.reshape(1)

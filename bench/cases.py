@@ -1,0 +1,179 @@
+"""Parameter lists and step implementations shared by the pytest-benchmark file and report.py.
+
+A "step" is one optimizer step without the forward/backward: gradients are pre-filled and stay
+the same between the passes, so only the optimizer's own work is timed.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Tuple
+
+import torch
+
+import samkernels
+from samkernels import BSAM, SAM
+
+
+# --- shapes -------------------------------------------------------------------------------------
+def resnet50_shapes() -> List[Tuple[int, ...]]:
+    """The 161 parameter tensors of torchvision's ResNet-50 (25,557,032 parameters)."""
+    shapes: List[Tuple[int, ...]] = [(64, 3, 7, 7), (64,), (64,)]
+    inplanes = 64
+    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        for b in range(blocks):
+            shapes += [(width, inplanes, 1, 1), (width,), (width,),
+                       (width, width, 3, 3), (width,), (width,),
+                       (4 * width, width, 1, 1), (4 * width,), (4 * width,)]
+            if b == 0:
+                shapes += [(4 * width, inplanes, 1, 1), (4 * width,), (4 * width,)]
+            inplanes = 4 * width
+    return shapes + [(1000, 2048), (1000,)]
+
+
+def gpt2_small_shapes() -> List[Tuple[int, ...]]:
+    """GPT-2 small (124M): token/position embeddings, 12 blocks, final layer norm (148 tensors)."""
+    d = 768
+    shapes: List[Tuple[int, ...]] = [(50257, d), (1024, d)]
+    for _ in range(12):
+        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,),
+                   (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
+    return shapes + [(d,), (d,)]
+
+
+def tiny_shapes(n: int) -> List[Tuple[int, ...]]:
+    return [(1 + (i % 7),) for i in range(n)]
+
+
+SHAPES: Dict[str, Callable[[], List[Tuple[int, ...]]]] = {
+    "resnet50": resnet50_shapes,
+    "gpt2-small": gpt2_small_shapes,
+    "tiny-1000": lambda: tiny_shapes(1000),
+    "tiny-2000": lambda: tiny_shapes(2000),
+}
+
+
+def make_params(shapes, device="cpu", dtype=torch.float32, seed=0) -> List[torch.nn.Parameter]:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    params = []
+    for s in shapes:
+        p = torch.nn.Parameter(torch.randn(s, generator=g).to(device=device, dtype=dtype))
+        p.grad = torch.randn(s, generator=g).to(device=device, dtype=dtype) * 1e-2
+        params.append(p)
+    return params
+
+
+# --- fused steps (our optimizers; the backend is forced around the call) -------------------------
+def fused_sam(params, backend: str):
+    opt = SAM(params, lr=1e-3, rho=0.05, momentum=0.9, weight_decay=5e-4)
+
+    def step():
+        with samkernels.use_backend(backend):
+            opt.first_step()
+            opt.second_step()
+    return step
+
+
+def fused_bsam(params, backend: str):
+    opt = BSAM(params, lr=1e-3, num_data=50_000, rho=0.01, weight_decay=1e-4, seed=0)
+
+    def step():
+        with samkernels.use_backend(backend):
+            opt.noise_step()
+            opt.first_step()
+            opt.second_step()
+    return step
+
+
+# --- the common SAM code style: a Python loop over tensors ---------------------------------------
+def loop_sam(params):
+    """davda54/sam style: per-tensor norms stacked, per-tensor perturb, restore, torch SGD step."""
+    base = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=5e-4, foreach=False)
+    old = {}
+
+    @torch.no_grad()
+    def step():
+        norm = torch.norm(torch.stack([p.grad.norm(p=2) for p in params]), p=2)
+        scale = 0.05 / (norm + 1e-12)
+        for p in params:
+            old[p] = p.data.clone()
+            p.add_(p.grad * scale)
+        for p in params:
+            p.data.copy_(old[p])
+        base.step()
+    return step
+
+
+def loop_bsam(params):
+    """Algorithm 1 written tensor by tensor with torch.randn noise (the direct translation)."""
+    st = {p: (torch.ones_like(p), torch.zeros_like(p)) for p in params}
+    N, rho, b1, b2, lr, delta, gamma = 50_000, 0.01, 0.9, 0.999, 1e-3, 1e-4, 0.1
+
+    @torch.no_grad()
+    def step():
+        mean = {}
+        for p in params:
+            s, _ = st[p]
+            mean[p] = p.data.clone()
+            p.add_(torch.randn_like(p) / torch.sqrt(N * s))
+        for p in params:
+            s, _ = st[p]
+            p.copy_(mean[p] + rho * p.grad / s)
+            s.mul_(b2).add_((1 - b2) * (s.sqrt() * p.grad.abs() + delta + gamma))
+        for p in params:
+            s, m = st[p]
+            m.mul_(b1).add_((1 - b1) * (p.grad + delta * mean[p]))
+            p.copy_(mean[p] - lr * m / s)
+    return step
+
+
+# --- plain-PyTorch multi-tensor version (torch._foreach_*) ----------------------------------------
+def foreach_sam(params):
+    base = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=5e-4, foreach=True)
+    grads = [p.grad for p in params]
+    backups = [torch.empty_like(p) for p in params]
+
+    @torch.no_grad()
+    def step():
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        torch._foreach_copy_(backups, params)
+        torch._foreach_add_(params, torch._foreach_mul(grads, 0.05 / (norm + 1e-12)))
+        torch._foreach_copy_(params, backups)
+        base.step()
+    return step
+
+
+def foreach_bsam(params):
+    grads = [p.grad for p in params]
+    s = [torch.ones_like(p) for p in params]
+    m = [torch.zeros_like(p) for p in params]
+    mean = [torch.empty_like(p) for p in params]
+    N, rho, b1, b2, lr, delta, gamma = 50_000, 0.01, 0.9, 0.999, 1e-3, 1e-4, 0.1
+
+    @torch.no_grad()
+    def step():
+        torch._foreach_copy_(mean, params)
+        noise = [torch.randn_like(p) for p in params]
+        torch._foreach_addcdiv_(params, noise, torch._foreach_sqrt(torch._foreach_mul(s, N)))
+        torch._foreach_copy_(params, mean)
+        torch._foreach_addcdiv_(params, grads, s, value=rho)
+        h = torch._foreach_mul(torch._foreach_sqrt(s), torch._foreach_abs(grads))
+        torch._foreach_add_(h, delta + gamma)
+        torch._foreach_mul_(s, b2)
+        torch._foreach_add_(s, h, alpha=1 - b2)
+        upd = torch._foreach_add(grads, mean, alpha=delta)
+        torch._foreach_mul_(m, b1)
+        torch._foreach_add_(m, upd, alpha=1 - b1)
+        torch._foreach_copy_(params, mean)
+        torch._foreach_addcdiv_(params, m, s, value=-lr)
+    return step
+
+
+IMPLS = {
+    "sam": {"fused": fused_sam, "foreach": foreach_sam, "loop": loop_sam},
+    "bsam": {"fused": fused_bsam, "foreach": foreach_bsam, "loop": loop_bsam},
+}
+
+# Bytes each element of the parameter list must move per step (fp32), for the bandwidth floor:
+# SAM+SGD-momentum: norm (read g) 4 + perturb (read w, g; write backup, w) 16 + restore/update
+# (read backup, g, buf; write w, buf) 20 = 40.  bSAM: noise (read w, s; write backup, w) 16 +
+# perturb/precision (read g, s, backup; write w, s) 20 + update (read g, backup, s, gm; write gm, w) 24 = 60.
+BYTES_PER_ELEMENT = {"sam": 40, "bsam": 60}

@@ -1,0 +1,113 @@
+"""Markdown table of one optimizer step (grads pre-filled) per implementation, with the bandwidth floor.
+
+    python bench/report.py                       # every shape set for this device
+    python bench/report.py --shapes resnet50 --algos sam --repeat 20
+
+floor = bytes the step must move (cases.BYTES_PER_ELEMENT x elements) / copy bandwidth measured in
+the same run (a large tensor copy, bytes read + written).  Times are medians of ``--repeat`` runs
+after a warm-up; on CUDA they are taken with CUDA events around each step and the inputs (the
+parameter lists) are larger than L2 except for the tiny-tensor sets.  Kernel launches per step are
+counted with the torch profiler on CUDA.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cases  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def timed(fn, repeat: int) -> float:
+    """Median seconds of fn() over ``repeat`` runs (one warm-up)."""
+    fn()
+    out = []
+    for _ in range(repeat):
+        if DEVICE == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            out.append(a.elapsed_time(b) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return statistics.median(out)
+
+
+def copy_bandwidth(repeat: int) -> float:
+    """Bytes/s of a 256 MiB tensor copy (read + write)."""
+    n = 64 * 2 ** 20
+    src = torch.randn(n, device=DEVICE)
+    dst = torch.empty_like(src)
+    t = timed(lambda: dst.copy_(src), repeat)
+    return 2 * 4 * n / t
+
+
+def launches(step) -> int | None:
+    if DEVICE != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    default_shapes = "resnet50,tiny-1000" if DEVICE == "cpu" else "resnet50,gpt2-small,tiny-2000"
+    ap.add_argument("--shapes", default=default_shapes)
+    ap.add_argument("--algos", default="sam,bsam")
+    ap.add_argument("--impls", default=None, help="comma list; default: fused backends, foreach, loop")
+    ap.add_argument("--repeat", type=int, default=7 if DEVICE == "cpu" else 50)
+    args = ap.parse_args(argv)
+
+    fused = ["cuda", "triton"] if DEVICE == "cuda" else ["cpu", "reference"]
+    impls = args.impls.split(",") if args.impls else [f"fused-{b}" for b in fused] + ["foreach", "loop"]
+    bw = copy_bandwidth(args.repeat)
+    print(f"device: {torch.cuda.get_device_name() if DEVICE == 'cuda' else 'cpu'}; "
+          f"torch {torch.__version__}; threads {torch.get_num_threads()}; "
+          f"copy bandwidth {bw / 1e9:.1f} GB/s\n")
+    print("| step | params | impl | median ms | x floor | speed-up vs foreach | vs loop | launches |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for algo in args.algos.split(","):
+        for shape_name in args.shapes.split(","):
+            shapes = cases.SHAPES[shape_name]()
+            numel = sum(torch.Size(s).numel() for s in shapes)
+            floor = cases.BYTES_PER_ELEMENT[algo] * numel / bw
+            rows = {}
+            for impl in impls:
+                params = cases.make_params(shapes, device=DEVICE)
+                try:
+                    if impl.startswith("fused-"):
+                        step = cases.IMPLS[algo]["fused"](params, impl.split("-", 1)[1])
+                    else:
+                        step = cases.IMPLS[algo][impl](params)
+                    rows[impl] = (timed(step, args.repeat), launches(step))
+                except (RuntimeError, NotImplementedError) as exc:  # backend not available here
+                    rows[impl] = (None, str(exc).splitlines()[0][:60])
+                del params
+            for impl, (t, n) in rows.items():
+                if t is None:
+                    print(f"| {algo} | {shape_name} | {impl} | n/a ({n}) | | | | |")
+                    continue
+                fe, lp = rows.get("foreach", (None,))[0], rows.get("loop", (None,))[0]
+                print(f"| {algo} | {shape_name} ({len(shapes)} tensors, {numel / 1e6:.2f}M) | {impl} | "
+                      f"{t * 1e3:.3f} | {t / floor:.2f} | {fe / t if fe else float('nan'):.2f} | "
+                      f"{lp / t if lp else float('nan'):.2f} | {'' if n is None else n} |")
+
+
+if __name__ == "__main__":
+    main()
