@@ -95,17 +95,19 @@ void check_writable(const char* op, const char* name, TensorList list) {
                 "] has internally overlapping memory (e.g. an expanded tensor) and is written");
 }
 
-// Dense stand-ins, decided jointly per index i: the kernels walk memory linearly, so the tensors
-// i of all lists can be used as they are when each is non-overlapping and dense with the sizes
-// and strides of the first (e.g. channels_last weights with channels_last state).  Otherwise
-// every one of them is made contiguous (a copy only where it is not already).
-std::vector<std::vector<Tensor>> dense_lists(std::initializer_list<TensorList> lists) {
+// Dense stand-ins, decided jointly per index i.  Elementwise phases walk memory linearly, so the
+// tensors i of all lists can be used as they are when each is non-overlapping and dense with the
+// sizes and strides of the first (e.g. channels_last weights with channels_last state).
+// Otherwise, or with logical_order (bsam_noise_: element i of the row-major order gets Philox
+// number i), every one of them is made contiguous (a copy only where it is not already).
+std::vector<std::vector<Tensor>> dense_lists(std::initializer_list<TensorList> lists,
+                                             bool logical_order = false) {
   std::vector<std::vector<Tensor>> out(lists.size());
   const size_t n = lists.begin()->size();
   for (auto& v : out) v.reserve(n);
   for (size_t i = 0; i < n; ++i) {
     const Tensor& first = (*lists.begin())[i];
-    bool shared = true;
+    bool shared = !logical_order;
     for (const TensorList& l : lists)
       shared = shared && l[i].is_non_overlapping_and_dense() && l[i].sizes() == first.sizes() &&
                l[i].strides() == first.strides();
@@ -336,7 +338,7 @@ void bsam_noise_cuda(TensorList params, TensorList backups, TensorList precision
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   const cudaStream_t stream = current_stream();
-  const auto w = dense_lists({params, backups, precisions});
+  const auto w = dense_lists({params, backups, precisions}, /*logical_order=*/true);
   GroupSet gs;
   gs.build(params, {&w[0], &w[1], &w[2], nullptr, nullptr, nullptr}, param_ids);
   // Philox words take the two's-complement bits of seed and step (reference: & 0xFFFFFFFF).

@@ -12,6 +12,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from samkernels.optim.utils import bn_frozen
+
 SeedLike = Union[None, int, torch.Generator]
 
 
@@ -62,6 +64,25 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         self._param_ids: Dict[Tensor, int] = {}
         self._extra_state: Dict[str, int] = {}
         self._grad_acc: Dict[Tensor, Tensor] = {}  # m-sharpness: summed second-pass gradients
+        self.freeze_bn: Optional[torch.nn.Module] = None
+        self.rho_schedule: Optional[Callable[[dict], float]] = None
+
+    def _configure(self, freeze_bn, rho_schedule) -> None:
+        if freeze_bn is not None and not isinstance(freeze_bn, torch.nn.Module):
+            raise ValueError(f"freeze_bn must be the model (an nn.Module) or None, got "
+                             f"{type(freeze_bn).__name__}")
+        if rho_schedule is not None and not callable(rho_schedule):
+            raise ValueError("rho_schedule must be a callable(group) -> rho, or None")
+        self.freeze_bn, self.rho_schedule = freeze_bn, rho_schedule
+
+    def _rho(self, group: dict) -> float:
+        """The group's rho for this step: ``rho_schedule(group)`` when one is set."""
+        if self.rho_schedule is None:
+            return group["rho"]
+        rho = float(self.rho_schedule(group))
+        if not rho >= 0:
+            raise ValueError(f"rho_schedule returned {rho}; rho must be >= 0")
+        return rho
 
     # -- tensors -------------------------------------------------------------------------------
     def _param_id(self, p: Tensor) -> int:
@@ -130,14 +151,14 @@ class TwoPassOptimizer(torch.optim.Optimizer):
                                "finish the step (second_step) or call restore() first")
 
     # -- closure driver ------------------------------------------------------------------------
-    @staticmethod
-    def _run_pass(closure: Callable, ascent: bool, micro: Optional[int] = None):
+    def _run_pass(self, closure: Callable, ascent: bool, micro: Optional[int] = None):
         """Run one forward/backward pass.  A closure that takes an argument is told which pass this
         is (``ascent=True`` for the pass whose gradient builds the perturbation), so it can use a
         different loss there (BiSAM's ascent loss, or any user loss).  With m-sharpness the closure
         gets the micro-batch index first: ``closure(i)`` or ``closure(i, ascent)``."""
         n = _n_positional(closure)
-        with torch.enable_grad():
+        frozen = self.freeze_bn is not None and (not ascent or getattr(self, "freeze_bn_noisy", False))
+        with torch.enable_grad(), (bn_frozen(self.freeze_bn) if frozen else contextlib.nullcontext()):
             if micro is None:
                 return closure(ascent) if n >= 1 else closure()
             if n == 0:

@@ -36,6 +36,9 @@ class BSAM(TwoPassOptimizer):
             the counter-based noise, so a run is reproducible and resumable.
         update_order: ``"paper"`` (Algorithm 1: line 7 uses the new ``s``) or ``"released"`` (the
             authors' JAX code: the mean step uses ``s`` from before line 5).
+        freeze_bn: the model; BatchNorm running statistics are not updated in the perturbed pass
+            (and, with ``freeze_bn_noisy=True``, not in the noisy pass either).
+        rho_schedule: ``callable(group) -> rho`` evaluated at every first step.
 
     ``step(closure)`` calls the closure twice (at theta, then at omega + eps) and returns the first
     loss.  Explicit phases: ``noise_step(); backward; first_step(); backward; second_step()``.
@@ -44,7 +47,9 @@ class BSAM(TwoPassOptimizer):
     def __init__(self, params, lr: float, num_data: float, rho: float = 0.01, *,
                  betas: Tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0,
                  gamma: float = 0.1, init_precision: float = 1.0, seed: SeedLike = None,
-                 update_order: str = "paper"):
+                 update_order: str = "paper", freeze_bn: Optional[torch.nn.Module] = None,
+                 freeze_bn_noisy: bool = False,
+                 rho_schedule: Optional[Callable[[dict], float]] = None):
         check_nonneg("lr", lr)
         check_positive("num_data", num_data)
         check_nonneg("rho", rho)
@@ -60,6 +65,8 @@ class BSAM(TwoPassOptimizer):
                         weight_decay=weight_decay, gamma=gamma, init_precision=init_precision,
                         update_order=update_order)
         super().__init__(params, defaults)
+        self._configure(freeze_bn, rho_schedule)
+        self.freeze_bn_noisy = bool(freeze_bn_noisy)
         for g in self.param_groups:
             if g["weight_decay"] + g["gamma"] <= 0:
                 raise ValueError("weight_decay + gamma must be > 0 (it keeps the precision positive)")
@@ -113,7 +120,7 @@ class BSAM(TwoPassOptimizer):
                 continue
             backups, precisions, _ = self._lists(group, ps)
             accums = self._accums(group, ps, _micro)
-            ops.bsam_perturb_(ps, [p.grad for p in ps], backups, precisions, accums, group["rho"],
+            ops.bsam_perturb_(ps, [p.grad for p in ps], backups, precisions, accums, self._rho(group),
                               group["betas"][1], group["weight_decay"], group["gamma"])
             self._mark_perturbed(ps, backups)
         if zero_grad:

@@ -28,8 +28,11 @@ class SAM(TwoPassOptimizer):
         base: ``"sgd"`` (momentum, dampening, nesterov, weight_decay as ``torch.optim.SGD``),
             ``"adam"`` (L2 weight decay) or ``"adamw"`` (decoupled weight decay).
         adaptive: ASAM: ``e = rho T^2 g / (||T g|| + eps)`` with ``T = |w| + eta``.
-        eps: added to the gradient norm in the perturbation (``perturb_eps``) and, for Adam,
-            ``adam_eps`` in the denominator.
+        perturb_eps: added to the gradient norm in the perturbation; ``adam_eps``: Adam's epsilon.
+        freeze_bn: the model; when given, BatchNorm running statistics are not updated during the
+            second (perturbed) pass of ``step(closure)`` (see ``samkernels.optim.bn_frozen``).
+        rho_schedule: ``callable(group) -> rho`` evaluated at every first step (e.g.
+            ``rho_proportional_to_lr(...)``, GSAM's schedule); LR schedulers work unchanged.
 
     The norm ``||g||`` is taken over all parameters of all groups, on the device.
 
@@ -46,7 +49,8 @@ class SAM(TwoPassOptimizer):
                  momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
                  weight_decay: float = 0.0, betas: Tuple[float, float] = (0.9, 0.999),
                  adam_eps: float = 1e-8, adaptive: bool = False, eta: float = 0.01,
-                 perturb_eps: float = 1e-12):
+                 perturb_eps: float = 1e-12, freeze_bn: Optional[torch.nn.Module] = None,
+                 rho_schedule: Optional[Callable[[dict], float]] = None):
         check_nonneg("lr", lr)
         check_nonneg("rho", rho)
         check_choice("base", base, _BASES)
@@ -66,6 +70,7 @@ class SAM(TwoPassOptimizer):
                         nesterov=nesterov, weight_decay=weight_decay, betas=tuple(betas),
                         adam_eps=adam_eps, adaptive=adaptive, eta=eta, perturb_eps=perturb_eps)
         super().__init__(params, defaults)
+        self._configure(freeze_bn, rho_schedule)
 
     # -- phases ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -82,7 +87,7 @@ class SAM(TwoPassOptimizer):
         for group, ps, gs in work:
             backups = [self._backup(p) for p in ps]
             n = ops.sam_perturb_(ps, gs, backups, None if norm is None else norm.to(ps[0].device),
-                                 group["rho"], group["perturb_eps"], group["adaptive"],
+                                 self._rho(group), group["perturb_eps"], group["adaptive"],
                                  group["eta"] if group["adaptive"] else 0.0)
             self._mark_perturbed(ps, backups)
             norm = n if norm is None else norm

@@ -29,22 +29,21 @@ def build_model(name: str, input_shape: Tuple[int, ...], num_classes: int,
     key = name.lower().replace("_", "-")
     if key == "mlp":
         return MLP(math.prod(input_shape), hidden if hidden is not None else (256, 256), num_classes)
-    if len(input_shape) != 3 and key != "mlp":
+    wrn = re.fullmatch(r"wrn-?28-(\d+)", key)
+    builders = {
+        "lenet5": lambda c: LeNet5(input_shape, num_classes),
+        "resnet20-frn": lambda c: CifarResNet(20, c, num_classes, norm="frn"),
+        "resnet56": lambda c: CifarResNet(56, c, num_classes, norm="bn"),
+        "vgg19-bn": lambda c: VGG19BN(c, num_classes),
+    }
+    if wrn:
+        builders[key] = lambda c: WideResNet(28, int(wrn.group(1)), c, num_classes)
+    if key not in builders:
+        raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    if len(input_shape) != 3:
         raise ConfigError(f"model {name!r} needs image inputs (C, H, W); this data set has "
-                         f"shape {input_shape}: use --model mlp")
-    channels = input_shape[0]
-    if key in ("lenet5", "lenet-5"):
-        return LeNet5(input_shape, num_classes)
-    if key in ("resnet20-frn", "resnet20frn"):
-        return CifarResNet(20, channels, num_classes, norm="frn")
-    if key == "resnet56":
-        return CifarResNet(56, channels, num_classes, norm="bn")
-    match = re.fullmatch(r"wrn-?28-(\d+)", key)
-    if match:
-        return WideResNet(28, int(match.group(1)), channels, num_classes)
-    if key in ("vgg19-bn", "vgg19bn"):
-        return VGG19BN(channels, num_classes)
-    raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+                          f"shape {input_shape}: use --model mlp")
+    return builders[key](input_shape[0])
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,0 +1,92 @@
+// E-BiSAM's stochastic weight perturbation on the CPU (Xie et al., BiSAM paper Alg. 3 lines 3-7;
+// ESAM's SWP, Du et al. 2022):  coordinate i is perturbed iff u_i < beta, u_i the Philox uniform of
+// (seed, step, param_id, i) — regenerated, never stored — by e_i = rho/(1-beta) g_i / (||g|| + eps).
+// Semantics: samkernels/ops/reference_vi.py (esam_perturb_).
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "cpu/multi_tensor.h"
+#include "philox.h"
+
+namespace samkernels {
+namespace cpu {
+namespace {
+
+// sum g^2 over all tensors, fixed-order sum of per-chunk partials.
+double plain_sumsq(const Contig& g) {
+  const auto chunks = make_chunks(g.list());
+  std::vector<double> partial(chunks.size(), 0.0);
+  for_each_chunk(chunks, total_numel(g.list()), [&](int64_t ci, const Chunk& c) {
+    SK_DISPATCH_PARAM(g[c.tensor].scalar_type(), "esam_perturb_", [&] {
+      const scalar_t* gp = g[c.tensor].data_ptr<scalar_t>();
+      double acc = 0.0;
+      for (int64_t i = c.begin; i < c.end; ++i) {
+        const double gi = static_cast<double>(gp[i]);
+        acc += gi * gi;
+      }
+      partial[ci] = acc;
+    });
+  });
+  double total = 0.0;
+  for (double x : partial) total += x;
+  return total;
+}
+
+at::Tensor esam_perturb(at::TensorList params, at::TensorList grads, at::TensorList backups,
+                        at::IntArrayRef param_ids, const c10::optional<at::Tensor>& grad_norm,
+                        int64_t seed, int64_t step, double rho, double beta, double eps) {
+  check_lists("esam_perturb_", params, {{"grads", grads}, {"backups", backups}}, {});
+  TORCH_CHECK(param_ids.size() == params.size(), "esam_perturb_: param_ids has ", param_ids.size(),
+              " entries but params has ", params.size());
+  TORCH_CHECK(beta >= 0.0 && beta < 1.0, "esam_perturb_: beta must be in [0, 1), got ", beta);
+  Contig p(params), g(grads), b(backups);
+  const double norm = grad_norm.has_value() ? grad_norm->item<double>() : std::sqrt(plain_sumsq(g));
+  const auto chunks = make_chunks(p.list());  // chunk starts are multiples of 4 = Philox quads
+  for_each_chunk(chunks, total_numel(p.list()), [&](int64_t, const Chunk& c) {
+    SK_DISPATCH_PARAM(p[c.tensor].scalar_type(), "esam_perturb_", [&] {
+      scalar_t* wp = p[c.tensor].data_ptr<scalar_t>();
+      scalar_t* bp = b[c.tensor].data_ptr<scalar_t>();
+      const scalar_t* gp = g[c.tensor].data_ptr<scalar_t>();
+      const uint32_t pid = static_cast<uint32_t>(param_ids[c.tensor]);
+      // Alg. 3 line 5: rho/(1-beta) on the chosen coordinates, normalised as BiSAM Alg. 1 line 4
+      const opmath_t scale = static_cast<opmath_t>(rho / (1.0 - beta)) /
+                             (static_cast<opmath_t>(norm) + static_cast<opmath_t>(eps));
+      for (int64_t q = c.begin; q < c.end; q += 4) {
+        const Philox4 blk = philox4x32_10(
+            static_cast<uint32_t>(q >> 2), pid, static_cast<uint32_t>(step),
+            static_cast<uint32_t>(static_cast<uint64_t>(step) >> 32), static_cast<uint32_t>(seed),
+            static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32));
+        const int64_t stop = std::min(c.end, q + 4);
+        for (int64_t i = q; i < stop; ++i) {
+          bp[i] = wp[i];
+          if (static_cast<double>(philox_uniform(blk.x[i - q])) < beta)  // line 4: chosen w.p. beta
+            wp[i] = static_cast<scalar_t>(static_cast<opmath_t>(wp[i]) +
+                                          static_cast<opmath_t>(gp[i]) * scale);
+        }
+      }
+    });
+  });
+  p.write_back();
+  b.write_back();
+  const bool any_double = [&] {
+    for (const auto& t : params)
+      if (t.scalar_type() == at::kDouble) return true;
+    return false;
+  }();
+  return at::scalar_tensor(norm, at::TensorOptions().dtype(any_double ? at::kDouble : at::kFloat));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(samkernels, m) {
+  m.def("esam_perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] backups, "
+        "int[] param_ids, Tensor? grad_norm, int seed, int step, float rho, float beta, "
+        "float eps) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(samkernels, CPU, m) { m.impl("esam_perturb_", &esam_perturb); }
+
+}  // namespace cpu
+}  // namespace samkernels

@@ -1,0 +1,44 @@
+"""Training-loop helpers shared by every samkernels optimizer."""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+@contextlib.contextmanager
+def bn_frozen(model: torch.nn.Module):
+    """Forward passes inside the block do not update BatchNorm running statistics.
+
+    Use it around the perturbed (second) pass of a SAM-type step, so the statistics are those of
+    the clean weights only: in train mode the layers still normalise with batch statistics, they
+    just stop tracking (``track_running_stats`` is switched off and back on; nothing is copied).
+    """
+    layers = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    for m in layers:
+        m.track_running_stats = False
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.track_running_stats = True
+
+
+def rho_proportional_to_lr(rho_max: float, rho_min: float = 0.0, lr_max: float = None,
+                           lr_min: float = 0.0) -> Callable[[dict], float]:
+    """GSAM's schedule: rho_t = rho_min + (rho_max - rho_min) (lr_t - lr_min) / (lr_max - lr_min).
+
+    Returns a ``rho_schedule`` for any samkernels optimizer; ``lr_max`` defaults to each group's
+    learning rate when the schedule is first used (its ``initial_lr`` if an LR scheduler set one)."""
+    if not rho_max >= rho_min >= 0:
+        raise ValueError(f"need rho_max >= rho_min >= 0, got rho_max={rho_max}, rho_min={rho_min}")
+
+    def schedule(group: dict) -> float:
+        top = lr_max if lr_max is not None else group.get("initial_lr", group["lr"])
+        if top <= lr_min:
+            return rho_max
+        frac = min(max((group["lr"] - lr_min) / (top - lr_min), 0.0), 1.0)
+        return rho_min + (rho_max - rho_min) * frac
+    return schedule

@@ -1,0 +1,290 @@
+"""The reference trainer end to end on tiny data: every available optimizer learns, the CLI explains
+bad input, a resumed run equals an uninterrupted one, runs are deterministic, outputs are written."""
+import copy
+import gzip
+import json
+import math
+import os
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from samkernels.train import ConfigError, TrainConfig, run
+from samkernels.train import cli, data as data_mod, engine
+from samkernels.train.optimizers import REGISTRY, build, get_entry
+from samkernels.train.runner import resolve
+
+# 256 training / 200 test examples of MNIST-1D, batch 32 (8 steps per epoch), a 64-unit MLP
+TINY = dict(train_subset=256, test_subset=200, batch_size=32, hidden=[64], samples=4,
+            progress=False, quiet=True, plots=False)
+
+
+def tiny(**kw) -> TrainConfig:
+    return TrainConfig(**{**TINY, **kw})
+
+
+def need(name: str):
+    """Skip (with the reason) when samkernels.optim does not provide the optimizer yet."""
+    entry = get_entry(name)
+    if not entry.available():
+        pytest.skip(f"samkernels.optim has no {entry.classes[0]} yet ({name})")
+    if entry.ascent_loss:
+        from samkernels.train.optimizers import OptimizerUnavailable, ascent_loss_fn
+        try:
+            ascent_loss_fn()
+        except OptimizerUnavailable as err:
+            pytest.skip(str(err))
+    return entry
+
+
+# --------------------------------------------------------------------------------------------
+# Every optimizer in the registry learns
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_loss_goes_down(name):
+    need(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # presets may name keys a newer constructor lacks
+        res = run(tiny(optimizers=[name], epochs=4))
+    (r,) = res["runs"]
+    losses = r["history"]["train_loss"]
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < losses[0], losses
+    if name in ("bsam", "mfvi", "vsam"):
+        pred = r["predictors"]["predictive"]
+        assert pred["samples"] == 4 and math.isfinite(pred["metrics"]["nll"])
+
+
+def test_msharpness_sam():
+    need("sam")
+    res = run(tiny(optimizers=["sam"], epochs=3, m=4))
+    losses = res["runs"][0]["history"]["train_loss"]
+    assert res["runs"][0]["run"]["m"] == 4 and losses[-1] < losses[0]
+
+
+def test_msharpness_unsupported_is_explicit():
+    need("bsam")
+    if hasattr(get_entry("bsam").cls(), "noise_step"):  # bSAM's m-sharpness lives in the optimizer
+        with pytest.raises(ConfigError, match="m-sharpness"):
+            resolve(tiny(optimizers=["bsam"], m=2))
+    # a preset's m that the optimizer cannot do falls back to 1, loudly
+    with pytest.warns(UserWarning, match="m=8"):
+        specs = resolve(TrainConfig(preset="bsam-mnist", optimizers=["sam", "bsam"]))[-1]
+    assert {s.entry.name: s.m for s in specs}["sam"] == 8
+
+
+# --------------------------------------------------------------------------------------------
+# Determinism and resume
+# --------------------------------------------------------------------------------------------
+def _same_run(a, b):
+    ra, rb = a["runs"][0], b["runs"][0]
+    for k in ra["state"]:
+        assert torch.equal(ra["state"][k], rb["state"][k]), k
+    assert ra["history"] == rb["history"]
+    # via JSON: empty calibration bins hold nan, and nan != nan
+    assert json.dumps(ra["predictors"], sort_keys=True) == json.dumps(rb["predictors"], sort_keys=True)
+
+
+@pytest.mark.parametrize("name", ["sgd", "sam", "bsam"])
+def test_same_seed_same_result(name):
+    need(name)
+    cfg = tiny(optimizers=[name], epochs=2, keep_weights=True)
+    _same_run(run(cfg), run(cfg))
+    other = run(tiny(optimizers=[name], epochs=2, keep_weights=True, seed=1))
+    assert other["runs"][0]["history"] != run(cfg)["runs"][0]["history"]
+
+
+@pytest.mark.parametrize("name", ["sgd", "sam-adam", "bsam"])
+def test_resume_equals_uninterrupted(name, tmp_path):
+    need(name)
+    base = dict(optimizers=[name], epochs=4, keep_weights=True)
+    whole = run(tiny(**base))
+    ckpt = str(tmp_path / "run.pt")
+    part = run(tiny(**base, checkpoint=ckpt, stop_after=2))
+    assert part["runs"][0]["epochs_done"] == 2 and not part["runs"][0]["complete"]
+    resumed = run(tiny(**base, checkpoint=ckpt, resume=True))
+    assert resumed["runs"][0]["complete"]
+    _same_run(whole, resumed)
+
+
+def test_resume_refuses_another_runs_checkpoint(tmp_path):
+    ckpt = str(tmp_path / "run.pt")
+    run(tiny(optimizers=["sgd"], epochs=1, checkpoint=ckpt))
+    with pytest.raises(ConfigError, match="belongs to another run.*hyper"):
+        run(tiny(optimizers=["sgd"], epochs=1, checkpoint=ckpt, resume=True, lr=0.01))
+
+
+# --------------------------------------------------------------------------------------------
+# CLI: clear errors
+# --------------------------------------------------------------------------------------------
+def _cli_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv + ["--no-progress", "--quiet"])
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_cli_unknown_optimizer(capsys):
+    err = _cli_error(["--optimizers", "sgd,adamz"], capsys)
+    assert "unknown optimizer 'adamz'" in err and "bsam" in err  # lists the known ones
+
+
+@pytest.mark.parametrize("sweep", ["rho", "rho=", "rho=0.1,,0.2", "=0.1"])
+def test_cli_bad_sweep(sweep, capsys):
+    assert "--sweep expects key=v1,v2" in _cli_error(["--sweep", sweep], capsys)
+
+
+def test_cli_bad_set(capsys):
+    assert "--set expects key=value" in _cli_error(["--set", "lr"], capsys)
+    err = _cli_error(["--optimizers", "sgd", "--set", "rhoo=0.1"], capsys)
+    assert "rhoo" in err and "known keys" in err
+
+
+def test_cli_rho_for_optimizers_without_rho(capsys):
+    assert "not a hyper-parameter of sgd" in _cli_error(["--optimizers", "sgd", "--rho", "0.1"],
+                                                        capsys)
+
+
+def test_cli_missing_data_dir(capsys, tmp_path):
+    assert "--data-dir" in _cli_error(["--data", "cifar10", "--optimizers", "sgd"], capsys)
+    err = _cli_error(["--data", "mnist", "--optimizers", "sgd", "--data-dir", str(tmp_path)], capsys)
+    assert "train-images-idx3-ubyte not found" in err and str(tmp_path) in err
+
+
+def test_cli_unknown_preset_and_model(capsys):
+    assert "unknown preset 'nope'" in _cli_error(["--preset", "nope"], capsys)
+    assert "unknown model 'resnet7'" in _cli_error(["--model", "resnet7", "--optimizers", "sgd",
+                                                     "--epochs", "1"], capsys)
+
+
+def test_cli_list(capsys):
+    assert cli.main(["--list"]) == 0
+    out = capsys.readouterr().out
+    assert "bsam-cifar10-aug" in out and "bisam" in out
+
+
+# --------------------------------------------------------------------------------------------
+# Data: torchvision layouts read without torchvision, augmentation
+# --------------------------------------------------------------------------------------------
+def _write_idx(path, array):
+    header = bytes([0, 0, 8, array.ndim]) + np.array(array.shape, dtype=">i4").tobytes()
+    with gzip.open(path, "wb") as fh:
+        fh.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_reads_mnist_layout_and_trains(tmp_path, capsys):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 64), ("t10k", 32)):
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
+    ds = data_mod.load_dataset("mnist", str(tmp_path))
+    assert ds.x_train.shape == (64, 1, 28, 28) and ds.y_test.shape == (32,)
+    assert abs(ds.x_train.mean().item()) < 1e-4  # standardised with training statistics
+    code = cli.main(["--data", "mnist", "--data-dir", str(tmp_path), "--optimizers", "sgd",
+                     "--epochs", "1", "--batch-size", "32", "--hidden", "16", "--no-progress"])
+    assert code == 0 and "MNIST / mlp-16" in capsys.readouterr().out
+
+
+def test_reads_cifar_layout(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n in (("train", 20), ("test", 10)):
+        batch = {"data": rng.integers(0, 256, (n, 3072)).astype(np.uint8),
+                 "fine_labels": list(rng.integers(0, 100, n))}
+        with open(folder / name, "wb") as fh:
+            pickle.dump(batch, fh)
+    ds = data_mod.load_dataset("cifar100", str(tmp_path))
+    assert ds.x_train.shape == (20, 3, 32, 32) and ds.num_classes == 100 and ds.flip
+
+
+def test_random_crop_flip_is_a_shift_or_mirror_of_the_padded_image():
+    x = torch.randn(6, 2, 8, 8)
+    out = data_mod.random_crop_flip(x, torch.Generator().manual_seed(0), pad=2)
+    again = data_mod.random_crop_flip(x, torch.Generator().manual_seed(0), pad=2)
+    assert out.shape == x.shape and torch.equal(out, again)
+    padded = nn.functional.pad(x, (2, 2, 2, 2))
+    for i in range(6):
+        crops = [padded[i, :, a:a + 8, b:b + 8] for a in range(5) for b in range(5)]
+        assert any(torch.equal(out[i], c) or torch.equal(out[i], c.flip(2)) for c in crops)
+
+
+# --------------------------------------------------------------------------------------------
+# Presets, hyper-parameters, schedule, BatchNorm
+# --------------------------------------------------------------------------------------------
+def test_bsam_preset_weight_decay_from_prior_precision():
+    need("bsam")
+    specs = resolve(TrainConfig(preset="bsam-cifar10-aug", optimizers=["bsam"], m=1))[-1]
+    hp = specs[0].hyper
+    assert hp["prior_precision"] == 2 and hp["lr"] == 1.0 and hp["betas"] == (0.95, 0.999)
+    assert specs[0].augment and specs[0].aug_factor == 4.0
+    opt = build(specs[0].entry, [nn.Parameter(torch.zeros(3))], hp, num_data=50000 * 4, seed=0)
+    group = opt.param_groups[0]
+    assert group["weight_decay"] == pytest.approx(2 / 200000) and group["num_data"] == 200000
+
+
+def test_overrides_and_sgd_double_epochs():
+    need("sam")
+    cfg = TrainConfig(optimizers=["sgd", "sam"], epochs=5, sgd_double_epochs=True,
+                      overrides={"sam.rho": 0.2, "momentum": 0.5, "gamma": 0.1}, lr=0.03)
+    with pytest.raises(ConfigError, match="gamma"):
+        resolve(cfg)  # bSAM's damping: neither SGD nor SAM-SGD has it
+    cfg.overrides.pop("gamma")
+    specs = {s.entry.name: s for s in resolve(cfg)[-1]}
+    assert specs["sgd"].epochs == 10 and specs["sam"].epochs == 5
+    assert specs["sam"].hyper["rho"] == 0.2 and specs["sgd"].hyper["momentum"] == 0.5
+    assert specs["sgd"].hyper["lr"] == specs["sam"].hyper["lr"] == 0.03
+
+
+def test_cosine_and_step_schedules():
+    spec = resolve(tiny(optimizers=["sgd"], epochs=10))[-1][0]
+    assert engine.lr_factor(spec, 0, 10) == pytest.approx(1.0)
+    assert engine.lr_factor(spec, 50, 10) == pytest.approx(0.5)
+    assert engine.lr_factor(spec, 99, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.99)))
+    spec.schedule, spec.milestones = "step", (0.5, 8)
+    assert [engine.lr_factor(spec, e * 10, 10) for e in (4, 5, 8)] == pytest.approx([1, 0.1, 0.01])
+
+
+def test_second_pass_leaves_batchnorm_statistics_alone():
+    need("sam")
+    from samkernels.optim import SAM
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    reference = copy.deepcopy(model)
+    reference(x)  # one forward at w: what the running statistics should become
+    opt = SAM(model.parameters(), lr=0.1, rho=0.5)
+    loss = engine.PassLoss(nn.functional.cross_entropy)
+    closure = engine.PassClosure(model, opt, x, y, loss, nn.functional.cross_entropy,
+                                 engine._bn_frozen, lambda: None)
+    opt.step(closure)
+    assert closure.calls == 2
+    assert torch.equal(model[1].running_mean, reference[1].running_mean)
+    assert torch.equal(model[1].running_var, reference[1].running_var)
+    assert model[1].num_batches_tracked.item() == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------------
+def test_outputs_and_sweep(tmp_path):
+    need("sam")
+    out = tmp_path / "out"
+    res = run(tiny(optimizers=["sgd", "sam"], epochs=1, seeds=2, sweep=("rho", [0.01, 0.1]),
+                   out=str(out), plots=True))
+    names = set(os.listdir(out))
+    assert {"results.json", "runs.csv", "summary.csv", "table.txt", "learning_curves.png",
+            "reliability.png", "sweep_rho.png"} <= names
+    # SGD has no rho: it runs once per sweep value all the same (a baseline line in the plot)
+    assert len(res["runs"]) == 2 * 2 * 2 and len(res["summary"]) == 4
+    row = next(r for r in res["summary"] if r["optimizer"] == "sam" and r["sweep"] == {"rho": 0.1})
+    assert row["seeds"] == [0, 1] and row["accuracy_std"] >= 0
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["runs"][0]["throughput"]["steps"] == 8 and "state" not in saved["runs"][0]
+    assert "SAM-SGD" in (out / "table.txt").read_text()
