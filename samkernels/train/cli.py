@@ -105,8 +105,16 @@ def _listing() -> str:
     lines = ["presets:"] + ["  " + line for line in list_presets()]
     lines.append("optimizers:")
     for e in REGISTRY.values():
-        state = "available" if e.available() else "not in this samkernels version yet"
-        lines.append(f"  {e.name:10s} {e.label:10s} {e.module}.{e.classes[0]} ({state})")
+        try:
+            cls, fixed = e.resolve()
+            args = ", ".join(f"{k}={v!r}" for k, v in fixed.items())
+            state = f"{e.module}.{cls.__name__}({args})"
+            if e.ascent_loss:
+                kw = ", ".join(f"{k}={v!r}" for k, v in e.ascent_kwargs.items())
+                state += f", first pass on bisam_loss({kw})"
+        except (OptimizerUnavailable, ImportError):
+            state = f"needs {e.module}.{e.classes[0]}: not in this samkernels version yet"
+        lines.append(f"  {e.name:11s} {e.label:13s} {state}")
     lines.append("data sets: " + ", ".join(DATASETS))
     lines.append("models: " + ", ".join(MODELS))
     return "\n".join(lines)

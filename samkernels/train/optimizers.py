@@ -43,16 +43,25 @@ class Entry:
     ascent_kwargs: Dict[str, Any] = field(default_factory=dict)  # e.g. phi="tanh"
     num_data: bool = False                 # constructor takes num_data (Bayesian methods)
     seed: bool = False                     # constructor takes seed (noise of its own)
+    # (class, fixed kwargs) used when none of ``classes`` exists, e.g. BiSAM = SAM whose first pass
+    # is on the ascent loss
+    fallback: Optional[Tuple[str, Dict[str, Any]]] = None
 
-    def cls(self):
+    def resolve(self) -> Tuple[type, Dict[str, Any]]:
+        """(class, kwargs fixed by the variant); clear error if this samkernels lacks it."""
         module = importlib.import_module(self.module)
         for name in self.classes:
             found = getattr(module, name, None)
             if found is not None:
-                return found
+                return found, dict(self.fixed)
+        if self.fallback is not None and getattr(module, self.fallback[0], None) is not None:
+            return getattr(module, self.fallback[0]), dict(self.fallback[1])
         raise OptimizerUnavailable(
             f"optimizer {self.name!r} ({self.label}) needs {self.module}.{self.classes[0]}, "
             f"which this version of samkernels does not provide yet")
+
+    def cls(self) -> type:
+        return self.resolve()[0]
 
     def available(self) -> bool:
         try:
@@ -85,15 +94,22 @@ REGISTRY: Dict[str, Entry] = {e.name: e for e in [
     _e("mfvi", "MFVI", _SK, ["MFVI"], num_data=True, seed=True, defaults=dict(lr=0.1)),
     _e("vsam", "VSAM", _SK, ["VariationalSAM", "VSAM"], passes=2, num_data=True,
        defaults=dict(lr=0.1, rho=0.05)),
+    # BiSAM Alg. 1 is SAM-SGD whose perturbation comes from the ascent loss's gradient, A-BiSAM
+    # (Alg. 2) the same with ASAM's T = |w| (eta = 0): SAM serves until a BiSAM class exists
     _e("bisam", "BiSAM", _SK, ["BiSAM"], passes=2, ascent_loss=True,
-       defaults=dict(lr=0.1, momentum=0.9, rho=0.05)),
+       fallback=("SAM", dict(base="sgd")), defaults=dict(lr=0.1, momentum=0.9, rho=0.05)),
     _e("bisam-tanh", "BiSAM (tanh)", _SK, ["BiSAM"], passes=2, ascent_loss=True,
-       ascent_kwargs=dict(phi="tanh"), defaults=dict(lr=0.1, momentum=0.9, rho=0.05)),
+       ascent_kwargs=dict(phi="tanh"), fallback=("SAM", dict(base="sgd")),
+       defaults=dict(lr=0.1, momentum=0.9, rho=0.05)),
+    _e("abisam", "A-BiSAM", _SK, ["ABiSAM"], passes=2, ascent_loss=True,
+       fallback=("SAM", dict(base="sgd", adaptive=True, eta=0.0)),
+       defaults=dict(lr=0.1, momentum=0.9, rho=2.0)),
     _e("ebisam", "E-BiSAM", _SK, ["EBiSAM", "E_BiSAM"], passes=2, ascent_loss=True,
        defaults=dict(lr=0.1, momentum=0.9, rho=0.05, sds_fraction=0.5)),
 ]}
 ALIASES = {"sam-sgd": "sam", "samsgd": "sam", "samadam": "sam-adam", "b-sam": "bsam",
-           "variationalsam": "vsam", "e-bisam": "ebisam", "random-sam": "randomsam"}
+           "variationalsam": "vsam", "e-bisam": "ebisam", "a-bisam": "abisam",
+           "random-sam": "randomsam"}
 
 
 def get_entry(name: str) -> Entry:
@@ -106,10 +122,11 @@ def get_entry(name: str) -> Entry:
 
 def accepted_keys(entry: Entry) -> Tuple[str, ...]:
     """Constructor keywords (minus params and the ones the trainer fills in) plus trainer keys."""
-    sig = inspect.signature(entry.cls().__init__)
+    cls, fixed = entry.resolve()
+    sig = inspect.signature(cls.__init__)
     names = [n for n, p in sig.parameters.items()
              if n not in ("self", "params") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    skip = set(entry.fixed) | {"num_data", "seed"}
+    skip = set(fixed) | {"num_data", "seed"}
     return tuple(n for n in names if n not in skip) + TRAINER_KEYS
 
 
@@ -134,17 +151,18 @@ def set_hyper(hp: Dict[str, Any], key: str, value: Any) -> None:
 def build(entry: Entry, params: Iterable[torch.nn.Parameter], hp: Dict[str, Any], num_data: float,
           seed: int) -> torch.optim.Optimizer:
     """Instantiate ``entry`` with hyper-parameters ``hp`` (trainer keys resolved here)."""
+    cls, fixed = entry.resolve()
     kwargs = {k: v for k, v in hp.items() if k not in TRAINER_KEYS}
     if "prior_precision" in hp:
         kwargs["weight_decay"] = hp["prior_precision"] / num_data
-    kwargs.update(entry.fixed)
+    kwargs.update(fixed)
     if entry.num_data:
         kwargs["num_data"] = num_data
     if entry.seed:
         kwargs["seed"] = seed
     if "betas" in kwargs:
         kwargs["betas"] = tuple(kwargs["betas"])
-    return entry.cls()(params, **kwargs)
+    return cls(params, **kwargs)
 
 
 def ascent_loss_fn():

@@ -9,7 +9,8 @@ Sources (``shared/papers``):
   ``N * delta``, stored as ``prior_precision``; ``beta1`` is SGD's momentum or Adam's/bSAM's beta1.
 * ``bisam-*``  - Xie et al., "Improving SAM Requires Rethinking its Optimization Formulation" (ICML
   2024), §4.1: SGD momentum 0.9, weight decay 5e-4, batch 128, cosine from 0.1, label smoothing 0.1,
-  rho = 0.05, crop + flip, 200 epochs (SGD 400), E-BiSAM beta = gamma = 0.5.
+  rho = 0.05, crop + flip, 200 epochs (SGD 400), E-BiSAM beta = gamma = 0.5; ASAM and A-BiSAM
+  rho = 2 (their appendix).
 * ``vsam-cifar10`` - Ujváry et al., "Rethinking SAM as Variational Inference", §5: WRN, SGD momentum
   0.9, weight decay 5e-4, lr 0.1, batch 128, label smoothing 0.1 (CIFAR-10), 200 epochs (one-pass
   methods 400), rho = 0.05, RandomSAM sigma = 5e-5.  The paper uses a step schedule without giving
@@ -128,7 +129,9 @@ for _name in ("cifar10", "cifar100"):
         label_smoothing=0.1, sgd_double_epochs=True,
         hyper={"sgd": dict(_BISAM_SGD), "sam": dict(_BISAM_SGD, rho=0.05),
                "bisam": dict(_BISAM_SGD, rho=0.05), "bisam-tanh": dict(_BISAM_SGD, rho=0.05),
-               "ebisam": dict(_BISAM_SGD, rho=0.05, sds_fraction=0.5)}))
+               "ebisam": dict(_BISAM_SGD, rho=0.05, sds_fraction=0.5),
+               # App. (A-BiSAM vs ASAM): rho = 2 from a grid on CIFAR-10 / ResNet-56
+               "asam": dict(_BISAM_SGD, rho=2.0), "abisam": dict(_BISAM_SGD, rho=2.0)}))
 
 # --- VSAM paper §5 ----------------------------------------------------------------------------
 _add(Preset(
