@@ -232,11 +232,14 @@ def test_separate_ascent_loss_in_closure_and_phases():
     ("adamw", lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=1e-2)),
 ])
 @pytest.mark.parametrize("backend", ["reference", "auto"])
-def test_rho_zero_is_the_base_optimizer(base, torch_opt, backend):
-    x, y = batch()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rho_zero_is_the_base_optimizer(base, torch_opt, backend, dtype):
+    """The reference backend uses torch.optim's own calls: bit for bit.  The fused C++ kernel does
+    the same maths but rounds differently where ATen's AVX2 kernels fuse multiply-adds."""
+    x, y = batch(dtype=dtype)
     kw = dict(sgd=dict(lr=0.1, momentum=0.9, weight_decay=1e-3), adam=dict(lr=1e-2, weight_decay=1e-3),
               adamw=dict(lr=1e-2, weight_decay=1e-2))[base]
-    a, b = net(), net()
+    a, b = net(dtype=dtype), net(dtype=dtype)
     ours, theirs = SAM(a.parameters(), rho=0.0, base=base, **kw), torch_opt(b.parameters())
     for _ in range(20):
         with samkernels.use_backend(backend):
@@ -245,7 +248,12 @@ def test_rho_zero_is_the_base_optimizer(base, torch_opt, backend):
         F.cross_entropy(b(x), y).backward()
         theirs.step()
     for p, q in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-13, atol=1e-14)
+        if backend == "reference":
+            assert torch.equal(p, q)
+        elif dtype == torch.float64:
+            torch.testing.assert_close(p, q, rtol=1e-13, atol=1e-14)
+        else:
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)  # 20 steps of fp32 rounding
 
 
 def test_restore_is_exact_in_bf16():

@@ -112,16 +112,17 @@ def sam_restore_sgd_(params: List[Tensor], grads: List[Tensor], backups: List[Te
     """w <- backup, then torch.optim.SGD's update with the perturbed gradient g_e.
 
     ``first``: the momentum buffers are uninitialised and take d (as torch.optim.SGD does)."""
+    # Written with the same torch calls as torch.optim.SGD, so that rho = 0 matches it bit for bit.
     for i, (p, g, b) in enumerate(zip(params, grads, backups)):
-        w, d = b.to(opmath(p)), g.to(opmath(p))
+        w, d = b.to(opmath(p), copy=True), g.to(opmath(p))
         if weight_decay != 0:
-            d = d + weight_decay * w
+            d = d.add(w, alpha=weight_decay)
         if momentum != 0:
-            buf = momentum_bufs[i]
-            new = d.clone() if first else buf.to(d.dtype) * momentum + (1 - dampening) * d
-            buf.copy_(new)
-            d = d + momentum * new if nesterov else new
-        p.copy_(w - lr * d)
+            buf = momentum_bufs[i].to(d.dtype, copy=True)
+            buf = d.clone() if first else buf.mul_(momentum).add_(d, alpha=1 - dampening)
+            momentum_bufs[i].copy_(buf)
+            d = d.add(buf, alpha=momentum) if nesterov else buf
+        p.copy_(w.add_(d, alpha=-lr))
 
 
 def sam_restore_adam_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
@@ -129,20 +130,22 @@ def sam_restore_adam_(params: List[Tensor], grads: List[Tensor], backups: List[T
                       beta1: float, beta2: float, eps: float, weight_decay: float,
                       decoupled: bool) -> None:
     """w <- backup, then Adam (L2 decay) or AdamW (decoupled decay) with g_e; ``step`` counts from 1."""
-    bc1, bc2 = 1 - beta1 ** step, 1 - beta2 ** step
+    # Written with the same torch calls as torch.optim.Adam/AdamW (single-tensor path), so that
+    # rho = 0 matches them bit for bit.
+    bc1, bc2_sqrt = 1 - beta1 ** step, (1 - beta2 ** step) ** 0.5
     for p, g, b, m, v in zip(params, grads, backups, exp_avgs, exp_avg_sqs):
-        w, d = b.to(opmath(p)), g.to(opmath(p))
+        w, d = b.to(opmath(p), copy=True), g.to(opmath(p))
         if weight_decay != 0:
             if decoupled:
-                w = w * (1 - lr * weight_decay)
+                w.mul_(1 - lr * weight_decay)
             else:
-                d = d + weight_decay * w
-        m_new = beta1 * m.to(d.dtype) + (1 - beta1) * d
-        v_new = beta2 * v.to(d.dtype) + (1 - beta2) * d * d
+                d = d.add(w, alpha=weight_decay)
+        m_new = m.to(d.dtype, copy=True).lerp_(d, 1 - beta1)
+        v_new = v.to(d.dtype, copy=True).mul_(beta2).addcmul_(d, d, value=1 - beta2)
         m.copy_(m_new)
         v.copy_(v_new)
-        denom = v_new.sqrt() / math.sqrt(bc2) + eps
-        p.copy_(w - (lr / bc1) * m_new / denom)
+        denom = (v_new.sqrt() / bc2_sqrt).add_(eps)
+        p.copy_(w.addcdiv_(m_new, denom, value=-(lr / bc1)))
 
 
 # ---------------------------------------------------------------------------------------------
