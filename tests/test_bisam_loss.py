@@ -125,7 +125,8 @@ def test_row_wider_than_default_triton_block(backend):
     target[1] = 9_999
     loss, grad = _run(backend, logits, target, reduction="none")
     rloss, rgrad = _ref(logits, target, reduction="none")
-    torch.testing.assert_close(loss.double(), rloss, rtol=1e-5, atol=1e-6)
+    # float32 sums of 10^4 terms: the order (SIMD lanes, chunks) moves the last digits
+    torch.testing.assert_close(loss.double(), rloss, rtol=2e-5, atol=1e-5)
     torch.testing.assert_close(grad.double(), rgrad, rtol=1e-4, atol=1e-8)
 
 
@@ -269,7 +270,9 @@ def test_no_grad_and_strided_inputs(backend):
     with samkernels.use_backend(backend):
         loss = bisam_loss(logits, target, reduction="none")
         lt = bisam_loss(base.t()[:30, :3].t(), target, reduction="none")  # column stride != 1
-    assert not loss.requires_grad
+        with torch.no_grad():
+            nograd = bisam_loss(base[:3, :30].requires_grad_(True), target)
+    assert not loss.requires_grad and not nograd.requires_grad
     rloss, _ = _ref(logits, target, reduction="none")
     torch.testing.assert_close(loss.double(), rloss, rtol=1e-5, atol=1e-6)
     rlt, _ = _ref(base.t()[:30, :3].t(), target, reduction="none")
@@ -310,7 +313,7 @@ def test_cpu_backend_under_torch_compile():
     torch.testing.assert_close(x.grad.double(), rgrad, rtol=1e-4, atol=1e-7)
 
 
-# --- module and defaults ----------------------------------------------------------------------------
+# --- module and defaults -------------------------------------------------------------------------
 def test_module_and_default_mu():
     assert DEFAULT_MU == {"neglog": 1.5, "tanh": 10.0}
     logits, target = _data(4, 10, seed=1)
@@ -329,14 +332,15 @@ def test_module_and_default_mu():
     x = logits.double()
     F = x - x.gather(1, target.clamp(min=0)[:, None])
     gamma = math.log(math.e - 1)
-    for phi, ph in (("neglog", -torch.log1p(torch.exp(gamma - F)) + 1), ("tanh", torch.tanh(0.1 * F))):
+    phis = (("neglog", -torch.log1p(torch.exp(gamma - F)) + 1), ("tanh", torch.tanh(0.1 * F)))
+    for phi, ph in phis:
         mu = DEFAULT_MU[phi]
         rows = torch.logsumexp(mu * ph, 1) / mu - math.log(10) / mu
         rows[target == -100] = 0
         torch.testing.assert_close(bisam_loss_reference(x, target, phi=phi, reduction="none"), rows)
 
 
-# --- bad inputs ---------------------------------------------------------------------------------------
+# --- bad inputs ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", ALL)
 @pytest.mark.parametrize("bad", [10, -1, -7])
 def test_target_out_of_range_raises(backend, bad):

@@ -1,6 +1,7 @@
 """The reference trainer end to end on tiny data: every available optimizer learns, the CLI explains
 bad input, a resumed run equals an uninterrupted one, runs are deterministic, outputs are written."""
 import copy
+import dataclasses
 import gzip
 import json
 import math
@@ -14,8 +15,9 @@ import torch
 from torch import nn
 
 from samkernels.train import ConfigError, TrainConfig, run
-from samkernels.train import cli, data as data_mod, engine
-from samkernels.train.optimizers import REGISTRY, build, get_entry
+from samkernels.train import cli, data as data_mod, engine, runner
+from samkernels.train.optimizers import REGISTRY, Entry, bn_frozen_helper, build, get_entry
+from samkernels.train.presets import get_preset
 from samkernels.train.runner import resolve
 
 # 256 training / 200 test examples of MNIST-1D, batch 32 (8 steps per epoch), a 64-unit MLP
@@ -59,22 +61,35 @@ def test_loss_goes_down(name):
         assert pred["samples"] == 4 and math.isfinite(pred["metrics"]["nll"])
 
 
-def test_msharpness_sam():
-    need("sam")
-    res = run(tiny(optimizers=["sam"], epochs=3, m=4))
+@pytest.mark.parametrize("name", ["sam", "bsam"])
+def test_msharpness(name):
+    need(name)
+    res = run(tiny(optimizers=[name], epochs=3, m=4))
     losses = res["runs"][0]["history"]["train_loss"]
     assert res["runs"][0]["run"]["m"] == 4 and losses[-1] < losses[0]
 
 
-def test_msharpness_unsupported_is_explicit():
+class NoMicroBatches:
+    """Stands for an optimizer whose step() has no m-sharpness (no ``m`` argument)."""
+
+    def __init__(self, params, lr):
+        pass
+
+    def step(self, closure=None):
+        pass
+
+
+def test_msharpness_preset_values_and_unsupported_optimizers():
     need("bsam")
-    if hasattr(get_entry("bsam").cls(), "noise_step"):  # bSAM's m-sharpness lives in the optimizer
-        with pytest.raises(ConfigError, match="m-sharpness"):
-            resolve(tiny(optimizers=["bsam"], m=2))
-    # a preset's m that the optimizer cannot do falls back to 1, loudly
+    specs = resolve(TrainConfig(preset="bsam-mnist", optimizers=["sgd", "sam", "bsam"]))[-1]
+    assert {s.entry.name: s.m for s in specs} == {"sgd": 1, "sam": 8, "bsam": 8}  # Table 6: m = 8
+    entry = Entry("nomicro", "NoMicro", __name__, ("NoMicroBatches",), passes=2)
+    with pytest.raises(ConfigError, match="no m-sharpness support"):
+        runner._msharpness(entry, 2, get_preset("bsam-mnist"))
+    # a preset's m the optimizer cannot do falls back to 1, loudly
+    preset = dataclasses.replace(get_preset("bsam-mnist"), m={"nomicro": 8})
     with pytest.warns(UserWarning, match="m=8"):
-        specs = resolve(TrainConfig(preset="bsam-mnist", optimizers=["sam", "bsam"]))[-1]
-    assert {s.entry.name: s.m for s in specs}["sam"] == 8
+        assert runner._msharpness(entry, None, preset) == 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,8 +266,12 @@ def test_cosine_and_step_schedules():
     assert [engine.lr_factor(spec, e * 10, 10) for e in (4, 5, 8)] == pytest.approx([1, 0.1, 0.01])
 
 
-def test_second_pass_leaves_batchnorm_statistics_alone():
+@pytest.mark.parametrize("helper", ["trainer", "samkernels.optim"])
+def test_second_pass_leaves_batchnorm_statistics_alone(helper):
     need("sam")
+    freeze = engine._bn_frozen if helper == "trainer" else bn_frozen_helper()
+    if freeze is None:
+        pytest.skip("samkernels.optim has no bn_frozen yet")
     from samkernels.optim import SAM
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
@@ -262,7 +281,7 @@ def test_second_pass_leaves_batchnorm_statistics_alone():
     opt = SAM(model.parameters(), lr=0.1, rho=0.5)
     loss = engine.PassLoss(nn.functional.cross_entropy)
     closure = engine.PassClosure(model, opt, x, y, loss, nn.functional.cross_entropy,
-                                 engine._bn_frozen, lambda: None)
+                                 freeze, lambda: None)
     opt.step(closure)
     assert closure.calls == 2
     assert torch.equal(model[1].running_mean, reference[1].running_mean)

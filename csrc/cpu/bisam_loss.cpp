@@ -84,7 +84,8 @@ SK_INLINE void phi_eval(acc_t F, acc_t alpha, acc_t& phi, acc_t& dphi) {
     phi = acc_t(1) - ((v > acc_t(0) ? v : acc_t(0)) + log1p_unit(a));
     dphi = (v >= acc_t(0) ? acc_t(1) : a) / (acc_t(1) + a);
   } else {
-    // tanh(t) = (1 - a)/(1 + a), a = exp(-2|t|); tanh'(t) = 4a/(1 + a)^2 (no 1 - tanh^2 cancellation)
+    // tanh(t) = (1 - a)/(1 + a), a = exp(-2|t|); tanh'(t) = 4a/(1 + a)^2 (no 1 - tanh^2
+    // cancellation)
     const acc_t t = alpha * F;
     const acc_t a = exp_neg(acc_t(-2) * abs_(t));
     const acc_t th = (acc_t(1) - a) / (acc_t(1) + a);
@@ -133,10 +134,15 @@ SK_INLINE acc_t bisam_row(const acc_t* x, int64_t K, int64_t y, acc_t mu, acc_t 
 // ops as trapping once they sit under a condition) and leaves pass 1 scalar.  No trap is ever
 // enabled, so the results are the same; everything the clones call is always_inline, since a
 // function with other optimisation flags would not be inlined into them.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+// (-DSAMKERNELS_NO_MULTIVERSION keeps only the baseline build, e.g. to test it on an AVX2 host.)
+#if defined(__GNUC__) && !defined(__clang__)
+#if __GNUC__ >= 11 && defined(__x86_64__) && !defined(SAMKERNELS_NO_MULTIVERSION)
 #define SK_MULTIVERSION                                                                   \
   __attribute__((optimize("no-trapping-math"),                                            \
                  target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define SK_MULTIVERSION __attribute__((optimize("no-trapping-math")))
+#endif
 #else
 #define SK_MULTIVERSION
 #endif
@@ -255,7 +261,8 @@ TORCH_LIBRARY_FRAGMENT(samkernels, m) {
   // grad: grad_scale * d loss_row / d logits in the logits' dtype, (B, K) contiguous, or an empty
   // tensor when compute_grad is false.  phi: 0 = neglog (eq. 18), 1 = tanh (eq. 17).
   m.def("bisam_loss_fwd(Tensor logits, Tensor target, float mu, int phi, float alpha, "
-        "int ignore_index, float grad_scale, bool compute_grad) -> (Tensor loss_rows, Tensor grad)");
+        "int ignore_index, float grad_scale, bool compute_grad) "
+        "-> (Tensor loss_rows, Tensor grad)");
 }
 
 TORCH_LIBRARY_IMPL(samkernels, CPU, m) { m.impl("bisam_loss_fwd", &bisam_loss_fwd_cpu); }

@@ -56,7 +56,8 @@ class TargetOutOfRangeError(IndexError, ValueError):
 
 
 # --- argument checks ---------------------------------------------------------------------------
-def _check_args(logits, target, mu, phi, alpha, reduction, ignore_index) -> Tuple[str, float, float]:
+def _check_args(logits, target, mu, phi, alpha, reduction,
+                ignore_index) -> Tuple[str, float, float]:
     if not isinstance(logits, Tensor) or not isinstance(target, Tensor):
         raise TypeError("bisam_loss: logits and target must be tensors")
     if logits.dim() != 2:
@@ -110,7 +111,7 @@ def _check_targets(target: Tensor, num_classes: int, ignore_index: int) -> None:
 def bisam_loss_reference(logits: Tensor, target: Tensor, mu: Optional[float] = None,
                          phi: str = "neglog", alpha: float = 0.1, reduction: str = "mean",
                          ignore_index: int = -100) -> Tensor:
-    """Q in plain PyTorch (float64 stays float64, fp16/bf16 run in float32); autograd gives dQ/df."""
+    """Q in plain PyTorch (float64 stays float64, fp16/bf16 run in float32); autograd: dQ/df."""
     phi, mu, alpha = _check_args(logits, target, mu, phi, alpha, reduction, ignore_index)
     _check_targets(target, logits.shape[1], ignore_index)
     f = logits if logits.dtype == torch.float64 else logits.float()
@@ -153,40 +154,46 @@ def _fused_fwd(backend: str):
         from samkernels.triton.bisam_loss import bisam_loss_fwd_triton
         return bisam_loss_fwd_triton
     if not _cpp_op_available():
-        raise RuntimeError(f"samkernels backend {backend!r}: samkernels._C has no bisam_loss_fwd op; "
-                           "rebuild the extension (pip install --no-build-isolation .)")
+        raise RuntimeError(f"samkernels backend {backend!r}: samkernels._C has no bisam_loss_fwd "
+                           "op; rebuild the extension (pip install --no-build-isolation .)")
     return torch.ops.samkernels.bisam_loss_fwd
+
+
+def _fused_forward(logits, target, mu, phi_code, alpha, reduction, ignore_index, backend,
+                   compute_grad):
+    """(loss, gradient buffer or None, mean's count tensor if backward must divide by it)."""
+    count = (target != ignore_index).sum() if reduction == "mean" else None
+    # On CPU the mean's 1/count goes into the kernel (count is on the host anyway), so a
+    # grad_output of 1 needs no extra pass; elsewhere backward divides (no host sync).
+    fold = (reduction == "mean" and logits.device.type == "cpu"
+            and not torch.compiler.is_compiling())
+    grad_scale = 1.0 / max(int(count), 1) if (fold and compute_grad) else 1.0
+    loss_rows, grad = _fused_fwd(backend)(logits, target, mu, phi_code, alpha, ignore_index,
+                                          grad_scale, compute_grad)
+    if reduction == "none":
+        out = loss_rows
+    elif reduction == "sum":
+        out = loss_rows.sum()
+    else:
+        out = loss_rows.sum() / count  # 0/0 = NaN when every row is ignored, like F.cross_entropy
+    return out.to(logits.dtype), (grad if compute_grad else None), (None if fold else count)
 
 
 class _FusedBiSAMLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, mu, phi_code, alpha, reduction, ignore_index, backend):
-        compute_grad = bool(ctx.needs_input_grad[0])
-        count = (target != ignore_index).sum() if reduction == "mean" else None
-        # On CPU the mean's 1/count goes into the kernel (count is on the host anyway), so a
-        # grad_output of 1 needs no extra pass; elsewhere backward divides (no host sync).
-        fold = (reduction == "mean" and logits.device.type == "cpu"
-                and not torch.compiler.is_compiling())
-        grad_scale = 1.0 / max(int(count), 1) if fold else 1.0
-        loss_rows, grad = _fused_fwd(backend)(logits, target, mu, phi_code, alpha, ignore_index,
-                                              grad_scale, compute_grad)
-        if reduction == "none":
-            out = loss_rows
-        elif reduction == "sum":
-            out = loss_rows.sum()
-        else:
-            out = loss_rows.sum() / count  # 0/0 = NaN when every row is ignored, like F.cross_entropy
-        if compute_grad:
-            ctx.save_for_backward(grad, count if (count is not None and not fold) else None)
+        out, grad, count = _fused_forward(logits, target, mu, phi_code, alpha, reduction,
+                                          ignore_index, backend, True)
+        ctx.save_for_backward(grad, count)
         ctx.reduction = reduction
-        return out.to(logits.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
         grad, count = ctx.saved_tensors
         if ctx.reduction == "none":
             g = grad * grad_out.to(grad.dtype)[:, None]
-        elif count is not None:  # unfolded mean: d mean / d rows = 1/count (0 rows -> zero gradient)
+        elif count is not None:  # unfolded mean: d mean/d rows = 1/count (no rows: zero gradient)
             go = grad_out if grad_out.dtype == torch.float64 else grad_out.float()
             g = grad * (go / count.clamp(min=1)).to(grad.dtype)
         elif (grad_out.device.type == "cpu" and not torch.compiler.is_compiling()
@@ -210,8 +217,12 @@ def bisam_loss(logits: Tensor, target: Tensor, mu: Optional[float] = None, phi: 
     if backend == "reference":
         return bisam_loss_reference(logits, target, mu, phi, alpha, reduction, ignore_index)
     _check_targets(target, logits.shape[1], ignore_index)
-    return _FusedBiSAMLoss.apply(logits, target, mu, PHI_CODES[phi], alpha, reduction,
-                                 ignore_index, backend)
+    if logits.requires_grad and torch.is_grad_enabled():
+        return _FusedBiSAMLoss.apply(logits, target, mu, PHI_CODES[phi], alpha, reduction,
+                                     ignore_index, backend)
+    # no autograd: the kernel skips the gradient write
+    return _fused_forward(logits, target, mu, PHI_CODES[phi], alpha, reduction, ignore_index,
+                          backend, False)[0]
 
 
 class BiSAMLoss(nn.Module):
@@ -223,7 +234,8 @@ class BiSAMLoss(nn.Module):
         # validate once, on a dummy input, so a bad setting fails at construction
         _check_args(torch.zeros(1, 1), torch.zeros(1, dtype=torch.long), mu, phi, alpha, reduction,
                     ignore_index)
-        self.phi, self.alpha, self.reduction, self.ignore_index = phi, alpha, reduction, ignore_index
+        self.phi, self.alpha = phi, alpha
+        self.reduction, self.ignore_index = reduction, ignore_index
         self.mu = DEFAULT_MU[_PHI_ALIASES[phi.lower()]] if mu is None else float(mu)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:

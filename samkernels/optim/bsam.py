@@ -161,7 +161,7 @@ class BSAM(TwoPassOptimizer):
                 ops.bsam_update_(ps, [p.grad for p in ps], backups, precisions, momenta, accums,
                                  group["lr"], beta1, beta2, group["weight_decay"], group["gamma"],
                                  _accum_scale, group["update_order"] == "released")
-                todo.difference_update(ps)
+                todo.difference_update(set(ps))  # a set: torch.compile compares list items with ==
         finally:  # anything not updated (no gradient now, or an error) goes back to the mean
             for ps, bs in perturbed:
                 rest = [(p, b) for p, b in zip(ps, bs) if p in todo]

@@ -104,7 +104,7 @@ class SAM(TwoPassOptimizer):
                 if p not in perturbed:
                     self._backup(p).copy_(p)
             self._base_update(group, ps)
-            perturbed.difference_update(ps)
+            perturbed.difference_update(set(ps))  # a set: torch.compile compares list items with ==
         # parameters perturbed in the first pass but without a gradient now: just restore them
         for ps, bs in self._perturbed:
             rest = [(p, b) for p, b in zip(ps, bs) if p in perturbed]

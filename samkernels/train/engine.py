@@ -3,8 +3,8 @@
 A step hands the optimizer a ``PassClosure``.  Optimizers call it once per gradient evaluation (SGD
 once; SAM and bSAM twice); the closure knows which pass it is in, so the loss can differ per pass
 (BiSAM's first pass uses the ascent loss) and BatchNorm running statistics are only updated by the
-first pass of a step, never at perturbed weights.  m-sharpness (``m > 1``) drives SAM-type optimizers
-through their explicit phases instead, one perturbation per micro-batch.
+first pass of a step, never at perturbed weights.  With m-sharpness (``m > 1``) the optimizer calls
+``closure(i, ascent)`` for micro-batch ``i``, one perturbation per micro-batch.
 
 Checkpoints (written after every epoch when a path is given) hold the model, the optimizer's
 state_dict, the global RNG states, the history and the epoch count; shuffling and augmentation are
@@ -169,17 +169,22 @@ class PassClosure:
     (forward and backward), so that the optimizer's own share of a step can be reported."""
 
     def __init__(self, model: nn.Module, optimizer, x: Tensor, y: Tensor, loss: PassLoss,
-                 criterion, freeze_bn, sync: Callable[[], None]):
-        self.model, self.optimizer, self.x, self.y = model, optimizer, x, y
+                 criterion, freeze_bn, sync: Callable[[], None], m: int = 1):
+        self.model, self.optimizer, self.x, self.y, self.m = model, optimizer, x, y, m
         self.loss, self.criterion, self.freeze_bn, self.sync = loss, criterion, freeze_bn, sync
         self.calls = 0
         self.seconds = 0.0
         self.stats: Optional[Tensor] = None  # (loss sum, correct, count) of first passes
 
-    def __call__(self, ascent: Optional[bool] = None) -> Tensor:
+    def __call__(self, *args) -> Tensor:
+        """``closure()``, ``closure(ascent)`` or, with m-sharpness, ``closure(i, ascent)`` for
+        micro-batch ``i`` of ``m`` (the batch split into ``m`` equal chunks)."""
+        micro, ascent = ((None, None), (None, *args), args)[len(args)]
         k = self.calls if ascent is None else (0 if ascent else 1)
         self.calls += 1
-        return self.run(self.x, self.y, k)
+        if micro is None:
+            return self.run(self.x, self.y, k)
+        return self.run(self.x.chunk(self.m)[micro], self.y.chunk(self.m)[micro], k)
 
     def run(self, x: Tensor, y: Tensor, k: int) -> Tensor:
         """Pass ``k`` (0 = first) on the batch (x, y); returns the detached loss."""
@@ -200,37 +205,6 @@ class PassClosure:
         self.sync()
         self.seconds += time.perf_counter() - start
         return loss.detach()
-
-
-def msharp_step(optimizer, closure: PassClosure, m: int) -> None:
-    """m-sharpness (SPEC): one perturbation per micro-batch, the m second-pass gradients averaged,
-    one update.  Drives the explicit phases: per micro-batch first pass, ``first_step()``, second
-    pass, ``restore()`` (back to w for the next perturbation); then ``second_step()`` with the mean
-    gradient."""
-    if hasattr(optimizer, "noise_step") or not all(
-            hasattr(optimizer, a) for a in ("first_step", "second_step", "restore")):
-        raise ConfigError(f"m-sharpness (m={m}) needs a SAM-type optimizer with first_step(), "
-                          f"restore() and second_step(); {type(optimizer).__name__} in this version "
-                          "of samkernels has no m-sharpness support: run it with --m 1")
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    xs, ys = closure.x.chunk(m), closure.y.chunk(m)
-    if len(xs) != m:
-        raise ConfigError(f"a batch of {closure.x.shape[0]} cannot be split into m={m} micro-batches")
-    total = [torch.zeros_like(p) for p in params]
-    for i, (x, y) in enumerate(zip(xs, ys)):
-        closure.run(x, y, 0)  # each micro-batch has its own first (BN-updating) pass
-        optimizer.first_step()
-        closure.run(x, y, 1)
-        with torch.no_grad():
-            for acc, p in zip(total, params):
-                if p.grad is not None:
-                    acc.add_(p.grad)
-        if i < m - 1:
-            optimizer.restore()
-    with torch.no_grad():
-        for p, acc in zip(params, total):
-            p.grad = acc.div_(m)
-    optimizer.second_step()  # restores w from its backup and updates with the mean gradient
 
 
 # --------------------------------------------------------------------------------------------
@@ -331,7 +305,7 @@ def train_run(spec: RunSpec, data: DataSet, opts: RunOptions) -> Dict[str, Any]:
         raise ConfigError(f"{spec.entry.name} with {spec.hyper}: {err}") from err
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     spe = steps_per_epoch(data, spec.batch_size)
-    if spec.m > 1 and spec.batch_size % spec.m:
+    if spec.m > 1 and spec.batch_size % spec.m:  # equal micro-batches
         raise ConfigError(f"batch size {spec.batch_size} is not divisible by m={spec.m}")
 
     criterion = lambda logits, y: F.cross_entropy(logits, y, label_smoothing=spec.label_smoothing)  # noqa: E731
@@ -375,12 +349,12 @@ def train_run(spec: RunSpec, data: DataSet, opts: RunOptions) -> Dict[str, Any]:
                 factor = lr_factor(spec, epoch * spe + i, spe)
                 for group, lr in zip(optimizer.param_groups, base_lrs):
                     group["lr"] = lr * factor
-                closure = PassClosure(model, optimizer, x, y,
-                                      PassLoss(criterion, ascent, sds), criterion, freeze_bn, sync)
+                closure = PassClosure(model, optimizer, x, y, PassLoss(criterion, ascent, sds),
+                                      criterion, freeze_bn, sync, spec.m)
                 sync()
                 t0 = time.perf_counter()
-                if spec.m > 1:
-                    msharp_step(optimizer, closure, spec.m)
+                if spec.m > 1:  # m-sharpness: the optimizer calls closure(i, ascent) per micro-batch
+                    optimizer.step(closure, m=spec.m)
                 else:
                     optimizer.step(closure)
                 sync()

@@ -43,7 +43,10 @@ def build_model(name: str, input_shape: Tuple[int, ...], num_classes: int,
     if len(input_shape) != 3:
         raise ConfigError(f"model {name!r} needs image inputs (C, H, W); this data set has "
                           f"shape {input_shape}: use --model mlp")
-    return builders[key](input_shape[0])
+    try:
+        return builders[key](input_shape[0])
+    except RuntimeError as err:  # e.g. LeNet-5's 5x5 convolutions on 8x8 digits
+        raise ConfigError(f"model {name!r} does not fit inputs of shape {input_shape}: {err}") from err
 
 
 def count_parameters(model: nn.Module) -> int:

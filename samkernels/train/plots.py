@@ -7,7 +7,6 @@
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Any, Dict, List, Tuple

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import inspect
 import json
 import math
 import os
@@ -18,8 +19,7 @@ import torch
 from samkernels.train.config import ConfigError, TrainConfig
 from samkernels.train.data import DataSet, load_dataset
 from samkernels.train.engine import RunOptions, RunSpec, train_run
-from samkernels.train.optimizers import (TRAINER_KEYS, Entry, accepted_keys, accepts, get_entry,
-                                         set_hyper)
+from samkernels.train.optimizers import Entry, accepted_keys, accepts, get_entry, set_hyper
 from samkernels.train.presets import Preset, get_preset
 
 METRICS = ("accuracy", "nll", "ece", "auroc")
@@ -95,8 +95,12 @@ def resolve(cfg: TrainConfig) -> Tuple[Preset, str, str, Optional[Tuple[int, ...
         entry.cls()  # a clear error now if samkernels.optim lacks it
     data = (cfg.data or preset.data).lower().replace("-", "").replace("_", "")
     model = cfg.model or (preset.model if data == preset.data else DEFAULT_MODEL.get(data, "mlp"))
-    hidden = tuple(cfg.hidden) if cfg.hidden else (
-        preset.hidden if data == preset.data and preset.hidden else DEFAULT_HIDDEN.get(data))
+    hidden = None
+    if model == "mlp":
+        hidden = tuple(cfg.hidden) if cfg.hidden else (
+            preset.hidden if data == preset.data and preset.hidden else DEFAULT_HIDDEN.get(data))
+    elif cfg.hidden:
+        raise ConfigError(f"--hidden sets MLP layer sizes; model {model!r} has none")
     if cfg.seeds < 1 or cfg.samples < 0 or cfg.eval_every < 1:
         raise ConfigError("seeds and eval_every must be >= 1, samples >= 0")
 
@@ -155,8 +159,7 @@ def _msharpness(entry: Entry, requested: Optional[int], preset: Preset) -> int:
         return 1  # m-sharpness concerns perturbing optimizers only
     m = requested if requested is not None else preset.m.get(entry.name, 1)
     cls = entry.cls()
-    able = all(hasattr(cls, a) for a in ("first_step", "second_step", "restore")) and \
-        not hasattr(cls, "noise_step")  # bSAM's m-sharpness needs support inside the optimizer
+    able = "m" in inspect.signature(cls.step).parameters  # step(closure, m): closure(i, ascent)
     if m > 1 and not able:
         if requested is not None:
             raise ConfigError(f"--m {m}: {entry.name} ({cls.__name__}) has no m-sharpness support "

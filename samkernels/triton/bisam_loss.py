@@ -56,7 +56,8 @@ def _bisam_loss_fwd_kernel(x_ptr, x_row_stride, t_ptr, loss_ptr, g_ptr, K, mu, l
         if COMPUTE_GRAD:
             for start in range(0, K, BLOCK):
                 offs = start + cols
-                tl.store(g_row + offs, tl.zeros([BLOCK], dtype=g_ptr.dtype.element_ty), mask=offs < K)
+                zero = tl.zeros([BLOCK], dtype=g_ptr.dtype.element_ty)
+                tl.store(g_row + offs, zero, mask=offs < K)
     else:
         # A label outside [0, K) (the host asserts asynchronously) reads column 0 instead and
         # poisons its row with NaN.

@@ -1,0 +1,56 @@
+"""Fake (meta) implementations of the C++ ops of the ``samkernels`` namespace, for torch.compile.
+
+Tracing (dynamo + AOTAutograd) runs every op on FakeTensors that carry only shape, dtype and
+device; an op without a fake implementation stops the trace.  The in-place phases return nothing,
+so their fakes only state that; the two ops that return a tensor say which 0-d tensor the real
+kernel returns (csrc/cpu/sam_step.cpp, csrc/cuda/ops_cuda.cpp).  The schemas declare which lists
+each op mutates, so the functionalisation of the traced graph is right without more help.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from samkernels import _dispatch
+
+_CPU = torch.device("cpu")
+
+
+def _norm_dtype(params: List[Tensor]) -> torch.dtype:
+    return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+
+
+def grad_sumsq(params, grads, adaptive, eta):
+    # float64 on every backend, like reference.grad_sumsq
+    return torch.empty((), dtype=torch.float64, device=grads[0].device if grads else _CPU)
+
+
+def sam_perturb_(params, grads, backups, grad_norm: Optional[Tensor], rho, eps, adaptive, eta):
+    if not params:
+        return torch.empty((), dtype=torch.float32, device=_CPU)
+    if grad_norm is not None and params[0].device.type == "cuda":
+        return torch.empty_like(grad_norm)  # the CUDA kernel returns a copy of the given norm
+    return torch.empty((), dtype=_norm_dtype(params), device=params[0].device)
+
+
+def _nothing(*args) -> None:
+    return None
+
+
+_RETURNS_NOTHING = ("sam_restore_sgd_", "sam_restore_adam_", "bsam_noise_", "bsam_perturb_",
+                    "bsam_update_")
+
+
+def register() -> None:
+    """Register the fakes once the extension (which defines the ops) is loaded."""
+    if _dispatch.extension() is None:
+        return
+    torch.library.register_fake("samkernels::grad_sumsq")(grad_sumsq)
+    torch.library.register_fake("samkernels::sam_perturb_")(sam_perturb_)
+    for name in _RETURNS_NOTHING:
+        torch.library.register_fake(f"samkernels::{name}")(_nothing)
+
+
+register()
