@@ -67,7 +67,14 @@ def _glue_command(tmp):
         includes = cpp_extension.include_paths()
     except Exception as exc:  # pragma: no cover - depends on the install
         return None, f"torch include paths unavailable: {exc}"
-    cuda_inc = os.path.join(os.path.dirname(os.path.dirname(NVCC)), "include")
+    # nvcc may be a link or wrapper outside the toolkit (e.g. /usr/local/bin/nvcc)
+    homes = [os.path.dirname(os.path.dirname(os.path.realpath(NVCC))),
+             os.path.dirname(os.path.dirname(NVCC)), os.environ.get("CUDA_HOME", ""),
+             "/usr/local/cuda"]
+    cuda_inc = next((os.path.join(h, "include") for h in homes
+                     if h and os.path.isfile(os.path.join(h, "include", "cuda_runtime.h"))), None)
+    if cuda_inc is None:
+        return None, "CUDA headers (cuda_runtime.h) not found"
     if not any(os.path.isfile(os.path.join(d, "c10", "cuda", "CUDAStream.h")) for d in includes):
         return None, "this torch ships no c10/cuda headers"
     stub = os.path.join(tmp, "stub", "c10", "cuda", "impl")

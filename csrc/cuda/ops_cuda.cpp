@@ -191,18 +191,19 @@ int64_t total_chunks(const GroupSet& gs) {
 // ---------------------------------------------------------------------------------------------
 Tensor grad_sumsq_cuda(TensorList params, TensorList grads, bool adaptive, double eta) {
   const char* op = "samkernels::grad_sumsq";
-  check_params(op, params);
-  check_list(op, "grads", grads, params, false);
-  if (params.empty()) return at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(at::kCUDA));
-  const c10::cuda::CUDAGuard guard(params[0].device());
+  // params are read only for ASAM (T = |w| + eta); plain SAM needs the grads alone (as the CPU
+  // kernel), so then the grads also decide the dtype groups.
+  const TensorList base = adaptive ? params : grads;
+  check_params(op, base);
+  if (adaptive) check_list(op, "grads", grads, params, false);
+  if (base.empty()) return at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(at::kCUDA));
+  const c10::cuda::CUDAGuard guard(base[0].device());
   const cudaStream_t stream = current_stream();
-  // params are read only for ASAM
   const auto w = adaptive ? dense_lists({params, grads}) : dense_lists({grads});
-  const std::vector<Tensor>& g = w.back();
   GroupSet gs;
-  gs.build(params, {adaptive ? &w[0] : nullptr, &g, nullptr, nullptr, nullptr, nullptr});
+  gs.build(base, {adaptive ? &w[0] : nullptr, &w.back(), nullptr, nullptr, nullptr, nullptr});
   const int64_t n = total_chunks(gs);
-  const auto f64 = params[0].options().dtype(at::kDouble);
+  const auto f64 = base[0].options().dtype(at::kDouble);
   Tensor partials = at::empty({n}, f64);
   Tensor out = at::empty({}, f64);  // float64 like reference.grad_sumsq
   sumsq_partials(gs, partials.data_ptr<double>(), adaptive, eta, stream);

@@ -55,6 +55,10 @@ class TwoPassOptimizer(torch.optim.Optimizer):
 
     Backups of the mean weights live in ``self._backups`` (keyed by parameter), outside
     ``self.state``: they are transient and never saved in checkpoints.
+
+    torch.compile: dynamo drops attribute assignments on an Optimizer (``self.x = ...``) made in a
+    traced frame that also runs tensor ops (torch 2.13), so the phases never rebind attributes;
+    they mutate the containers created in ``__init__`` in place (``list.clear()``, ``dict[k] = v``).
     """
 
     def __init__(self, params, defaults):
@@ -140,10 +144,16 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         """Copy the mean weights back (exact in every dtype).  A no-op when nothing is perturbed."""
         for params, backups in self._perturbed:
             torch._foreach_copy_(params, backups)
-        self._perturbed = []
+        self._perturbed.clear()
 
     def _mark_perturbed(self, params: List[Tensor], backups: List[Tensor]) -> None:
         self._perturbed.append((params, backups))
+
+    def _take_perturbed(self) -> List[Tuple[List[Tensor], List[Tensor]]]:
+        """The (params, backups) now moved, handed over: ``self._perturbed`` is emptied in place."""
+        taken = list(self._perturbed)
+        self._perturbed.clear()
+        return taken
 
     def _require_unperturbed(self, what: str) -> None:
         if self._perturbed:

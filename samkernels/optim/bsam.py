@@ -72,7 +72,7 @@ class BSAM(TwoPassOptimizer):
                 raise ValueError("weight_decay + gamma must be > 0 (it keeps the precision positive)")
         self._extra_state.update(seed=draw_seed(seed), noise_step=0)
         self._accum_bufs = {}  # transient sqrt(s)|g| sums (released order, m-sharpness), never saved
-        self._accumulating = False
+        self._accumulating = {"on": False}  # a dict, set in place (see TwoPassOptimizer on compile)
 
     # -- state -----------------------------------------------------------------------------------
     def _state(self, p: Tensor, group: dict) -> dict:
@@ -107,7 +107,7 @@ class BSAM(TwoPassOptimizer):
         if not self._perturbed:
             raise RuntimeError("BSAM.first_step: call noise_step() and run the noisy backward first")
         grouped = self._grouped()  # validates the gradients before anything moves
-        noisy, self._perturbed = self._perturbed, []
+        noisy = self._take_perturbed()
         with_grad = {p for _, ps in grouped for p in ps}
         for params, backups in noisy:  # parameters without a gradient go back to the mean
             rest = [(p, b) for p, b in zip(params, backups) if p not in with_grad]
@@ -130,9 +130,9 @@ class BSAM(TwoPassOptimizer):
         """Scratch for sqrt(s)|g| when line 5 must wait for the update: the released-code order,
         or m-sharpness (summed over micro-batches; ``micro`` > 0 keeps the running sum)."""
         if group["update_order"] != "released" and micro is None:
-            self._accumulating = False
+            self._accumulating["on"] = False
             return []
-        self._accumulating = True
+        self._accumulating["on"] = True
         out = []
         for p in ps:
             a = self._accum_bufs.get(p)
@@ -148,7 +148,7 @@ class BSAM(TwoPassOptimizer):
         """Lines 6-7 with g_eps = the gradient at omega + eps: momentum and mean update."""
         if not self._perturbed:
             raise RuntimeError("BSAM.second_step: call first_step() and run the backward first")
-        perturbed, self._perturbed = self._perturbed, []
+        perturbed = self._take_perturbed()
         todo = {p for ps, _ in perturbed for p in ps}
         try:
             for group, ps in self._grouped():
@@ -156,7 +156,7 @@ class BSAM(TwoPassOptimizer):
                 if not ps:
                     continue
                 backups, precisions, momenta = self._lists(group, ps)
-                accums = [self._accum_bufs[p] for p in ps] if self._accumulating else []
+                accums = [self._accum_bufs[p] for p in ps] if self._accumulating["on"] else []
                 beta1, beta2 = group["betas"]
                 ops.bsam_update_(ps, [p.grad for p in ps], backups, precisions, momenta, accums,
                                  group["lr"], beta1, beta2, group["weight_decay"], group["gamma"],

@@ -98,7 +98,8 @@ class SAM(TwoPassOptimizer):
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
         """Restore w from the backup and take the base optimizer's step with the gradient at w + e."""
-        perturbed = {p for ps, _ in self._perturbed for p in ps}
+        moved = list(self._perturbed)  # cleared at the end: an error before leaves restore() work
+        perturbed = {p for ps, _ in moved for p in ps}
         for group, ps in self._grouped():
             for p in ps:  # a parameter with a gradient only in this pass: its backup is itself
                 if p not in perturbed:
@@ -106,11 +107,11 @@ class SAM(TwoPassOptimizer):
             self._base_update(group, ps)
             perturbed.difference_update(set(ps))  # a set: torch.compile compares list items with ==
         # parameters perturbed in the first pass but without a gradient now: just restore them
-        for ps, bs in self._perturbed:
+        for ps, bs in moved:
             rest = [(p, b) for p, b in zip(ps, bs) if p in perturbed]
             if rest:
                 torch._foreach_copy_([p for p, _ in rest], [b for _, b in rest])
-        self._perturbed = []
+        self._perturbed.clear()
         if zero_grad:
             self.zero_grad()
 
