@@ -5,7 +5,8 @@ CI has no GPU and a CPU build of torch, so this is the only place the CUDA code 
 The ``.cu`` files must be free of torch headers (the CPU torch lacks some of its CUDA headers); the
 glue includes only light c10 CUDA headers, whose one missing piece in a CPU torch
 (``c10/cuda/impl/cuda_cmake_macros.h``) is supplied as a stub here.  All compilations run at
-once in a process pool (about 15-20 s per file per core); a warning in our own sources fails too.
+once (threads driving nvcc / g++ subprocesses; 10-20 s per file); a warning in our own
+sources fails too.
 """
 from __future__ import annotations
 

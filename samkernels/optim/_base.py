@@ -15,6 +15,12 @@ from torch import Tensor
 from samkernels.optim.utils import bn_frozen
 
 SeedLike = Union[None, int, torch.Generator]
+NONFINITE_POLICIES = ("skip", "raise", "unchecked")
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A pass produced inf/NaN gradients under ``nonfinite="raise"``.  When it is raised the weights
+    are back at the mean and the optimizer state is as before the step."""
 
 
 # --- argument checks (one line each at the call site, messages name the argument) ------------
@@ -70,14 +76,20 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         self._grad_acc: Dict[Tensor, Tensor] = {}  # m-sharpness: summed second-pass gradients
         self.freeze_bn: Optional[torch.nn.Module] = None
         self.rho_schedule: Optional[Callable[[dict], float]] = None
+        self.nonfinite = "skip"
+        # transient: a skip decided in the first pass and waiting for second_step, the last step's
+        # outcome, and how many GradScaler stand-ins the ascent passes of this step used
+        self._skip_state = {"pending": False, "last": False, "ascents": 0}
+        self._scaler_gates: Dict[tuple, _ScalerGate] = {}
 
-    def _configure(self, freeze_bn, rho_schedule) -> None:
+    def _configure(self, freeze_bn, rho_schedule, nonfinite: str = "skip") -> None:
         if freeze_bn is not None and not isinstance(freeze_bn, torch.nn.Module):
             raise ValueError(f"freeze_bn must be the model (an nn.Module) or None, got "
                              f"{type(freeze_bn).__name__}")
         if rho_schedule is not None and not callable(rho_schedule):
             raise ValueError("rho_schedule must be a callable(group) -> rho, or None")
-        self.freeze_bn, self.rho_schedule = freeze_bn, rho_schedule
+        check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+        self.freeze_bn, self.rho_schedule, self.nonfinite = freeze_bn, rho_schedule, nonfinite
 
     def _rho(self, group: dict) -> float:
         """The group's rho for this step: ``rho_schedule(group)`` when one is set."""
@@ -159,6 +171,64 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         if self._perturbed:
             raise RuntimeError(f"{what}: the parameters are still perturbed from an earlier phase; "
                                "finish the step (second_step) or call restore() first")
+
+    # -- non-finite gradients and GradScaler ------------------------------------------------------
+    @property
+    def step_skipped(self) -> bool:
+        """True when the last finished step was skipped because a pass had inf/NaN gradients."""
+        return self._skip_state["last"]
+
+    @property
+    def skip_pending(self) -> bool:
+        """True between a first phase that found inf/NaN gradients and ``second_step``, which then
+        only finishes the skipped step (the second pass may be left out)."""
+        return self._skip_state["pending"]
+
+    def _grads_ok(self, ascent: bool, ps: List[Tensor], scaler) -> bool:
+        """May a phase use the gradients of ``ps``?  With a GradScaler they are unscaled in place
+        first.  False: skip the step.  ``nonfinite="raise"`` raises instead, weights at the mean."""
+        if not ps:
+            return True
+        if scaler is not None and scaler.is_enabled():
+            # GradScaler unscales and checks once per optimizer per step, a SAM step has two passes
+            # (2m with m-sharpness): each pass gets its own stand-in optimizer, all of whose checks
+            # scaler.update() combines.  scaler.step(gate) calls gate.step() only if all is finite.
+            key = ("ascent", self._skip_state["ascents"]) if ascent else ("descent",)
+            if ascent:
+                self._skip_state["ascents"] += 1
+            gate = self._scaler_gates.get(key)
+            if gate is None:
+                gate = self._scaler_gates[key] = _ScalerGate(self)
+            gate.finite = False
+            scaler.step(gate)
+            return gate.finite
+        if self.nonfinite == "unchecked" or _all_finite([p.grad for p in ps]):
+            return True
+        if self.nonfinite == "raise":
+            self.restore()
+            self._finish_step(skipped=True)
+            bad = [f"param_groups[{gi}]['params'][{pi}]" for gi, g in enumerate(self.param_groups)
+                   for pi, p in enumerate(g["params"])
+                   if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+            raise NonFiniteGradientError(
+                f"{type(self).__name__}: the {'first (ascent)' if ascent else 'second'} pass gave "
+                f"inf/NaN gradients in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}; the "
+                "weights are back at the mean and the optimizer state is unchanged (nonfinite="
+                "'skip' skips such steps instead; with mixed precision use a GradScaler)")
+        return False
+
+    def _skip_first_pass(self) -> None:
+        """The ascent gradients are not finite: back to the mean; second_step finishes the skip."""
+        self.restore()
+        self._skip_state["pending"] = True
+
+    def _finish_step(self, skipped: bool) -> None:
+        self._skip_state.update(pending=False, last=skipped, ascents=0)
+        if skipped:
+            self._rollback_skipped_step()
+
+    def _rollback_skipped_step(self) -> None:
+        """Undo what a skipped step changed besides weights and state (BSAM: the noise counter)."""
 
     # -- closure driver ------------------------------------------------------------------------
     def _run_pass(self, closure: Callable, ascent: bool, micro: Optional[int] = None):
@@ -253,6 +323,41 @@ class TwoPassOptimizer(torch.optim.Optimizer):
                         mine[name] = v.to(device=ids[key].device, copy=True)
         if extra is not None:
             self._extra_state.update({k: v for k, v in extra.items() if k != "cls"})
+
+
+class _ScalerGate:
+    """What ``GradScaler.step`` sees for one pass of a step: the optimizer's parameter groups (their
+    gradients are unscaled in place and checked) and a ``step()`` that only records that the check
+    passed.  The optimizer then runs its phase itself."""
+
+    def __init__(self, opt: torch.optim.Optimizer):
+        self._opt = opt
+        self.finite = False
+
+    @property
+    def param_groups(self):
+        return self._opt.param_groups
+
+    def step(self) -> None:
+        self.finite = True
+
+
+@torch.no_grad()
+def _all_finite(grads: List[Tensor]) -> bool:
+    """One multi-tensor inf/NaN check per (device, dtype); the flags stay on the device until the
+    one read per device at the end (free on the CPU, a scalar copy from a GPU)."""
+    by_key: Dict[tuple, List[Tensor]] = {}
+    for g in grads:
+        if g is not None:
+            by_key.setdefault((g.device, g.dtype), []).append(g)
+    flags: Dict[torch.device, Tensor] = {}
+    for (dev, _), gs in by_key.items():
+        if dev not in flags:
+            flags[dev] = torch.zeros((), dtype=torch.float32, device=dev)
+        # with inv_scale = 1 the values are unchanged
+        torch._amp_foreach_non_finite_check_and_unscale_(
+            gs, flags[dev], torch.ones((), dtype=torch.float32, device=dev))
+    return not any(bool(f) for f in flags.values())
 
 
 def _n_positional(fn: Callable) -> int:

@@ -12,7 +12,8 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from samkernels import ops
-from samkernels.optim._base import (TwoPassOptimizer, check_beta, check_choice, check_nonneg)
+from samkernels.optim._base import (TwoPassOptimizer, check_beta, check_choice, check_nonneg,
+                                    check_positive)
 
 _BASES = ("sgd", "adam", "adamw")
 
@@ -33,6 +34,11 @@ class SAM(TwoPassOptimizer):
             second (perturbed) pass of ``step(closure)`` (see ``samkernels.optim.bn_frozen``).
         rho_schedule: ``callable(group) -> rho`` evaluated at every first step (e.g.
             ``rho_proportional_to_lr(...)``, GSAM's schedule); LR schedulers work unchanged.
+        nonfinite: what a pass with inf/NaN gradients does: ``"skip"`` (default) skips the whole
+            step — weights and state stay exactly as they were, ``step_skipped`` is True;
+            ``"raise"`` raises ``NonFiniteGradientError`` with the weights at the mean;
+            ``"unchecked"`` does not look (no extra pass over the gradients, no device read; for
+            benchmarks and runs known to be finite).  With a GradScaler the scaler decides.
 
     The norm ``||g||`` is taken over all parameters of all groups, on the device.
 
@@ -43,6 +49,11 @@ class SAM(TwoPassOptimizer):
         opt.first_step(zero_grad=True)
         loss_fn(model(x), y).backward()
         opt.second_step(zero_grad=True)
+
+    Mixed precision: the closure calls ``scaler.scale(loss).backward()``, then
+    ``opt.step(closure, scaler=scaler); scaler.update()`` (or pass ``scaler=`` to both phases).
+    Each pass's gradients are unscaled before use (the first before the norm); inf/NaN in either
+    pass skips the step.  Do not call ``scaler.step(opt)`` or ``scaler.unscale_(opt)`` yourself.
     """
 
     def __init__(self, params, lr: float, rho: float = 0.05, base: str = "sgd", *,
@@ -50,7 +61,7 @@ class SAM(TwoPassOptimizer):
                  weight_decay: float = 0.0, betas: Tuple[float, float] = (0.9, 0.999),
                  adam_eps: float = 1e-8, adaptive: bool = False, eta: float = 0.01,
                  perturb_eps: float = 1e-12, freeze_bn: Optional[torch.nn.Module] = None,
-                 rho_schedule: Optional[Callable[[dict], float]] = None):
+                 rho_schedule: Optional[Callable[[dict], float]] = None, nonfinite: str = "skip"):
         check_nonneg("lr", lr)
         check_nonneg("rho", rho)
         check_choice("base", base, _BASES)
@@ -59,7 +70,7 @@ class SAM(TwoPassOptimizer):
         check_nonneg("weight_decay", weight_decay)
         check_nonneg("adam_eps", adam_eps)
         check_nonneg("eta", eta)
-        check_nonneg("perturb_eps", perturb_eps)
+        check_positive("perturb_eps", perturb_eps)  # 0 would give e = 0/0 for a zero gradient
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
         check_beta("betas[0]", betas[0])
@@ -70,14 +81,19 @@ class SAM(TwoPassOptimizer):
                         nesterov=nesterov, weight_decay=weight_decay, betas=tuple(betas),
                         adam_eps=adam_eps, adaptive=adaptive, eta=eta, perturb_eps=perturb_eps)
         super().__init__(params, defaults)
-        self._configure(freeze_bn, rho_schedule)
+        self._configure(freeze_bn, rho_schedule, nonfinite)
 
     # -- phases ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> Optional[torch.Tensor]:
-        """w <- w + e with the gradients now in ``.grad``.  Returns the global norm ||T g||."""
+    def first_step(self, zero_grad: bool = False, *, scaler=None) -> Optional[torch.Tensor]:
+        """w <- w + e with the gradients now in ``.grad``.  Returns the global norm ||T g||, or None
+        when the gradients are not finite and the step is skipped (``skip_pending``)."""
         self._require_unperturbed("first_step")
         work = [(g, ps, [p.grad for p in ps]) for g, ps in self._grouped()]
+        self._skip_state["pending"] = False
+        if not self._grads_ok(True, [p for _, ps, _ in work for p in ps], scaler):
+            self._skip_first_pass()
+            work = []
         norm = None
         if len(work) > 1:  # the norm spans every group: one reduction op per group, summed on device
             dev = work[0][1][0].device
@@ -96,11 +112,19 @@ class SAM(TwoPassOptimizer):
         return norm
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
-        """Restore w from the backup and take the base optimizer's step with the gradient at w + e."""
+    def second_step(self, zero_grad: bool = False, *, scaler=None) -> None:
+        """Restore w from the backup and take the base optimizer's step with the gradient at w + e.
+        A skipped step (inf/NaN in either pass) only restores w."""
+        grouped = self._grouped()
+        if self.skip_pending or not self._grads_ok(False, [p for _, ps in grouped for p in ps], scaler):
+            self.restore()
+            self._finish_step(skipped=True)
+            if zero_grad:
+                self.zero_grad()
+            return
         moved = list(self._perturbed)  # cleared at the end: an error before leaves restore() work
         perturbed = {p for ps, _ in moved for p in ps}
-        for group, ps in self._grouped():
+        for group, ps in grouped:
             for p in ps:  # a parameter with a gradient only in this pass: its backup is itself
                 if p not in perturbed:
                     self._backup(p).copy_(p)
@@ -112,6 +136,7 @@ class SAM(TwoPassOptimizer):
             if rest:
                 torch._foreach_copy_([p for p, _ in rest], [b for _, b in rest])
         self._perturbed.clear()
+        self._finish_step(skipped=False)
         if zero_grad:
             self.zero_grad()
 
@@ -157,7 +182,7 @@ class SAM(TwoPassOptimizer):
                                   group["base"] == "adamw")
 
     # -- closure API -----------------------------------------------------------------------------
-    def step(self, closure: Optional[Callable] = None, m: int = 1):
+    def step(self, closure: Optional[Callable] = None, m: int = 1, *, scaler=None):
         """One SAM step.  ``closure()`` must run forward + backward and return the loss; it is
         called twice (at w, then at w + e).  ``closure(ascent)`` is told which pass it is (True for
         the pass whose gradient builds e) and may use a different loss there.  Gradients are
@@ -167,6 +192,10 @@ class SAM(TwoPassOptimizer):
         m-sharpness (``m > 1``): the closure is called as ``closure(i)`` / ``closure(i, ascent)``
         for micro-batch ``i`` in ``range(m)``; each micro-batch gets its own perturbation, and the
         base update uses the average of the m second-pass gradients.  Returns the mean first loss.
+
+        ``scaler``: a ``torch.amp.GradScaler`` whose ``scale(loss).backward()`` the closure calls;
+        call ``scaler.update()`` after the step.  A step whose first pass is not finite does not
+        run the second pass.
         """
         if closure is None:
             raise RuntimeError(f"{type(self).__name__}.step needs a closure (it evaluates the loss "
@@ -174,20 +203,24 @@ class SAM(TwoPassOptimizer):
         if self._check_m(m) == 1:
             with self._restore_on_error():
                 loss = self._run_pass(closure, ascent=True)
-                self.first_step(zero_grad=True)
-                self._run_pass(closure, ascent=False)
-                self.second_step()
+                self.first_step(zero_grad=True, scaler=scaler)
+                if not self.skip_pending:
+                    self._run_pass(closure, ascent=False)
+                self.second_step(scaler=scaler)
             return loss
         losses = []
         with self._restore_on_error():
             for i in range(m):
                 losses.append(self._run_pass(closure, True, micro=i))
-                self.first_step(zero_grad=True)
+                self.first_step(zero_grad=True, scaler=scaler)
+                if self.skip_pending:
+                    break
                 self._run_pass(closure, False, micro=i)
                 self._accumulate_grads(first=i == 0)
                 self.restore()
-            self._load_accumulated_grads(1.0 / m)
-            self.second_step()
+            if not self.skip_pending:
+                self._load_accumulated_grads(1.0 / m)
+            self.second_step(scaler=scaler)
         return _mean_loss(losses)
 
 
