@@ -18,16 +18,28 @@ from samkernels import _dispatch
 _CPU = torch.device("cpu")
 
 
+def _one_device(op: str, args) -> None:
+    """The fake also serves as the Meta kernel, and the dispatcher picks Meta whenever one argument
+    is on the meta device: tensors mixing meta with real devices must fail, not return garbage."""
+    devices = {t.device for a in args for t in (a if isinstance(a, (list, tuple)) else [a])
+               if isinstance(t, Tensor)}
+    if len(devices) > 1:
+        raise RuntimeError(f"samkernels::{op}: all tensors must be on one device, got "
+                           f"{sorted(str(d) for d in devices)}")
+
+
 def _norm_dtype(params: List[Tensor]) -> torch.dtype:
     return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
 
 
 def grad_sumsq(params, grads, adaptive, eta):
+    _one_device("grad_sumsq", (params, grads))
     # float64 on every backend, like reference.grad_sumsq
     return torch.empty((), dtype=torch.float64, device=grads[0].device if grads else _CPU)
 
 
 def sam_perturb_(params, grads, backups, grad_norm: Optional[Tensor], rho, eps, adaptive, eta):
+    _one_device("sam_perturb_", (params, grads, backups))
     if not params:
         return torch.empty((), dtype=torch.float32, device=_CPU)
     if grad_norm is not None and params[0].device.type == "cuda":
@@ -35,8 +47,10 @@ def sam_perturb_(params, grads, backups, grad_norm: Optional[Tensor], rho, eps, 
     return torch.empty((), dtype=_norm_dtype(params), device=params[0].device)
 
 
-def _nothing(*args) -> None:
-    return None
+def _nothing(name: str):
+    def fake(*args) -> None:
+        _one_device(name, args)
+    return fake
 
 
 _RETURNS_NOTHING = ("sam_restore_sgd_", "sam_restore_adam_", "bsam_noise_", "bsam_perturb_",
@@ -50,7 +64,7 @@ def register() -> None:
     torch.library.register_fake("samkernels::grad_sumsq")(grad_sumsq)
     torch.library.register_fake("samkernels::sam_perturb_")(sam_perturb_)
     for name in _RETURNS_NOTHING:
-        torch.library.register_fake(f"samkernels::{name}")(_nothing)
+        torch.library.register_fake(f"samkernels::{name}")(_nothing(name))
 
 
 register()

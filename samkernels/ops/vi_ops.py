@@ -46,7 +46,7 @@ def esam_perturb_(params, grads, backups, param_ids, grad_norm, seed, step, rho,
                                                    seed, step, rho, beta, eps)
 
 
-# --- shapes for torch.compile (FakeTensor) tracing of the C++ ops that return a tensor ---------
+# --- fakes for torch.compile (FakeTensor) tracing of the C++ ops (see samkernels.ops._fake) -----
 def _norm_dtype(params: List[Tensor]) -> torch.dtype:  # as the kernels: float64 if any param is
     return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
 
@@ -67,8 +67,13 @@ def _fake_esam_perturb(params, grads, backups, param_ids, grad_norm, seed, step,
                        device=params[0].device if params else torch.device("cpu"))
 
 
+def _fake_nothing(*args) -> None:  # in-place phases: the schemas say which lists they mutate
+    return None
+
+
 if _dispatch.extension() is not None:
     for _name, _fake in (("vsam_sumsq", _fake_vsam_sumsq), ("vsam_perturb_", _fake_vsam_perturb),
-                         ("esam_perturb_", _fake_esam_perturb)):
+                         ("esam_perturb_", _fake_esam_perturb), ("vi_noise_", _fake_nothing),
+                         ("mfvi_update_", _fake_nothing)):
         if hasattr(torch.ops.samkernels, _name):  # absent in an extension built before these ops
             torch.library.register_fake(f"samkernels::{_name}")(_fake)

@@ -39,6 +39,14 @@ def check_beta(name: str, value: float) -> None:
         raise ValueError(f"{name} must be in [0, 1), got {value!r}")
 
 
+def check_betas(betas) -> Tuple[float, float]:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    check_beta("betas[0]", betas[0])
+    check_beta("betas[1]", betas[1])
+    return tuple(betas)
+
+
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
@@ -62,6 +70,14 @@ class TwoPassOptimizer(torch.optim.Optimizer):
     Backups of the mean weights live in ``self._backups`` (keyed by parameter), outside
     ``self.state``: they are transient and never saved in checkpoints.
 
+    Distributed data parallel (``ddp_model=model``, the ``DistributedDataParallel`` wrapper): in
+    ``step(closure)`` the ascent pass runs under ``model.no_sync()``, so each rank perturbs with
+    the gradient of its own shard, and the second pass all-reduces as usual.  That is m-sharpness
+    with m = world size, micro-batch r = rank r's shard (SPEC), at one all-reduce per step.  The
+    inf/NaN decision of the ascent pass is agreed over the ranks (one 4-byte all-reduce).  For
+    explicit phases run the first backward under ``model.no_sync()`` yourself.  Without
+    ``ddp_model`` both passes all-reduce: SAM on the global batch (m = 1), two all-reduces a step.
+
     torch.compile: dynamo drops attribute assignments on an Optimizer (``self.x = ...``) made in a
     traced frame that also runs tensor ops (torch 2.13), so the phases never rebind attributes;
     they mutate the containers created in ``__init__`` in place (``list.clear()``, ``dict[k] = v``).
@@ -77,19 +93,77 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         self.freeze_bn: Optional[torch.nn.Module] = None
         self.rho_schedule: Optional[Callable[[dict], float]] = None
         self.nonfinite = "skip"
+        self.ddp_model: Optional[torch.nn.Module] = None
         # transient: a skip decided in the first pass and waiting for second_step, the last step's
         # outcome, and how many GradScaler stand-ins the ascent passes of this step used
         self._skip_state = {"pending": False, "last": False, "ascents": 0}
         self._scaler_gates: Dict[tuple, _ScalerGate] = {}
 
-    def _configure(self, freeze_bn, rho_schedule, nonfinite: str = "skip") -> None:
+    def add_param_group(self, param_group: dict) -> None:
+        """torch.optim's, plus checks: real floating-point parameters that hold data, and valid
+        hyper-parameters in every group (set per group or inherited).  A bad group is not added."""
+        overrides = sorted(set(param_group) - {"params"}) if isinstance(param_group, dict) else []
+        super().add_param_group(param_group)
+        gi = len(self.param_groups) - 1
+        group = self.param_groups[gi]
+        try:
+            if len({id(p) for p in group["params"]}) != len(group["params"]):
+                raise ValueError(f"param_groups[{gi}] lists a parameter twice; it would be "
+                                 "perturbed twice and its backup overwritten")
+            for pi, p in enumerate(group["params"]):
+                where = f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)})"
+                if not p.is_floating_point():
+                    raise ValueError(f"{where} has dtype {p.dtype}; samkernels optimizers support "
+                                     "real floating-point parameters only")
+                if p.device.type == "meta":
+                    raise ValueError(f"{where} is on the meta device and holds no data; "
+                                     "materialize the model (e.g. to_empty) first")
+            try:
+                self._check_group(group)
+            except ValueError as exc:
+                if not overrides:
+                    raise
+                raise ValueError(
+                    f"param_groups[{gi}] (sets {', '.join(overrides)}): {exc}") from None
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def _check_group(self, group: dict) -> None:
+        """Subclasses: raise ValueError naming the hyper-parameter that is out of range."""
+
+    def _configure(self, freeze_bn, rho_schedule, nonfinite: str = "skip", ddp_model=None) -> None:
         if freeze_bn is not None and not isinstance(freeze_bn, torch.nn.Module):
             raise ValueError(f"freeze_bn must be the model (an nn.Module) or None, got "
                              f"{type(freeze_bn).__name__}")
         if rho_schedule is not None and not callable(rho_schedule):
             raise ValueError("rho_schedule must be a callable(group) -> rho, or None")
         check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+        if ddp_model is not None and not (hasattr(ddp_model, "no_sync")
+                                          and hasattr(ddp_model, "process_group")):
+            raise ValueError("ddp_model must be the torch.nn.parallel.DistributedDataParallel "
+                             f"model (it has no_sync() and process_group), got "
+                             f"{type(ddp_model).__name__}")
         self.freeze_bn, self.rho_schedule, self.nonfinite = freeze_bn, rho_schedule, nonfinite
+        self.ddp_model = ddp_model
+
+    # -- DDP: m-sharpness across ranks -----------------------------------------------------------
+    def _rank_world(self) -> Tuple[int, int]:
+        """(rank, world size) of ``ddp_model``'s process group; (0, 1) without one."""
+        if self.ddp_model is None:
+            return 0, 1
+        import torch.distributed as dist
+        group = self.ddp_model.process_group
+        return dist.get_rank(group), dist.get_world_size(group)
+
+    def _all_reduce(self, tensors: List[Tensor], op: str = "sum") -> None:
+        """In place over ``ddp_model``'s group, one collective for the whole list (flattened)."""
+        import torch.distributed as dist
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX,
+                        group=self.ddp_model.process_group)
+        torch._foreach_copy_(tensors, [v.view_as(t) for v, t in
+                                       zip(flat.split([t.numel() for t in tensors]), tensors)])
 
     def _rho(self, group: dict) -> float:
         """The group's rho for this step: ``rho_schedule(group)`` when one is set."""
@@ -189,6 +263,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         first.  False: skip the step.  ``nonfinite="raise"`` raises instead, weights at the mean."""
         if not ps:
             return True
+        agree = ascent and self.ddp_model is not None  # first-pass gradients differ per rank
         if scaler is not None and scaler.is_enabled():
             # GradScaler unscales and checks once per optimizer per step, a SAM step has two passes
             # (2m with m-sharpness): each pass gets its own stand-in optimizer, all of whose checks
@@ -201,8 +276,25 @@ class TwoPassOptimizer(torch.optim.Optimizer):
                 gate = self._scaler_gates[key] = _ScalerGate(self)
             gate.finite = False
             scaler.step(gate)
-            return gate.finite
-        if self.nonfinite == "unchecked" or _all_finite([p.grad for p in ps]):
+            if not agree:
+                return gate.finite
+            flag = torch.tensor([0.0 if gate.finite else 1.0], device=ps[0].device)
+            self._all_reduce([flag], "max")
+            if gate.finite and bool(flag):  # another rank skips: this rank's scale backs off too
+                poison = self._scaler_gates.get(("poison",))
+                if poison is None:
+                    inf = torch.full((1,), float("inf"), device=ps[0].device)
+                    inf.grad = inf.clone()
+                    poison = _ScalerGate(None, [{"params": [inf]}])
+                    self._scaler_gates[("poison",)] = poison
+                scaler.step(poison)
+            return not bool(flag)
+        if self.nonfinite == "unchecked":
+            return True
+        flag = _nonfinite_flag([p.grad for p in ps])
+        if agree:
+            self._all_reduce([flag], "max")
+        if not bool(flag):  # the one read of the flag: free on the CPU, a scalar copy from a GPU
             return True
         if self.nonfinite == "raise":
             self.restore()
@@ -238,7 +330,11 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         gets the micro-batch index first: ``closure(i)`` or ``closure(i, ascent)``."""
         n = _n_positional(closure)
         frozen = self.freeze_bn is not None and (not ascent or getattr(self, "freeze_bn_noisy", False))
-        with torch.enable_grad(), (bn_frozen(self.freeze_bn) if frozen else contextlib.nullcontext()):
+        # DDP: the ascent pass keeps each rank's own gradient (m-sharpness across ranks)
+        local = self.ddp_model is not None and ascent
+        nothing = contextlib.nullcontext
+        with torch.enable_grad(), (bn_frozen(self.freeze_bn) if frozen else nothing()), \
+                (self.ddp_model.no_sync() if local else nothing()):
             if micro is None:
                 return closure(ascent) if n >= 1 else closure()
             if n == 0:
@@ -330,34 +426,34 @@ class _ScalerGate:
     gradients are unscaled in place and checked) and a ``step()`` that only records that the check
     passed.  The optimizer then runs its phase itself."""
 
-    def __init__(self, opt: torch.optim.Optimizer):
-        self._opt = opt
+    def __init__(self, opt: Optional[torch.optim.Optimizer], groups: Optional[list] = None):
+        self._opt, self._groups = opt, groups
         self.finite = False
 
     @property
-    def param_groups(self):
-        return self._opt.param_groups
+    def param_groups(self):  # the optimizer's, looked up each time (load_state_dict rebinds them)
+        return self._opt.param_groups if self._opt is not None else self._groups
 
     def step(self) -> None:
         self.finite = True
 
 
 @torch.no_grad()
-def _all_finite(grads: List[Tensor]) -> bool:
-    """One multi-tensor inf/NaN check per (device, dtype); the flags stay on the device until the
-    one read per device at the end (free on the CPU, a scalar copy from a GPU)."""
+def _nonfinite_flag(grads: List[Tensor]) -> Tensor:
+    """A one-element float32 tensor on the first gradient's device: > 0 iff some entry is inf/NaN.
+    One multi-tensor check op per (device, dtype), as GradScaler does; nothing is read here."""
     by_key: Dict[tuple, List[Tensor]] = {}
     for g in grads:
-        if g is not None:
-            by_key.setdefault((g.device, g.dtype), []).append(g)
+        by_key.setdefault((g.device, g.dtype), []).append(g)
     flags: Dict[torch.device, Tensor] = {}
     for (dev, _), gs in by_key.items():
         if dev not in flags:
-            flags[dev] = torch.zeros((), dtype=torch.float32, device=dev)
-        # with inv_scale = 1 the values are unchanged
+            flags[dev] = torch.zeros((1,), dtype=torch.float32, device=dev)
+        # inv_scale = 1: the gradients keep their values
         torch._amp_foreach_non_finite_check_and_unscale_(
-            gs, flags[dev], torch.ones((), dtype=torch.float32, device=dev))
-    return not any(bool(f) for f in flags.values())
+            gs, flags[dev], torch.ones((1,), dtype=torch.float32, device=dev))
+    first = grads[0].device
+    return sum(f.to(first) for f in flags.values())
 
 
 def _n_positional(fn: Callable) -> int:

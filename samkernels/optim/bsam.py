@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from samkernels import ops
-from samkernels.optim._base import (SeedLike, TwoPassOptimizer, check_beta, check_choice,
+from samkernels.optim._base import (SeedLike, TwoPassOptimizer, check_betas, check_choice,
                                     check_nonneg, check_positive, draw_seed)
 
 
@@ -39,9 +39,19 @@ class BSAM(TwoPassOptimizer):
         freeze_bn: the model; BatchNorm running statistics are not updated in the perturbed pass
             (and, with ``freeze_bn_noisy=True``, not in the noisy pass either).
         rho_schedule: ``callable(group) -> rho`` evaluated at every first step.
+        nonfinite: ``"skip"`` (default), ``"raise"`` or ``"unchecked"``, as for ``SAM``.  A skipped
+            step leaves weights, precision, momentum and the noise counter as they were (the next
+            step draws the noise the skipped one drew).  While checking, line 5 waits for the
+            update (one more buffer per parameter), so a skip in the second pass leaves ``s`` as is.
+        ddp_model: the ``DistributedDataParallel`` model: m-sharpness across ranks as for ``SAM``.
+            Rank ``r`` of ``W`` draws the noise of micro-batch ``r`` of ``step(closure, m=W)`` in
+            one process (see ``noise_step``), and sqrt(s)|g| is averaged over the ranks (one
+            all-reduce of a parameter-sized buffer) before line 5, so every rank keeps the same
+            precision.
 
     ``step(closure)`` calls the closure twice (at theta, then at omega + eps) and returns the first
     loss.  Explicit phases: ``noise_step(); backward; first_step(); backward; second_step()``.
+    With a GradScaler: ``step(closure, scaler=scaler)`` or ``scaler=`` to both gradient phases.
     """
 
     def __init__(self, params, lr: float, num_data: float, rho: float = 0.01, *,
@@ -49,30 +59,28 @@ class BSAM(TwoPassOptimizer):
                  gamma: float = 0.1, init_precision: float = 1.0, seed: SeedLike = None,
                  update_order: str = "paper", freeze_bn: Optional[torch.nn.Module] = None,
                  freeze_bn_noisy: bool = False,
-                 rho_schedule: Optional[Callable[[dict], float]] = None):
-        check_nonneg("lr", lr)
-        check_positive("num_data", num_data)
-        check_nonneg("rho", rho)
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        check_beta("betas[0]", betas[0])
-        check_beta("betas[1]", betas[1])
-        check_nonneg("weight_decay", weight_decay)
-        check_nonneg("gamma", gamma)
-        check_positive("init_precision", init_precision)
-        check_choice("update_order", update_order, ("paper", "released"))
-        defaults = dict(lr=lr, num_data=float(num_data), rho=rho, betas=tuple(betas),
-                        weight_decay=weight_decay, gamma=gamma, init_precision=init_precision,
-                        update_order=update_order)
+                 rho_schedule: Optional[Callable[[dict], float]] = None, nonfinite: str = "skip",
+                 ddp_model: Optional[torch.nn.Module] = None):
+        defaults = dict(lr=lr, num_data=num_data, rho=rho, betas=betas, weight_decay=weight_decay,
+                        gamma=gamma, init_precision=init_precision, update_order=update_order)
         super().__init__(params, defaults)
-        self._configure(freeze_bn, rho_schedule)
+        self._configure(freeze_bn, rho_schedule, nonfinite, ddp_model)
         self.freeze_bn_noisy = bool(freeze_bn_noisy)
-        for g in self.param_groups:
-            if g["weight_decay"] + g["gamma"] <= 0:
-                raise ValueError("weight_decay + gamma must be > 0 (it keeps the precision positive)")
         self._extra_state.update(seed=draw_seed(seed), noise_step=0)
         self._accum_bufs = {}  # transient sqrt(s)|g| sums (released order, m-sharpness), never saved
         self._accumulating = {"on": False}  # a dict, set in place (see TwoPassOptimizer on compile)
+        self._noise_start = {"value": 0}  # the counter when this step's first noise was drawn
+
+    def _check_group(self, group: dict) -> None:
+        for key in ("lr", "rho", "weight_decay", "gamma"):
+            check_nonneg(key, group[key])
+        check_positive("num_data", group["num_data"])
+        check_positive("init_precision", group["init_precision"])
+        check_choice("update_order", group["update_order"], ("paper", "released"))
+        group["betas"] = check_betas(group["betas"])
+        group["num_data"] = float(group["num_data"])
+        if group["weight_decay"] + group["gamma"] <= 0:
+            raise ValueError("weight_decay + gamma must be > 0 (it keeps the precision positive)")
 
     # -- state -----------------------------------------------------------------------------------
     def _state(self, p: Tensor, group: dict) -> dict:
@@ -90,23 +98,45 @@ class BSAM(TwoPassOptimizer):
 
     # -- phases ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def noise_step(self) -> None:
-        """Line 1: load theta = omega + z / sqrt(N s) into the parameters (mean kept in a backup)."""
+    def noise_step(self, *, _micro: Optional[int] = None, _m: int = 1) -> None:
+        """Line 1: load theta = omega + z / sqrt(N s) into the parameters (mean kept in a backup).
+
+        Noise draw ``c`` of the counter is the Philox step word.  A step that starts at counter
+        ``c`` uses draw ``c + r m + i`` for micro-batch ``i`` of ``m`` on rank ``r`` of ``W`` and
+        leaves the counter at ``c + W m``: in one process (``W = 1``) that is one draw per noise
+        step, and W ranks with m micro-batches each draw what one process with ``m' = W m`` does."""
         self._require_unperturbed("noise_step")
-        seed, step = self._extra_state["seed"], self._extra_state["noise_step"]
+        micro = _micro or 0
+        if micro == 0:
+            self._noise_start["value"] = self._extra_state["noise_step"]
+        start = self._noise_start["value"]
+        rank, world = self._rank_world()
+        seed, step = self._extra_state["seed"], start + rank * _m + micro
         for group, ps in self._grouped(with_grad=False):
             backups, precisions, _ = self._lists(group, ps)
             ops.bsam_noise_(ps, backups, precisions, [self._param_id(p) for p in ps], seed, step,
                             group["num_data"])
             self._mark_perturbed(ps, backups)
-        self._extra_state["noise_step"] = step + 1
+        self._extra_state["noise_step"] = start + world * _m if micro == _m - 1 else start
+
+    def _rollback_skipped_step(self) -> None:
+        self._extra_state["noise_step"] = self._noise_start["value"]
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False, *, _micro: Optional[int] = None) -> None:
-        """Lines 3 and 5 with g = the gradient at theta now in ``.grad``: w <- omega + rho g / s."""
+    def first_step(self, zero_grad: bool = False, *, scaler=None,
+                   _micro: Optional[int] = None) -> None:
+        """Lines 3 and 5 with g = the gradient at theta now in ``.grad``: w <- omega + rho g / s.
+        Gradients that are not finite skip the step: back to omega (``skip_pending``)."""
         if not self._perturbed:
             raise RuntimeError("BSAM.first_step: call noise_step() and run the noisy backward first")
         grouped = self._grouped()  # validates the gradients before anything moves
+        self._skip_state["pending"] = False
+        if not self._grads_ok(True, [p for _, ps in grouped for p in ps], scaler):
+            self._skip_first_pass()
+            if zero_grad:
+                self.zero_grad()
+            return
+        defer = scaler is not None or self.nonfinite != "unchecked" or self.ddp_model is not None
         noisy = self._take_perturbed()
         with_grad = {p for _, ps in grouped for p in ps}
         for params, backups in noisy:  # parameters without a gradient go back to the mean
@@ -119,17 +149,19 @@ class BSAM(TwoPassOptimizer):
             if not ps:
                 continue
             backups, precisions, _ = self._lists(group, ps)
-            accums = self._accums(group, ps, _micro)
+            accums = self._accums(group, ps, _micro, defer)
             ops.bsam_perturb_(ps, [p.grad for p in ps], backups, precisions, accums, self._rho(group),
                               group["betas"][1], group["weight_decay"], group["gamma"])
             self._mark_perturbed(ps, backups)
         if zero_grad:
             self.zero_grad()
 
-    def _accums(self, group: dict, ps: List[Tensor], micro: Optional[int]) -> List[Tensor]:
+    def _accums(self, group: dict, ps: List[Tensor], micro: Optional[int],
+                defer: bool) -> List[Tensor]:
         """Scratch for sqrt(s)|g| when line 5 must wait for the update: the released-code order,
-        or m-sharpness (summed over micro-batches; ``micro`` > 0 keeps the running sum)."""
-        if group["update_order"] != "released" and micro is None:
+        m-sharpness (summed over micro-batches; ``micro`` > 0 keeps the running sum), a possible
+        skip in the second pass (``defer``), or the average over DDP ranks."""
+        if group["update_order"] != "released" and micro is None and not defer:
             self._accumulating["on"] = False
             return []
         self._accumulating["on"] = True
@@ -144,39 +176,53 @@ class BSAM(TwoPassOptimizer):
         return out
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False, *, _accum_scale: float = 1.0) -> None:
-        """Lines 6-7 with g_eps = the gradient at omega + eps: momentum and mean update."""
+    def second_step(self, zero_grad: bool = False, *, scaler=None,
+                    _accum_scale: float = 1.0) -> None:
+        """Lines 6-7 with g_eps = the gradient at omega + eps: momentum and mean update.  A skipped
+        step (inf/NaN in either pass) only restores omega."""
+        grouped = self._grouped()
+        if self.skip_pending or (self._perturbed and not self._grads_ok(
+                False, [p for _, ps in grouped for p in ps], scaler)):
+            self.restore()
+            self._finish_step(skipped=True)
+            if zero_grad:
+                self.zero_grad()
+            return
         if not self._perturbed:
             raise RuntimeError("BSAM.second_step: call first_step() and run the backward first")
         perturbed = self._take_perturbed()
         todo = {p for ps, _ in perturbed for p in ps}
+        _, world = self._rank_world()
         try:
-            for group, ps in self._grouped():
+            for group, ps in grouped:
                 ps = [p for p in ps if p in todo]
                 if not ps:
                     continue
                 backups, precisions, momenta = self._lists(group, ps)
                 accums = [self._accum_bufs[p] for p in ps] if self._accumulating["on"] else []
+                if accums and world > 1:
+                    self._all_reduce(accums)  # sqrt(s)|g| summed over the ranks, / W below
                 beta1, beta2 = group["betas"]
                 ops.bsam_update_(ps, [p.grad for p in ps], backups, precisions, momenta, accums,
                                  group["lr"], beta1, beta2, group["weight_decay"], group["gamma"],
-                                 _accum_scale, group["update_order"] == "released")
+                                 _accum_scale / world, group["update_order"] == "released")
                 todo.difference_update(set(ps))  # a set: torch.compile compares list items with ==
         finally:  # anything not updated (no gradient now, or an error) goes back to the mean
             for ps, bs in perturbed:
                 rest = [(p, b) for p, b in zip(ps, bs) if p in todo]
                 if rest:
                     torch._foreach_copy_([p for p, _ in rest], [b for _, b in rest])
+        self._finish_step(skipped=False)
         if zero_grad:
             self.zero_grad()
 
-    def step(self, closure: Optional[Callable] = None, m: int = 1):
+    def step(self, closure: Optional[Callable] = None, m: int = 1, *, scaler=None):
         """One bSAM step: closure at theta (noisy), then at omega + eps.  Returns the first loss.
 
         ``closure(ascent)`` may take the pass flag as SAM's does.  m-sharpness (``m > 1``, SPEC):
         lines 1-4 run per micro-batch ``i`` (``closure(i)`` or ``closure(i, ascent)``) with its own
         noise and perturbation; sqrt(s)|g| and g_eps are averaged over the micro-batches before
-        lines 5-7.  Returns the mean first-pass loss."""
+        lines 5-7.  Returns the mean first-pass loss.  ``scaler``: as in ``SAM.step``."""
         if closure is None:
             raise RuntimeError("BSAM.step needs a closure (it evaluates the loss twice); or call "
                                "noise_step() / first_step() / second_step() yourself")
@@ -184,22 +230,26 @@ class BSAM(TwoPassOptimizer):
             self.noise_step()
             with self._restore_on_error():
                 loss = self._run_pass(closure, ascent=True)
-                self.first_step(zero_grad=True)
-                self._run_pass(closure, ascent=False)
-                self.second_step()
+                self.first_step(zero_grad=True, scaler=scaler)
+                if not self.skip_pending:
+                    self._run_pass(closure, ascent=False)
+                self.second_step(scaler=scaler)
             return loss
         losses = []
         with self._restore_on_error():
             for i in range(m):
-                self.noise_step()
+                self.noise_step(_micro=i, _m=m)
                 losses.append(self._run_pass(closure, True, micro=i))
-                self.first_step(zero_grad=True, _micro=i)
+                self.first_step(zero_grad=True, scaler=scaler, _micro=i)
+                if self.skip_pending:
+                    break
                 self._run_pass(closure, False, micro=i)
                 self._accumulate_grads(first=i == 0)
                 if i < m - 1:
                     self.restore()  # back to omega for the next micro-batch's noise
-            self._load_accumulated_grads(1.0 / m)
-            self.second_step(_accum_scale=1.0 / m)
+            if not self.skip_pending:
+                self._load_accumulated_grads(1.0 / m)
+            self.second_step(scaler=scaler, _accum_scale=1.0 / m)
         return _mean(losses)
 
     # -- posterior -------------------------------------------------------------------------------

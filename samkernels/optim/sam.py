@@ -12,7 +12,7 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from samkernels import ops
-from samkernels.optim._base import (TwoPassOptimizer, check_beta, check_choice, check_nonneg,
+from samkernels.optim._base import (TwoPassOptimizer, check_betas, check_choice, check_nonneg,
                                     check_positive)
 
 _BASES = ("sgd", "adam", "adamw")
@@ -39,6 +39,10 @@ class SAM(TwoPassOptimizer):
             ``"raise"`` raises ``NonFiniteGradientError`` with the weights at the mean;
             ``"unchecked"`` does not look (no extra pass over the gradients, no device read; for
             benchmarks and runs known to be finite).  With a GradScaler the scaler decides.
+        ddp_model: the ``DistributedDataParallel`` model: the ascent pass of ``step(closure)``
+            runs under ``no_sync()``, each rank perturbing with its own gradient — m-sharpness
+            with m = world size (see ``TwoPassOptimizer``).  None (default): both passes
+            all-reduce, SAM on the global batch.
 
     The norm ``||g||`` is taken over all parameters of all groups, on the device.
 
@@ -61,27 +65,23 @@ class SAM(TwoPassOptimizer):
                  weight_decay: float = 0.0, betas: Tuple[float, float] = (0.9, 0.999),
                  adam_eps: float = 1e-8, adaptive: bool = False, eta: float = 0.01,
                  perturb_eps: float = 1e-12, freeze_bn: Optional[torch.nn.Module] = None,
-                 rho_schedule: Optional[Callable[[dict], float]] = None, nonfinite: str = "skip"):
-        check_nonneg("lr", lr)
-        check_nonneg("rho", rho)
-        check_choice("base", base, _BASES)
-        check_nonneg("momentum", momentum)
-        check_nonneg("dampening", dampening)
-        check_nonneg("weight_decay", weight_decay)
-        check_nonneg("adam_eps", adam_eps)
-        check_nonneg("eta", eta)
-        check_positive("perturb_eps", perturb_eps)  # 0 would give e = 0/0 for a zero gradient
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        check_beta("betas[0]", betas[0])
-        check_beta("betas[1]", betas[1])
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("nesterov=True needs momentum > 0 and dampening = 0")
+                 rho_schedule: Optional[Callable[[dict], float]] = None, nonfinite: str = "skip",
+                 ddp_model: Optional[torch.nn.Module] = None):
         defaults = dict(lr=lr, rho=rho, base=base, momentum=momentum, dampening=dampening,
-                        nesterov=nesterov, weight_decay=weight_decay, betas=tuple(betas),
+                        nesterov=nesterov, weight_decay=weight_decay, betas=betas,
                         adam_eps=adam_eps, adaptive=adaptive, eta=eta, perturb_eps=perturb_eps)
         super().__init__(params, defaults)
-        self._configure(freeze_bn, rho_schedule, nonfinite)
+        self._configure(freeze_bn, rho_schedule, nonfinite, ddp_model)
+
+    def _check_group(self, group: dict) -> None:
+        for key in ("lr", "rho", "momentum", "dampening", "weight_decay", "eta"):
+            check_nonneg(key, group[key])
+        check_positive("adam_eps", group["adam_eps"])  # 0: 0/0 where a gradient is 0
+        check_positive("perturb_eps", group["perturb_eps"])  # 0: e = 0/0 for a zero gradient
+        check_choice("base", group["base"], _BASES)
+        group["betas"] = check_betas(group["betas"])
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError("nesterov=True needs momentum > 0 and dampening = 0")
 
     # -- phases ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -116,7 +116,8 @@ class SAM(TwoPassOptimizer):
         """Restore w from the backup and take the base optimizer's step with the gradient at w + e.
         A skipped step (inf/NaN in either pass) only restores w."""
         grouped = self._grouped()
-        if self.skip_pending or not self._grads_ok(False, [p for _, ps in grouped for p in ps], scaler):
+        if self.skip_pending or not self._grads_ok(False, [p for _, ps in grouped for p in ps],
+                                                   scaler):
             self.restore()
             self._finish_step(skipped=True)
             if zero_grad:

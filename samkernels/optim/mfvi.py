@@ -1,0 +1,222 @@
+"""Mean-field variational inference (Ujváry et al., "Rethinking SAM as Variational Inference",
+Alg. 2; SPEC "MFVI family").
+
+Posterior q(theta) = N(mu, diag(Sigma)); the weights hold mu.  Loss (eq. 5):
+E_q L_B(theta) + KL[q || N(0, prior_var I)] / N.  One forward/backward per step, two fused ops:
+  ``noise_step``   Alg. 2 line 3:    theta = mu + Sigma^1/2 z   (Philox noise from seed + counter)
+  ``second_step``  Alg. 2 lines 4-5: reparametrised gradients, mean and variance step; z is
+                   regenerated from the counter, never stored.
+
+Parametrisation: the state holds ``variance`` = Sigma (diagonal); the gradient step is taken on
+u = log Sigma (``Sigma <- Sigma exp(-var_lr dL/du)``), so Sigma stays positive with no clipping.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, List, Optional
+
+import torch
+from torch import Tensor
+
+from samkernels.ops import vi_ops
+from samkernels.optim._base import (SeedLike, TwoPassOptimizer, check_beta, check_nonneg,
+                                    check_positive, draw_seed)
+
+
+def _opmath(p: Tensor) -> torch.dtype:
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+class GaussianPosterior:
+    """Posterior API of an optimizer whose state holds a diagonal Gaussian q = N(w, diag(variance))
+    in ``state[p]["variance"]`` (MFVI, VariationalSAM).  The class provides ``_variances(group, ps)``
+    (creating the state when missing)."""
+
+    def _total_numel(self) -> int:
+        """p of the papers: the parameter count over all groups."""
+        return sum(p.numel() for g in self.param_groups for p in g["params"])
+
+    @torch.no_grad()
+    def posterior_variance(self) -> List[Optional[Tensor]]:
+        """Sigma per parameter, in group order (``None`` for parameters with no state yet)."""
+        return [self.state[p]["variance"].clone() if "variance" in self.state.get(p, {}) else None
+                for g in self.param_groups for p in g["params"]]
+
+    @contextlib.contextmanager
+    def sampled_params(self, generator: SeedLike = None):
+        """Load one model theta ~ q into the parameters; on exit the mean weights are copied back
+        exactly.  ``generator``: int seed, torch.Generator or None."""
+        self._require_unperturbed("sampled_params")
+        seed = draw_seed(generator)
+        try:
+            with torch.no_grad():
+                for group, ps in self._grouped(with_grad=False):
+                    backups = [self._backup(p) for p in ps]
+                    vi_ops.vi_noise_(ps, backups, self._variances(group, ps),
+                                     [self._param_id(p) for p in ps], seed, 0, 0.0)
+                    self._mark_perturbed(ps, backups)
+            yield self
+        finally:
+            self.restore()
+
+    @torch.no_grad()
+    def predictive(self, model: torch.nn.Module, inputs, samples: int = 32,
+                   generator: SeedLike = None) -> Tensor:
+        """Softmax of ``model(inputs)`` averaged over ``samples`` posterior draws.  The model is put
+        in eval mode for the call and returned to its previous mode."""
+        if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+            raise ValueError(f"samples must be an int >= 1, got {samples!r}")
+        gen = generator if isinstance(generator, torch.Generator) else torch.Generator().manual_seed(
+            draw_seed(generator))
+        was_training = model.training
+        model.eval()
+        try:
+            total = None
+            for _ in range(samples):
+                with self.sampled_params(gen):
+                    probs = torch.softmax(model(inputs).float(), dim=-1)
+                total = probs if total is None else total + probs
+            return total / samples
+        finally:
+            model.train(was_training)
+
+
+class MFVI(GaussianPosterior, TwoPassOptimizer):
+    r"""Mean-field VI with reparametrised single-sample gradients (Alg. 2).
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate of the mean (Alg. 2's eta_1).
+        num_data: data-set size ``N`` (the KL is divided by it, eq. 5).
+        rho: sets the initial variance ``Sigma0 = rho^2 / p`` (p = parameter count over all groups,
+            as RandomSAM's ``Sigma = rho^2/p I``), i.e. an initial perturbation of norm about rho.
+        var_lr: learning rate of u = log Sigma (Alg. 2's eta_2, applied in log space).
+        prior_var: ``sigma_p^2`` of the prior N(0, sigma_p^2 I).  Its KL term acts on the mean as
+            weight decay ``1/(N prior_var)`` (eq. 39; the paper's eq. 6 writes 2 alpha mu with
+            alpha = 1/(N sigma_0^2), a factor 2 off eq. 39's gradient: we follow eq. 39).
+        init_var: initial Sigma (overrides ``rho``).
+        momentum: heavy-ball momentum on the mean (0 = Alg. 2 as printed).
+        seed: int, torch.Generator or None — the key of the counter-based noise.
+        freeze_bn: the model; with ``freeze_bn_noisy=True`` BatchNorm running statistics are not
+            updated in the (noisy) pass.
+        nonfinite: ``"skip"`` (default), ``"raise"`` or ``"unchecked"``, as for ``SAM``.  A skipped
+            step leaves weights, variances, momentum and the noise counter as they were.
+
+    Per step, the gradient of the sampled theta gives (u = log Sigma)::
+
+        mu <- mu - lr (g + mu/(N prior_var))          (with momentum when set)
+        u  <- u - var_lr (g z Sigma^1/2 / 2 + (Sigma/prior_var - 1)/(2N))
+
+    ``step(closure)`` calls the closure once, at theta (as the step's first pass: a closure that
+    takes an argument gets ``ascent=True``), and returns its loss.  Explicit phases::
+
+        opt.noise_step(); loss_fn(model(x), y).backward(); opt.second_step(zero_grad=True)
+    """
+
+    def __init__(self, params, lr: float, num_data: float, rho: float = 0.05, *,
+                 var_lr: float = 0.01, prior_var: float = 1.0, init_var: Optional[float] = None,
+                 momentum: float = 0.0, seed: SeedLike = None,
+                 freeze_bn: Optional[torch.nn.Module] = None, freeze_bn_noisy: bool = False,
+                 nonfinite: str = "skip"):
+        check_nonneg("lr", lr)
+        check_positive("num_data", num_data)
+        if init_var is None:
+            check_positive("rho", rho)
+        else:
+            check_nonneg("rho", rho)
+            check_positive("init_var", init_var)
+        check_nonneg("var_lr", var_lr)
+        check_positive("prior_var", prior_var)
+        check_beta("momentum", momentum)
+        defaults = dict(lr=lr, num_data=float(num_data), rho=rho, var_lr=var_lr,
+                        prior_var=prior_var, init_var=init_var, momentum=momentum)
+        super().__init__(params, defaults)
+        self._configure(freeze_bn, None, nonfinite)
+        self.freeze_bn_noisy = bool(freeze_bn_noisy)
+        self._extra_state.update(seed=draw_seed(seed), noise_step=0)
+        self._noise = {"at": 0}  # counter of the noise now in the weights (a dict: set in place)
+
+    # -- state -----------------------------------------------------------------------------------
+    def _variances(self, group: dict, ps: List[Tensor]) -> List[Tensor]:
+        out = []
+        for p in ps:
+            st = self.state[p]
+            if "variance" not in st:
+                v0 = group["init_var"]
+                if v0 is None:
+                    v0 = group["rho"] ** 2 / self._total_numel()
+                st["variance"] = torch.full_like(p, v0, dtype=_opmath(p))
+            out.append(st["variance"])
+        return out
+
+    def _momenta(self, group: dict, ps: List[Tensor]) -> List[Tensor]:
+        if group["momentum"] == 0:
+            return []
+        return [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p, dtype=_opmath(p)))
+                for p in ps]
+
+    # -- phases ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def noise_step(self) -> None:
+        """Alg. 2 line 3: theta = mu + Sigma^1/2 z into the parameters (mu kept in a backup)."""
+        self._require_unperturbed("noise_step")
+        seed, step = self._extra_state["seed"], self._extra_state["noise_step"]
+        for group, ps in self._grouped(with_grad=False):
+            backups = [self._backup(p) for p in ps]
+            vi_ops.vi_noise_(ps, backups, self._variances(group, ps),
+                             [self._param_id(p) for p in ps], seed, step, 0.0)
+            self._mark_perturbed(ps, backups)
+        self._noise["at"] = step
+        self._extra_state["noise_step"] = step + 1
+
+    def _rollback_skipped_step(self) -> None:  # the next step draws the skipped step's noise
+        self._extra_state["noise_step"] = self._noise["at"]
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False, *, scaler=None) -> None:
+        """Alg. 2 lines 4-5 with g = the gradient at theta now in ``.grad``: mean and variance
+        step, w <- mu.  Parameters without a gradient go back to mu unchanged.  inf/NaN gradients
+        skip the step (only mu is restored)."""
+        if not self._perturbed:
+            raise RuntimeError("MFVI.second_step: call noise_step() and run the backward first")
+        grouped = self._grouped()
+        if not self._grads_ok(False, [p for _, ps in grouped for p in ps], scaler):
+            self.restore()
+            self._finish_step(skipped=True)
+            if zero_grad:
+                self.zero_grad()
+            return
+        perturbed = self._take_perturbed()
+        todo = {p for ps, _ in perturbed for p in ps}
+        seed = self._extra_state["seed"]
+        try:
+            for group, ps in grouped:
+                ps = [p for p in ps if p in todo]
+                if not ps:
+                    continue
+                vi_ops.mfvi_update_(ps, [p.grad for p in ps], [self._backup(p) for p in ps],
+                                    self._variances(group, ps), self._momenta(group, ps),
+                                    [self._param_id(p) for p in ps], seed, self._noise["at"],
+                                    group["lr"], group["var_lr"], group["momentum"],
+                                    group["prior_var"], group["num_data"])
+                todo.difference_update(set(ps))
+        finally:  # anything not updated (no gradient now, or an error) goes back to the mean
+            for ps, bs in perturbed:
+                rest = [(p, b) for p, b in zip(ps, bs) if p in todo]
+                if rest:
+                    torch._foreach_copy_([p for p, _ in rest], [b for _, b in rest])
+        self._finish_step(skipped=False)
+        if zero_grad:
+            self.zero_grad()
+
+    def step(self, closure: Optional[Callable] = None, *, scaler=None):
+        """One MFVI step: the closure runs once at theta ~ q; returns its loss.  ``scaler``: a
+        GradScaler whose ``scale(loss).backward()`` the closure calls (``scaler.update()`` after)."""
+        if closure is None:
+            raise RuntimeError("MFVI.step needs a closure (forward + backward at the sampled "
+                               "weights); or call noise_step() / second_step() yourself")
+        self.noise_step()
+        with self._restore_on_error():
+            loss = self._run_pass(closure, ascent=True)
+            self.second_step(scaler=scaler)
+        return loss

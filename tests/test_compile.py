@@ -1,0 +1,148 @@
+"""torch.compile: every C++ op has a fake (meta) implementation, a compiled SAM / bSAM training
+step follows the eager trajectory, and the graph breaks are the documented ones (README)."""
+import collections
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from samkernels import BSAM, SAM
+
+from conftest import needs_ext
+
+pytestmark = needs_ext
+
+# The reasons dynamo gives for the breaks we document; anything else is a regression.
+BACKWARD = "Unsupported Tensor.backward() call"
+ZERO_GRAD = "Attempted to inline function marked as skipped"  # torch.optim.Optimizer.zero_grad
+FLAG_READ = "Unsupported Tensor.item() call"  # the inf/NaN flag, one per pass (nonfinite != unchecked)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _lists(n=2):
+    g = torch.Generator().manual_seed(0)
+    ps = [torch.randn(3, 5, generator=g), torch.randn(7, generator=g)][:n]
+    return ps, [torch.randn(p.shape, generator=g) for p in ps]
+
+
+def _op_cases():
+    ps, gs = _lists()
+    like = lambda: [torch.zeros_like(p) for p in ps]  # noqa: E731
+    ones = lambda: [torch.ones_like(p) for p in ps]  # noqa: E731
+    return {
+        "grad_sumsq": (ps, gs, True, 0.01),
+        "sam_perturb_": (ps, gs, like(), None, 0.05, 1e-12, False, 0.0),
+        "sam_perturb_+norm": (ps, gs, like(), torch.tensor(2.0, dtype=torch.float64), 0.05,
+                                   1e-12, True, 0.01),
+        "sam_restore_sgd_": (ps, gs, like(), like(), 0.1, 0.9, 0.0, False, 1e-4, True),
+        "sam_restore_adam_": (ps, gs, like(), like(), like(), 3, 1e-3, 0.9, 0.999, 1e-8, 0.0, True),
+        "bsam_noise_": (ps, like(), ones(), [0, 1], 7, 2, 50.0),
+        "bsam_perturb_": (ps, gs, like(), ones(), like(), 0.01, 0.999, 1e-3, 0.1),
+        "bsam_update_": (ps, gs, like(), ones(), like(), [], 0.1, 0.9, 0.999, 1e-3, 0.1, 1.0, False),
+    }
+
+
+@pytest.mark.parametrize("case", list(_op_cases()))
+def test_fake_kernels_pass_opcheck(case):
+    """Schema, fake-tensor shapes/dtypes and AOT dispatch of every samkernels C++ op."""
+    name = case.replace("+norm", "")
+    torch.library.opcheck(getattr(torch.ops.samkernels, name).default, _op_cases()[case])
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 17), torch.nn.Tanh(), torch.nn.Linear(17, 3))
+
+
+MAKERS = {
+    "sam_sgd": lambda ps: SAM(ps, lr=0.1, rho=0.05, momentum=0.9, weight_decay=1e-3),
+    "sam_adam": lambda ps: SAM(ps, lr=1e-2, rho=0.05, base="adam"),
+    "bsam": lambda ps: BSAM(ps, lr=0.1, num_data=32, seed=1),
+    "bsam_unchecked": lambda ps: BSAM(ps, lr=0.1, num_data=32, seed=1, nonfinite="unchecked"),
+}
+
+
+def _step_fn(name, mode, bad=None):
+    """A model, its optimizer and a training step: step(closure) or the explicit phases.
+    ``bad["v"]`` is added to one gradient entry (NaN: the step must be skipped)."""
+    model = _mlp()
+    opt = MAKERS[name](model.parameters())
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        if bad is not None:
+            model[2].weight.grad[0, 0] += bad["v"]
+        return loss
+
+    def step_closure():
+        return opt.step(closure)
+
+    def step_phases():
+        if isinstance(opt, BSAM):
+            opt.noise_step()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.first_step(zero_grad=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.second_step(zero_grad=True)
+        return loss
+
+    return model, opt, step_closure if mode == "closure" else step_phases
+
+
+@pytest.mark.parametrize("name,mode", [("sam_sgd", "closure"), ("sam_adam", "phases"),
+                                       ("bsam", "closure"), ("bsam_unchecked", "phases")])
+def test_compiled_step_follows_eager(name, mode):
+    eager_model, _, eager_step = _step_fn(name, mode)
+    model, opt, step = _step_fn(name, mode)
+    compiled = torch.compile(step, backend="aot_eager")
+    for _ in range(5):
+        torch.testing.assert_close(compiled(), eager_step(), rtol=1e-6, atol=1e-6)
+    assert not opt.is_perturbed
+    for p, q in zip(model.parameters(), eager_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+    if isinstance(opt, BSAM):
+        assert opt.state_dict()["samkernels"]["noise_step"] == 5
+
+
+@pytest.mark.parametrize("name", ["sam_sgd", "bsam"])
+def test_compiled_step_skips_a_nan_step_like_eager(name):
+    bad = {"v": 0.0}
+    eager_model, eager_opt, eager_step = _step_fn(name, "closure", bad)
+    model, opt, step = _step_fn(name, "closure", bad)
+    compiled = torch.compile(step, backend="aot_eager")
+    for t in range(4):
+        bad["v"] = float("nan") if t == 2 else 0.0
+        compiled()
+        eager_step()
+        assert opt.step_skipped == eager_opt.step_skipped == (t == 2)
+    for p, q in zip(model.parameters(), eager_model.parameters()):
+        assert torch.equal(p, q)
+    assert opt.state_dict()["samkernels"] == eager_opt.state_dict()["samkernels"]
+
+
+# (graphs, breaks) per warm step, torch 2.13; README "torch.compile" lists them
+DOCUMENTED = {("sam_sgd", "closure"): (5, 4), ("bsam", "phases"): (6, 5),
+              ("bsam_unchecked", "phases"): (4, 3)}
+
+
+@pytest.mark.parametrize("name,mode", list(DOCUMENTED))
+def test_graph_breaks_are_the_documented_ones(name, mode):
+    _, _, step = _step_fn(name, mode)
+    step()  # optimizer state exists: the steady-state step is what we count
+    ex = torch._dynamo.explain(step)()
+    reasons = collections.Counter(r.reason.splitlines()[0] for r in ex.break_reasons)
+    allowed = (BACKWARD, ZERO_GRAD) + (() if name.endswith("unchecked") else (FLAG_READ,))
+    assert all(any(r.startswith(a) for a in allowed) for r in reasons), reasons
+    graphs, breaks = DOCUMENTED[(name, mode)]
+    assert ex.graph_count <= graphs and ex.graph_break_count <= breaks, (ex.graph_count, reasons)
