@@ -12,6 +12,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from samkernels import ops
 from samkernels.optim.utils import bn_frozen
 
 SeedLike = Union[None, int, torch.Generator]
@@ -441,19 +442,18 @@ class _ScalerGate:
 @torch.no_grad()
 def _nonfinite_flag(grads: List[Tensor]) -> Tensor:
     """A one-element float32 tensor on the first gradient's device: > 0 iff some entry is inf/NaN.
-    One multi-tensor check op per (device, dtype), as GradScaler does; nothing is read here."""
-    by_key: Dict[tuple, List[Tensor]] = {}
+
+    One fused multi-tensor reduction per device (our ``grad_sumsq``: squares summed in float64,
+    so finite fp32/bf16/fp16 gradients can never overflow it); nothing is read back here.  (PyTorch's
+    ``_amp_foreach_non_finite_check_and_unscale_`` does the same job but is ~20x slower on the CPU.)
+    """
+    by_dev: Dict[torch.device, List[Tensor]] = {}
     for g in grads:
-        by_key.setdefault((g.device, g.dtype), []).append(g)
-    flags: Dict[torch.device, Tensor] = {}
-    for (dev, _), gs in by_key.items():
-        if dev not in flags:
-            flags[dev] = torch.zeros((1,), dtype=torch.float32, device=dev)
-        # inv_scale = 1: the gradients keep their values
-        torch._amp_foreach_non_finite_check_and_unscale_(
-            gs, flags[dev], torch.ones((1,), dtype=torch.float32, device=dev))
+        by_dev.setdefault(g.device, []).append(g)
     first = grads[0].device
-    return sum(f.to(first) for f in flags.values())
+    flags = [(~torch.isfinite(ops.grad_sumsq(gs, gs, False, 0.0))).float().reshape(1).to(first)
+             for gs in by_dev.values()]
+    return flags[0] if len(flags) == 1 else torch.stack(flags).sum(0)
 
 
 def _n_positional(fn: Callable) -> int:
