@@ -3,7 +3,8 @@
 Backends: ``reference`` (pure PyTorch, :mod:`samkernels.ops.reference`), ``cpu`` (the C++ extension
 ``samkernels._C``), ``cuda`` (the CUDA kernels of the same extension), ``triton`` (Triton kernels;
 on CPU tensors only under ``TRITON_INTERPRET=1``).  ``auto`` (the default) picks by device: CPU
-tensors -> ``cpu``; CUDA tensors -> ``cuda`` if the extension was built with CUDA, else ``triton``.
+tensors -> ``cpu``; CUDA tensors -> the faster of ``cuda`` and ``triton``, measured once per device
+(``cuda`` if Triton is missing or ``SAMKERNELS_AUTOTUNE=0``; ``triton`` if no CUDA kernels were built).
 
 Force one with the environment variable ``SAMKERNELS_BACKEND`` or, in code, with
 ``samkernels.use_backend(name)`` (a context manager; ``set_backend`` sets it for good).  A forced
@@ -134,10 +135,54 @@ def resolve(device: torch.device) -> str:
         return "reference"
     if device.type == "cuda":
         if cuda_kernels_built():
-            return _auto_cuda_choice.get(device.index or 0, "cuda")
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            if index not in _auto_cuda_choice:
+                _auto_cuda_choice[index] = _measure_cuda_vs_triton(index)
+            return _auto_cuda_choice[index]
         if triton_usable(device):
             return "triton"
     return "reference"
+
+
+def _time_backend(backend: str, index: int) -> float:
+    """Median ms of one SAM perturbation + SGD restore over a 64M-element, 100-tensor list (larger
+    than L2), timed with CUDA events after a warm-up."""
+    from samkernels import ops
+    dev = torch.device("cuda", index)
+    sizes = [640_000 + 17 * i for i in range(100)]
+    p = [torch.randn(n, device=dev) for n in sizes]
+    g = [torch.randn(n, device=dev) for n in sizes]
+    b = [torch.empty(n, device=dev) for n in sizes]
+    m = [torch.zeros(n, device=dev) for n in sizes]
+
+    def run():
+        ops.sam_perturb_(p, g, b, None, 0.05, 1e-12, False, 0.0, backend=backend)
+        ops.sam_restore_sgd_(p, g, b, m, 0.1, 0.9, 0.0, False, 0.0, False, backend=backend)
+
+    run()
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def _measure_cuda_vs_triton(index: int) -> str:
+    """``auto`` on CUDA: the faster of the CUDA and Triton kernels, measured once per device
+    (``SAMKERNELS_AUTOTUNE=0`` skips the measurement and takes CUDA)."""
+    if os.environ.get("SAMKERNELS_AUTOTUNE", "1") == "0" or not triton_usable(torch.device("cuda")):
+        return "cuda"
+    try:
+        t_cuda, t_triton = _time_backend("cuda", index), _time_backend("triton", index)
+    except Exception as exc:  # a broken Triton install must not break the CUDA path
+        warnings.warn(f"samkernels: could not time the triton backend ({exc}); using cuda",
+                      RuntimeWarning, stacklevel=3)
+        return "cuda"
+    return "triton" if t_triton < t_cuda else "cuda"
 
 
 # --- op lookup ------------------------------------------------------------------------------

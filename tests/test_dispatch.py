@@ -46,3 +46,22 @@ def test_forced_backend_really_runs_that_implementation(monkeypatch):
     ops.grad_sumsq([torch.ones(3)], [torch.ones(3)], backend="cpu")
     ops.grad_sumsq([torch.ones(3)], [torch.ones(3)], backend="reference")
     assert calls == [1]
+
+
+def test_auto_on_cuda_takes_the_measured_faster_backend(monkeypatch):
+    """The choice logic, with the timing replaced (no GPU needed)."""
+    monkeypatch.setattr(_dispatch, "triton_usable", lambda device: True)
+    monkeypatch.delenv("SAMKERNELS_AUTOTUNE", raising=False)
+    for t_cuda, t_triton, want in [(1.0, 2.0, "cuda"), (2.0, 1.0, "triton")]:
+        monkeypatch.setattr(_dispatch, "_time_backend",
+                            lambda b, i, tc=t_cuda, tt=t_triton: tc if b == "cuda" else tt)
+        assert _dispatch._measure_cuda_vs_triton(0) == want
+    monkeypatch.setenv("SAMKERNELS_AUTOTUNE", "0")
+    assert _dispatch._measure_cuda_vs_triton(0) == "cuda"
+
+    def broken(b, i):
+        raise RuntimeError("no triton")
+    monkeypatch.delenv("SAMKERNELS_AUTOTUNE")
+    monkeypatch.setattr(_dispatch, "_time_backend", broken)
+    with pytest.warns(RuntimeWarning, match="could not time"):
+        assert _dispatch._measure_cuda_vs_triton(0) == "cuda"
