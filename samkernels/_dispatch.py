@@ -196,19 +196,45 @@ def _torch_op_impl(name: str) -> Callable:
     return getattr(torch.ops.samkernels, name)
 
 
+def _cuda_op_impl(name: str) -> Callable:
+    """The CUDA kernel of op ``name``; AttributeError when the op has none (e.g. CPU-only phases)."""
+    op = _torch_op_impl(name)
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"samkernels::{name}", "CUDA"):
+        raise AttributeError(name)
+    return op
+
+
 def _triton_impl(name: str) -> Callable:
     from samkernels import triton as triton_ops
     return getattr(triton_ops, name)
 
 
-_LOOKUP = {"reference": _reference_impl, "cpu": _torch_op_impl, "cuda": _torch_op_impl,
+_LOOKUP = {"reference": _reference_impl, "cpu": _torch_op_impl, "cuda": _cuda_op_impl,
            "triton": _triton_impl}
+_warned_missing: set = set()
 
 
 def implementation(name: str, device: torch.device, backend: Optional[str] = None) -> Callable:
-    """The callable implementing op ``name`` for ``device`` (``backend`` overrides the choice)."""
+    """The callable implementing op ``name`` for ``device`` (``backend`` overrides the choice).
+
+    Under ``auto``, an op the chosen backend lacks (e.g. a phase with only a CPU kernel so far, on
+    CUDA tensors) runs on the other GPU backend or the reference, with one warning; a forced
+    backend that lacks it raises ``NotImplementedError``."""
     chosen = resolve(device) if backend is None else backend
     try:
         return _LOOKUP[chosen](name)
     except AttributeError:
-        raise NotImplementedError(f"op {name!r} has no {chosen!r} implementation") from None
+        if backend is not None or requested() != "auto":
+            raise NotImplementedError(f"op {name!r} has no {chosen!r} implementation") from None
+    fallbacks = (["triton"] if chosen == "cuda" and triton_usable(device) else []) + ["reference"]
+    for other in fallbacks:
+        try:
+            impl = _LOOKUP[other](name)
+        except AttributeError:
+            continue
+        if (name, chosen) not in _warned_missing:
+            _warned_missing.add((name, chosen))
+            warnings.warn(f"samkernels: op {name!r} has no {chosen!r} kernel yet; using {other!r}",
+                          RuntimeWarning, stacklevel=3)
+        return impl
+    raise NotImplementedError(f"op {name!r} has no implementation for {device}")

@@ -65,3 +65,18 @@ def test_auto_on_cuda_takes_the_measured_faster_backend(monkeypatch):
     monkeypatch.setattr(_dispatch, "_time_backend", broken)
     with pytest.warns(RuntimeWarning, match="could not time"):
         assert _dispatch._measure_cuda_vs_triton(0) == "cuda"
+
+
+def test_auto_falls_back_when_a_backend_lacks_an_op(monkeypatch):
+    """A phase with no kernel on the chosen backend runs on the reference under auto (one warning);
+    a forced backend raises."""
+    def missing(name):
+        raise AttributeError(name)
+    monkeypatch.setitem(_dispatch._LOOKUP, "cpu", missing)
+    monkeypatch.setattr(_dispatch, "resolve", lambda device: "cpu")
+    with pytest.warns(RuntimeWarning, match="no 'cpu' kernel yet; using 'reference'"):
+        impl = _dispatch.implementation("grad_sumsq", torch.device("cpu"))
+    from samkernels.ops import reference
+    assert impl is reference.grad_sumsq
+    with pytest.raises(NotImplementedError, match="no 'cpu' implementation"):
+        _dispatch.implementation("grad_sumsq", torch.device("cpu"), backend="cpu")
