@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from samkernels import ops
+from samkernels.optim.utils import posterior_predictive
 from samkernels.optim._base import (SeedLike, TwoPassOptimizer, check_betas, check_choice,
                                     check_nonneg, check_positive, draw_seed)
 
@@ -280,26 +281,11 @@ class BSAM(TwoPassOptimizer):
         finally:
             self.restore()
 
-    @torch.no_grad()
     def predictive(self, model: torch.nn.Module, inputs, samples: int = 32,
                    generator: SeedLike = None) -> Tensor:
-        """Softmax of ``model(inputs)`` averaged over ``samples`` posterior draws (the paper uses 32).
-        The model is put in eval mode for the call and returned to its previous mode."""
-        if not isinstance(samples, int) or samples < 1:
-            raise ValueError(f"samples must be an int >= 1, got {samples!r}")
-        gen = generator if isinstance(generator, torch.Generator) else torch.Generator().manual_seed(
-            draw_seed(generator))
-        was_training = model.training
-        model.eval()
-        try:
-            total = None
-            for _ in range(samples):
-                with self.sampled_params(gen):
-                    probs = torch.softmax(model(inputs).float(), dim=-1)
-                total = probs if total is None else total + probs
-            return total / samples
-        finally:
-            model.train(was_training)
+        """Softmax of ``model(inputs)`` averaged over ``samples`` posterior draws (the bSAM paper
+        uses 32); see ``samkernels.optim.utils.posterior_predictive``."""
+        return posterior_predictive(self, model, inputs, samples, generator)
 
 
 def _mean(losses):

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from samkernels.ops import vi_ops
+from samkernels.optim.utils import posterior_predictive
 from samkernels.optim._base import (SeedLike, TwoPassOptimizer, check_beta, check_nonneg,
                                     check_positive, draw_seed)
 
@@ -59,26 +60,11 @@ class GaussianPosterior:
         finally:
             self.restore()
 
-    @torch.no_grad()
     def predictive(self, model: torch.nn.Module, inputs, samples: int = 32,
                    generator: SeedLike = None) -> Tensor:
-        """Softmax of ``model(inputs)`` averaged over ``samples`` posterior draws.  The model is put
-        in eval mode for the call and returned to its previous mode."""
-        if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
-            raise ValueError(f"samples must be an int >= 1, got {samples!r}")
-        gen = generator if isinstance(generator, torch.Generator) else torch.Generator().manual_seed(
-            draw_seed(generator))
-        was_training = model.training
-        model.eval()
-        try:
-            total = None
-            for _ in range(samples):
-                with self.sampled_params(gen):
-                    probs = torch.softmax(model(inputs).float(), dim=-1)
-                total = probs if total is None else total + probs
-            return total / samples
-        finally:
-            model.train(was_training)
+        """Softmax of ``model(inputs)`` averaged over ``samples`` posterior draws (the bSAM paper
+        uses 32); see ``samkernels.optim.utils.posterior_predictive``."""
+        return posterior_predictive(self, model, inputs, samples, generator)
 
 
 class MFVI(GaussianPosterior, TwoPassOptimizer):

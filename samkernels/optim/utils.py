@@ -42,3 +42,27 @@ def rho_proportional_to_lr(rho_max: float, rho_min: float = 0.0, lr_max: float =
         frac = min(max((group["lr"] - lr_min) / (top - lr_min), 0.0), 1.0)
         return rho_min + (rho_max - rho_min) * frac
     return schedule
+
+
+@torch.no_grad()
+def posterior_predictive(optimizer, model: torch.nn.Module, inputs, samples: int = 32,
+                         generator=None) -> torch.Tensor:
+    """Softmax of ``model(inputs)`` averaged over ``samples`` draws from ``optimizer``'s posterior
+    (its ``sampled_params`` context: BSAM, MFVI, VariationalSAM).  The model is put in eval mode
+    for the call and returned to its previous mode; the mean weights come back exactly."""
+    from samkernels.optim._base import draw_seed
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+        raise ValueError(f"samples must be an int >= 1, got {samples!r}")
+    gen = generator if isinstance(generator, torch.Generator) else torch.Generator().manual_seed(
+        draw_seed(generator))
+    was_training = model.training
+    model.eval()
+    try:
+        total = None
+        for _ in range(samples):
+            with optimizer.sampled_params(gen):
+                probs = torch.softmax(model(inputs).float(), dim=-1)
+            total = probs if total is None else total + probs
+        return total / samples
+    finally:
+        model.train(was_training)
