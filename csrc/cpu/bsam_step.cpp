@@ -6,8 +6,10 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <type_traits>
 
 #include "cpu/multi_tensor.h"
+#include "cpu/normal_block.h"
 #include "philox.h"
 
 namespace samkernels {
@@ -28,6 +30,22 @@ void bsam_noise(at::TensorList params, at::TensorList backups, at::TensorList pr
       const opmath_t* sp = s[c.tensor].data_ptr<opmath_t>();
       const uint32_t pid = static_cast<uint32_t>(param_ids[c.tensor]);
       const opmath_t n = static_cast<opmath_t>(num_data);
+      if constexpr (std::is_same<opmath_t, float>::value) {  // vectorized block noise
+        alignas(16) float z[kBlockElems], sd[kBlockElems];
+        for (int64_t q = c.begin; q < c.end; q += kBlockElems) {
+          normal_block(static_cast<uint64_t>(seed), static_cast<uint64_t>(step), pid,
+                       static_cast<uint64_t>(q >> 2), z);
+          const int len = static_cast<int>(std::min(c.end - q, int64_t(kBlockElems)));
+          for (int k = 0; k < len; ++k) sd[k] = n * sp[q + k];
+          sqrt_inplace(sd, len);  // same rounding as std::sqrt, but vectorized
+          for (int k = 0; k < len; ++k) {
+            const float omega = static_cast<float>(wp[q + k]);
+            bp[q + k] = wp[q + k];
+            wp[q + k] = static_cast<scalar_t>(omega + z[k] / sd[k]);
+          }
+        }
+        return;
+      }
       for (int64_t q = c.begin; q < c.end; q += 4) {
         opmath_t z[4];
         philox_normal4<opmath_t>(static_cast<uint64_t>(seed), static_cast<uint64_t>(step), pid,

@@ -6,9 +6,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "cpu/multi_tensor.h"
 #include "philox.h"
+#include "cpu/normal_block.h"
 
 namespace samkernels {
 namespace cpu {
@@ -53,6 +55,21 @@ at::Tensor esam_perturb(at::TensorList params, at::TensorList grads, at::TensorL
       // Alg. 3 line 5: rho/(1-beta) on the chosen coordinates, normalised as BiSAM Alg. 1 line 4
       const opmath_t scale = static_cast<opmath_t>(rho / (1.0 - beta)) /
                              (static_cast<opmath_t>(norm) + static_cast<opmath_t>(eps));
+      if constexpr (std::is_same<opmath_t, float>::value) {  // vectorized block uniforms
+        alignas(16) float u[kBlockElems];
+        for (int64_t q = c.begin; q < c.end; q += kBlockElems) {
+          uniform_block(static_cast<uint64_t>(seed), static_cast<uint64_t>(step), pid,
+                        static_cast<uint64_t>(q >> 2), u);
+          const int64_t stop = std::min(c.end, q + kBlockElems);
+          for (int64_t i = q; i < stop; ++i) {
+            bp[i] = wp[i];
+            if (static_cast<double>(u[i - q]) < beta)  // line 4: chosen w.p. beta
+              wp[i] = static_cast<scalar_t>(static_cast<opmath_t>(wp[i]) +
+                                            static_cast<opmath_t>(gp[i]) * scale);
+          }
+        }
+        return;
+      }
       for (int64_t q = c.begin; q < c.end; q += 4) {
         const Philox4 blk = philox4x32_10(
             static_cast<uint32_t>(q >> 2), pid, static_cast<uint32_t>(step),

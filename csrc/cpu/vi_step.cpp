@@ -10,9 +10,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "cpu/multi_tensor.h"
 #include "philox.h"
+#include "cpu/normal_block.h"
 
 namespace samkernels {
 namespace cpu {
@@ -44,6 +46,26 @@ void vi_noise(at::TensorList params, at::TensorList backups, at::TensorList vari
       const opmath_t* vp = learned ? v[c.tensor].data_ptr<opmath_t>() : nullptr;
       const uint32_t pid = static_cast<uint32_t>(param_ids[c.tensor]);
       const opmath_t sig = static_cast<opmath_t>(sigma);
+      if constexpr (std::is_same<opmath_t, float>::value) {  // vectorized block noise
+        alignas(16) float z[kBlockElems], sd[kBlockElems];
+        for (int64_t q = c.begin; q < c.end; q += kBlockElems) {
+          normal_block(static_cast<uint64_t>(seed), static_cast<uint64_t>(step), pid,
+                       static_cast<uint64_t>(q >> 2), z);
+          const int len = static_cast<int>(std::min(c.end - q, int64_t(kBlockElems)));
+          if (learned) {
+            for (int k = 0; k < len; ++k) sd[k] = vp[q + k];
+            sqrt_inplace(sd, len);  // same rounding as std::sqrt, but vectorized
+          } else {
+            for (int k = 0; k < len; ++k) sd[k] = sig;
+          }
+          for (int k = 0; k < len; ++k) {
+            const float mu = static_cast<float>(wp[q + k]);
+            bp[q + k] = wp[q + k];
+            wp[q + k] = static_cast<scalar_t>(mu + sd[k] * z[k]);
+          }
+        }
+        return;
+      }
       for (int64_t q = c.begin; q < c.end; q += 4) {
         opmath_t z[4];
         philox_normal4<opmath_t>(static_cast<uint64_t>(seed), static_cast<uint64_t>(step), pid,
@@ -84,26 +106,38 @@ void mfvi_update(at::TensorList params, at::TensorList grads, at::TensorList bac
       const opmath_t lr_ = lr, vlr = var_lr, mom = momentum;
       const opmath_t nprior = num_data * prior_var, inv_prior = 1.0 / prior_var;
       const opmath_t two_n = 2.0 * num_data;
+      const auto body = [&](int64_t i, opmath_t zi) {
+        const opmath_t mu = static_cast<opmath_t>(bp[i]);
+        const opmath_t gi = static_cast<opmath_t>(gp[i]);
+        const opmath_t var = vp[i];
+        opmath_t d = gi + mu / nprior;  // eq. 7: data gradient + KL/N (eq. 39) on mu
+        if (use_momentum) {
+          d = mom * mp[i] + d;
+          mp[i] = d;
+        }
+        // u = log Sigma: reparametrised data term + KL/N term (eq. 39)
+        const opmath_t du = opmath_t(0.5) * gi * zi * std::sqrt(var) +
+                            (var * inv_prior - opmath_t(1)) / two_n;
+        vp[i] = var * std::exp(-vlr * du);
+        wp[i] = static_cast<scalar_t>(mu - lr_ * d);
+      };
+      // z: the noise of the vi_noise_ call with the same (seed, step)
+      if constexpr (std::is_same<opmath_t, float>::value) {  // vectorized block noise
+        alignas(16) float z[kBlockElems];
+        for (int64_t q = c.begin; q < c.end; q += kBlockElems) {
+          normal_block(static_cast<uint64_t>(seed), static_cast<uint64_t>(step), pid,
+                       static_cast<uint64_t>(q >> 2), z);
+          const int64_t stop = std::min(c.end, q + kBlockElems);
+          for (int64_t i = q; i < stop; ++i) body(i, z[i - q]);
+        }
+        return;
+      }
       for (int64_t q = c.begin; q < c.end; q += 4) {
-        opmath_t z[4];  // the noise of the vi_noise_ call with the same (seed, step)
+        opmath_t z[4];
         philox_normal4<opmath_t>(static_cast<uint64_t>(seed), static_cast<uint64_t>(step), pid,
                                  static_cast<uint64_t>(q >> 2), z);
         const int64_t stop = std::min(c.end, q + 4);
-        for (int64_t i = q; i < stop; ++i) {
-          const opmath_t mu = static_cast<opmath_t>(bp[i]);
-          const opmath_t gi = static_cast<opmath_t>(gp[i]);
-          const opmath_t var = vp[i];
-          opmath_t d = gi + mu / nprior;  // eq. 7: data gradient + KL/N (eq. 39) on mu
-          if (use_momentum) {
-            d = mom * mp[i] + d;
-            mp[i] = d;
-          }
-          // u = log Sigma: reparametrised data term + KL/N term (eq. 39)
-          const opmath_t du = opmath_t(0.5) * gi * z[i - q] * std::sqrt(var) +
-                              (var * inv_prior - opmath_t(1)) / two_n;
-          vp[i] = var * std::exp(-vlr * du);
-          wp[i] = static_cast<scalar_t>(mu - lr_ * d);
-        }
+        for (int64_t i = q; i < stop; ++i) body(i, z[i - q]);
       }
     });
   });

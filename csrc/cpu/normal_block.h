@@ -1,0 +1,176 @@
+// CPU-only block versions of philox.h's Philox noise for fp32 opmath: a block of kBlockQuads
+// consecutive quads at a time into a stack array, in loops GCC vectorizes at -O3 on baseline
+// x86-64 (SSE2).  The scalar philox_normal4 spends ~9 ns/element in libm log/sqrt/sin/cos; these
+// run the 4 lanes of a vector through Philox, a polynomial log and sincos instead.
+// Same contract as philox.h (words bit-identical; normals within ~2 ulp of the exact
+// transform).  Double opmath keeps the exact std:: path of philox_normal4.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
+#include "philox.h"
+
+namespace samkernels {
+namespace cpu {
+
+constexpr int kBlockQuads = 256;                 // 1024 elements: 4 KiB of z, L1-resident
+constexpr int kBlockElems = 4 * kBlockQuads;
+
+// Philox4x32-10 words of quads quad0 .. quad0 + kBlockQuads - 1, lane k of quad j in x[k][j].
+// Same counter/key layout as philox_normal4; uint64 products vectorize as pmuludq.
+inline void philox_block(uint64_t seed, uint64_t step, uint32_t pid, uint64_t quad0,
+                         uint32_t (*x)[kBlockQuads]) {
+  const uint32_t c1_ = pid, c2_ = static_cast<uint32_t>(step);
+  const uint32_t c3_ = static_cast<uint32_t>(step >> 32);
+  const uint32_t k0_ = static_cast<uint32_t>(seed), k1_ = static_cast<uint32_t>(seed >> 32);
+  const uint32_t q0 = static_cast<uint32_t>(quad0);
+#pragma omp simd
+  for (int j = 0; j < kBlockQuads; ++j) {
+    uint32_t c0 = q0 + static_cast<uint32_t>(j), c1 = c1_, c2 = c2_, c3 = c3_;
+    uint32_t k0 = k0_, k1 = k1_;
+    for (int r = 0; r < 10; ++r) {
+      const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0;
+      const uint64_t p1 = static_cast<uint64_t>(0xCD9E8D57u) * c2;
+      c0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
+      c1 = static_cast<uint32_t>(p1);
+      c2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
+      c3 = static_cast<uint32_t>(p0);
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    x[0][j] = c0;
+    x[1][j] = c1;
+    x[2][j] = c2;
+    x[3][j] = c3;
+  }
+}
+
+// philox_uniform without the unsigned->float conversion (x >> 9 fits int32: cvtdq2ps).
+inline float block_uniform(uint32_t x) {
+  return (static_cast<float>(static_cast<int32_t>(x >> 9)) + 0.5f) * 1.1920928955078125e-07f;
+}
+
+inline float bits_to_float(uint32_t b) {
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+inline uint32_t float_to_bits(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  return b;
+}
+
+// Branch-free a-or-b by bit masks.  GCC (-ftrapping-math) turns a float `c ? x - 1 : x` into
+// control flow, which blocks vectorization; integer and/or selects vectorize on SSE2.
+inline float select_bits(bool c, float a, float b) {
+  const uint32_t m = 0u - static_cast<uint32_t>(c);
+  return bits_to_float((float_to_bits(a) & m) | (float_to_bits(b) & ~m));
+}
+
+// -2 log(u) for u in (0, 1) normal (u >= 2^-24): Cephes logf (~1 ulp), branch-free.
+inline float minus_two_log(float u) {
+  const uint32_t ix = float_to_bits(u);
+  const float m = bits_to_float((ix & 0x007fffffu) | 0x3f000000u);  // u = m 2^e, m in [0.5, 1)
+  const bool small = m < 0.707106781186547524f;
+  const float e = static_cast<float>(static_cast<int32_t>(ix >> 23) - 126 -
+                                     static_cast<int32_t>(small));
+  const float x = (m - 1.0f) + select_bits(small, m, 0.0f);  // m - 1 or 2m - 1, both exact
+  const float z = x * x;
+  float y = 7.0376836292e-2f;
+  y = y * x - 1.1514610310e-1f;
+  y = y * x + 1.1676998740e-1f;
+  y = y * x - 1.2420140846e-1f;
+  y = y * x + 1.4249322787e-1f;
+  y = y * x - 1.6668057665e-1f;
+  y = y * x + 2.0000714765e-1f;
+  y = y * x - 2.4999993993e-1f;
+  y = y * x + 3.3333331174e-1f;
+  y = y * x * z;
+  y += -2.12194440e-4f * e;
+  y += -0.5f * z;
+  const float l = x + y + 0.693359375f * e;
+  return -2.0f * l;
+}
+
+// cos(2 pi u), sin(2 pi u) for u in (0, 1).  The reduction is done on u, where it is exact
+// (u has 2^-24 granularity): v = u - round(u), quadrant q = round(4 v), r = v - q / 4 in
+// [-1/8, 1/8]; then Cephes sinf/cosf on a = 2 pi r in [-pi/4, pi/4].
+inline void sincos_2pi(float u, float* c, float* s) {
+  const float v = u - select_bits(u >= 0.5f, 1.0f, 0.0f);        // [-0.5, 0.5), exact (Sterbenz)
+  const float half = bits_to_float(0x3f000000u | (float_to_bits(v) & 0x80000000u));  // +-0.5
+  const float fq = static_cast<float>(static_cast<int32_t>(v * 4.0f + half));
+  const float r = v - 0.25f * fq;                                // exact
+  const float a = r * 6.28318548202514648f + r * -1.7484556e-07f;  // 2 pi as hi + lo
+  const float z = a * a;
+  float sn = -1.9515295891e-4f;
+  sn = sn * z + 8.3321608736e-3f;
+  sn = sn * z - 1.6666654611e-1f;
+  sn = a + a * z * sn;
+  float cs = 2.443315711809948e-5f;
+  cs = cs * z - 1.388731625493765e-3f;
+  cs = cs * z + 4.166664568298827e-2f;
+  cs = 1.0f - 0.5f * z + z * z * cs;
+  const int q = static_cast<int32_t>(fq) & 3;                     // angle = a + q pi / 2
+  const float cq = select_bits(q & 1, sn, cs), sq = select_bits(q & 1, cs, sn);
+  // sign flips by xor: cos negated for q = 1, 2; sin for q = 2, 3
+  const uint32_t cneg = static_cast<uint32_t>(((q + 1) >> 1) & 1) << 31;
+  const uint32_t sneg = static_cast<uint32_t>(q >> 1) << 31;
+  *c = bits_to_float(float_to_bits(cq) ^ cneg);
+  *s = bits_to_float(float_to_bits(sq) ^ sneg);
+}
+
+// x[k] <- sqrt(x[k]) for k < n, correctly rounded like std::sqrt.  Separate because with
+// -fmath-errno (the default) GCC will not vectorize std::sqrt.
+inline void sqrt_inplace(float* x, int n) {
+  int k = 0;
+#if defined(__SSE2__)
+  for (; k + 4 <= n; k += 4) _mm_storeu_ps(x + k, _mm_sqrt_ps(_mm_loadu_ps(x + k)));
+#endif
+  for (; k < n; ++k) x[k] = std::sqrt(x[k]);
+}
+
+// Four normals per quad for quads quad0 .. quad0 + kBlockQuads - 1 into z[0 .. kBlockElems):
+// z[4 j + k] is philox_normal4(seed, step, pid, quad0 + j)[k] up to rounding.
+inline void normal_block(uint64_t seed, uint64_t step, uint32_t pid, uint64_t quad0, float* z) {
+  alignas(16) uint32_t x[4][kBlockQuads];
+  alignas(16) float r[2][kBlockQuads];
+  philox_block(seed, step, pid, quad0, x);
+#pragma omp simd
+  for (int j = 0; j < kBlockQuads; ++j) {
+    r[0][j] = minus_two_log(block_uniform(x[0][j]));
+    r[1][j] = minus_two_log(block_uniform(x[2][j]));
+  }
+  sqrt_inplace(&r[0][0], 2 * kBlockQuads);
+#pragma omp simd
+  for (int j = 0; j < kBlockQuads; ++j) {
+    float c1, s1, c3, s3;
+    sincos_2pi(block_uniform(x[1][j]), &c1, &s1);
+    sincos_2pi(block_uniform(x[3][j]), &c3, &s3);
+    z[4 * j + 0] = r[0][j] * c1;
+    z[4 * j + 1] = r[0][j] * s1;
+    z[4 * j + 2] = r[1][j] * c3;
+    z[4 * j + 3] = r[1][j] * s3;
+  }
+}
+
+// Uniforms philox_uniform(word) of quads quad0 .. quad0 + kBlockQuads - 1: u[4 j + k] exact.
+inline void uniform_block(uint64_t seed, uint64_t step, uint32_t pid, uint64_t quad0, float* u) {
+  alignas(16) uint32_t x[4][kBlockQuads];
+  philox_block(seed, step, pid, quad0, x);
+#pragma omp simd
+  for (int j = 0; j < kBlockQuads; ++j) {
+    u[4 * j + 0] = block_uniform(x[0][j]);
+    u[4 * j + 1] = block_uniform(x[1][j]);
+    u[4 * j + 2] = block_uniform(x[2][j]);
+    u[4 * j + 3] = block_uniform(x[3][j]);
+  }
+}
+
+}  // namespace cpu
+}  // namespace samkernels
