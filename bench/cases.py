@@ -83,6 +83,36 @@ def fused_bsam(params, backend: str):
     return step
 
 
+def _fused(make, phases):
+    """A fused step of the optimizer ``make(params)`` calling the named phases in order."""
+    def build(params, backend: str):
+        opt = make(params)
+        calls = [getattr(opt, ph) for ph in phases]
+
+        def step():
+            with samkernels.use_backend(backend):
+                for call in calls:
+                    call()
+        return step
+    return build
+
+
+def _family():
+    from samkernels.optim import MFVI, BiSAM, EBiSAM, RandomSAM, VariationalSAM
+    return {
+        "bisam": _fused(lambda ps: BiSAM(ps, lr=1e-3, rho=0.05, momentum=0.9, weight_decay=5e-4),
+                        ["first_step", "second_step"]),
+        "ebisam": _fused(lambda ps: EBiSAM(ps, lr=1e-3, rho=0.05, momentum=0.9, seed=0),
+                         ["first_step", "second_step"]),
+        "randomsam": _fused(lambda ps: RandomSAM(ps, lr=1e-3, sigma=5e-5, momentum=0.9, seed=0),
+                            ["noise_step", "second_step"]),
+        "mfvi": _fused(lambda ps: MFVI(ps, lr=1e-3, num_data=50_000, seed=0),
+                       ["noise_step", "second_step"]),
+        "vsam": _fused(lambda ps: VariationalSAM(ps, lr=1e-3, num_data=50_000, momentum=0.9),
+                       ["first_step", "second_step"]),
+    }
+
+
 # --- the common SAM code style: a Python loop over tensors ---------------------------------------
 def loop_sam(params):
     """davda54/sam style: per-tensor norms stacked, per-tensor perturb, restore, torch SGD step."""
@@ -171,9 +201,21 @@ IMPLS = {
     "sam": {"fused": fused_sam, "foreach": foreach_sam, "loop": loop_sam},
     "bsam": {"fused": fused_bsam, "foreach": foreach_bsam, "loop": loop_bsam},
 }
+# The rest of the family: fused step overhead only (report.py --algos bisam,... --impls fused-cpu)
+IMPLS.update({name: {"fused": build} for name, build in _family().items()})
 
 # Bytes each element of the parameter list must move per step (fp32), for the bandwidth floor:
 # SAM+SGD-momentum: norm (read g) 4 + perturb (read w, g; write backup, w) 16 + restore/update
 # (read backup, g, buf; write w, buf) 20 = 40.  bSAM: noise (read w, s; write backup, w) 16 +
 # perturb/precision (read g, s, backup; write w, s) 20 + update (read g, backup, s, gm; write gm, w) 24 = 60.
-BYTES_PER_ELEMENT = {"sam": 40, "bsam": 60}
+BYTES_PER_ELEMENT = {"sam": 40, "bsam": 60,
+                     # BiSAM/E-BiSAM: SAM's phases (E-BiSAM's mask is generated, not read)
+                     "bisam": 40, "ebisam": 40,
+                     # RandomSAM: noise (read w; write backup, w) 12 + restore/update 20
+                     "randomsam": 32,
+                     # MFVI: noise (read w, var; write backup, w) 16 + update (read g, backup,
+                     # var, m; write w, var, m) 28
+                     "mfvi": 44,
+                     # VSAM: reduction (read g, var) 8 + perturb + var step (read w, g, var; write
+                     # backup, w, var) 24 + restore/update 20
+                     "vsam": 52}

@@ -104,9 +104,10 @@ def main(argv=None):
                     print(f"| {algo} | {shape_name} | {impl} | n/a ({n}) | | | | |")
                     continue
                 fe, lp = rows.get("foreach", (None,))[0], rows.get("loop", (None,))[0]
+                ratio = lambda other: f"{other / t:.2f}" if other else "n/a"  # noqa: E731
                 print(f"| {algo} | {shape_name} ({len(shapes)} tensors, {numel / 1e6:.2f}M) | {impl} | "
-                      f"{t * 1e3:.3f} | {t / floor:.2f} | {fe / t if fe else float('nan'):.2f} | "
-                      f"{lp / t if lp else float('nan'):.2f} | {'' if n is None else n} |")
+                      f"{t * 1e3:.3f} | {t / floor:.2f} | {ratio(fe)} | {ratio(lp)} | "
+                      f"{'' if n is None else n} |")
 
 
 if __name__ == "__main__":
