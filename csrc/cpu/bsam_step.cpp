@@ -19,8 +19,7 @@ namespace {
 void bsam_noise(at::TensorList params, at::TensorList backups, at::TensorList precisions,
                 at::IntArrayRef param_ids, int64_t seed, int64_t step, double num_data) {
   check_lists("bsam_noise_", params, {{"backups", backups}}, {{"precisions", precisions}});
-  TORCH_CHECK(param_ids.size() == params.size(), "bsam_noise_: param_ids has ", param_ids.size(),
-              " entries but params has ", params.size());
+  check_ids("bsam_noise_", param_ids, params);
   Contig p(params), b(backups), s(precisions);
   const auto chunks = make_chunks(p.list());  // chunk starts are multiples of 4 = Philox quads
   for_each_chunk(chunks, total_numel(p.list()), [&](int64_t, const Chunk& c) {
@@ -30,33 +29,18 @@ void bsam_noise(at::TensorList params, at::TensorList backups, at::TensorList pr
       const opmath_t* sp = s[c.tensor].data_ptr<opmath_t>();
       const uint32_t pid = static_cast<uint32_t>(param_ids[c.tensor]);
       const opmath_t n = static_cast<opmath_t>(num_data);
-      if constexpr (std::is_same<opmath_t, float>::value) {  // vectorized block noise
-        alignas(16) float z[kBlockElems], sd[kBlockElems];
-        for (int64_t q = c.begin; q < c.end; q += kBlockElems) {
-          normal_block(static_cast<uint64_t>(seed), static_cast<uint64_t>(step), pid,
-                       static_cast<uint64_t>(q >> 2), z);
-          const int len = static_cast<int>(std::min(c.end - q, int64_t(kBlockElems)));
-          for (int k = 0; k < len; ++k) sd[k] = n * sp[q + k];
-          sqrt_inplace(sd, len);  // same rounding as std::sqrt, but vectorized
-          for (int k = 0; k < len; ++k) {
-            const float omega = static_cast<float>(wp[q + k]);
-            bp[q + k] = wp[q + k];
-            wp[q + k] = static_cast<scalar_t>(omega + z[k] / sd[k]);
-          }
-        }
-        return;
-      }
-      for (int64_t q = c.begin; q < c.end; q += 4) {
-        opmath_t z[4];
-        philox_normal4<opmath_t>(static_cast<uint64_t>(seed), static_cast<uint64_t>(step), pid,
-                                 static_cast<uint64_t>(q >> 2), z);
-        const int64_t stop = std::min(c.end, q + 4);
-        for (int64_t i = q; i < stop; ++i) {
-          const opmath_t omega = static_cast<opmath_t>(wp[i]);
-          bp[i] = wp[i];
-          wp[i] = static_cast<scalar_t>(omega + z[i - q] / std::sqrt(n * sp[i]));
-        }
-      }
+      for_each_normal_run<opmath_t>(
+          static_cast<uint64_t>(seed), static_cast<uint64_t>(step), pid, c.begin, c.end,
+          [&](int64_t q, int len, const opmath_t* z) {
+            opmath_t sd[kBlockElems];
+            for (int k = 0; k < len; ++k) sd[k] = n * sp[q + k];
+            sqrt_inplace(sd, len);  // same rounding as std::sqrt, vectorized for fp32
+            for (int k = 0; k < len; ++k) {
+              const opmath_t omega = static_cast<opmath_t>(wp[q + k]);
+              bp[q + k] = wp[q + k];
+              wp[q + k] = static_cast<scalar_t>(omega + z[k] / sd[k]);
+            }
+          });
     });
   });
   p.write_back();

@@ -16,35 +16,14 @@ namespace samkernels {
 namespace cpu {
 namespace {
 
-// sum g^2 over all tensors, fixed-order sum of per-chunk partials.
-double plain_sumsq(const Contig& g) {
-  const auto chunks = make_chunks(g.list());
-  std::vector<double> partial(chunks.size(), 0.0);
-  for_each_chunk(chunks, total_numel(g.list()), [&](int64_t ci, const Chunk& c) {
-    SK_DISPATCH_PARAM(g[c.tensor].scalar_type(), "esam_perturb_", [&] {
-      const scalar_t* gp = g[c.tensor].data_ptr<scalar_t>();
-      double acc = 0.0;
-      for (int64_t i = c.begin; i < c.end; ++i) {
-        const double gi = static_cast<double>(gp[i]);
-        acc += gi * gi;
-      }
-      partial[ci] = acc;
-    });
-  });
-  double total = 0.0;
-  for (double x : partial) total += x;
-  return total;
-}
-
 at::Tensor esam_perturb(at::TensorList params, at::TensorList grads, at::TensorList backups,
                         at::IntArrayRef param_ids, const c10::optional<at::Tensor>& grad_norm,
                         int64_t seed, int64_t step, double rho, double beta, double eps) {
   check_lists("esam_perturb_", params, {{"grads", grads}, {"backups", backups}}, {});
-  TORCH_CHECK(param_ids.size() == params.size(), "esam_perturb_: param_ids has ", param_ids.size(),
-              " entries but params has ", params.size());
+  check_ids("esam_perturb_", param_ids, params);
   TORCH_CHECK(beta >= 0.0 && beta < 1.0, "esam_perturb_: beta must be in [0, 1), got ", beta);
   Contig p(params), g(grads), b(backups);
-  const double norm = grad_norm.has_value() ? grad_norm->item<double>() : std::sqrt(plain_sumsq(g));
+  const double norm = grad_norm.has_value() ? grad_norm->item<double>() : std::sqrt(sumsq(g, g, false, 0.0));
   const auto chunks = make_chunks(p.list());  // chunk starts are multiples of 4 = Philox quads
   for_each_chunk(chunks, total_numel(p.list()), [&](int64_t, const Chunk& c) {
     SK_DISPATCH_PARAM(p[c.tensor].scalar_type(), "esam_perturb_", [&] {
@@ -87,12 +66,7 @@ at::Tensor esam_perturb(at::TensorList params, at::TensorList grads, at::TensorL
   });
   p.write_back();
   b.write_back();
-  const bool any_double = [&] {
-    for (const auto& t : params)
-      if (t.scalar_type() == at::kDouble) return true;
-    return false;
-  }();
-  return at::scalar_tensor(norm, at::TensorOptions().dtype(any_double ? at::kDouble : at::kFloat));
+  return at::scalar_tensor(norm, at::TensorOptions().dtype(result_dtype(params)));
 }
 
 }  // namespace

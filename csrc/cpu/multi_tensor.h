@@ -6,6 +6,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Dispatch.h>
 
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -67,6 +68,18 @@ inline at::ScalarType opmath_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// Dtype of a reduction's result over a list: float64 if any parameter is float64, else float32.
+inline at::ScalarType result_dtype(at::TensorList params) {
+  for (const auto& p : params)
+    if (p.scalar_type() == at::kDouble) return at::kDouble;
+  return at::kFloat;
+}
+
+inline void check_ids(const char* op, at::IntArrayRef ids, at::TensorList params) {
+  TORCH_CHECK(ids.size() == params.size(), op, ": param_ids has ", ids.size(),
+              " entries but params has ", params.size());
+}
+
 // Checks shared by every op: lists of equal length, CPU floating tensors, matching shapes; a list
 // named as "like param" must have the param's dtype, a "state" list the param's opmath dtype.
 inline void check_lists(const char* op, at::TensorList params,
@@ -107,3 +120,40 @@ inline void check_lists(const char* op, at::TensorList params,
     using opmath_t = at::opmath_type<scalar_t>;                                  \
     __VA_ARGS__();                                                               \
   })
+
+namespace samkernels {
+namespace cpu {
+
+// sum over all tensors of (T g)^2, T = |w| + eta (ASAM) or 1 (SAM); fixed-order sum of per-chunk
+// partials, so the result does not depend on the number of threads.
+inline double sumsq(const Contig& p, const Contig& g, bool adaptive, double eta) {
+  const auto chunks = make_chunks(g.list());
+  std::vector<double> partial(chunks.size(), 0.0);
+  for_each_chunk(chunks, total_numel(g.list()), [&](int64_t ci, const Chunk& c) {
+    SK_DISPATCH_PARAM(g[c.tensor].scalar_type(), "grad_sumsq", [&] {
+      const scalar_t* gp = g[c.tensor].data_ptr<scalar_t>();
+      double acc = 0.0;
+      if (adaptive) {
+        const scalar_t* wp = p[c.tensor].data_ptr<scalar_t>();
+        _Pragma("omp simd reduction(+ : acc)")
+        for (int64_t i = c.begin; i < c.end; ++i) {
+          const double tg = static_cast<double>(gp[i]) * (std::abs(static_cast<double>(wp[i])) + eta);
+          acc += tg * tg;
+        }
+      } else {
+        _Pragma("omp simd reduction(+ : acc)")
+        for (int64_t i = c.begin; i < c.end; ++i) {
+          const double v = static_cast<double>(gp[i]);
+          acc += v * v;
+        }
+      }
+      partial[ci] = acc;
+    });
+  });
+  double total = 0.0;
+  for (double v : partial) total += v;
+  return total;
+}
+
+}  // namespace cpu
+}  // namespace samkernels

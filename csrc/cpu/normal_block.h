@@ -5,9 +5,11 @@
 // Same contract as philox.h (words bit-identical; normals within ~2 ulp of the exact
 // transform).  Double opmath keeps the exact std:: path of philox_normal4.
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -169,6 +171,33 @@ inline void uniform_block(uint64_t seed, uint64_t step, uint32_t pid, uint64_t q
     u[4 * j + 1] = block_uniform(x[1][j]);
     u[4 * j + 2] = block_uniform(x[2][j]);
     u[4 * j + 3] = block_uniform(x[3][j]);
+  }
+}
+
+// Double overload of sqrt_inplace, so callers templated on opmath_t need no branch.
+inline void sqrt_inplace(double* x, int n) {
+  for (int k = 0; k < n; ++k) x[k] = std::sqrt(x[k]);
+}
+
+// Standard normals of elements [begin, end) of parameter `pid` (begin a multiple of 4), handed
+// out in runs: f(q, len, z) with z[k] the normal of element q + k, k < len.  fp32 opmath takes the
+// vectorized blocks above (runs of kBlockElems); double keeps philox_normal4's exact path (runs of
+// one quad).  The one loop every CPU noise kernel uses.
+template <typename T, typename F>
+inline void for_each_normal_run(uint64_t seed, uint64_t step, uint32_t pid, int64_t begin,
+                                int64_t end, F&& f) {
+  if constexpr (std::is_same<T, float>::value) {
+    alignas(16) float z[kBlockElems];
+    for (int64_t q = begin; q < end; q += kBlockElems) {
+      normal_block(seed, step, pid, static_cast<uint64_t>(q >> 2), z);
+      f(q, static_cast<int>(std::min<int64_t>(end - q, kBlockElems)), static_cast<const T*>(z));
+    }
+  } else {
+    for (int64_t q = begin; q < end; q += 4) {
+      T z[4];
+      philox_normal4<T>(seed, step, pid, static_cast<uint64_t>(q >> 2), z);
+      f(q, static_cast<int>(std::min<int64_t>(end - q, 4)), static_cast<const T*>(z));
+    }
   }
 }
 

@@ -11,43 +11,6 @@ namespace samkernels {
 namespace cpu {
 namespace {
 
-at::ScalarType norm_dtype(at::TensorList params) {
-  for (const auto& p : params)
-    if (p.scalar_type() == at::kDouble) return at::kDouble;
-  return at::kFloat;
-}
-
-// sum over all tensors of (T g)^2, T = |w| + eta (ASAM) or 1 (SAM); fixed-order sum of per-chunk
-// partials, so the result does not depend on the number of threads.
-double sumsq(const Contig& p, const Contig& g, bool adaptive, double eta) {
-  const auto chunks = make_chunks(g.list());
-  std::vector<double> partial(chunks.size(), 0.0);
-  for_each_chunk(chunks, total_numel(g.list()), [&](int64_t ci, const Chunk& c) {
-    SK_DISPATCH_PARAM(g[c.tensor].scalar_type(), "grad_sumsq", [&] {
-      const scalar_t* gp = g[c.tensor].data_ptr<scalar_t>();
-      double acc = 0.0;
-      if (adaptive) {
-        const scalar_t* wp = p[c.tensor].data_ptr<scalar_t>();
-        _Pragma("omp simd reduction(+ : acc)")
-        for (int64_t i = c.begin; i < c.end; ++i) {
-          const double tg = static_cast<double>(gp[i]) * (std::abs(static_cast<double>(wp[i])) + eta);
-          acc += tg * tg;
-        }
-      } else {
-        _Pragma("omp simd reduction(+ : acc)")
-        for (int64_t i = c.begin; i < c.end; ++i) {
-          const double v = static_cast<double>(gp[i]);
-          acc += v * v;
-        }
-      }
-      partial[ci] = acc;
-    });
-  });
-  double total = 0.0;
-  for (double v : partial) total += v;
-  return total;
-}
-
 at::Tensor grad_sumsq(at::TensorList params, at::TensorList grads, bool adaptive, double eta) {
   if (adaptive) check_lists("grad_sumsq", params, {{"grads", grads}}, {});
   Contig g(grads), p(adaptive ? params : grads);
@@ -84,7 +47,7 @@ at::Tensor sam_perturb(at::TensorList params, at::TensorList grads, at::TensorLi
   });
   p.write_back();
   b.write_back();
-  return at::scalar_tensor(norm, at::TensorOptions().dtype(norm_dtype(params)));
+  return at::scalar_tensor(norm, at::TensorOptions().dtype(result_dtype(params)));
 }
 
 void sam_restore_sgd(at::TensorList params, at::TensorList grads, at::TensorList backups,

@@ -20,17 +20,6 @@ namespace samkernels {
 namespace cpu {
 namespace {
 
-at::ScalarType result_dtype(at::TensorList params) {
-  for (const auto& p : params)
-    if (p.scalar_type() == at::kDouble) return at::kDouble;
-  return at::kFloat;
-}
-
-void check_ids(const char* op, at::IntArrayRef ids, at::TensorList params) {
-  TORCH_CHECK(ids.size() == params.size(), op, ": param_ids has ", ids.size(),
-              " entries but params has ", params.size());
-}
-
 void vi_noise(at::TensorList params, at::TensorList backups, at::TensorList variances,
               at::IntArrayRef param_ids, int64_t seed, int64_t step, double sigma) {
   const bool learned = !variances.empty();  // MFVI: std = sqrt(Sigma); RandomSAM: std = sigma0
@@ -46,38 +35,22 @@ void vi_noise(at::TensorList params, at::TensorList backups, at::TensorList vari
       const opmath_t* vp = learned ? v[c.tensor].data_ptr<opmath_t>() : nullptr;
       const uint32_t pid = static_cast<uint32_t>(param_ids[c.tensor]);
       const opmath_t sig = static_cast<opmath_t>(sigma);
-      if constexpr (std::is_same<opmath_t, float>::value) {  // vectorized block noise
-        alignas(16) float z[kBlockElems], sd[kBlockElems];
-        for (int64_t q = c.begin; q < c.end; q += kBlockElems) {
-          normal_block(static_cast<uint64_t>(seed), static_cast<uint64_t>(step), pid,
-                       static_cast<uint64_t>(q >> 2), z);
-          const int len = static_cast<int>(std::min(c.end - q, int64_t(kBlockElems)));
-          if (learned) {
-            for (int k = 0; k < len; ++k) sd[k] = vp[q + k];
-            sqrt_inplace(sd, len);  // same rounding as std::sqrt, but vectorized
-          } else {
-            for (int k = 0; k < len; ++k) sd[k] = sig;
-          }
-          for (int k = 0; k < len; ++k) {
-            const float mu = static_cast<float>(wp[q + k]);
-            bp[q + k] = wp[q + k];
-            wp[q + k] = static_cast<scalar_t>(mu + sd[k] * z[k]);
-          }
-        }
-        return;
-      }
-      for (int64_t q = c.begin; q < c.end; q += 4) {
-        opmath_t z[4];
-        philox_normal4<opmath_t>(static_cast<uint64_t>(seed), static_cast<uint64_t>(step), pid,
-                                 static_cast<uint64_t>(q >> 2), z);
-        const int64_t stop = std::min(c.end, q + 4);
-        for (int64_t i = q; i < stop; ++i) {
-          const opmath_t mu = static_cast<opmath_t>(wp[i]);
-          const opmath_t sd = learned ? std::sqrt(vp[i]) : sig;
-          bp[i] = wp[i];
-          wp[i] = static_cast<scalar_t>(mu + sd * z[i - q]);
-        }
-      }
+      for_each_normal_run<opmath_t>(
+          static_cast<uint64_t>(seed), static_cast<uint64_t>(step), pid, c.begin, c.end,
+          [&](int64_t q, int len, const opmath_t* z) {
+            opmath_t sd[kBlockElems];
+            if (learned) {
+              for (int k = 0; k < len; ++k) sd[k] = vp[q + k];
+              sqrt_inplace(sd, len);  // same rounding as std::sqrt, vectorized for fp32
+            } else {
+              for (int k = 0; k < len; ++k) sd[k] = sig;
+            }
+            for (int k = 0; k < len; ++k) {
+              const opmath_t mu = static_cast<opmath_t>(wp[q + k]);
+              bp[q + k] = wp[q + k];
+              wp[q + k] = static_cast<scalar_t>(mu + sd[k] * z[k]);
+            }
+          });
     });
   });
   p.write_back();
@@ -122,23 +95,11 @@ void mfvi_update(at::TensorList params, at::TensorList grads, at::TensorList bac
         wp[i] = static_cast<scalar_t>(mu - lr_ * d);
       };
       // z: the noise of the vi_noise_ call with the same (seed, step)
-      if constexpr (std::is_same<opmath_t, float>::value) {  // vectorized block noise
-        alignas(16) float z[kBlockElems];
-        for (int64_t q = c.begin; q < c.end; q += kBlockElems) {
-          normal_block(static_cast<uint64_t>(seed), static_cast<uint64_t>(step), pid,
-                       static_cast<uint64_t>(q >> 2), z);
-          const int64_t stop = std::min(c.end, q + kBlockElems);
-          for (int64_t i = q; i < stop; ++i) body(i, z[i - q]);
-        }
-        return;
-      }
-      for (int64_t q = c.begin; q < c.end; q += 4) {
-        opmath_t z[4];
-        philox_normal4<opmath_t>(static_cast<uint64_t>(seed), static_cast<uint64_t>(step), pid,
-                                 static_cast<uint64_t>(q >> 2), z);
-        const int64_t stop = std::min(c.end, q + 4);
-        for (int64_t i = q; i < stop; ++i) body(i, z[i - q]);
-      }
+      for_each_normal_run<opmath_t>(
+          static_cast<uint64_t>(seed), static_cast<uint64_t>(step), pid, c.begin, c.end,
+          [&](int64_t q, int len, const opmath_t* z) {
+            for (int k = 0; k < len; ++k) body(q + k, z[k]);
+          });
     });
   });
   p.write_back();
