@@ -76,13 +76,7 @@ def cuda_kernels_built() -> bool:
 
 
 def triton_usable(device: torch.device) -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _why_not("triton", device) is None
 
 
 def _why_not(backend: str, device: torch.device) -> Optional[str]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -467,3 +467,12 @@ def _n_positional(fn: Callable) -> int:
         return 2
     return sum(k in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
                for k in kinds)
+
+
+def mean_loss(losses):
+    """The m-sharpness step's return value: the mean of the micro-batches' first-pass losses."""
+    if all(torch.is_tensor(x) for x in losses):
+        return torch.stack([x.detach() for x in losses]).mean()
+    if all(isinstance(x, (int, float)) for x in losses):
+        return sum(losses) / len(losses)
+    return losses[0]

@@ -16,8 +16,9 @@ from torch import Tensor
 
 from samkernels import ops
 from samkernels.optim.utils import posterior_predictive
+from samkernels.ops.reference import opmath
 from samkernels.optim._base import (SeedLike, TwoPassOptimizer, check_betas, check_choice,
-                                    check_nonneg, check_positive, draw_seed)
+                                    check_nonneg, check_positive, draw_seed, mean_loss)
 
 
 class BSAM(TwoPassOptimizer):
@@ -87,7 +88,7 @@ class BSAM(TwoPassOptimizer):
     def _state(self, p: Tensor, group: dict) -> dict:
         st = self.state[p]
         if "precision" not in st:
-            dt = torch.float64 if p.dtype == torch.float64 else torch.float32
+            dt = opmath(p)
             st["precision"] = torch.full_like(p, group["init_precision"], dtype=dt)
             st["momentum_buffer"] = torch.zeros_like(p, dtype=dt)
         return st
@@ -251,7 +252,7 @@ class BSAM(TwoPassOptimizer):
             if not self.skip_pending:
                 self._load_accumulated_grads(1.0 / m)
             self.second_step(scaler=scaler, _accum_scale=1.0 / m)
-        return _mean(losses)
+        return mean_loss(losses)
 
     # -- posterior -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -286,9 +287,3 @@ class BSAM(TwoPassOptimizer):
         """Softmax of ``model(inputs)`` averaged over ``samples`` posterior draws (the bSAM paper
         uses 32); see ``samkernels.optim.utils.posterior_predictive``."""
         return posterior_predictive(self, model, inputs, samples, generator)
-
-
-def _mean(losses):
-    if all(torch.is_tensor(x) for x in losses):
-        return torch.stack([x.detach() for x in losses]).mean()
-    return losses[0]

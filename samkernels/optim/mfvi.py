@@ -19,13 +19,10 @@ import torch
 from torch import Tensor
 
 from samkernels.ops import vi_ops
+from samkernels.ops.reference import opmath
 from samkernels.optim.utils import posterior_predictive
 from samkernels.optim._base import (SeedLike, TwoPassOptimizer, check_beta, check_nonneg,
                                     check_positive, draw_seed)
-
-
-def _opmath(p: Tensor) -> torch.dtype:
-    return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
 class GaussianPosterior:
@@ -131,14 +128,14 @@ class MFVI(GaussianPosterior, TwoPassOptimizer):
                 v0 = group["init_var"]
                 if v0 is None:
                     v0 = group["rho"] ** 2 / self._total_numel()
-                st["variance"] = torch.full_like(p, v0, dtype=_opmath(p))
+                st["variance"] = torch.full_like(p, v0, dtype=opmath(p))
             out.append(st["variance"])
         return out
 
     def _momenta(self, group: dict, ps: List[Tensor]) -> List[Tensor]:
         if group["momentum"] == 0:
             return []
-        return [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p, dtype=_opmath(p)))
+        return [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p, dtype=opmath(p)))
                 for p in ps]
 
     # -- phases ----------------------------------------------------------------------------------

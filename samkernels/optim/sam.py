@@ -6,14 +6,14 @@ applies the base optimizer's update with the gradient taken at w + e (one fused 
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional, Tuple
 
 import torch
 
 from samkernels import ops
+from samkernels.ops.reference import opmath
 from samkernels.optim._base import (TwoPassOptimizer, check_betas, check_choice, check_nonneg,
-                                    check_positive)
+                                    check_positive, mean_loss)
 
 _BASES = ("sgd", "adam", "adamw")
 
@@ -157,7 +157,7 @@ class SAM(TwoPassOptimizer):
                 sel = [ps[i] for i in idx]
                 for p in sel:
                     if first:
-                        self.state[p]["momentum_buffer"] = torch.empty_like(p, dtype=_opmath(p))
+                        self.state[p]["momentum_buffer"] = torch.empty_like(p, dtype=opmath(p))
                 bufs = [self.state[p]["momentum_buffer"] for p in sel]
                 ops.sam_restore_sgd_(sel, [grads[i] for i in idx], [backups[i] for i in idx], bufs,
                                      group["lr"], group["momentum"], group["dampening"],
@@ -169,8 +169,8 @@ class SAM(TwoPassOptimizer):
             st = self.state[p]
             if "step" not in st:
                 st["step"] = torch.tensor(0.0)
-                st["exp_avg"] = torch.zeros_like(p, dtype=_opmath(p))
-                st["exp_avg_sq"] = torch.zeros_like(p, dtype=_opmath(p))
+                st["exp_avg"] = torch.zeros_like(p, dtype=opmath(p))
+                st["exp_avg_sq"] = torch.zeros_like(p, dtype=opmath(p))
             st["step"] += 1
             by_step.setdefault(int(st["step"].item()), []).append(i)  # CPU scalar: no device sync
         beta1, beta2 = group["betas"]
@@ -222,7 +222,7 @@ class SAM(TwoPassOptimizer):
             if not self.skip_pending:
                 self._load_accumulated_grads(1.0 / m)
             self.second_step(scaler=scaler)
-        return _mean_loss(losses)
+        return mean_loss(losses)
 
 
 class ASAM(SAM):
@@ -231,15 +231,3 @@ class ASAM(SAM):
     def __init__(self, params, lr: float, rho: float = 0.5, base: str = "sgd", **kwargs):
         kwargs.setdefault("adaptive", True)
         super().__init__(params, lr, rho, base, **kwargs)
-
-
-def _opmath(p: torch.Tensor) -> torch.dtype:
-    return torch.float64 if p.dtype == torch.float64 else torch.float32
-
-
-def _mean_loss(losses):
-    if all(torch.is_tensor(x) for x in losses):
-        return torch.stack([x.detach() for x in losses]).mean()
-    if all(isinstance(x, (int, float)) for x in losses):
-        return sum(losses) / len(losses)
-    return losses[0]

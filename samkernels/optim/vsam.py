@@ -20,7 +20,8 @@ from torch import Tensor
 from samkernels.ops import vi_ops
 from samkernels.optim._base import (TwoPassOptimizer, check_beta, check_choice, check_nonneg,
                                     check_positive)
-from samkernels.optim.mfvi import GaussianPosterior, _opmath
+from samkernels.ops.reference import opmath
+from samkernels.optim.mfvi import GaussianPosterior
 from samkernels.optim.sam import SAM
 
 
@@ -116,7 +117,7 @@ class VariationalSAM(GaussianPosterior, TwoPassOptimizer):
             st = self.state[p]
             if "variance" not in st:  # Sigma_0 = rho^2/p I (SPEC; perturbation norm ~ rho)
                 st["variance"] = torch.full_like(p, group["rho"] ** 2 / self._total_numel(),
-                                                 dtype=_opmath(p))
+                                                 dtype=opmath(p))
             out.append(st["variance"])
         return out
 
