@@ -1,5 +1,5 @@
 """The CUDA sources compile without a GPU: every ``csrc/cuda/*.cu`` with nvcc for sm_80 and sm_90,
-and the torch glue ``csrc/cuda/ops_cuda.cpp`` with a syntax-only C++ pass.
+and every torch glue file ``csrc/cuda/*.cpp`` with a syntax-only C++ pass.
 
 CI has no GPU and a CPU build of torch, so this is the only place the CUDA code is compiled there.
 The ``.cu`` files must be free of torch headers (the CPU torch lacks some of its CUDA headers); the
@@ -24,7 +24,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 CU_FILES = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
-GLUE = os.path.join(CSRC, "cuda", "ops_cuda.cpp")
+GLUES = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cpp")))
 
 # What setup.py and torch.utils.cpp_extension pass to nvcc (torch adds the __CUDA_NO_HALF* set).
 NVCC_FLAGS = ["-std=c++17", "-O3", "--use_fast_math", "-lineinfo", "-DSAMKERNELS_WITH_CUDA",
@@ -58,8 +58,8 @@ def _run(cmd, cwd):
     return rc, out, time.monotonic() - start
 
 
-def _glue_command(tmp):
-    """g++ -fsyntax-only for the glue, or None (with the reason) when it cannot run here."""
+def _glue_command(tmp, glue):
+    """g++ -fsyntax-only for one glue file, or None (with the reason) when it cannot run here."""
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         return None, "no C++ compiler"
@@ -87,7 +87,7 @@ def _glue_command(tmp):
            "-I", os.path.join(tmp, "stub"), "-I", CSRC, "-I", cuda_inc]
     for d in includes:  # torch's own headers: their warnings are not ours
         cmd += ["-isystem", d]
-    return cmd + [GLUE], None
+    return cmd + [glue], None
 
 
 @pytest.fixture(scope="module")
@@ -98,17 +98,21 @@ def compiled(tmp_path_factory):
     for path in CU_FILES:
         obj = os.path.join(tmp, os.path.basename(path) + ".o")
         jobs[path] = [NVCC] + NVCC_FLAGS + ["-I", CSRC, "-c", path, "-o", obj]
-    glue_cmd, glue_skip = _glue_command(tmp)
-    if glue_cmd is not None:
-        jobs[GLUE] = glue_cmd
+    skipped = {}
+    for glue in GLUES:
+        glue_cmd, glue_skip = _glue_command(tmp, glue)
+        if glue_cmd is None:
+            skipped[glue] = glue_skip
+        else:
+            jobs[glue] = glue_cmd
     workers = max(1, min(len(jobs), os.cpu_count() or 1))
     results = {}
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
         futures = {pool.submit(_run, cmd, ROOT): path for path, cmd in jobs.items()}
         for fut in concurrent.futures.as_completed(futures):
             results[futures[fut]] = fut.result()
-    if glue_cmd is None:
-        results[GLUE] = None, glue_skip, 0.0
+    for glue, why in skipped.items():
+        results[glue] = None, why, 0.0
     for path, (rc, _, secs) in sorted(results.items()):
         print(f"[compile] {os.path.relpath(path, ROOT)}: rc={rc} {secs:.1f} s", file=sys.stderr)
     return results
@@ -132,11 +136,12 @@ def test_cu_compiles(compiled, path):
 
 
 @needs_nvcc
-def test_glue_syntax(compiled):
-    rc, out, _ = compiled[GLUE]
+@pytest.mark.parametrize("glue", GLUES, ids=lambda p: os.path.basename(p))
+def test_glue_syntax(compiled, glue):
+    rc, out, _ = compiled[glue]
     if rc is None:
         pytest.skip(out)
-    _check(compiled[GLUE], GLUE)
+    _check(compiled[glue], glue)
 
 
 TORCH_FREE = CU_FILES + sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cuh"))) + [

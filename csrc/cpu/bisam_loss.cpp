@@ -15,6 +15,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "bisam_loss_args.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -213,21 +215,8 @@ std::tuple<at::Tensor, at::Tensor> bisam_loss_fwd_cpu(const at::Tensor& logits_i
                                                       int64_t phi, double alpha,
                                                       int64_t ignore_index, double grad_scale,
                                                       bool compute_grad) {
-  TORCH_CHECK_VALUE(logits_in.dim() == 2, "bisam_loss: logits must be 2-D (batch, classes), got ",
-                    logits_in.sizes());
-  TORCH_CHECK_VALUE(target_in.dim() == 1 && target_in.size(0) == logits_in.size(0),
-                    "bisam_loss: target must be 1-D with logits.size(0) = ", logits_in.size(0),
-                    " entries, got shape ", target_in.sizes());
-  TORCH_CHECK_TYPE(target_in.scalar_type() == at::kLong, "bisam_loss: target must be int64, got ",
-                   target_in.scalar_type());
+  samkernels::check_bisam_loss_args(logits_in, target_in, mu, phi);
   const auto dt = logits_in.scalar_type();
-  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
-                   "bisam_loss: logits must be float32/float64/float16/bfloat16, got ", dt);
-  TORCH_CHECK_VALUE(logits_in.size(1) >= 1, "bisam_loss: logits need at least one class");
-  TORCH_CHECK_VALUE(mu > 0 && std::isfinite(mu), "bisam_loss: mu must be positive and finite, got ",
-                    mu);
-  TORCH_CHECK_VALUE(phi == kPhiNegLog || phi == kPhiTanh,
-                    "bisam_loss: phi code must be 0 (neglog) or 1 (tanh), got ", phi);
   TORCH_CHECK(logits_in.device().is_cpu() && target_in.device().is_cpu(),
               "bisam_loss (CPU kernel): logits and target must be CPU tensors");
 

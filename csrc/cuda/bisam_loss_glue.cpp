@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <tuple>
 
+#include "bisam_loss_args.h"
 #include "cuda/bisam_loss.h"
 
 namespace samkernels {
@@ -24,18 +25,7 @@ std::tuple<at::Tensor, at::Tensor> bisam_loss_fwd_cuda(const at::Tensor& logits_
                                                        int64_t phi, double alpha,
                                                        int64_t ignore_index, double grad_scale,
                                                        bool compute_grad) {
-  TORCH_CHECK_VALUE(logits_in.dim() == 2, "bisam_loss: logits must be 2-D (batch, classes), got ",
-                    logits_in.sizes());
-  TORCH_CHECK_VALUE(target_in.dim() == 1 && target_in.size(0) == logits_in.size(0),
-                    "bisam_loss: target must be 1-D with logits.size(0) = ", logits_in.size(0),
-                    " entries, got shape ", target_in.sizes());
-  TORCH_CHECK_TYPE(target_in.scalar_type() == at::kLong, "bisam_loss: target must be int64, got ",
-                   target_in.scalar_type());
-  TORCH_CHECK_VALUE(logits_in.size(1) >= 1, "bisam_loss: logits need at least one class");
-  TORCH_CHECK_VALUE(mu > 0 && std::isfinite(mu), "bisam_loss: mu must be positive and finite, got ",
-                    mu);
-  TORCH_CHECK_VALUE(phi == 0 || phi == 1,
-                    "bisam_loss: phi code must be 0 (neglog) or 1 (tanh), got ", phi);
+  check_bisam_loss_args(logits_in, target_in, mu, phi);
   TORCH_CHECK(logits_in.is_cuda() && target_in.device() == logits_in.device(),
               "bisam_loss (CUDA kernel): logits and target must be on the same CUDA device");
   BiSAMDtype dtype = BiSAMDtype::kFloat;
