@@ -53,3 +53,15 @@ def assert_close_list(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor],
         rtol, atol = tol(g.dtype)
         torch.testing.assert_close(g.double(), w.double(), rtol=rtol, atol=atol,
                                    msg=lambda m: f"{what}[{i}] ({g.dtype}, {tuple(g.shape)}): {m}")
+
+
+def mlp(dtype=torch.float64, seed=0):
+    """The small MLP the optimizer tests train (6 -> 17 -> 3)."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 17), torch.nn.Tanh(), torch.nn.Linear(17, 3)).to(dtype)
+
+
+def data(dtype=torch.float64, n=32, seed=1):
+    """n random inputs for ``mlp`` (drawn in float64, then cast) and labels in 0..2."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=g, dtype=torch.float64).to(dtype), torch.randint(0, 3, (n,), generator=g)

@@ -18,18 +18,14 @@ from samkernels.optim.random_sam import RandomSAM
 from samkernels.optim.vsam import VariationalSAM
 
 from conftest import needs_ext
+import helpers
+from helpers import mlp
 
 N = 32
 
 
-def mlp(dtype=torch.float64, seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 17), torch.nn.Tanh(), torch.nn.Linear(17, 3)).to(dtype)
-
-
 def data(dtype=torch.float64, n=N, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 6, generator=g, dtype=torch.float64).to(dtype), torch.randint(0, 3, (n,), generator=g)
+    return helpers.data(dtype, n, seed)
 
 
 def make_closure(opt, model, x, y):

@@ -12,16 +12,7 @@ import samkernels
 from samkernels import ASAM, BSAM, SAM
 
 from conftest import needs_ext
-
-
-def mlp(dtype=torch.float64, seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 17), torch.nn.Tanh(), torch.nn.Linear(17, 3)).to(dtype)
-
-
-def data(dtype=torch.float64, n=32, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 6, generator=g, dtype=torch.float64).to(dtype), torch.randint(0, 3, (n,), generator=g)
+from helpers import data, mlp
 
 
 def train(make_opt, backend, steps=50, dtype=torch.float64):
