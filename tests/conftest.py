@@ -30,7 +30,8 @@ def pytest_sessionstart(session):
     # CI sets this: the tests must exercise the installed wheel, not the source tree.
     if os.environ.get("SAMKERNELS_TEST_INSTALLED") == "1":
         where = pathlib.Path(samkernels.__file__).resolve()
-        if REPO in where.parents:
+        # Compare with the package directory itself: the test venv may live inside the repo.
+        if where.parent == (REPO / "samkernels").resolve():
             raise pytest.UsageError(f"samkernels was imported from the source tree ({where}), "
                                     "not from the installed wheel")
         from samkernels import _dispatch
