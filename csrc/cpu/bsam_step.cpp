@@ -49,11 +49,12 @@ void bsam_noise(at::TensorList params, at::TensorList backups, at::TensorList pr
 
 void bsam_perturb(at::TensorList params, at::TensorList grads, at::TensorList backups,
                   at::TensorList precisions, at::TensorList accums, double rho, double beta2,
-                  double delta, double gamma) {
+                  double delta, double gamma, const c10::optional<at::Tensor>& found_inf) {
   const bool accumulate = !accums.empty();
   check_lists("bsam_perturb_", params, {{"grads", grads}, {"backups", backups}},
               {{"precisions", precisions}});
   if (accumulate) check_lists("bsam_perturb_", params, {}, {{"accums", accums}});
+  if (skip_requested("bsam_perturb_", found_inf)) return copy_lists(params, backups);
   Contig p(params), g(grads), b(backups), s(precisions), a(accumulate ? accums : precisions);
   const auto chunks = make_chunks(p.list());
   for_each_chunk(chunks, total_numel(p.list()), [&](int64_t, const Chunk& c) {
@@ -81,11 +82,12 @@ void bsam_perturb(at::TensorList params, at::TensorList grads, at::TensorList ba
 void bsam_update(at::TensorList params, at::TensorList grads, at::TensorList backups,
                  at::TensorList precisions, at::TensorList momenta, at::TensorList accums, double lr,
                  double beta1, double beta2, double delta, double gamma, double accum_scale,
-                 bool released_order) {
+                 bool released_order, const c10::optional<at::Tensor>& found_inf) {
   const bool accumulate = !accums.empty();
   check_lists("bsam_update_", params, {{"grads", grads}, {"backups", backups}},
               {{"precisions", precisions}, {"momenta", momenta}});
   if (accumulate) check_lists("bsam_update_", params, {}, {{"accums", accums}});
+  if (skip_requested("bsam_update_", found_inf)) return copy_lists(params, backups);
   Contig p(params), g(grads), b(backups), s(precisions), m(momenta), a(accumulate ? accums : precisions);
   const auto chunks = make_chunks(p.list());
   for_each_chunk(chunks, total_numel(p.list()), [&](int64_t, const Chunk& c) {

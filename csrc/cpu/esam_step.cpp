@@ -18,12 +18,17 @@ namespace {
 
 at::Tensor esam_perturb(at::TensorList params, at::TensorList grads, at::TensorList backups,
                         at::IntArrayRef param_ids, const c10::optional<at::Tensor>& grad_norm,
-                        int64_t seed, int64_t step, double rho, double beta, double eps) {
+                        int64_t seed, int64_t step, double rho, double beta, double eps,
+                        const c10::optional<at::Tensor>& found_inf) {
   check_lists("esam_perturb_", params, {{"grads", grads}, {"backups", backups}}, {});
   check_ids("esam_perturb_", param_ids, params);
   TORCH_CHECK(beta >= 0.0 && beta < 1.0, "esam_perturb_: beta must be in [0, 1), got ", beta);
   Contig p(params), g(grads), b(backups);
   const double norm = grad_norm.has_value() ? grad_norm->item<double>() : std::sqrt(sumsq(g, g, false, 0.0));
+  if (skip_requested("esam_perturb_", found_inf)) {  // skip form: backup only, w stays
+    copy_lists(backups, params);
+    return at::scalar_tensor(norm, at::TensorOptions().dtype(result_dtype(params)));
+  }
   const auto chunks = make_chunks(p.list());  // chunk starts are multiples of 4 = Philox quads
   for_each_chunk(chunks, total_numel(p.list()), [&](int64_t, const Chunk& c) {
     SK_DISPATCH_PARAM(p[c.tensor].scalar_type(), "esam_perturb_", [&] {
@@ -74,7 +79,7 @@ at::Tensor esam_perturb(at::TensorList params, at::TensorList grads, at::TensorL
 TORCH_LIBRARY_FRAGMENT(samkernels, m) {
   m.def("esam_perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] backups, "
         "int[] param_ids, Tensor? grad_norm, int seed, int step, float rho, float beta, "
-        "float eps) -> Tensor");
+        "float eps, Tensor? found_inf=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(samkernels, CPU, m) { m.impl("esam_perturb_", &esam_perturb); }

@@ -111,6 +111,22 @@ inline void check_lists(const char* op, at::TensorList params,
   for (const auto& kv : state) check(kv.first, kv.second, true);
 }
 
+// `found_inf` of the gradient-consuming ops (README "Non-finite gradients"): nonzero means the op
+// takes its skip form.  On the CPU the flag is ordinary host memory, so reading it is free.
+inline bool skip_requested(const char* op, const c10::optional<at::Tensor>& found_inf) {
+  if (!found_inf.has_value()) return false;
+  const at::Tensor& f = *found_inf;
+  TORCH_CHECK(f.numel() == 1, op, ": found_inf must hold one element, got shape ", f.sizes());
+  TORCH_CHECK(f.device().is_cpu(), op, ": found_inf is on ", f.device(),
+              " but the parameters are on the CPU");
+  return f.item<double>() != 0.0;
+}
+
+// dst[i] <- src[i], bit for bit (the skip forms: backups <- params, or params <- backups).
+inline void copy_lists(at::TensorList dst, at::TensorList src) {
+  for (size_t i = 0; i < dst.size(); ++i) dst[i].copy_(src[i]);
+}
+
 }  // namespace cpu
 }  // namespace samkernels
 

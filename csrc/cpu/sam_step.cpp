@@ -19,11 +19,15 @@ at::Tensor grad_sumsq(at::TensorList params, at::TensorList grads, bool adaptive
 
 at::Tensor sam_perturb(at::TensorList params, at::TensorList grads, at::TensorList backups,
                        const c10::optional<at::Tensor>& grad_norm, double rho, double eps,
-                       bool adaptive, double eta) {
+                       bool adaptive, double eta, const c10::optional<at::Tensor>& found_inf) {
   check_lists("sam_perturb_", params, {{"grads", grads}, {"backups", backups}}, {});
   Contig p(params), g(grads), b(backups);
   const double norm = grad_norm.has_value() ? grad_norm->item<double>()
                                             : std::sqrt(sumsq(p, g, adaptive, eta));
+  if (skip_requested("sam_perturb_", found_inf)) {  // skip form: backup only, w stays
+    copy_lists(backups, params);
+    return at::scalar_tensor(norm, at::TensorOptions().dtype(result_dtype(params)));
+  }
   const auto chunks = make_chunks(p.list());
   for_each_chunk(chunks, total_numel(p.list()), [&](int64_t, const Chunk& c) {
     SK_DISPATCH_PARAM(p[c.tensor].scalar_type(), "sam_perturb_", [&] {
@@ -52,13 +56,15 @@ at::Tensor sam_perturb(at::TensorList params, at::TensorList grads, at::TensorLi
 
 void sam_restore_sgd(at::TensorList params, at::TensorList grads, at::TensorList backups,
                      at::TensorList momentum_bufs, double lr, double momentum, double dampening,
-                     bool nesterov, double weight_decay, bool first) {
+                     bool nesterov, double weight_decay, bool first,
+                     const c10::optional<at::Tensor>& found_inf) {
   const bool use_momentum = momentum != 0.0;
   if (use_momentum)
     check_lists("sam_restore_sgd_", params, {{"grads", grads}, {"backups", backups}},
                 {{"momentum_bufs", momentum_bufs}});
   else
     check_lists("sam_restore_sgd_", params, {{"grads", grads}, {"backups", backups}}, {});
+  if (skip_requested("sam_restore_sgd_", found_inf)) return copy_lists(params, backups);
   Contig p(params), g(grads), b(backups), m(use_momentum ? momentum_bufs : params);
   const auto chunks = make_chunks(p.list());
   for_each_chunk(chunks, total_numel(p.list()), [&](int64_t, const Chunk& c) {
@@ -87,10 +93,12 @@ void sam_restore_sgd(at::TensorList params, at::TensorList grads, at::TensorList
 
 void sam_restore_adam(at::TensorList params, at::TensorList grads, at::TensorList backups,
                       at::TensorList exp_avgs, at::TensorList exp_avg_sqs, int64_t step, double lr,
-                      double beta1, double beta2, double eps, double weight_decay, bool decoupled) {
+                      double beta1, double beta2, double eps, double weight_decay, bool decoupled,
+                      const c10::optional<at::Tensor>& found_inf) {
   check_lists("sam_restore_adam_", params, {{"grads", grads}, {"backups", backups}},
               {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}});
   TORCH_CHECK(step >= 1, "sam_restore_adam_: step counts from 1, got ", step);
+  if (skip_requested("sam_restore_adam_", found_inf)) return copy_lists(params, backups);
   Contig p(params), g(grads), b(backups), m(exp_avgs), v(exp_avg_sqs);
   const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
   const double bc2_sqrt = std::sqrt(1.0 - std::pow(beta2, static_cast<double>(step)));

@@ -60,12 +60,13 @@ void vi_noise(at::TensorList params, at::TensorList backups, at::TensorList vari
 void mfvi_update(at::TensorList params, at::TensorList grads, at::TensorList backups,
                  at::TensorList variances, at::TensorList momenta, at::IntArrayRef param_ids,
                  int64_t seed, int64_t step, double lr, double var_lr, double momentum,
-                 double prior_var, double num_data) {
+                 double prior_var, double num_data, const c10::optional<at::Tensor>& found_inf) {
   const bool use_momentum = !momenta.empty();
   check_lists("mfvi_update_", params, {{"grads", grads}, {"backups", backups}},
               {{"variances", variances}});
   if (use_momentum) check_lists("mfvi_update_", params, {}, {{"momenta", momenta}});
   check_ids("mfvi_update_", param_ids, params);
+  if (skip_requested("mfvi_update_", found_inf)) return copy_lists(params, backups);
   Contig p(params), g(grads), b(backups), v(variances), m(use_momentum ? momenta : variances);
   const auto chunks = make_chunks(p.list());
   for_each_chunk(chunks, total_numel(p.list()), [&](int64_t, const Chunk& c) {
@@ -137,12 +138,16 @@ at::Tensor vsam_sumsq(at::TensorList grads, at::TensorList variances) {
 at::Tensor vsam_perturb(at::TensorList params, at::TensorList grads, at::TensorList backups,
                         at::TensorList variances, const c10::optional<at::Tensor>& sigma_norm,
                         double dim, double eps, double var_lr, double prior_var, double num_data,
-                        bool log_step, double min_var) {
+                        bool log_step, double min_var, const c10::optional<at::Tensor>& found_inf) {
   check_lists("vsam_perturb_", params, {{"grads", grads}, {"backups", backups}},
               {{"variances", variances}});
   Contig p(params), g(grads), b(backups), v(variances);
   const double norm = sigma_norm.has_value() ? sigma_norm->item<double>()
                                              : std::sqrt(weighted_sumsq(g, v));
+  if (skip_requested("vsam_perturb_", found_inf)) {  // skip form: backup only; w, Sigma stay
+    copy_lists(backups, params);
+    return at::scalar_tensor(norm, at::TensorOptions().dtype(result_dtype(params)));
+  }
   const auto chunks = make_chunks(p.list());
   for_each_chunk(chunks, total_numel(p.list()), [&](int64_t, const Chunk& c) {
     SK_DISPATCH_PARAM(p[c.tensor].scalar_type(), "vsam_perturb_", [&] {
@@ -183,11 +188,11 @@ TORCH_LIBRARY_FRAGMENT(samkernels, m) {
         "int[] param_ids, int seed, int step, float sigma) -> ()");
   m.def("mfvi_update_(Tensor(a!)[] params, Tensor[] grads, Tensor[] backups, "
         "Tensor(b!)[] variances, Tensor(c!)[] momenta, int[] param_ids, int seed, int step, "
-        "float lr, float var_lr, float momentum, float prior_var, float num_data) -> ()");
+        "float lr, float var_lr, float momentum, float prior_var, float num_data, Tensor? found_inf=None) -> ()");
   m.def("vsam_sumsq(Tensor[] grads, Tensor[] variances) -> Tensor");
   m.def("vsam_perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] backups, "
         "Tensor(c!)[] variances, Tensor? sigma_norm, float dim, float eps, float var_lr, "
-        "float prior_var, float num_data, bool log_step, float min_var) -> Tensor");
+        "float prior_var, float num_data, bool log_step, float min_var, Tensor? found_inf=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(samkernels, CPU, m) {

@@ -31,34 +31,38 @@ def grad_sumsq(params: List[Tensor], grads: List[Tensor], adaptive: bool = False
     return _impl("grad_sumsq", grads, backend)(params, grads, adaptive, eta)
 
 
-def sam_perturb_(params, grads, backups, grad_norm, rho, eps, adaptive, eta, *, backend=None) -> Tensor:
+def sam_perturb_(params, grads, backups, grad_norm, rho, eps, adaptive, eta, found_inf=None, *,
+                 backend=None) -> Tensor:
     return _impl("sam_perturb_", params, backend)(params, grads, backups, grad_norm, rho, eps,
-                                                 adaptive, eta)
+                                                 adaptive, eta, found_inf=found_inf)
 
 
 def sam_restore_sgd_(params, grads, backups, momentum_bufs, lr, momentum, dampening, nesterov,
-                     weight_decay, first, *, backend=None) -> None:
+                     weight_decay, first, found_inf=None, *, backend=None) -> None:
     _impl("sam_restore_sgd_", params, backend)(params, grads, backups, momentum_bufs, lr, momentum,
-                                               dampening, nesterov, weight_decay, first)
+                                               dampening, nesterov, weight_decay, first,
+                                               found_inf=found_inf)
 
 
 def sam_restore_adam_(params, grads, backups, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps,
-                      weight_decay, decoupled, *, backend=None) -> None:
+                      weight_decay, decoupled, found_inf=None, *, backend=None) -> None:
     _impl("sam_restore_adam_", params, backend)(params, grads, backups, exp_avgs, exp_avg_sqs, step,
-                                                lr, beta1, beta2, eps, weight_decay, decoupled)
+                                                lr, beta1, beta2, eps, weight_decay, decoupled,
+                                                found_inf=found_inf)
 
 
 def bsam_noise_(params, backups, precisions, param_ids, seed, step, num_data, *, backend=None) -> None:
     _impl("bsam_noise_", params, backend)(params, backups, precisions, param_ids, seed, step, num_data)
 
 
-def bsam_perturb_(params, grads, backups, precisions, accums, rho, beta2, delta, gamma, *,
-                  backend=None) -> None:
+def bsam_perturb_(params, grads, backups, precisions, accums, rho, beta2, delta, gamma,
+                  found_inf=None, *, backend=None) -> None:
     _impl("bsam_perturb_", params, backend)(params, grads, backups, precisions, accums, rho, beta2,
-                                            delta, gamma)
+                                            delta, gamma, found_inf=found_inf)
 
 
 def bsam_update_(params, grads, backups, precisions, momenta, accums, lr, beta1, beta2, delta, gamma,
-                 accum_scale, released_order, *, backend=None) -> None:
+                 accum_scale, released_order, found_inf=None, *, backend=None) -> None:
     _impl("bsam_update_", params, backend)(params, grads, backups, precisions, momenta, accums, lr,
-                                           beta1, beta2, delta, gamma, accum_scale, released_order)
+                                           beta1, beta2, delta, gamma, accum_scale, released_order,
+                                           found_inf=found_inf)

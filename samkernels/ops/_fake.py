@@ -38,8 +38,9 @@ def grad_sumsq(params, grads, adaptive, eta):
     return torch.empty((), dtype=torch.float64, device=grads[0].device if grads else _CPU)
 
 
-def sam_perturb_(params, grads, backups, grad_norm: Optional[Tensor], rho, eps, adaptive, eta):
-    _one_device("sam_perturb_", (params, grads, backups))
+def sam_perturb_(params, grads, backups, grad_norm: Optional[Tensor], rho, eps, adaptive, eta,
+                 found_inf: Optional[Tensor] = None):
+    _one_device("sam_perturb_", (params, grads, backups, found_inf))
     if not params:
         return torch.empty((), dtype=torch.float32, device=_CPU)
     if grad_norm is not None and params[0].device.type == "cuda":
@@ -48,8 +49,8 @@ def sam_perturb_(params, grads, backups, grad_norm: Optional[Tensor], rho, eps, 
 
 
 def _nothing(name: str):
-    def fake(*args) -> None:
-        _one_device(name, args)
+    def fake(*args, **kwargs) -> None:
+        _one_device(name, args + tuple(kwargs.values()))
     return fake
 
 

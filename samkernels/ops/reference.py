@@ -10,7 +10,12 @@ Conventions shared by all phases:
   * the maths runs in ``opmath(p)`` = float64 for float64 parameters, else float32 (bf16/fp16 params
     are upcast, their state is float32);
   * ``backups`` hold the mean weights while the parameters are perturbed: restoring is a *copy*,
-    never a subtraction, so it is exact in every dtype.
+    never a subtraction, so it is exact in every dtype;
+  * the phases that consume gradients take ``found_inf`` (None, or a one-element tensor on the
+    parameters' device).  Nonzero means some gradient of this step was inf/NaN and the phase takes
+    its *skip form*: a perturbation only writes the backups (w stays), an update only restores w
+    from the backups; no optimizer state changes.  The spec reads the flag; the fused backends
+    decide on the device, so the caller never syncs with the host (README "Non-finite gradients").
 """
 from __future__ import annotations
 
@@ -76,6 +81,15 @@ def opmath(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def skipped(found_inf: Optional[Tensor]) -> bool:
+    return found_inf is not None and bool(found_inf.reshape(-1)[0] != 0)
+
+
+def copy_all_(dst: Sequence[Tensor], src: Sequence[Tensor]) -> None:
+    for d, s in zip(dst, src):
+        d.copy_(s)
+
+
 # ---------------------------------------------------------------------------------------------
 # SAM / ASAM (Foret et al. 2021; Kwon et al. 2021)
 # ---------------------------------------------------------------------------------------------
@@ -89,7 +103,8 @@ def grad_sumsq(params: Sequence[Tensor], grads: Sequence[Tensor], adaptive: bool
 
 
 def sam_perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
-                 grad_norm: Optional[Tensor], rho: float, eps: float, adaptive: bool, eta: float) -> Tensor:
+                 grad_norm: Optional[Tensor], rho: float, eps: float, adaptive: bool, eta: float,
+                 found_inf: Optional[Tensor] = None) -> Tensor:
     """SPEC SAM row: e = rho g / (||g|| + eps); ASAM: e = rho T^2 g / (||T g|| + eps).  w <- w + e.
 
     ``grad_norm`` is the global norm when the optimizer has several groups; None computes it here.
@@ -97,6 +112,9 @@ def sam_perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor
     """
     if grad_norm is None:
         grad_norm = grad_sumsq(params, grads, adaptive, eta).sqrt()
+    if skipped(found_inf):
+        copy_all_(backups, params)
+        return grad_norm
     for p, g, b in zip(params, grads, backups):
         b.copy_(p)
         w, gg = p.to(opmath(p)), g.to(opmath(p))
@@ -108,10 +126,13 @@ def sam_perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor
 
 def sam_restore_sgd_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
                      momentum_bufs: List[Tensor], lr: float, momentum: float, dampening: float,
-                     nesterov: bool, weight_decay: float, first: bool) -> None:
+                     nesterov: bool, weight_decay: float, first: bool,
+                     found_inf: Optional[Tensor] = None) -> None:
     """w <- backup, then torch.optim.SGD's update with the perturbed gradient g_e.
 
     ``first``: the momentum buffers are uninitialised and take d (as torch.optim.SGD does)."""
+    if skipped(found_inf):
+        return copy_all_(params, backups)
     # Written with the same torch calls as torch.optim.SGD, so that rho = 0 matches it bit for bit.
     for i, (p, g, b) in enumerate(zip(params, grads, backups)):
         w, d = b.to(opmath(p), copy=True), g.to(opmath(p))
@@ -128,8 +149,10 @@ def sam_restore_sgd_(params: List[Tensor], grads: List[Tensor], backups: List[Te
 def sam_restore_adam_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
                       exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor], step: int, lr: float,
                       beta1: float, beta2: float, eps: float, weight_decay: float,
-                      decoupled: bool) -> None:
+                      decoupled: bool, found_inf: Optional[Tensor] = None) -> None:
     """w <- backup, then Adam (L2 decay) or AdamW (decoupled decay) with g_e; ``step`` counts from 1."""
+    if skipped(found_inf):
+        return copy_all_(params, backups)
     # Written with the same torch calls as torch.optim.Adam/AdamW (single-tensor path), so that
     # rho = 0 matches them bit for bit.
     bc1, bc2_sqrt = 1 - beta1 ** step, (1 - beta2 ** step) ** 0.5
@@ -163,13 +186,15 @@ def bsam_noise_(params: List[Tensor], backups: List[Tensor], precisions: List[Te
 
 def bsam_perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
                   precisions: List[Tensor], accums: List[Tensor], rho: float, beta2: float,
-                  delta: float, gamma: float) -> None:
+                  delta: float, gamma: float, found_inf: Optional[Tensor] = None) -> None:
     """Line 3: w <- omega + rho g / s (s before line 5).
 
     Line 5 (s <- beta2 s + (1-beta2)(sqrt(s)|g| + delta + gamma)) happens here in place when
     ``accums`` is empty; otherwise sqrt(s)|g| is added to ``accums`` and line 5 waits for
     ``bsam_update_`` (m-sharpness averages it over micro-batches; the released-code order needs the
     old s in line 7)."""
+    if skipped(found_inf):
+        return copy_all_(params, backups)
     for i, (p, g, b, s) in enumerate(zip(params, grads, backups, precisions)):
         omega, gg, ss = b.to(opmath(p)), g.to(opmath(p)), s.to(opmath(p))
         p.copy_(omega + rho * gg / ss)
@@ -183,12 +208,14 @@ def bsam_perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Tenso
 def bsam_update_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
                  precisions: List[Tensor], momenta: List[Tensor], accums: List[Tensor], lr: float,
                  beta1: float, beta2: float, delta: float, gamma: float, accum_scale: float,
-                 released_order: bool) -> None:
+                 released_order: bool, found_inf: Optional[Tensor] = None) -> None:
     """Lines 5-7 with g_eps = grads:  gm <- beta1 gm + (1-beta1)(g_eps + delta omega);
     omega <- omega - lr gm / s;  w <- omega.
 
     With ``accums`` (see ``bsam_perturb_``) line 5 runs here with h = accum * accum_scale, and
     ``released_order`` uses the s from before line 5 in line 7 (the authors' JAX code)."""
+    if skipped(found_inf):
+        return copy_all_(params, backups)
     for i, (p, g, b, s, gm) in enumerate(zip(params, grads, backups, precisions, momenta)):
         omega, ge, s_old = b.to(opmath(p)), g.to(opmath(p)), s.to(opmath(p), copy=True)
         s_new = s_old

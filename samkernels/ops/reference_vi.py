@@ -20,7 +20,8 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from samkernels.ops.reference import _MASK32, opmath, philox4x32, philox_normal
+from samkernels.ops.reference import (_MASK32, copy_all_, opmath, philox4x32, philox_normal,
+                                      skipped)
 
 __all__ = ["philox_uniform", "vi_noise_", "mfvi_update_", "vsam_sumsq", "vsam_perturb_",
            "esam_perturb_"]
@@ -59,7 +60,7 @@ def vi_noise_(params: List[Tensor], backups: List[Tensor], variances: List[Tenso
 def mfvi_update_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
                  variances: List[Tensor], momenta: List[Tensor], param_ids: List[int], seed: int,
                  step: int, lr: float, var_lr: float, momentum: float, prior_var: float,
-                 num_data: float) -> None:
+                 num_data: float, found_inf: Optional[Tensor] = None) -> None:
     """Alg. 2 lines 4-5 with g = grads taken at theta = mu + sqrt(Sigma) z (z regenerated from
     (seed, step), the counter of the ``vi_noise_`` call), loss E L + KL[q || N(0, prior_var I)] / N:
 
@@ -68,6 +69,8 @@ def mfvi_update_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor
       dL/du = g z sqrt(Sigma) / 2 + (Sigma / prior_var - 1) / (2N)  (u = log Sigma; eq. 39)
       Sigma <- Sigma * exp(-var_lr * dL/du);  w <- mu.
     """
+    if skipped(found_inf):
+        return copy_all_(params, backups)
     for i, (p, g, b, v, pid) in enumerate(zip(params, grads, backups, variances, param_ids)):
         mu, gg, var = b.to(opmath(p)), g.to(opmath(p)), v.to(opmath(p))
         z = philox_normal(seed, step, pid, p.numel(), p.device, mu.dtype).view(p.shape)
@@ -94,7 +97,7 @@ def vsam_sumsq(grads: Sequence[Tensor], variances: Sequence[Tensor]) -> Tensor:
 def vsam_perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
                   variances: List[Tensor], sigma_norm: Optional[Tensor], dim: float, eps: float,
                   var_lr: float, prior_var: float, num_data: float, log_step: bool,
-                  min_var: float) -> Tensor:
+                  min_var: float, found_inf: Optional[Tensor] = None) -> Tensor:
     """Alg. 3 line 3, eq. 2: e = sqrt(p) Sigma g / (sqrt(g^T Sigma g) + eps); backup <- mu, w <- mu + e.
     Then lines 6-7 with the same g and the Sigma used for e, eq. 42:
 
@@ -106,6 +109,9 @@ def vsam_perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Tenso
     groups (None computes it from this list).  Returns sigma_norm."""
     if sigma_norm is None:
         sigma_norm = vsam_sumsq(grads, variances).sqrt()
+    if skipped(found_inf):
+        copy_all_(backups, params)
+        return sigma_norm
     sq = math.sqrt(dim)
     for p, g, b, v in zip(params, grads, backups, variances):
         b.copy_(p)
@@ -127,7 +133,7 @@ def vsam_perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Tenso
 # ---------------------------------------------------------------------------------------------
 def esam_perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
                   param_ids: List[int], grad_norm: Optional[Tensor], seed: int, step: int,
-                  rho: float, beta: float, eps: float) -> Tensor:
+                  rho: float, beta: float, eps: float, found_inf: Optional[Tensor] = None) -> Tensor:
     """Alg. 3 lines 3-7: coordinate i is perturbed iff u_i < beta (u = philox_uniform(seed, step,
     param_id), the mask is never stored): e_i = rho / (1 - beta) * g_i / (||g|| + eps), else 0.
     backup <- w, w <- w + e.  ``||g||`` is over all coordinates, masked or not (None computes it
@@ -136,6 +142,9 @@ def esam_perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Tenso
     if grad_norm is None:
         grad_norm = torch.stack([g.double().square().sum() for g in grads]).sum().sqrt() \
             if grads else torch.zeros((), dtype=torch.float64)
+    if skipped(found_inf):
+        copy_all_(backups, params)
+        return grad_norm
     for p, g, b, pid in zip(params, grads, backups, param_ids):
         b.copy_(p)
         w, gg = p.to(opmath(p)), g.to(opmath(p))

@@ -23,9 +23,10 @@ def vi_noise_(params, backups, variances, param_ids, seed, step, sigma, *, backe
 
 
 def mfvi_update_(params, grads, backups, variances, momenta, param_ids, seed, step, lr, var_lr,
-                 momentum, prior_var, num_data, *, backend=None) -> None:
+                 momentum, prior_var, num_data, found_inf=None, *, backend=None) -> None:
     _impl("mfvi_update_", params, backend)(params, grads, backups, variances, momenta, param_ids,
-                                           seed, step, lr, var_lr, momentum, prior_var, num_data)
+                                           seed, step, lr, var_lr, momentum, prior_var, num_data,
+                                           found_inf=found_inf)
 
 
 def vsam_sumsq(grads: List[Tensor], variances: List[Tensor], *,
@@ -34,16 +35,16 @@ def vsam_sumsq(grads: List[Tensor], variances: List[Tensor], *,
 
 
 def vsam_perturb_(params, grads, backups, variances, sigma_norm, dim, eps, var_lr, prior_var,
-                  num_data, log_step, min_var, *, backend=None) -> Tensor:
+                  num_data, log_step, min_var, found_inf=None, *, backend=None) -> Tensor:
     return _impl("vsam_perturb_", params, backend)(params, grads, backups, variances, sigma_norm,
                                                    dim, eps, var_lr, prior_var, num_data,
-                                                   log_step, min_var)
+                                                   log_step, min_var, found_inf=found_inf)
 
 
-def esam_perturb_(params, grads, backups, param_ids, grad_norm, seed, step, rho, beta, eps, *,
-                  backend=None) -> Tensor:
+def esam_perturb_(params, grads, backups, param_ids, grad_norm, seed, step, rho, beta, eps,
+                  found_inf=None, *, backend=None) -> Tensor:
     return _impl("esam_perturb_", params, backend)(params, grads, backups, param_ids, grad_norm,
-                                                   seed, step, rho, beta, eps)
+                                                   seed, step, rho, beta, eps, found_inf=found_inf)
 
 
 # --- fakes for torch.compile (FakeTensor) tracing of the C++ ops (see samkernels.ops._fake) -----
@@ -57,17 +58,18 @@ def _fake_vsam_sumsq(grads, variances):
 
 
 def _fake_vsam_perturb(params, grads, backups, variances, sigma_norm, dim, eps, var_lr, prior_var,
-                       num_data, log_step, min_var):
+                       num_data, log_step, min_var, found_inf=None):
     return torch.empty((), dtype=_norm_dtype(params),
                        device=params[0].device if params else torch.device("cpu"))
 
 
-def _fake_esam_perturb(params, grads, backups, param_ids, grad_norm, seed, step, rho, beta, eps):
+def _fake_esam_perturb(params, grads, backups, param_ids, grad_norm, seed, step, rho, beta, eps,
+                       found_inf=None):
     return torch.empty((), dtype=_norm_dtype(params),
                        device=params[0].device if params else torch.device("cpu"))
 
 
-def _fake_nothing(*args) -> None:  # in-place phases: the schemas say which lists they mutate
+def _fake_nothing(*args, **kwargs) -> None:  # in-place phases: the schemas say which lists they mutate
     return None
 
 

@@ -16,7 +16,7 @@ from samkernels import ops
 from samkernels.optim.utils import bn_frozen
 
 SeedLike = Union[None, int, torch.Generator]
-NONFINITE_POLICIES = ("skip", "raise", "unchecked")
+NONFINITE_POLICIES = ("skip", "skip_on_device", "raise", "unchecked")
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -96,8 +96,9 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         self.nonfinite = "skip"
         self.ddp_model: Optional[torch.nn.Module] = None
         # transient: a skip decided in the first pass and waiting for second_step, the last step's
-        # outcome, and how many GradScaler stand-ins the ascent passes of this step used
-        self._skip_state = {"pending": False, "last": False, "ascents": 0}
+        # outcome (a bool, or the device flag under "skip_on_device"), how many GradScaler
+        # stand-ins the ascent passes of this step used, and this step's device flag ("found")
+        self._skip_state = {"pending": False, "last": False, "ascents": 0, "found": None}
         self._scaler_gates: Dict[tuple, _ScalerGate] = {}
 
     def add_param_group(self, param_group: dict) -> None:
@@ -228,7 +229,13 @@ class TwoPassOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Copy the mean weights back (exact in every dtype).  A no-op when nothing is perturbed."""
+        """Copy the mean weights back (exact in every dtype) and abandon the step in progress.  A
+        no-op when nothing is perturbed."""
+        self._restore_weights()
+        self._skip_state["found"] = None
+
+    @torch.no_grad()
+    def _restore_weights(self) -> None:  # mid-step (m-sharpness): the step's flag stays
         for params, backups in self._perturbed:
             torch._foreach_copy_(params, backups)
         self._perturbed.clear()
@@ -250,8 +257,15 @@ class TwoPassOptimizer(torch.optim.Optimizer):
     # -- non-finite gradients and GradScaler ------------------------------------------------------
     @property
     def step_skipped(self) -> bool:
-        """True when the last finished step was skipped because a pass had inf/NaN gradients."""
-        return self._skip_state["last"]
+        """True when the last finished step was skipped because a pass had inf/NaN gradients.
+        (Under ``nonfinite="skip_on_device"`` this reads the device flag: a host sync.)"""
+        return bool(self._skip_state["last"])
+
+    def _found_inf(self, device: torch.device) -> Optional[Tensor]:
+        """This step's device flag for the gated ops (``found_inf``), or None: nonzero when some
+        pass so far had inf/NaN gradients.  Only set under ``nonfinite="skip_on_device"``."""
+        found = self._skip_state["found"]
+        return None if found is None else found.to(device)
 
     @property
     def skip_pending(self) -> bool:
@@ -295,6 +309,12 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         flag = _nonfinite_flag([p.grad for p in ps])
         if agree:
             self._all_reduce([flag], "max")
+        if self.nonfinite == "skip_on_device":
+            # no host read: the flag of every pass of this step is summed on the device and the
+            # fused phases take their skip form when it is nonzero (reference.py, ``found_inf``)
+            found = self._skip_state["found"]
+            self._skip_state["found"] = flag if found is None else found + flag.to(found.device)
+            return True
         if not bool(flag):  # the one read of the flag: free on the CPU, a scalar copy from a GPU
             return True
         if self.nonfinite == "raise":
@@ -316,12 +336,20 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         self._skip_state["pending"] = True
 
     def _finish_step(self, skipped: bool) -> None:
+        found = self._skip_state["found"]
+        if found is not None:  # skip_on_device: the outcome stays on the device until asked for
+            self._skip_state.update(pending=False, last=found, ascents=0, found=None)
+            return
         self._skip_state.update(pending=False, last=skipped, ascents=0)
         if skipped:
             self._rollback_skipped_step()
 
     def _rollback_skipped_step(self) -> None:
         """Undo what a skipped step changed besides weights and state (BSAM: the noise counter)."""
+
+    def _rollback_on_device(self, found: Tensor) -> None:
+        """skip_on_device, before the update: undo on the device, where ``found`` is set, what the
+        first phase changed outside the gated ops (VSAM: its Sigma step)."""
 
     # -- closure driver ------------------------------------------------------------------------
     def _run_pass(self, closure: Callable, ascent: bool, micro: Optional[int] = None):

@@ -237,7 +237,8 @@ class EBiSAM(BiSAM):
             n = vi_ops.esam_perturb_(ps, gs, backups, [self._param_id(p) for p in ps],
                                      None if norm is None else norm.to(ps[0].device), seed, step,
                                      self._rho(group), group["beta"],
-                                     group["perturb_eps"] if eps is None else eps)
+                                     group["perturb_eps"] if eps is None else eps,
+                                     self._found_inf(ps[0].device))
             self._mark_perturbed(ps, backups)
             norm = n if norm is None else norm
         if work:

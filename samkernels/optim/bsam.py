@@ -109,8 +109,9 @@ class BSAM(TwoPassOptimizer):
         step, and W ranks with m micro-batches each draw what one process with ``m' = W m`` does."""
         self._require_unperturbed("noise_step")
         micro = _micro or 0
-        if micro == 0:
+        if micro == 0:  # a new step
             self._noise_start["value"] = self._extra_state["noise_step"]
+            self._skip_state["found"] = None
         start = self._noise_start["value"]
         rank, world = self._rank_world()
         seed, step = self._extra_state["seed"], start + rank * _m + micro
@@ -153,7 +154,8 @@ class BSAM(TwoPassOptimizer):
             backups, precisions, _ = self._lists(group, ps)
             accums = self._accums(group, ps, _micro, defer)
             ops.bsam_perturb_(ps, [p.grad for p in ps], backups, precisions, accums, self._rho(group),
-                              group["betas"][1], group["weight_decay"], group["gamma"])
+                              group["betas"][1], group["weight_decay"], group["gamma"],
+                              self._found_inf(ps[0].device))
             self._mark_perturbed(ps, backups)
         if zero_grad:
             self.zero_grad()
@@ -207,7 +209,8 @@ class BSAM(TwoPassOptimizer):
                 beta1, beta2 = group["betas"]
                 ops.bsam_update_(ps, [p.grad for p in ps], backups, precisions, momenta, accums,
                                  group["lr"], beta1, beta2, group["weight_decay"], group["gamma"],
-                                 _accum_scale / world, group["update_order"] == "released")
+                                 _accum_scale / world, group["update_order"] == "released",
+                                 self._found_inf(ps[0].device))
                 todo.difference_update(set(ps))  # a set: torch.compile compares list items with ==
         finally:  # anything not updated (no gradient now, or an error) goes back to the mean
             for ps, bs in perturbed:
@@ -248,7 +251,7 @@ class BSAM(TwoPassOptimizer):
                 self._run_pass(closure, False, micro=i)
                 self._accumulate_grads(first=i == 0)
                 if i < m - 1:
-                    self.restore()  # back to omega for the next micro-batch's noise
+                    self._restore_weights()  # back to omega for the next micro-batch's noise
             if not self.skip_pending:
                 self._load_accumulated_grads(1.0 / m)
             self.second_step(scaler=scaler, _accum_scale=1.0 / m)

@@ -181,7 +181,8 @@ class MFVI(GaussianPosterior, TwoPassOptimizer):
                                     self._variances(group, ps), self._momenta(group, ps),
                                     [self._param_id(p) for p in ps], seed, self._noise["at"],
                                     group["lr"], group["var_lr"], group["momentum"],
-                                    group["prior_var"], group["num_data"])
+                                    group["prior_var"], group["num_data"],
+                                    self._found_inf(ps[0].device))
                 todo.difference_update(set(ps))
         finally:  # anything not updated (no gradient now, or an error) goes back to the mean
             for ps, bs in perturbed:

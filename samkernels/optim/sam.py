@@ -104,7 +104,8 @@ class SAM(TwoPassOptimizer):
             backups = [self._backup(p) for p in ps]
             n = ops.sam_perturb_(ps, gs, backups, None if norm is None else norm.to(ps[0].device),
                                  self._rho(group), group["perturb_eps"], group["adaptive"],
-                                 group["eta"] if group["adaptive"] else 0.0)
+                                 group["eta"] if group["adaptive"] else 0.0,
+                                 self._found_inf(ps[0].device))
             self._mark_perturbed(ps, backups)
             norm = n if norm is None else norm
         if zero_grad:
@@ -123,6 +124,8 @@ class SAM(TwoPassOptimizer):
             if zero_grad:
                 self.zero_grad()
             return
+        if self._skip_state["found"] is not None:
+            self._rollback_on_device(self._skip_state["found"])
         moved = list(self._perturbed)  # cleared at the end: an error before leaves restore() work
         perturbed = {p for ps, _ in moved for p in ps}
         for group, ps in grouped:
@@ -144,10 +147,11 @@ class SAM(TwoPassOptimizer):
     def _base_update(self, group: dict, ps) -> None:
         grads = [p.grad for p in ps]
         backups = [self._backup(p) for p in ps]
+        found_inf = self._found_inf(ps[0].device)
         if group["base"] == "sgd":
             if group["momentum"] == 0:
                 ops.sam_restore_sgd_(ps, grads, backups, [], group["lr"], 0.0, group["dampening"],
-                                     group["nesterov"], group["weight_decay"], False)
+                                     group["nesterov"], group["weight_decay"], False, found_inf)
                 return
             # parameters whose momentum buffer does not exist yet take d as the buffer (first=True)
             for first in (False, True):
@@ -161,7 +165,7 @@ class SAM(TwoPassOptimizer):
                 bufs = [self.state[p]["momentum_buffer"] for p in sel]
                 ops.sam_restore_sgd_(sel, [grads[i] for i in idx], [backups[i] for i in idx], bufs,
                                      group["lr"], group["momentum"], group["dampening"],
-                                     group["nesterov"], group["weight_decay"], first)
+                                     group["nesterov"], group["weight_decay"], first, found_inf)
             return
         # Adam / AdamW: one op per distinct step count (normally exactly one)
         by_step = {}
@@ -180,7 +184,7 @@ class SAM(TwoPassOptimizer):
                                   [self.state[p]["exp_avg"] for p in sel],
                                   [self.state[p]["exp_avg_sq"] for p in sel], step, group["lr"],
                                   beta1, beta2, group["adam_eps"], group["weight_decay"],
-                                  group["base"] == "adamw")
+                                  group["base"] == "adamw", found_inf)
 
     # -- closure API -----------------------------------------------------------------------------
     def step(self, closure: Optional[Callable] = None, m: int = 1, *, scaler=None):
@@ -218,7 +222,7 @@ class SAM(TwoPassOptimizer):
                     break
                 self._run_pass(closure, False, micro=i)
                 self._accumulate_grads(first=i == 0)
-                self.restore()
+                self._restore_weights()
             if not self.skip_pending:
                 self._load_accumulated_grads(1.0 / m)
             self.second_step(scaler=scaler)

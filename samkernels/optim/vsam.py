@@ -128,6 +128,16 @@ class VariationalSAM(GaussianPosterior, TwoPassOptimizer):
                 self.state[p]["variance"].copy_(self._var_copies[p])
             self._var_saved["on"] = False
 
+    def _rollback_on_device(self, found: Tensor) -> None:
+        """skip_on_device: where ``found`` is set, Sigma goes back to its copy, decided on the
+        device (the first pass's Sigma step ran before the second pass's flag existed)."""
+        if self._var_saved["on"]:
+            skip = found.reshape(()) != 0
+            for p in self._var_now:
+                v = self.state[p]["variance"]
+                v.copy_(torch.where(skip.to(v.device), self._var_copies[p], v))
+            self._var_saved["on"] = False
+
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False, *, scaler=None) -> Optional[Tensor]:
         """w <- mu + e (eq. 2) and the Sigma step of eq. 42, with the gradients now in ``.grad``.
@@ -163,7 +173,7 @@ class VariationalSAM(GaussianPosterior, TwoPassOptimizer):
                                      None if norm is None else norm.to(ps[0].device), dim,
                                      group["perturb_eps"], group["var_lr"], group["prior_var"],
                                      group["num_data"], group["var_step"] == "log",
-                                     group["min_var"])
+                                     group["min_var"], self._found_inf(ps[0].device))
             self._mark_perturbed(ps, backups)
             norm = n if norm is None else norm
         if zero_grad:
