@@ -41,7 +41,8 @@ class BSAM(TwoPassOptimizer):
         freeze_bn: the model; BatchNorm running statistics are not updated in the perturbed pass
             (and, with ``freeze_bn_noisy=True``, not in the noisy pass either).
         rho_schedule: ``callable(group) -> rho`` evaluated at every first step.
-        nonfinite: ``"skip"`` (default), ``"raise"`` or ``"unchecked"``, as for ``SAM``.  A skipped
+        nonfinite: ``"skip"`` (default), ``"skip_on_device"``, ``"raise"`` or ``"unchecked"``,
+            as for ``SAM``.  A skipped
             step leaves weights, precision, momentum and the noise counter as they were (the next
             step draws the noise the skipped one drew).  While checking, line 5 waits for the
             update (one more buffer per parameter), so a skip in the second pass leaves ``s`` as is.

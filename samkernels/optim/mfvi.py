@@ -82,7 +82,8 @@ class MFVI(GaussianPosterior, TwoPassOptimizer):
         seed: int, torch.Generator or None — the key of the counter-based noise.
         freeze_bn: the model; with ``freeze_bn_noisy=True`` BatchNorm running statistics are not
             updated in the (noisy) pass.
-        nonfinite: ``"skip"`` (default), ``"raise"`` or ``"unchecked"``, as for ``SAM``.  A skipped
+        nonfinite: ``"skip"`` (default), ``"skip_on_device"``, ``"raise"`` or ``"unchecked"``,
+            as for ``SAM``.  A skipped
             step leaves weights, variances, momentum and the noise counter as they were.
 
     Per step, the gradient of the sampled theta gives (u = log Sigma)::

@@ -36,7 +36,8 @@ class RandomSAM(TwoPassOptimizer):
         seed: int, torch.Generator or None — the key of the counter-based noise.
         freeze_bn: the model; with ``freeze_bn_noisy=True`` BatchNorm running statistics are not
             updated in the (noisy) pass.
-        nonfinite: ``"skip"`` (default), ``"raise"`` or ``"unchecked"``, as for ``SAM``.  A skipped
+        nonfinite: ``"skip"`` (default), ``"skip_on_device"``, ``"raise"`` or ``"unchecked"``,
+            as for ``SAM``.  A skipped
             step leaves weights, state and the noise counter as they were.
 
     ``step(closure)`` calls the closure once, at mu + sigma0 z (a closure that takes an argument

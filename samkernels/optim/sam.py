@@ -35,7 +35,12 @@ class SAM(TwoPassOptimizer):
         rho_schedule: ``callable(group) -> rho`` evaluated at every first step (e.g.
             ``rho_proportional_to_lr(...)``, GSAM's schedule); LR schedulers work unchanged.
         nonfinite: what a pass with inf/NaN gradients does: ``"skip"`` (default) skips the whole
-            step — weights and state stay exactly as they were, ``step_skipped`` is True;
+            step — weights and state stay exactly as they were, ``step_skipped`` is True; the
+            flag is read on the host once per pass (free on the CPU, a sync on a GPU);
+            ``"skip_on_device"`` (the fast path on a GPU) never reads it: every pass runs and the
+            fused ops take their skip form on the device, so weights and all tensor state stay as
+            they were, but host counters advance (Adam's bias-correction step, the noise
+            counter) and ``step_skipped`` reads the flag only when asked;
             ``"raise"`` raises ``NonFiniteGradientError`` with the weights at the mean;
             ``"unchecked"`` does not look (no extra pass over the gradients, no device read; for
             benchmarks and runs known to be finite).  With a GradScaler the scaler decides.

@@ -52,7 +52,8 @@ class VariationalSAM(GaussianPosterior, TwoPassOptimizer):
         min_var: the clamp of ``var_step="linear"``.
         perturb_eps: added to sqrt(g^T Sigma g) in eq. 2.
         freeze_bn: the model; BatchNorm running statistics are not updated in the perturbed pass.
-        nonfinite: ``"skip"`` (default), ``"raise"`` or ``"unchecked"``, as for ``SAM``.  A skipped
+        nonfinite: ``"skip"`` (default), ``"skip_on_device"``, ``"raise"`` or ``"unchecked"``,
+            as for ``SAM``.  A skipped
             step leaves weights, Sigma and the base optimizer's state as they were (while checking,
             Sigma is copied before its step, to be put back if the second pass is skipped).
 
