@@ -6,7 +6,9 @@ The ``.cu`` files must be free of torch headers (the CPU torch lacks some of its
 glue includes only light c10 CUDA headers, whose one missing piece in a CPU torch
 (``c10/cuda/impl/cuda_cmake_macros.h``) is supplied as a stub here.  All compilations run at
 once (threads driving nvcc / g++ subprocesses; 10-20 s per file); a warning in our own
-sources fails too.
+sources fails too.  The objects are then linked with a stub that takes the address of every
+``launch_*`` function declared in ``csrc/cuda/*.h``: a definition whose signature drifted from its
+declaration (which compiles as a new overload) fails here instead of at import on a GPU machine.
 """
 from __future__ import annotations
 
@@ -91,12 +93,21 @@ def _glue_command(tmp, glue):
 
 
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
+def nvcc_tmp(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("nvcc"))
+
+
+def _object(tmp, cu):
+    return os.path.join(tmp, os.path.basename(cu) + ".o")
+
+
+@pytest.fixture(scope="module")
+def compiled(nvcc_tmp):
     """Compiles everything concurrently once; maps file -> (rc, output, seconds)."""
-    tmp = str(tmp_path_factory.mktemp("nvcc"))
+    tmp = nvcc_tmp
     jobs = {}
     for path in CU_FILES:
-        obj = os.path.join(tmp, os.path.basename(path) + ".o")
+        obj = _object(tmp, path)
         jobs[path] = [NVCC] + NVCC_FLAGS + ["-I", CSRC, "-c", path, "-o", obj]
     skipped = {}
     for glue in GLUES:
@@ -142,6 +153,42 @@ def test_glue_syntax(compiled, glue):
     if rc is None:
         pytest.skip(out)
     _check(compiled[glue], glue)
+
+
+HEADERS = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.h")))
+LAUNCH_DECL = re.compile(r"^cudaError_t\s+(launch_\w+)\s*\(", re.MULTILINE)
+
+
+def _launch_declarations():
+    """(header, function name) of every launch function the torch-free headers declare."""
+    out = []
+    for h in HEADERS:
+        with open(h) as f:
+            out += [(os.path.basename(h), name) for name in LAUNCH_DECL.findall(f.read())]
+    return out
+
+
+@needs_nvcc
+def test_launch_functions_link(compiled, nvcc_tmp):
+    """Every declared launch function has a definition with the declared signature."""
+    failed = [os.path.basename(p) for p in CU_FILES if compiled[p][0] != 0]
+    if failed:
+        pytest.skip(f"not every .cu compiled: {failed}")
+    decls = _launch_declarations()
+    assert decls, "no launch_* declarations found in csrc/cuda/*.h"
+    stub = os.path.join(nvcc_tmp, "link_stub.cpp")
+    with open(stub, "w") as f:
+        for h in sorted({h for h, _ in decls}):
+            f.write(f'#include "cuda/{h}"\n')
+        f.write("int main() {\n  const void* volatile sink = nullptr;\n")
+        for _, name in decls:  # the address: an undefined (or overloaded-away) symbol fails
+            f.write(f"  sink = reinterpret_cast<const void*>(&samkernels::cuda::{name});\n")
+        f.write("  return sink == nullptr;\n}\n")
+    exe = os.path.join(nvcc_tmp, "link_stub")
+    cmd = [NVCC, "-std=c++17", "-I", CSRC, stub] + [_object(nvcc_tmp, p) for p in CU_FILES] + \
+        ["-o", exe]
+    rc, out, secs = _run(cmd, ROOT)
+    assert rc == 0, f"linking the launch functions failed ({secs:.1f} s):\n{out}"
 
 
 TORCH_FREE = CU_FILES + sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cuh"))) + [

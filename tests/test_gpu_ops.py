@@ -1,10 +1,12 @@
 """The CUDA kernels (``backend="cuda"``) against the float64 reference and the triton backend.
 
 Needs a CUDA device and ``samkernels._C`` built with its CUDA kernels; skipped otherwise.  Every
-phase of ``samkernels/ops/reference.py`` runs on lists that mix odd sizes, chunk boundaries
-(65,536 elements), non-contiguous views (transposed, strided), misaligned views (storage offset:
-the kernels' scalar path), channels_last tensors (used in place), and, separately, more tiny
-tensors than one launch's table holds.  Every list is compared afterwards, written or not.
+phase of ``samkernels/ops/reference.py`` and ``reference_vi.py`` runs on lists that mix odd sizes,
+chunk boundaries (65,536 elements), non-contiguous views (transposed, strided), misaligned views
+(storage offset: the kernels' scalar path), channels_last tensors (used in place), and,
+separately, more tiny tensors than one launch's table holds.  Every list is compared afterwards,
+written or not.  The ``found_inf`` contract (skip form decided on the device) is checked bit for
+bit for every gated phase.
 
 The helpers take the device and the callable under test, so they run on any backend.
 """
@@ -19,7 +21,7 @@ import torch
 
 import samkernels
 from samkernels import _dispatch
-from samkernels.ops import reference
+from samkernels.ops import reference, vi_ops
 
 
 def _cuda_ready() -> bool:
@@ -146,6 +148,44 @@ def _bsam_update(accumulate: bool, released: bool):
     return build
 
 
+def _ids(m: Maker) -> List[int]:
+    # param ids beyond 32 bits: only the low word enters the Philox counter
+    return [7 * i + 3 + (2 ** 32 if i % 3 == 0 else 0) for i in range(len(m.specs))]
+
+
+def _vi_noise(learned: bool, seed=1234, step=5):
+    def build(m: Maker):
+        var = m.state("positive") if learned else []
+        return [m.params(), m.like_params(), var, _ids(m), seed, step, 0.05]
+    return build
+
+
+def _mfvi_update(use_momentum: bool, seed=1234, step=5):
+    def build(m: Maker):
+        mom = m.state() if use_momentum else []
+        return [m.params(), m.like_params(), m.like_params(), m.state("positive"), mom, _ids(m),
+                seed, step, 0.1, 0.05, 0.9 if use_momentum else 0.0, 2.0, 1000.0]
+    return build
+
+
+def _vsam_perturb(log_step: bool, given: bool):
+    def build(m: Maker):
+        norm = torch.tensor(3.7, device=m.device) if given else None
+        # min_var = 0.6 clamps part of the linear step (variances are 0.5 + |N(0, 1)|)
+        return [m.params(), m.like_params(), m.like_params(), m.state("positive"), norm, 1.0e4,
+                1e-12, 0.05, 2.0, 1000.0, log_step, 0.6]
+    return build
+
+
+def _esam_perturb(given: bool, seed=1234, step=5):
+    def build(m: Maker):
+        # given: the optimizer's unnormalised form (norm 1, eps 0)
+        norm = torch.tensor(1.0, device=m.device) if given else None
+        return [m.params(), m.like_params(), m.like_params(), _ids(m), norm, seed, step, 0.05, 0.5,
+                0.0 if given else 1e-12]
+    return build
+
+
 CASES: Dict[str, Callable] = {
     "grad_sumsq-sam": ("grad_sumsq", lambda m: [m.params(), m.like_params(), False, 0.0]),
     "grad_sumsq-asam": ("grad_sumsq", lambda m: [m.params(), m.like_params(), True, 0.01]),
@@ -168,6 +208,35 @@ CASES: Dict[str, Callable] = {
     "bsam_update-released": ("bsam_update_", _bsam_update(False, True)),
     "bsam_update-accum": ("bsam_update_", _bsam_update(True, False)),
     "bsam_update-accum-released": ("bsam_update_", _bsam_update(True, True)),
+    # MFVI family and E-BiSAM (reference_vi.py)
+    "vi_noise-learned": ("vi_noise_", _vi_noise(True)),
+    "vi_noise-fixed": ("vi_noise_", _vi_noise(False)),
+    "vi_noise-64bit": ("vi_noise_", _vi_noise(True, 2 ** 40 + 5, 2 ** 33 + 7)),
+    "mfvi_update": ("mfvi_update_", _mfvi_update(True)),
+    "mfvi_update-nomomentum": ("mfvi_update_", _mfvi_update(False)),
+    "mfvi_update-64bit": ("mfvi_update_", _mfvi_update(True, 2 ** 40 + 5, 2 ** 33 + 7)),
+    "vsam_sumsq": ("vsam_sumsq", lambda m: [m.like_params(), m.state("positive")]),
+    "vsam_perturb-log": ("vsam_perturb_", _vsam_perturb(True, False)),
+    "vsam_perturb-linear": ("vsam_perturb_", _vsam_perturb(False, False)),
+    "vsam_perturb-given": ("vsam_perturb_", _vsam_perturb(True, True)),
+    "esam_perturb": ("esam_perturb_", _esam_perturb(False)),
+    "esam_perturb-given": ("esam_perturb_", _esam_perturb(True)),
+    "esam_perturb-64bit": ("esam_perturb_", _esam_perturb(False, 2 ** 40 + 5, 2 ** 33 + 7)),
+}
+
+# The phases gated by found_inf and their skip form: "perturb" = backups <- params (params and
+# every other list untouched), "restore" = params <- backups (every state list untouched).  In
+# every gated schema params is argument 0 and backups argument 2.
+GATED: Dict[str, str] = {
+    "sam_perturb": "perturb", "sam_perturb-asam": "perturb", "sam_perturb-given": "perturb",
+    "sgd-plain": "restore", "sgd-momentum": "restore", "sgd-nesterov-first": "restore",
+    "adam-step1": "restore", "adamw": "restore",
+    "bsam_perturb": "restore", "bsam_perturb-accum": "restore",
+    "bsam_update": "restore", "bsam_update-accum-released": "restore",
+    "mfvi_update": "restore", "mfvi_update-nomomentum": "restore",
+    "vsam_perturb-log": "perturb", "vsam_perturb-linear": "perturb",
+    "vsam_perturb-given": "perturb",
+    "esam_perturb": "perturb", "esam_perturb-given": "perturb",
 }
 
 
@@ -209,15 +278,57 @@ def check_against_reference(case: str, dtype, device, run: Callable, specs=SPECS
     _compare_outputs(args, ref_args, out, ref_out)
 
 
-def check_two_backends(case: str, dtype, device, run_a: Callable, run_b: Callable, specs=SPECS):
+def check_two_backends(case: str, dtype, device, run_a: Callable, run_b: Callable, specs=SPECS,
+                       **kwargs):
     name, build = CASES[case]
     args_a, args_b = build(Maker(specs, dtype, device)), build(Maker(specs, dtype, device))
-    out_a, out_b = run_a(name, *args_a), run_b(name, *args_b)
+    out_a, out_b = run_a(name, *args_a, **kwargs), run_b(name, *args_b, **kwargs)
     _compare_outputs(args_a, args_b, out_a, out_b, scale=2.0)
 
 
+def _op(name: str) -> Callable:
+    """The public multi-tensor op: samkernels.ops (SAM, bSAM) or samkernels.ops.vi_ops (MFVI
+    family, E-BiSAM)."""
+    return getattr(samkernels.ops, name, None) or getattr(vi_ops, name)
+
+
 def _backend(name: str) -> Callable:
-    return lambda op, *args: getattr(samkernels.ops, op)(*args, backend=name)
+    return lambda op, *args, **kw: _op(op)(*args, backend=name, **kw)
+
+
+def _triton_has(name: str) -> bool:
+    try:
+        from samkernels import triton as triton_ops
+    except ImportError:
+        return False
+    return hasattr(triton_ops, name)
+
+
+def _skip_unless_triton_runs(name: str) -> None:
+    if not _dispatch.triton_usable(torch.device("cuda")):
+        pytest.skip("triton is not usable")
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        # tests/conftest.py defaults it to 1; the interpreter cannot run on CUDA tensors
+        # (KERNEL-NOTES): run with TRITON_INTERPRET=0 on a GPU machine for this comparison
+        pytest.skip("TRITON_INTERPRET=1: triton kernels are interpreted and need CPU tensors")
+    if not _triton_has(name):
+        pytest.skip(f"samkernels.triton has no {name}")
+
+
+def _tensor_lists(args) -> List[Tuple[int, List[torch.Tensor]]]:
+    return [(k, a) for k, a in enumerate(args)
+            if isinstance(a, list) and a and isinstance(a[0], torch.Tensor)]
+
+
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """a and b hold the same dtype, shape and bit patterns (-0.0 != 0.0, NaN payloads count)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    as_int = _INT_OF_SIZE[a.element_size()]
+    return torch.equal(a.contiguous().view(as_int), b.contiguous().view(as_int))
 
 
 run_cuda = _backend("cuda")
@@ -232,7 +343,9 @@ def test_cuda_matches_reference(case, dtype):
 
 @pytest.mark.parametrize("dtype", [F32, MIXED], ids=str)
 @pytest.mark.parametrize("case", ["grad_sumsq-asam", "sam_perturb-asam", "sgd-momentum", "adamw",
-                                  "noise", "bsam_perturb-accum", "bsam_update-accum-released"])
+                                  "noise", "bsam_perturb-accum", "bsam_update-accum-released",
+                                  "vi_noise-learned", "vi_noise-fixed", "mfvi_update", "vsam_sumsq",
+                                  "vsam_perturb-log", "vsam_perturb-linear", "esam_perturb"])
 def test_cuda_many_tiny_tensors(case, dtype):
     # several launches per phase: the table fills up
     check_against_reference(case, dtype, "cuda", run_cuda, specs=TINY_SPECS)
@@ -241,12 +354,7 @@ def test_cuda_many_tiny_tensors(case, dtype):
 @pytest.mark.parametrize("dtype", [F32, BF16, MIXED], ids=str)
 @pytest.mark.parametrize("case", list(CASES))
 def test_cuda_matches_triton(case, dtype):
-    if not _dispatch.triton_usable(torch.device("cuda")):
-        pytest.skip("triton is not usable")
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        # tests/conftest.py defaults it to 1; the interpreter cannot run on CUDA tensors
-        # (KERNEL-NOTES): run with TRITON_INTERPRET=0 on a GPU machine for this comparison
-        pytest.skip("TRITON_INTERPRET=1: triton kernels are interpreted and need CPU tensors")
+    _skip_unless_triton_runs(CASES[case][0])
     run_triton = _backend("triton")
     try:  # a backend without this op or dtype is not what this test checks
         check_two_backends(case, dtype, "cuda", run_cuda, run_triton,
@@ -291,8 +399,199 @@ def test_no_host_sync():
         run_cuda("bsam_noise_", p, b, s, ids, 1, 2, 100.0)
         run_cuda("bsam_perturb_", p, g, b, s, acc, 0.05, 0.999, 0.4, 0.1)
         run_cuda("bsam_update_", p, g, b, s, acc, [], 0.5, 0.9, 0.999, 0.4, 0.1, 1.0, False)
+        # the found_inf flag is read by the kernels, never by the host: set or not
+        for flag in (torch.zeros((), device="cuda"), torch.ones(1, device="cuda")):
+            run_cuda("sam_perturb_", p, g, b, None, 0.05, 1e-12, True, 0.01, found_inf=flag)
+            run_cuda("sam_perturb_", p, g, b, norm, 0.05, 1e-12, False, 0.0, found_inf=flag)
+            run_cuda("sam_restore_sgd_", p, g, b, s, 0.1, 0.9, 0.0, True, 1e-4, False,
+                     found_inf=flag)
+            run_cuda("sam_restore_adam_", p, g, b, acc, s, 3, 1e-3, 0.9, 0.999, 1e-8, 1e-2, True,
+                     found_inf=flag)
+            run_cuda("bsam_perturb_", p, g, b, s, acc, 0.05, 0.999, 0.4, 0.1, found_inf=flag)
+            run_cuda("bsam_update_", p, g, b, s, acc, [], 0.5, 0.9, 0.999, 0.4, 0.1, 1.0, False,
+                     found_inf=flag)
+            run_cuda("mfvi_update_", p, g, b, s, acc, ids, 1, 2, 0.1, 0.05, 0.9, 2.0, 1000.0,
+                     found_inf=flag)
+            run_cuda("vsam_perturb_", p, g, b, s, None, 1e4, 1e-12, 0.05, 2.0, 1000.0, True, 1e-8,
+                     found_inf=flag)
+            run_cuda("vsam_perturb_", p, g, b, s, norm, 1e4, 1e-12, 0.05, 2.0, 1000.0, False, 0.6,
+                     found_inf=flag)
+            run_cuda("esam_perturb_", p, g, b, ids, None, 1, 2, 0.05, 0.5, 1e-12, found_inf=flag)
+            run_cuda("esam_perturb_", p, g, b, ids, norm, 1, 2, 0.05, 0.5, 0.0, found_inf=flag)
+        run_cuda("vi_noise_", p, b, s, ids, 1, 2, 0.0)
+        run_cuda("vi_noise_", p, b, [], ids, 1, 2, 0.05)
+        run_cuda("mfvi_update_", p, g, b, s, [], ids, 1, 2, 0.1, 0.05, 0.0, 2.0, 1000.0)
+        run_cuda("vsam_sumsq", g, s)
+        run_cuda("vsam_perturb_", p, g, b, s, None, 1e4, 1e-12, 0.05, 2.0, 1000.0, True, 1e-8)
+        run_cuda("esam_perturb_", p, g, b, ids, None, 1, 2, 0.05, 0.5, 1e-12)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def test_vi_norm_dtypes_and_determinism():
+    # as the CPU kernels (and the fakes): float64 if any param is float64, else float32; 0-dim
+    for dtype, want in ((F32, F32), (BF16, F32), (F64, F64), (MIXED, F64)):
+        m = Maker(SPECS, dtype, "cuda")
+        p, g, b, v = m.params(), m.like_params(), m.like_params(), m.state("positive")
+        ids = list(range(len(p)))
+        for given in (None, torch.tensor([2.5], device="cuda", dtype=F64)):
+            n = run_cuda("vsam_perturb_", p, g, b, v, given, 1e4, 1e-12, 0.05, 2.0, 1000.0, True,
+                         1e-8)
+            assert n.dtype == want and n.dim() == 0 and n.device == p[0].device
+            n = run_cuda("esam_perturb_", p, g, b, ids, given, 1, 2, 0.05, 0.5, 1e-12)
+            assert n.dtype == want and n.dim() == 0 and n.device == p[0].device
+            if given is not None:
+                assert n.item() == 2.5 and n.data_ptr() != given.data_ptr()
+        a, c = run_cuda("vsam_sumsq", g, v), run_cuda("vsam_sumsq", g, v)
+        assert a.dtype == F64 and a.dim() == 0 and torch.equal(a, c)
+
+
+def test_esam_rho_zero_and_beta_zero_keep_weights():
+    m = Maker(SPECS, MIXED, "cuda")
+    p, g, b = m.params(), m.like_params(), m.like_params()
+    ids = list(range(len(p)))
+    before = [t.clone() for t in p]
+    for rho, beta in ((0.0, 0.5), (0.05, 0.0)):  # e = 0, or no coordinate chosen
+        run_cuda("esam_perturb_", p, g, b, ids, None, 1, 2, rho, beta, 1e-12)
+        for x, y, z in zip(p, before, b):
+            assert _same_bits(x, y) and _same_bits(z, y)
+
+
+def test_vi_noise_and_mfvi_draw_the_same_z():
+    # vi_noise_ applies sqrt(Sigma) z with z = reference.philox_normal(seed, step, param_id) and
+    # backs mu up exactly; mfvi_update_ with lr = var_lr = 0 then gives back mu and Sigma bit for
+    # bit (w = mu - 0 * d, Sigma * exp(0)).
+    m = Maker([s for s in SPECS if s[1] == "contig"], F32, "cuda")
+    p, g, b, v = m.params(), m.like_params(), m.like_params(), m.state("positive")
+    ids = _ids(m)
+    mu = [t.clone() for t in p]
+    run_cuda("vi_noise_", p, b, v, ids, 11, 3, 0.0)
+    for w, m0, bk, var, pid in zip(p, mu, b, v, ids):
+        assert _same_bits(bk, m0)
+        z = reference.philox_normal(11, 3, pid, w.numel(), "cuda", F64).view(w.shape)
+        _close(w, m0.double() + var.double().sqrt() * z, "vi_noise_ weights")
+    v0 = [t.clone() for t in v]
+    run_cuda("mfvi_update_", p, g, b, v, [], ids, 11, 3, 0.0, 0.0, 0.0, 2.0, 1000.0)
+    for w, m0, var, var0 in zip(p, mu, v, v0):
+        assert _same_bits(w, m0) and _same_bits(var, var0)  # lr = 0: mu; var_lr = 0: exp(0) = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# found_inf: the skip form, decided on the device
+# ---------------------------------------------------------------------------------------------
+def _poison(grads: Sequence[torch.Tensor]) -> None:
+    """Non-finite gradients (as when found_inf is set for real): inf and -inf in two tensors."""
+    big = sorted((i for i, t in enumerate(grads) if t.numel() > 0),
+                 key=lambda i: -grads[i].numel())[:2]
+    for i, val in zip(big, (math.inf, -math.inf)):
+        t = grads[i]
+        t[(0,) * t.dim()] = val
+
+
+@pytest.mark.parametrize("shape", [(), (1,)], ids=["0dim", "1elem"])
+@pytest.mark.parametrize("dtype", [F32, BF16, MIXED], ids=str)
+@pytest.mark.parametrize("case", list(GATED))
+def test_found_inf_set_takes_the_skip_form(case, dtype, shape):
+    name, build = CASES[case]
+    kind = GATED[case]
+    args = build(Maker(SPECS, dtype, "cuda"))
+    _poison(args[1])  # grads are argument 1 of every gated phase
+    ref_args = _to_reference(args)
+    before = {k: [t.clone() for t in lst] for k, lst in _tensor_lists(args)}
+    flag = torch.ones(shape, device="cuda")
+    out = run_cuda(name, *args, found_inf=flag)
+    for k, lst in _tensor_lists(args):
+        for i, t in enumerate(lst):
+            if kind == "perturb" and k == 2:
+                want, what = before[0][i], "backups <- params"
+            elif kind == "restore" and k == 0:
+                want, what = before[2][i], "params <- backups"
+            else:
+                want, what = before[k][i], "untouched"
+            assert _same_bits(t, want), f"{case}: argument {k}, tensor {i}: expected {what}"
+    assert flag.tolist() == torch.ones(shape).tolist()  # the flag is only read
+    # the norm is still computed (non-finite here) and returned: as the reference's skip form
+    ref_out = getattr(reference, name)(*ref_args, found_inf=torch.ones(shape))
+    _compare_outputs(args, ref_args, out, ref_out)
+
+
+@pytest.mark.parametrize("case", list(GATED))
+def test_found_inf_zero_is_the_normal_form(case):
+    name, build = CASES[case]
+    a, b = build(Maker(SPECS, MIXED, "cuda")), build(Maker(SPECS, MIXED, "cuda"))
+    out_a = run_cuda(name, *a)
+    out_b = run_cuda(name, *b, found_inf=torch.zeros(1, device="cuda"))
+    for (k, la), (_, lb) in zip(_tensor_lists(a), _tensor_lists(b)):
+        for i, (x, y) in enumerate(zip(la, lb)):
+            assert _same_bits(x, y), f"{case}: argument {k}, tensor {i}"
+    if isinstance(out_a, torch.Tensor):
+        assert _same_bits(out_a, out_b)
+
+
+@pytest.mark.parametrize("case", list(GATED))
+def test_found_inf_on_many_tiny_tensors(case):
+    # the skip copy runs in every block of every launch (several tables per phase)
+    name, build = CASES[case]
+    kind = GATED[case]
+    args = build(Maker(TINY_SPECS, MIXED, "cuda"))
+    before = {k: [t.clone() for t in lst] for k, lst in _tensor_lists(args)}
+    run_cuda(name, *args, found_inf=torch.full((), 3.0, device="cuda"))
+    src, dst = (0, 2) if kind == "perturb" else (2, 0)
+    for k, lst in _tensor_lists(args):
+        for i, t in enumerate(lst):
+            assert _same_bits(t, before[src][i] if k == dst else before[k][i])
+
+
+@pytest.mark.parametrize("flag", [0.0, 1.0])
+@pytest.mark.parametrize("case", list(GATED))
+def test_found_inf_cuda_matches_triton(case, flag):
+    name = CASES[case][0]
+    _skip_unless_triton_runs(name)
+    try:
+        check_two_backends(case, MIXED, "cuda", run_cuda, _backend("triton"),
+                           specs=[s for s in SPECS if s[1] in ("contig", "offset")],
+                           found_inf=torch.full((), flag, device="cuda"))
+    except (NotImplementedError, ImportError, TypeError) as exc:
+        pytest.skip(f"triton backend without found_inf for {name}: {exc}")
+
+
+def test_found_inf_graph_replay_decides_on_the_device():
+    # One captured step; the flag's value at replay time picks the form (the host never reads it).
+    specs = [s for s in SPECS if s[1] == "contig"]
+    m = Maker(specs, F32, "cuda")
+    p, g, b, v, mom = m.params(), m.like_params(), m.like_params(), m.state("positive"), m.state()
+    ids = _ids(m)
+    flag = torch.zeros((), device="cuda")
+    p0, v0, mom0 = [t.clone() for t in p], [t.clone() for t in v], [t.clone() for t in mom]
+
+    def step():
+        run_cuda("vi_noise_", p, b, v, ids, 1, 2, 0.0)
+        run_cuda("mfvi_update_", p, g, b, v, mom, ids, 1, 2, 0.1, 0.05, 0.9, 2.0, 1000.0,
+                 found_inf=flag)
+
+    def reset():
+        for t, t0 in zip(p + v + mom, p0 + v0 + mom0):
+            t.copy_(t0)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    eager_p, eager_v = [t.clone() for t in p], [t.clone() for t in v]
+    reset()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for value in (0.0, 1.0, 0.0):
+        reset()
+        flag.fill_(value)
+        graph.replay()
+        torch.cuda.synchronize()
+        if value == 0.0:
+            assert all(_same_bits(x, y) for x, y in zip(p + v, eager_p + eager_v))
+        else:  # skipped: w back at mu exactly, variances and momenta untouched
+            assert all(_same_bits(x, y) for x, y in zip(p + v + mom, p0 + v0 + mom0))
 
 
 def test_cuda_graph_capture():
@@ -335,3 +634,19 @@ def test_argument_errors():
         run_cuda("sam_perturb_", p, [g[0].cpu()] + g[1:], b, None, 0.05, 1e-12, False, 0.0)
     with pytest.raises(RuntimeError, match="elements"):
         run_cuda("sam_perturb_", p, [g[1], g[0], g[2]], b, None, 0.05, 1e-12, False, 0.0)
+    s = m.state("positive")
+    for bad, why in ((torch.zeros((), device="cuda", dtype=F64), "float32"),
+                     (torch.zeros(2, device="cuda"), "one element"),
+                     (torch.zeros(1, 1, device="cuda"), "one element"),
+                     (torch.zeros(()), "found_inf is on cpu")):
+        with pytest.raises(RuntimeError, match="found_inf") as info:
+            run_cuda("sam_restore_sgd_", p, g, b, s, 0.1, 0.9, 0.0, False, 0.0, False,
+                     found_inf=bad)
+        assert why in str(info.value)
+        with pytest.raises(RuntimeError, match="found_inf"):
+            run_cuda("vsam_perturb_", p, g, b, s, None, 1e4, 1e-12, 0.05, 2.0, 1000.0, True,
+                     1e-8, found_inf=bad)
+    with pytest.raises(RuntimeError, match="beta must be in"):
+        run_cuda("esam_perturb_", p, g, b, [0, 1, 2], None, 1, 2, 0.05, 1.0, 1e-12)
+    with pytest.raises(RuntimeError, match="param_ids has 2 entries"):
+        run_cuda("mfvi_update_", p, g, b, s, [], [0, 1], 1, 2, 0.1, 0.05, 0.0, 2.0, 1000.0)

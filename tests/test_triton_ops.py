@@ -336,13 +336,14 @@ os.environ.pop("TRITON_INTERPRET", None)
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from samkernels.triton import bsam_step as B, sam_step as S
+from samkernels.triton import bsam_step as B, sam_step as S, vi_step as V
 
 f32, f64, bf16 = tl.float32, tl.float64, tl.bfloat16
-INTS = ("seed_lo", "seed_hi", "step_lo", "step_hi")
+INTS = ("seed_lo", "seed_hi", "step_lo", "step_hi", "n_below")
 def build(fn, ptrs=None, **consts):
     consts = dict(BLOCK=1024, CHUNK=4096, ALIGNED=True, **consts)
-    sig = {n: "constexpr" if n in consts else (ptrs or {}).get(n) or
+    ptrs = dict({"flag": "*fp32"}, **(ptrs or {}))
+    sig = {n: "constexpr" if n in consts else ptrs.get(n) or
            ("i64" if n.endswith("_bits") else "i32" if n in INTS else "*i64") for n in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
              if sig[n].startswith("*")}
@@ -354,15 +355,23 @@ def build(fn, ptrs=None, **consts):
 
 build(S._sumsq_kernel, {"partials": "*fp32"}, P_DT=f32, G_DT=f32, ADAPTIVE=True, MATH=f32)
 build(S._perturb_kernel, {"norm": "*fp32"}, P_DT=bf16, G_DT=bf16, B_DT=bf16, ADAPTIVE=True,
-      MATH=f32)
+      HAS_FLAG=True, MATH=f32)
 build(S._sgd_kernel, P_DT=f32, G_DT=f32, B_DT=f32, M_DT=f32, WD=True, MOMENTUM=True,
-      NESTEROV=True, FIRST=False, MATH=f32)
+      NESTEROV=True, FIRST=False, HAS_FLAG=False, MATH=f32)
 build(S._adam_kernel, P_DT=f64, G_DT=f64, B_DT=f64, M_DT=f64, V_DT=f64, WD=True, DECOUPLED=True,
-      MATH=f64)
+      HAS_FLAG=True, MATH=f64)
 build(B._noise_kernel, P_DT=f32, B_DT=f32, S_DT=f32, MATH=f32)
-build(B._perturb_kernel, P_DT=f32, G_DT=f32, B_DT=f32, S_DT=f32, A_DT=f32, ACCUM=True, MATH=f32)
+build(B._perturb_kernel, P_DT=f32, G_DT=f32, B_DT=f32, S_DT=f32, A_DT=f32, ACCUM=True,
+      HAS_FLAG=True, MATH=f32)
 build(B._update_kernel, P_DT=bf16, G_DT=bf16, B_DT=bf16, S_DT=f32, GM_DT=f32, A_DT=f32,
-      ACCUM=True, RELEASED=True, MATH=f32)
+      ACCUM=True, RELEASED=True, HAS_FLAG=False, MATH=f32)
+build(V._noise_kernel, P_DT=bf16, B_DT=bf16, V_DT=f32, LEARNED=True, MATH=f32)
+build(V._mfvi_kernel, P_DT=f32, G_DT=f32, B_DT=f32, V_DT=f32, M_DT=f32, MOMENTUM=True,
+      HAS_FLAG=True, MATH=f32)
+build(V._vsumsq_kernel, {"partials": "*fp64"}, G_DT=f32, V_DT=f32, MATH=f32)
+build(V._vsam_kernel, {"norm": "*fp64"}, P_DT=f32, G_DT=f32, B_DT=f32, V_DT=f32, LOG_STEP=True,
+      HAS_FLAG=True, MATH=f32)
+build(V._esam_kernel, {"norm": "*fp32"}, P_DT=f32, G_DT=f32, B_DT=f32, HAS_FLAG=True, MATH=f32)
 """
 
 
@@ -384,4 +393,4 @@ def test_kernels_compile_for_sm90():
     out = subprocess.run([sys.executable, "-c", _AOT], env=env, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
-    assert out.stdout.count(" ok") == 7
+    assert out.stdout.count(" ok") == 12

@@ -137,7 +137,7 @@ cudaError_t launch_bsam_noise(const Group& g, uint64_t seed, uint64_t step, doub
 }
 
 cudaError_t launch_bsam_perturb(const Group& g, double rho, double beta2, double delta, double gamma,
-                                cudaStream_t stream) {
+                                const float* found_inf, cudaStream_t stream) {
   return dispatch_param(g.param, [&](auto tag) {
     using P = typename decltype(tag)::type;
     using M = opmath_t<P>;
@@ -151,13 +151,13 @@ cudaError_t launch_bsam_perturb(const Group& g, double rho, double beta2, double
     op.delta = static_cast<M>(delta);
     op.gamma = static_cast<M>(gamma);
     op.accumulate = accumulate;
-    return apply(g, op, stream);
+    return apply(g, op, stream, SkipCopy{found_inf, /*src=backups*/ 2, /*dst=params*/ 0});
   });
 }
 
 cudaError_t launch_bsam_update(const Group& g, double lr, double beta1, double beta2, double delta,
                                double gamma, double accum_scale, bool released_order,
-                               cudaStream_t stream) {
+                               const float* found_inf, cudaStream_t stream) {
   return dispatch_param(g.param, [&](auto tag) {
     using P = typename decltype(tag)::type;
     using M = opmath_t<P>;
@@ -175,7 +175,7 @@ cudaError_t launch_bsam_update(const Group& g, double lr, double beta1, double b
     op.accum_scale = static_cast<M>(accum_scale);
     op.accumulate = accumulate;
     op.released_order = released_order;
-    return apply(g, op, stream);
+    return apply(g, op, stream, SkipCopy{found_inf, /*src=backups*/ 2, /*dst=params*/ 0});
   });
 }
 

@@ -13,6 +13,11 @@
 //    every list's base address is 16-byte aligned (chunk starts are multiples of 65,536 elements,
 //    so alignment carries over) and the group is full; else element by element.
 //  * Maths in opmath: float, double for double parameters (reference.py `opmath`).
+//  * Skip form (`found_inf`): a phase may pass a SkipCopy naming a one-element float flag in
+//    device memory.  Every block reads it before touching its chunk; when it is nonzero the block
+//    only copies one parameter-dtype list onto another (bit for bit: params -> backups for the
+//    perturb phases, backups -> params for the restore/update phases) and writes nothing else.
+//    The host never reads the flag (no sync; CUDA-graph friendly).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -241,6 +246,56 @@ __device__ __forceinline__ bool lists_aligned(const Tab& tab, int t, unsigned ma
   return ok;
 }
 
+// Sum of v over the block (kBlockSize threads), valid in thread 0.  Fixed shuffle tree:
+// deterministic.  For the norm partials (one float64 per chunk, no atomics).
+__device__ __forceinline__ double block_sum(double v) {
+  __shared__ double warp_sums[kBlockSize / 32];
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) warp_sums[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < kBlockSize / 32 ? warp_sums[lane] : 0.0;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  }
+  return v;
+}
+
+// ----------------------------------------------------------------------------------------------
+// The skip form: lists `src` -> `dst` (both of the parameter dtype) when *flag != 0.
+// ----------------------------------------------------------------------------------------------
+struct SkipCopy {
+  const float* flag = nullptr;  // nullptr: no found_inf, the phase always runs
+  int src = 0;
+  int dst = 0;
+};
+
+// Copies the chunk's elements of storage type S from src to dst unchanged (no conversion: exact
+// for every value, NaN payloads included), 16-byte vectors where both lists are aligned.
+template <typename S, int K>
+__device__ __forceinline__ void copy_chunk(const void* src, void* dst, const ChunkInfo& c) {
+  const S* s = static_cast<const S*>(src);
+  S* d = static_cast<S*>(dst);
+  const bool aligned =
+      ((reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(dst)) & 15u) == 0;
+  for (int off = static_cast<int>(threadIdx.x) * K; off < c.n; off += kBlockSize * K) {
+    const int cnt = c.n - off < K ? c.n - off : K;
+    const int64_t idx = c.start + off;
+    if (aligned && cnt == K) {
+      *reinterpret_cast<Pack<S, K>*>(d + idx) = *reinterpret_cast<const Pack<S, K>*>(s + idx);
+    } else {
+      for (int k = 0; k < cnt; ++k) d[idx + k] = s[idx + k];
+    }
+  }
+}
+
+// Whether the skip form runs: the flag is set.  Uniform over the grid (one address).
+__device__ __forceinline__ bool skip_requested(const SkipCopy& skip) {
+  return skip.flag != nullptr && *skip.flag != 0.0f;  // NaN counts as set
+}
+
 // ----------------------------------------------------------------------------------------------
 // The elementwise engine.  An Op provides
 //   using P (parameter dtype), M (opmath); kDepth, kParamLists, kGroup;
@@ -252,14 +307,20 @@ __device__ __forceinline__ bool lists_aligned(const Tab& tab, int t, unsigned ma
 //                              M prepared) const
 // which updates the registers of one group in place (idx = index of the group's first element in
 // its tensor, a multiple of kGroup).  Each element of each list is read and written at most once.
+// With `skip` set (see SkipCopy) the block copies list skip.src onto skip.dst instead.
 // ----------------------------------------------------------------------------------------------
 template <class Op, class Tab>
 __global__ void __launch_bounds__(kBlockSize)
-    apply_kernel(const SK_GRID_CONSTANT Tab tab, const SK_GRID_CONSTANT Op op) {
+    apply_kernel(const SK_GRID_CONSTANT Tab tab, const SK_GRID_CONSTANT Op op,
+                 const SkipCopy skip) {
   using M = typename Op::M;
   constexpr int D = Op::kDepth;
   constexpr int K = Op::kGroup;
   const ChunkInfo c = chunk_info(tab);
+  if (skip_requested(skip)) {
+    copy_chunk<typename Op::P, K>(tab.addr[skip.src][c.tensor], tab.addr[skip.dst][c.tensor], c);
+    return;
+  }
   const bool aligned = lists_aligned(tab, c.tensor, op.read_mask | op.write_mask);
   void* base[D];
 #pragma unroll
@@ -335,22 +396,29 @@ inline bool large_args_usable() {
 }
 
 template <int ArgBytes, class Op>
-cudaError_t apply_sized(const Group& g, const Op& op, cudaStream_t stream) {
+cudaError_t apply_sized(const Group& g, const Op& op, const SkipCopy& skip, cudaStream_t stream) {
   using Tab = Table<Op::kDepth, table_capacity<Op::kDepth, ArgBytes>()>;
   static_assert(sizeof(Op) <= kOpArgBytes, "phase arguments too large");
-  static_assert(sizeof(Tab) + sizeof(Op) <= ArgBytes, "kernel arguments exceed the limit");
+  static_assert(sizeof(Tab) + sizeof(Op) + sizeof(SkipCopy) <= ArgBytes,
+                "kernel arguments exceed the limit");
   return for_each_table<Tab>(g, 0, [&](const Tab& tab, int blocks) {
-    apply_kernel<Op, Tab><<<blocks, kBlockSize, 0, stream>>>(tab, op);
+    apply_kernel<Op, Tab><<<blocks, kBlockSize, 0, stream>>>(tab, op, skip);
     return cudaGetLastError();
   });
 }
 
+// Runs op over the group; `skip` (default: none) gives the phase's found_inf skip form.  The skip
+// lists must both hold the parameter dtype (index < Op::kParamLists) and be present.
 template <class Op>
-cudaError_t apply(const Group& g, const Op& op, cudaStream_t stream) {
+cudaError_t apply(const Group& g, const Op& op, cudaStream_t stream, const SkipCopy& skip = {}) {
+  if (skip.flag != nullptr &&
+      (skip.src < 0 || skip.src >= Op::kParamLists || skip.dst < 0 ||
+       skip.dst >= Op::kParamLists || g.lists[skip.src] == nullptr || g.lists[skip.dst] == nullptr))
+    return cudaErrorInvalidValue;
 #if SK_LARGE_ARGS
-  if (large_args_usable()) return apply_sized<kLargeArgBytes>(g, op, stream);
+  if (large_args_usable()) return apply_sized<kLargeArgBytes>(g, op, skip, stream);
 #endif
-  return apply_sized<kSmallArgBytes>(g, op, stream);
+  return apply_sized<kSmallArgBytes>(g, op, skip, stream);
 }
 
 // Calls f(TypeTag<P>{}) for the group's parameter dtype.

@@ -1,5 +1,6 @@
 // Torch glue of the CUDA kernels: the `CUDA` implementations of the samkernels ops (schemas in
-// csrc/samkernels.cpp, semantics in samkernels/ops/reference.py).  It checks the arguments, makes
+// csrc/samkernels.cpp, csrc/cpu/vi_step.cpp and csrc/cpu/esam_step.cpp; semantics in
+// samkernels/ops/reference.py and reference_vi.py).  It checks the arguments, makes
 // non-contiguous tensors contiguous (and copies mutated ones back), groups the tensors by
 // parameter dtype and calls the torch-free launch functions of launch.h on the current stream.
 // Only light c10 CUDA headers are included (no ATen/cuda/CUDAContext.h, which pulls in cuBLAS and
@@ -186,6 +187,86 @@ int64_t total_chunks(const GroupSet& gs) {
   return n;
 }
 
+// The group with its lists renumbered: list l of the result is list from[l] of g (-1: absent).
+// Lets a phase run a stage whose launch numbers the lists differently (e.g. the norm partials).
+Group remap_lists(const Group& g, std::initializer_list<int> from) {
+  Group r = g;
+  int l = 0;
+  for (int f : from) r.lists[l++] = f >= 0 ? g.lists[f] : nullptr;
+  for (; l < kMaxLists; ++l) r.lists[l] = nullptr;
+  return r;
+}
+
+// The `found_inf` contract: None -> nullptr (the phase always runs); else a one-element float32
+// tensor on the params' device whose address the kernels read (nonzero: the skip form).  The
+// host never reads it.
+const float* found_inf_ptr(const char* op, const std::optional<Tensor>& found_inf,
+                           TensorList params) {
+  if (!found_inf.has_value() || !found_inf->defined()) return nullptr;
+  const Tensor& f = *found_inf;
+  TORCH_CHECK(f.scalar_type() == at::kFloat, op, ": found_inf must be a float32 tensor, got ",
+              f.scalar_type());
+  TORCH_CHECK(f.numel() == 1 && f.dim() <= 1, op,
+              ": found_inf must hold one element (shape [] or [1]), got shape ", f.sizes());
+  TORCH_CHECK(f.is_cuda(), op, ": found_inf is on ", f.device(),
+              "; it must be on the params' CUDA device");
+  if (!params.empty())
+    TORCH_CHECK(f.device() == params[0].device(), op, ": found_inf is on ", f.device(),
+                " but params[0] is on ", params[0].device());
+  return f.data_ptr<float>();
+}
+
+// The dtype of a returned norm (as the CPU kernels): float64 if any param is float64, else float32.
+at::ScalarType norm_dtype(TensorList params) {
+  for (const Tensor& t : params)
+    if (t.scalar_type() == at::kDouble) return at::kDouble;
+  return at::kFloat;
+}
+
+// A norm in device memory: `result` is what the op returns, `norm64` the float64 copy the
+// kernels read (never .item(): no host sync).
+struct DeviceNorm {
+  Tensor result, norm64;
+};
+
+// sqrt of a sum of partials: `stage1(partials)` writes n float64 partials (of tensors on the
+// device of `like`), one block then reduces them in a fixed order.  The result has dtype
+// `result_dtype` (float64 or float32).
+template <class Stage1>
+DeviceNorm reduce_norm(const Tensor& like, int64_t n, at::ScalarType result_dtype,
+                       cudaStream_t stream, Stage1&& stage1) {
+  const auto f64 = like.options().dtype(at::kDouble);
+  // partials, then one slot for the float64 norm when the result is float32
+  Tensor partials = at::empty({n + 1}, f64);
+  double* parts = partials.data_ptr<double>();
+  stage1(parts);
+  DeviceNorm out;
+  if (result_dtype == at::kDouble) {
+    out.result = at::empty({}, f64);
+    out.norm64 = out.result;
+    SK_CHECK_LAUNCH(launch_reduce_partials(parts, n, /*take_sqrt=*/true,
+                                           out.result.data_ptr<double>(), nullptr, stream));
+  } else {
+    out.result = at::empty({}, like.options().dtype(at::kFloat));
+    out.norm64 = partials.narrow(0, n, 1);
+    SK_CHECK_LAUNCH(launch_reduce_partials(parts, n, /*take_sqrt=*/true, parts + n,
+                                           out.result.data_ptr<float>(), stream));
+  }
+  return out;
+}
+
+// A norm the caller passed (one element, any float dtype and device): returned as a fresh 0-dim
+// tensor of `result_dtype` on `device` (the CPU kernels return it as a scalar of that dtype).
+DeviceNorm given_norm(const char* op, const char* name, const Tensor& given,
+                      const at::Device& device, at::ScalarType result_dtype) {
+  TORCH_CHECK(given.numel() == 1, op, ": ", name, " must hold one element, got shape ",
+              given.sizes());
+  DeviceNorm out;
+  out.norm64 = given.reshape({}).to(device, at::kDouble);  // no-op if already float64 there
+  out.result = given.reshape({}).to(device, result_dtype, /*non_blocking=*/false, /*copy=*/true);
+  return out;
+}
+
 // ---------------------------------------------------------------------------------------------
 // The ops (same signatures as the schemas in csrc/samkernels.cpp).
 // ---------------------------------------------------------------------------------------------
@@ -214,13 +295,14 @@ Tensor grad_sumsq_cuda(TensorList params, TensorList grads, bool adaptive, doubl
 
 Tensor sam_perturb_cuda(TensorList params, TensorList grads, TensorList backups,
                         const std::optional<Tensor>& grad_norm, double rho, double eps,
-                        bool adaptive, double eta) {
+                        bool adaptive, double eta, const std::optional<Tensor>& found_inf) {
   const char* op = "samkernels::sam_perturb_";
   check_params(op, params);
   check_list(op, "grads", grads, params, false);
   check_list(op, "backups", backups, params, false);
   check_writable(op, "params", params);
   check_writable(op, "backups", backups);
+  const float* skip = found_inf_ptr(op, found_inf, params);
   const bool given = grad_norm.has_value() && grad_norm->defined();
   if (given) TORCH_CHECK(grad_norm->numel() == 1, op, ": grad_norm must hold one element");
   if (params.empty()) {
@@ -239,29 +321,16 @@ Tensor sam_perturb_cuda(TensorList params, TensorList grads, TensorList backups,
     norm64 = grad_norm->to(params[0].device(), at::kDouble);  // no-op if already float64 there
     result = grad_norm->clone();  // a fresh tensor: the schema's return aliases no input
   } else {
-    bool any_double = false;
-    for (const Tensor& t : params) any_double = any_double || t.scalar_type() == at::kDouble;
-    const int64_t n = total_chunks(gs);
-    const auto f64 = params[0].options().dtype(at::kDouble);
-    // partials, then one slot for the float64 norm when the result is float32
-    Tensor partials = at::empty({n + 1}, f64);
-    double* parts = partials.data_ptr<double>();
-    sumsq_partials(gs, parts, adaptive, eta, stream);
-    if (any_double) {
-      result = at::empty({}, f64);
-      norm64 = result;
-      SK_CHECK_LAUNCH(launch_reduce_partials(parts, n, /*take_sqrt=*/true,
-                                             result.data_ptr<double>(), nullptr, stream));
-    } else {
-      result = at::empty({}, params[0].options().dtype(at::kFloat));
-      norm64 = partials.narrow(0, n, 1);
-      SK_CHECK_LAUNCH(launch_reduce_partials(parts, n, /*take_sqrt=*/true, parts + n,
-                                             result.data_ptr<float>(), stream));
-    }
+    DeviceNorm norm = reduce_norm(params[0], total_chunks(gs), norm_dtype(params), stream,
+                                  [&](double* parts) {
+                                    sumsq_partials(gs, parts, adaptive, eta, stream);
+                                  });
+    result = norm.result;
+    norm64 = norm.norm64;
   }
   const double* norm_ptr = norm64.data_ptr<double>();
   for (const Group& grp : gs.groups)
-    SK_CHECK_LAUNCH(launch_sam_perturb(grp, norm_ptr, rho, eps, adaptive, eta, stream));
+    SK_CHECK_LAUNCH(launch_sam_perturb(grp, norm_ptr, rho, eps, adaptive, eta, skip, stream));
   copy_back(params, w[0]);
   copy_back(backups, w[2]);
   return result;
@@ -269,7 +338,8 @@ Tensor sam_perturb_cuda(TensorList params, TensorList grads, TensorList backups,
 
 void sam_restore_sgd_cuda(TensorList params, TensorList grads, TensorList backups,
                           TensorList momentum_bufs, double lr, double momentum, double dampening,
-                          bool nesterov, double weight_decay, bool first) {
+                          bool nesterov, double weight_decay, bool first,
+                          const std::optional<Tensor>& found_inf) {
   const char* op = "samkernels::sam_restore_sgd_";
   const bool use_momentum = momentum != 0.0;
   check_params(op, params);
@@ -280,6 +350,7 @@ void sam_restore_sgd_cuda(TensorList params, TensorList grads, TensorList backup
     check_list(op, "momentum_bufs", momentum_bufs, params, true);
     check_writable(op, "momentum_bufs", momentum_bufs);
   }
+  const float* skip = found_inf_ptr(op, found_inf, params);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   const cudaStream_t stream = current_stream();
@@ -289,7 +360,7 @@ void sam_restore_sgd_cuda(TensorList params, TensorList grads, TensorList backup
   gs.build(params, {&w[0], &w[1], &w[2], use_momentum ? &w[3] : nullptr, nullptr, nullptr});
   for (const Group& grp : gs.groups)
     SK_CHECK_LAUNCH(launch_sam_restore_sgd(grp, lr, momentum, dampening, nesterov, weight_decay,
-                                           first, stream));
+                                           first, skip, stream));
   copy_back(params, w[0]);
   if (use_momentum) copy_back(momentum_bufs, w[3]);
 }
@@ -297,7 +368,7 @@ void sam_restore_sgd_cuda(TensorList params, TensorList grads, TensorList backup
 void sam_restore_adam_cuda(TensorList params, TensorList grads, TensorList backups,
                            TensorList exp_avgs, TensorList exp_avg_sqs, int64_t step, double lr,
                            double beta1, double beta2, double eps, double weight_decay,
-                           bool decoupled) {
+                           bool decoupled, const std::optional<Tensor>& found_inf) {
   const char* op = "samkernels::sam_restore_adam_";
   check_params(op, params);
   check_list(op, "grads", grads, params, false);
@@ -312,6 +383,7 @@ void sam_restore_adam_cuda(TensorList params, TensorList grads, TensorList backu
   const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
   TORCH_CHECK(step >= 1, op, ": step counts from 1, got ", step);
   TORCH_CHECK(bc1 != 0.0 && bc2 != 0.0, op, ": a bias correction 1 - beta**step is zero");
+  const float* skip = found_inf_ptr(op, found_inf, params);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   const cudaStream_t stream = current_stream();
@@ -320,7 +392,7 @@ void sam_restore_adam_cuda(TensorList params, TensorList grads, TensorList backu
   gs.build(params, {&w[0], &w[1], &w[2], &w[3], &w[4], nullptr});
   for (const Group& grp : gs.groups)
     SK_CHECK_LAUNCH(launch_sam_restore_adam(grp, lr, lr / bc1, std::sqrt(bc2), beta1, beta2, eps,
-                                            weight_decay, decoupled, stream));
+                                            weight_decay, decoupled, skip, stream));
   copy_back(params, w[0]);
   copy_back(exp_avgs, w[3]);
   copy_back(exp_avg_sqs, w[4]);
@@ -352,7 +424,7 @@ void bsam_noise_cuda(TensorList params, TensorList backups, TensorList precision
 
 void bsam_perturb_cuda(TensorList params, TensorList grads, TensorList backups,
                        TensorList precisions, TensorList accums, double rho, double beta2,
-                       double delta, double gamma) {
+                       double delta, double gamma, const std::optional<Tensor>& found_inf) {
   const char* op = "samkernels::bsam_perturb_";
   const bool accumulate = !accums.empty();  // empty list: no accumulation, line 5 runs here
   check_params(op, params);
@@ -366,6 +438,7 @@ void bsam_perturb_cuda(TensorList params, TensorList grads, TensorList backups,
   } else {
     check_writable(op, "precisions", precisions);
   }
+  const float* skip = found_inf_ptr(op, found_inf, params);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   const cudaStream_t stream = current_stream();
@@ -374,7 +447,7 @@ void bsam_perturb_cuda(TensorList params, TensorList grads, TensorList backups,
   GroupSet gs;
   gs.build(params, {&w[0], &w[1], &w[2], &w[3], accumulate ? &w[4] : nullptr, nullptr});
   for (const Group& grp : gs.groups)
-    SK_CHECK_LAUNCH(launch_bsam_perturb(grp, rho, beta2, delta, gamma, stream));
+    SK_CHECK_LAUNCH(launch_bsam_perturb(grp, rho, beta2, delta, gamma, skip, stream));
   copy_back(params, w[0]);
   if (accumulate)
     copy_back(accums, w[4]);
@@ -385,7 +458,7 @@ void bsam_perturb_cuda(TensorList params, TensorList grads, TensorList backups,
 void bsam_update_cuda(TensorList params, TensorList grads, TensorList backups,
                       TensorList precisions, TensorList momenta, TensorList accums, double lr,
                       double beta1, double beta2, double delta, double gamma, double accum_scale,
-                      bool released_order) {
+                      bool released_order, const std::optional<Tensor>& found_inf) {
   const char* op = "samkernels::bsam_update_";
   const bool accumulate = !accums.empty();  // empty list: line 5 already ran in bsam_perturb_
   check_params(op, params);
@@ -399,6 +472,7 @@ void bsam_update_cuda(TensorList params, TensorList grads, TensorList backups,
     check_list(op, "accums", accums, params, true);
     check_writable(op, "precisions", precisions);
   }
+  const float* skip = found_inf_ptr(op, found_inf, params);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   const cudaStream_t stream = current_stream();
@@ -408,10 +482,197 @@ void bsam_update_cuda(TensorList params, TensorList grads, TensorList backups,
   gs.build(params, {&w[0], &w[1], &w[2], &w[3], &w[4], accumulate ? &w[5] : nullptr});
   for (const Group& grp : gs.groups)
     SK_CHECK_LAUNCH(launch_bsam_update(grp, lr, beta1, beta2, delta, gamma, accum_scale,
-                                       released_order, stream));
+                                       released_order, skip, stream));
   copy_back(params, w[0]);
   copy_back(momenta, w[4]);
   if (accumulate) copy_back(precisions, w[3]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// MFVI family and E-BiSAM (schemas in csrc/cpu/vi_step.cpp and csrc/cpu/esam_step.cpp; semantics
+// in samkernels/ops/reference_vi.py).
+// ---------------------------------------------------------------------------------------------
+void check_ids(const char* op, at::IntArrayRef param_ids, TensorList params) {
+  TORCH_CHECK(param_ids.size() == params.size(), op, ": param_ids has ", param_ids.size(),
+              " entries but params has ", params.size());
+}
+
+void vi_noise_cuda(TensorList params, TensorList backups, TensorList variances,
+                   at::IntArrayRef param_ids, int64_t seed, int64_t step, double sigma) {
+  const char* op = "samkernels::vi_noise_";
+  const bool learned = !variances.empty();  // MFVI: std = sqrt(Sigma); RandomSAM: std = sigma
+  check_params(op, params);
+  check_list(op, "backups", backups, params, false);
+  if (learned) check_list(op, "variances", variances, params, true);
+  check_ids(op, param_ids, params);
+  check_writable(op, "params", params);
+  check_writable(op, "backups", backups);
+  if (params.empty()) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const cudaStream_t stream = current_stream();
+  // element i of the row-major order gets Philox number i
+  const auto w = learned ? dense_lists({params, backups, variances}, /*logical_order=*/true)
+                         : dense_lists({params, backups}, /*logical_order=*/true);
+  GroupSet gs;
+  gs.build(params, {&w[0], &w[1], learned ? &w[2] : nullptr, nullptr, nullptr, nullptr},
+           param_ids);
+  for (const Group& grp : gs.groups)
+    SK_CHECK_LAUNCH(launch_vi_noise(grp, static_cast<uint64_t>(seed), static_cast<uint64_t>(step),
+                                    sigma, stream));
+  copy_back(params, w[0]);
+  copy_back(backups, w[1]);
+}
+
+void mfvi_update_cuda(TensorList params, TensorList grads, TensorList backups,
+                      TensorList variances, TensorList momenta, at::IntArrayRef param_ids,
+                      int64_t seed, int64_t step, double lr, double var_lr, double momentum,
+                      double prior_var, double num_data, const std::optional<Tensor>& found_inf) {
+  const char* op = "samkernels::mfvi_update_";
+  const bool use_momentum = !momenta.empty();  // empty list: no momentum
+  check_params(op, params);
+  check_list(op, "grads", grads, params, false);
+  check_list(op, "backups", backups, params, false);
+  check_list(op, "variances", variances, params, true);
+  check_ids(op, param_ids, params);
+  check_writable(op, "params", params);
+  check_writable(op, "variances", variances);
+  if (use_momentum) {
+    check_list(op, "momenta", momenta, params, true);
+    check_writable(op, "momenta", momenta);
+  }
+  const float* skip = found_inf_ptr(op, found_inf, params);
+  if (params.empty()) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const cudaStream_t stream = current_stream();
+  // z is regenerated per element of the row-major order, as vi_noise_ drew it
+  const auto w =
+      use_momentum
+          ? dense_lists({params, grads, backups, variances, momenta}, /*logical_order=*/true)
+          : dense_lists({params, grads, backups, variances}, /*logical_order=*/true);
+  GroupSet gs;
+  gs.build(params, {&w[0], &w[1], &w[2], &w[3], use_momentum ? &w[4] : nullptr, nullptr},
+           param_ids);
+  for (const Group& grp : gs.groups)
+    SK_CHECK_LAUNCH(launch_mfvi_update(grp, static_cast<uint64_t>(seed),
+                                       static_cast<uint64_t>(step), lr, var_lr, momentum,
+                                       prior_var, num_data, skip, stream));
+  copy_back(params, w[0]);
+  copy_back(variances, w[3]);
+  if (use_momentum) copy_back(momenta, w[4]);
+}
+
+// Stage 1 of g^T Sigma g for every group of `gs`, whose lists `grads_list` / `vars_list` hold the
+// grads and variances; returns the number of partials written.
+int64_t vsam_partials(const GroupSet& gs, int grads_list, int vars_list, double* partials,
+                      cudaStream_t stream) {
+  int64_t first = 0;
+  for (const Group& g : gs.groups) {
+    SK_CHECK_LAUNCH(launch_vsam_sumsq_partials(remap_lists(g, {grads_list, vars_list}), partials,
+                                               first, stream));
+    first += count_chunks(g.numel, g.count);
+  }
+  return first;
+}
+
+Tensor vsam_sumsq_cuda(TensorList grads, TensorList variances) {
+  const char* op = "samkernels::vsam_sumsq";
+  check_params(op, grads);  // the grads decide the dtype groups
+  check_list(op, "variances", variances, grads, true);
+  if (grads.empty()) return at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(at::kCUDA));
+  const c10::cuda::CUDAGuard guard(grads[0].device());
+  const cudaStream_t stream = current_stream();
+  const auto w = dense_lists({grads, variances});
+  GroupSet gs;
+  gs.build(grads, {&w[0], &w[1], nullptr, nullptr, nullptr, nullptr});
+  const int64_t n = total_chunks(gs);
+  const auto f64 = grads[0].options().dtype(at::kDouble);
+  Tensor partials = at::empty({n}, f64);
+  Tensor out = at::empty({}, f64);  // float64 like reference_vi.vsam_sumsq
+  vsam_partials(gs, 0, 1, partials.data_ptr<double>(), stream);
+  SK_CHECK_LAUNCH(launch_reduce_partials(partials.data_ptr<double>(), n, /*take_sqrt=*/false,
+                                         out.data_ptr<double>(), nullptr, stream));
+  return out;
+}
+
+Tensor vsam_perturb_cuda(TensorList params, TensorList grads, TensorList backups,
+                         TensorList variances, const std::optional<Tensor>& sigma_norm,
+                         double dim, double eps, double var_lr, double prior_var,
+                         double num_data, bool log_step, double min_var,
+                         const std::optional<Tensor>& found_inf) {
+  const char* op = "samkernels::vsam_perturb_";
+  check_params(op, params);
+  check_list(op, "grads", grads, params, false);
+  check_list(op, "backups", backups, params, false);
+  check_list(op, "variances", variances, params, true);
+  check_writable(op, "params", params);
+  check_writable(op, "backups", backups);
+  check_writable(op, "variances", variances);
+  const float* skip = found_inf_ptr(op, found_inf, params);
+  const bool given = sigma_norm.has_value() && sigma_norm->defined();
+  const at::ScalarType rdtype = norm_dtype(params);
+  if (params.empty()) {
+    if (given)
+      return given_norm(op, "sigma_norm", *sigma_norm, sigma_norm->device(), rdtype).result;
+    return at::zeros({}, at::TensorOptions().dtype(rdtype).device(at::kCUDA));
+  }
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const cudaStream_t stream = current_stream();
+  const auto w = dense_lists({params, grads, backups, variances});
+  GroupSet gs;
+  gs.build(params, {&w[0], &w[1], &w[2], &w[3], nullptr, nullptr});
+  // sqrt(g^T Sigma g) over this list unless given; computed with the Sigma before the update
+  const DeviceNorm norm =
+      given ? given_norm(op, "sigma_norm", *sigma_norm, params[0].device(), rdtype)
+            : reduce_norm(params[0], total_chunks(gs), rdtype, stream,
+                          [&](double* parts) { vsam_partials(gs, 1, 3, parts, stream); });
+  const double* norm_ptr = norm.norm64.data_ptr<double>();
+  for (const Group& grp : gs.groups)
+    SK_CHECK_LAUNCH(launch_vsam_perturb(grp, norm_ptr, dim, eps, var_lr, prior_var, num_data,
+                                        log_step, min_var, skip, stream));
+  copy_back(params, w[0]);
+  copy_back(backups, w[2]);
+  copy_back(variances, w[3]);
+  return norm.result;
+}
+
+Tensor esam_perturb_cuda(TensorList params, TensorList grads, TensorList backups,
+                         at::IntArrayRef param_ids, const std::optional<Tensor>& grad_norm,
+                         int64_t seed, int64_t step, double rho, double beta, double eps,
+                         const std::optional<Tensor>& found_inf) {
+  const char* op = "samkernels::esam_perturb_";
+  check_params(op, params);
+  check_list(op, "grads", grads, params, false);
+  check_list(op, "backups", backups, params, false);
+  check_ids(op, param_ids, params);
+  check_writable(op, "params", params);
+  check_writable(op, "backups", backups);
+  TORCH_CHECK(beta >= 0.0 && beta < 1.0, op, ": beta must be in [0, 1), got ", beta);
+  const float* skip = found_inf_ptr(op, found_inf, params);
+  const bool given = grad_norm.has_value() && grad_norm->defined();
+  const at::ScalarType rdtype = norm_dtype(params);
+  if (params.empty()) {
+    if (given) return given_norm(op, "grad_norm", *grad_norm, grad_norm->device(), rdtype).result;
+    return at::zeros({}, at::TensorOptions().dtype(rdtype).device(at::kCUDA));
+  }
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const cudaStream_t stream = current_stream();
+  // the mask of element i is Philox number i of the row-major order
+  const auto w = dense_lists({params, grads, backups}, /*logical_order=*/true);
+  GroupSet gs;
+  gs.build(params, {&w[0], &w[1], &w[2], nullptr, nullptr, nullptr}, param_ids);
+  // ||g|| over all coordinates, masked or not (grad_sumsq's stage 1: lists 0 params, 1 grads)
+  const DeviceNorm norm =
+      given ? given_norm(op, "grad_norm", *grad_norm, params[0].device(), rdtype)
+            : reduce_norm(params[0], total_chunks(gs), rdtype, stream, [&](double* parts) {
+                sumsq_partials(gs, parts, /*adaptive=*/false, 0.0, stream);
+              });
+  const double* norm_ptr = norm.norm64.data_ptr<double>();
+  for (const Group& grp : gs.groups)
+    SK_CHECK_LAUNCH(launch_esam_perturb(grp, norm_ptr, static_cast<uint64_t>(seed),
+                                        static_cast<uint64_t>(step), rho, beta, eps, skip, stream));
+  copy_back(params, w[0]);
+  copy_back(backups, w[2]);
+  return norm.result;
 }
 
 }  // namespace
@@ -424,6 +685,11 @@ TORCH_LIBRARY_IMPL(samkernels, CUDA, m) {
   m.impl("bsam_noise_", &bsam_noise_cuda);
   m.impl("bsam_perturb_", &bsam_perturb_cuda);
   m.impl("bsam_update_", &bsam_update_cuda);
+  m.impl("vi_noise_", &vi_noise_cuda);
+  m.impl("mfvi_update_", &mfvi_update_cuda);
+  m.impl("vsam_sumsq", &vsam_sumsq_cuda);
+  m.impl("vsam_perturb_", &vsam_perturb_cuda);
+  m.impl("esam_perturb_", &esam_perturb_cuda);
 }
 
 }  // namespace cuda

@@ -11,22 +11,6 @@ __device__ __forceinline__ double sk_abs(double x) { return fabs(x); }
 __device__ __forceinline__ float sk_sqrt(float x) { return sqrtf(x); }
 __device__ __forceinline__ double sk_sqrt(double x) { return sqrt(x); }
 
-// Sum of v over the block, valid in thread 0.  Fixed shuffle tree: deterministic.
-__device__ __forceinline__ double block_sum(double v) {
-  __shared__ double warp_sums[kBlockSize / 32];
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) warp_sums[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < kBlockSize / 32 ? warp_sums[lane] : 0.0;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-  }
-  return v;
-}
-
 // ---------------------------------------------------------------------------------------------
 // grad_sumsq, stage 1: one float64 partial of sum (T g)^2 per chunk, T = |w| + eta for ASAM
 // (SPEC SAM table, ASAM row).  No atomics: each block owns its slot (KERNEL-NOTES "Global L2").
@@ -221,7 +205,8 @@ cudaError_t launch_reduce_partials(const double* partials, int64_t n, bool take_
 }
 
 cudaError_t launch_sam_perturb(const Group& g, const double* norm, double rho, double eps,
-                               bool adaptive, double eta, cudaStream_t stream) {
+                               bool adaptive, double eta, const float* found_inf,
+                               cudaStream_t stream) {
   return dispatch_param(g.param, [&](auto tag) {
     using P = typename decltype(tag)::type;
     using M = opmath_t<P>;
@@ -233,13 +218,13 @@ cudaError_t launch_sam_perturb(const Group& g, const double* norm, double rho, d
     op.eps = static_cast<M>(eps);
     op.eta = static_cast<M>(eta);
     op.adaptive = adaptive;
-    return apply(g, op, stream);
+    return apply(g, op, stream, SkipCopy{found_inf, /*src=params*/ 0, /*dst=backups*/ 2});
   });
 }
 
 cudaError_t launch_sam_restore_sgd(const Group& g, double lr, double momentum, double dampening,
                                    bool nesterov, double weight_decay, bool first,
-                                   cudaStream_t stream) {
+                                   const float* found_inf, cudaStream_t stream) {
   return dispatch_param(g.param, [&](auto tag) {
     using P = typename decltype(tag)::type;
     using M = opmath_t<P>;
@@ -255,13 +240,13 @@ cudaError_t launch_sam_restore_sgd(const Group& g, double lr, double momentum, d
     op.use_momentum = use_momentum;
     op.nesterov = nesterov;
     op.first = first;
-    return apply(g, op, stream);
+    return apply(g, op, stream, SkipCopy{found_inf, /*src=backups*/ 2, /*dst=params*/ 0});
   });
 }
 
 cudaError_t launch_sam_restore_adam(const Group& g, double lr, double step_size, double sqrt_bc2,
                                     double beta1, double beta2, double eps, double weight_decay,
-                                    bool decoupled, cudaStream_t stream) {
+                                    bool decoupled, const float* found_inf, cudaStream_t stream) {
   return dispatch_param(g.param, [&](auto tag) {
     using P = typename decltype(tag)::type;
     using M = opmath_t<P>;
@@ -279,7 +264,7 @@ cudaError_t launch_sam_restore_adam(const Group& g, double lr, double step_size,
     op.decay_factor = static_cast<M>(1.0 - lr * weight_decay);
     op.use_weight_decay = weight_decay != 0.0;
     op.decoupled = decoupled;
-    return apply(g, op, stream);
+    return apply(g, op, stream, SkipCopy{found_inf, /*src=backups*/ 2, /*dst=params*/ 0});
   });
 }
 

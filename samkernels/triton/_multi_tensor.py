@@ -149,6 +149,52 @@ def div(a, b):
 
 
 # --------------------------------------------------------------------------------------------
+# found_inf: the skip form of the gradient-consuming phases, decided on the device
+# --------------------------------------------------------------------------------------------
+def flag_arg(found_inf: Optional[torch.Tensor], plan: "Plan"):
+    """(pointer argument, HAS_FLAG) of a phase's ``found_inf`` for the launches of ``plan``.
+
+    None: the kernels never read the flag (HAS_FLAG=False) and get the plan's int64 table as a
+    placeholder pointer (one signature, no extra compiles).  Else a one-element float32 tensor on
+    the plan's device (converted there if need be: no host sync, only the kernels read it)."""
+    if found_inf is None:
+        return plan.buffer, False
+    if found_inf.numel() != 1:
+        raise ValueError(f"found_inf must hold one element, got shape {tuple(found_inf.shape)}")
+    flag = found_inf.reshape(1)
+    if flag.dtype != torch.float32:
+        flag = flag.float()
+    if flag.device != plan.device:
+        flag = flag.to(plan.device, non_blocking=True)
+    return flag, True
+
+
+@triton.jit
+def load_flag(flag, HAS_FLAG: tl.constexpr):
+    """found_inf != 0 (NaN counts as set).  Without a flag a constant false: the compiler drops
+    the skip branch."""
+    if HAS_FLAG:
+        skip = tl.load(flag) != 0
+    else:
+        skip = tl.full([], 0, tl.int1)
+    return skip
+
+
+@triton.jit
+def copy_chunk(src, dst, start, n, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """dst <- src over this program's chunk, bit for bit (the skip form: backup <- w after a
+    perturbation, w <- backup after an update)."""
+    if start + CHUNK <= n:
+        for k in tl.static_range(CHUNK // BLOCK):
+            offs = start + k * BLOCK + tl.arange(0, BLOCK)
+            store(dst, offs, load(src, offs, n, False), n, False)
+    else:
+        for k in tl.static_range(CHUNK // BLOCK):
+            offs = start + k * BLOCK + tl.arange(0, BLOCK)
+            store(dst, offs, load(src, offs, n, True), n, True)
+
+
+# --------------------------------------------------------------------------------------------
 # Plans: the cached device tables of one set of tensor lists
 # --------------------------------------------------------------------------------------------
 class Group:

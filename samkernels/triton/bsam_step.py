@@ -10,8 +10,12 @@ noise step `step` is lane i & 3 of Philox4x32-10(counter (i >> 2, pid, step_lo, 
 (seed_lo, seed_hi)), u = ((x >> 9) + 1/2) 2^-23, then Box-Muller.  Each program computes one Philox
 block per *quad* of elements (a [BLOCK/4, 4] tile), not one per element, so the generator costs
 ~1/4 of the naive version.
+
+found_inf (the optimizer's non-finite-gradient flag, a one-element device tensor): when it is
+nonzero, bsam_perturb_ and bsam_update_ only copy w <- backup (precisions, accums and momenta
+untouched); each program reads the flag, the host never does.
 """
-from typing import List
+from typing import List, Optional
 
 import torch
 import triton
@@ -19,8 +23,8 @@ import triton.language as tl
 from torch import Tensor
 
 from samkernels.triton import _multi_tensor as mt
-from samkernels.triton._multi_tensor import (chunk_of, div, fp_arg, load, load_one, sqrt, store,
-                                                tensor_ptr)
+from samkernels.triton._multi_tensor import (chunk_of, copy_chunk, div, fp_arg, load, load_flag,
+                                                load_one, sqrt, store, tensor_ptr)
 
 
 # --------------------------------------------------------------------------------------------
@@ -58,6 +62,35 @@ def philox_normal4(quad, pid, seed_lo, seed_hi, step_lo, step_hi, MATH: tl.const
     t01 = two_pi * (_uniform(x1, MATH) - 0.5)
     t23 = two_pi * (_uniform(x3, MATH) - 0.5)
     return -r01 * tl.cos(t01), -r01 * tl.sin(t01), -r23 * tl.cos(t23), -r23 * tl.sin(t23)
+
+
+@triton.jit
+def quad_tile(base, QB: tl.constexpr):
+    """Offsets [QB, 4] of elements base .. base + 4 QB - 1 (row = one Philox block: 4 contiguous
+    elements), the lane of each column [1, 4] and the Philox counter word of each row [QB].
+    ``base`` is a multiple of 4 (chunk starts are multiples of 16)."""
+    q = tl.arange(0, QB)
+    lane = tl.arange(0, 4)[None, :]
+    offs = base + 4 * q[:, None] + lane
+    # element i -> counter word i >> 2, truncated to 32 bits as philox.h's static_cast<uint32_t>
+    quad = ((base >> 2) + q).to(tl.uint32)
+    return offs, lane, quad
+
+
+@triton.jit
+def pick_lane(lane, x0, x1, x2, x3):
+    """[QB, 4] tile of the per-row values x0..x3 [QB]: column j takes x_j (element 4q + j)."""
+    return tl.where(lane == 0, x0[:, None],
+                    tl.where(lane == 1, x1[:, None], tl.where(lane == 2, x2[:, None], x3[:, None])))
+
+
+@triton.jit
+def normal_tile(base, pid, seed_lo, seed_hi, step_lo, step_hi, MATH: tl.constexpr,
+                QB: tl.constexpr):
+    """(offsets [QB, 4], z [QB, 4]): the Philox normals of elements base .. base + 4 QB - 1."""
+    offs, lane, quad = quad_tile(base, QB)
+    z0, z1, z2, z3 = philox_normal4(quad, pid, seed_lo, seed_hi, step_lo, step_hi, MATH)
+    return offs, pick_lane(lane, z0, z1, z2, z3)
 
 
 @triton.jit(do_not_specialize=["pid", "seed_lo", "seed_hi", "step_lo", "step_hi"])
@@ -103,14 +136,7 @@ def philox_probe(seed: int, step: int, param_id: int, numel: int, dtype=torch.fl
 @triton.jit
 def _noise_block(base, n, p, b, s, pid, seed_lo, seed_hi, step_lo, step_hi, num_data,
                  MATH: tl.constexpr, QB: tl.constexpr, MASKED: tl.constexpr):
-    q = tl.arange(0, QB)
-    lane = tl.arange(0, 4)[None, :]
-    offs = base + 4 * q[:, None] + lane  # [QB, 4]: row = one Philox block, 4 contiguous elements
-    # element i -> counter word i >> 2, truncated to 32 bits as philox.h's static_cast<uint32_t>
-    quad = ((base >> 2) + q).to(tl.uint32)
-    z0, z1, z2, z3 = philox_normal4(quad, pid, seed_lo, seed_hi, step_lo, step_hi, MATH)
-    z = tl.where(lane == 0, z0[:, None],
-                 tl.where(lane == 1, z1[:, None], tl.where(lane == 2, z2[:, None], z3[:, None])))
+    offs, z = normal_tile(base, pid, seed_lo, seed_hi, step_lo, step_hi, MATH, QB)
     w_raw = load(p, offs, n, MASKED)
     store(b, offs, w_raw, n, MASKED)  # backup <- omega, bit-exact
     ss = load_one(s, offs, n, MASKED).to(MATH)
@@ -177,13 +203,13 @@ def _perturb_block(offs, n, p, g, b, s, a, rho, beta2, omb2, delta, gamma, ACCUM
 
 
 @triton.jit(do_not_specialize=["rho_bits", "b2_bits", "omb2_bits", "delta_bits", "gamma_bits"])
-def _perturb_kernel(work, numel, p_tab, g_tab, b_tab, s_tab, a_tab, rho_bits: tl.int64,
+def _perturb_kernel(work, numel, p_tab, g_tab, b_tab, s_tab, a_tab, flag, rho_bits: tl.int64,
                     b2_bits: tl.int64, omb2_bits: tl.int64, delta_bits: tl.int64,
                     gamma_bits: tl.int64,
                     P_DT: tl.constexpr, G_DT: tl.constexpr, B_DT: tl.constexpr,
                     S_DT: tl.constexpr, A_DT: tl.constexpr, ACCUM: tl.constexpr,
-                    ALIGNED: tl.constexpr, MATH: tl.constexpr, BLOCK: tl.constexpr,
-                    CHUNK: tl.constexpr):
+                    HAS_FLAG: tl.constexpr, ALIGNED: tl.constexpr, MATH: tl.constexpr,
+                    BLOCK: tl.constexpr, CHUNK: tl.constexpr):
     t, start, n = chunk_of(work, numel)
     p = tensor_ptr(p_tab, t, P_DT, ALIGNED)
     g = tensor_ptr(g_tab, t, G_DT, ALIGNED)
@@ -195,7 +221,9 @@ def _perturb_kernel(work, numel, p_tab, g_tab, b_tab, s_tab, a_tab, rho_bits: tl
     omb2 = fp_arg(omb2_bits, MATH)
     delta = fp_arg(delta_bits, MATH)
     gamma = fp_arg(gamma_bits, MATH)
-    if start + CHUNK <= n:
+    if load_flag(flag, HAS_FLAG):  # found_inf: w <- omega, s and accums stay
+        copy_chunk(b, p, start, n, BLOCK, CHUNK)
+    elif start + CHUNK <= n:
         for k in tl.static_range(CHUNK // BLOCK):
             _perturb_block(start + k * BLOCK + tl.arange(0, BLOCK), n, p, g, b, s, a, rho, beta2,
                            omb2, delta, gamma, ACCUM, MATH, False)
@@ -207,22 +235,25 @@ def _perturb_kernel(work, numel, p_tab, g_tab, b_tab, s_tab, a_tab, rho_bits: tl
 
 def _bsam_perturb(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
                   precisions: List[Tensor], accums: List[Tensor], rho: float, beta2: float,
-                  delta: float, gamma: float) -> None:
+                  delta: float, gamma: float, found_inf: Optional[Tensor] = None) -> None:
     if not params:
         return
     accum = len(accums) > 0
     lists = [params, grads, backups, precisions] + ([accums] if accum else [])
     with mt.contiguous(lists, mutated=(0, 3, 4)) as lists:
         plan = mt.plan_for(lists)
+        flag, has_flag = mt.flag_arg(found_inf, plan)
         a = 4 if accum else 3  # without accums the kernel never touches this table
         for grp in plan.groups:
             for grid, work, _ in grp.launches():
                 _perturb_kernel[grid](work, grp.numel, *[grp.tab(j) for j in range(4)], grp.tab(a),
-                                      mt.f64_bits(rho), mt.f64_bits(beta2), mt.f64_bits(1 - beta2),
+                                      flag, mt.f64_bits(rho), mt.f64_bits(beta2),
+                                      mt.f64_bits(1 - beta2),
                                       mt.f64_bits(delta), mt.f64_bits(gamma),
                                       P_DT=grp.tl_dtypes[0], G_DT=grp.tl_dtypes[1],
                                       B_DT=grp.tl_dtypes[2], S_DT=grp.tl_dtypes[3],
-                                      A_DT=grp.tl_dtypes[a], ACCUM=accum, **mt.launch_args(grp))
+                                      A_DT=grp.tl_dtypes[a], ACCUM=accum, HAS_FLAG=has_flag,
+                                      **mt.launch_args(grp))
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,14 +283,15 @@ def _update_block(offs, n, p, g, b, s, gm, a, lr, beta1, omb1, beta2, omb2, delt
 
 @triton.jit(do_not_specialize=["lr_bits", "b1_bits", "omb1_bits", "b2_bits", "omb2_bits",
                                "delta_bits", "gamma_bits", "as_bits"])
-def _update_kernel(work, numel, p_tab, g_tab, b_tab, s_tab, gm_tab, a_tab, lr_bits: tl.int64,
-                   b1_bits: tl.int64, omb1_bits: tl.int64, b2_bits: tl.int64,
+def _update_kernel(work, numel, p_tab, g_tab, b_tab, s_tab, gm_tab, a_tab, flag,
+                   lr_bits: tl.int64, b1_bits: tl.int64, omb1_bits: tl.int64, b2_bits: tl.int64,
                    omb2_bits: tl.int64, delta_bits: tl.int64, gamma_bits: tl.int64,
                    as_bits: tl.int64,
                    P_DT: tl.constexpr, G_DT: tl.constexpr, B_DT: tl.constexpr,
                    S_DT: tl.constexpr, GM_DT: tl.constexpr, A_DT: tl.constexpr,
-                   ACCUM: tl.constexpr, RELEASED: tl.constexpr, ALIGNED: tl.constexpr,
-                   MATH: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+                   ACCUM: tl.constexpr, RELEASED: tl.constexpr, HAS_FLAG: tl.constexpr,
+                   ALIGNED: tl.constexpr, MATH: tl.constexpr, BLOCK: tl.constexpr,
+                   CHUNK: tl.constexpr):
     t, start, n = chunk_of(work, numel)
     p = tensor_ptr(p_tab, t, P_DT, ALIGNED)
     g = tensor_ptr(g_tab, t, G_DT, ALIGNED)
@@ -275,7 +307,9 @@ def _update_kernel(work, numel, p_tab, g_tab, b_tab, s_tab, gm_tab, a_tab, lr_bi
     delta = fp_arg(delta_bits, MATH)
     gamma = fp_arg(gamma_bits, MATH)
     accum_scale = fp_arg(as_bits, MATH)
-    if start + CHUNK <= n:
+    if load_flag(flag, HAS_FLAG):  # found_inf: w <- omega, s and gm stay
+        copy_chunk(b, p, start, n, BLOCK, CHUNK)
+    elif start + CHUNK <= n:
         for k in tl.static_range(CHUNK // BLOCK):
             _update_block(start + k * BLOCK + tl.arange(0, BLOCK), n, p, g, b, s, gm, a, lr, beta1,
                           omb1, beta2, omb2, delta, gamma, accum_scale, ACCUM, RELEASED, MATH,
@@ -290,18 +324,20 @@ def _update_kernel(work, numel, p_tab, g_tab, b_tab, s_tab, gm_tab, a_tab, lr_bi
 def _bsam_update(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
                  precisions: List[Tensor], momenta: List[Tensor], accums: List[Tensor], lr: float,
                  beta1: float, beta2: float, delta: float, gamma: float, accum_scale: float,
-                 released_order: bool) -> None:
+                 released_order: bool, found_inf: Optional[Tensor] = None) -> None:
     if not params:
         return
     accum = len(accums) > 0
     lists = [params, grads, backups, precisions, momenta] + ([accums] if accum else [])
     with mt.contiguous(lists, mutated=(0, 3, 4)) as lists:
         plan = mt.plan_for(lists)
+        flag, has_flag = mt.flag_arg(found_inf, plan)
         a = 5 if accum else 4  # without accums the kernel never touches this table
         for grp in plan.groups:
             for grid, work, _ in grp.launches():
                 _update_kernel[grid](work, grp.numel, *[grp.tab(j) for j in range(5)], grp.tab(a),
-                                     mt.f64_bits(lr), mt.f64_bits(beta1), mt.f64_bits(1 - beta1),
+                                     flag, mt.f64_bits(lr), mt.f64_bits(beta1),
+                                     mt.f64_bits(1 - beta1),
                                      mt.f64_bits(beta2), mt.f64_bits(1 - beta2),
                                      mt.f64_bits(delta), mt.f64_bits(gamma),
                                      mt.f64_bits(accum_scale),
@@ -309,4 +345,4 @@ def _bsam_update(params: List[Tensor], grads: List[Tensor], backups: List[Tensor
                                      B_DT=grp.tl_dtypes[2], S_DT=grp.tl_dtypes[3],
                                      GM_DT=grp.tl_dtypes[4], A_DT=grp.tl_dtypes[a], ACCUM=accum,
                                      RELEASED=bool(released_order) and accum,
-                                     **mt.launch_args(grp))
+                                     HAS_FLAG=has_flag, **mt.launch_args(grp))

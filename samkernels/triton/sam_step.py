@@ -7,9 +7,14 @@ Launches per phase (G = number of dtype groups, usually 1):
   sam_restore_sgd_    G launches   (reads backup, g, [buf]; writes w, [buf])
   sam_restore_adam_   G launches   (reads backup, g, m, v; writes w, m, v)
 Every element is read and written once per launch; maths in fp32 (fp64 for fp64 params).
+
+found_inf (the optimizer's non-finite-gradient flag, a one-element device tensor): each program
+loads it and, when it is nonzero, runs the *skip form* instead -- sam_perturb_ only copies
+backup <- w (w untouched), the restores only copy w <- backup (state untouched).  The decision is
+taken on the device: the host never reads the flag.
 """
 import math
-from typing import List
+from typing import List, Optional
 
 import torch
 import triton
@@ -17,7 +22,8 @@ import triton.language as tl
 from torch import Tensor
 
 from samkernels.triton import _multi_tensor as mt
-from samkernels.triton._multi_tensor import chunk_of, div, fp_arg, load, sqrt, store, tensor_ptr
+from samkernels.triton._multi_tensor import (chunk_of, copy_chunk, div, fp_arg, load, load_flag,
+                                                sqrt, store, tensor_ptr)
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,11 +104,11 @@ def _perturb_block(offs, n, p, g, b, scale, eta, ADAPTIVE: tl.constexpr, MATH: t
 
 
 @triton.jit(do_not_specialize=["rho_bits", "eps_bits", "eta_bits"])
-def _perturb_kernel(work, numel, p_tab, g_tab, b_tab, norm, rho_bits: tl.int64,
+def _perturb_kernel(work, numel, p_tab, g_tab, b_tab, norm, flag, rho_bits: tl.int64,
                     eps_bits: tl.int64, eta_bits: tl.int64,
                     P_DT: tl.constexpr, G_DT: tl.constexpr, B_DT: tl.constexpr,
-                    ADAPTIVE: tl.constexpr, ALIGNED: tl.constexpr, MATH: tl.constexpr,
-                    BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+                    ADAPTIVE: tl.constexpr, HAS_FLAG: tl.constexpr, ALIGNED: tl.constexpr,
+                    MATH: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
     t, start, n = chunk_of(work, numel)
     p = tensor_ptr(p_tab, t, P_DT, ALIGNED)
     g = tensor_ptr(g_tab, t, G_DT, ALIGNED)
@@ -110,7 +116,9 @@ def _perturb_kernel(work, numel, p_tab, g_tab, b_tab, norm, rho_bits: tl.int64,
     # the norm stays on the device: read it here instead of syncing for a host scalar
     scale = div(fp_arg(rho_bits, MATH), tl.load(norm).to(MATH) + fp_arg(eps_bits, MATH))
     eta = fp_arg(eta_bits, MATH)
-    if start + CHUNK <= n:
+    if load_flag(flag, HAS_FLAG):  # found_inf: backup <- w only, w stays unperturbed
+        copy_chunk(p, b, start, n, BLOCK, CHUNK)
+    elif start + CHUNK <= n:
         for k in tl.static_range(CHUNK // BLOCK):
             _perturb_block(start + k * BLOCK + tl.arange(0, BLOCK), n, p, g, b, scale, eta,
                            ADAPTIVE, MATH, False)
@@ -121,8 +129,8 @@ def _perturb_kernel(work, numel, p_tab, g_tab, b_tab, norm, rho_bits: tl.int64,
 
 
 def _sam_perturb_apply(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
-                       grad_norm: Tensor, rho: float, eps: float, adaptive: bool,
-                       eta: float) -> None:
+                       grad_norm: Tensor, rho: float, eps: float, adaptive: bool, eta: float,
+                       found_inf: Optional[Tensor] = None) -> None:
     if not params:
         return
     norm = grad_norm.reshape(1)
@@ -130,13 +138,14 @@ def _sam_perturb_apply(params: List[Tensor], grads: List[Tensor], backups: List[
         norm = norm.to(params[0].device, non_blocking=True)
     with mt.contiguous([params, grads, backups], mutated=(0, 2)) as lists:
         plan = mt.plan_for(lists)
+        flag, has_flag = mt.flag_arg(found_inf, plan)
         for grp in plan.groups:
             for grid, work, _ in grp.launches():
                 _perturb_kernel[grid](work, grp.numel, grp.tab(0), grp.tab(1), grp.tab(2), norm,
-                                      mt.f64_bits(rho), mt.f64_bits(eps), mt.f64_bits(eta),
+                                      flag, mt.f64_bits(rho), mt.f64_bits(eps), mt.f64_bits(eta),
                                       P_DT=grp.tl_dtypes[0], G_DT=grp.tl_dtypes[1],
                                       B_DT=grp.tl_dtypes[2], ADAPTIVE=bool(adaptive),
-                                      **mt.launch_args(grp))
+                                      HAS_FLAG=has_flag, **mt.launch_args(grp))
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,12 +173,12 @@ def _sgd_block(offs, n, p, g, b, buf, lr, wd, momentum, one_minus_damp,
 
 
 @triton.jit(do_not_specialize=["lr_bits", "wd_bits", "mom_bits", "omd_bits"])
-def _sgd_kernel(work, numel, p_tab, g_tab, b_tab, m_tab, lr_bits: tl.int64, wd_bits: tl.int64,
-                mom_bits: tl.int64, omd_bits: tl.int64,
+def _sgd_kernel(work, numel, p_tab, g_tab, b_tab, m_tab, flag, lr_bits: tl.int64,
+                wd_bits: tl.int64, mom_bits: tl.int64, omd_bits: tl.int64,
                 P_DT: tl.constexpr, G_DT: tl.constexpr, B_DT: tl.constexpr, M_DT: tl.constexpr,
                 WD: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-                FIRST: tl.constexpr, ALIGNED: tl.constexpr, MATH: tl.constexpr,
-                BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+                FIRST: tl.constexpr, HAS_FLAG: tl.constexpr, ALIGNED: tl.constexpr,
+                MATH: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
     t, start, n = chunk_of(work, numel)
     p = tensor_ptr(p_tab, t, P_DT, ALIGNED)
     g = tensor_ptr(g_tab, t, G_DT, ALIGNED)
@@ -179,7 +188,9 @@ def _sgd_kernel(work, numel, p_tab, g_tab, b_tab, m_tab, lr_bits: tl.int64, wd_b
     wd = fp_arg(wd_bits, MATH)
     momentum = fp_arg(mom_bits, MATH)
     omd = fp_arg(omd_bits, MATH)
-    if start + CHUNK <= n:
+    if load_flag(flag, HAS_FLAG):  # found_inf: w <- backup, the buffers stay
+        copy_chunk(b, p, start, n, BLOCK, CHUNK)
+    elif start + CHUNK <= n:
         for k in tl.static_range(CHUNK // BLOCK):
             _sgd_block(start + k * BLOCK + tl.arange(0, BLOCK), n, p, g, b, buf, lr, wd, momentum,
                        omd, WD, MOMENTUM, NESTEROV, FIRST, MATH, False)
@@ -191,24 +202,26 @@ def _sgd_kernel(work, numel, p_tab, g_tab, b_tab, m_tab, lr_bits: tl.int64, wd_b
 
 def _sam_restore_sgd(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
                      momentum_bufs: List[Tensor], lr: float, momentum: float, dampening: float,
-                     nesterov: bool, weight_decay: float, first: bool) -> None:
+                     nesterov: bool, weight_decay: float, first: bool,
+                     found_inf: Optional[Tensor] = None) -> None:
     if not params:
         return
     use_buf = momentum != 0
     lists = [params, grads, backups] + ([momentum_bufs] if use_buf else [])
     with mt.contiguous(lists, mutated=(0, 3)) as lists:
         plan = mt.plan_for(lists)
+        flag, has_flag = mt.flag_arg(found_inf, plan)
         for grp in plan.groups:
             m = 3 if use_buf else 2  # no buffers: pass any table, the kernel never touches it
             for grid, work, _ in grp.launches():
                 _sgd_kernel[grid](work, grp.numel, grp.tab(0), grp.tab(1), grp.tab(2), grp.tab(m),
-                                  mt.f64_bits(lr), mt.f64_bits(weight_decay), mt.f64_bits(momentum),
-                                  mt.f64_bits(1 - dampening),
+                                  flag, mt.f64_bits(lr), mt.f64_bits(weight_decay),
+                                  mt.f64_bits(momentum), mt.f64_bits(1 - dampening),
                                   P_DT=grp.tl_dtypes[0], G_DT=grp.tl_dtypes[1],
                                   B_DT=grp.tl_dtypes[2], M_DT=grp.tl_dtypes[m],
                                   WD=weight_decay != 0, MOMENTUM=use_buf,
                                   NESTEROV=bool(nesterov) and use_buf, FIRST=bool(first),
-                                  **mt.launch_args(grp))
+                                  HAS_FLAG=has_flag, **mt.launch_args(grp))
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,14 +248,14 @@ def _adam_block(offs, n, p, g, b, m, v, step_size, beta1, one_minus_b1, beta2, o
 
 @triton.jit(do_not_specialize=["ss_bits", "b1_bits", "omb1_bits", "b2_bits", "omb2_bits",
                                "sbc2_bits", "eps_bits", "wd_bits", "decay_bits"])
-def _adam_kernel(work, numel, p_tab, g_tab, b_tab, m_tab, v_tab, ss_bits: tl.int64,
+def _adam_kernel(work, numel, p_tab, g_tab, b_tab, m_tab, v_tab, flag, ss_bits: tl.int64,
                  b1_bits: tl.int64, omb1_bits: tl.int64, b2_bits: tl.int64, omb2_bits: tl.int64,
                  sbc2_bits: tl.int64, eps_bits: tl.int64, wd_bits: tl.int64,
                  decay_bits: tl.int64,
                  P_DT: tl.constexpr, G_DT: tl.constexpr, B_DT: tl.constexpr, M_DT: tl.constexpr,
                  V_DT: tl.constexpr, WD: tl.constexpr, DECOUPLED: tl.constexpr,
-                 ALIGNED: tl.constexpr, MATH: tl.constexpr, BLOCK: tl.constexpr,
-                 CHUNK: tl.constexpr):
+                 HAS_FLAG: tl.constexpr, ALIGNED: tl.constexpr, MATH: tl.constexpr,
+                 BLOCK: tl.constexpr, CHUNK: tl.constexpr):
     t, start, n = chunk_of(work, numel)
     p = tensor_ptr(p_tab, t, P_DT, ALIGNED)
     g = tensor_ptr(g_tab, t, G_DT, ALIGNED)
@@ -258,7 +271,9 @@ def _adam_kernel(work, numel, p_tab, g_tab, b_tab, m_tab, v_tab, ss_bits: tl.int
     eps = fp_arg(eps_bits, MATH)
     wd = fp_arg(wd_bits, MATH)
     decay = fp_arg(decay_bits, MATH)
-    if start + CHUNK <= n:
+    if load_flag(flag, HAS_FLAG):  # found_inf: w <- backup, the moments stay
+        copy_chunk(b, p, start, n, BLOCK, CHUNK)
+    elif start + CHUNK <= n:
         for k in tl.static_range(CHUNK // BLOCK):
             _adam_block(start + k * BLOCK + tl.arange(0, BLOCK), n, p, g, b, m, v, step_size,
                         beta1, omb1, beta2, omb2, sqrt_bc2, eps, wd, decay, WD, DECOUPLED, MATH,
@@ -273,7 +288,7 @@ def _adam_kernel(work, numel, p_tab, g_tab, b_tab, m_tab, v_tab, ss_bits: tl.int
 def _sam_restore_adam(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
                       exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor], step: int, lr: float,
                       beta1: float, beta2: float, eps: float, weight_decay: float,
-                      decoupled: bool) -> None:
+                      decoupled: bool, found_inf: Optional[Tensor] = None) -> None:
     if not params:
         return
     # host scalars in double, as reference.py computes them
@@ -282,11 +297,13 @@ def _sam_restore_adam(params: List[Tensor], grads: List[Tensor], backups: List[T
                1 - lr * weight_decay]
     with mt.contiguous([params, grads, backups, exp_avgs, exp_avg_sqs], mutated=(0, 3, 4)) as lists:
         plan = mt.plan_for(lists)
+        flag, has_flag = mt.flag_arg(found_inf, plan)
         for grp in plan.groups:
             for grid, work, _ in grp.launches():
-                _adam_kernel[grid](work, grp.numel, *[grp.tab(j) for j in range(5)],
+                _adam_kernel[grid](work, grp.numel, *[grp.tab(j) for j in range(5)], flag,
                                    *[mt.f64_bits(x) for x in scalars],
                                    P_DT=grp.tl_dtypes[0], G_DT=grp.tl_dtypes[1],
                                    B_DT=grp.tl_dtypes[2], M_DT=grp.tl_dtypes[3],
                                    V_DT=grp.tl_dtypes[4], WD=weight_decay != 0,
-                                   DECOUPLED=bool(decoupled), **mt.launch_args(grp))
+                                   DECOUPLED=bool(decoupled), HAS_FLAG=has_flag,
+                                   **mt.launch_args(grp))
