@@ -48,7 +48,8 @@ def _worker(rank, port, name, mode, out_dir, poison_step):
     try:
         model, x, y = model_and_data()
         ddp = torch.nn.parallel.DistributedDataParallel(model)
-        opt = MAKERS[name](ddp.parameters(), ddp_model=ddp)
+        policy = {"nonfinite": "skip_on_device"} if mode == "device" else {}
+        opt = MAKERS[name](ddp.parameters(), ddp_model=ddp, **policy)
         xs, ys = x[rank::WORLD], y[rank::WORLD]  # this rank's shard = micro-batch `rank`
         scaler = torch.amp.GradScaler("cpu") if mode == "scaler" else None
         skipped, scales = [], []
@@ -62,7 +63,7 @@ def _worker(rank, port, name, mode, out_dir, poison_step):
             return loss
 
         for _ in range(STEPS):
-            if mode in ("closure", "scaler"):
+            if mode in ("closure", "scaler", "device"):
                 opt.step(closure, scaler=scaler)
                 if scaler is not None:
                     scaler.update()
@@ -125,9 +126,11 @@ def test_ddp_no_sync_first_pass_is_m_sharpness(tmp_path, name, mode):
                                        rtol=1e-12, atol=0)
 
 
-@pytest.mark.parametrize("name,mode", [("sam", "closure"), ("bsam", "closure"), ("sam", "scaler")])
+@pytest.mark.parametrize("name,mode", [("sam", "closure"), ("bsam", "closure"), ("sam", "scaler"),
+                                       ("sam", "device")])
 def test_nan_on_one_rank_skips_the_step_everywhere(tmp_path, name, mode):
-    """With a GradScaler the clean rank's scale backs off too, so the scales stay equal."""
+    """With a GradScaler the clean rank's scale backs off too, so the scales stay equal.
+    skip_on_device: the ranks agree through an all-reduce of the device flag (no host read)."""
     ranks = run_ddp(tmp_path, name, mode, poison_step=1)
     want, _ = single_process(name, skip_step=1)
     for r in ranks:

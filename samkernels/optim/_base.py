@@ -310,10 +310,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         if agree:
             self._all_reduce([flag], "max")
         if self.nonfinite == "skip_on_device":
-            # no host read: the flag of every pass of this step is summed on the device and the
-            # fused phases take their skip form when it is nonzero (reference.py, ``found_inf``)
-            found = self._skip_state["found"]
-            self._skip_state["found"] = flag if found is None else found + flag.to(found.device)
+            self._add_found(flag)
             return True
         if not bool(flag):  # the one read of the flag: free on the CPU, a scalar copy from a GPU
             return True
@@ -329,6 +326,17 @@ class TwoPassOptimizer(torch.optim.Optimizer):
                 "weights are back at the mean and the optimizer state is unchanged (nonfinite="
                 "'skip' skips such steps instead; with mixed precision use a GradScaler)")
         return False
+
+    def _checks_on_device(self, scaler) -> bool:
+        return self.nonfinite == "skip_on_device" and not (scaler is not None
+                                                           and scaler.is_enabled())
+
+    def _add_found(self, flag: Tensor) -> None:
+        """skip_on_device, no host read: the flags of every pass of this step are summed on the
+        device and the fused phases take their skip form when the sum is nonzero (``found_inf``).
+        """
+        found = self._skip_state["found"]
+        self._skip_state["found"] = flag if found is None else found + flag.to(found.device)
 
     def _skip_first_pass(self) -> None:
         """The ascent gradients are not finite: back to the mean; second_step finishes the skip."""

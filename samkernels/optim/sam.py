@@ -96,15 +96,23 @@ class SAM(TwoPassOptimizer):
         self._require_unperturbed("first_step")
         work = [(g, ps, [p.grad for p in ps]) for g, ps in self._grouped()]
         self._skip_state["pending"] = False
-        if not self._grads_ok(True, [p for _, ps, _ in work for p in ps], scaler):
+        on_device = work and self._checks_on_device(scaler)
+        if not on_device and not self._grads_ok(True, [p for _, ps, _ in work for p in ps], scaler):
             self._skip_first_pass()
             work = []
         norm = None
-        if len(work) > 1:  # the norm spans every group: one reduction op per group, summed on device
+        if len(work) > 1 or on_device:  # the norm spans every group: one reduction op per group
             dev = work[0][1][0].device
             sq = [ops.grad_sumsq(ps, gs, g["adaptive"], g["eta"] if g["adaptive"] else 0.0).to(dev)
                   for g, ps, gs in work]
-            norm = torch.stack([s.double() for s in sq]).sum().sqrt()
+            # one group: the very norm the op would take (same dtype, so the same rounding)
+            norm = sq[0].sqrt() if len(sq) == 1 else \
+                torch.stack([s.double() for s in sq]).sum().sqrt()
+        if on_device:  # the norm's own reduction is the inf/NaN check: no second read of g
+            flag = (~torch.isfinite(norm)).float().reshape(1)
+            if self.ddp_model is not None:  # ranks perturb with their own g: agree on the skip
+                self._all_reduce([flag], "max")
+            self._add_found(flag)
         for group, ps, gs in work:
             backups = [self._backup(p) for p in ps]
             n = ops.sam_perturb_(ps, gs, backups, None if norm is None else norm.to(ps[0].device),
