@@ -650,3 +650,89 @@ def test_argument_errors():
         run_cuda("esam_perturb_", p, g, b, [0, 1, 2], None, 1, 2, 0.05, 1.0, 1e-12)
     with pytest.raises(RuntimeError, match="param_ids has 2 entries"):
         run_cuda("mfvi_update_", p, g, b, s, [], [0, 1], 1, 2, 0.1, 0.05, 0.0, 2.0, 1000.0)
+
+
+# --- whole optimizer steps on the GPU -------------------------------------------------------------
+def _gpu_model_and_grads(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(37, 129), torch.nn.Tanh(),
+                                torch.nn.Linear(129, 11)).cuda()
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    return model
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("name", ["sam", "sam_adam", "bsam", "mfvi", "vsam", "ebisam"])
+def test_skip_on_device_step_never_syncs(backend, name):
+    """nonfinite='skip_on_device': a whole step (grads given) runs with CUDA's sync debug mode set
+    to error, including a step whose gradients hold a NaN; the NaN step changes no weight."""
+    from samkernels.optim import BSAM, MFVI, SAM, EBiSAM, VariationalSAM
+    if backend == "triton" and not _dispatch.triton_usable(torch.device("cuda")):
+        pytest.skip("triton not usable")
+    makers = {
+        "sam": lambda ps: SAM(ps, lr=0.1, momentum=0.9, nonfinite="skip_on_device"),
+        "sam_adam": lambda ps: SAM(ps, lr=1e-3, base="adam", nonfinite="skip_on_device"),
+        "bsam": lambda ps: BSAM(ps, lr=0.1, num_data=1000, seed=1, nonfinite="skip_on_device"),
+        "mfvi": lambda ps: MFVI(ps, lr=0.1, num_data=1000, seed=1, nonfinite="skip_on_device"),
+        "vsam": lambda ps: VariationalSAM(ps, lr=0.1, num_data=1000, nonfinite="skip_on_device"),
+        "ebisam": lambda ps: EBiSAM(ps, lr=0.1, seed=1, nonfinite="skip_on_device"),
+    }
+    model = _gpu_model_and_grads()
+    opt = makers[name](model.parameters())
+    phases = {"bsam": ["noise_step", "first_step", "second_step"],
+              "mfvi": ["noise_step", "second_step"]}.get(name, ["first_step", "second_step"])
+
+    def step():
+        for ph in phases:
+            getattr(opt, ph)()
+    with samkernels.use_backend(backend):
+        step()  # state and backups exist
+        torch.cuda.synchronize()
+        before = [p.detach().clone() for p in model.parameters()]
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step()
+            model[0].weight.grad[3, 5] = float("nan")
+            before = [p.detach().clone() for p in model.parameters()]
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert opt.step_skipped
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_sam_step_in_a_cuda_graph(backend):
+    """A whole SAM step (norm, perturb, restore + SGD momentum, on-device inf/NaN check) captured
+    in a CUDA graph and replayed equals the eager steps, bit for bit.  (Adam's step count and the
+    bSAM/MFVI noise counter are host ints baked into a captured launch: README "CUDA graphs".)"""
+    from samkernels.optim import SAM
+    if backend == "triton" and not _dispatch.triton_usable(torch.device("cuda")):
+        pytest.skip("triton not usable")
+    eager_model, model = _gpu_model_and_grads(), _gpu_model_and_grads()
+    kw = dict(lr=0.1, rho=0.05, momentum=0.9, weight_decay=5e-4, nonfinite="skip_on_device")
+    eager, opt = SAM(eager_model.parameters(), **kw), SAM(model.parameters(), **kw)
+
+    def step(o):
+        o.first_step()
+        o.second_step()
+    with samkernels.use_backend(backend):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: momentum buffers, backups, Triton compilation
+            for _ in range(2):
+                step(opt)
+        torch.cuda.current_stream().wait_stream(side)
+        for _ in range(2):
+            step(eager)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step(opt)
+        for _ in range(3):
+            graph.replay()
+            step(eager)
+        torch.cuda.synchronize()
+    for p, q in zip(model.parameters(), eager_model.parameters()):
+        assert torch.equal(p, q)
