@@ -8,11 +8,6 @@ namespace samkernels {
 namespace cuda {
 namespace {
 
-__device__ __forceinline__ float sk_abs(float x) { return fabsf(x); }
-__device__ __forceinline__ double sk_abs(double x) { return fabs(x); }
-__device__ __forceinline__ float sk_sqrt(float x) { return sqrtf(x); }
-__device__ __forceinline__ double sk_sqrt(double x) { return sqrt(x); }
-
 // ---------------------------------------------------------------------------------------------
 // SPEC bSAM line 1: backup <- omega;  w <- theta = omega + z / sqrt(N s),  z ~ N(0, I) from the
 // shared Philox contract (philox.h): element i of parameter `pid` uses block

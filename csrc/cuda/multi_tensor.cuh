@@ -78,6 +78,14 @@ struct OpMath<double> {
 template <typename P>
 using opmath_t = typename OpMath<P>::type;
 
+// Overloads of the math the op functors use, so one template body serves float and double opmath.
+__device__ __forceinline__ float sk_abs(float x) { return fabsf(x); }
+__device__ __forceinline__ double sk_abs(double x) { return fabs(x); }
+__device__ __forceinline__ float sk_sqrt(float x) { return sqrtf(x); }
+__device__ __forceinline__ double sk_sqrt(double x) { return sqrt(x); }
+__device__ __forceinline__ float sk_exp(float x) { return expf(x); }
+__device__ __forceinline__ double sk_exp(double x) { return exp(x); }
+
 // Elements per thread and step: one 16-byte vector of the parameter dtype, at least 4 (ILP 4).
 // (A variable template: usable in device code without --expt-relaxed-constexpr.)
 template <typename P>

@@ -6,11 +6,6 @@ namespace samkernels {
 namespace cuda {
 namespace {
 
-__device__ __forceinline__ float sk_abs(float x) { return fabsf(x); }
-__device__ __forceinline__ double sk_abs(double x) { return fabs(x); }
-__device__ __forceinline__ float sk_sqrt(float x) { return sqrtf(x); }
-__device__ __forceinline__ double sk_sqrt(double x) { return sqrt(x); }
-
 // ---------------------------------------------------------------------------------------------
 // grad_sumsq, stage 1: one float64 partial of sum (T g)^2 per chunk, T = |w| + eta for ASAM
 // (SPEC SAM table, ASAM row).  No atomics: each block owns its slot (KERNEL-NOTES "Global L2").

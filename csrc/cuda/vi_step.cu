@@ -13,11 +13,6 @@ namespace samkernels {
 namespace cuda {
 namespace {
 
-__device__ __forceinline__ float sk_sqrt(float x) { return sqrtf(x); }
-__device__ __forceinline__ double sk_sqrt(double x) { return sqrt(x); }
-__device__ __forceinline__ float sk_exp(float x) { return expf(x); }
-__device__ __forceinline__ double sk_exp(double x) { return exp(x); }
-
 // ---------------------------------------------------------------------------------------------
 // vi_noise_: backup <- mu;  w <- mu + std z,  std = sqrt(Sigma) (MFVI) or sigma (RandomSAM), z the
 // shared Philox normals exactly as BsamNoiseOp (philox.h: element i of parameter `pid` uses block
