@@ -110,9 +110,8 @@ class BSAM(TwoPassOptimizer):
         step, and W ranks with m micro-batches each draw what one process with ``m' = W m`` does."""
         self._require_unperturbed("noise_step")
         micro = _micro or 0
-        if micro == 0:  # a new step
+        if micro == 0:
             self._noise_start["value"] = self._extra_state["noise_step"]
-            self._skip_state["found"] = None
         start = self._noise_start["value"]
         rank, world = self._rank_world()
         seed, step = self._extra_state["seed"], start + rank * _m + micro
