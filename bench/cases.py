@@ -62,53 +62,57 @@ def make_params(shapes, device="cpu", dtype=torch.float32, seed=0) -> List[torch
 
 
 # --- fused steps (our optimizers; the backend is forced around the call) -------------------------
-def fused_sam(params, backend: str):
-    opt = SAM(params, lr=1e-3, rho=0.05, momentum=0.9, weight_decay=5e-4)
-
-    def step():
-        with samkernels.use_backend(backend):
-            opt.first_step()
-            opt.second_step()
-    return step
-
-
-def fused_bsam(params, backend: str):
-    opt = BSAM(params, lr=1e-3, num_data=50_000, rho=0.01, weight_decay=1e-4, seed=0)
-
-    def step():
-        with samkernels.use_backend(backend):
-            opt.noise_step()
-            opt.first_step()
-            opt.second_step()
-    return step
+# On a GPU the fused optimizers run with nonfinite="skip_on_device": the inf/NaN check stays on the
+# device (no host read per pass), which is the configuration for speed-critical GPU training.  On
+# the CPU the default "skip" costs one scalar read per pass and nothing else.
+NONFINITE = "skip_on_device" if torch.cuda.is_available() else "skip"
 
 
 def _fused(make, phases):
-    """A fused step of the optimizer ``make(params)`` calling the named phases in order."""
+    """Builder of a fused step of the optimizer ``make(params)`` calling the named phases in order.
+
+    The returned ``step()`` runs the whole step; ``step.phases`` lists ``(name, call)`` so report.py
+    can time and count launches of each phase on its own (phases must run in this order)."""
     def build(params, backend: str):
         opt = make(params)
-        calls = [getattr(opt, ph) for ph in phases]
+        calls = [(ph, getattr(opt, ph)) for ph in phases]
+
+        def run(call):
+            def go():
+                with samkernels.use_backend(backend):
+                    call()
+            return go
 
         def step():
             with samkernels.use_backend(backend):
-                for call in calls:
+                for _, call in calls:
                     call()
+        step.phases = [(ph, run(call)) for ph, call in calls]
         return step
     return build
 
 
+fused_sam = _fused(lambda ps: SAM(ps, lr=1e-3, rho=0.05, momentum=0.9, weight_decay=5e-4,
+                                  nonfinite=NONFINITE),
+                   ["first_step", "second_step"])
+fused_bsam = _fused(lambda ps: BSAM(ps, lr=1e-3, num_data=50_000, rho=0.01, weight_decay=1e-4,
+                                    seed=0, nonfinite=NONFINITE),
+                    ["noise_step", "first_step", "second_step"])
+
+
 def _family():
     from samkernels.optim import MFVI, BiSAM, EBiSAM, RandomSAM, VariationalSAM
+    kw = dict(nonfinite=NONFINITE)
     return {
-        "bisam": _fused(lambda ps: BiSAM(ps, lr=1e-3, rho=0.05, momentum=0.9, weight_decay=5e-4),
+        "bisam": _fused(lambda ps: BiSAM(ps, lr=1e-3, rho=0.05, momentum=0.9, weight_decay=5e-4, **kw),
                         ["first_step", "second_step"]),
-        "ebisam": _fused(lambda ps: EBiSAM(ps, lr=1e-3, rho=0.05, momentum=0.9, seed=0),
+        "ebisam": _fused(lambda ps: EBiSAM(ps, lr=1e-3, rho=0.05, momentum=0.9, seed=0, **kw),
                          ["first_step", "second_step"]),
-        "randomsam": _fused(lambda ps: RandomSAM(ps, lr=1e-3, sigma=5e-5, momentum=0.9, seed=0),
+        "randomsam": _fused(lambda ps: RandomSAM(ps, lr=1e-3, sigma=5e-5, momentum=0.9, seed=0, **kw),
                             ["noise_step", "second_step"]),
-        "mfvi": _fused(lambda ps: MFVI(ps, lr=1e-3, num_data=50_000, seed=0),
+        "mfvi": _fused(lambda ps: MFVI(ps, lr=1e-3, num_data=50_000, seed=0, **kw),
                        ["noise_step", "second_step"]),
-        "vsam": _fused(lambda ps: VariationalSAM(ps, lr=1e-3, num_data=50_000, momentum=0.9),
+        "vsam": _fused(lambda ps: VariationalSAM(ps, lr=1e-3, num_data=50_000, momentum=0.9, **kw),
                        ["first_step", "second_step"]),
     }
 
@@ -204,18 +208,24 @@ IMPLS = {
 # The rest of the family: fused step overhead only (report.py --algos bisam,... --impls fused-cpu)
 IMPLS.update({name: {"fused": build} for name, build in _family().items()})
 
-# Bytes each element of the parameter list must move per step (fp32), for the bandwidth floor:
-# SAM+SGD-momentum: norm (read g) 4 + perturb (read w, g; write backup, w) 16 + restore/update
-# (read backup, g, buf; write w, buf) 20 = 40.  bSAM: noise (read w, s; write backup, w) 16 +
-# perturb/precision (read g, s, backup; write w, s) 20 + update (read g, backup, s, gm; write gm, w) 24 = 60.
-BYTES_PER_ELEMENT = {"sam": 40, "bsam": 60,
-                     # BiSAM/E-BiSAM: SAM's phases (E-BiSAM's mask is generated, not read)
-                     "bisam": 40, "ebisam": 40,
-                     # RandomSAM: noise (read w; write backup, w) 12 + restore/update 20
-                     "randomsam": 32,
-                     # MFVI: noise (read w, var; write backup, w) 16 + update (read g, backup,
-                     # var, m; write w, var, m) 28
-                     "mfvi": 44,
-                     # VSAM: reduction (read g, var) 8 + perturb + var step (read w, g, var; write
-                     # backup, w, var) 24 + restore/update 20
-                     "vsam": 52}
+# Bytes each element of the parameter list must move in each phase (fp32), for the bandwidth floor.
+# A phase's floor is its own traffic; a step's floor is the sum over its phases.
+BYTES_PER_PHASE = {
+    # SAM+SGD-momentum: norm (read g) 4 + perturb (read w, g; write backup, w) 16 = 20;
+    # restore/update (read backup, g, buf; write w, buf) 20.
+    "sam": {"first_step": 20, "second_step": 20},
+    # bSAM: noise (read w, s; write backup, w) 16; perturb + precision (read g, s, backup; write w,
+    # s) 20; momentum + mean update (read g, backup, s, gm; write gm, w) 24.
+    "bsam": {"noise_step": 16, "first_step": 20, "second_step": 24},
+    # BiSAM/E-BiSAM: SAM's phases (E-BiSAM's mask is generated, not read)
+    "bisam": {"first_step": 20, "second_step": 20},
+    "ebisam": {"first_step": 20, "second_step": 20},
+    # RandomSAM: noise (read w; write backup, w) 12 + restore/update 20
+    "randomsam": {"noise_step": 12, "second_step": 20},
+    # MFVI: noise (read w, var; write backup, w) 16 + update (read g, backup, var, m; write w, var, m) 28
+    "mfvi": {"noise_step": 16, "second_step": 28},
+    # VSAM: reduction (read g, var) 8 + perturb + var step (read w, g, var; write backup, w, var) 24;
+    # restore/update 20
+    "vsam": {"first_step": 32, "second_step": 20},
+}
+BYTES_PER_ELEMENT = {algo: sum(ph.values()) for algo, ph in BYTES_PER_PHASE.items()}

@@ -25,23 +25,35 @@ import cases  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _once(fn) -> float:
+    """Seconds of one fn() call: CUDA events on the GPU, wall clock on the CPU."""
+    if DEVICE == "cuda":
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def timed(fn, repeat: int) -> float:
     """Median seconds of fn() over ``repeat`` runs (one warm-up)."""
     fn()
-    out = []
+    return statistics.median(_once(fn) for _ in range(repeat))
+
+
+def timed_phases(phases, repeat: int) -> dict:
+    """Median seconds of each phase of a step, the phases run in order ``repeat`` times."""
+    for _, fn in phases:
+        fn()
+    out = {name: [] for name, _ in phases}
     for _ in range(repeat):
-        if DEVICE == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            out.append(a.elapsed_time(b) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t0)
-    return statistics.median(out)
+        for name, fn in phases:
+            out[name].append(_once(fn))
+    return {name: statistics.median(ts) for name, ts in out.items()}
 
 
 def copy_bandwidth(repeat: int) -> float:
@@ -54,15 +66,29 @@ def copy_bandwidth(repeat: int) -> float:
 
 
 def launches(step) -> int | None:
+    """Kernels launched by one step() (torch profiler, CUDA only)."""
     if DEVICE != "cuda":
         return None
+    return phase_launches([("step", step)])["step"]
+
+
+def phase_launches(phases) -> dict:
+    """Kernels launched by each phase (the sequence is run once per phase, profiling only that one)."""
+    if DEVICE != "cuda":
+        return {name: None for name, _ in phases}
     from torch.profiler import ProfilerActivity, profile
-    step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    out = {}
+    for i, (name, _) in enumerate(phases):
+        for j, (_, fn) in enumerate(phases):
+            if j != i:
+                fn()
+                continue
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                fn()
+                torch.cuda.synchronize()
+            out[name] = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return out
 
 
 def main(argv=None):
@@ -72,6 +98,7 @@ def main(argv=None):
     ap.add_argument("--algos", default="sam,bsam")
     ap.add_argument("--impls", default=None, help="comma list; default: fused backends, foreach, loop")
     ap.add_argument("--repeat", type=int, default=7 if DEVICE == "cpu" else 50)
+    ap.add_argument("--no-phases", action="store_true", help="skip the per-phase table of the fused steps")
     args = ap.parse_args(argv)
 
     fused = ["cuda", "triton"] if DEVICE == "cuda" else ["cpu", "reference"]
@@ -80,6 +107,7 @@ def main(argv=None):
     print(f"device: {torch.cuda.get_device_name() if DEVICE == 'cuda' else 'cpu'}; "
           f"torch {torch.__version__}; threads {torch.get_num_threads()}; "
           f"copy bandwidth {bw / 1e9:.1f} GB/s\n")
+    phase_rows = []
     print("| step | params | impl | median ms | x floor | speed-up vs foreach | vs loop | launches |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
     for algo in args.algos.split(","):
@@ -96,6 +124,14 @@ def main(argv=None):
                     else:
                         step = cases.IMPLS[algo][impl](params)
                     rows[impl] = (timed(step, args.repeat), launches(step))
+                    if impl.startswith("fused-") and not args.no_phases:
+                        ts = timed_phases(step.phases, args.repeat)
+                        ns = phase_launches(step.phases)
+                        for name, t in ts.items():
+                            ph_floor = cases.BYTES_PER_PHASE[algo][name] * numel / bw
+                            phase_rows.append(f"| {algo} | {shape_name} | {impl} | {name} | "
+                                              f"{t * 1e3:.3f} | {t / ph_floor:.2f} | "
+                                              f"{'' if ns[name] is None else ns[name]} |")
                 except (RuntimeError, NotImplementedError) as exc:  # backend not available here
                     rows[impl] = (None, str(exc).splitlines()[0][:60])
                 del params
@@ -108,6 +144,11 @@ def main(argv=None):
                 print(f"| {algo} | {shape_name} ({len(shapes)} tensors, {numel / 1e6:.2f}M) | {impl} | "
                       f"{t * 1e3:.3f} | {t / floor:.2f} | {ratio(fe)} | {ratio(lp)} | "
                       f"{'' if n is None else n} |")
+    if phase_rows:
+        print("\nPer phase (fused steps; floor = the phase's own bytes, see cases.BYTES_PER_PHASE):\n")
+        print("| step | params | impl | phase | median ms | x floor | launches |")
+        print("|---|---|---|---|---:|---:|---:|")
+        print("\n".join(phase_rows))
 
 
 if __name__ == "__main__":

@@ -17,5 +17,6 @@ pip wheel -q --no-build-isolation --no-deps -w "$REPO/dist" "$REPO"
 pip install -q --no-deps "$REPO"/dist/samkernels-*.whl
 
 cd "$REPO/tests"
-SAMKERNELS_TEST_INSTALLED=1 TRITON_INTERPRET=1 python -P -m pytest -p no:cacheprovider -q \
+# nvcc missing = a failing test, not a skip (SAMKERNELS_REQUIRE_NVCC=0 on a machine without it)
+SAMKERNELS_REQUIRE_NVCC="${SAMKERNELS_REQUIRE_NVCC:-1}" SAMKERNELS_TEST_INSTALLED=1 TRITON_INTERPRET=1 python -P -m pytest -p no:cacheprovider -q \
   --durations=15 "$@"

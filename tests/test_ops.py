@@ -174,6 +174,21 @@ def test_noise_independent_of_list_partition(backend):
     assert torch.equal(alone[0], both[0])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n", [1, 3, 5, 33, 1023, 1025])
+def test_noise_of_a_short_tensor_is_a_prefix_of_a_long_ones(backend, n):
+    """A tensor's noise depends only on (seed, step, param id, element index): a short tensor gets
+    exactly the first elements of a long one's (the CPU kernel sizes its Philox block to the run)."""
+    gen = torch.Generator().manual_seed(n)
+    long_ = make_params([(5000,)], [F32], gen)
+    s = positive_like(long_, gen)
+    short = [long_[0][:n].clone()]
+    ops.bsam_noise_(long_, [torch.empty_like(long_[0])], s, [7], 123, 4, 10.0, backend=backend)
+    ops.bsam_noise_(short, [torch.empty_like(short[0])], [s[0][:n].clone()], [7], 123, 4, 10.0,
+                    backend=backend)
+    assert torch.equal(long_[0][:n], short[0])
+
+
 @needs_ext
 def test_cpu_errors_name_the_argument():
     p = [torch.randn(4)]
@@ -185,3 +200,17 @@ def test_cpu_errors_name_the_argument():
                         backend="cpu")
     with pytest.raises(RuntimeError, match="backups has 0 tensors"):
         ops.sam_perturb_(p, [torch.randn(4)], [], None, 0.1, 1e-12, False, 0.0, backend="cpu")
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_ext)])
+def test_released_order_without_accums_is_an_error(backend):
+    """Without accums line 5 already ran in bsam_perturb_, so the released-code order (omega
+    updated with the old s) cannot be honoured: an error, on every path, not a silent paper order."""
+    p, g = [torch.randn(5)], [torch.randn(5)]
+    args = (p, g, [torch.randn(5)], [torch.ones(5)], [torch.zeros(5)], [], 0.1, 0.9, 0.999, 0.01,
+            0.1, 1.0, True)
+    with pytest.raises(ValueError, match="released_order=True needs accums"):
+        ops.bsam_update_(*args, backend=backend)
+    if backend == "cpu":  # the op itself, called without the Python wrapper
+        with pytest.raises(RuntimeError, match="released_order=True needs accums"):
+            torch.ops.samkernels.bsam_update_(*args)

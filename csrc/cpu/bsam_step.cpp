@@ -84,6 +84,7 @@ void bsam_update(at::TensorList params, at::TensorList grads, at::TensorList bac
                  double beta1, double beta2, double delta, double gamma, double accum_scale,
                  bool released_order, const c10::optional<at::Tensor>& found_inf) {
   const bool accumulate = !accums.empty();
+  TORCH_CHECK(accumulate || !released_order, "bsam_update_: released_order=True needs accums (line 5 must wait for the update to keep the old s)");
   check_lists("bsam_update_", params, {{"grads", grads}, {"backups", backups}},
               {{"precisions", precisions}, {"momenta", momenta}});
   if (accumulate) check_lists("bsam_update_", params, {}, {{"accums", accums}});

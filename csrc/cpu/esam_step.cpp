@@ -43,7 +43,7 @@ at::Tensor esam_perturb(at::TensorList params, at::TensorList grads, at::TensorL
         alignas(16) float u[kBlockElems];
         for (int64_t q = c.begin; q < c.end; q += kBlockElems) {
           uniform_block(static_cast<uint64_t>(seed), static_cast<uint64_t>(step), pid,
-                        static_cast<uint64_t>(q >> 2), u);
+                        static_cast<uint64_t>(q >> 2), u, block_quads(c.end - q));
           const int64_t stop = std::min(c.end, q + kBlockElems);
           for (int64_t i = q; i < stop; ++i) {
             bp[i] = wp[i];

@@ -23,16 +23,24 @@ namespace cpu {
 constexpr int kBlockQuads = 256;                 // 1024 elements: 4 KiB of z, L1-resident
 constexpr int kBlockElems = 4 * kBlockQuads;
 
+// Quads a block needs for a run of `len` elements: rounded up to 8 so the vector loops have no
+// scalar tail (same code path, same bits, whatever the run length), at most kBlockQuads.  A
+// 3-element tensor then costs 8 quads of Philox, not 256.
+inline int block_quads(int64_t len) {
+  const int64_t q = ((len + 3) / 4 + 7) / 8 * 8;
+  return static_cast<int>(std::min<int64_t>(q, kBlockQuads));
+}
+
 // Philox4x32-10 words of quads quad0 .. quad0 + kBlockQuads - 1, lane k of quad j in x[k][j].
 // Same counter/key layout as philox_normal4; uint64 products vectorize as pmuludq.
 inline void philox_block(uint64_t seed, uint64_t step, uint32_t pid, uint64_t quad0,
-                         uint32_t (*x)[kBlockQuads]) {
+                         uint32_t (*x)[kBlockQuads], int nq = kBlockQuads) {
   const uint32_t c1_ = pid, c2_ = static_cast<uint32_t>(step);
   const uint32_t c3_ = static_cast<uint32_t>(step >> 32);
   const uint32_t k0_ = static_cast<uint32_t>(seed), k1_ = static_cast<uint32_t>(seed >> 32);
   const uint32_t q0 = static_cast<uint32_t>(quad0);
 #pragma omp simd
-  for (int j = 0; j < kBlockQuads; ++j) {
+  for (int j = 0; j < nq; ++j) {
     uint32_t c0 = q0 + static_cast<uint32_t>(j), c1 = c1_, c2 = c2_, c3 = c3_;
     uint32_t k0 = k0_, k1 = k1_;
     for (int r = 0; r < 10; ++r) {
@@ -137,20 +145,22 @@ inline void sqrt_inplace(float* x, int n) {
   for (; k < n; ++k) x[k] = std::sqrt(x[k]);
 }
 
-// Four normals per quad for quads quad0 .. quad0 + kBlockQuads - 1 into z[0 .. kBlockElems):
+// Four normals per quad for quads quad0 .. quad0 + nq - 1 into z[0 .. 4 nq):
 // z[4 j + k] is philox_normal4(seed, step, pid, quad0 + j)[k] up to rounding.
-inline void normal_block(uint64_t seed, uint64_t step, uint32_t pid, uint64_t quad0, float* z) {
+inline void normal_block(uint64_t seed, uint64_t step, uint32_t pid, uint64_t quad0, float* z,
+                         int nq = kBlockQuads) {
   alignas(16) uint32_t x[4][kBlockQuads];
   alignas(16) float r[2][kBlockQuads];
-  philox_block(seed, step, pid, quad0, x);
+  philox_block(seed, step, pid, quad0, x, nq);
 #pragma omp simd
-  for (int j = 0; j < kBlockQuads; ++j) {
+  for (int j = 0; j < nq; ++j) {
     r[0][j] = minus_two_log(block_uniform(x[0][j]));
     r[1][j] = minus_two_log(block_uniform(x[2][j]));
   }
-  sqrt_inplace(&r[0][0], 2 * kBlockQuads);
+  sqrt_inplace(r[0], nq);
+  sqrt_inplace(r[1], nq);
 #pragma omp simd
-  for (int j = 0; j < kBlockQuads; ++j) {
+  for (int j = 0; j < nq; ++j) {
     float c1, s1, c3, s3;
     sincos_2pi(block_uniform(x[1][j]), &c1, &s1);
     sincos_2pi(block_uniform(x[3][j]), &c3, &s3);
@@ -161,12 +171,13 @@ inline void normal_block(uint64_t seed, uint64_t step, uint32_t pid, uint64_t qu
   }
 }
 
-// Uniforms philox_uniform(word) of quads quad0 .. quad0 + kBlockQuads - 1: u[4 j + k] exact.
-inline void uniform_block(uint64_t seed, uint64_t step, uint32_t pid, uint64_t quad0, float* u) {
+// Uniforms philox_uniform(word) of quads quad0 .. quad0 + nq - 1: u[4 j + k] exact.
+inline void uniform_block(uint64_t seed, uint64_t step, uint32_t pid, uint64_t quad0, float* u,
+                          int nq = kBlockQuads) {
   alignas(16) uint32_t x[4][kBlockQuads];
-  philox_block(seed, step, pid, quad0, x);
+  philox_block(seed, step, pid, quad0, x, nq);
 #pragma omp simd
-  for (int j = 0; j < kBlockQuads; ++j) {
+  for (int j = 0; j < nq; ++j) {
     u[4 * j + 0] = block_uniform(x[0][j]);
     u[4 * j + 1] = block_uniform(x[1][j]);
     u[4 * j + 2] = block_uniform(x[2][j]);
@@ -189,7 +200,7 @@ inline void for_each_normal_run(uint64_t seed, uint64_t step, uint32_t pid, int6
   if constexpr (std::is_same<T, float>::value) {
     alignas(16) float z[kBlockElems];
     for (int64_t q = begin; q < end; q += kBlockElems) {
-      normal_block(seed, step, pid, static_cast<uint64_t>(q >> 2), z);
+      normal_block(seed, step, pid, static_cast<uint64_t>(q >> 2), z, block_quads(end - q));
       f(q, static_cast<int>(std::min<int64_t>(end - q, kBlockElems)), static_cast<const T*>(z));
     }
   } else {

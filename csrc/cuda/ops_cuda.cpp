@@ -461,6 +461,7 @@ void bsam_update_cuda(TensorList params, TensorList grads, TensorList backups,
                       bool released_order, const std::optional<Tensor>& found_inf) {
   const char* op = "samkernels::bsam_update_";
   const bool accumulate = !accums.empty();  // empty list: line 5 already ran in bsam_perturb_
+  TORCH_CHECK(accumulate || !released_order, op, ": released_order=True needs accums (line 5 must wait for the update to keep the old s)");
   check_params(op, params);
   check_list(op, "grads", grads, params, false);
   check_list(op, "backups", backups, params, false);

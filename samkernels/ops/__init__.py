@@ -63,6 +63,8 @@ def bsam_perturb_(params, grads, backups, precisions, accums, rho, beta2, delta,
 
 def bsam_update_(params, grads, backups, precisions, momenta, accums, lr, beta1, beta2, delta, gamma,
                  accum_scale, released_order, found_inf=None, *, backend=None) -> None:
+    if released_order and not accums:  # every backend: s before line 5 is gone without accums
+        raise ValueError("bsam_update_: released_order=True needs accums (line 5 must wait for the update to keep the old s)")
     _impl("bsam_update_", params, backend)(params, grads, backups, precisions, momenta, accums, lr,
                                            beta1, beta2, delta, gamma, accum_scale, released_order,
                                            found_inf=found_inf)

@@ -214,6 +214,8 @@ def bsam_update_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor
 
     With ``accums`` (see ``bsam_perturb_``) line 5 runs here with h = accum * accum_scale, and
     ``released_order`` uses the s from before line 5 in line 7 (the authors' JAX code)."""
+    if released_order and not accums:
+        raise ValueError("bsam_update_: released_order=True needs accums (line 5 must wait for the update to keep the old s)")
     if skipped(found_inf):
         return copy_all_(params, backups)
     for i, (p, g, b, s, gm) in enumerate(zip(params, grads, backups, precisions, momenta)):
