@@ -201,12 +201,81 @@ def foreach_bsam(params):
     return step
 
 
+def foreach_randomsam(params):
+    """RandomSAM in plain PyTorch: torch.randn per tensor, foreach perturb/restore, foreach SGD."""
+    base = torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=True)
+    backups = [torch.empty_like(p) for p in params]
+
+    @torch.no_grad()
+    def step():
+        torch._foreach_copy_(backups, params)
+        torch._foreach_add_(params, [torch.randn_like(p) for p in params], alpha=5e-5)
+        torch._foreach_copy_(params, backups)
+        base.step()
+    return step
+
+
+def loop_randomsam(params):
+    base = torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=False)
+    old = {}
+
+    @torch.no_grad()
+    def step():
+        for p in params:
+            old[p] = p.data.clone()
+            p.add_(torch.randn_like(p) * 5e-5)
+        for p in params:
+            p.data.copy_(old[p])
+        base.step()
+    return step
+
+
+def foreach_ebisam(params):
+    """E-BiSAM's stochastic weight perturbation in plain PyTorch: global norm, a Bernoulli(beta)
+    mask per tensor (torch.rand), masked perturb by rho/(1-beta), restore, foreach SGD."""
+    base = torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=True)
+    grads = [p.grad for p in params]
+    backups = [torch.empty_like(p) for p in params]
+
+    @torch.no_grad()
+    def step():
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        torch._foreach_copy_(backups, params)
+        masks = [(torch.rand_like(p) < 0.5).to(p.dtype) for p in params]
+        e = torch._foreach_mul(torch._foreach_mul(grads, masks), 0.05 / 0.5 / (norm + 1e-12))
+        torch._foreach_add_(params, e)
+        torch._foreach_copy_(params, backups)
+        base.step()
+    return step
+
+
+def loop_ebisam(params):
+    base = torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=False)
+    old = {}
+
+    @torch.no_grad()
+    def step():
+        norm = torch.norm(torch.stack([p.grad.norm(p=2) for p in params]), p=2)
+        scale = 0.05 / 0.5 / (norm + 1e-12)
+        for p in params:
+            old[p] = p.data.clone()
+            p.add_(p.grad * (torch.rand_like(p) < 0.5) * scale)
+        for p in params:
+            p.data.copy_(old[p])
+        base.step()
+    return step
+
+
 IMPLS = {
     "sam": {"fused": fused_sam, "foreach": foreach_sam, "loop": loop_sam},
     "bsam": {"fused": fused_bsam, "foreach": foreach_bsam, "loop": loop_bsam},
 }
 # The rest of the family: fused step overhead only (report.py --algos bisam,... --impls fused-cpu)
 IMPLS.update({name: {"fused": build} for name, build in _family().items()})
+# BiSAM's phases are SAM's (its ascent loss only changes the backward): the same baselines
+IMPLS["bisam"].update(foreach=foreach_sam, loop=loop_sam)
+IMPLS["randomsam"].update(foreach=foreach_randomsam, loop=loop_randomsam)
+IMPLS["ebisam"].update(foreach=foreach_ebisam, loop=loop_ebisam)
 
 # Bytes each element of the parameter list must move in each phase (fp32), for the bandwidth floor.
 # A phase's floor is its own traffic; a step's floor is the sum over its phases.

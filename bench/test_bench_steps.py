@@ -19,9 +19,12 @@ def _sync():
         torch.cuda.synchronize()
 
 
+CASES = [(algo, impl) for algo, impls in cases.IMPLS.items()
+         for impl in [f"fused-{b}" for b in FUSED] + [k for k in ("foreach", "loop") if k in impls]]
+
+
 @pytest.mark.parametrize("shapes", SHAPE_SETS)
-@pytest.mark.parametrize("algo", ["sam", "bsam"])
-@pytest.mark.parametrize("impl", [f"fused-{b}" for b in FUSED] + ["foreach", "loop"])
+@pytest.mark.parametrize("algo,impl", CASES)
 def test_step(benchmark, shapes, algo, impl):
     params = cases.make_params(cases.SHAPES[shapes](), device=DEVICE)
     if impl.startswith("fused-"):
