@@ -16,7 +16,8 @@ from torch import nn
 
 from samkernels.train import ConfigError, TrainConfig, run
 from samkernels.train import cli, data as data_mod, engine, runner
-from samkernels.train.optimizers import REGISTRY, Entry, bn_frozen_helper, build, get_entry
+from samkernels.optim.utils import bn_frozen
+from samkernels.train.optimizers import REGISTRY, Entry, build, get_entry
 from samkernels.train.presets import get_preset
 from samkernels.train.runner import resolve
 
@@ -34,12 +35,6 @@ def need(name: str):
     entry = get_entry(name)
     if not entry.available():
         pytest.skip(f"samkernels.optim has no {entry.classes[0]} yet ({name})")
-    if entry.ascent_loss:
-        from samkernels.train.optimizers import OptimizerUnavailable, ascent_loss_fn
-        try:
-            ascent_loss_fn()
-        except OptimizerUnavailable as err:
-            pytest.skip(str(err))
     return entry
 
 
@@ -62,11 +57,27 @@ def test_loss_goes_down(name):
 
 
 @pytest.mark.parametrize("name", ["sam", "bsam"])
-def test_msharpness(name):
+def test_msharpness(name, monkeypatch):
     need(name)
-    res = run(tiny(optimizers=[name], epochs=3, m=4))
+    calls = []  # (batch rows, pass) of every closure call
+    run_pass = engine.PassClosure.run
+
+    def counting(self, x, y, k):
+        calls.append((x.shape[0], k))
+        return run_pass(self, x, y, k)
+
+    monkeypatch.setattr(engine.PassClosure, "run", counting)
+    cfg = tiny(optimizers=[name], epochs=2, keep_weights=True)
+    res = run(dataclasses.replace(cfg, m=4))
     losses = res["runs"][0]["history"]["train_loss"]
     assert res["runs"][0]["run"]["m"] == 4 and losses[-1] < losses[0]
+    # 8 steps per epoch, each: 4 micro-batches of 32 / 4 rows, an ascent and a second pass each
+    assert calls == [(8, 0), (8, 1)] * 4 * 8 * 2
+    calls.clear()
+    whole = run(cfg)  # m = 1: one perturbation for the whole batch, another trajectory
+    assert calls == [(32, 0), (32, 1)] * 8 * 2
+    assert whole["runs"][0]["history"]["train_loss"] != losses
+    assert _weights_differ(whole, res)
 
 
 class NoMicroBatches:
@@ -95,6 +106,11 @@ def test_msharpness_preset_values_and_unsupported_optimizers():
 # --------------------------------------------------------------------------------------------
 # Determinism and resume
 # --------------------------------------------------------------------------------------------
+def _weights_differ(a, b) -> bool:
+    sa, sb = a["runs"][0]["state"], b["runs"][0]["state"]
+    return any(not torch.equal(sa[k], sb[k]) for k in sa)
+
+
 def _same_run(a, b):
     ra, rb = a["runs"][0], b["runs"][0]
     for k in ra["state"]:
@@ -174,6 +190,25 @@ def test_cli_unknown_preset_and_model(capsys):
     assert "unknown preset 'nope'" in _cli_error(["--preset", "nope"], capsys)
     assert "unknown model 'resnet7'" in _cli_error(["--model", "resnet7", "--optimizers", "sgd",
                                                      "--epochs", "1"], capsys)
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--epochs", "0"], "--epochs"), (["--epochs", "-3"], "--epochs"),
+    (["--batch-size", "0"], "--batch-size"), (["--warmup-epochs", "-1"], "--warmup-epochs"),
+    (["--m", "0"], "--m"), (["--seeds", "0"], "--seeds"), (["--samples", "-1"], "--samples"),
+    (["--eval-every", "0"], "--eval-every"), (["--train-subset", "0"], "--train-subset"),
+    (["--hidden", "0"], "--hidden"), (["--stop-after", "0"], "--stop-after"),
+    (["--label-smoothing", "1.5"], "--label-smoothing"), (["--aug-factor", "0"], "--aug-factor"),
+    (["--set", "epochs=0"], "--set epochs"), (["--set", "batch_size=2.5"], "--set batch_size"),
+    (["--sweep", "m=1,0"], "--sweep m"), (["--set", "schedule=linear"], "--set schedule")])
+def test_cli_rejects_impossible_settings(argv, flag, capsys):
+    err = _cli_error(["--optimizers", "sgd,sam"] + argv, capsys)
+    assert f"error: {flag} must be" in err, err
+
+
+def test_cli_m_must_divide_the_batch(capsys):
+    err = _cli_error(["--optimizers", "sam", "--batch-size", "30", "--m", "4"], capsys)
+    assert "--batch-size 30 is not divisible by --m 4" in err
 
 
 def test_cli_list(capsys):
@@ -266,12 +301,8 @@ def test_cosine_and_step_schedules():
     assert [engine.lr_factor(spec, e * 10, 10) for e in (4, 5, 8)] == pytest.approx([1, 0.1, 0.01])
 
 
-@pytest.mark.parametrize("helper", ["trainer", "samkernels.optim"])
-def test_second_pass_leaves_batchnorm_statistics_alone(helper):
+def test_second_pass_leaves_batchnorm_statistics_alone():
     need("sam")
-    freeze = engine._bn_frozen if helper == "trainer" else bn_frozen_helper()
-    if freeze is None:
-        pytest.skip("samkernels.optim has no bn_frozen yet")
     from samkernels.optim import SAM
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
@@ -281,12 +312,78 @@ def test_second_pass_leaves_batchnorm_statistics_alone(helper):
     opt = SAM(model.parameters(), lr=0.1, rho=0.5)
     loss = engine.PassLoss(nn.functional.cross_entropy)
     closure = engine.PassClosure(model, opt, x, y, loss, nn.functional.cross_entropy,
-                                 freeze, lambda: None)
+                                 bn_frozen, lambda: None)
     opt.step(closure)
     assert closure.calls == 2
     assert torch.equal(model[1].running_mean, reference[1].running_mean)
     assert torch.equal(model[1].running_var, reference[1].running_var)
     assert model[1].num_batches_tracked.item() == 1
+
+
+def _final(cfg):
+    res = run(cfg)
+    return res, res["runs"][0]
+
+
+@pytest.mark.parametrize("name, key, value", [("bisam", "mu", 5.0), ("bisam-tanh", "alpha", 1.0),
+                                              ("bisam-tanh", "mu", 2.0), ("ebisam", "mu", 5.0)])
+def test_bisam_ascent_loss_follows_the_runs_hyper_parameters(name, key, value):
+    """--set mu/alpha reaches the ascent loss (it used to be recorded but not used)."""
+    need(name)
+    cfg = tiny(optimizers=[name], epochs=1, keep_weights=True)
+    default, r0 = _final(cfg)
+    changed, r1 = _final(dataclasses.replace(cfg, overrides={key: value}))
+    assert r1["hyper"][key] == value and r1["ascent_loss"][key] == value
+    assert r0["ascent_loss"]["phi"] == ("tanh" if name == "bisam-tanh" else "neglog")
+    assert _weights_differ(default, changed)
+
+
+def test_bisam_presets_write_the_papers_mu_and_alpha():
+    need("bisam")
+    specs = {s.entry.name: s for s in resolve(TrainConfig(
+        preset="bisam-cifar10", optimizers=["bisam", "bisam-tanh", "abisam", "ebisam"]))[-1]}
+    assert specs["bisam"].hyper["mu"] == 1.5 and specs["abisam"].hyper["mu"] == 1.5
+    assert specs["bisam-tanh"].hyper["mu"] == 10 and specs["bisam-tanh"].hyper["alpha"] == 0.1
+    assert specs["ebisam"].hyper["sds_fraction"] == 0.5 and specs["ebisam"].hyper["beta"] == 0.5
+    # phi is what defines the tanh variant: fixed, not a key to override
+    with pytest.raises(ConfigError, match="phi"):
+        resolve(TrainConfig(optimizers=["bisam-tanh"], overrides={"phi": "neglog"}))
+
+
+def test_ebisam_selection_fraction():
+    need("ebisam")
+    with pytest.raises(ConfigError, match="gamma is set with sds_fraction"):
+        resolve(TrainConfig(optimizers=["ebisam"], overrides={"ebisam.gamma": 0.3}))
+    # a plain gamma is bSAM's damping only
+    specs = {s.entry.name: s for s in resolve(TrainConfig(optimizers=["bsam", "ebisam"],
+                                                          overrides={"gamma": 0.2}))[-1]}
+    assert specs["bsam"].hyper["gamma"] == 0.2 and "gamma" not in specs["ebisam"].hyper
+    spec = resolve(TrainConfig(optimizers=["ebisam"], overrides={"sds_fraction": 0.25}))[-1][0]
+    opt = build(spec.entry, [nn.Parameter(torch.zeros(3))], spec.hyper, num_data=100, seed=0)
+    assert opt.gamma == 0.25  # the optimizer's select() keeps what sds_fraction says
+    # the second pass sees exactly ceil(0.25 * 32) = 8 examples
+    seen = []
+    loss = engine.PassLoss(lambda logits, y: seen.append(y.numel()) or logits.sum(),
+                           opt.ascent_loss, opt.select)
+    logits = torch.randn(32, 10, requires_grad=True)
+    y = torch.randint(0, 10, (32,))
+    loss(0, logits, y)
+    loss(1, logits + 0.1 * torch.randn(32, 10), y)
+    assert seen == [8]
+
+
+@pytest.mark.parametrize("name, key", [("sgd", "sds_fraction"), ("sam", "sds_fraction"),
+                                       ("bsam", "sds_fraction"), ("mfvi", "prior_precision")])
+def test_trainer_keys_only_where_used(name, key):
+    need(name)
+    with pytest.raises(ConfigError, match=f"{key}: not a hyper-parameter of {name}"):
+        resolve(TrainConfig(optimizers=[name], overrides={key: 0.1}))
+
+
+def test_prior_precision_offered_with_weight_decay():
+    need("sam")
+    spec = resolve(TrainConfig(optimizers=["sam"], overrides={"prior_precision": 8.0}))[-1][0]
+    assert spec.hyper["prior_precision"] == 8.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,10 +397,35 @@ def test_outputs_and_sweep(tmp_path):
     names = set(os.listdir(out))
     assert {"results.json", "runs.csv", "summary.csv", "table.txt", "learning_curves.png",
             "reliability.png", "sweep_rho.png"} <= names
-    # SGD has no rho: it runs once per sweep value all the same (a baseline line in the plot)
-    assert len(res["runs"]) == 2 * 2 * 2 and len(res["summary"]) == 4
+    # SGD has no rho: it runs once (2 seeds), not once per value, and is the sweep's reference
+    assert [r["key"] for r in res["runs"]] == ["sgd-s0", "sgd-s1", "sam-rho=0.01-s0",
+                                               "sam-rho=0.01-s1", "sam-rho=0.1-s0", "sam-rho=0.1-s1"]
+    assert len(res["summary"]) == 3
     row = next(r for r in res["summary"] if r["optimizer"] == "sam" and r["sweep"] == {"rho": 0.1})
     assert row["seeds"] == [0, 1] and row["accuracy_std"] >= 0
     saved = json.loads((out / "results.json").read_text())
     assert saved["runs"][0]["throughput"]["steps"] == 8 and "state" not in saved["runs"][0]
-    assert "SAM-SGD" in (out / "table.txt").read_text()
+    table = (out / "table.txt").read_text()
+    assert "SAM-SGD" in table and "not swept (rho does not apply)" in table
+    # what the sweep plot draws: SAM-SGD against rho, SGD as one flat line
+    from samkernels.train import plots
+    lines, flat = plots.sweep_lines(saved)
+    sgd = next(r for r in res["summary"] if r["optimizer"] == "sgd")
+    assert list(lines) == ["SAM-SGD"] and [p[0] for p in lines["SAM-SGD"]] == [0.01, 0.1]
+    assert lines["SAM-SGD"][1][1:] == pytest.approx(
+        (row["accuracy"], row["accuracy_std"], row["nll"], row["nll_std"]))
+    assert flat == {"SGD": pytest.approx((None, sgd["accuracy"], sgd["accuracy_std"], sgd["nll"],
+                                          sgd["nll_std"]))}
+
+
+def test_sweep_of_a_training_key_runs_every_optimizer_per_value():
+    need("sam")
+    specs = resolve(tiny(optimizers=["sgd", "sam"], sweep=("epochs", [1, 2])))[-1]
+    assert [(s.entry.name, s.epochs) for s in specs] == [("sgd", 1), ("sam", 1), ("sgd", 2),
+                                                          ("sam", 2)]
+    # m only concerns the two-pass optimizers: SGD is the reference
+    specs = resolve(tiny(optimizers=["sgd", "sam"], sweep=("m", [1, 2])))[-1]
+    assert [(s.entry.name, s.sweep) for s in specs] == [("sgd", {}), ("sam", {"m": 1}),
+                                                         ("sam", {"m": 2})]
+    with pytest.raises(ConfigError, match="repeated"):
+        resolve(tiny(optimizers=["sam"], sweep=("rho", [0.1, 0.1])))

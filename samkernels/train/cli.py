@@ -110,8 +110,9 @@ def _listing() -> str:
             args = ", ".join(f"{k}={v!r}" for k, v in fixed.items())
             state = f"{e.module}.{cls.__name__}({args})"
             if e.ascent_loss:
-                kw = ", ".join(f"{k}={v!r}" for k, v in e.ascent_kwargs.items())
-                state += f", first pass on bisam_loss({kw})"
+                state += ", ascent pass on its ascent_loss"
+            if e.selection:
+                state += ", second pass on the selected examples (sds_fraction)"
         except (OptimizerUnavailable, ImportError):
             state = f"needs {e.module}.{e.classes[0]}: not in this samkernels version yet"
         lines.append(f"  {e.name:11s} {e.label:13s} {state}")

@@ -13,7 +13,6 @@ drawn from generators fixed by (seed, epoch), so a resumed run repeats an uninte
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import os
 import random
@@ -30,7 +29,8 @@ from samkernels.train import metrics
 from samkernels.train.config import ConfigError
 from samkernels.train.data import DataSet, steps_per_epoch, train_batches
 from samkernels.train.models import build_model, count_parameters, has_batchnorm
-from samkernels.train.optimizers import Entry, ascent_loss_fn, bn_frozen_helper, build
+from samkernels.optim.utils import bn_frozen
+from samkernels.train.optimizers import Entry, build
 
 CHECKPOINT_VERSION = 1
 
@@ -112,52 +112,29 @@ def lr_factor(spec: RunSpec, step: int, steps_per_ep: int) -> float:
 # --------------------------------------------------------------------------------------------
 # Closures and steps
 # --------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _bn_frozen(model: nn.Module):
-    """BatchNorm layers normalise with batch statistics as usual but leave their running
-    statistics (and batch counters) untouched inside the block."""
-    saved = []
-    for mod in model.modules():
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.track_running_stats:
-            saved.append((mod, mod.momentum, mod.num_batches_tracked.clone()))
-            mod.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
-    try:
-        yield
-    finally:
-        for mod, momentum, count in saved:
-            mod.momentum = momentum
-            mod.num_batches_tracked.copy_(count)
-
-
 class PassLoss:
     """loss(pass_idx, logits, y): the training criterion on every pass, except the BiSAM family's
-    first (ascent) pass, which uses ``samkernels.bisam_loss``; with ``sds_fraction`` (E-BiSAM) the
-    second pass keeps the examples whose ascent loss rose most under the perturbation."""
+    first (ascent) pass, which uses ``ascent`` (the optimizer's ``ascent_loss``: its phi, mu, alpha);
+    with ``select`` (E-BiSAM's ``EBiSAM.select``) the second pass keeps the examples whose ascent
+    loss rose most under the perturbation."""
 
-    def __init__(self, criterion, ascent=None, sds_fraction: Optional[float] = None):
-        self.criterion, self.ascent, self.sds_fraction = criterion, ascent, sds_fraction
+    def __init__(self, criterion, ascent=None, select: Optional[Callable[[Tensor, Tensor], Tensor]] = None):
+        self.criterion, self.ascent, self.select = criterion, ascent, select
         self._q0: Optional[Tensor] = None
 
     def __call__(self, pass_idx: int, logits: Tensor, y: Tensor) -> Tensor:
         if self.ascent is None:
             return self.criterion(logits, y)
-        if self.sds_fraction is None:
+        if self.select is None:
             return self.ascent(logits, y) if pass_idx == 0 else self.criterion(logits, y)
         if pass_idx == 0:  # per-example ascent loss, remembered for the selection
-            q = self._per_example(logits, y)
+            q = self.ascent(logits, y, reduction="none")
             self._q0 = q.detach()
             return q.mean()
         with torch.no_grad():
-            rise = self._per_example(logits.detach(), y) - self._q0
-        keep = rise.topk(max(1, math.ceil(self.sds_fraction * y.numel()))).indices
+            q_after = self.ascent(logits.detach(), y, reduction="none")
+        keep = self.select(self._q0, q_after)
         return self.criterion(logits[keep], y[keep])
-
-    def _per_example(self, logits: Tensor, y: Tensor) -> Tensor:
-        try:
-            return self.ascent(logits, y, reduction="none")
-        except TypeError as err:
-            raise TypeError("E-BiSAM's data selection needs samkernels.bisam_loss(logits, target, "
-                            "reduction='none')") from err
 
 
 class PassClosure:
@@ -309,11 +286,11 @@ def train_run(spec: RunSpec, data: DataSet, opts: RunOptions) -> Dict[str, Any]:
         raise ConfigError(f"batch size {spec.batch_size} is not divisible by m={spec.m}")
 
     criterion = lambda logits, y: F.cross_entropy(logits, y, label_smoothing=spec.label_smoothing)  # noqa: E731
-    ascent = None
-    if spec.entry.ascent_loss:
-        ascent = functools.partial(ascent_loss_fn(), **spec.entry.ascent_kwargs)
-    sds = spec.hyper.get("sds_fraction") if spec.entry.ascent_loss else None
-    freeze_bn = (bn_frozen_helper() or _bn_frozen) if has_batchnorm(model) else None
+    # BiSAM family: the optimizer's own ascent loss, built from this run's phi/mu/alpha (never the
+    # registry's), and E-BiSAM's selection with its gamma (= sds_fraction)
+    ascent = _required(optimizer, "ascent_loss") if spec.entry.ascent_loss else None
+    select = _required(optimizer, "select") if spec.entry.selection else None
+    freeze_bn = bn_frozen if has_batchnorm(model) else None
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
     history: Dict[str, List[float]] = {k: [] for k in
@@ -349,7 +326,7 @@ def train_run(spec: RunSpec, data: DataSet, opts: RunOptions) -> Dict[str, Any]:
                 factor = lr_factor(spec, epoch * spe + i, spe)
                 for group, lr in zip(optimizer.param_groups, base_lrs):
                     group["lr"] = lr * factor
-                closure = PassClosure(model, optimizer, x, y, PassLoss(criterion, ascent, sds),
+                closure = PassClosure(model, optimizer, x, y, PassLoss(criterion, ascent, select),
                                       criterion, freeze_bn, sync, spec.m)
                 sync()
                 t0 = time.perf_counter()
@@ -399,6 +376,9 @@ def train_run(spec: RunSpec, data: DataSet, opts: RunOptions) -> Dict[str, Any]:
         "complete": done >= spec.epochs, "history": history, "throughput": _throughput(timing),
         "predictors": {},
     }
+    if ascent is not None:  # the ascent loss actually used (the class fills in mu from phi)
+        result["ascent_loss"] = {k: getattr(optimizer, k) for k in ("phi", "mu", "alpha")
+                                 if hasattr(optimizer, k)}
     probs = predict_probs(model, data.x_test, opts.eval_batch_size)
     result["predictors"]["mean"] = _evaluate(probs, data.y_test)
     if is_bayesian(optimizer) and opts.samples > 0:
@@ -409,6 +389,15 @@ def train_run(spec: RunSpec, data: DataSet, opts: RunOptions) -> Dict[str, Any]:
     if opts.keep_state:  # final weights (tests compare runs bit for bit)
         result["state"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return result
+
+
+def _required(optimizer, attr: str):
+    """``optimizer.attr``; a clear error when the class lacks it (the registry entry needs it)."""
+    found = getattr(optimizer, attr, None)
+    if not callable(found):
+        raise ConfigError(f"{type(optimizer).__name__} has no {attr}(), which the trainer needs "
+                          "for this optimizer")
+    return found
 
 
 def _throughput(timing: Dict[str, float]) -> Dict[str, float]:

@@ -1,16 +1,23 @@
 """Optimizers by name.
 
 Each registry entry names a class (``torch.optim`` for the plain baselines, ``samkernels.optim`` for
-the SAM family, looked up lazily so that optimizers still being written raise a clear error only when
-asked for), the constructor arguments that define the variant (``base="adam"`` for SAM-Adam) and how
-many gradient evaluations one step costs.
+the SAM family, looked up lazily so that a missing class raises a clear error only when asked for),
+the constructor arguments that define the variant (``base="adam"`` for SAM-Adam, ``phi="tanh"`` for
+BiSAM (tanh)) and how many gradient evaluations one step costs.
 
-Hyper-parameters are the constructor's keyword arguments plus these trainer-level keys:
+Hyper-parameters are the constructor's keyword arguments plus these trainer-level keys, each offered
+only to the optimizers that use it:
 
 * ``prior_precision`` - the bSAM paper's ``N * delta``: weight decay becomes ``prior_precision / N``
   with ``N`` the training-set size (times ``aug_factor`` under augmentation, as in the authors' code);
+  offered to optimizers whose constructor takes ``weight_decay``;
 * ``sds_fraction``    - E-BiSAM's sharpness-sensitive data selection: fraction of each batch the
-  second pass keeps (the examples whose ascent loss rose most under the perturbation).
+  second pass keeps (the examples whose ascent loss rose most under the perturbation).  It is
+  ``EBiSAM``'s ``gamma``; the trainer calls it ``sds_fraction`` so that ``--set gamma=...`` keeps
+  meaning bSAM's damping only.
+
+The BiSAM family's ascent loss (``phi``, ``mu``, ``alpha``) is the optimizer's own
+``ascent_loss``, so the values in the run's hyper-parameters are the ones used.
 """
 from __future__ import annotations
 
@@ -24,6 +31,8 @@ import torch
 from samkernels.train.config import ConfigError
 
 TRAINER_KEYS = ("prior_precision", "sds_fraction")
+# constructor keywords the trainer exposes under another name: {entry: {constructor name: key}}
+RENAMED = {"ebisam": {"gamma": "sds_fraction"}}
 
 
 class OptimizerUnavailable(RuntimeError):
@@ -39,13 +48,10 @@ class Entry:
     fixed: Dict[str, Any] = field(default_factory=dict)   # kwargs that define the variant
     defaults: Dict[str, Any] = field(default_factory=dict)  # used when the preset gives nothing
     passes: int = 1                        # gradient evaluations per step
-    ascent_loss: bool = False              # first pass on samkernels.bisam_loss (BiSAM family)
-    ascent_kwargs: Dict[str, Any] = field(default_factory=dict)  # e.g. phi="tanh"
+    ascent_loss: bool = False              # first pass on optimizer.ascent_loss (BiSAM family)
+    selection: bool = False                # second pass on a data selection (E-BiSAM's SDS)
     num_data: bool = False                 # constructor takes num_data (Bayesian methods)
     seed: bool = False                     # constructor takes seed (noise of its own)
-    # (class, fixed kwargs) used when none of ``classes`` exists, e.g. BiSAM = SAM whose first pass
-    # is on the ascent loss
-    fallback: Optional[Tuple[str, Dict[str, Any]]] = None
 
     def resolve(self) -> Tuple[type, Dict[str, Any]]:
         """(class, kwargs fixed by the variant); clear error if this samkernels lacks it."""
@@ -54,8 +60,6 @@ class Entry:
             found = getattr(module, name, None)
             if found is not None:
                 return found, dict(self.fixed)
-        if self.fallback is not None and getattr(module, self.fallback[0], None) is not None:
-            return getattr(module, self.fallback[0]), dict(self.fallback[1])
         raise OptimizerUnavailable(
             f"optimizer {self.name!r} ({self.label}) needs {self.module}.{self.classes[0]}, "
             f"which this version of samkernels does not provide yet")
@@ -90,22 +94,21 @@ REGISTRY: Dict[str, Entry] = {e.name: e for e in [
        defaults=dict(lr=0.1, momentum=0.9, rho=0.5)),
     _e("bsam", "bSAM", _SK, ["BSAM"], passes=2, num_data=True, seed=True,
        defaults=dict(lr=0.1, rho=0.01, gamma=0.1)),
-    _e("randomsam", "RandomSAM", _SK, ["RandomSAM"], defaults=dict(lr=0.1, momentum=0.9)),
+    _e("randomsam", "RandomSAM", _SK, ["RandomSAM"], seed=True, defaults=dict(lr=0.1, momentum=0.9)),
     _e("mfvi", "MFVI", _SK, ["MFVI"], num_data=True, seed=True, defaults=dict(lr=0.1)),
     _e("vsam", "VSAM", _SK, ["VariationalSAM", "VSAM"], passes=2, num_data=True,
        defaults=dict(lr=0.1, rho=0.05)),
-    # BiSAM Alg. 1 is SAM-SGD whose perturbation comes from the ascent loss's gradient, A-BiSAM
-    # (Alg. 2) the same with ASAM's T = |w| (eta = 0): SAM serves until a BiSAM class exists
+    # BiSAM Alg. 1-3.  mu and alpha are left to the class (mu: 1.5 for neglog, 10 for tanh, as in
+    # the paper's §4.1) so that --set bisam.phi=tanh also gets tanh's mu; the presets write them out
     _e("bisam", "BiSAM", _SK, ["BiSAM"], passes=2, ascent_loss=True,
-       fallback=("SAM", dict(base="sgd")), defaults=dict(lr=0.1, momentum=0.9, rho=0.05)),
-    _e("bisam-tanh", "BiSAM (tanh)", _SK, ["BiSAM"], passes=2, ascent_loss=True,
-       ascent_kwargs=dict(phi="tanh"), fallback=("SAM", dict(base="sgd")),
        defaults=dict(lr=0.1, momentum=0.9, rho=0.05)),
-    _e("abisam", "A-BiSAM", _SK, ["ABiSAM"], passes=2, ascent_loss=True,
-       fallback=("SAM", dict(base="sgd", adaptive=True, eta=0.0)),
+    _e("bisam-tanh", "BiSAM (tanh)", _SK, ["BiSAM"], fixed=dict(phi="tanh"), passes=2,
+       ascent_loss=True, defaults=dict(lr=0.1, momentum=0.9, rho=0.05)),
+    # A-BiSAM (Alg. 2): ASAM's T = |w| without eta (eq. 19; BiSAM's eta defaults to 0)
+    _e("abisam", "A-BiSAM", _SK, ["BiSAM"], fixed=dict(adaptive=True), passes=2, ascent_loss=True,
        defaults=dict(lr=0.1, momentum=0.9, rho=2.0)),
-    _e("ebisam", "E-BiSAM", _SK, ["EBiSAM", "E_BiSAM"], passes=2, ascent_loss=True,
-       defaults=dict(lr=0.1, momentum=0.9, rho=0.05, sds_fraction=0.5)),
+    _e("ebisam", "E-BiSAM", _SK, ["EBiSAM", "E_BiSAM"], passes=2, ascent_loss=True, selection=True,
+       seed=True, defaults=dict(lr=0.1, momentum=0.9, rho=0.05, beta=0.5, sds_fraction=0.5)),
 ]}
 ALIASES = {"sam-sgd": "sam", "samsgd": "sam", "samadam": "sam-adam", "b-sam": "bsam",
            "variationalsam": "vsam", "e-bisam": "ebisam", "a-bisam": "abisam",
@@ -120,14 +123,32 @@ def get_entry(name: str) -> Entry:
     return REGISTRY[key]
 
 
-def accepted_keys(entry: Entry) -> Tuple[str, ...]:
-    """Constructor keywords (minus params and the ones the trainer fills in) plus trainer keys."""
+def _constructor_keys(entry: Entry) -> Tuple[str, ...]:
+    """Keyword arguments of the constructor, minus params, the variant's fixed ones and those the
+    trainer fills in."""
     cls, fixed = entry.resolve()
     sig = inspect.signature(cls.__init__)
     names = [n for n, p in sig.parameters.items()
              if n not in ("self", "params") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     skip = set(fixed) | {"num_data", "seed"}
-    return tuple(n for n in names if n not in skip) + TRAINER_KEYS
+    return tuple(n for n in names if n not in skip)
+
+
+def accepted_keys(entry: Entry) -> Tuple[str, ...]:
+    """Constructor keywords plus the trainer keys this optimizer uses (see the module docstring)."""
+    names = _constructor_keys(entry)
+    renamed = RENAMED.get(entry.name, {})
+    keys = tuple(n for n in names if n not in renamed)
+    if "weight_decay" in names:  # prior_precision is turned into weight_decay (bSAM App. H)
+        keys += ("prior_precision",)
+    if entry.selection:
+        keys += ("sds_fraction",)
+    return keys
+
+
+def renamed_key(entry: Entry, key: str) -> Optional[str]:
+    """The trainer's name for constructor keyword ``key`` of ``entry`` if it has another one."""
+    return RENAMED.get(entry.name, {}).get(key)
 
 
 def accepts(entry: Entry, key: str) -> bool:
@@ -155,6 +176,9 @@ def build(entry: Entry, params: Iterable[torch.nn.Parameter], hp: Dict[str, Any]
     kwargs = {k: v for k, v in hp.items() if k not in TRAINER_KEYS}
     if "prior_precision" in hp:
         kwargs["weight_decay"] = hp["prior_precision"] / num_data
+    for name, key in RENAMED.get(entry.name, {}).items():
+        if key in hp:
+            kwargs[name] = hp[key]  # E-BiSAM: sds_fraction is the constructor's gamma
     kwargs.update(fixed)
     if entry.num_data:
         kwargs["num_data"] = num_data
@@ -163,28 +187,3 @@ def build(entry: Entry, params: Iterable[torch.nn.Parameter], hp: Dict[str, Any]
     if "betas" in kwargs:
         kwargs["betas"] = tuple(kwargs["betas"])
     return cls(params, **kwargs)
-
-
-def ascent_loss_fn():
-    """BiSAM's ascent loss ``samkernels.bisam_loss`` (or ``samkernels.ops.bisam_loss.bisam_loss``),
-    looked up when first needed."""
-    import samkernels
-    fn = getattr(samkernels, "bisam_loss", None)
-    if not callable(fn):
-        try:
-            fn = importlib.import_module("samkernels.ops.bisam_loss").bisam_loss
-        except (ImportError, AttributeError):
-            fn = None
-    if not callable(fn):
-        raise OptimizerUnavailable("BiSAM needs samkernels.bisam_loss, which this version of "
-                                   "samkernels does not provide yet")
-    return fn
-
-
-def bn_frozen_helper() -> Optional[Any]:
-    """``samkernels.optim.bn_frozen`` once it exists (else the trainer uses its own)."""
-    try:
-        module = importlib.import_module(_SK)
-    except ImportError:
-        return None
-    return getattr(module, "bn_frozen", None)

@@ -3,7 +3,8 @@
 * ``learning_curves.png``  - training loss and test accuracy (mean weights) per epoch, mean over seeds;
 * ``reliability.png``      - reliability diagrams (accuracy per confidence bin vs. the diagonal), one
                               panel per method and predictor, bins pooled over seeds;
-* ``sweep_<key>.png``      - accuracy and NLL against the swept value (``--sweep``), mean ± std.
+* ``sweep_<key>.png``      - accuracy and NLL against the swept value (``--sweep``), mean ± std;
+                              optimizers without the swept key are one dashed horizontal line.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from samkernels.train.runner import predictor_label  # noqa: E402
+from samkernels.train.runner import model_name, predictor_label  # noqa: E402
 
 
 def _mean_curves(runs: List[Dict[str, Any]], field: str) -> Tuple[List[int], List[float]]:
@@ -50,7 +51,9 @@ def learning_curves(results: Dict[str, Any], path: str) -> None:
     ax_loss.set(xlabel="epoch", ylabel="training loss (first pass)", yscale="log")
     ax_acc.set(xlabel="epoch", ylabel="test accuracy % (mean weights)")
     ax_acc.legend(fontsize=8)
-    fig.suptitle(f"{results['data']} / {results['model']}")
+    seeds = sorted({r["seed"] for r in results["runs"]})
+    fig.suptitle(f"{results['data']} / {model_name(results['model'], results.get('hidden'))}: "
+                 f"mean over {len(seeds)} seed(s)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -74,11 +77,11 @@ def reliability(results: Dict[str, Any], path: str) -> None:
     for label, runs in _groups(results).items():
         for predictor in sorted(runs[0]["predictors"], key=lambda p: p != "predictive"):
             panels.append((predictor_label(runs[0], predictor) + label[len(runs[0]["label"]):],
-                           _pooled_bins(runs, predictor)))
+                           _pooled_bins(runs, predictor), len(runs)))
     cols = min(4, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 3.3 * rows), squeeze=False)
-    for ax, (title, bins) in zip(axes.flat, panels):
+    for ax, (title, bins, nruns) in zip(axes.flat, panels):
         edges = bins["edges"]
         width = edges[1] - edges[0]
         acc = [0.0 if math.isnan(a) else a for a in bins["accuracy"]]
@@ -89,7 +92,10 @@ def reliability(results: Dict[str, Any], path: str) -> None:
         ece = sum(c / total * abs(a - f) for c, a, f in
                   zip(bins["count"], bins["accuracy"], bins["confidence"]) if c)
         ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy")
-        ax.set_title(f"{title}\nECE {ece:.4f}", fontsize=8)
+        # the ECE of the pooled bins (all seeds' test predictions together), which is not the
+        # table's mean of per-seed ECEs
+        pooled = f", {nruns} seeds pooled" if nruns > 1 else ""
+        ax.set_title(f"{title}\nECE {ece:.4f}{pooled}", fontsize=8)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.tight_layout()
@@ -97,12 +103,32 @@ def reliability(results: Dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
-def sweep(results: Dict[str, Any], path: str) -> None:
-    key = next(iter(results["runs"][0]["sweep"]))
-    lines: Dict[str, List[Tuple[Any, float, float, float, float]]] = {}
+def sweep_key(results: Dict[str, Any]) -> Any:
+    """The swept key (runs of optimizers it does not apply to carry no sweep value)."""
+    return next(k for r in results["runs"] for k in r["sweep"])
+
+
+Point = Tuple[Any, float, float, float, float]  # (value, accuracy, std, NLL, std)
+
+
+def sweep_lines(results: Dict[str, Any]) -> Tuple[Dict[str, List[Point]], Dict[str, Point]]:
+    """What the sweep plot shows: per row label, one point per swept value; and the reference rows
+    (optimizers without the swept key, run once) as (None, accuracy, std, NLL, std), drawn flat."""
+    key = sweep_key(results)
+    lines: Dict[str, List[Point]] = {}
+    flat: Dict[str, Point] = {}
     for row in results["summary"]:
-        lines.setdefault(row["label"], []).append(
-            (row["sweep"][key], row["accuracy"], row["accuracy_std"], row["nll"], row["nll_std"]))
+        stats = (row["accuracy"], row["accuracy_std"], row["nll"], row["nll_std"])
+        if key in row["sweep"]:
+            lines.setdefault(row["label"], []).append((row["sweep"][key], *stats))
+        else:
+            flat[row["label"]] = (None, *stats)
+    return lines, flat
+
+
+def sweep(results: Dict[str, Any], path: str) -> None:
+    key = sweep_key(results)
+    lines, flat = sweep_lines(results)
     fig, (ax_acc, ax_nll) = plt.subplots(1, 2, figsize=(11, 4))
     numeric = all(isinstance(p[0], (int, float)) for pts in lines.values() for p in pts)
     for label, pts in lines.items():
@@ -111,8 +137,15 @@ def sweep(results: Dict[str, Any], path: str) -> None:
                         capsize=3, label=label)
         ax_nll.errorbar(xs, [p[3] for p in pts], yerr=[p[4] for p in pts], marker="o", capsize=3,
                         label=label)
+    for i, (label, (_, acc, acc_std, nll, nll_std)) in enumerate(flat.items()):
+        # one run set, independent of the swept value: a horizontal line with its std band
+        color = f"C{(len(lines) + i) % 10}"
+        for ax, mean, std in ((ax_acc, 100 * acc, 100 * acc_std), (ax_nll, nll, nll_std)):
+            ax.axhline(mean, color=color, linestyle="--", label=f"{label} (no {key})")
+            if std > 0:
+                ax.axhspan(mean - std, mean + std, color=color, alpha=0.12)
     values = [p[0] for pts in lines.values() for p in pts]
-    if numeric and min(values) > 0 and max(values) / min(values) >= 10:
+    if numeric and values and min(values) > 0 and max(values) / min(values) >= 10:
         ax_acc.set_xscale("log")
         ax_nll.set_xscale("log")
     ax_acc.set(xlabel=key, ylabel="test accuracy %")
@@ -127,8 +160,8 @@ def write_all(results: Dict[str, Any], out: str) -> List[str]:
     paths = [os.path.join(out, "learning_curves.png"), os.path.join(out, "reliability.png")]
     learning_curves(results, paths[0])
     reliability(results, paths[1])
-    if results["runs"] and results["runs"][0]["sweep"]:
-        key = next(iter(results["runs"][0]["sweep"]))
+    if any(r["sweep"] for r in results["runs"]):  # runs[0] may be a not-swept reference
+        key = sweep_key(results)
         safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in key)
         paths.append(os.path.join(out, f"sweep_{safe}.png"))
         sweep(results, paths[-1])

@@ -19,7 +19,8 @@ import torch
 from samkernels.train.config import ConfigError, TrainConfig
 from samkernels.train.data import DataSet, load_dataset
 from samkernels.train.engine import RunOptions, RunSpec, train_run
-from samkernels.train.optimizers import Entry, accepted_keys, accepts, get_entry, set_hyper
+from samkernels.train.optimizers import (Entry, accepted_keys, accepts, get_entry, renamed_key,
+                                         set_hyper)
 from samkernels.train.presets import Preset, get_preset
 
 METRICS = ("accuracy", "nll", "ece", "auroc")
@@ -50,21 +51,66 @@ def _train_settings(cfg: TrainConfig, preset: Preset) -> Dict[str, Any]:
             "m": cfg.m}  # None: the preset's per-optimizer value
 
 
-def _check_train_value(key: str, value: Any) -> Any:
-    if key in ("epochs", "batch_size", "warmup_epochs", "m"):
-        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "warmup_epochs" else 1):
-            raise ConfigError(f"{key} must be a positive integer, got {value!r}")
-    if key == "milestones":
-        return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+# integer settings: smallest allowed value and the CLI flag that sets them
+_INT_MIN = {"epochs": (1, "--epochs"), "batch_size": (1, "--batch-size"),
+            "warmup_epochs": (0, "--warmup-epochs"), "m": (1, "--m")}
+_FLAG = {"label_smoothing": "--label-smoothing", "aug_factor": "--aug-factor",
+         "schedule": "--schedule", "augment": "--augment", "milestones": "--set milestones"}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_train_value(key: str, value: Any, option: Optional[str] = None) -> Any:
+    """A training setting, checked before anything runs (``epochs=0`` would train nothing and
+    ``batch_size=0`` divide by zero); ``option`` names where it came from in the message."""
+    if key in _INT_MIN:
+        low, flag = _INT_MIN[key]
+        if not _is_int(value) or value < low:
+            raise ConfigError(f"{option or flag} must be an integer >= {low}, got {value!r}")
+        return value
+    name = option or _FLAG.get(key, key)
+    if key == "label_smoothing":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise ConfigError(f"{name} must be in [0, 1), got {value!r}")
+    elif key == "aug_factor":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ConfigError(f"{name} must be > 0, got {value!r}")
+    elif key == "schedule":
+        if value not in ("cosine", "step", "constant"):
+            raise ConfigError(f"{name} must be cosine, step or constant, got {value!r}")
+    elif key == "augment":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be True or False, got {value!r}")
+    elif key == "milestones":
+        value = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 for v in value):
+            raise ConfigError(f"{name} must be positive numbers (epochs, or fractions of training "
+                              f"if < 1), got {value!r}")
     return value
 
 
+def _check_run_options(cfg: TrainConfig) -> None:
+    """The options that are not training settings: counts and sizes a run cannot do without."""
+    checks = [("--seeds", cfg.seeds, 1), ("--samples", cfg.samples, 0),
+              ("--eval-every", cfg.eval_every, 1), ("--train-subset", cfg.train_subset, 1),
+              ("--test-subset", cfg.test_subset, 1), ("--threads", cfg.threads, 1),
+              ("--stop-after", cfg.stop_after, 1)]
+    checks += [("--hidden", h, 1) for h in (cfg.hidden or [])]
+    for flag, value, low in checks:
+        if value is not None and (not _is_int(value) or value < low):
+            raise ConfigError(f"{flag} must be an integer >= {low}, got {value!r}")
+
+
 def _apply(hypers: Dict[str, Dict[str, Any]], entries: List[Entry], settings: Dict[str, Any],
-           key: str, value: Any, option: str) -> None:
-    """Apply one ``key=value`` (``name.key`` targets one optimizer) to settings or hyper-parameters."""
+           key: str, value: Any, option: str) -> List[Entry]:
+    """Apply one ``key=value`` (``name.key`` targets one optimizer) to settings or hyper-parameters;
+    returns the optimizers whose runs it can change."""
     if key in TRAIN_KEYS:
-        settings[key] = _check_train_value(key, value)
-        return
+        settings[key] = _check_train_value(key, value, f"{option} {key}")
+        # one-pass optimizers always run with m = 1 (see _msharpness)
+        return [e for e in entries if key != "m" or e.passes >= 2]
     name, _, sub = key.rpartition(".")
     targets = entries
     if name:
@@ -76,11 +122,17 @@ def _apply(hypers: Dict[str, Dict[str, Any]], entries: List[Entry], settings: Di
         key = sub
     hit = [e for e in targets if accepts(e, key)]
     if not hit:
+        for e in targets:  # a constructor keyword the trainer calls something else
+            other = renamed_key(e, key)
+            if other:
+                raise ConfigError(f"{option} {key}: {e.name}'s {key} is set with {other} here "
+                                  f"({e.name}.{other}=...), so that {key} names one thing only")
         known = sorted({k for e in targets for k in accepted_keys(e)} | set(TRAIN_KEYS))
         raise ConfigError(f"{option} {key}: not a hyper-parameter of "
                          f"{', '.join(e.name for e in targets)}; known keys: {', '.join(known)}")
     for e in hit:
         set_hyper(hypers[e.name], key, value)
+    return hit
 
 
 def resolve(cfg: TrainConfig) -> Tuple[Preset, str, str, Optional[Tuple[int, ...]], List[RunSpec]]:
@@ -101,8 +153,7 @@ def resolve(cfg: TrainConfig) -> Tuple[Preset, str, str, Optional[Tuple[int, ...
             preset.hidden if data == preset.data and preset.hidden else DEFAULT_HIDDEN.get(data))
     elif cfg.hidden:
         raise ConfigError(f"--hidden sets MLP layer sizes; model {model!r} has none")
-    if cfg.seeds < 1 or cfg.samples < 0 or cfg.eval_every < 1:
-        raise ConfigError("seeds and eval_every must be >= 1, samples >= 0")
+    _check_run_options(cfg)
 
     # preset hyper-parameters, minus keys this version's constructor does not take
     base_hypers: Dict[str, Dict[str, Any]] = {}
@@ -116,40 +167,67 @@ def resolve(cfg: TrainConfig) -> Tuple[Preset, str, str, Optional[Tuple[int, ...
                           "ignored", stacklevel=2)
         base_hypers[e.name] = {k: v for k, v in hp.items() if k in ok}
     base_settings = _train_settings(cfg, preset)
+    for key, value in base_settings.items():
+        if value is not None:  # the preset's values pass too; a CLI/TrainConfig value may not
+            base_settings[key] = _check_train_value(key, value)
     shortcuts = [("lr", cfg.lr), ("rho", cfg.rho)]
     overrides = [(k, v) for k, v in shortcuts if v is not None] + list(cfg.overrides.items())
     for key, value in overrides:
         _apply(base_hypers, entries, base_settings, key, value, "--set")
 
     sweep_values: List[Any] = [None]
+    swept = {e.name for e in entries}
     if cfg.sweep is not None:
         key, values = cfg.sweep
         if not values:
             raise ConfigError("--sweep needs at least one value")
+        if len({repr(v) for v in values}) != len(values):
+            raise ConfigError(f"--sweep {key}: a value is repeated in {list(values)}")
         sweep_values = list(values)
-        _apply(copy.deepcopy(base_hypers), entries, dict(base_settings), key, values[0], "--sweep")
+        hit = _apply(copy.deepcopy(base_hypers), entries, dict(base_settings), key, values[0],
+                     "--sweep")
+        swept = {e.name for e in hit}
 
     sgd_double = preset.sgd_double_epochs if cfg.sgd_double_epochs is None else cfg.sgd_double_epochs
     specs: List[RunSpec] = []
-    for value in sweep_values:
+    for n, value in enumerate(sweep_values):
         hypers, settings = copy.deepcopy(base_hypers), dict(base_settings)
         sweep: Dict[str, Any] = {}
         if cfg.sweep is not None:
             sweep = {cfg.sweep[0]: value}
             _apply(hypers, entries, settings, cfg.sweep[0], value, "--sweep")
         for e in entries:
-            epochs = settings["epochs"] * (2 if sgd_double and e.passes == 1 else 1)
-            m = _msharpness(e, settings["m"], preset)
-            tag = "".join(f"-{k}={v}" for k, v in sweep.items())
-            for seed in range(cfg.seed, cfg.seed + cfg.seeds):
-                specs.append(RunSpec(
-                    key=f"{e.name}{tag}-s{seed}", entry=e, hyper=dict(hypers[e.name]), seed=seed,
+            # an optimizer the swept key does not touch runs once, with the base settings, as a
+            # reference (sweep {}; a flat line in the sweep plot) instead of once per value
+            if e.name not in swept:
+                if n:
+                    continue
+                hypers_e, settings_e, sweep_e = base_hypers[e.name], base_settings, {}
+            else:
+                hypers_e, settings_e, sweep_e = hypers[e.name], settings, sweep
+            specs.extend(_specs(cfg, e, hypers_e, settings_e, sweep_e, sgd_double, model, hidden,
+                                preset))
+    if cfg.sweep is not None:  # references first, as in the table
+        specs.sort(key=lambda s: bool(s.sweep))
+    return preset, data, model, hidden, specs
+
+
+def _specs(cfg: TrainConfig, e: Entry, hyper: Dict[str, Any], settings: Dict[str, Any],
+           sweep: Dict[str, Any], sgd_double: bool, model: str, hidden, preset: Preset) -> List[RunSpec]:
+    """One run spec per seed of optimizer ``e``."""
+    epochs = settings["epochs"] * (2 if sgd_double and e.passes == 1 else 1)
+    m = _msharpness(e, settings["m"], preset)
+    if m > 1 and settings["batch_size"] % m:  # equal micro-batches
+        raise ConfigError(f"--batch-size {settings['batch_size']} is not divisible by --m {m} "
+                          f"({e.name})")
+    tag = "".join(f"-{k}={v}" for k, v in sweep.items())
+    return [RunSpec(key=f"{e.name}{tag}-s{seed}", entry=e, hyper=dict(hyper), seed=seed,
                     epochs=epochs, batch_size=settings["batch_size"], model=model, hidden=hidden,
                     schedule=settings["schedule"], milestones=tuple(settings["milestones"]),
                     warmup_epochs=settings["warmup_epochs"],
                     label_smoothing=settings["label_smoothing"], augment=settings["augment"],
-                    aug_factor=settings["aug_factor"], m=m, sweep=sweep))
-    return preset, data, model, hidden, specs
+                    aug_factor=settings["aug_factor"], m=m, sweep=dict(sweep))
+            for seed in range(cfg.seed, cfg.seed + cfg.seeds)]
 
 
 def _msharpness(entry: Entry, requested: Optional[int], preset: Preset) -> int:
@@ -165,7 +243,7 @@ def _msharpness(entry: Entry, requested: Optional[int], preset: Preset) -> int:
             raise ConfigError(f"--m {m}: {entry.name} ({cls.__name__}) has no m-sharpness support "
                               "in this version of samkernels; use --m 1")
         warnings.warn(f"preset {preset.name} uses m={m} for {entry.name}, which {cls.__name__} "
-                      "cannot do in this version of samkernels: running with m=1", stacklevel=3)
+                      "cannot do in this version of samkernels: running with m=1", stacklevel=4)
         m = 1
     return m
 
@@ -322,11 +400,14 @@ def format_table(results: Dict[str, Any]) -> str:
     name = PRETTY_DATA.get(results["data"], results["data"])
     model = model_name(results["model"], results["hidden"])
     lines = [f"{name} / {model} (preset {results['preset']['name']})", head, "-" * len(head)]
+    swept_key = (results["config"].get("sweep") or [None])[0]
     last_sweep, seen = None, set()
     for row in rows:
         sweep = json.dumps(row["sweep"], sort_keys=True)
         if row["sweep"] and sweep != last_sweep:
             lines.append("  " + ", ".join(f"{k} = {v}" for k, v in row["sweep"].items()))
+        elif swept_key and not row["sweep"] and sweep != last_sweep:
+            lines.append(f"  not swept ({swept_key} does not apply): one run set for every value")
         last_sweep = sweep
         n = len(row["seeds"])
         first = (sweep, row["optimizer"]) not in seen  # throughput once per optimizer
