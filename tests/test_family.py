@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import samkernels
 from samkernels.ops import reference as ref
-from samkernels.ops.bisam_loss import bisam_loss
+from samkernels.ops.bisam_loss import bisam_loss, bisam_loss_reference
 from samkernels.optim.bisam import BiSAM, EBiSAM
 from samkernels.optim.mfvi import MFVI
 from samkernels.optim.random_sam import RandomSAM
@@ -56,6 +56,9 @@ OPTIMIZERS = {
     "randomsam": lambda ps: RandomSAM(ps, lr=0.1, sigma=0.05, momentum=0.9, weight_decay=5e-4, seed=3),
     "randomsam_rho_adamw": lambda ps: RandomSAM(ps, lr=1e-2, rho=0.5, base="adamw", weight_decay=1e-2,
                                                 seed=4),
+    # issue #4: any base optimizer (unfused): the noise phase is fused, the update is RMSprop's
+    "randomsam_rmsprop": lambda ps: RandomSAM(ps, lr=1e-2, sigma=0.05, base=torch.optim.RMSprop,
+                                              momentum=0.9, alpha=0.95, seed=6),
     "mfvi": lambda ps: MFVI(ps, lr=0.1, num_data=N, rho=0.5, var_lr=0.05, seed=3),
     "mfvi_momentum": lambda ps: MFVI(ps, lr=0.05, num_data=N, init_var=1e-3, momentum=0.9,
                                      prior_var=0.5, seed=5),
@@ -486,3 +489,419 @@ def test_built_closure_with_m_sharpness(make):
     with pytest.raises(ValueError, match="built for m=1"):
         opt.step(opt.closure(model, x, y), m=2)
     assert not opt.is_perturbed
+
+
+# --- m-sharpness against hand-written float64 references --------------------------------------
+# The references below use plain torch autograd on the micro-batches (torch.func.functional_call
+# at explicit weights), never the optimizer: they check the maths, not self-consistency.
+def grads_at(model, weights, x, y, loss_fn):
+    """d loss_fn(model_weights(x), y) / d weights, by plain autograd."""
+    ws = [w.detach().clone().requires_grad_() for w in weights]
+    names = [n for n, _ in model.named_parameters()]
+    out = torch.func.functional_call(model, dict(zip(names, ws)), (x,))
+    return list(torch.autograd.grad(loss_fn(out, y), ws))
+
+
+def sgd_reference(ws, grads, bufs, lr, momentum, weight_decay):
+    """torch.optim.SGD (dampening 0, no nesterov): d = g + wd w; buf = momentum buf + d (d the
+    first time); w <- w - lr buf."""
+    out, new_bufs = [], []
+    for w, g, b in zip(ws, grads, bufs):
+        d = g + weight_decay * w
+        b = d if b is None else momentum * b + d
+        out.append(w - lr * b)
+        new_bufs.append(b)
+    return out, new_bufs
+
+
+def micro_closure(opt, model, x, y, m, after_backward=None):
+    """closure(i, ascent) on micro-batch i of m (x.chunk(m)); BiSAM's ascent passes use Q."""
+    xs, ys = x.chunk(m), y.chunk(m)
+
+    def closure(i, ascent):
+        opt.zero_grad()
+        logits = model(xs[i])
+        if ascent and isinstance(opt, BiSAM):
+            loss = opt.ascent_loss(logits, ys[i])
+        else:
+            loss = F.cross_entropy(logits, ys[i])
+        loss.backward()
+        if after_backward is not None:
+            after_backward()
+        return loss.detach()
+
+    return closure
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_ext)])
+@pytest.mark.parametrize("var_step", ["log", "linear"])
+@pytest.mark.parametrize("m", [1, 3])
+def test_vsam_m_sharpness_matches_hand_reference(backend, var_step, m):
+    """SPEC m-sharpness for VSAM (Alg. 3): per micro-batch g_i at mu, e_i = sqrt(p) Sigma g_i /
+    sqrt(g_i^T Sigma g_i) with the same pre-step Sigma, gradient at mu + e_i; one SGD step with the
+    mean of those, and one Sigma step of eq. 42 with the data term averaged over the micro-batches
+    (autograd on u = log Sigma with the g_i fixed).  m = 1 is the plain VSAM step.  Two steps, so
+    the second uses the momentum buffer and the stepped Sigma."""
+    nd, pv, rho, lr, mom = 1000.0, 0.5, 0.05, 0.1, 0.9
+    vlr = 50.0 if var_step == "log" else 1e-8
+    model = mlp()
+    x, y = data()
+    opt = VariationalSAM(model.parameters(), lr=lr, num_data=nd, rho=rho, momentum=mom,
+                         prior_var=pv, var_lr=vlr, var_step=var_step, perturb_eps=1e-300)
+    ws = [p.detach().clone() for p in model.parameters()]
+    p_count = sum(w.numel() for w in ws)
+    var = [torch.full_like(w, rho ** 2 / p_count) for w in ws]
+    bufs = [None] * len(ws)
+    losses = []
+    for _ in range(2):
+        with samkernels.use_backend(backend):
+            closure = micro_closure(opt, model, x, y, m) if m > 1 else make_closure(opt, model, x, y)
+            losses.append(opt.step(closure, m=m).item())
+        g_eps, data_terms, first_losses = [torch.zeros_like(w) for w in ws], [], []
+        for xi, yi in zip(x.chunk(m), y.chunk(m)):
+            g = grads_at(model, ws, xi, yi, F.cross_entropy)
+            s = torch.sqrt(sum((v * gi * gi).sum() for v, gi in zip(var, g)))  # eq. 2's normaliser
+            e = [math.sqrt(p_count) * v * gi / s for v, gi in zip(var, g)]
+            ge = grads_at(model, [w + ei for w, ei in zip(ws, e)], xi, yi, F.cross_entropy)
+            g_eps = [a + b / m for a, b in zip(g_eps, ge)]
+            data_terms.append(g)
+            with torch.no_grad():
+                first_losses.append(F.cross_entropy(torch.func.functional_call(
+                    model, dict(zip([n for n, _ in model.named_parameters()], ws)), (xi,)), yi))
+        # eq. 42 on u = log Sigma, its data term sqrt(p) sqrt(g^T Sigma g) averaged over micro-batches
+        us = [v.log().requires_grad_() for v in var]
+        data_term = sum(math.sqrt(p_count) * torch.sqrt(sum((u.exp() * gi * gi).sum()
+                                                            for u, gi in zip(us, g)))
+                        for g in data_terms) / m
+        obj = data_term + sum(u.exp().sum() / (2 * nd * pv) - u.sum() / (2 * nd) for u in us)
+        dus = torch.autograd.grad(obj, us)
+        if var_step == "log":
+            new_var = [(u - vlr * du).exp().detach() for u, du in zip(us, dus)]
+        else:  # dL/dSigma = dL/du / Sigma; Alg. 3 line 7, clamped at min_var
+            new_var = [(v - vlr * du / v).clamp(min=1e-12) for v, du in zip(var, dus)]
+        ws, bufs = sgd_reference(ws, g_eps, bufs, lr, mom, 1.0 / (nd * pv))  # wd: eq. 42's prior
+        assert losses[-1] == pytest.approx(torch.stack(first_losses).mean().item(), rel=1e-12)
+        var = new_var
+    assert max(((v / (rho ** 2 / p_count)) - 1).abs().max().item() for v in var) > 1e-3  # Sigma moved
+    for p, w, v in zip(model.parameters(), ws, var):
+        torch.testing.assert_close(p.detach(), w, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(opt.state[p]["variance"], v, rtol=1e-10, atol=0)
+    assert not opt.is_perturbed
+
+
+def test_vsam_m_sharpness_sigma_step_is_not_the_mean_of_the_steps():
+    """The log step's averaged data term is the geometric mean of the micro-batches' Sigma_i, which
+    differs from their arithmetic mean by more than the tolerance above (so that test can tell)."""
+    model = mlp()
+    x, y = data()
+    opt = VariationalSAM(model.parameters(), lr=0.1, num_data=1000.0, rho=0.05, var_lr=50.0)
+    ps = list(model.parameters())
+    sigmas = []
+    for i in range(3):  # each micro-batch's Sigma_i alone, from the same Sigma
+        o = VariationalSAM(ps, lr=0.1, num_data=1000.0, rho=0.05, var_lr=50.0)
+        micro_closure(o, model, x, y, 3)(i, True)
+        o.first_step(zero_grad=True)
+        o.restore()
+        sigmas.append([o.state[p]["variance"].clone() for p in ps])
+    opt.step(micro_closure(opt, model, x, y, 3), m=3)
+    got = [opt.state[p]["variance"] for p in ps]
+    geo = [torch.stack([s[k] for s in sigmas]).log().mean(0).exp() for k in range(len(ps))]
+    ari = [torch.stack([s[k] for s in sigmas]).mean(0) for k in range(len(ps))]
+    for a, b in zip(got, geo):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+    assert max(((a - b) / b).abs().max().item() for a, b in zip(ari, geo)) > 1e-8
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_ext)])
+def test_randomsam_m_sharpness_matches_hand_reference(backend):
+    """Micro-batch i of the step that starts at counter c draws z_i = philox(seed, c + i); the
+    gradients at mu + sigma z_i on the micro-batches are averaged; one SGD step (SPEC)."""
+    m, sigma, seed, lr, mom, wd = 3, 0.05, 11, 0.1, 0.9, 5e-4
+    model = mlp()
+    x, y = data()
+    opt = RandomSAM(model.parameters(), lr=lr, sigma=sigma, momentum=mom, weight_decay=wd,
+                    seed=seed)
+    ws = [p.detach().clone() for p in model.parameters()]
+    bufs = [None] * len(ws)
+    for t in range(2):
+        with samkernels.use_backend(backend):
+            opt.step(micro_closure(opt, model, x, y, m), m=m)
+        g = [torch.zeros_like(w) for w in ws]
+        for i, (xi, yi) in enumerate(zip(x.chunk(m), y.chunk(m))):
+            z = [ref.philox_normal(seed, t * m + i, pid, w.numel()).view(w.shape)
+                 for pid, w in enumerate(ws)]
+            gi = grads_at(model, [w + sigma * zi for w, zi in zip(ws, z)], xi, yi, F.cross_entropy)
+            g = [a + b / m for a, b in zip(g, gi)]
+        ws, bufs = sgd_reference(ws, g, bufs, lr, mom, wd)
+        assert opt.state_dict()["samkernels"]["noise_step"] == (t + 1) * m
+    for p, w in zip(model.parameters(), ws):
+        torch.testing.assert_close(p.detach(), w, rtol=1e-10, atol=1e-12)
+    assert not opt.is_perturbed
+
+
+@pytest.mark.parametrize("m", [2, 3])
+def test_bisam_m_sharpness_matches_hand_reference(m):
+    """BiSAM with m-sharpness (Alg. 1 per micro-batch): e_i = rho dQ_i / (||dQ_i|| + 1e-12) from the
+    ascent loss Q on micro-batch i (bisam_loss_reference: plain PyTorch, neglog, mu = 1.5), the
+    cross-entropy gradient at w + e_i, averaged; one SGD-momentum step.  Two steps."""
+    rho, lr, mom, wd = 0.05, 0.1, 0.9, 5e-4
+    model = mlp()
+    x, y = data()
+    opt = BiSAM(model.parameters(), lr=lr, rho=rho, momentum=mom, weight_decay=wd)
+    ws = [p.detach().clone() for p in model.parameters()]
+    bufs = [None] * len(ws)
+    q = lambda f, t: bisam_loss_reference(f, t, mu=1.5, phi="neglog")  # noqa: E731
+    for _ in range(2):
+        opt.step(model=model, inputs=x, target=y, m=m)
+        g = [torch.zeros_like(w) for w in ws]
+        for xi, yi in zip(x.chunk(m), y.chunk(m)):
+            gq = grads_at(model, ws, xi, yi, q)
+            norm = torch.sqrt(sum((a * a).sum() for a in gq))
+            e = [rho * a / (norm + 1e-12) for a in gq]
+            ge = grads_at(model, [w + ei for w, ei in zip(ws, e)], xi, yi, F.cross_entropy)
+            g = [a + b / m for a, b in zip(g, ge)]
+        ws, bufs = sgd_reference(ws, g, bufs, lr, mom, wd)
+    for p, w in zip(model.parameters(), ws):
+        torch.testing.assert_close(p.detach(), w, rtol=1e-10, atol=1e-12)
+    # and it is not the m = 1 step (the micro-batches' own perturbations matter)
+    plain = mlp()
+    BiSAM(plain.parameters(), lr=lr, rho=rho, momentum=mom, weight_decay=wd).step(
+        model=plain, inputs=x, target=y)
+    assert not torch.allclose(next(plain.parameters()), next(model.parameters()))
+
+
+M_SHARP = ("randomsam", "randomsam_rmsprop", "vsam", "vsam_linear_adam")
+
+
+@pytest.mark.parametrize("name", M_SHARP)
+def test_m_sharpness_nonfinite_skips_the_whole_step(name):
+    """A NaN in any pass of an m = 3 step skips it: weights, state (Sigma, momentum, the inner
+    optimizer's), and the noise counter as before; the next clean step is the straight run's."""
+    m = 3
+    one_pass = name.startswith(ONE_PASS)
+    for poison_at in ((1,) if one_pass else (2, 5)):
+        model, x, y = mlp(), *data()
+        opt = OPTIMIZERS[name](model.parameters())
+        for _ in range(2):
+            opt.step(micro_closure(opt, model, x, y, m), m=m)
+        calls = []
+
+        def poison():
+            calls.append(1)
+            if len(calls) == poison_at + 1:
+                next(model.parameters()).grad[0, 0] = float("nan")
+
+        before = copy.deepcopy((model.state_dict(), opt.state_dict()))
+        opt.step(micro_closure(opt, model, x, y, m, poison), m=m)
+        assert opt.step_skipped and not opt.is_perturbed
+        after = (model.state_dict(), opt.state_dict())
+        for k, v in before[0].items():
+            assert torch.equal(after[0][k], v), k
+        assert after[1]["samkernels"] == before[1]["samkernels"]
+        for key in ("state", "base_optimizer"):  # ours, and the inner torch optimizer's
+            st_before = before[1].get(key, {}) if key == "state" else \
+                before[1].get(key, {}).get("state", {})
+            st_after = after[1].get(key, {}) if key == "state" else \
+                after[1].get(key, {}).get("state", {})
+            for i, st in st_before.items():
+                for k, v in st.items():
+                    assert torch.equal(st_after[i][k], v), (key, i, k)
+        opt.step(micro_closure(opt, model, x, y, m), m=m)
+        straight, ox, oy = mlp(), *data()
+        o2 = OPTIMIZERS[name](straight.parameters())
+        for _ in range(3):
+            o2.step(micro_closure(o2, straight, ox, oy, m), m=m)
+        for a, b in zip(model.parameters(), straight.parameters()):
+            assert torch.equal(a, b)
+
+
+def test_mfvi_refuses_m_sharpness():
+    model = mlp()
+    x, y = data()
+    opt = MFVI(model.parameters(), lr=0.1, num_data=N)
+    with pytest.raises(ValueError, match="no m-sharpness"):
+        opt.step(micro_closure(opt, model, x, y, 2), m=2)
+    assert not opt.is_perturbed
+    opt.step(make_closure(opt, model, x, y), m=1)  # m = 1 is the ordinary step
+
+
+# --- RandomSAM: rho_schedule and any torch.optim base -------------------------------------------
+def test_randomsam_rho_schedule_sets_the_noise_scale():
+    """rho_schedule(group) -> rho, as SAM's: sigma0 = rho_t / sqrt(p), evaluated at each draw (it
+    overrides the configured sigma); an LR scheduler moving lr moves the noise scale."""
+    model = mlp()
+    ps = list(model.parameters())
+    p_count = sum(p.numel() for p in ps)
+    opt = RandomSAM(ps, lr=0.1, sigma=0.05, seed=21, rho_schedule=lambda g: 2.0 * g["lr"])
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for t in range(3):
+        w0 = [p.detach().clone() for p in ps]
+        opt.noise_step()
+        sigma0 = 2.0 * 0.1 * 0.5 ** t / math.sqrt(p_count)
+        for i, (p, w) in enumerate(zip(ps, w0)):
+            z = ref.philox_normal(21, t, i, p.numel()).view(p.shape)
+            torch.testing.assert_close(p.detach(), w + sigma0 * z, rtol=1e-12, atol=1e-15)
+        for p in ps:
+            p.grad = torch.zeros_like(p)
+        opt.second_step()  # a zero gradient: back to the mean
+        for p, w in zip(ps, w0):
+            assert torch.equal(p.detach(), w)
+        sched.step()
+    bad = RandomSAM(mlp().parameters(), lr=0.1, rho_schedule=lambda g: -1.0)
+    with pytest.raises(ValueError, match="rho_schedule returned"):
+        bad.noise_step()
+    with pytest.raises(ValueError, match="rho_schedule"):
+        RandomSAM(mlp().parameters(), lr=0.1, rho_schedule=0.1)
+
+
+def _train_with(make, steps=8, scheduler=None, seed=0):
+    model = mlp(seed=seed)
+    opt = make(model.parameters())
+    sched = scheduler(opt) if scheduler is not None else None
+    x, y = data()
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(steps):
+        opt.step(closure)
+        if sched is not None:
+            sched.step()
+    return model, opt
+
+
+@pytest.mark.parametrize("forward", ["keywords", "base_kwargs"])
+def test_randomsam_torch_base_at_sigma_0_is_that_optimizer(forward):
+    """base=torch.optim.RMSprop, sigma = 0: bit for bit RMSprop, LR scheduler included (the group
+    dicts are shared, so the scheduler's lr reaches the inner optimizer)."""
+    kw = dict(momentum=0.9, alpha=0.95, weight_decay=1e-3, centered=True)
+    sched = lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=3, gamma=0.5)  # noqa: E731
+    want, _ = _train_with(lambda ps: torch.optim.RMSprop(ps, lr=1e-2, **kw), scheduler=sched)
+    if forward == "keywords":
+        make = lambda ps: RandomSAM(ps, lr=1e-2, sigma=0.0, base=torch.optim.RMSprop, **kw)  # noqa: E731
+    else:
+        make = lambda ps: RandomSAM(ps, lr=1e-2, sigma=0.0, base=torch.optim.RMSprop,  # noqa: E731
+                                    momentum=0.9, base_kwargs=dict(alpha=0.95, weight_decay=1e-3,
+                                                                   centered=True))
+    got, opt = _train_with(make, scheduler=sched)
+    for a, b in zip(want.parameters(), got.parameters()):
+        assert torch.equal(a, b)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.5 ** 2)
+    assert opt._inner.param_groups is opt.param_groups
+
+
+def test_randomsam_torch_base_resume_is_exact():
+    """state_dict() carries the inner optimizer's state ("base_optimizer") and the noise counter;
+    a fresh RandomSAM loading it continues bit for bit, and the groups stay shared."""
+    make = OPTIMIZERS["randomsam_rmsprop"]
+    model, opt, _ = train(make, "auto", steps=3)
+    sd = opt.state_dict()
+    assert sd["base_optimizer"]["state"] and "square_avg" in sd["base_optimizer"]["state"][0]
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": sd}, buf)
+    m_straight, _, straight = train(make, "auto", steps=6)
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=True)
+    model2 = mlp(seed=5)
+    model2.load_state_dict(ck["model"])
+    opt2 = make(model2.parameters())
+    opt2.load_state_dict(ck["opt"])
+    assert opt2._inner.param_groups is opt2.param_groups
+    _, _, resumed = train(make, "auto", steps=3, model=model2, opt=opt2)
+    assert resumed == straight[3:]
+    for a, b in zip(m_straight.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="base"):
+        OPTIMIZERS["randomsam"](mlp().parameters()).load_state_dict(sd)
+
+
+def test_randomsam_base_argument_errors():
+    ps = lambda: mlp().parameters()  # noqa: E731
+    with pytest.raises(ValueError, match="base"):
+        RandomSAM(ps(), lr=0.1, base=samkernels.optim.SAM)
+    with pytest.raises(ValueError, match="base"):
+        RandomSAM(ps(), lr=0.1, base=dict)
+    with pytest.raises(TypeError, match="alpha"):
+        RandomSAM(ps(), lr=0.1, base="sgd", alpha=0.9)
+    with pytest.raises(TypeError, match="base_kwargs"):
+        RandomSAM(ps(), lr=0.1, base="adam", base_kwargs=dict(amsgrad=True))
+    with pytest.raises(ValueError, match="skip_on_device"):
+        RandomSAM(ps(), lr=0.1, base=torch.optim.RMSprop, nonfinite="skip_on_device")
+    with pytest.raises(ValueError, match="eps"):
+        RandomSAM(ps(), lr=0.1, base=torch.optim.Adam, adam_eps=1e-6)
+    with pytest.raises(ValueError, match="twice"):
+        RandomSAM(ps(), lr=0.1, base=torch.optim.RMSprop, momentum=0.9,
+                  base_kwargs=dict(momentum=0.5))
+    with pytest.raises(ValueError, match="momentum"):  # the torch optimizer checks its own
+        RandomSAM(ps(), lr=0.1, base=torch.optim.RMSprop, momentum=-1.0)
+
+
+# --- OneCycleLR / CyclicLR: cycle_momentum reaches the base optimizer in use ---------------------
+def _sgd_like(ps, **kw):
+    return torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=5e-4, **kw)
+
+
+@pytest.mark.parametrize("ours,theirs,key", [
+    (lambda ps: RandomSAM(ps, lr=0.1, sigma=0.0, momentum=0.9, weight_decay=5e-4), _sgd_like,
+     "momentum"),
+    (lambda ps: VariationalSAM(ps, lr=0.1, num_data=N, rho=0.0, momentum=0.9, weight_decay=5e-4),
+     _sgd_like, "momentum"),
+    (lambda ps: RandomSAM(ps, lr=1e-2, sigma=0.0, base="adam", weight_decay=1e-3),
+     lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=1e-3), "betas"),
+    (lambda ps: VariationalSAM(ps, lr=1e-2, num_data=N, rho=0.0, base="adamw", weight_decay=1e-2),
+     lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=1e-2), "betas"),
+    (lambda ps: RandomSAM(ps, lr=1e-2, sigma=0.0, base=torch.optim.RMSprop, momentum=0.9),
+     lambda ps: torch.optim.RMSprop(ps, lr=1e-2, momentum=0.9), "momentum"),
+])
+def test_one_cycle_lr_cycles_the_momentum_in_use(ours, theirs, key):
+    """SGD bases carry no betas (torch's OneCycleLR/CyclicLR would cycle betas[0] instead of
+    momentum), Adam bases no momentum: at zero perturbation the run is torch's optimizer under the
+    same OneCycleLR(cycle_momentum=True), and the groups' momentum (beta1) really cycles."""
+    other = "betas" if key == "momentum" else "momentum"
+    opt = ours(mlp().parameters())
+    assert other not in opt.defaults and all(other not in g for g in opt.param_groups)
+    seen = []
+
+    def one_cycle(o):
+        return torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=8,
+                                                   cycle_momentum=True)
+
+    def record(o):
+        sched = one_cycle(o)
+        if isinstance(o, (RandomSAM, VariationalSAM)):
+            orig = sched.step
+
+            def step(*a, **k):
+                orig(*a, **k)
+                v = o.param_groups[0][key]
+                seen.append(v if key == "momentum" else v[0])
+            sched.step = step
+        return sched
+
+    want, _ = _train_with(theirs, steps=7, scheduler=one_cycle)
+    got, opt = _train_with(ours, steps=7, scheduler=record)
+    for a, b in zip(want.parameters(), got.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    assert len(set(seen)) >= 5 and min(seen) < 0.9 < max(seen)
+    fresh = ours(mlp().parameters())  # the saved groups (without the other base's key) load
+    fresh.load_state_dict(opt.state_dict())
+    assert fresh.param_groups[0][key] == opt.param_groups[0][key]
+    assert other not in fresh.param_groups[0]
+
+
+def test_group_with_another_fused_base_gets_its_keys():
+    """A param group may switch the fused base; it gets that base's keys (from the keywords given
+    to the constructor, else the defaults), checked."""
+    lin = torch.nn.Linear(3, 2).double()
+    opt = RandomSAM([{"params": [lin.weight]}, {"params": [lin.bias], "base": "adam"}], lr=0.1,
+                    sigma=0.0, momentum=0.9, betas=(0.8, 0.99))
+    assert opt.param_groups[0]["momentum"] == 0.9 and "betas" not in opt.param_groups[0]
+    assert opt.param_groups[1]["betas"] == (0.8, 0.99) and "momentum" not in opt.param_groups[1]
+    with pytest.raises(ValueError, match="betas"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "base": "adam",
+                             "betas": (1.5, 0.9)})
+    with pytest.raises(ValueError, match="base"):
+        VariationalSAM([{"params": [lin.weight], "base": "lion"}], lr=0.1, num_data=3)

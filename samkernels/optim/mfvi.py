@@ -91,6 +91,21 @@ class MFVI(GaussianPosterior, TwoPassOptimizer):
         mu <- mu - lr (g + mu/(N prior_var))          (with momentum when set)
         u  <- u - var_lr (g z Sigma^1/2 / 2 + (Sigma/prior_var - 1)/(2N))
 
+    Note (paper vs code): Alg. 2 line 5 as printed updates the mean with the data gradient only,
+    ``mu <- mu - eta_1 [grad_mu L_B](mu + Sigma^1/2 eta)``, with no KL term (line 4 adds the KL
+    gradient to the Sigma step alone).  We add the prior's gradient ``mu / (N prior_var)``, i.e.
+    weight decay ``1/(N prior_var)``: the objective Alg. 2 descends is eq. 5, E_q L_B + KL/N, and
+    the mu-gradient of eq. 39's ``||mu||^2 / (2 prior_var)`` term divided by N is exactly that (the
+    paper's own eqs. 6-7 keep it as ``2 alpha mu``, alpha = 1/(N sigma_0^2), a factor 2 off eq. 39;
+    eq. 40 and VSAM's eq. 42 carry the same ``||mu||^2 / (2 N sigma_0^2)``).  Dropping it would
+    optimise a different objective than the Sigma step (which does use the KL), and the posterior
+    would not be the one of eq. 5.
+
+    No m-sharpness: MFVI is not SAM-type.  There is one pass per step and no perturbation built
+    from a gradient, and the Sigma step needs each sample's own ``g z`` product (the
+    reparametrised gradient, eq. 39), which averaging micro-batch gradients would not give.
+    ``step(closure, m)`` with ``m > 1`` raises ``ValueError``; average over a larger batch instead.
+
     ``step(closure)`` calls the closure once, at theta (as the step's first pass: a closure that
     takes an argument gets ``ascent=True``), and returns its loss.  Explicit phases::
 
@@ -102,23 +117,26 @@ class MFVI(GaussianPosterior, TwoPassOptimizer):
                  momentum: float = 0.0, seed: SeedLike = None,
                  freeze_bn: Optional[torch.nn.Module] = None, freeze_bn_noisy: bool = False,
                  nonfinite: str = "skip"):
-        check_nonneg("lr", lr)
-        check_positive("num_data", num_data)
-        if init_var is None:
-            check_positive("rho", rho)
-        else:
-            check_nonneg("rho", rho)
-            check_positive("init_var", init_var)
-        check_nonneg("var_lr", var_lr)
-        check_positive("prior_var", prior_var)
-        check_beta("momentum", momentum)
-        defaults = dict(lr=lr, num_data=float(num_data), rho=rho, var_lr=var_lr,
+        defaults = dict(lr=lr, num_data=num_data, rho=rho, var_lr=var_lr,
                         prior_var=prior_var, init_var=init_var, momentum=momentum)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults)  # _check_group checks these, and every group's
         self._configure(freeze_bn, None, nonfinite)
         self.freeze_bn_noisy = bool(freeze_bn_noisy)
         self._extra_state.update(seed=draw_seed(seed), noise_step=0)
         self._noise = {"at": 0}  # counter of the noise now in the weights (a dict: set in place)
+
+    def _check_group(self, group: dict) -> None:
+        check_nonneg("lr", group["lr"])
+        check_positive("num_data", group["num_data"])
+        group["num_data"] = float(group["num_data"])
+        if group["init_var"] is None:
+            check_positive("rho", group["rho"])
+        else:
+            check_nonneg("rho", group["rho"])
+            check_positive("init_var", group["init_var"])
+        check_nonneg("var_lr", group["var_lr"])
+        check_positive("prior_var", group["prior_var"])
+        check_beta("momentum", group["momentum"])
 
     # -- state -----------------------------------------------------------------------------------
     def _variances(self, group: dict, ps: List[Tensor]) -> List[Tensor]:
@@ -194,9 +212,14 @@ class MFVI(GaussianPosterior, TwoPassOptimizer):
         if zero_grad:
             self.zero_grad()
 
-    def step(self, closure: Optional[Callable] = None, *, scaler=None):
+    def step(self, closure: Optional[Callable] = None, m: int = 1, *, scaler=None):
         """One MFVI step: the closure runs once at theta ~ q; returns its loss.  ``scaler``: a
-        GradScaler whose ``scale(loss).backward()`` the closure calls (``scaler.update()`` after)."""
+        GradScaler whose ``scale(loss).backward()`` the closure calls (``scaler.update()`` after).
+        ``m``: only 1 (MFVI has no m-sharpness; see the class docstring)."""
+        if self._check_m(m) != 1:
+            raise ValueError(f"MFVI has no m-sharpness (got m={m}): it is not SAM-type (one pass, "
+                             "no gradient-built perturbation) and its variance step needs each "
+                             "sample's own g*z product; use m=1 (a larger batch averages more)")
         if closure is None:
             raise RuntimeError("MFVI.step needs a closure (forward + backward at the sampled "
                                "weights); or call noise_step() / second_step() yourself")
