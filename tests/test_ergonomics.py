@@ -1,6 +1,7 @@
 """Training-loop ergonomics: m-sharpness, gradient accumulation, BatchNorm statistics, LR and rho
 schedules, separate ascent loss, rho = 0, exact restore in bf16."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -10,7 +11,6 @@ import samkernels
 from samkernels import BSAM, SAM
 from samkernels.ops import reference as ref
 from samkernels.optim import bn_frozen, rho_proportional_to_lr
-
 
 
 def net(seed=0, dtype=torch.float64):
@@ -273,3 +273,199 @@ def test_restore_is_exact_in_bf16():
     w1 = [p.detach().clone() for p in model.parameters()]
     opt2.step(lambda: (opt2.zero_grad(), F.cross_entropy(model(x).float(), y).backward()))
     assert all(torch.equal(p, w) for p, w in zip(model.parameters(), w1))
+
+
+@pytest.mark.parametrize("base,torch_cls,kw", [
+    ("sgd", torch.optim.SGD, dict(momentum=0.9, weight_decay=1e-3)),
+    ("adam", torch.optim.Adam, dict(weight_decay=1e-3)),
+])
+def test_one_cycle_momentum_cycling_follows_torch(base, torch_cls, kw):
+    """OneCycleLR(cycle_momentum=True) cycles betas[0] whenever "betas" is in the defaults: an SGD
+    SAM must not carry an unused betas (nor an Adam SAM an unused momentum).  At rho = 0 on the
+    reference backend the cycled trajectory is torch.optim's bit for bit."""
+    x, y = batch()
+    a, b = net(), net()
+    ours, theirs = SAM(a.parameters(), lr=0.1, rho=0.0, base=base, **kw), torch_cls(b.parameters(), lr=0.1, **kw)
+    assert ("betas" in ours.defaults) == ("betas" in theirs.defaults)
+    assert ("momentum" in ours.defaults) == ("momentum" in theirs.defaults)
+    key = "momentum" if base == "sgd" else "betas"
+    sched = [torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=8, cycle_momentum=True)
+             for o in (ours, theirs)]
+    seen = []
+    for _ in range(7):
+        seen.append((ours.param_groups[0][key], theirs.param_groups[0][key]))
+        with samkernels.use_backend("reference"):
+            ours.step(lambda: (ours.zero_grad(), F.cross_entropy(a(x), y).backward()))
+        theirs.zero_grad()
+        F.cross_entropy(b(x), y).backward()
+        theirs.step()
+        for s in sched:
+            s.step()
+    assert all(u == v for u, v in seen)
+    assert len({u for u, _ in seen}) > 3  # really cycled
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_groups_hold_only_their_base_keys():
+    model = net()
+    opt = SAM(model[0].parameters(), lr=0.1, momentum=0.9, betas=(0.8, 0.99), adam_eps=1e-6)
+    assert "betas" not in opt.param_groups[0] and opt.param_groups[0]["momentum"] == 0.9
+    opt.add_param_group({"params": model[2].parameters(), "base": "adam"})  # the keywords' betas
+    g = opt.param_groups[1]
+    assert g["betas"] == (0.8, 0.99) and g["adam_eps"] == 1e-6 and "momentum" not in g
+    with pytest.raises(ValueError, match=r"betas\[0\]"):  # unused keywords are still checked
+        SAM(model.parameters(), lr=0.1, betas=(1.0, 0.9))
+    with pytest.raises(ValueError, match="momentum"):
+        SAM(model.parameters(), lr=0.1, base="adam", momentum=-1.0)
+    x, y = batch()
+    opt.step(lambda: (opt.zero_grad(), F.cross_entropy(model(x), y).backward()))
+    other = net()
+    opt2 = SAM(other[0].parameters(), lr=0.1, momentum=0.9)
+    opt2.add_param_group({"params": other[2].parameters()})
+    opt2.load_state_dict(opt.state_dict())  # mixed bases survive a checkpoint
+    assert opt2.param_groups[1]["base"] == "adam" and opt2.param_groups[1]["betas"] == (0.8, 0.99)
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: SAM(ps, lr=0.1, rho=0.05, momentum=0.9),
+    lambda ps: BSAM(ps, lr=0.1, num_data=24, rho=0.05, seed=1),
+])
+def test_lr_scheduler_sees_explicit_phase_steps(make):
+    """Explicit phases never call step(): second_step itself must tell torch's schedulers that the
+    optimizer stepped, or they warn "lr_scheduler.step() before optimizer.step()"."""
+    model, (x, y) = net(), batch()
+    opt = make(model.parameters())
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            if isinstance(opt, BSAM):
+                opt.noise_step()
+            F.cross_entropy(model(x), y).backward()
+            opt.first_step(zero_grad=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.second_step(zero_grad=True)
+            sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.025)
+
+
+def test_rho_proportional_to_lr_decays_with_a_manual_lr():
+    """lr_max is each group's lr at the first call, remembered (also across a checkpoint)."""
+    model, (x, y) = net(), batch()
+    seen = []
+    sched_fn = rho_proportional_to_lr(rho_max=0.2, rho_min=0.02)
+
+    def spy(group):
+        seen.append(sched_fn(group))
+        return seen[-1]
+
+    opt = SAM(model.parameters(), lr=0.1, rho=0.2, rho_schedule=spy)
+    closure = lambda: (opt.zero_grad(), F.cross_entropy(model(x), y).backward())  # noqa: E731
+    lrs = [0.1, 0.05, 0.025]
+    for lr in lrs:
+        opt.param_groups[0]["lr"] = lr  # no LR scheduler: the user decays lr by hand
+        opt.step(closure)
+    assert seen == pytest.approx([0.02 + 0.18 * lr / 0.1 for lr in lrs])
+    opt2 = SAM(net().parameters(), lr=0.5, rho=0.2, rho_schedule=sched_fn)
+    opt2.load_state_dict(opt.state_dict())  # lr_max (0.1) rides along in the group
+    assert sched_fn(opt2.param_groups[0]) == pytest.approx(0.02 + 0.18 * 0.25)
+
+
+def test_closure_with_defaulted_arguments():
+    """Only positional parameters without a default (or one named ascent) receive arguments."""
+    model, (x, y) = net(), batch()
+    opt = SAM(model.parameters(), lr=0.1, rho=0.05)
+    got = []
+
+    def closure(inputs=x, target=y):
+        got.append(inputs is x)
+        opt.zero_grad()
+        loss = F.cross_entropy(model(inputs), target)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert got == [True, True]
+
+    flags = []
+
+    def with_flag(i, ascent=False, inputs=x):
+        flags.append((i, ascent, inputs is x))
+        opt.zero_grad()
+        F.cross_entropy(model(inputs[i::2]), y[i::2]).backward()
+
+    opt.step(with_flag, m=2)
+    assert flags == [(0, True, True), (0, False, True), (1, True, True), (1, False, True)]
+
+
+class TwoBranch(torch.nn.Module):
+    """a(x) + b(x): ``use_b`` decides whether b is in the graph (and gets a gradient)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = torch.nn.Linear(5, 3).double(), torch.nn.Linear(5, 3).double()
+
+    def forward(self, x, use_b):
+        return self.a(x) + self.b(x) if use_b else self.a(x)
+
+
+def _m_step(model, opt, x, y, uses):
+    m = len(uses)
+
+    def closure(i):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x[i::m], uses[i]), y[i::m])
+        loss.backward()
+        return loss
+
+    if m == 1:
+        opt.step(lambda: closure(0))
+    else:
+        opt.step(closure, m=m)
+
+
+@pytest.mark.parametrize("m", [1, 2])
+def test_m_sharpness_leaves_a_parameter_without_gradient_alone(m):
+    """A layer used in step 1 but not in step 2 must not move in step 2 (no stale accumulator)."""
+    model, (x, y) = TwoBranch(), batch()
+    opt = SAM(model.parameters(), lr=0.1, rho=0.05, momentum=0.9)
+    _m_step(model, opt, x, y, [True] * m)
+    after_first = [p.detach().clone() for p in model.b.parameters()]
+    _m_step(model, opt, x, y, [False] * m)
+    assert all(torch.equal(p, q) for p, q in zip(model.b.parameters(), after_first))
+
+
+def _by_hand(model, x, y, uses, lr, rho):
+    """SAM-SGD with m-sharpness from plain autograd: only the parameters in a micro-batch's graph
+    are perturbed and get that micro-batch's gradient; the update averages over all m."""
+    w = {k: v.detach().clone() for k, v in model.named_parameters()}
+    m, acc = len(uses), {}
+    for i, use_b in enumerate(uses):
+        names = [k for k in w if use_b or k.startswith("a.")]
+
+        def grads(vals):
+            ps = {k: v.clone().requires_grad_(k in names) for k, v in vals.items()}
+            loss = F.cross_entropy(torch.func.functional_call(model, ps, (x[i::m], use_b)), y[i::m])
+            return dict(zip(names, torch.autograd.grad(loss, [ps[k] for k in names])))
+
+        g = grads(w)
+        norm = torch.sqrt(sum((t ** 2).sum() for t in g.values()))
+        ge = grads({k: v + rho * g[k] / (norm + 1e-12) if k in g else v for k, v in w.items()})
+        for k, t in ge.items():
+            acc[k] = acc[k] + t if k in acc else t
+    return {k: v - lr * acc[k] / m if k in acc else v for k, v in w.items()}
+
+
+def test_m_sharpness_parameter_gradients_in_some_micro_batches():
+    """Step 1 fills every accumulator; step 2 gives b a gradient only in micro-batch 1 (its stale
+    accumulator must be reset there); step 3 only in micro-batch 0 (no .grad left at the end)."""
+    model, (x, y) = TwoBranch(), batch()
+    lr, rho = 0.1, 0.05
+    opt = SAM(model.parameters(), lr=lr, rho=rho)
+    for uses in ([True, True], [False, True], [True, False], [False, False]):
+        want = _by_hand(model, x, y, uses, lr, rho)
+        _m_step(model, opt, x, y, uses)
+        for k, p in model.named_parameters():
+            torch.testing.assert_close(p.detach(), want[k], rtol=1e-12, atol=1e-13)

@@ -91,6 +91,10 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         self._param_ids: Dict[Tensor, int] = {}
         self._extra_state: Dict[str, int] = {}
         self._grad_acc: Dict[Tensor, Tensor] = {}  # m-sharpness: summed second-pass gradients
+        # the parameters with a gradient in some micro-batch of this step (a dict as an ordered
+        # set): only they are zeroed and loaded, so an accumulator left over from an earlier step
+        # never reaches a parameter that has no gradient now
+        self._grad_touched: Dict[Tensor, None] = {}
         self.freeze_bn: Optional[torch.nn.Module] = None
         self.rho_schedule: Optional[Callable[[dict], float]] = None
         self.nonfinite = "skip"
@@ -100,6 +104,18 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         # stand-ins the ascent passes of this step used, and this step's device flag ("found")
         self._skip_state = {"pending": False, "last": False, "ascents": 0, "found": None}
         self._scaler_gates: Dict[tuple, _ScalerGate] = {}
+
+    # torch's LR schedulers warn "lr_scheduler.step() before optimizer.step()" unless
+    # ``_opt_called`` is set, which their wrapper of ``step`` does; explicit phases never call
+    # step(), so _finish_step sets it.  Kept in _skip_state (mutated in place) rather than as a
+    # plain attribute, which dynamo would drop inside a compiled step (see the class docstring).
+    @property
+    def _opt_called(self) -> bool:
+        return self._skip_state.get("stepped", False)
+
+    @_opt_called.setter
+    def _opt_called(self, value: bool) -> None:
+        self._skip_state["stepped"] = bool(value)
 
     def add_param_group(self, param_group: dict) -> None:
         """torch.optim's, plus checks: real floating-point parameters that hold data, and valid
@@ -344,6 +360,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         self._skip_state["pending"] = True
 
     def _finish_step(self, skipped: bool) -> None:
+        self._skip_state["stepped"] = True  # LR schedulers: a step happened (see _opt_called)
         found = self._skip_state["found"]
         if found is not None:  # skip_on_device: the outcome stays on the device until asked for
             self._skip_state.update(pending=False, last=found, ascents=0, found=None)
@@ -364,7 +381,8 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         """Run one forward/backward pass.  A closure that takes an argument is told which pass this
         is (``ascent=True`` for the pass whose gradient builds the perturbation), so it can use a
         different loss there (BiSAM's ascent loss, or any user loss).  With m-sharpness the closure
-        gets the micro-batch index first: ``closure(i)`` or ``closure(i, ascent)``."""
+        gets the micro-batch index first: ``closure(i)`` or ``closure(i, ascent)``.  Positional
+        parameters with a default are left alone unless named ``ascent`` (``_n_positional``)."""
         n = _n_positional(closure)
         frozen = self.freeze_bn is not None and (not ascent or getattr(self, "freeze_bn_noisy", False))
         # DDP: the ascent pass keeps each rank's own gradient (m-sharpness across ranks)
@@ -382,30 +400,50 @@ class TwoPassOptimizer(torch.optim.Optimizer):
     # -- m-sharpness: second-pass gradients summed over micro-batches -----------------------------
     @torch.no_grad()
     def _accumulate_grads(self, first: bool) -> None:
-        """acc <- grad (first micro-batch) or acc += grad; buffers are transient."""
-        by_key: Dict[tuple, Tuple[List[Tensor], List[Tensor]]] = {}
+        """acc <- grad the first time a parameter has a gradient in this step (``first``: micro-batch
+        0 starts the step), acc += grad after that.  Buffers are transient."""
+        if first:
+            self._grad_touched.clear()
+        fresh: Dict[tuple, Tuple[List[Tensor], List[Tensor]]] = {}
+        again: Dict[tuple, Tuple[List[Tensor], List[Tensor]]] = {}
         for _, ps in self._grouped():
             for p in ps:
+                g = p.grad
                 acc = self._grad_acc.get(p)
-                fresh = acc is None or first
-                if acc is None:
-                    acc = self._grad_acc[p] = torch.zeros_like(p.grad)
-                if fresh:
-                    acc.zero_()
-                key = (p.device, p.dtype)
-                by_key.setdefault(key, ([], []))
-                by_key[key][0].append(acc)
-                by_key[key][1].append(p.grad)
-        for accs, grads in by_key.values():
+                if acc is None or acc.shape != g.shape or acc.dtype != g.dtype \
+                        or acc.device != g.device:
+                    acc = self._grad_acc[p] = torch.empty_like(g)
+                lists = again if p in self._grad_touched else fresh
+                lists.setdefault((g.device, g.dtype), ([], []))
+                lists[(g.device, g.dtype)][0].append(acc)
+                lists[(g.device, g.dtype)][1].append(g)
+                self._grad_touched[p] = None
+        for accs, grads in fresh.values():
+            torch._foreach_copy_(accs, grads)
+        for accs, grads in again.values():
             torch._foreach_add_(accs, grads)
 
     @torch.no_grad()
     def _load_accumulated_grads(self, scale: float) -> None:
-        """.grad <- acc * scale for every parameter that has an accumulator."""
-        for p, acc in self._grad_acc.items():
-            if p.grad is None:
-                p.grad = torch.empty_like(acc)
-            torch.mul(acc, scale, out=p.grad)
+        """.grad <- acc * scale for the parameters that had a gradient in this step.
+
+        In place where ``.grad`` exists (it may be a DDP bucket view); the accumulator is consumed
+        (scaled in place) and refilled by the next step's first touch."""
+        by_key: Dict[tuple, Tuple[List[Tensor], List[Tensor]]] = {}
+        for p in self._grad_touched:
+            acc = self._grad_acc[p]
+            if scale != 1.0:
+                by_key.setdefault((acc.device, acc.dtype), ([], []))[0].append(acc)
+            if p.grad is None:  # no gradient in the last micro-batch: hand the buffer over
+                p.grad = self._grad_acc.pop(p)
+            else:
+                by_key.setdefault((acc.device, acc.dtype), ([], []))[1].append((p.grad, acc))
+        for accs, pairs in by_key.values():
+            if accs:
+                torch._foreach_mul_(accs, scale)
+            if pairs:
+                torch._foreach_copy_([g for g, _ in pairs], [a for _, a in pairs])
+        self._grad_touched.clear()
 
     @staticmethod
     def _check_m(m) -> int:
@@ -493,16 +531,24 @@ def _nonfinite_flag(grads: List[Tensor]) -> Tensor:
 
 
 def _n_positional(fn: Callable) -> int:
-    """How many positional arguments ``fn`` accepts (2 for *args)."""
+    """How many positional arguments to pass ``fn`` (2 for *args): its positional parameters
+    without a default, plus one defaulted parameter named ``ascent`` right after them.  Other
+    defaulted parameters are the closure's own (``def closure(inputs=x)``) and get nothing, so
+    they are not overwritten with the pass flag."""
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
         return 0
-    kinds = [p.kind for p in sig.parameters.values()]
-    if inspect.Parameter.VAR_POSITIONAL in kinds:
+    params = list(sig.parameters.values())
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
         return 2
-    return sum(k in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-               for k in kinds)
+    positional = [p for p in params
+                  if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    n = sum(p.default is inspect.Parameter.empty for p in positional)
+    if n < len(positional) and positional[n].name == "ascent":  # def closure(i, ascent=False)
+        n += 1
+    return n
 
 
 def mean_loss(losses):

@@ -143,7 +143,8 @@ class BiSAM(SAM):
         elif closure is not None and _n_positional(closure) < (2 if m != 1 else 1):
             raise ValueError(f"{type(self).__name__}.step: the closure must take the pass flag "
                              "(closure(ascent), or closure(i, ascent) with m > 1: ascent loss Q "
-                             "when ascent is True, training loss otherwise); without it this "
+                             "when ascent is True, training loss otherwise; a defaulted "
+                             "parameter gets it only if it is named ascent); without it this "
                              "would be plain SAM")
         return super().step(closure, m, scaler=scaler)
 

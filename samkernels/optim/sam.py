@@ -16,6 +16,27 @@ from samkernels.optim._base import (TwoPassOptimizer, check_betas, check_choice,
                                     check_positive, mean_loss)
 
 _BASES = ("sgd", "adam", "adamw")
+# the hyper-parameters each base optimizer reads (and the only ones its groups carry)
+_BASE_KEYS = {"sgd": ("momentum", "dampening", "nesterov"),
+              "adam": ("betas", "adam_eps"), "adamw": ("betas", "adam_eps")}
+
+# the keyword defaults (a copied/unpickled optimizer has no _base_spare: torch.optim's
+# __getstate__ keeps only defaults, state and param_groups)
+_SPARE_DEFAULTS = dict(momentum=0.0, dampening=0.0, nesterov=False, betas=(0.9, 0.999),
+                       adam_eps=1e-8)
+
+
+def _check_base_keys(d: dict) -> None:
+    """Check the base-optimizer hyper-parameters present in ``d`` (a group or the keywords)."""
+    for key in ("momentum", "dampening"):
+        if key in d:
+            check_nonneg(key, d[key])
+    if "adam_eps" in d:
+        check_positive("adam_eps", d["adam_eps"])  # 0: 0/0 where a gradient is 0
+    if "betas" in d:
+        d["betas"] = check_betas(d["betas"])
+    if d.get("nesterov") and (d.get("momentum", 0) <= 0 or d.get("dampening", 0) != 0):
+        raise ValueError("nesterov=True needs momentum > 0 and dampening = 0")
 
 
 class SAM(TwoPassOptimizer):
@@ -27,7 +48,10 @@ class SAM(TwoPassOptimizer):
         rho: neighbourhood radius (SPEC: ``e = rho g / (||g|| + eps)``); ``rho = 0`` is exactly the
             base optimizer.
         base: ``"sgd"`` (momentum, dampening, nesterov, weight_decay as ``torch.optim.SGD``),
-            ``"adam"`` (L2 weight decay) or ``"adamw"`` (decoupled weight decay).
+            ``"adam"`` (L2 weight decay) or ``"adamw"`` (decoupled weight decay).  Groups hold
+            only their base's keys (``momentum``, ``dampening``, ``nesterov`` or ``betas``,
+            ``adam_eps``), so ``OneCycleLR``/``CyclicLR`` with ``cycle_momentum`` cycle the one
+            in use, as on ``torch.optim.SGD``/``Adam``.
         adaptive: ASAM: ``e = rho T^2 g / (||T g|| + eps)`` with ``T = |w| + eta``.
         perturb_eps: added to the gradient norm in the perturbation; ``adam_eps``: Adam's epsilon.
         freeze_bn: the model; when given, BatchNorm running statistics are not updated during the
@@ -72,21 +96,32 @@ class SAM(TwoPassOptimizer):
                  perturb_eps: float = 1e-12, freeze_bn: Optional[torch.nn.Module] = None,
                  rho_schedule: Optional[Callable[[dict], float]] = None, nonfinite: str = "skip",
                  ddp_model: Optional[torch.nn.Module] = None):
-        defaults = dict(lr=lr, rho=rho, base=base, momentum=momentum, dampening=dampening,
-                        nesterov=nesterov, weight_decay=weight_decay, betas=betas,
-                        adam_eps=adam_eps, adaptive=adaptive, eta=eta, perturb_eps=perturb_eps)
+        # Only the chosen base's keys go into defaults and groups: torch's OneCycleLR/CyclicLR
+        # cycle betas[0] whenever "betas" is in defaults, so an SGD-based optimizer carrying an
+        # unused betas would have its momentum cycling silently do nothing.  The other base's
+        # values are kept aside for a group that picks that base (add_param_group, base=...).
+        spare = dict(momentum=momentum, dampening=dampening, nesterov=nesterov,
+                     betas=betas, adam_eps=adam_eps)
+        _check_base_keys(spare)  # every keyword is checked, used by the default base or not
+        self._base_spare = spare  # set before super().__init__: _check_group reads it
+        defaults = dict(lr=lr, rho=rho, base=base, weight_decay=weight_decay, adaptive=adaptive,
+                        eta=eta, perturb_eps=perturb_eps)
+        defaults.update({k: spare[k] for k in _BASE_KEYS.get(base, ())})
         super().__init__(params, defaults)
         self._configure(freeze_bn, rho_schedule, nonfinite, ddp_model)
 
     def _check_group(self, group: dict) -> None:
-        for key in ("lr", "rho", "momentum", "dampening", "weight_decay", "eta"):
+        for key in ("lr", "rho", "weight_decay", "eta"):
             check_nonneg(key, group[key])
-        check_positive("adam_eps", group["adam_eps"])  # 0: 0/0 where a gradient is 0
         check_positive("perturb_eps", group["perturb_eps"])  # 0: e = 0/0 for a zero gradient
         check_choice("base", group["base"], _BASES)
-        group["betas"] = check_betas(group["betas"])
-        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
-            raise ValueError("nesterov=True needs momentum > 0 and dampening = 0")
+        # a group whose base differs from the default one: its base's keys from the keywords,
+        # the default base's (inherited from defaults, never read) dropped
+        for key in set(_SPARE_DEFAULTS) - set(_BASE_KEYS[group["base"]]):
+            group.pop(key, None)
+        for key in _BASE_KEYS[group["base"]]:
+            group.setdefault(key, getattr(self, "_base_spare", _SPARE_DEFAULTS)[key])
+        _check_base_keys(group)
 
     # -- phases ----------------------------------------------------------------------------------
     @torch.no_grad()

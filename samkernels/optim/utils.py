@@ -26,20 +26,28 @@ def bn_frozen(model: torch.nn.Module):
             m.track_running_stats = True
 
 
+LR_MAX_KEY = "rho_schedule_lr_max"  # where rho_proportional_to_lr keeps each group's lr_max
+
+
 def rho_proportional_to_lr(rho_max: float, rho_min: float = 0.0, lr_max: float = None,
                            lr_min: float = 0.0) -> Callable[[dict], float]:
     """GSAM's schedule: rho_t = rho_min + (rho_max - rho_min) (lr_t - lr_min) / (lr_max - lr_min).
 
-    Returns a ``rho_schedule`` for any samkernels optimizer; ``lr_max`` defaults to each group's
-    learning rate when the schedule is first used (its ``initial_lr`` if an LR scheduler set one)."""
+    Returns a ``rho_schedule`` for any samkernels optimizer that takes one.  ``lr_max`` defaults
+    to each group's learning rate when the schedule is first used (its ``initial_lr`` if an LR
+    scheduler set one), remembered in the group under ``"rho_schedule_lr_max"``: the group dict
+    is saved by ``state_dict()``, so a resumed run keeps the same lr_max.  Without that memory
+    rho would follow the current lr onto itself and never decay."""
     if not rho_max >= rho_min >= 0:
         raise ValueError(f"need rho_max >= rho_min >= 0, got rho_max={rho_max}, rho_min={rho_min}")
 
     def schedule(group: dict) -> float:
-        top = lr_max if lr_max is not None else group.get("initial_lr", group["lr"])
+        top = lr_max
+        if top is None:
+            top = group.setdefault(LR_MAX_KEY, float(group.get("initial_lr", group["lr"])))
         if top <= lr_min:
             return rho_max
-        frac = min(max((group["lr"] - lr_min) / (top - lr_min), 0.0), 1.0)
+        frac = min(max((float(group["lr"]) - lr_min) / (top - lr_min), 0.0), 1.0)
         return rho_min + (rho_max - rho_min) * frac
     return schedule
 
