@@ -469,3 +469,20 @@ def test_m_sharpness_parameter_gradients_in_some_micro_batches():
         _m_step(model, opt, x, y, uses)
         for k, p in model.named_parameters():
             torch.testing.assert_close(p.detach(), want[k], rtol=1e-12, atol=1e-13)
+
+
+def test_bsam_msharpness_sums_start_from_zero_for_late_parameters():
+    """bSAM's sqrt(s)|g| sums (m-sharpness) start from zero for a parameter whose first gradient of
+    the step comes in a later micro-batch: the step equals one taken with all sums freshly made."""
+    x, y = batch()
+    runs = []
+    for fresh in (False, True):
+        model = TwoBranch()
+        opt = BSAM(model.parameters(), lr=0.1, num_data=64, rho=0.05, seed=1)
+        _m_step(model, opt, x, y, [True, True])
+        if fresh:
+            opt._accum_bufs.clear()  # what a correct implementation must be equivalent to
+        _m_step(model, opt, x, y, [False, True])  # b joins in micro-batch 1 only
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(p, q) for p, q in zip(*runs))
+

@@ -197,6 +197,7 @@ def test_exception_in_a_pass_restores_the_weights(backend, name, fail_at):
     for i, st in state_before["state"].items():
         for k, v in st.items():
             assert torch.equal(torch.as_tensor(after["state"][i][k]), torch.as_tensor(v)), (i, k)
+    assert after.get("samkernels") == state_before.get("samkernels")  # bSAM's noise counter too
 
 
 @needs_ext

@@ -453,11 +453,16 @@ class TwoPassOptimizer(torch.optim.Optimizer):
 
     @contextlib.contextmanager
     def _restore_on_error(self):
-        """Any exception inside (a pass, a phase's argument check) restores the mean weights."""
+        """Any exception inside (a pass, a phase's argument check) restores the mean weights, and a
+        step still in progress is undone as a skipped one is (noise counter, VSAM's Sigma): a retry
+        then takes exactly the step an uninterrupted run would have taken."""
         try:
             yield
         except BaseException:
+            in_progress = bool(self._perturbed) or self.skip_pending
             self.restore()
+            if in_progress:
+                self._rollback_skipped_step()
             raise
 
     # -- state_dict: optimizer-wide values ride along under one key ------------------------------

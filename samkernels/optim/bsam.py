@@ -72,6 +72,7 @@ class BSAM(TwoPassOptimizer):
         self._extra_state.update(seed=draw_seed(seed), noise_step=0)
         self._accum_bufs = {}  # transient sqrt(s)|g| sums (released order, m-sharpness), never saved
         self._accumulating = {"on": False}  # a dict, set in place (see TwoPassOptimizer on compile)
+        self._accum_touched = {}  # parameters whose sum was started this step (an ordered set)
         self._noise_start = {"value": 0}  # the counter when this step's first noise was drawn
 
     def _check_group(self, group: dict) -> None:
@@ -169,14 +170,19 @@ class BSAM(TwoPassOptimizer):
             self._accumulating["on"] = False
             return []
         self._accumulating["on"] = True
-        out = []
+        if not micro:  # a new step: every sum starts again, also for parameters that join late
+            self._accum_touched.clear()
+        out, fresh = [], []
         for p in ps:
             a = self._accum_bufs.get(p)
             if a is None:
-                a = self._accum_bufs[p] = torch.zeros_like(p, dtype=self.state[p]["precision"].dtype)
-            elif not micro:
-                a.zero_()
+                a = self._accum_bufs[p] = torch.empty_like(p, dtype=self.state[p]["precision"].dtype)
+            if p not in self._accum_touched:  # first sqrt(s)|g| of this step for p: from zero
+                self._accum_touched[p] = None
+                fresh.append(a)
             out.append(a)
+        if fresh:
+            torch._foreach_zero_(fresh)
         return out
 
     @torch.no_grad()

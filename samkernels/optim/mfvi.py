@@ -107,7 +107,8 @@ class MFVI(GaussianPosterior, TwoPassOptimizer):
     ``step(closure, m)`` with ``m > 1`` raises ``ValueError``; average over a larger batch instead.
 
     ``step(closure)`` calls the closure once, at theta (as the step's first pass: a closure that
-    takes an argument gets ``ascent=True``), and returns its loss.  Explicit phases::
+    takes an argument gets ``ascent=True``; a SAM-style closure with a separate ascent loss would
+    train MFVI on that loss), and returns its loss.  Explicit phases::
 
         opt.noise_step(); loss_fn(model(x), y).backward(); opt.second_step(zero_grad=True)
     """

@@ -104,7 +104,8 @@ class RandomSAM(TwoPassOptimizer):
         base_kwargs: keyword arguments of a ``torch.optim`` base (not allowed with a fused one).
 
     ``step(closure)`` calls the closure once, at mu + sigma0 z (a closure that takes an argument
-    gets ``ascent=True``, as the step's first pass), and returns its loss.  Explicit phases::
+    gets ``ascent=True``, as the step's first pass: a SAM-style closure that computes a separate
+    ascent loss when told ``ascent`` would train RandomSAM on that loss), and returns its loss.  Explicit phases::
 
         opt.noise_step(); loss_fn(model(x), y).backward(); opt.second_step(zero_grad=True)
 
