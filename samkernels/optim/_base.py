@@ -65,6 +65,10 @@ def draw_seed(seed: SeedLike) -> int:
     return int(torch.randint(0, 2 ** 62, (1,), generator=seed).item())
 
 
+# Parameter dtypes the fused ops take (real floating point).
+_REAL_FLOATS = frozenset({torch.float64, torch.float32, torch.float16, torch.bfloat16})
+
+
 class TwoPassOptimizer(torch.optim.Optimizer):
     """Base class.  Subclasses implement the phases; this class keeps the bookkeeping.
 
@@ -223,14 +227,18 @@ class TwoPassOptimizer(torch.optim.Optimizer):
     def _grouped(self, with_grad: bool = True) -> List[Tuple[dict, List[Tensor]]]:
         """Per (group, device): the parameters to work on, in group order.  ``with_grad`` keeps those
         with a gradient (checked dense and real); otherwise all that require grad."""
-        out = []
+        out, real = [], _REAL_FLOATS
         for gi, group in enumerate(self.param_groups):
             by_device: Dict[torch.device, List[Tensor]] = {}
             for pi, p in enumerate(group["params"]):
                 if with_grad:
-                    if p.grad is None:
+                    g = p.grad
+                    if g is None:
                         continue
-                    self._check_grad(gi, pi, p)
+                    # the fast test first (a few attribute reads per tensor per phase); the
+                    # thorough one only to word the error.  autograd keeps g's dtype = p's.
+                    if g.is_sparse or p.dtype not in real:
+                        self._check_grad(gi, pi, p)
                 elif not p.requires_grad:
                     continue
                 by_device.setdefault(p.device, []).append(p)
