@@ -64,13 +64,13 @@ void bsam_perturb(at::TensorList params, at::TensorList grads, at::TensorList ba
       const scalar_t* bp = b[c.tensor].data_ptr<scalar_t>();
       opmath_t* sp = s[c.tensor].data_ptr<opmath_t>();
       opmath_t* ap = accumulate ? a[c.tensor].data_ptr<opmath_t>() : nullptr;
-      const opmath_t r = rho, b2 = beta2, add = delta + gamma;
+      const opmath_t r = rho, b2 = beta2, omb2 = 1.0 - beta2, add = delta + gamma;  // 1-b in double
       for (int64_t i = c.begin; i < c.end; ++i) {
         const opmath_t gi = static_cast<opmath_t>(gp[i]), si = sp[i];
         wp[i] = static_cast<scalar_t>(static_cast<opmath_t>(bp[i]) + r * gi / si);  // line 3
         const opmath_t h = std::sqrt(si) * std::abs(gi);
         if (accumulate) ap[i] = ap[i] + h;                      // line 5 deferred to the update
-        else sp[i] = b2 * si + (1 - b2) * (h + add);           // line 5
+        else sp[i] = b2 * si + omb2 * (h + add);           // line 5
       }
     });
   });
@@ -100,16 +100,17 @@ void bsam_update(at::TensorList params, at::TensorList grads, at::TensorList bac
       opmath_t* mp = m[c.tensor].data_ptr<opmath_t>();
       const opmath_t* ap = accumulate ? a[c.tensor].data_ptr<opmath_t>() : nullptr;
       const opmath_t lr_ = lr, b1 = beta1, b2 = beta2, dl = delta, add = delta + gamma;
+      const opmath_t omb1 = 1.0 - beta1, omb2 = 1.0 - beta2;  // in double, then rounded
       const opmath_t scale = accum_scale;
       for (int64_t i = c.begin; i < c.end; ++i) {
         const opmath_t omega = static_cast<opmath_t>(bp[i]);
         const opmath_t s_old = sp[i];
         opmath_t s_new = s_old;
         if (accumulate) {
-          s_new = b2 * s_old + (1 - b2) * (ap[i] * scale + add);  // line 5 (m-sharpness average)
+          s_new = b2 * s_old + omb2 * (ap[i] * scale + add);  // line 5 (m-sharpness average)
           sp[i] = s_new;
         }
-        const opmath_t gm = b1 * mp[i] + (1 - b1) * (static_cast<opmath_t>(gp[i]) + dl * omega);  // 6
+        const opmath_t gm = b1 * mp[i] + omb1 * (static_cast<opmath_t>(gp[i]) + dl * omega);  // 6
         mp[i] = gm;
         wp[i] = static_cast<scalar_t>(omega - lr_ * gm / (released_order ? s_old : s_new));  // 7
       }

@@ -110,7 +110,9 @@ void sam_restore_adam(at::TensorList params, at::TensorList grads, at::TensorLis
       const scalar_t* bp = b[c.tensor].data_ptr<scalar_t>();
       opmath_t* mp = m[c.tensor].data_ptr<opmath_t>();
       opmath_t* vp = v[c.tensor].data_ptr<opmath_t>();
+      // 1 - beta in double, then rounded: (1 - b2) from an fp32-rounded b2 is 1.3e-5 off
       const opmath_t b1 = beta1, b2 = beta2, wd = weight_decay;
+      const opmath_t omb1 = 1.0 - beta1, omb2 = 1.0 - beta2;
       const opmath_t decay = 1.0 - lr * weight_decay, step_size = lr / bc1;
       const opmath_t bc2s = bc2_sqrt, ep = eps;
       for (int64_t i = c.begin; i < c.end; ++i) {
@@ -120,8 +122,8 @@ void sam_restore_adam(at::TensorList params, at::TensorList grads, at::TensorLis
           if (decoupled) w = w * decay;  // AdamW
           else d = d + wd * w;            // Adam: L2 in the gradient
         }
-        const opmath_t mi = b1 * mp[i] + (1 - b1) * d;
-        const opmath_t vi = b2 * vp[i] + (1 - b2) * d * d;
+        const opmath_t mi = b1 * mp[i] + omb1 * d;
+        const opmath_t vi = b2 * vp[i] + omb2 * d * d;
         mp[i] = mi;
         vp[i] = vi;
         wp[i] = static_cast<scalar_t>(w - step_size * mi / (std::sqrt(vi) / bc2s + ep));
