@@ -350,7 +350,7 @@ def _call(name, p, g, b, s1, s2, acc, hp, backend):
     if name == "bsam_perturb_":
         return mod.bsam_perturb_(p, g, b, s1, acc, hp["rho"], hp["beta2"], hp["wd"], hp["gamma"], **kw)
     return mod.bsam_update_(p, g, b, s1, s2, acc, hp["lr"], hp["beta1"], hp["beta2"], hp["wd"],
-                            hp["gamma"], hp["accum_scale"], hp["released"], **kw)
+                            hp["gamma"], hp["accum_scale"], hp["released"] and bool(acc), **kw)
 
 
 @needs_ext

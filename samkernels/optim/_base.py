@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -108,6 +108,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         # stand-ins the ascent passes of this step used, and this step's device flag ("found")
         self._skip_state = {"pending": False, "last": False, "ascents": 0, "found": None}
         self._scaler_gates: Dict[tuple, _ScalerGate] = {}
+        self._memos: Dict[tuple, tuple] = {}  # see _memo
 
     # torch's LR schedulers warn "lr_scheduler.step() before optimizer.step()" unless
     # ``_opt_called`` is set, which their wrapper of ``step`` does; explicit phases never call
@@ -203,6 +204,40 @@ class TwoPassOptimizer(torch.optim.Optimizer):
             for i, q in enumerate(q for g in self.param_groups for q in g["params"]):
                 self._param_ids.setdefault(q, i)
         return self._param_ids[p]
+
+    def _memo(self, kind: str, ps: List[Tensor], build: Callable[[], Any]) -> Any:
+        """``build()`` (lists derived from ``ps``: backups, state buffers) computed once per distinct
+        parameter list and reused on later steps.  On many small tensors the per-tensor dict
+        lookups of building them cost more than the fused kernels.  The entry holds ``ps`` itself,
+        so the ids in its key cannot be reused by other tensors while it lives; load_state_dict
+        (new state tensors) clears the entries.  Eager mode only: under torch.compile ``build()``
+        runs every time."""
+        if torch.compiler.is_compiling():
+            return build()
+        key = (kind, tuple(map(id, ps)))
+        hit = self._memos.get(key)
+        if hit is not None:
+            return hit[1]
+        value = build()
+        if value is None:  # not ready (e.g. state not created yet): nothing to remember
+            return None
+        if len(self._memos) >= 256:  # parameter lists that keep changing: do not grow without end
+            self._memos.clear()
+        self._memos[key] = (list(ps), value)
+        return value
+
+    def _backups_for(self, ps: List[Tensor]) -> List[Tensor]:
+        """The backups of ``ps`` (``_backup`` of each), memoised per parameter list."""
+        return self._memo("backups", ps, lambda: [self._backup(p) for p in ps])
+
+    def _state_lists(self, ps: List[Tensor], *names: str) -> Optional[Tuple[List[Tensor], ...]]:
+        """``[state[p][name] for p in ps]`` for each name, memoised; None while some entry is missing."""
+        def build():
+            sts = [self.state.get(p) for p in ps]
+            if any(st is None or any(n not in st for n in names) for st in sts):
+                return None
+            return tuple([st[n] for st in sts] for n in names)
+        return self._memo("state:" + ",".join(names), ps, build)
 
     def _backup(self, p: Tensor) -> Tensor:
         b = self._backups.get(p)
@@ -497,6 +532,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"state '{name}' of parameter {key} has {v.numel()} elements "
                                      f"but the parameter has {p.numel()} (shape {tuple(p.shape)})")
         super().load_state_dict(state_dict)
+        self._memos.clear()  # the state tensors are new objects
         # torch.optim casts floating state to the parameter's dtype on load; our state is kept in
         # float32 for bf16/fp16 parameters, so put the saved tensors back losslessly.
         for key, st in state_dict["state"].items():

@@ -96,9 +96,23 @@ class BSAM(TwoPassOptimizer):
         return st
 
     def _lists(self, group: dict, ps: List[Tensor]):
-        sts = [self._state(p, group) for p in ps]
-        return [self._backup(p) for p in ps], [s["precision"] for s in sts], \
-            [s["momentum_buffer"] for s in sts]
+        """(backups, precisions, momenta) of ``ps``, the state created where missing; memoised per
+        parameter list (the lists are shared: never mutate them)."""
+        have = self._state_lists(ps, "precision", "momentum_buffer")
+        if have is None:
+            for p in ps:
+                self._state(p, group)
+            have = self._state_lists(ps, "precision", "momentum_buffer")
+        return (self._backups_for(ps),) + tuple(have)
+
+    def _param_ids_for(self, ps: List[Tensor]) -> List[int]:
+        return self._memo("param_ids", ps, lambda: [self._param_id(p) for p in ps])
+
+    def _accum_buf(self, p: Tensor) -> Tensor:
+        a = self._accum_bufs.get(p)
+        if a is None:
+            a = self._accum_bufs[p] = torch.empty_like(p, dtype=self.state[p]["precision"].dtype)
+        return a
 
     # -- phases ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -118,7 +132,7 @@ class BSAM(TwoPassOptimizer):
         seed, step = self._extra_state["seed"], start + rank * _m + micro
         for group, ps in self._grouped(with_grad=False):
             backups, precisions, _ = self._lists(group, ps)
-            ops.bsam_noise_(ps, backups, precisions, [self._param_id(p) for p in ps], seed, step,
+            ops.bsam_noise_(ps, backups, precisions, self._param_ids_for(ps), seed, step,
                             group["num_data"])
             self._mark_perturbed(ps, backups)
         self._extra_state["noise_step"] = start + world * _m if micro == _m - 1 else start
@@ -142,14 +156,18 @@ class BSAM(TwoPassOptimizer):
             return
         defer = scaler is not None or self.nonfinite != "unchecked" or self.ddp_model is not None
         noisy = self._take_perturbed()
-        with_grad = {p for _, ps in grouped for p in ps}
-        for params, backups in noisy:  # parameters without a gradient go back to the mean
+        # the usual step: the noised parameters are exactly those with a gradient (no set work)
+        same = not torch.compiler.is_compiling() and \
+            [id(p) for ps, _ in noisy for p in ps] == [id(p) for _, ps in grouped for p in ps]
+        with_grad = set() if same else {p for _, ps in grouped for p in ps}
+        for params, backups in ([] if same else noisy):  # no gradient: back to the mean
             rest = [(p, b) for p, b in zip(params, backups) if p not in with_grad]
             if rest:
                 torch._foreach_copy_([p for p, _ in rest], [b for _, b in rest])
-        noised = {p for ps, _ in noisy for p in ps}
+        noised = set() if same else {p for ps, _ in noisy for p in ps}
         for group, ps in grouped:
-            ps = [p for p in ps if p in noised]
+            if not same:
+                ps = [p for p in ps if p in noised]
             if not ps:
                 continue
             backups, precisions, _ = self._lists(group, ps)
@@ -170,13 +188,15 @@ class BSAM(TwoPassOptimizer):
             self._accumulating["on"] = False
             return []
         self._accumulating["on"] = True
+        if micro is None:  # one pass this step: all the sums start from zero
+            out = self._memo("accums", ps, lambda: [self._accum_buf(p) for p in ps])
+            torch._foreach_zero_(out)
+            return out
         if not micro:  # a new step: every sum starts again, also for parameters that join late
             self._accum_touched.clear()
         out, fresh = [], []
         for p in ps:
-            a = self._accum_bufs.get(p)
-            if a is None:
-                a = self._accum_bufs[p] = torch.empty_like(p, dtype=self.state[p]["precision"].dtype)
+            a = self._accum_buf(p)
             if p not in self._accum_touched:  # first sqrt(s)|g| of this step for p: from zero
                 self._accum_touched[p] = None
                 fresh.append(a)
@@ -201,15 +221,22 @@ class BSAM(TwoPassOptimizer):
         if not self._perturbed:
             raise RuntimeError("BSAM.second_step: call first_step() and run the backward first")
         perturbed = self._take_perturbed()
-        todo = {p for ps, _ in perturbed for p in ps}
+        # the usual step: the perturbed parameters are exactly those with a gradient (no set work;
+        # ``done`` counts the updated ones, in order, for the restore below on an error)
+        same = not torch.compiler.is_compiling() and \
+            [id(p) for ps, _ in perturbed for p in ps] == [id(p) for _, ps in grouped for p in ps]
+        todo = set() if same else {p for ps, _ in perturbed for p in ps}
+        done = 0
         _, world = self._rank_world()
         try:
             for group, ps in grouped:
-                ps = [p for p in ps if p in todo]
+                if not same:
+                    ps = [p for p in ps if p in todo]
                 if not ps:
                     continue
                 backups, precisions, momenta = self._lists(group, ps)
-                accums = [self._accum_bufs[p] for p in ps] if self._accumulating["on"] else []
+                accums = self._memo("accums", ps, lambda: [self._accum_buf(p) for p in ps]) \
+                    if self._accumulating["on"] else []
                 if accums and world > 1:
                     self._all_reduce(accums)  # sqrt(s)|g| summed over the ranks, / W below
                 beta1, beta2 = group["betas"]
@@ -217,8 +244,15 @@ class BSAM(TwoPassOptimizer):
                                  group["lr"], beta1, beta2, group["weight_decay"], group["gamma"],
                                  _accum_scale / world, group["update_order"] == "released",
                                  self._found_inf(ps[0].device))
-                todo.difference_update(set(ps))  # a set: torch.compile compares list items with ==
+                if same:
+                    done += len(ps)
+                else:
+                    todo.difference_update(set(ps))  # a set: torch.compile compares items with ==
         finally:  # anything not updated (no gradient now, or an error) goes back to the mean
+            if same:
+                flat = [(p, b) for ps, bs in perturbed for p, b in zip(ps, bs)][done:]
+                if flat:
+                    torch._foreach_copy_([p for p, _ in flat], [b for _, b in flat])
             for ps, bs in perturbed:
                 rest = [(p, b) for p, b in zip(ps, bs) if p in todo]
                 if rest:
@@ -283,7 +317,7 @@ class BSAM(TwoPassOptimizer):
         with torch.no_grad():
             for group, ps in self._grouped(with_grad=False):
                 backups, precisions, _ = self._lists(group, ps)
-                ops.bsam_noise_(ps, backups, precisions, [self._param_id(p) for p in ps], seed, 0,
+                ops.bsam_noise_(ps, backups, precisions, self._param_ids_for(ps), seed, 0,
                                 group["num_data"])
                 self._mark_perturbed(ps, backups)
         try:

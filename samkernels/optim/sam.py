@@ -149,7 +149,7 @@ class SAM(TwoPassOptimizer):
                 self._all_reduce([flag], "max")
             self._add_found(flag)
         for group, ps, gs in work:
-            backups = [self._backup(p) for p in ps]
+            backups = self._backups_for(ps)
             n = ops.sam_perturb_(ps, gs, backups, None if norm is None else norm.to(ps[0].device),
                                  self._rho(group), group["perturb_eps"], group["adaptive"],
                                  group["eta"] if group["adaptive"] else 0.0,
@@ -175,6 +175,16 @@ class SAM(TwoPassOptimizer):
         if self._skip_state["found"] is not None:
             self._rollback_on_device(self._skip_state["found"])
         moved = list(self._perturbed)  # cleared at the end: an error before leaves restore() work
+        if not torch.compiler.is_compiling() and \
+                [id(p) for ps, _ in moved for p in ps] == [id(p) for _, ps in grouped for p in ps]:
+            # the usual step: the same parameters moved and have gradients now (no set work)
+            for group, ps in grouped:
+                self._base_update(group, ps)
+            self._perturbed.clear()
+            self._finish_step(skipped=False)
+            if zero_grad:
+                self.zero_grad()
+            return
         perturbed = {p for ps, _ in moved for p in ps}
         for group, ps in grouped:
             for p in ps:  # a parameter with a gradient only in this pass: its backup is itself
@@ -194,12 +204,18 @@ class SAM(TwoPassOptimizer):
 
     def _base_update(self, group: dict, ps) -> None:
         grads = [p.grad for p in ps]
-        backups = [self._backup(p) for p in ps]
+        backups = self._backups_for(ps)
         found_inf = self._found_inf(ps[0].device)
         if group["base"] == "sgd":
             if group["momentum"] == 0:
                 ops.sam_restore_sgd_(ps, grads, backups, [], group["lr"], 0.0, group["dampening"],
                                      group["nesterov"], group["weight_decay"], False, found_inf)
+                return
+            have = self._state_lists(ps, "momentum_buffer")
+            if have is not None:  # every buffer exists (all steps after the first): one op
+                ops.sam_restore_sgd_(ps, grads, backups, have[0], group["lr"], group["momentum"],
+                                     group["dampening"], group["nesterov"], group["weight_decay"],
+                                     False, found_inf)
                 return
             # parameters whose momentum buffer does not exist yet take d as the buffer (first=True)
             for first in (False, True):
@@ -216,6 +232,20 @@ class SAM(TwoPassOptimizer):
                                      group["nesterov"], group["weight_decay"], first, found_inf)
             return
         # Adam / AdamW: one op per distinct step count (normally exactly one)
+        beta1, beta2 = group["betas"]
+        have = None if torch.compiler.is_compiling() else \
+            self._state_lists(ps, "step", "exp_avg", "exp_avg_sq")
+        if have is not None:  # all state exists (eager): count the steps with one foreach op
+            steps, exp_avgs, exp_avg_sqs = have
+            torch._foreach_add_(steps, 1.0)
+            # all at the same count (CPU scalars, as in torch.optim: no device sync)
+            if torch.equal(torch.stack(steps), steps[0].expand(len(steps))):
+                ops.sam_restore_adam_(ps, grads, backups, exp_avgs, exp_avg_sqs,
+                                      int(steps[0].item()),
+                                      group["lr"], beta1, beta2, group["adam_eps"],
+                                      group["weight_decay"], group["base"] == "adamw", found_inf)
+                return
+            torch._foreach_add_(steps, -1.0)  # mixed step counts: the general path below
         by_step = {}
         for i, p in enumerate(ps):
             st = self.state[p]
