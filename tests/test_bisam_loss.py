@@ -144,7 +144,10 @@ def test_gradcheck(backend, phi, reduction):
     assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-8)
 
 
-def test_gradcheck_triton():
+@pytest.mark.parametrize("phi", ["neglog", "tanh"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradcheck_triton(phi, reduction):
+    # interpreted (TRITON_INTERPRET=1, set at the top of this file): two rows of five, ~1 s each
     if _triton_skip_reason():
         pytest.skip(_triton_skip_reason())
     logits, target = _data(2, 5, seed=12, dtype=torch.float64, ignore=())
@@ -152,9 +155,54 @@ def test_gradcheck_triton():
 
     def f(inp):
         with samkernels.use_backend("triton"):
-            return bisam_loss(inp, target, phi="tanh")
+            return bisam_loss(inp, target, phi=phi, reduction=reduction)
 
     assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("phi", ["neglog", "tanh"])
+@pytest.mark.parametrize("mu", [None, 100.0], ids=["fixed_shift", "running_max"])
+def test_cpu_wide_rows_match_float64_reference(phi, mu):
+    """K = 131072 (> the issue's 128000 classes), few rows: the CPU kernel's long-row path."""
+    if _cpu_skip_reason():
+        pytest.skip(_cpu_skip_reason())
+    K = 131_072
+    logits, target = _data(3, K, seed=21, ignore=(1,))
+    target[0], target[2] = K - 1, 0  # labels at both ends of the row
+    loss, grad = _run("cpu", logits, target, phi=phi, mu=mu, reduction="none")
+    rloss, rgrad = _ref(logits, target, phi=phi, mu=mu, reduction="none")
+    # float32 sums of 1.3e5 terms: the summation order moves the last digits
+    torch.testing.assert_close(loss.double(), rloss, rtol=5e-5, atol=1e-5)
+    torch.testing.assert_close(grad.double(), rgrad, rtol=1e-4, atol=1e-9)
+    assert torch.all(grad[1] == 0)
+    mean, gmean = _run("cpu", logits, target, phi=phi, mu=mu)
+    torch.testing.assert_close(mean.double(), rloss.sum() / 2, rtol=5e-5, atol=1e-5)
+    torch.testing.assert_close(gmean.double(), rgrad / 2, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("mu", [None, 100.0], ids=["fixed_shift", "running_max"])
+@pytest.mark.parametrize("K", [1, 2, 10, 32, 33])
+def test_cpu_short_row_paths(dtype, mu, K):
+    """K <= 32 with the fixed shift takes the CPU kernel's block-of-rows path; the rest the row
+    path: contiguous and strided rows, a cast for bf16, ignored rows, every reduction."""
+    if _cpu_skip_reason():
+        pytest.skip(_cpu_skip_reason())
+    logits, target = _data(70, K, seed=K, dtype=dtype, ignore=(1, 40))
+    strided = torch.cat([logits, logits], 1)[:, :K]
+    tol = dict(rtol=2.0 ** -7, atol=1e-6) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+    for phi in ("neglog", "tanh"):
+        rloss, rgrad = _ref(logits, target, phi=phi, mu=mu, reduction="none")
+        for x in (logits, strided):
+            loss, grad = _run("cpu", x, target, phi=phi, mu=mu, reduction="none")
+            assert loss.dtype == dtype and grad.dtype == dtype
+            torch.testing.assert_close(loss.double(), rloss, **tol)
+            torch.testing.assert_close(grad.double(), rgrad, **tol)
+            assert torch.all(grad[1] == 0) and torch.all(grad[40] == 0)
+        for reduction, scale in (("sum", 1.0), ("mean", 1.0 / 68)):
+            loss, grad = _run("cpu", logits, target, phi=phi, mu=mu, reduction=reduction)
+            torch.testing.assert_close(loss.double(), rloss.sum() * scale, **tol)
+            torch.testing.assert_close(grad.double(), rgrad * scale, **tol)
 
 
 # --- numerics ------------------------------------------------------------------------------------
@@ -176,8 +224,9 @@ def test_huge_margins_stay_finite(backend, phi, mu):
 
 @pytest.mark.parametrize("backend", ALL)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_logits(backend, dtype):
-    logits, target = _data(4, 300, seed=4, dtype=dtype)
+@pytest.mark.parametrize("K", [20, 300])
+def test_low_precision_logits(backend, dtype, K):
+    logits, target = _data(4, K, seed=4, dtype=dtype)
     for phi in ("neglog", "tanh"):
         loss, grad = _run(backend, logits, target, phi=phi, reduction="none")
         rloss, rgrad = _ref(logits, target, phi=phi, reduction="none")  # same rounded logits
@@ -295,6 +344,48 @@ def test_cpu_op_contract():
                                             1.0, True)
 
 
+def test_cpu_fused_op_contract():
+    """The eager CPU path: bisam_loss_fwd_reduced (check, count, rows, reduction in one call) and
+    bisam_loss (the same with a C++ autograd node)."""
+    if _cpu_skip_reason():
+        pytest.skip(_cpu_skip_reason())
+    if not hasattr(torch.ops.samkernels, "bisam_loss"):
+        pytest.skip("samkernels._C predates the bisam_loss op; rebuild the extension")
+    ops = torch.ops.samkernels
+    logits, target = _data(5, 11, seed=2, ignore=(1, 3))
+    rloss, rgrad = _ref(logits, target, reduction="none")
+    for code, red, scale in ((0, "none", None), (1, "mean", 1 / 3), (2, "sum", 1.0)):
+        loss, grad = ops.bisam_loss_fwd_reduced(logits, target, 1.5, 0, 0.1, code, -100, True)
+        want = rloss if scale is None else rloss.sum() * scale
+        torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad.double(), rgrad * (1 if scale is None else scale),
+                                   rtol=1e-4, atol=1e-7)
+        _, nograd = ops.bisam_loss_fwd_reduced(logits, target, 1.5, 0, 0.1, code, -100, False)
+        assert nograd.numel() == 0
+    x = logits.clone().requires_grad_(True)
+    loss = ops.bisam_loss(x, target, 1.5, 0, 0.1, 1, -100)
+    assert "BiSAMLossFunction" in loss.grad_fn.name()  # the C++ autograd node
+    loss.backward()
+    torch.testing.assert_close(x.grad.double(), rgrad / 3, rtol=1e-4, atol=1e-7)
+    with torch.no_grad():
+        assert not ops.bisam_loss(x, target, 1.5, 0, 0.1, 1, -100).requires_grad
+    with torch.inference_mode():  # no autograd key: the plain CPU kernel
+        plain = ops.bisam_loss(logits, target, 1.5, 0, 0.1, 1, -100)
+        torch.testing.assert_close(plain, loss.detach())
+    with pytest.raises(IndexError, match=r"target\[2\] = -3"):
+        ops.bisam_loss(x, torch.tensor([0, 1, -3, 0, 0]), 1.5, 0, 0.1, 1, -100)
+    with pytest.raises(ValueError, match="reduction code"):
+        ops.bisam_loss(x, target, 1.5, 0, 0.1, 3, -100)
+    # shapes under FakeTensorMode (the fakes registered in samkernels/ops/bisam_loss.py)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        fx, ft = mode.from_tensor(logits), mode.from_tensor(target)
+        assert ops.bisam_loss(fx, ft, 1.5, 0, 0.1, 0, -100).shape == (5,)
+        assert ops.bisam_loss(fx, ft, 1.5, 0, 0.1, 1, -100).shape == ()
+        fl, fg = ops.bisam_loss_fwd_reduced(fx, ft, 1.5, 0, 0.1, 2, -100, True)
+        assert fl.shape == () and fg.shape == (5, 11)
+
+
 def test_cpu_backend_under_torch_compile():
     if _cpu_skip_reason():
         pytest.skip(_cpu_skip_reason())
@@ -347,10 +438,13 @@ def test_target_out_of_range_raises(backend, bad):
     logits, target = _data(3, 10, seed=0, ignore=())
     target[2] = bad
     with samkernels.use_backend(backend):
-        with pytest.raises(IndexError, match=rf"target\[2\] = {bad} is out of range"):
-            bisam_loss(logits, target)
-        with pytest.raises(ValueError):  # TargetOutOfRangeError is both
-            bisam_loss(logits, target)
+        for x in (logits, logits.clone().requires_grad_(True)):  # with and without autograd
+            with pytest.raises(TargetOutOfRangeError,
+                               match=rf"^bisam_loss: target\[2\] = {bad} is out of range for "
+                                     r"10 classes \(and is not ignore_index = -100\)"):
+                bisam_loss(x, target)
+            with pytest.raises(ValueError):  # TargetOutOfRangeError is both
+                bisam_loss(x, target)
     assert issubclass(TargetOutOfRangeError, IndexError)
 
 

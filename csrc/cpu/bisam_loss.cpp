@@ -6,13 +6,18 @@
 //
 // phi: 0 = neglog, eq. 18: phi(x) = 1 - softplus(gamma - x), gamma = log(e - 1);
 //      1 = tanh,   eq. 17: phi(x) = tanh(alpha x).
-// One row at a time, in cache: pass 1 evaluates z and phi' into scratch and takes the max, pass 2
-// exponentiates and sums, pass 3 writes the gradient (times grad_scale).  Semantics:
+// One row at a time, in cache: pass 1 evaluates z and phi' into scratch (and takes the max when mu
+// is too large for a fixed shift), pass 2 exponentiates and sums, pass 3 writes the gradient (times
+// grad_scale).  Rows of at most 32 classes go a block of rows at a time instead (bisam_rows_flat).
+// Ops: bisam_loss_fwd (per-row loss + gradient buffer; also the CUDA glue's schema),
+// bisam_loss_fwd_reduced (label check, count, rows and reduction in one call) and bisam_loss (the
+// same with its autograd in C++: the eager CPU path of samkernels.bisam_loss).  Semantics:
 // samkernels/ops/bisam_loss.py (bisam_loss_reference).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include "bisam_loss_args.h"
@@ -22,6 +27,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -42,7 +48,8 @@ SK_INLINE float abs_(float x) { return __builtin_fabsf(x); }
 SK_INLINE double abs_(double x) { return __builtin_fabs(x); }
 SK_INLINE float bits_to_float(int32_t i) { float f; std::memcpy(&f, &i, 4); return f; }
 
-// exp(x) for x <= 0 (all our arguments are), Cephes polynomial, ~1 ulp; 0 below -87.
+// exp(x) for x <= 88 (our arguments are <= 0, or <= mu <= 50 with the fixed shift), Cephes
+// polynomial, ~1 ulp; 0 below -87.
 SK_INLINE float exp_neg(float x) {
   const float xc = x < -87.0f ? -87.0f : x;
   // round(x / ln2) with the 1.5 * 2^23 trick: no floorf call, so the loop stays vectorisable
@@ -96,39 +103,86 @@ SK_INLINE void phi_eval(acc_t F, acc_t alpha, acc_t& phi, acc_t& dphi) {
   }
 }
 
+// Largest mu whose sums need no running max (as in the Triton kernel): both phi are <= 1, so
+// z_j = mu phi(F_j) <= mu, and z_y = mu phi(0) = 0 puts e^0 = 1 in every sum, hence
+// 1 <= s = sum_j e^{z_j} <= K e^mu: finite for K < 2^31 (float32: e^50 2^31 ~ 1e31; float64:
+// e^500 2^31 ~ 3e226).  Terms that underflow are < 1e-38 of s, so no precision is lost either.
+constexpr double kFixedShiftMaxMuF32 = 50.0;
+constexpr double kFixedShiftMaxMuF64 = 500.0;
+// Rows of at most kFlatMaxK classes go a block of rows at a time (bisam_block); kFlatBlock is
+// the elements per block (four scratch arrays of it stay in L1/L2).
+constexpr int64_t kFlatMaxK = 32;
+constexpr int64_t kFlatBlock = 2048;
+
 // One row.  x: the row (K values, upcast); z, d: scratch (K each); g: gradient out or nullptr
 // (may alias x: x is no longer read when g is written).  Returns the row's loss.
-template <typename acc_t, int64_t PHI>
-SK_INLINE acc_t bisam_row(const acc_t* x, int64_t K, int64_t y, acc_t mu, acc_t alpha,
+// Pass 1 evaluates z = mu phi and phi' into scratch (and, unless FIXED, takes the max m of z),
+// pass 2 exponentiates z - m and sums, pass 3 writes the gradient.  FIXED (mu at most
+// kFixedShiftMaxMu*): m = 0, no max.  (Fusing passes 1 and 2 runs out of vector registers: slower.)
+template <typename acc_t, int64_t PHI, bool FIXED>
+SK_INLINE acc_t bisam_row(const acc_t* x, int64_t K, int64_t y, acc_t mu, acc_t alpha, acc_t log_k,
                           acc_t* __restrict z, acc_t* __restrict d, acc_t* g, acc_t grad_scale) {
   const acc_t xy = x[y];
-  acc_t m = -std::numeric_limits<acc_t>::infinity();
+  acc_t m = 0, s = 0;
+  if constexpr (FIXED) {
+#pragma omp simd
+    for (int64_t j = 0; j < K; ++j) {
+      acc_t ph, dp;
+      phi_eval<acc_t, PHI>(x[j] - xy, alpha, ph, dp);
+      z[j] = mu * ph;  // <= mu <= 50 (float): in exp_neg's range
+      d[j] = dp;
+    }
+  } else {
+    m = -std::numeric_limits<acc_t>::infinity();
 #pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < K; ++j) {
-    acc_t ph, dp;
-    phi_eval<acc_t, PHI>(x[j] - xy, alpha, ph, dp);
-    z[j] = mu * ph;
-    d[j] = dp;
-    m = z[j] > m ? z[j] : m;
+    for (int64_t j = 0; j < K; ++j) {
+      acc_t ph, dp;
+      phi_eval<acc_t, PHI>(x[j] - xy, alpha, ph, dp);
+      z[j] = mu * ph;
+      d[j] = dp;
+      m = z[j] > m ? z[j] : m;
+    }
+    // m >= z_y = mu phi(0) = 0, so z - m <= 0 and exp never overflows
   }
-  // m >= z_y = mu phi(0) ~ 0, so z - m <= 0 and exp never overflows.  The target's own phi' is
-  // zeroed so that s1 sums j != y only (subtracting it afterwards would cancel catastrophically).
-  d[y] = acc_t(0);
-  acc_t s = 0, s1 = 0;
-#pragma omp simd reduction(+ : s, s1)
+#pragma omp simd reduction(+ : s)
   for (int64_t j = 0; j < K; ++j) {
     const acc_t e = exp_neg(z[j] - m);
     z[j] = e;
     s += e;
-    s1 += e * d[j];
   }
   if (g != nullptr) {
+    // The target's own phi' is zeroed so that s1 sums j != y only (subtracting it afterwards
+    // would cancel catastrophically).
+    d[y] = acc_t(0);
     const acc_t c = grad_scale / s;
-#pragma omp simd
-    for (int64_t j = 0; j < K; ++j) g[j] = z[j] * d[j] * c;
+    acc_t s1 = 0;
+#pragma omp simd reduction(+ : s1)
+    for (int64_t j = 0; j < K; ++j) {
+      const acc_t p = z[j] * d[j];
+      s1 += p;
+      g[j] = p * c;
+    }
     g[y] = -s1 * c;  // dQ/df_y = -sum_{j != y} p_j phi'(F_j)
   }
-  return (m + std::log(s) - std::log(static_cast<acc_t>(K))) / mu;
+  return (m + std::log(s) - log_k) / mu;
+}
+
+// Short rows (K <= kFlatMaxK), fixed shift: phi, phi' and e^{mu phi} of a block of rows in loops
+// over all its n elements (xy holds each row's f_y repeated K times), so the SIMD lanes stay full
+// instead of paying a vector loop's set-up and tail per short row; the per-row sums and the
+// gradient follow in bisam_rows_flat.
+template <typename acc_t, int64_t PHI>
+SK_INLINE void bisam_block(const acc_t* x, const acc_t* xy, int64_t n, acc_t mu, acc_t alpha,
+                           acc_t* __restrict e, acc_t* __restrict d) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    acc_t ph, dp;
+    phi_eval<acc_t, PHI>(x[j] - xy[j], alpha, ph, dp);
+    e[j] = mu * ph;
+    d[j] = dp;
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) e[j] = exp_neg(e[j]);
 }
 
 // float rows get AVX2/AVX-512 clones picked at load time (setup.py compiles for the x86-64 base).
@@ -149,16 +203,112 @@ SK_INLINE acc_t bisam_row(const acc_t* x, int64_t K, int64_t y, acc_t mu, acc_t 
 #define SK_MULTIVERSION
 #endif
 
-SK_MULTIVERSION float bisam_row_f32(const float* x, int64_t K, int64_t y, float mu, float alpha,
-                                    int64_t phi, float* z, float* d, float* g, float grad_scale) {
-  return phi == kPhiTanh ? bisam_row<float, kPhiTanh>(x, K, y, mu, alpha, z, d, g, grad_scale)
-                         : bisam_row<float, kPhiNegLog>(x, K, y, mu, alpha, z, d, g, grad_scale);
+template <typename acc_t, bool FIXED>
+SK_INLINE acc_t row_phi(const acc_t* x, int64_t K, int64_t y, acc_t mu, acc_t alpha, acc_t log_k,
+                        int64_t phi, acc_t* z, acc_t* d, acc_t* g, acc_t grad_scale) {
+  return phi == kPhiTanh
+             ? bisam_row<acc_t, kPhiTanh, FIXED>(x, K, y, mu, alpha, log_k, z, d, g, grad_scale)
+             : bisam_row<acc_t, kPhiNegLog, FIXED>(x, K, y, mu, alpha, log_k, z, d, g, grad_scale);
 }
 
-double bisam_row_f64(const double* x, int64_t K, int64_t y, double mu, double alpha, int64_t phi,
-                     double* z, double* d, double* g, double grad_scale) {
-  return phi == kPhiTanh ? bisam_row<double, kPhiTanh>(x, K, y, mu, alpha, z, d, g, grad_scale)
-                         : bisam_row<double, kPhiNegLog>(x, K, y, mu, alpha, z, d, g, grad_scale);
+SK_MULTIVERSION float bisam_row_f32(const float* x, int64_t K, int64_t y, float mu, float alpha,
+                                    float log_k, int64_t phi, bool fixed, float* z, float* d,
+                                    float* g, float grad_scale) {
+  return fixed ? row_phi<float, true>(x, K, y, mu, alpha, log_k, phi, z, d, g, grad_scale)
+               : row_phi<float, false>(x, K, y, mu, alpha, log_k, phi, z, d, g, grad_scale);
+}
+
+double bisam_row_f64(const double* x, int64_t K, int64_t y, double mu, double alpha, double log_k,
+                     int64_t phi, bool fixed, double* z, double* d, double* g, double grad_scale) {
+  return fixed ? row_phi<double, true>(x, K, y, mu, alpha, log_k, phi, z, d, g, grad_scale)
+               : row_phi<double, false>(x, K, y, mu, alpha, log_k, phi, z, d, g, grad_scale);
+}
+
+SK_MULTIVERSION void bisam_block_f32(const float* x, const float* xy, int64_t n, float mu,
+                                     float alpha, int64_t phi, float* e, float* d) {
+  if (phi == kPhiTanh) {
+    bisam_block<float, kPhiTanh>(x, xy, n, mu, alpha, e, d);
+  } else {
+    bisam_block<float, kPhiNegLog>(x, xy, n, mu, alpha, e, d);
+  }
+}
+
+void bisam_block_f64(const double* x, const double* xy, int64_t n, double mu, double alpha,
+                     int64_t phi, double* e, double* d) {
+  if (phi == kPhiTanh) {
+    bisam_block<double, kPhiTanh>(x, xy, n, mu, alpha, e, d);
+  } else {
+    bisam_block<double, kPhiNegLog>(x, xy, n, mu, alpha, e, d);
+  }
+}
+
+// Rows [begin, end) of short rows, a block at a time (fixed shift only).
+template <typename scalar_t, typename acc_t>
+void bisam_rows_flat(const scalar_t* base, int64_t row_stride, const int64_t* target, acc_t* loss,
+                     scalar_t* gbase, int64_t K, acc_t mu, acc_t alpha, acc_t log_k, int64_t phi,
+                     int64_t ignore_index, acc_t grad_scale, int64_t begin, int64_t end) {
+  constexpr bool kDirect = std::is_same<scalar_t, acc_t>::value;
+  const int64_t rows_per_block = std::max<int64_t>(1, kFlatBlock / K);
+  const int64_t cap = rows_per_block * K;
+  std::vector<acc_t> scratch(4 * cap);
+  acc_t* xb = scratch.data();  // the block's logits when they need a cast or are strided
+  acc_t* xy = xb + cap;
+  acc_t* e = xy + cap;
+  acc_t* d = e + cap;
+  for (int64_t b0 = begin; b0 < end; b0 += rows_per_block) {
+    const int64_t b1 = std::min(end, b0 + rows_per_block), n = (b1 - b0) * K;
+    const acc_t* x = xb;
+    bool copied = true;
+    if constexpr (kDirect) {
+      if (row_stride == K) {
+        x = base + b0 * K;
+        copied = false;
+      }
+    }
+    if (copied) {
+      for (int64_t i = b0; i < b1; ++i) {
+        const scalar_t* row = base + i * row_stride;
+        acc_t* dst = xb + (i - b0) * K;
+        for (int64_t j = 0; j < K; ++j) dst[j] = static_cast<acc_t>(row[j]);
+      }
+    }
+    for (int64_t i = b0; i < b1; ++i) {
+      const int64_t y = target[i];
+      const acc_t* xr = x + (i - b0) * K;
+      const acc_t v = y == ignore_index ? acc_t(0) : xr[y];  // ignored rows: computed, not used
+      std::fill(xy + (i - b0) * K, xy + (i - b0 + 1) * K, v);
+    }
+    if constexpr (std::is_same<acc_t, double>::value) {
+      bisam_block_f64(x, xy, n, mu, alpha, phi, e, d);
+    } else {
+      bisam_block_f32(x, xy, n, mu, alpha, phi, e, d);
+    }
+    for (int64_t i = b0; i < b1; ++i) {
+      const int64_t y = target[i];
+      scalar_t* grow = gbase != nullptr ? gbase + i * K : nullptr;
+      if (y == ignore_index) {  // like F.cross_entropy: contributes 0, gradient 0
+        loss[i] = acc_t(0);
+        if (grow != nullptr) std::fill(grow, grow + K, scalar_t(0));
+        continue;
+      }
+      const acc_t* er = e + (i - b0) * K;
+      acc_t* dr = d + (i - b0) * K;
+      acc_t s = 0;
+      for (int64_t j = 0; j < K; ++j) s += er[j];
+      loss[i] = (std::log(s) - log_k) / mu;
+      if (grow != nullptr) {
+        dr[y] = acc_t(0);  // s1 sums j != y only (see bisam_row)
+        const acc_t c = grad_scale / s;
+        acc_t s1 = 0;
+        for (int64_t j = 0; j < K; ++j) {
+          const acc_t p = er[j] * dr[j];
+          s1 += p;
+          grow[j] = static_cast<scalar_t>(p * c);
+        }
+        grow[y] = static_cast<scalar_t>(-s1 * c);
+      }
+    }
+  }
 }
 
 template <typename scalar_t>
@@ -167,11 +317,23 @@ void bisam_rows(const at::Tensor& logits, const int64_t* target, at::Tensor& los
                 double grad_scale) {
   using acc_t = at::opmath_type<scalar_t>;  // float for fp16/bf16/fp32, double for fp64
   constexpr bool kDirect = std::is_same<scalar_t, acc_t>::value;  // no up/down-cast copy needed
+  constexpr bool kDouble = std::is_same<acc_t, double>::value;
   const int64_t B = logits.size(0), K = logits.size(1), row_stride = logits.stride(0);
   const scalar_t* base = logits.const_data_ptr<scalar_t>();
   acc_t* loss = loss_rows.mutable_data_ptr<acc_t>();
   scalar_t* gbase = grad != nullptr ? grad->mutable_data_ptr<scalar_t>() : nullptr;
   const int64_t grain = std::max<int64_t>(1, 32768 / K);
+  const double log_k = std::log(static_cast<double>(K));  // once per call, not per row
+  const bool fixed = mu <= (kDouble ? kFixedShiftMaxMuF64 : kFixedShiftMaxMuF32);
+  if (fixed && K <= kFlatMaxK) {
+    at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+      bisam_rows_flat<scalar_t, acc_t>(base, row_stride, target, loss, gbase, K,
+                                       static_cast<acc_t>(mu), static_cast<acc_t>(alpha),
+                                       static_cast<acc_t>(log_k), phi, ignore_index,
+                                       static_cast<acc_t>(grad_scale), begin, end);
+    });
+    return;
+  }
   at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> scratch((kDirect ? 2 : 3) * K);
     acc_t* z = scratch.data();
@@ -196,11 +358,12 @@ void bisam_rows(const at::Tensor& logits, const int64_t* target, at::Tensor& los
         x = xbuf;
         g = grow != nullptr ? xbuf : nullptr;
       }
-      if constexpr (std::is_same<acc_t, double>::value) {
-        loss[i] = bisam_row_f64(x, K, y, mu, alpha, phi, z, d, g, grad_scale);
+      if constexpr (kDouble) {
+        loss[i] = bisam_row_f64(x, K, y, mu, alpha, log_k, phi, fixed, z, d, g, grad_scale);
       } else {
-        loss[i] = bisam_row_f32(x, K, y, static_cast<float>(mu), static_cast<float>(alpha), phi, z,
-                                d, g, static_cast<float>(grad_scale));
+        loss[i] = bisam_row_f32(x, K, y, static_cast<float>(mu), static_cast<float>(alpha),
+                                static_cast<float>(log_k), phi, fixed, z, d, g,
+                                static_cast<float>(grad_scale));
       }
       if constexpr (!kDirect) {
         if (grow != nullptr)
@@ -210,37 +373,157 @@ void bisam_rows(const at::Tensor& logits, const int64_t* target, at::Tensor& los
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> bisam_loss_fwd_cpu(const at::Tensor& logits_in,
-                                                      const at::Tensor& target_in, double mu,
-                                                      int64_t phi, double alpha,
-                                                      int64_t ignore_index, double grad_scale,
-                                                      bool compute_grad) {
+// Range check of every label before any work (a bad one never reads outside its row), and the
+// number of rows that are not ignore_index (the mean's denominator).  c10::IndexError naming the
+// first bad row: IndexError in Python, mapped to TargetOutOfRangeError by the wrapper.
+int64_t check_targets(const int64_t* t, int64_t B, int64_t K, int64_t ignore_index) {
+  int64_t count = 0;
+  for (int64_t i = 0; i < B; ++i) {
+    const int64_t y = t[i];
+    if (y == ignore_index) continue;
+    TORCH_CHECK_INDEX(y >= 0 && y < K, "bisam_loss: target[", i, "] = ", y,
+                      " is out of range for ", K, " classes (and is not ignore_index = ",
+                      ignore_index, ")");
+    ++count;
+  }
+  return count;
+}
+
+// Checks, strides and the label pass shared by both CPU ops.  Returns the valid-row count.
+int64_t prepare_cpu(const at::Tensor& logits_in, const at::Tensor& target_in, double mu,
+                    int64_t phi, int64_t ignore_index, at::Tensor& logits, at::Tensor& target) {
   samkernels::check_bisam_loss_args(logits_in, target_in, mu, phi);
-  const auto dt = logits_in.scalar_type();
   TORCH_CHECK(logits_in.device().is_cpu() && target_in.device().is_cpu(),
               "bisam_loss (CPU kernel): logits and target must be CPU tensors");
+  logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
+  target = target_in.is_contiguous() ? target_in : target_in.contiguous();
+  return check_targets(target.const_data_ptr<int64_t>(), logits.size(0), logits.size(1),
+                       ignore_index);
+}
 
-  const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
-  const at::Tensor target = target_in.contiguous();
+// (per-row loss in the accumulation dtype, gradient (B, K) contiguous or an empty tensor)
+std::tuple<at::Tensor, at::Tensor> run_rows(const at::Tensor& logits, const at::Tensor& target,
+                                            double mu, int64_t phi, double alpha,
+                                            int64_t ignore_index, double grad_scale,
+                                            bool compute_grad) {
+  const auto dt = logits.scalar_type();
   const int64_t B = logits.size(0), K = logits.size(1);
-  const int64_t* t = target.const_data_ptr<int64_t>();
-  // Checked before any work so a bad label never reads outside its row.
-  for (int64_t i = 0; i < B; ++i) {
-    TORCH_CHECK_INDEX(t[i] == ignore_index || (t[i] >= 0 && t[i] < K), "bisam_loss: target[", i,
-                      "] = ", t[i], " is out of range for ", K,
-                      " classes (and is not ignore_index = ", ignore_index, ")");
-  }
-
   at::Tensor loss_rows =
       at::empty({B}, logits.options().dtype(dt == at::kDouble ? at::kDouble : at::kFloat));
   at::Tensor grad = compute_grad ? at::empty({B, K}, logits.options().memory_format(
                                                          at::MemoryFormat::Contiguous))
                                  : at::empty({0}, logits.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "bisam_loss_fwd_cpu", [&] {
-    bisam_rows<scalar_t>(logits, t, loss_rows, compute_grad ? &grad : nullptr, mu, phi, alpha,
-                         ignore_index, grad_scale);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "bisam_loss_cpu", [&] {
+    bisam_rows<scalar_t>(logits, target.const_data_ptr<int64_t>(), loss_rows,
+                         compute_grad ? &grad : nullptr, mu, phi, alpha, ignore_index, grad_scale);
   });
   return {loss_rows, grad};
+}
+
+std::tuple<at::Tensor, at::Tensor> bisam_loss_fwd_cpu(const at::Tensor& logits_in,
+                                                      const at::Tensor& target_in, double mu,
+                                                      int64_t phi, double alpha,
+                                                      int64_t ignore_index, double grad_scale,
+                                                      bool compute_grad) {
+  at::Tensor logits, target;
+  prepare_cpu(logits_in, target_in, mu, phi, ignore_index, logits, target);
+  return run_rows(logits, target, mu, phi, alpha, ignore_index, grad_scale, compute_grad);
+}
+
+// --- the whole loss in one call: label check + count + rows + reduction (eager CPU fast path) ---
+constexpr int64_t kReduceNone = 0;  // reduction codes of bisam_loss / bisam_loss_fwd_reduced
+constexpr int64_t kReduceMean = 1;
+constexpr int64_t kReduceSum = 2;
+
+std::tuple<at::Tensor, at::Tensor> bisam_loss_fwd_reduced_cpu(
+    const at::Tensor& logits_in, const at::Tensor& target_in, double mu, int64_t phi,
+    double alpha, int64_t reduction, int64_t ignore_index, bool compute_grad) {
+  TORCH_CHECK_VALUE(reduction == kReduceNone || reduction == kReduceMean ||
+                        reduction == kReduceSum,
+                    "bisam_loss: reduction code must be 0 (none), 1 (mean) or 2 (sum), got ",
+                    reduction);
+  at::Tensor logits, target;
+  const int64_t count = prepare_cpu(logits_in, target_in, mu, phi, ignore_index, logits, target);
+  // the mean's 1/count goes into the gradient (no rows: a zero gradient, as F.cross_entropy)
+  const double grad_scale =
+      reduction == kReduceMean ? 1.0 / static_cast<double>(std::max<int64_t>(count, 1)) : 1.0;
+  auto [rows, grad] = run_rows(logits, target, mu, phi, alpha, ignore_index, grad_scale,
+                               compute_grad);
+  const auto dt = logits.scalar_type();
+  if (reduction == kReduceNone) return {rows.scalar_type() == dt ? rows : rows.to(dt), grad};
+  at::Tensor out = at::empty({}, logits.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "bisam_loss_reduce_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* r = rows.const_data_ptr<acc_t>();
+    double total = 0;  // in order, in double: deterministic and exact enough for any B
+    for (int64_t i = 0; i < rows.numel(); ++i) total += static_cast<double>(r[i]);
+    // mean: 0/0 = NaN when every row is ignored, like F.cross_entropy
+    if (reduction == kReduceMean) total /= static_cast<double>(count);
+    *out.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(static_cast<acc_t>(total));
+  });
+  return {out, grad};
+}
+
+std::tuple<at::Tensor, at::Tensor> call_fwd_reduced(const at::Tensor& logits,
+                                                    const at::Tensor& target, double mu,
+                                                    int64_t phi, double alpha, int64_t reduction,
+                                                    int64_t ignore_index, bool compute_grad) {
+  // through the dispatcher, so FakeTensor/meta tracing reaches the fake registered in Python
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("samkernels::bisam_loss_fwd_reduced", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, double,
+                                                    int64_t, double, int64_t, int64_t, bool)>();
+  return op.call(logits, target, mu, phi, alpha, reduction, ignore_index, compute_grad);
+}
+
+// Autograd of samkernels::bisam_loss in C++ (no Python on the forward or the backward path).
+// forward saves the kernel's gradient buffer (1/count folded in for the mean); backward returns it
+// as is for a grad_output of 1 (loss.backward()), else scales a copy (retain_graph safe).
+struct BiSAMLossFunction : public torch::autograd::Function<BiSAMLossFunction> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& logits,
+                            const at::Tensor& target, double mu, int64_t phi, double alpha,
+                            int64_t reduction, int64_t ignore_index) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [loss, grad] =
+        call_fwd_reduced(logits, target, mu, phi, alpha, reduction, ignore_index, true);
+    ctx->save_for_backward({grad});
+    return loss;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    const at::Tensor grad = ctx->get_saved_variables()[0];
+    const at::Tensor& go = grad_outputs[0];
+    at::Tensor g;
+    if (go.dim() == 1) {  // reduction "none": one grad_output per row
+      g = grad * go.unsqueeze(1);
+    } else if (go.device().is_cpu() && !go.requires_grad() &&
+               !go.key_set().has(c10::DispatchKey::Python) && go.item<double>() == 1.0) {
+      g = grad;  // the common loss.backward(): the kernel's buffer is already the answer
+    } else {
+      g = grad * go;
+    }
+    return {g, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+at::Tensor bisam_loss_autograd(const at::Tensor& logits, const at::Tensor& target, double mu,
+                               int64_t phi, double alpha, int64_t reduction,
+                               int64_t ignore_index) {
+  if (at::GradMode::is_enabled() && logits.requires_grad()) {
+    return BiSAMLossFunction::apply(logits, target, mu, phi, alpha, reduction, ignore_index);
+  }
+  at::AutoDispatchBelowADInplaceOrView guard;  // no autograd: the kernel skips the gradient
+  return std::get<0>(
+      call_fwd_reduced(logits, target, mu, phi, alpha, reduction, ignore_index, false));
+}
+
+at::Tensor bisam_loss_cpu(const at::Tensor& logits, const at::Tensor& target, double mu,
+                          int64_t phi, double alpha, int64_t reduction, int64_t ignore_index) {
+  return std::get<0>(
+      bisam_loss_fwd_reduced_cpu(logits, target, mu, phi, alpha, reduction, ignore_index, false));
 }
 
 }  // namespace
@@ -252,6 +535,22 @@ TORCH_LIBRARY_FRAGMENT(samkernels, m) {
   m.def("bisam_loss_fwd(Tensor logits, Tensor target, float mu, int phi, float alpha, "
         "int ignore_index, float grad_scale, bool compute_grad) "
         "-> (Tensor loss_rows, Tensor grad)");
+  // The reduced loss in the logits' dtype ((B,) for reduction 0 = none, a scalar for 1 = mean and
+  // 2 = sum) and d loss / d logits (1/count folded in for the mean) or an empty tensor.  Checks
+  // the labels (IndexError naming the first bad row) and counts the rows itself.  CPU only.
+  m.def("bisam_loss_fwd_reduced(Tensor logits, Tensor target, float mu, int phi, float alpha, "
+        "int reduction, int ignore_index, bool compute_grad) -> (Tensor loss, Tensor grad)");
+  // The differentiable loss (autograd in C++): one call forward, backward returns or scales the
+  // saved gradient.  Eager CPU only (its backward reads grad_output on the host); the Python
+  // wrapper traces bisam_loss_fwd under torch.compile.
+  m.def("bisam_loss(Tensor logits, Tensor target, float mu, int phi, float alpha, int reduction, "
+        "int ignore_index) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(samkernels, CPU, m) { m.impl("bisam_loss_fwd", &bisam_loss_fwd_cpu); }
+TORCH_LIBRARY_IMPL(samkernels, CPU, m) {
+  m.impl("bisam_loss_fwd", &bisam_loss_fwd_cpu);
+  m.impl("bisam_loss_fwd_reduced", &bisam_loss_fwd_reduced_cpu);
+  m.impl("bisam_loss", &bisam_loss_cpu);
+}
+
+TORCH_LIBRARY_IMPL(samkernels, Autograd, m) { m.impl("bisam_loss", &bisam_loss_autograd); }

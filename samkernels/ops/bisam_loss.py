@@ -14,17 +14,22 @@ Conventions (chosen to match ``F.cross_entropy``):
     other rows, so with every row ignored the mean is NaN (the gradient is then all zeros).
   * Loss in the logits' dtype; the maths runs in float32 (float64 for float64 logits).
   * A target outside ``[0, K)`` that is not ``ignore_index``: on CPU a ``TargetOutOfRangeError``
-    (an ``IndexError`` and a ``ValueError``) naming the row.  On CUDA the check is
-    ``torch._assert_async`` (no host sync; it fails like ``F.cross_entropy``'s device-side assert),
-    and the kernels write NaN for such rows instead of reading outside the row.
+    (an ``IndexError`` and a ``ValueError``) naming the row.  On CUDA, and under torch.compile, the
+    check is ``torch._assert_async`` (no host sync; it fails like ``F.cross_entropy``'s device-side
+    assert), and the kernels write NaN for such rows instead of reading outside the row.
 
 Backends (``samkernels._dispatch.resolve``): ``reference`` is :func:`bisam_loss_reference` with
-autograd (the naive baseline); ``cpu``/``cuda`` run ``torch.ops.samkernels.bisam_loss_fwd`` and
-``triton`` runs ``samkernels::bisam_loss_fwd_triton``.  The fused op reads the logits once and
-writes the per-row loss and ``d loss_row / d logits`` (skipped when the logits need no gradient);
-backward only scales that buffer by ``grad_output`` (returned as is when ``grad_output`` is 1 on
-CPU, where the mean's ``1/count`` is folded into the kernel).  For fp16/bf16 logits the gradient is
-thus rounded to the logits' dtype before the scaling.
+autograd (the naive baseline).  ``cpu`` in eager mode is one call of
+``torch.ops.samkernels.bisam_loss`` (csrc/cpu/bisam_loss.cpp): the kernel checks the labels (its
+``IndexError`` becomes ``TargetOutOfRangeError`` here), counts the rows, reads the logits once,
+reduces, and saves ``d loss / d logits`` (the mean's ``1/count`` folded in) for a C++ autograd node
+whose backward returns that buffer as is when ``grad_output`` is 1 (``loss.backward()``) and scales
+it otherwise; no Python runs in the backward.  ``cuda``, ``triton`` and ``cpu`` under torch.compile
+(or with an extension built before that op) go through :class:`_FusedBiSAMLoss`:
+``torch.ops.samkernels.bisam_loss_fwd`` (``samkernels::bisam_loss_fwd_triton`` for triton) writes
+the per-row loss and the gradient buffer (skipped when the logits need no gradient), the label check
+and the reduction run here, and backward scales the buffer by ``grad_output``.  For fp16/bf16 logits
+the gradient is thus rounded to the logits' dtype before the scaling.
 """
 from __future__ import annotations
 
@@ -42,6 +47,7 @@ __all__ = ["bisam_loss", "BiSAMLoss", "bisam_loss_reference", "TargetOutOfRangeE
 
 GAMMA = math.log(math.e - 1.0)  # phi_neglog(0) = 0 (eq. 18)
 PHI_CODES = {"neglog": 0, "tanh": 1}  # the kernels' ``phi`` argument
+REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}  # bisam_loss / bisam_loss_fwd_reduced's codes
 DEFAULT_MU = {"neglog": 1.5, "tanh": 10.0}  # the paper's CIFAR settings (Sec. 4.1)
 _PHI_ALIASES = {"neglog": "neglog", "-log": "neglog", "tanh": "tanh"}
 _REDUCTIONS = ("mean", "sum", "none")
@@ -141,12 +147,29 @@ def _fake_fwd(logits, target, mu, phi, alpha, ignore_index, grad_scale, compute_
     return loss_rows, grad
 
 
-def _cpp_op_available() -> bool:
-    return _dispatch.extension() is not None and hasattr(torch.ops.samkernels, "bisam_loss_fwd")
+def _fake_fwd_reduced(logits, target, mu, phi, alpha, reduction, ignore_index, compute_grad):
+    loss = logits.new_empty((logits.shape[0],) if reduction == 0 else ())
+    grad = logits.new_empty(logits.shape) if compute_grad else logits.new_empty((0,))
+    return loss, grad
+
+
+def _fake_loss(logits, target, mu, phi, alpha, reduction, ignore_index):
+    return logits.new_empty((logits.shape[0],) if reduction == 0 else ())
+
+
+def _cpp_op_available(name: str = "bisam_loss_fwd") -> bool:
+    return _dispatch.extension() is not None and hasattr(torch.ops.samkernels, name)
 
 
 if _cpp_op_available():  # shapes for torch.compile (FakeTensor) tracing of the C++ op
     torch.library.register_fake("samkernels::bisam_loss_fwd")(_fake_fwd)
+# The eager CPU fast path: the whole loss (label check, count, rows, reduction, autograd) in one
+# C++ op; None with an extension built before it (then the path of the other backends runs).
+_CPU_LOSS = None
+if _cpp_op_available("bisam_loss") and _cpp_op_available("bisam_loss_fwd_reduced"):
+    torch.library.register_fake("samkernels::bisam_loss_fwd_reduced")(_fake_fwd_reduced)
+    torch.library.register_fake("samkernels::bisam_loss")(_fake_loss)
+    _CPU_LOSS = torch.ops.samkernels.bisam_loss.default
 
 
 def _fused_fwd(backend: str):
@@ -214,6 +237,15 @@ def bisam_loss(logits: Tensor, target: Tensor, mu: Optional[float] = None, phi: 
     """
     phi, mu, alpha = _check_args(logits, target, mu, phi, alpha, reduction, ignore_index)
     backend = _dispatch.resolve(logits.device)
+    if backend == "cpu" and _CPU_LOSS is not None and not torch.compiler.is_compiling():
+        # One op call; its autograd node is C++.  The kernel checks the labels before any work.
+        try:
+            return _CPU_LOSS(logits, target, mu, PHI_CODES[phi], alpha, REDUCTION_CODES[reduction],
+                             ignore_index)
+        except IndexError as exc:
+            if not str(exc).startswith("bisam_loss: target["):
+                raise
+            raise TargetOutOfRangeError(str(exc)) from None
     if backend == "reference":
         return bisam_loss_reference(logits, target, mu, phi, alpha, reduction, ignore_index)
     _check_targets(target, logits.shape[1], ignore_index)
