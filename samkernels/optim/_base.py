@@ -494,6 +494,17 @@ class TwoPassOptimizer(torch.optim.Optimizer):
             raise ValueError(f"m must be an int >= 1 (the number of micro-batches), got {m!r}")
         return m
 
+    def _two_passes(self, closure: Callable, scaler):
+        """The m = 1 step of a two-pass optimizer: ascent pass, first_step, the second pass (left out
+        when the first pass skipped the step), second_step; the mean weights back on any error."""
+        with self._restore_on_error():
+            loss = self._run_pass(closure, ascent=True)
+            self.first_step(zero_grad=True, scaler=scaler)
+            if not self.skip_pending:
+                self._run_pass(closure, ascent=False)
+            self.second_step(scaler=scaler)
+        return loss
+
     @contextlib.contextmanager
     def _restore_on_error(self):
         """Any exception inside (a pass, a phase's argument check) restores the mean weights, and a

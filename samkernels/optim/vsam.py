@@ -298,13 +298,7 @@ class VariationalSAM(GaussianPosterior, TwoPassOptimizer):
             raise RuntimeError("VariationalSAM.step needs a closure (it evaluates the loss twice); "
                                "or call first_step() / second_step() yourself")
         if self._check_m(m) == 1:
-            with self._restore_on_error():
-                loss = self._run_pass(closure, ascent=True)
-                self.first_step(zero_grad=True, scaler=scaler)
-                if not self.skip_pending:
-                    self._run_pass(closure, ascent=False)
-                self.second_step(scaler=scaler)
-            return loss
+            return self._two_passes(closure, scaler)
         losses = []
         with self._restore_on_error():
             for i in range(m):
