@@ -230,6 +230,10 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         """The backups of ``ps`` (``_backup`` of each), memoised per parameter list."""
         return self._memo("backups", ps, lambda: [self._backup(p) for p in ps])
 
+    def _param_ids_for(self, ps: List[Tensor]) -> List[int]:
+        """The noise counter's parameter words of ``ps`` (``_param_id`` of each), memoised."""
+        return self._memo("param_ids", ps, lambda: [self._param_id(p) for p in ps])
+
     def _state_lists(self, ps: List[Tensor], *names: str) -> Optional[Tuple[List[Tensor], ...]]:
         """``[state[p][name] for p in ps]`` for each name, memoised; None while some entry is missing."""
         def build():

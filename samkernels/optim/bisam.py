@@ -234,8 +234,8 @@ class EBiSAM(BiSAM):
             sq = [ops.grad_sumsq(ps, gs, False, 0.0).to(dev) for _, ps, gs in work]
             norm = torch.stack([s.double() for s in sq]).sum().sqrt()
         for group, ps, gs in work:
-            backups = [self._backup(p) for p in ps]
-            n = vi_ops.esam_perturb_(ps, gs, backups, [self._param_id(p) for p in ps],
+            backups = self._backups_for(ps)
+            n = vi_ops.esam_perturb_(ps, gs, backups, self._param_ids_for(ps),
                                      None if norm is None else norm.to(ps[0].device), seed, step,
                                      self._rho(group), group["beta"],
                                      group["perturb_eps"] if eps is None else eps,

@@ -105,9 +105,6 @@ class BSAM(TwoPassOptimizer):
             have = self._state_lists(ps, "precision", "momentum_buffer")
         return (self._backups_for(ps),) + tuple(have)
 
-    def _param_ids_for(self, ps: List[Tensor]) -> List[int]:
-        return self._memo("param_ids", ps, lambda: [self._param_id(p) for p in ps])
-
     def _accum_buf(self, p: Tensor) -> Tensor:
         a = self._accum_bufs.get(p)
         if a is None:

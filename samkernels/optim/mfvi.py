@@ -49,9 +49,9 @@ class GaussianPosterior:
         try:
             with torch.no_grad():
                 for group, ps in self._grouped(with_grad=False):
-                    backups = [self._backup(p) for p in ps]
+                    backups = self._backups_for(ps)
                     vi_ops.vi_noise_(ps, backups, self._variances(group, ps),
-                                     [self._param_id(p) for p in ps], seed, 0, 0.0)
+                                     self._param_ids_for(ps), seed, 0, 0.0)
                     self._mark_perturbed(ps, backups)
             yield self
         finally:
@@ -165,9 +165,9 @@ class MFVI(GaussianPosterior, TwoPassOptimizer):
         self._require_unperturbed("noise_step")
         seed, step = self._extra_state["seed"], self._extra_state["noise_step"]
         for group, ps in self._grouped(with_grad=False):
-            backups = [self._backup(p) for p in ps]
+            backups = self._backups_for(ps)
             vi_ops.vi_noise_(ps, backups, self._variances(group, ps),
-                             [self._param_id(p) for p in ps], seed, step, 0.0)
+                             self._param_ids_for(ps), seed, step, 0.0)
             self._mark_perturbed(ps, backups)
         self._noise["at"] = step
         self._extra_state["noise_step"] = step + 1
@@ -197,9 +197,9 @@ class MFVI(GaussianPosterior, TwoPassOptimizer):
                 ps = [p for p in ps if p in todo]
                 if not ps:
                     continue
-                vi_ops.mfvi_update_(ps, [p.grad for p in ps], [self._backup(p) for p in ps],
+                vi_ops.mfvi_update_(ps, [p.grad for p in ps], self._backups_for(ps),
                                     self._variances(group, ps), self._momenta(group, ps),
-                                    [self._param_id(p) for p in ps], seed, self._noise["at"],
+                                    self._param_ids_for(ps), seed, self._noise["at"],
                                     group["lr"], group["var_lr"], group["momentum"],
                                     group["prior_var"], group["num_data"],
                                     self._found_inf(ps[0].device))

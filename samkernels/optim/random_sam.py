@@ -221,8 +221,8 @@ class RandomSAM(TwoPassOptimizer):
         start = self._noise["at"]
         seed, step = self._extra_state["seed"], start + micro
         for group, ps in self._grouped(with_grad=False):
-            backups = [self._backup(p) for p in ps]
-            vi_ops.vi_noise_(ps, backups, [], [self._param_id(p) for p in ps], seed, step,
+            backups = self._backups_for(ps)
+            vi_ops.vi_noise_(ps, backups, [], self._param_ids_for(ps), seed, step,
                              self.noise_scale(group))
             self._mark_perturbed(ps, backups)
         self._extra_state["noise_step"] = start + _m if micro == _m - 1 else start

@@ -183,7 +183,7 @@ class VariationalSAM(GaussianPosterior, TwoPassOptimizer):
             sq = [vi_ops.vsam_sumsq(gs, vs).to(dev) for _, _, gs, vs in work]
             norm = torch.stack(sq).sum().sqrt()
         for group, ps, gs, vs in work:
-            backups = [self._backup(p) for p in ps]
+            backups = self._backups_for(ps)
             # m-sharpness, linear step: no clamp per micro-batch; the mean is clamped (second_step)
             min_var = -math.inf if multi and group["var_step"] != "log" else group["min_var"]
             n = vi_ops.vsam_perturb_(ps, gs, backups, vs,
