@@ -230,6 +230,15 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         """The backups of ``ps`` (``_backup`` of each), memoised per parameter list."""
         return self._memo("backups", ps, lambda: [self._backup(p) for p in ps])
 
+    @staticmethod
+    def _moved_are_grouped(moved: List[Tuple[List[Tensor], List[Tensor]]],
+                           grouped: List[Tuple[dict, List[Tensor]]]) -> bool:
+        """True when the parameters a phase moved (``moved``: (params, backups) pairs) are exactly,
+        in order, those ``_grouped`` returns now: the usual step, where a phase needs no per-tensor
+        set bookkeeping.  Eager only (False under torch.compile, which takes the general path)."""
+        return not torch.compiler.is_compiling() and \
+            [id(p) for ps, _ in moved for p in ps] == [id(p) for _, ps in grouped for p in ps]
+
     def _param_ids_for(self, ps: List[Tensor]) -> List[int]:
         """The noise counter's parameter words of ``ps`` (``_param_id`` of each), memoised."""
         return self._memo("param_ids", ps, lambda: [self._param_id(p) for p in ps])

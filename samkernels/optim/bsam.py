@@ -154,8 +154,7 @@ class BSAM(TwoPassOptimizer):
         defer = scaler is not None or self.nonfinite != "unchecked" or self.ddp_model is not None
         noisy = self._take_perturbed()
         # the usual step: the noised parameters are exactly those with a gradient (no set work)
-        same = not torch.compiler.is_compiling() and \
-            [id(p) for ps, _ in noisy for p in ps] == [id(p) for _, ps in grouped for p in ps]
+        same = self._moved_are_grouped(noisy, grouped)
         with_grad = set() if same else {p for _, ps in grouped for p in ps}
         for params, backups in ([] if same else noisy):  # no gradient: back to the mean
             rest = [(p, b) for p, b in zip(params, backups) if p not in with_grad]
@@ -220,8 +219,7 @@ class BSAM(TwoPassOptimizer):
         perturbed = self._take_perturbed()
         # the usual step: the perturbed parameters are exactly those with a gradient (no set work;
         # ``done`` counts the updated ones, in order, for the restore below on an error)
-        same = not torch.compiler.is_compiling() and \
-            [id(p) for ps, _ in perturbed for p in ps] == [id(p) for _, ps in grouped for p in ps]
+        same = self._moved_are_grouped(perturbed, grouped)
         todo = set() if same else {p for ps, _ in perturbed for p in ps}
         done = 0
         _, world = self._rank_world()

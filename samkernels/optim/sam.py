@@ -175,28 +175,22 @@ class SAM(TwoPassOptimizer):
         if self._skip_state["found"] is not None:
             self._rollback_on_device(self._skip_state["found"])
         moved = list(self._perturbed)  # cleared at the end: an error before leaves restore() work
-        if not torch.compiler.is_compiling() and \
-                [id(p) for ps, _ in moved for p in ps] == [id(p) for _, ps in grouped for p in ps]:
-            # the usual step: the same parameters moved and have gradients now (no set work)
+        if self._moved_are_grouped(moved, grouped):  # the usual step: no set work
             for group, ps in grouped:
                 self._base_update(group, ps)
-            self._perturbed.clear()
-            self._finish_step(skipped=False)
-            if zero_grad:
-                self.zero_grad()
-            return
-        perturbed = {p for ps, _ in moved for p in ps}
-        for group, ps in grouped:
-            for p in ps:  # a parameter with a gradient only in this pass: its backup is itself
-                if p not in perturbed:
-                    self._backup(p).copy_(p)
-            self._base_update(group, ps)
-            perturbed.difference_update(set(ps))  # a set: torch.compile compares list items with ==
-        # parameters perturbed in the first pass but without a gradient now: just restore them
-        for ps, bs in moved:
-            rest = [(p, b) for p, b in zip(ps, bs) if p in perturbed]
-            if rest:
-                torch._foreach_copy_([p for p, _ in rest], [b for _, b in rest])
+        else:
+            perturbed = {p for ps, _ in moved for p in ps}
+            for group, ps in grouped:
+                for p in ps:  # a gradient only in this pass: its backup is itself
+                    if p not in perturbed:
+                        self._backup(p).copy_(p)
+                self._base_update(group, ps)
+                perturbed.difference_update(set(ps))  # a set: torch.compile compares items with ==
+            # parameters perturbed in the first pass but without a gradient now: just restore them
+            for ps, bs in moved:
+                rest = [(p, b) for p, b in zip(ps, bs) if p in perturbed]
+                if rest:
+                    torch._foreach_copy_([p for p, _ in rest], [b for _, b in rest])
         self._perturbed.clear()
         self._finish_step(skipped=False)
         if zero_grad:
