@@ -3,8 +3,10 @@
 Backends: ``reference`` (pure PyTorch, :mod:`samkernels.ops.reference`), ``cpu`` (the C++ extension
 ``samkernels._C``), ``cuda`` (the CUDA kernels of the same extension), ``triton`` (Triton kernels;
 on CPU tensors only under ``TRITON_INTERPRET=1``).  ``auto`` (the default) picks by device: CPU
-tensors -> ``cpu``; CUDA tensors -> the faster of ``cuda`` and ``triton``, measured once per device
-(``cuda`` if Triton is missing or ``SAMKERNELS_AUTOTUNE=0``; ``triton`` if no CUDA kernels were built).
+tensors -> ``cpu``; CUDA tensors -> a *recorded* choice between ``cuda`` and ``triton`` (saved on
+this machine by ``tune_backend(save=True)``, else shipped per GPU model, else ``cuda``; ``triton``
+if no CUDA kernels were built).  ``auto`` never measures, allocates or draws random numbers by
+itself: see ``_auto_choice_for``.
 
 Force one with the environment variable ``SAMKERNELS_BACKEND`` or, in code, with
 ``samkernels.use_backend(name)`` (a context manager; ``set_backend`` sets it for good).  A forced
@@ -99,15 +101,16 @@ def _why_not(backend: str, device: torch.device) -> Optional[str]:
             import triton  # noqa: F401
         except ImportError:
             return "triton is not installed"
-        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+        if device.type == "cpu" and not interpret:
             return "triton runs on CPU tensors only with TRITON_INTERPRET=1 set before import"
+        if device.type == "cuda" and interpret:
+            return ("TRITON_INTERPRET=1 is set: triton's interpreter runs on CPU tensors only "
+                    "(unset it before triton is imported to run on CUDA)")
         if device.type not in ("cpu", "cuda"):
             return f"triton does not run on {device}"
         return None
     raise AssertionError(backend)
-
-
-_auto_cuda_choice: Dict[int, str] = {}
 
 
 def resolve(device: torch.device) -> str:
@@ -130,22 +133,135 @@ def resolve(device: torch.device) -> str:
     if device.type == "cuda":
         if cuda_kernels_built():
             index = device.index if device.index is not None else torch.cuda.current_device()
-            if index not in _auto_cuda_choice:
-                _auto_cuda_choice[index] = _measure_cuda_vs_triton(index)
-            return _auto_cuda_choice[index]
+            choice = _auto_cuda_choice.get(index)
+            if choice is None:
+                choice = _auto_cuda_choice[index] = _auto_choice_for(index)
+            return choice
         if triton_usable(device):
             return "triton"
     return "reference"
 
 
-def _time_backend(backend: str, index: int) -> float:
-    """Median ms of one SAM perturbation + SGD restore over a 64M-element, 100-tensor list (larger
-    than L2), timed with CUDA events after a warm-up."""
-    from samkernels import ops
+# --- auto on CUDA: a recorded choice, never a measurement inside the user's step ---------------
+# ``auto`` must not allocate, launch, touch the RNG or sync on the first op (it may run near the
+# memory limit, inside a CUDA graph capture, or in a seeded run), and must not flip between two
+# backends that round differently from one run to the next.  So it only *looks up* a choice:
+#   1. a choice saved on this machine by ``tune_backend(save=True)`` for this GPU model and these
+#      torch / triton versions (``$SAMKERNELS_CACHE_DIR/backend.json``, default
+#      ``~/.cache/samkernels``);
+#   2. the choice shipped in ``SHIPPED_CHOICE`` for this GPU model (measured by
+#      ``bench/gpu_session.sh``);
+#   3. ``cuda``: compiled ahead of time, no JIT warm-up, no dependency on triton.
+# A recorded ``triton`` is used only while triton is usable; otherwise ``cuda``.
+SHIPPED_CHOICE: Dict[str, str] = {}  # torch.cuda.get_device_name() -> "cuda" | "triton"
+# triton is chosen only when it is faster by more than this fraction: two backends that tie do not
+# swap places (and results) between tuning runs.
+TUNE_MARGIN = 0.05
+_auto_cuda_choice: Dict[int, str] = {}
+
+
+def _cache_path() -> str:
+    root = os.environ.get("SAMKERNELS_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+        "samkernels")
+    return os.path.join(root, "backend.json")
+
+
+def _versions_key(device_name: str) -> str:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    return f"{device_name} | torch {torch.__version__} | triton {triton_version}"
+
+
+def _load_saved() -> Dict[str, dict]:
+    import json
+    try:
+        with open(_cache_path()) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _auto_choice_for(index: int) -> str:
+    """The recorded choice for CUDA device ``index`` (see above); reads no tensor."""
+    name = torch.cuda.get_device_name(index)
+    saved = _load_saved().get(_versions_key(name))
+    choice = saved.get("choice") if isinstance(saved, dict) else None
+    if choice not in ("cuda", "triton"):
+        choice = SHIPPED_CHOICE.get(name, "cuda")
+    if choice == "triton" and not triton_usable(torch.device("cuda", index)):
+        choice = "cuda"
+    return choice
+
+
+def tune_backend(device=None, save: bool = False, numel: int = 1 << 24, repeat: int = 15) -> dict:
+    """Measure the CUDA and Triton kernels on ``device`` and return the faster (the explicit,
+    opt-in counterpart of ``auto``, which never measures by itself).
+
+    Times one SAM perturbation + SGD restore (the library's most common step) over four fp32
+    lists of ``numel`` elements in 100 tensors (default 4 x 64 MiB: larger than L2), medians of
+    ``repeat`` CUDA-event timings after a warm-up.  Allocates those buffers (freed on return),
+    draws no random numbers (the values come from ``arange``), and refuses to run inside a CUDA
+    graph capture.  ``triton`` is chosen only when faster by more than ``TUNE_MARGIN``.  With
+    ``save=True`` the choice is written to the cache file that ``auto`` reads for this GPU model
+    and these torch/triton versions, and takes effect at once in this process.
+
+    Returns ``{"device", "key", "cuda_ms", "triton_ms", "choice", "saved_to"}``."""
+    import json
+    if not torch.cuda.is_available():
+        raise RuntimeError("tune_backend needs a CUDA device")
+    dev = torch.device("cuda", torch.cuda.current_device()) if device is None else \
+        torch.device(device)
+    if dev.type != "cuda":
+        raise ValueError(f"tune_backend: device must be a CUDA device, got {dev}")
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
     dev = torch.device("cuda", index)
-    sizes = [640_000 + 17 * i for i in range(100)]
-    p = [torch.randn(n, device=dev) for n in sizes]
-    g = [torch.randn(n, device=dev) for n in sizes]
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("tune_backend cannot run inside a CUDA graph capture")
+    if not cuda_kernels_built():
+        raise RuntimeError(f"tune_backend: {_why_not('cuda', dev)}")
+    name = torch.cuda.get_device_name(index)
+    result = {"device": name, "key": _versions_key(name), "cuda_ms": None, "triton_ms": None,
+              "choice": "cuda", "saved_to": None}
+    with torch.cuda.device(index):
+        result["cuda_ms"] = _time_backend("cuda", dev, numel, repeat)
+        why = _why_not("triton", dev)
+        if why is None:
+            result["triton_ms"] = _time_backend("triton", dev, numel, repeat)
+            if result["triton_ms"] < result["cuda_ms"] * (1.0 - TUNE_MARGIN):
+                result["choice"] = "triton"
+        else:
+            result["triton_unusable"] = why
+    if save:
+        path = _cache_path()
+        data = _load_saved()
+        data[result["key"]] = {k: result[k] for k in ("device", "cuda_ms", "triton_ms", "choice")}
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+        result["saved_to"] = path
+        _auto_cuda_choice[index] = result["choice"]
+    return result
+
+
+def _time_backend(backend: str, dev: torch.device, numel: int, repeat: int) -> float:
+    """Median ms of one SAM perturbation + SGD restore on ``backend`` (see ``tune_backend``)."""
+    from samkernels import ops
+    n_tensors = 100
+    size = max(1, numel // n_tensors)
+    sizes = [size + 17 * (i % 7) for i in range(n_tensors)]  # uneven, like real layers
+
+    def values(n, scale):  # deterministic, RNG-free, bounded
+        return (torch.arange(n, device=dev, dtype=torch.float32) % 97 - 48) * scale
+
+    p = [values(n, 1e-2) for n in sizes]
+    g = [values(n, 1e-3) for n in sizes]
     b = [torch.empty(n, device=dev) for n in sizes]
     m = [torch.zeros(n, device=dev) for n in sizes]
 
@@ -154,29 +270,17 @@ def _time_backend(backend: str, index: int) -> float:
         ops.sam_restore_sgd_(p, g, b, m, 0.1, 0.9, 0.0, False, 0.0, False, backend=backend)
 
     run()
+    torch.cuda.synchronize(dev)
     times = []
-    for _ in range(10):
+    for _ in range(max(1, repeat)):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         run()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
+    del p, g, b, m
     return sorted(times)[len(times) // 2]
-
-
-def _measure_cuda_vs_triton(index: int) -> str:
-    """``auto`` on CUDA: the faster of the CUDA and Triton kernels, measured once per device
-    (``SAMKERNELS_AUTOTUNE=0`` skips the measurement and takes CUDA)."""
-    if os.environ.get("SAMKERNELS_AUTOTUNE", "1") == "0" or not triton_usable(torch.device("cuda")):
-        return "cuda"
-    try:
-        t_cuda, t_triton = _time_backend("cuda", index), _time_backend("triton", index)
-    except Exception as exc:  # a broken Triton install must not break the CUDA path
-        warnings.warn(f"samkernels: could not time the triton backend ({exc}); using cuda",
-                      RuntimeWarning, stacklevel=3)
-        return "cuda"
-    return "triton" if t_triton < t_cuda else "cuda"
 
 
 # --- op lookup ------------------------------------------------------------------------------
