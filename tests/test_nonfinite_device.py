@@ -165,6 +165,33 @@ def test_no_host_read_in_a_step(name, monkeypatch):
     assert reads == []
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_skipped_first_step_leaves_no_uninitialised_state(backend, name, monkeypatch):
+    """A NaN in the very first step under skip_on_device: state created in that step (e.g. SGD
+    momentum buffers) must not keep what the allocator handed out, since the kernels' skip form
+    does not write it.  The allocator is made to hand out NaN (as a reused CUDA block may), then
+    a finite step must give finite weights and state; for the optimizers without host counters
+    that step equals a clean first step bit for bit (momentum from zeros = torch's buf = d)."""
+    real = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like",
+                        lambda t, *a, **k: real(t, *a, **k).fill_(float("nan")))
+    with _backend(backend):
+        run, clean = Run(name), Run(name)
+        run.step(poison=(0, float("nan")))
+        assert run.opt.step_skipped
+        run.step()
+        clean.step()
+    assert all(torch.isfinite(p).all() for p in run.model.parameters())
+    for st in run.opt.state_dict()["state"].values():
+        for k, v in st.items():
+            if torch.is_tensor(v) and v.is_floating_point():
+                assert torch.isfinite(v).all(), (name, k)
+    if name in ("sam_sgd", "asam", "bisam"):
+        for p, q in zip(run.model.parameters(), clean.model.parameters()):
+            assert torch.equal(p, q)
+
+
 def test_gated_ops_reference_skip_forms():
     """The spec's skip forms, on the reference itself: perturbations write only the backups,
     updates only restore w."""

@@ -211,7 +211,10 @@ class SAM(TwoPassOptimizer):
                                      group["dampening"], group["nesterov"], group["weight_decay"],
                                      False, found_inf)
                 return
-            # parameters whose momentum buffer does not exist yet take d as the buffer (first=True)
+            # parameters whose momentum buffer does not exist yet take d as the buffer (first=True).
+            # Zeros, not empty: under nonfinite="skip_on_device" a first step skipped on the device
+            # leaves the buffer as allocated and the next step reads it (first=False); from zeros
+            # that step gives buf = (1 - dampening) d, which is torch's buf = d when dampening = 0.
             for first in (False, True):
                 idx = [i for i, p in enumerate(ps) if ("momentum_buffer" in self.state[p]) != first]
                 if not idx:
@@ -219,7 +222,7 @@ class SAM(TwoPassOptimizer):
                 sel = [ps[i] for i in idx]
                 for p in sel:
                     if first:
-                        self.state[p]["momentum_buffer"] = torch.empty_like(p, dtype=opmath(p))
+                        self.state[p]["momentum_buffer"] = torch.zeros_like(p, dtype=opmath(p))
                 bufs = [self.state[p]["momentum_buffer"] for p in sel]
                 ops.sam_restore_sgd_(sel, [grads[i] for i in idx], [backups[i] for i in idx], bufs,
                                      group["lr"], group["momentum"], group["dampening"],
