@@ -25,11 +25,12 @@ autograd (the naive baseline).  ``cpu`` in eager mode is one call of
 reduces, and saves ``d loss / d logits`` (the mean's ``1/count`` folded in) for a C++ autograd node
 whose backward returns that buffer as is when ``grad_output`` is 1 (``loss.backward()``) and scales
 it otherwise; no Python runs in the backward.  ``cuda``, ``triton`` and ``cpu`` under torch.compile
-(or with an extension built before that op) go through :class:`_FusedBiSAMLoss`:
-``torch.ops.samkernels.bisam_loss_fwd`` (``samkernels::bisam_loss_fwd_triton`` for triton) writes
-the per-row loss and the gradient buffer (skipped when the logits need no gradient), the label check
-and the reduction run here, and backward scales the buffer by ``grad_output``.  For fp16/bf16 logits
-the gradient is thus rounded to the logits' dtype before the scaling.
+(or with an extension built before that op) call ``torch.ops.samkernels.bisam_loss_fwd``
+(``samkernels::bisam_loss_fwd_triton`` for triton), which writes the per-row loss and the gradient
+buffer ``d row_i / d f_i`` (skipped when the logits need no gradient); its autograd formula,
+registered on the op, scales each buffer row by the row's incoming gradient.  The label check and
+the reduction run here in plain PyTorch.  For fp16/bf16 logits the gradient is thus rounded to the
+logits' dtype before the scaling.
 """
 from __future__ import annotations
 
@@ -172,9 +173,43 @@ if _cpp_op_available("bisam_loss") and _cpp_op_available("bisam_loss_fwd_reduced
     _CPU_LOSS = torch.ops.samkernels.bisam_loss.default
 
 
+def _rows_backward(ctx, grad_rows, _grad_of_buffer):
+    """d loss_rows / d logits: the kernel's buffer holds d row_i / d f_i per row, so the chain rule
+    only scales each row.  The reduction (mean, sum) in front of it is plain autograd."""
+    (buf,) = ctx.saved_tensors
+    return (buf * grad_rows.to(buf.dtype)[:, None],) + (None,) * 7
+
+
+def _rows_setup(ctx, inputs, output):
+    if not inputs[7]:  # compute_grad=False: no buffer, and autograd must not ask for one
+        raise RuntimeError("bisam_loss: the fused forward ran without its gradient buffer")
+    ctx.save_for_backward(output[1])
+
+
+_with_autograd: set = set()
+
+
+def attach_autograd(name: str) -> None:
+    """Register the per-row autograd formula on fused forward op ``name`` (once).
+
+    Autograd is attached to the op itself (``torch.library.register_autograd``), not wrapped in an
+    ``autograd.Function``: torch.compile then traces the backward from the registered formula
+    with the real tangent (on torch 2.11, dynamo's speculation of an autograd.Function around
+    this op replaced ``grad_output`` by zeros: an all-zero gradient).  Called at import time, since
+    torch.compile cannot trace a registration."""
+    if name not in _with_autograd:
+        torch.library.register_autograd(name, _rows_backward, setup_context=_rows_setup)
+        _with_autograd.add(name)
+
+
+if _cpp_op_available():
+    attach_autograd("samkernels::bisam_loss_fwd")
+
+
 def _fused_fwd(backend: str):
+    """The fused per-row forward op of ``backend`` (its autograd is attached at import)."""
     if backend == "triton":
-        from samkernels.triton.bisam_loss import bisam_loss_fwd_triton
+        from samkernels.triton.bisam_loss import bisam_loss_fwd_triton  # attaches at import
         return bisam_loss_fwd_triton
     if not _cpp_op_available():
         raise RuntimeError(f"samkernels backend {backend!r}: samkernels._C has no bisam_loss_fwd "
@@ -182,49 +217,21 @@ def _fused_fwd(backend: str):
     return torch.ops.samkernels.bisam_loss_fwd
 
 
-def _fused_forward(logits, target, mu, phi_code, alpha, reduction, ignore_index, backend,
-                   compute_grad):
-    """(loss, gradient buffer or None, mean's count tensor if backward must divide by it)."""
-    count = (target != ignore_index).sum() if reduction == "mean" else None
-    # On CPU the mean's 1/count goes into the kernel (count is on the host anyway), so a
-    # grad_output of 1 needs no extra pass; elsewhere backward divides (no host sync).
-    fold = (reduction == "mean" and logits.device.type == "cpu"
-            and not torch.compiler.is_compiling())
-    grad_scale = 1.0 / max(int(count), 1) if (fold and compute_grad) else 1.0
-    loss_rows, grad = _fused_fwd(backend)(logits, target, mu, phi_code, alpha, ignore_index,
-                                          grad_scale, compute_grad)
+def _fused_loss(logits, target, mu, phi_code, alpha, reduction, ignore_index, backend):
+    """Per-row loss (and, when autograd needs it, the gradient buffer) from one kernel, then the
+    reduction in plain PyTorch: no host sync (the mean divides by a device count)."""
+    compute_grad = logits.requires_grad and torch.is_grad_enabled()
+    loss_rows, _ = _fused_fwd(backend)(logits, target, mu, phi_code, alpha, ignore_index, 1.0,
+                                       compute_grad)
     if reduction == "none":
         out = loss_rows
     elif reduction == "sum":
         out = loss_rows.sum()
-    else:
-        out = loss_rows.sum() / count  # 0/0 = NaN when every row is ignored, like F.cross_entropy
-    return out.to(logits.dtype), (grad if compute_grad else None), (None if fold else count)
-
-
-class _FusedBiSAMLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, target, mu, phi_code, alpha, reduction, ignore_index, backend):
-        out, grad, count = _fused_forward(logits, target, mu, phi_code, alpha, reduction,
-                                          ignore_index, backend, True)
-        ctx.save_for_backward(grad, count)
-        ctx.reduction = reduction
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad, count = ctx.saved_tensors
-        if ctx.reduction == "none":
-            g = grad * grad_out.to(grad.dtype)[:, None]
-        elif count is not None:  # unfolded mean: d mean/d rows = 1/count (no rows: zero gradient)
-            go = grad_out if grad_out.dtype == torch.float64 else grad_out.float()
-            g = grad * (go / count.clamp(min=1)).to(grad.dtype)
-        elif (grad_out.device.type == "cpu" and not torch.compiler.is_compiling()
-              and float(grad_out) == 1.0):
-            g = grad  # the common loss.backward(): the kernel's buffer is already the answer
-        else:
-            g = grad * grad_out.to(grad.dtype)
-        return g, None, None, None, None, None, None, None
+    else:  # NaN when every row is ignored, with a zero gradient: like F.cross_entropy
+        count = (target != ignore_index).sum()
+        out = torch.where(count > 0, loss_rows.sum() / count.clamp(min=1),
+                          torch.full_like(loss_rows[:0].sum(), float("nan")))
+    return out.to(logits.dtype)
 
 
 def bisam_loss(logits: Tensor, target: Tensor, mu: Optional[float] = None, phi: str = "neglog",
@@ -249,12 +256,7 @@ def bisam_loss(logits: Tensor, target: Tensor, mu: Optional[float] = None, phi: 
     if backend == "reference":
         return bisam_loss_reference(logits, target, mu, phi, alpha, reduction, ignore_index)
     _check_targets(target, logits.shape[1], ignore_index)
-    if logits.requires_grad and torch.is_grad_enabled():
-        return _FusedBiSAMLoss.apply(logits, target, mu, PHI_CODES[phi], alpha, reduction,
-                                     ignore_index, backend)
-    # no autograd: the kernel skips the gradient write
-    return _fused_forward(logits, target, mu, PHI_CODES[phi], alpha, reduction, ignore_index,
-                          backend, False)[0]
+    return _fused_loss(logits, target, mu, PHI_CODES[phi], alpha, reduction, ignore_index, backend)
 
 
 class BiSAMLoss(nn.Module):
