@@ -11,6 +11,8 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import contextlib  # noqa: E402
+import inspect  # noqa: E402
 import math  # noqa: E402
 
 import pytest  # noqa: E402
@@ -92,10 +94,9 @@ def check(name, args, norm_rtol=1e-12):
         if _tensor_list(a):
             for j, (t, tr) in enumerate(zip(a, r)):
                 _close(t, tr, f"{name} arg {i} tensor {j} ({t.dtype}, {tuple(t.shape)})")
-    if want is not None:
-        assert got.dim() == 0  # an fp32 norm (fp32 partial sums) is as close as fp32 allows
-        torch.testing.assert_close(got.to(F64), want, atol=0,
-                                   rtol=norm_rtol if got.dtype == F64 else 2e-5)
+    if want is not None:  # the norm contract: float64, 0-dim, float64 accumulation
+        assert got.dim() == 0 and got.dtype == want.dtype == F64, (got.dtype, want.dtype)
+        torch.testing.assert_close(got, want, atol=0, rtol=norm_rtol)
     return got
 
 
@@ -407,3 +408,101 @@ def test_found_inf_through_the_dispatcher_matches_reference(name, kw, perturb, f
     if want is not None:
         torch.testing.assert_close(got.to(F64), want, atol=0,
                                    rtol=1e-12 if got.dtype == F64 else 2e-5)
+
+
+# --- every launch: on the tensors' device, every float as f64 bits --------------------------------
+def test_device_guard_helper(monkeypatch):
+    """mt.device_guard: a shared no-op for CPU tensors (torch.cuda untouched), and
+    torch.cuda.device(that device) for CUDA tensors, whatever device is current."""
+    def no_cuda(device):
+        raise AssertionError(f"torch.cuda.device({device}) called for a CPU tensor")
+    monkeypatch.setattr(torch.cuda, "device", no_cuda)
+    cpu = torch.device("cpu")
+    assert mt.device_guard(cpu) is mt.device_guard(cpu)  # nothing built per call
+    with mt.device_guard(cpu):
+        pass
+    seen = []
+    monkeypatch.setattr(torch.cuda, "device",
+                        lambda device: seen.append(device) or contextlib.nullcontext())
+    with mt.device_guard(torch.device("cuda", 1)):
+        pass
+    assert seen == [torch.device("cuda", 1)]
+
+
+def _kernels():
+    """Every Triton kernel of the package, as (module, name)."""
+    from samkernels.triton import bisam_loss, bsam_step, sam_step
+    out = set()
+    for mod in (sam_step, bsam_step, vi_step, bisam_loss):
+        for name, obj in vars(mod).items():
+            if name.endswith("_kernel") and hasattr(obj, "fn") and hasattr(obj, "arg_names"):
+                out.add((obj.fn.__module__, name))
+    return out
+
+
+def _is_float_type(t: str) -> bool:
+    """A scalar argument type that Triton would bind as a float (fp32 for a Python float)."""
+    t = t.split(".")[-1]
+    return not t.startswith("*") and t.startswith(("fp", "float", "bf"))
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Records each Triton launch as (module, kernel, inside mt.device_guard?, {argument: type
+    as Triton's binder types it}): the annotation where there is one, else triton's mangle_type
+    (a Python float -> 'fp32', which a GPU would get)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import mangle_type
+    depth = [0]
+    real_guard, real_run = mt.device_guard, InterpretedFunction.run
+
+    @contextlib.contextmanager
+    def guard(device):
+        with real_guard(device):
+            depth[0] += 1
+            try:
+                yield
+            finally:
+                depth[0] -= 1
+
+    def run(self, *args, grid, warmup, **kwargs):
+        params = inspect.signature(self.fn).parameters
+        bound = dict(zip(self.arg_names, args), **kwargs)
+        types = {}
+        for name, value in bound.items():
+            if name not in params:  # num_warps ...
+                continue
+            ann = params[name].annotation
+            if ann is triton.language.constexpr or "constexpr" in str(ann):
+                continue
+            types[name] = mangle_type(value) if ann is inspect.Parameter.empty else str(ann)
+        calls.append((self.fn.__module__, self.fn.__name__, depth[0] > 0, types))
+        return real_run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    calls = []
+    monkeypatch.setattr(mt, "device_guard", guard)
+    monkeypatch.setattr(InterpretedFunction, "run", run)
+    return calls
+
+
+def test_every_launch_is_guarded_and_binds_no_float(launches):
+    """Review findings 2 and 3: each kernel of the package runs inside mt.device_guard (Triton
+    launches on the current device and stream), and no scalar argument is a Python float (the
+    binder types it fp32 on a GPU: an fp64 group or loss would lose its exact hyper-parameters)."""
+    from samkernels.triton.bisam_loss import bisam_loss_fwd_triton
+    spec = [((5,), F32), ((3,), F64)]
+    flag = torch.zeros(1)
+    for name in ["grad_sumsq", "sam_perturb_", "sam_restore_sgd_", "sam_restore_adam_",
+                 "bsam_noise_", "bsam_perturb_", "bsam_update_"] + VI_OPS:
+        getattr(T, name)(*phase_args(name, spec, seed=20))
+    for name in ["sam_perturb_", "vsam_perturb_", "esam_perturb_"]:  # found_inf forms
+        getattr(T, name)(*phase_args(name, spec, seed=21), flag)
+    T.philox_probe(1, 2, 3, 8)
+    logits, target = torch.randn(3, 10, dtype=F64), torch.tensor([1, -100, 4])
+    bisam_loss_fwd_triton(logits, target, 2.0, 1, 1.5, -100, 0.25, True)
+    seen = {(mod, name) for mod, name, _, _ in launches}
+    assert seen == _kernels(), sorted(_kernels() - seen)
+    for mod, name, guarded, types in launches:
+        assert guarded, f"{mod}.{name} launched outside mt.device_guard"
+        floats = {a: t for a, t in types.items() if _is_float_type(t)}
+        assert not floats, f"{mod}.{name}: float arguments {floats} (pass mt.f64_bits)"

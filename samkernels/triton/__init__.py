@@ -36,10 +36,6 @@ __all__ = ["grad_sumsq", "sam_perturb_", "sam_restore_sgd_", "sam_restore_adam_"
 _NS = "samkernels_triton"
 
 
-def _sumsq_dtype(params):
-    return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-
-
 def _i64(x):
     """The signed int64 with the same low 64 bits as ``x``.  In-range values (and SymInts under
     torch.compile) pass through untouched, so a changing ``step`` is not specialised on."""
@@ -57,7 +53,7 @@ def _grad_sumsq_op(params: List[Tensor], grads: List[Tensor], adaptive: bool, et
 
 @_grad_sumsq_op.register_fake
 def _(params, grads, adaptive, eta):
-    return torch.empty((), dtype=_sumsq_dtype(params),
+    return torch.empty((), dtype=torch.float64,  # the norm contract: float64 on every backend
                        device=grads[0].device if grads else torch.device("cpu"))
 
 
@@ -214,14 +210,14 @@ def _(params, grads, backups, param_ids, grad_norm, seed, step, rho, beta, eps, 
 
 # --- the public phases (reference.py signatures) ----------------------------------------------
 def grad_sumsq(params: List[Tensor], grads: List[Tensor], adaptive: bool, eta: float) -> Tensor:
-    """sum ||T g||^2 (reference.grad_sumsq); fp64 if any parameter is fp64, else fp32."""
+    """sum ||T g||^2 (reference.grad_sumsq): accumulated in float64, a 0-dim float64 tensor."""
     return _grad_sumsq_op(list(params), list(grads), adaptive, eta)
 
 
 def sam_perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
                  grad_norm: Optional[Tensor], rho: float, eps: float, adaptive: bool,
                  eta: float, found_inf: Optional[Tensor] = None) -> Tensor:
-    if grad_norm is None:  # stays on the device: partial sums -> sum -> sqrt, no host sync
+    if grad_norm is None:  # stays on the device: partial sums -> sum -> sqrt (float64), no sync
         grad_norm = grad_sumsq(params, grads, adaptive, eta).sqrt()
     _sam_perturb_op(list(params), list(grads), list(backups), grad_norm, rho, eps, adaptive, eta,
                     found_inf)
@@ -306,7 +302,7 @@ def esam_perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Tenso
                   found_inf: Optional[Tensor] = None) -> Tensor:
     if not 0.0 <= beta < 1.0:
         raise ValueError(f"esam_perturb_: beta must be in [0, 1), got {beta}")
-    if grad_norm is None:  # ||g|| on the device (fp64 if any parameter is fp64, else fp32)
+    if grad_norm is None:  # ||g|| on the device, float64
         grad_norm = grad_sumsq(grads, grads, False, 0.0).sqrt()
     _esam_perturb_op(list(params), list(grads), list(backups), [_i64(i) for i in param_ids],
                      grad_norm, _i64(seed), _i64(step), rho, beta, eps, found_inf)

@@ -70,6 +70,21 @@ def math_dtype(dt: torch.dtype):
     return tl.float64 if dt == torch.float64 else tl.float32
 
 
+_NO_GUARD = contextlib.nullcontext()
+
+
+def device_guard(device: torch.device):
+    """Context for the launches of one op on tensors of ``device``: the CUDA device made current.
+
+    Triton launches on the *current* device and its current stream, whatever device the pointers
+    belong to: tensors on cuda:1 while cuda:0 is current would run on the wrong device/stream.
+    Every Triton launch of this package runs inside this guard.  CPU tensors (the interpreter):
+    a shared no-op context, nothing is touched."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return _NO_GUARD
+
+
 # --------------------------------------------------------------------------------------------
 # Device-side helpers
 # --------------------------------------------------------------------------------------------
@@ -216,10 +231,16 @@ class Group:
 
 
 class Plan:
-    __slots__ = ("groups", "n_chunks", "device", "buffer")
+    # host: the pinned host buffer the device tables were copied from (None off CUDA).
+    __slots__ = ("groups", "n_chunks", "device", "buffer", "host")
 
 
 _cache: "OrderedDict[tuple, Plan]" = OrderedDict()
+# Plans used while a CUDA graph was being captured.  The graph reads their device tables at every
+# replay (and, for a plan built in the capture, replays the copy from its pinned host buffer), so
+# they must outlive the LRU cache: kept for the life of the process (a few KB each, once per
+# captured phase).
+_captured: Dict[int, Plan] = {}
 
 
 def clear_cache() -> None:
@@ -265,13 +286,19 @@ def _build(lists: Sequence[Sequence[torch.Tensor]], ids: Optional[Sequence[int]]
         total_chunks += n_chunks
 
     buf = torch.tensor(host if host else [0], dtype=torch.int64)
+    pinned = None
     if device.type == "cuda":  # pinned + non_blocking: even a cache miss does not block the host
-        buf = buf.pin_memory().to(device, non_blocking=True)
+        pinned = buf.pin_memory()
+        buf = pinned.to(device, non_blocking=True)
     else:
         buf = buf.to(device)
 
     plan = Plan()
     plan.device, plan.buffer, plan.n_chunks, plan.groups = device, buf, total_chunks, []
+    # The asynchronous copy reads `pinned` after this returns, and a copy recorded in a CUDA graph
+    # reads it again at every replay: the plan keeps it alive (and never writes it), so the
+    # pinned allocator cannot hand the memory to anyone else while the copy may still read it.
+    plan.host = pinned
     for dtypes, tp, aligned, seg, n_chunks, offset in layout:
         if n_chunks == 0:
             continue
@@ -312,6 +339,13 @@ def plan_for(lists: Sequence[Sequence[torch.Tensor]], ids: Optional[Sequence[int
     key = (device, chunk, None if ids is None else tuple(ids),
            tuple((t.data_ptr(), t.numel(), t.dtype) for lst in lists for t in lst))
     plan = _cache.get(key)
+    if device.type == "cuda" and _capturing(device):
+        if plan is None:
+            # Built inside a capture, the tables' copy is only recorded: the device buffer holds
+            # them once the graph replays, so the plan must not serve eager calls (no caching).
+            plan = _build(lists, ids, chunk, device)
+        _captured[id(plan)] = plan  # the graph keeps reading its tables (see _captured)
+        return plan
     if plan is None:
         plan = _build(lists, ids, chunk, device)
         _cache[key] = plan
@@ -320,6 +354,12 @@ def plan_for(lists: Sequence[Sequence[torch.Tensor]], ids: Optional[Sequence[int
     else:
         _cache.move_to_end(key)
     return plan
+
+
+def _capturing(device: torch.device) -> bool:
+    """Is ``device``'s current stream capturing a CUDA graph?"""
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
 
 
 def _dense_layout(t: torch.Tensor):

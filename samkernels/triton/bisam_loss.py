@@ -19,6 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
+from samkernels.triton import _multi_tensor as mt
+from samkernels.triton._multi_tensor import fp_arg
+
 GAMMA = tl.constexpr(math.log(math.e - 1.0))  # phi_neglog(0) = 0 (eq. 18)
 MAX_BLOCK = 8192  # widest chunk; larger rows take the two-loop path (tests lower it)
 FIXED_SHIFT_MAX_MU = 50.0  # K e^mu must stay finite in float32 (K < 2^31); 500 for float64
@@ -41,29 +44,40 @@ def _phi(F, alpha, PHI: tl.constexpr):
     return ph, dph
 
 
-@triton.jit
-def _bisam_loss_fwd_kernel(x_ptr, x_row_stride, t_ptr, loss_ptr, g_ptr, K, mu, log_k, alpha,
-                           grad_scale, ignore_index, PHI: tl.constexpr, BLOCK: tl.constexpr,
+@triton.jit(do_not_specialize=["mu_bits", "log_k_bits", "alpha_bits", "scale_bits"])
+def _bisam_loss_fwd_kernel(x_ptr, x_row_stride, t_ptr, loss_ptr, g_ptr, K, mu_bits: tl.int64,
+                           log_k_bits: tl.int64, alpha_bits: tl.int64, scale_bits: tl.int64,
+                           ignore_index, PHI: tl.constexpr, BLOCK: tl.constexpr,
                            ONE_BLOCK: tl.constexpr, FIXED_SHIFT: tl.constexpr,
                            COMPUTE_GRAD: tl.constexpr, ACC: tl.constexpr):
+    # the float arguments arrive as f64 bit patterns: a Python float would be typed fp32 on a GPU
+    mu = fp_arg(mu_bits, ACC)
+    log_k = fp_arg(log_k_bits, ACC)
+    alpha = fp_arg(alpha_bits, ACC)
+    grad_scale = fp_arg(scale_bits, ACC)
     row = tl.program_id(0).to(tl.int64)
     y = tl.load(t_ptr + row)
     x_row = x_ptr + row * x_row_stride
     g_row = g_ptr + row * K
     cols = tl.arange(0, BLOCK)
+    # The loops over a row are `while` loops: a `for ... in range(0, K, BLOCK)` with the runtime K
+    # as bound fails in Triton 3.6's interpreter (its tensor __index__ rejects the 1-element
+    # array of a scalar argument), and on the GPU both compile to the same scf loop over chunks.
     if y == ignore_index:  # like F.cross_entropy: loss 0, gradient 0, the row is not read
-        tl.store(loss_ptr + row, 0.0)
+        tl.store(loss_ptr + row, tl.zeros([], ACC))
         if COMPUTE_GRAD:
-            for start in range(0, K, BLOCK):
+            start = 0
+            while start < K:
                 offs = start + cols
                 zero = tl.zeros([BLOCK], dtype=g_ptr.dtype.element_ty)
                 tl.store(g_row + offs, zero, mask=offs < K)
+                start += BLOCK
     else:
         # A label outside [0, K) (the host asserts asynchronously) reads column 0 instead and
         # poisons its row with NaN.
         bad = (y < 0) | (y >= K)
         yv = tl.where(bad, 0, y)
-        poison = tl.where(bad, float("nan"), 0.0)
+        poison = tl.where(bad, float("nan"), 0.0).to(ACC)
         xy = tl.load(x_row + yv).to(ACC)
         if ONE_BLOCK:
             mask = cols < K
@@ -84,7 +98,8 @@ def _bisam_loss_fwd_kernel(x_ptr, x_row_stride, t_ptr, loss_ptr, g_ptr, K, mu, l
             if FIXED_SHIFT:
                 s_acc = tl.zeros([BLOCK], dtype=ACC)
                 s1_acc = tl.zeros([BLOCK], dtype=ACC)
-                for start in range(0, K, BLOCK):
+                start = 0
+                while start < K:
                     offs = start + cols
                     mask = offs < K
                     x = tl.load(x_row + offs, mask=mask, other=0.0).to(ACC)
@@ -92,7 +107,8 @@ def _bisam_loss_fwd_kernel(x_ptr, x_row_stride, t_ptr, loss_ptr, g_ptr, K, mu, l
                     e = tl.where(mask, tl.exp(mu * ph), 0.0)
                     s_acc += e
                     s1_acc += tl.where(offs == yv, 0.0, e * dph)
-                m = 0.0
+                    start += BLOCK
+                m = tl.zeros([], dtype=ACC)
                 s = tl.sum(s_acc, axis=0)
                 s1 = tl.sum(s1_acc, axis=0)
             else:
@@ -101,7 +117,8 @@ def _bisam_loss_fwd_kernel(x_ptr, x_row_stride, t_ptr, loss_ptr, g_ptr, K, mu, l
                 m = tl.zeros([], dtype=ACC)
                 s = tl.zeros([], dtype=ACC)
                 s1 = tl.zeros([], dtype=ACC)
-                for start in range(0, K, BLOCK):
+                start = 0
+                while start < K:
                     offs = start + cols
                     mask = offs < K
                     x = tl.load(x_row + offs, mask=mask, other=0.0).to(ACC)
@@ -113,16 +130,19 @@ def _bisam_loss_fwd_kernel(x_ptr, x_row_stride, t_ptr, loss_ptr, g_ptr, K, mu, l
                     s = s * r + tl.sum(e, axis=0)
                     s1 = s1 * r + tl.sum(tl.where(offs == yv, 0.0, e * dph), axis=0)
                     m = m_new
+                    start += BLOCK
             tl.store(loss_ptr + row, (m + tl.log(s) - log_k) / mu + poison)
             if COMPUTE_GRAD:
                 c = grad_scale / s
-                for start in range(0, K, BLOCK):
+                start = 0
+                while start < K:
                     offs = start + cols
                     mask = offs < K
                     x = tl.load(x_row + offs, mask=mask, other=0.0).to(ACC)
                     ph, dph = _phi(x - xy, alpha, PHI)
                     g = tl.where(offs == yv, -s1 * c, tl.exp(mu * ph - m) * dph * c) + poison
                     tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
+                    start += BLOCK
 
 
 def _launch(logits: torch.Tensor, target: torch.Tensor, mu: float, phi: int, alpha: float,
@@ -141,13 +161,15 @@ def _launch(logits: torch.Tensor, target: torch.Tensor, mu: float, phi: int, alp
         return loss_rows, grad
     block = min(triton.next_power_of_2(K), MAX_BLOCK)
     num_warps = max(1, min(16, block // 512))
-    _bisam_loss_fwd_kernel[(B,)](
-        logits, logits.stride(0), target, loss_rows, grad if compute_grad else loss_rows, K,
-        float(mu), math.log(K), float(alpha), float(grad_scale), int(ignore_index),
-        PHI=int(phi), BLOCK=block, ONE_BLOCK=K <= block,
-        FIXED_SHIFT=mu <= (500.0 if acc == torch.float64 else FIXED_SHIFT_MAX_MU),
-        COMPUTE_GRAD=bool(compute_grad), ACC=tl.float64 if acc == torch.float64 else tl.float32,
-        num_warps=num_warps)
+    with mt.device_guard(logits.device):  # launch on the logits' device and its current stream
+        _bisam_loss_fwd_kernel[(B,)](
+            logits, logits.stride(0), target, loss_rows, grad if compute_grad else loss_rows, K,
+            mt.f64_bits(mu), mt.f64_bits(math.log(K)), mt.f64_bits(alpha),
+            mt.f64_bits(grad_scale), int(ignore_index),
+            PHI=int(phi), BLOCK=block, ONE_BLOCK=K <= block,
+            FIXED_SHIFT=mu <= (500.0 if acc == torch.float64 else FIXED_SHIFT_MAX_MU),
+            COMPUTE_GRAD=bool(compute_grad), ACC=tl.float64 if acc == torch.float64 else tl.float32,
+            num_warps=num_warps)
     return loss_rows, grad
 
 
@@ -165,3 +187,9 @@ def _(logits, target, mu, phi, alpha, ignore_index, grad_scale, compute_grad):
     loss_rows = logits.new_empty((logits.shape[0],), dtype=acc)
     grad = logits.new_empty(logits.shape) if compute_grad else logits.new_empty((0,))
     return loss_rows, grad
+
+
+# autograd for the fused forward, registered on the op at import (torch.compile cannot trace it)
+from samkernels.ops.bisam_loss import attach_autograd  # noqa: E402
+
+attach_autograd("samkernels::bisam_loss_fwd_triton")

@@ -124,9 +124,10 @@ def philox_probe(seed: int, step: int, param_id: int, numel: int, dtype=torch.fl
     qb = max(16, triton.next_power_of_2(n_quads))
     words = torch.zeros(4 * n_quads, dtype=torch.int64, device=device)
     normals = torch.zeros(4 * n_quads, dtype=dtype, device=device)
-    _philox_probe_kernel[(1,)](words, normals, n_quads, mt.u32_words(param_id)[0],
-                               *mt.u32_words(seed), *mt.u32_words(step), QB=qb,
-                               MATH=mt.math_dtype(dtype))
+    with mt.device_guard(words.device):
+        _philox_probe_kernel[(1,)](words, normals, n_quads, mt.u32_words(param_id)[0],
+                                   *mt.u32_words(seed), *mt.u32_words(step), QB=qb,
+                                   MATH=mt.math_dtype(dtype))
     return words.view(n_quads, 4), normals[:numel]
 
 
@@ -174,7 +175,9 @@ def _bsam_noise(params: List[Tensor], backups: List[Tensor], precisions: List[Te
     if len(param_ids) != len(params):
         raise ValueError("bsam_noise_: one param_id per parameter")
     # element i's noise is defined in logical (row-major) order: copy, never flatten, strided views
-    with mt.contiguous([params, backups, precisions], mutated=(0, 1), elementwise=False) as lists:
+    lists = [params, backups, precisions]
+    with mt.device_guard(params[0].device), \
+            mt.contiguous(lists, mutated=(0, 1), elementwise=False) as lists:
         plan = mt.plan_for(lists, ids=[int(i) for i in param_ids])
         for grp in plan.groups:
             for grid, work, _ in grp.launches():
@@ -240,7 +243,7 @@ def _bsam_perturb(params: List[Tensor], grads: List[Tensor], backups: List[Tenso
         return
     accum = len(accums) > 0
     lists = [params, grads, backups, precisions] + ([accums] if accum else [])
-    with mt.contiguous(lists, mutated=(0, 3, 4)) as lists:
+    with mt.device_guard(params[0].device), mt.contiguous(lists, mutated=(0, 3, 4)) as lists:
         plan = mt.plan_for(lists)
         flag, has_flag = mt.flag_arg(found_inf, plan)
         a = 4 if accum else 3  # without accums the kernel never touches this table
@@ -329,7 +332,7 @@ def _bsam_update(params: List[Tensor], grads: List[Tensor], backups: List[Tensor
         return
     accum = len(accums) > 0
     lists = [params, grads, backups, precisions, momenta] + ([accums] if accum else [])
-    with mt.contiguous(lists, mutated=(0, 3, 4)) as lists:
+    with mt.device_guard(params[0].device), mt.contiguous(lists, mutated=(0, 3, 4)) as lists:
         plan = mt.plan_for(lists)
         flag, has_flag = mt.flag_arg(found_inf, plan)
         a = 5 if accum else 4  # without accums the kernel never touches this table

@@ -2,7 +2,8 @@
 sam_perturb_, sam_restore_sgd_, sam_restore_adam_).
 
 Launches per phase (G = number of dtype groups, usually 1):
-  grad_sumsq          G partial-sum launches + one torch ``sum`` over the partials (no atomics)
+  grad_sumsq          G partial-sum launches + one torch ``sum`` over the partials (no atomics);
+                      float64 throughout, a 0-dim float64 result (as every backend)
   sam_perturb_        grad_sumsq + sqrt when grad_norm is None, then G apply launches
   sam_restore_sgd_    G launches   (reads backup, g, [buf]; writes w, [buf])
   sam_restore_adam_   G launches   (reads backup, g, m, v; writes w, m, v)
@@ -46,33 +47,34 @@ def _sumsq_kernel(work, numel, p_tab, g_tab, partials, eta_bits: tl.int64,
     t, start, n = chunk_of(work, numel)
     p = tensor_ptr(p_tab, t, P_DT, ALIGNED)
     g = tensor_ptr(g_tab, t, G_DT, ALIGNED)
-    eta = fp_arg(eta_bits, MATH)
-    acc = tl.zeros([BLOCK], MATH)
+    # float64 whatever the dtypes (MATH, the update maths of the group, is not used): squares of
+    # fp32 values are exact there and cannot overflow, as in the reference and the C++/CUDA
+    # kernels, and the partial is a float64 slot
+    eta = fp_arg(eta_bits, tl.float64)
+    acc = tl.zeros([BLOCK], tl.float64)
     if start + CHUNK <= n:
         for k in tl.static_range(CHUNK // BLOCK):
             acc += _sumsq_block(start + k * BLOCK + tl.arange(0, BLOCK), n, p, g, eta, ADAPTIVE,
-                                MATH, False)
+                                tl.float64, False)
     else:
         for k in tl.static_range(CHUNK // BLOCK):
             acc += _sumsq_block(start + k * BLOCK + tl.arange(0, BLOCK), n, p, g, eta, ADAPTIVE,
-                                MATH, True)
+                                tl.float64, True)
     # one slot per program, summed by the host-free second pass: deterministic, no atomics
     tl.store(partials + tl.program_id(0), tl.sum(acc, axis=0))
 
 
 def _grad_sumsq(params: List[Tensor], grads: List[Tensor], adaptive: bool, eta: float) -> Tensor:
+    """The norm contract of every backend: squares and sums in float64 (an fp32 accumulator
+    overflows for |g| > 1.8e19 and loses digits on large models) and a 0-dim float64 result."""
     if not grads:
-        return torch.zeros((), dtype=torch.float32)
-    # fp64 result if any parameter is fp64 (the reference returns fp64; values agree)
-    out_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-    # ... and then every group squares and sums in fp64 (fp32 values square exactly there), so
-    # an fp64 parameter sharing the norm with fp32/bf16 ones sees the reference's fp64 norm
-    acc = tl.float64 if out_dtype == torch.float64 else tl.float32
+        return torch.zeros((), dtype=torch.float64)
     # params are only read for ASAM; SAM's plan covers the grads alone
     lists = [params, grads] if adaptive else [grads, grads]
-    with mt.contiguous(lists, mutated=()) as lists:
+    with mt.device_guard(grads[0].device), mt.contiguous(lists, mutated=()) as lists:
         plan = mt.plan_for(lists)
-        partials = torch.empty(max(plan.n_chunks, 1), dtype=out_dtype, device=grads[0].device)
+        partials = torch.empty(max(plan.n_chunks, 1), dtype=torch.float64,
+                               device=grads[0].device)
         if plan.n_chunks == 0:
             partials.zero_()
         for grp in plan.groups:
@@ -81,7 +83,9 @@ def _grad_sumsq(params: List[Tensor], grads: List[Tensor], adaptive: bool, eta: 
                                     partials[grp.chunk_offset + lo:], mt.f64_bits(eta),
                                     P_DT=grp.tl_dtypes[0], G_DT=grp.tl_dtypes[1],
                                     ADAPTIVE=bool(adaptive),
-                                    **dict(mt.launch_args(grp), MATH=acc))
+                                    **mt.launch_args(grp))
+    # second stage: torch's sum over the per-program partials, on the device (no host sync) and
+    # in a fixed order for a given plan (no atomics), so the norm is the same bits every call
     return partials.sum()
 
 
@@ -136,7 +140,8 @@ def _sam_perturb_apply(params: List[Tensor], grads: List[Tensor], backups: List[
     norm = grad_norm.reshape(1)
     if norm.device != params[0].device:
         norm = norm.to(params[0].device, non_blocking=True)
-    with mt.contiguous([params, grads, backups], mutated=(0, 2)) as lists:
+    with mt.device_guard(params[0].device), \
+            mt.contiguous([params, grads, backups], mutated=(0, 2)) as lists:
         plan = mt.plan_for(lists)
         flag, has_flag = mt.flag_arg(found_inf, plan)
         for grp in plan.groups:
@@ -208,7 +213,7 @@ def _sam_restore_sgd(params: List[Tensor], grads: List[Tensor], backups: List[Te
         return
     use_buf = momentum != 0
     lists = [params, grads, backups] + ([momentum_bufs] if use_buf else [])
-    with mt.contiguous(lists, mutated=(0, 3)) as lists:
+    with mt.device_guard(params[0].device), mt.contiguous(lists, mutated=(0, 3)) as lists:
         plan = mt.plan_for(lists)
         flag, has_flag = mt.flag_arg(found_inf, plan)
         for grp in plan.groups:
@@ -295,7 +300,8 @@ def _sam_restore_adam(params: List[Tensor], grads: List[Tensor], backups: List[T
     bc1, bc2 = 1 - beta1 ** step, 1 - beta2 ** step
     scalars = [lr / bc1, beta1, 1 - beta1, beta2, 1 - beta2, math.sqrt(bc2), eps, weight_decay,
                1 - lr * weight_decay]
-    with mt.contiguous([params, grads, backups, exp_avgs, exp_avg_sqs], mutated=(0, 3, 4)) as lists:
+    lists = [params, grads, backups, exp_avgs, exp_avg_sqs]
+    with mt.device_guard(params[0].device), mt.contiguous(lists, mutated=(0, 3, 4)) as lists:
         plan = mt.plan_for(lists)
         flag, has_flag = mt.flag_arg(found_inf, plan)
         for grp in plan.groups:

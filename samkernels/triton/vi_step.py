@@ -89,7 +89,8 @@ def _vi_noise(params: List[Tensor], backups: List[Tensor], variances: List[Tenso
     learned = len(variances) > 0
     lists = [params, backups] + ([variances] if learned else [])
     # element i's noise is defined in logical (row-major) order: copy, never flatten, strided views
-    with mt.contiguous(lists, mutated=(0, 1), elementwise=False) as lists:
+    with mt.device_guard(params[0].device), \
+            mt.contiguous(lists, mutated=(0, 1), elementwise=False) as lists:
         plan = mt.plan_for(lists, ids=[int(i) for i in param_ids])
         v = 2 if learned else 1  # fixed sigma: the kernel never touches this table
         for grp in plan.groups:
@@ -171,7 +172,8 @@ def _mfvi_update(params: List[Tensor], grads: List[Tensor], backups: List[Tensor
     use_momentum = len(momenta) > 0
     lists = [params, grads, backups, variances] + ([momenta] if use_momentum else [])
     # z is defined in logical order (as in vi_noise_): row-major copies of strided tensors
-    with mt.contiguous(lists, mutated=(0, 3, 4), elementwise=False) as lists:
+    with mt.device_guard(params[0].device), \
+            mt.contiguous(lists, mutated=(0, 3, 4), elementwise=False) as lists:
         plan = mt.plan_for(lists, ids=[int(i) for i in param_ids])
         flag, has_flag = mt.flag_arg(found_inf, plan)
         m = 4 if use_momentum else 3  # no momenta: the kernel never touches this table
@@ -219,7 +221,7 @@ def _vsam_sumsq(grads: List[Tensor], variances: List[Tensor]) -> Tensor:
     if not grads:
         return torch.zeros((), dtype=torch.float64)
     # float64 whatever the dtypes, like the reference (and the norm VSAM divides by)
-    with mt.contiguous([grads, variances], mutated=()) as lists:
+    with mt.device_guard(grads[0].device), mt.contiguous([grads, variances], mutated=()) as lists:
         plan = mt.plan_for(lists)
         partials = torch.empty(max(plan.n_chunks, 1), dtype=torch.float64,
                                device=grads[0].device)
@@ -303,7 +305,8 @@ def _vsam_perturb_apply(params: List[Tensor], grads: List[Tensor], backups: List
     # host scalars in double, as reference_vi.py computes them
     scalars = [sq, eps, 0.5 * sq, var_lr, 2.0 * num_data * prior_var, 0.5 / num_data,
                0.5 / (num_data * prior_var), min_var]
-    with mt.contiguous([params, grads, backups, variances], mutated=(0, 2, 3)) as lists:
+    with mt.device_guard(params[0].device), \
+            mt.contiguous([params, grads, backups, variances], mutated=(0, 2, 3)) as lists:
         plan = mt.plan_for(lists)
         flag, has_flag = mt.flag_arg(found_inf, plan)
         for grp in plan.groups:
@@ -384,7 +387,8 @@ def _esam_perturb_apply(params: List[Tensor], grads: List[Tensor], backups: List
     if norm.device != params[0].device:
         norm = norm.to(params[0].device, non_blocking=True)
     # the mask depends on the logical element index: row-major copies of strided tensors
-    with mt.contiguous([params, grads, backups], mutated=(0, 2), elementwise=False) as lists:
+    with mt.device_guard(params[0].device), \
+            mt.contiguous([params, grads, backups], mutated=(0, 2), elementwise=False) as lists:
         plan = mt.plan_for(lists, ids=[int(i) for i in param_ids])
         flag, has_flag = mt.flag_arg(found_inf, plan)
         for grp in plan.groups:
