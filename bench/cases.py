@@ -14,26 +14,30 @@ from samkernels import BSAM, SAM
 
 
 # --- shapes -------------------------------------------------------------------------------------
-def resnet50_shapes() -> List[Tuple[int, ...]]:
-    """The 161 parameter tensors of torchvision's ResNet-50 (25,557,032 parameters)."""
-    shapes: List[Tuple[int, ...]] = [(64, 3, 7, 7), (64,), (64,)]
-    inplanes = 64
-    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
-        for b in range(blocks):
+def resnet50_shapes(base: int = 64, classes: int = 1000,
+                    blocks: Tuple[int, ...] = (3, 4, 6, 3)) -> List[Tuple[int, ...]]:
+    """The 161 parameter tensors of torchvision's ResNet-50 (25,557,032 parameters); smaller
+    ``base`` / ``blocks`` give the same layer pattern at toy size (the CPU dry run)."""
+    shapes: List[Tuple[int, ...]] = [(base, 3, 7, 7), (base,), (base,)]
+    inplanes = base
+    for stage, n_blocks in enumerate(blocks):
+        width = base * 2 ** stage
+        for b in range(n_blocks):
             shapes += [(width, inplanes, 1, 1), (width,), (width,),
                        (width, width, 3, 3), (width,), (width,),
                        (4 * width, width, 1, 1), (4 * width,), (4 * width,)]
             if b == 0:
                 shapes += [(4 * width, inplanes, 1, 1), (4 * width,), (4 * width,)]
             inplanes = 4 * width
-    return shapes + [(1000, 2048), (1000,)]
+    return shapes + [(classes, inplanes), (classes,)]
 
 
-def gpt2_small_shapes() -> List[Tuple[int, ...]]:
-    """GPT-2 small (124M): token/position embeddings, 12 blocks, final layer norm (148 tensors)."""
-    d = 768
-    shapes: List[Tuple[int, ...]] = [(50257, d), (1024, d)]
-    for _ in range(12):
+def gpt2_small_shapes(d: int = 768, vocab: int = 50257, ctx: int = 1024,
+                      layers: int = 12) -> List[Tuple[int, ...]]:
+    """GPT-2 small (124M): token/position embeddings, 12 blocks, final layer norm (148 tensors);
+    smaller arguments give the same pattern at toy size."""
+    shapes: List[Tuple[int, ...]] = [(vocab, d), (ctx, d)]
+    for _ in range(layers):
         shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,),
                    (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
     return shapes + [(d,), (d,)]
@@ -48,6 +52,22 @@ SHAPES: Dict[str, Callable[[], List[Tuple[int, ...]]]] = {
     "gpt2-small": gpt2_small_shapes,
     "tiny-1000": lambda: tiny_shapes(1000),
     "tiny-2000": lambda: tiny_shapes(2000),
+    # toy versions for bench/gpu_session.sh --cpu-dry-run (Triton interpreted: ~ms per program)
+    "resnet50-dry": lambda: resnet50_shapes(base=4, classes=10, blocks=(1,)),
+    "gpt2-dry": lambda: gpt2_small_shapes(d=16, vocab=64, ctx=16, layers=1),
+    "tiny-24": lambda: tiny_shapes(24),
+}
+GPU_SETS = ("resnet50", "gpt2-small", "tiny-2000")
+DRY_SETS = ("resnet50-dry", "gpt2-dry", "tiny-24")
+# Which issue-3 target a shape set is judged by (the dry-run sets stand in for the real ones).
+ROLE = {"gpt2-small": "gpt2", "gpt2-dry": "gpt2", "tiny-2000": "tiny", "tiny-24": "tiny"}
+# Issue 3 targets (bench/report.py and bench_bisam_loss.py print measured against these).
+TARGETS = {
+    "gpt2_x_floor_max": 1.15,      # fused step on GPT-2-small shapes: <= 1.15 x bandwidth floor
+    "tiny_vs_foreach_min": 3.0,    # 2,000 tiny tensors: >= 3 x faster than torch._foreach_*
+    "tiny_vs_loop_min": 10.0,      # ... and >= 10 x faster than a per-tensor Python loop
+    "launches_per_phase_max": 3,   # kernel launches per optimizer phase
+    "loss_bw_fraction_min": 0.80,  # BiSAM loss fwd+bwd at large K: >= 80 % of copy bandwidth
 }
 
 
@@ -69,12 +89,13 @@ NONFINITE = "skip_on_device" if torch.cuda.is_available() else "skip"
 
 
 def _fused(make, phases):
-    """Builder of a fused step of the optimizer ``make(params)`` calling the named phases in order.
+    """Builder of a fused step of the optimizer ``make(params, nonfinite)`` calling the named
+    phases in order: ``build(params, backend, nonfinite=NONFINITE)``.
 
     The returned ``step()`` runs the whole step; ``step.phases`` lists ``(name, call)`` so report.py
     can time and count launches of each phase on its own (phases must run in this order)."""
-    def build(params, backend: str):
-        opt = make(params)
+    def build(params, backend: str, nonfinite: str = None):
+        opt = make(params, nonfinite or NONFINITE)
         calls = [(ph, getattr(opt, ph)) for ph in phases]
 
         def run(call):
@@ -92,27 +113,30 @@ def _fused(make, phases):
     return build
 
 
-fused_sam = _fused(lambda ps: SAM(ps, lr=1e-3, rho=0.05, momentum=0.9, weight_decay=5e-4,
-                                  nonfinite=NONFINITE),
+fused_sam = _fused(lambda ps, nf: SAM(ps, lr=1e-3, rho=0.05, momentum=0.9, weight_decay=5e-4,
+                                      nonfinite=nf),
                    ["first_step", "second_step"])
-fused_bsam = _fused(lambda ps: BSAM(ps, lr=1e-3, num_data=50_000, rho=0.01, weight_decay=1e-4,
-                                    seed=0, nonfinite=NONFINITE),
+fused_bsam = _fused(lambda ps, nf: BSAM(ps, lr=1e-3, num_data=50_000, rho=0.01, weight_decay=1e-4,
+                                        seed=0, nonfinite=nf),
                     ["noise_step", "first_step", "second_step"])
 
 
 def _family():
     from samkernels.optim import MFVI, BiSAM, EBiSAM, RandomSAM, VariationalSAM
-    kw = dict(nonfinite=NONFINITE)
     return {
-        "bisam": _fused(lambda ps: BiSAM(ps, lr=1e-3, rho=0.05, momentum=0.9, weight_decay=5e-4, **kw),
+        "bisam": _fused(lambda ps, nf: BiSAM(ps, lr=1e-3, rho=0.05, momentum=0.9, weight_decay=5e-4,
+                                             nonfinite=nf),
                         ["first_step", "second_step"]),
-        "ebisam": _fused(lambda ps: EBiSAM(ps, lr=1e-3, rho=0.05, momentum=0.9, seed=0, **kw),
+        "ebisam": _fused(lambda ps, nf: EBiSAM(ps, lr=1e-3, rho=0.05, momentum=0.9, seed=0,
+                                               nonfinite=nf),
                          ["first_step", "second_step"]),
-        "randomsam": _fused(lambda ps: RandomSAM(ps, lr=1e-3, sigma=5e-5, momentum=0.9, seed=0, **kw),
+        "randomsam": _fused(lambda ps, nf: RandomSAM(ps, lr=1e-3, sigma=5e-5, momentum=0.9, seed=0,
+                                                     nonfinite=nf),
                             ["noise_step", "second_step"]),
-        "mfvi": _fused(lambda ps: MFVI(ps, lr=1e-3, num_data=50_000, seed=0, **kw),
+        "mfvi": _fused(lambda ps, nf: MFVI(ps, lr=1e-3, num_data=50_000, seed=0, nonfinite=nf),
                        ["noise_step", "second_step"]),
-        "vsam": _fused(lambda ps: VariationalSAM(ps, lr=1e-3, num_data=50_000, momentum=0.9, **kw),
+        "vsam": _fused(lambda ps, nf: VariationalSAM(ps, lr=1e-3, num_data=50_000, momentum=0.9,
+                                                     nonfinite=nf),
                        ["first_step", "second_step"]),
     }
 

@@ -2,16 +2,24 @@
 
     python bench/report.py                       # every shape set for this device
     python bench/report.py --shapes resnet50 --algos sam --repeat 20
+    python bench/report.py --md steps.md --json steps.json     # also write the tables / the numbers
+    python bench/report.py --dry-run             # toy shape sets (bench/gpu_session.sh --cpu-dry-run)
+
+Implementations: ``fused-<backend>[:<nonfinite>]`` (our optimizer with that backend forced and
+that ``nonfinite`` policy; default ``skip_on_device`` on a GPU, the configuration to measure there:
+the inf/NaN check stays on the device), ``foreach`` (torch._foreach_*), ``loop`` (per tensor).
 
 floor = bytes the step must move (cases.BYTES_PER_ELEMENT x elements) / copy bandwidth measured in
 the same run (a large tensor copy, bytes read + written).  Times are medians of ``--repeat`` runs
 after a warm-up; on CUDA they are taken with CUDA events around each step and the inputs (the
-parameter lists) are larger than L2 except for the tiny-tensor sets.  Kernel launches per step are
-counted with the torch profiler on CUDA.
+parameter lists) are larger than L2 except for the tiny-tensor sets.  Kernel launches per step and
+per phase are counted with the torch profiler on CUDA.  The last table compares the measurements
+with the issue-3 targets (cases.TARGETS).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -39,16 +47,28 @@ def _once(fn) -> float:
     return time.perf_counter() - t0
 
 
+# Each measurement stops after about this many seconds (at least 3 runs): a per-tensor loop over
+# 2,000 tensors or the interpreted Triton kernels would otherwise dominate the session.
+BUDGET_S = 3.0
+
+
+def _runs(warmup_s: float, repeat: int) -> int:
+    return max(min(3, repeat), min(repeat, int(BUDGET_S / max(warmup_s, 1e-9))))
+
+
 def timed(fn, repeat: int) -> float:
-    """Median seconds of fn() over ``repeat`` runs (one warm-up)."""
+    """Median seconds of fn() over ``repeat`` runs (one warm-up; fewer runs for slow steps)."""
     fn()
-    return statistics.median(_once(fn) for _ in range(repeat))
+    n = _runs(_once(fn), repeat)
+    return statistics.median(_once(fn) for _ in range(n))
 
 
 def timed_phases(phases, repeat: int) -> dict:
     """Median seconds of each phase of a step, the phases run in order ``repeat`` times."""
+    t0 = time.perf_counter()
     for _, fn in phases:
         fn()
+    repeat = _runs(time.perf_counter() - t0, repeat)
     out = {name: [] for name, _ in phases}
     for _ in range(repeat):
         for name, fn in phases:
@@ -56,13 +76,12 @@ def timed_phases(phases, repeat: int) -> dict:
     return {name: statistics.median(ts) for name, ts in out.items()}
 
 
-def copy_bandwidth(repeat: int) -> float:
-    """Bytes/s of a 256 MiB tensor copy (read + write)."""
-    n = 64 * 2 ** 20
-    src = torch.randn(n, device=DEVICE)
+def copy_bandwidth(repeat: int, numel: int = 64 * 2 ** 20) -> float:
+    """Bytes/s of a tensor copy (read + write); 256 MiB of fp32 by default."""
+    src = torch.randn(numel, device=DEVICE)
     dst = torch.empty_like(src)
     t = timed(lambda: dst.copy_(src), repeat)
-    return 2 * 4 * n / t
+    return 2 * 4 * numel / t
 
 
 def launches(step) -> int | None:
@@ -91,64 +110,173 @@ def phase_launches(phases) -> dict:
     return out
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    default_shapes = "resnet50,tiny-1000" if DEVICE == "cpu" else "resnet50,gpt2-small,tiny-2000"
-    ap.add_argument("--shapes", default=default_shapes)
-    ap.add_argument("--algos", default="sam,bsam")
-    ap.add_argument("--impls", default=None, help="comma list; default: fused backends, foreach, loop")
-    ap.add_argument("--repeat", type=int, default=7 if DEVICE == "cpu" else 50)
-    ap.add_argument("--no-phases", action="store_true", help="skip the per-phase table of the fused steps")
-    args = ap.parse_args(argv)
+def parse_impl(impl: str):
+    """'fused-cuda:unchecked' -> ('fused', 'cuda', 'unchecked'); 'foreach' -> ('foreach', None, None)."""
+    if impl.startswith("fused-"):
+        backend, _, nonfinite = impl[len("fused-"):].partition(":")
+        return "fused", backend, nonfinite or cases.NONFINITE
+    return impl, None, None
 
-    fused = ["cuda", "triton"] if DEVICE == "cuda" else ["cpu", "reference"]
-    impls = args.impls.split(",") if args.impls else [f"fused-{b}" for b in fused] + ["foreach", "loop"]
-    bw = copy_bandwidth(args.repeat)
-    print(f"device: {torch.cuda.get_device_name() if DEVICE == 'cuda' else 'cpu'}; "
-          f"torch {torch.__version__}; threads {torch.get_num_threads()}; "
-          f"copy bandwidth {bw / 1e9:.1f} GB/s\n")
-    phase_rows = []
-    print("| step | params | impl | median ms | x floor | speed-up vs foreach | vs loop | launches |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
-    for algo in args.algos.split(","):
-        for shape_name in args.shapes.split(","):
+
+def default_impls(dry_run: bool) -> list:
+    if DEVICE == "cuda":
+        fused = [f"fused-{b}:{nf}" for nf in ("skip_on_device", "unchecked") for b in ("cuda", "triton")]
+    elif dry_run:  # the GPU configuration on CPU tensors: C++ kernels and interpreted Triton
+        fused = ["fused-cpu:skip_on_device", "fused-triton:skip_on_device"]
+    else:
+        fused = ["fused-cpu", "fused-reference"]
+    return fused + ["foreach", "loop"]
+
+
+def _free():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def measure(shape_sets, algos, impls, repeat, phases=True, log=print):
+    """(rows, phase_rows): dicts with every number of the tables."""
+    rows, phase_rows = [], []
+    bw = copy_bandwidth(repeat, numel=2 ** 20 if DEVICE == "cpu" and repeat <= 3 else 64 * 2 ** 20)
+    for algo in algos:
+        for shape_name in shape_sets:
             shapes = cases.SHAPES[shape_name]()
             numel = sum(torch.Size(s).numel() for s in shapes)
             floor = cases.BYTES_PER_ELEMENT[algo] * numel / bw
-            rows = {}
             for impl in impls:
+                kind, backend, nonfinite = parse_impl(impl)
+                row = dict(algo=algo, shapes=shape_name, n_tensors=len(shapes), numel=numel,
+                           impl=impl, backend=backend, nonfinite=nonfinite, median_ms=None,
+                           x_floor=None, launches=None, error=None)
+                t0 = time.perf_counter()
                 params = cases.make_params(shapes, device=DEVICE)
                 try:
-                    if impl.startswith("fused-"):
-                        step = cases.IMPLS[algo]["fused"](params, impl.split("-", 1)[1])
+                    if kind == "fused":
+                        step = cases.IMPLS[algo]["fused"](params, backend, nonfinite)
                     else:
                         step = cases.IMPLS[algo][impl](params)
-                    rows[impl] = (timed(step, args.repeat), launches(step))
-                    if impl.startswith("fused-") and not args.no_phases:
-                        ts = timed_phases(step.phases, args.repeat)
+                    t = timed(step, repeat)
+                    row.update(median_ms=t * 1e3, x_floor=t / floor, launches=launches(step))
+                    if kind == "fused" and phases:
+                        ts = timed_phases(step.phases, repeat)
                         ns = phase_launches(step.phases)
-                        for name, t in ts.items():
+                        for name, tp in ts.items():
                             ph_floor = cases.BYTES_PER_PHASE[algo][name] * numel / bw
-                            phase_rows.append(f"| {algo} | {shape_name} | {impl} | {name} | "
-                                              f"{t * 1e3:.3f} | {t / ph_floor:.2f} | "
-                                              f"{'' if ns[name] is None else ns[name]} |")
-                except (RuntimeError, NotImplementedError) as exc:  # backend not available here
-                    rows[impl] = (None, str(exc).splitlines()[0][:60])
+                            phase_rows.append(dict(algo=algo, shapes=shape_name, impl=impl,
+                                                   phase=name, median_ms=tp * 1e3,
+                                                   x_floor=tp / ph_floor, launches=ns[name]))
+                except Exception as exc:  # a backend not available here: a row that says why
+                    row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
                 del params
-            for impl, (t, n) in rows.items():
-                if t is None:
-                    print(f"| {algo} | {shape_name} | {impl} | n/a ({n}) | | | | |")
-                    continue
-                fe, lp = rows.get("foreach", (None,))[0], rows.get("loop", (None,))[0]
-                ratio = lambda other: f"{other / t:.2f}" if other else "n/a"  # noqa: E731
-                print(f"| {algo} | {shape_name} ({len(shapes)} tensors, {numel / 1e6:.2f}M) | {impl} | "
-                      f"{t * 1e3:.3f} | {t / floor:.2f} | {ratio(fe)} | {ratio(lp)} | "
-                      f"{'' if n is None else n} |")
+                _free()
+                rows.append(row)
+                log(f"# {algo} {shape_name} {impl}: "
+                    + (f"{row['median_ms']:.3f} ms" if row["error"] is None else row["error"])
+                    + f" ({time.perf_counter() - t0:.1f} s)")
+    for row in rows:  # speed-ups against the baselines of the same step and shapes
+        base = {r["impl"]: r["median_ms"] for r in rows
+                if r["algo"] == row["algo"] and r["shapes"] == row["shapes"]}
+        t = row["median_ms"]
+        row["vs_foreach"] = base["foreach"] / t if t and base.get("foreach") else None
+        row["vs_loop"] = base["loop"] / t if t and base.get("loop") else None
+    return bw, rows, phase_rows
+
+
+def targets(rows, phase_rows) -> list:
+    """Measured vs cases.TARGETS: the fused rows on the shape sets each target is about."""
+    T, out = cases.TARGETS, []
+
+    def add(what, measured, op, target):
+        met = None if measured is None else (measured <= target if op == "<=" else measured >= target)
+        out.append(dict(what=what, measured=measured, target=f"{op} {target}", met=met))
+
+    for r in rows:
+        if not r["impl"].startswith("fused-") or r["nonfinite"] == "unchecked":
+            continue
+        role = cases.ROLE.get(r["shapes"])
+        name = f"{r['algo']} {r['shapes']} {r['impl']}"
+        if role == "gpt2":
+            add(f"{name}: x floor", r["x_floor"], "<=", T["gpt2_x_floor_max"])
+        elif role == "tiny":
+            add(f"{name}: speed-up vs foreach", r["vs_foreach"], ">=", T["tiny_vs_foreach_min"])
+            add(f"{name}: speed-up vs loop", r["vs_loop"], ">=", T["tiny_vs_loop_min"])
+    for p in phase_rows:
+        if p["launches"] is not None and not p["impl"].endswith(":unchecked"):
+            add(f"{p['algo']} {p['shapes']} {p['impl']} {p['phase']}: launches", p["launches"], "<=",
+                T["launches_per_phase_max"])
+    return out
+
+
+def _f(v, fmt="{:.2f}"):
+    return "n/a" if v is None else (fmt.format(v) if isinstance(v, float) else str(v))
+
+
+def markdown(header, rows, phase_rows, target_rows) -> str:
+    out = [header, "",
+           "| step | params | impl | median ms | x floor | speed-up vs foreach | vs loop | launches |",
+           "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        params = f"{r['shapes']} ({r['n_tensors']} tensors, {r['numel'] / 1e6:.2f}M)"
+        if r["error"] is not None:
+            out.append(f"| {r['algo']} | {params} | {r['impl']} | n/a ({r['error'][:60]}) | | | | |")
+            continue
+        out.append(f"| {r['algo']} | {params} | {r['impl']} | {r['median_ms']:.3f} | "
+                   f"{_f(r['x_floor'])} | {_f(r['vs_foreach'])} | {_f(r['vs_loop'])} | "
+                   f"{'' if r['launches'] is None else r['launches']} |")
     if phase_rows:
-        print("\nPer phase (fused steps; floor = the phase's own bytes, see cases.BYTES_PER_PHASE):\n")
-        print("| step | params | impl | phase | median ms | x floor | launches |")
-        print("|---|---|---|---|---:|---:|---:|")
-        print("\n".join(phase_rows))
+        out += ["", "Per phase (fused steps; floor = the phase's own bytes, see cases.BYTES_PER_PHASE):",
+                "", "| step | params | impl | phase | median ms | x floor | launches |",
+                "|---|---|---|---|---:|---:|---:|"]
+        out += [f"| {p['algo']} | {p['shapes']} | {p['impl']} | {p['phase']} | {p['median_ms']:.3f} | "
+                f"{p['x_floor']:.2f} | {'' if p['launches'] is None else p['launches']} |"
+                for p in phase_rows]
+    if target_rows:
+        out += ["", "Targets (issue 3; on the CPU dry run the toy sets stand in and prove nothing):", "",
+                "| what | measured | target | met |", "|---|---:|---|---|"]
+        out += [f"| {t['what']} | {_f(t['measured'])} | {t['target']} | "
+                f"{'n/a' if t['met'] is None else ('yes' if t['met'] else 'NO')} |" for t in target_rows]
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default=None, help="comma list of cases.SHAPES names")
+    ap.add_argument("--algos", default="sam,bsam")
+    ap.add_argument("--impls", default=None,
+                    help="comma list; default: fused backends (GPU: skip_on_device and unchecked), "
+                         "foreach, loop")
+    ap.add_argument("--repeat", type=int, default=None)
+    ap.add_argument("--no-phases", action="store_true", help="skip the per-phase table of the fused steps")
+    ap.add_argument("--dry-run", action="store_true", help="toy shape sets, 2 repeats")
+    ap.add_argument("--md", default=None, help="also write the markdown tables here")
+    ap.add_argument("--json", default=None, help="also write every number here")
+    args = ap.parse_args(argv)
+
+    if args.shapes:
+        shape_sets = args.shapes.split(",")
+    elif args.dry_run:
+        shape_sets = list(cases.DRY_SETS)
+    else:
+        shape_sets = ["resnet50", "tiny-1000"] if DEVICE == "cpu" else list(cases.GPU_SETS)
+    repeat = args.repeat or (2 if args.dry_run else 7 if DEVICE == "cpu" else 30)
+    impls = args.impls.split(",") if args.impls else default_impls(args.dry_run)
+    bw, rows, phase_rows = measure(shape_sets, args.algos.split(","), impls, repeat,
+                                   phases=not args.no_phases)
+    device = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
+    header = (f"device: {device}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
+              f"copy bandwidth {bw / 1e9:.1f} GB/s; median of {repeat} runs"
+              + ("; CPU DRY RUN (toy sizes)" if args.dry_run else ""))
+    target_rows = targets(rows, phase_rows)
+    md = markdown(header, rows, phase_rows, target_rows)
+    print(md)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(md)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=device, torch=torch.__version__, dry_run=args.dry_run,
+                           copy_bandwidth_GBps=bw / 1e9, repeat=repeat, rows=rows, phases=phase_rows,
+                           targets=target_rows, target_values=cases.TARGETS), f, indent=1)
 
 
 if __name__ == "__main__":
