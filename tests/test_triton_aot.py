@@ -1,0 +1,338 @@
+"""The Triton GPU code path, checked without a GPU: every configuration the ops launch, compiled
+ahead of time for sm_80 and sm_90.
+
+The interpreter (how every other Triton test runs here) never runs Triton's compiler, and types
+arguments differently from the GPU JIT (it keeps Python floats as doubles).  So:
+
+1. The public Triton ops -- every ``samkernels.triton`` phase and the BiSAM loss through the
+   dispatcher -- are driven over a matrix of dtypes (fp32 / bf16 / fp16 / fp64 parameters, fp32
+   or low-precision state, mixed lists, a misaligned tensor), with and without ``found_inf`` and
+   through every option that selects a constexpr branch.  tests/triton_launches.py records each
+   launch as Triton's own JIT binder would specialise it for an NVIDIA GPU (argument types, 16-byte
+   divisibility, int specialisation, constexprs, num_warps).  Nothing here lists a kernel's
+   parameters, so kernel signature changes are followed automatically.
+2. A subprocess without TRITON_INTERPRET compiles each distinct configuration with
+   ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 80/90, 32))`` (tests/_aot_compile.py,
+   2 processes), with the GPU's multi-tensor BLOCK/CHUNK, and checks that the full chunks of the
+   aligned multi-tensor kernels issue 16-byte vector loads.
+
+Plus: every kernel was launched and every constexpr bool took both values (coverage), and no launch
+passes a Python float (Triton types it fp32 on a GPU: an fp64 hyper-parameter would lose bits).
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import json  # noqa: E402
+import pathlib  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+import samkernels  # noqa: E402
+import samkernels.triton as T  # noqa: E402
+from samkernels.triton import _multi_tensor as mt  # noqa: E402
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import triton_launches as TL  # noqa: E402
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="the launch recording needs the Triton interpreter")
+
+F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
+ARCHS = (90, 80)
+PROCESSES = 2
+HERE = pathlib.Path(__file__).resolve().parent
+
+# Constexpr bools that need not take both values, with the reason.  (None so far.)
+BOOL_EXCEPTIONS = {}
+# Kernels exempt from the 16-byte vector-load check when every list is 16-bit: their Philox
+# [BLOCK/4, 4] tiles give a thread one row of 4 contiguous elements, 8 bytes of bf16/fp16.
+VEC16_EXCEPTIONS = {("samkernels.triton.bsam_step", "_noise_kernel"),
+                    ("samkernels.triton.vi_step", "_noise_kernel"),
+                    ("samkernels.triton.vi_step", "_mfvi_kernel"),
+                    ("samkernels.triton.vi_step", "_esam_kernel")}
+
+
+# --- the matrix ----------------------------------------------------------------------------------
+class Lists:
+    """Fresh tensor lists of one dtype case: ``w()`` in the parameters' dtypes, ``s()`` / ``pos()``
+    in the state dtypes (pos: positive, for precisions and second moments)."""
+
+    def __init__(self, dtypes, misaligned=False):
+        self.dtypes = dtypes  # [(param dtype, state dtype)] one per tensor
+        self.misaligned = misaligned
+        self.ids = list(range(len(dtypes)))
+
+    def _make(self, j, fill):
+        out = []
+        for i, dts in enumerate(self.dtypes):
+            n = 5 + 3 * i
+            if self.misaligned and i == 0:  # one element in: a 4-byte offset, ALIGNED=False
+                t = torch.full((n + 1,), fill, dtype=dts[j])[1:]
+            else:
+                t = torch.full((n,), fill, dtype=dts[j])
+            out.append(t)
+        return out
+
+    def w(self):
+        return self._make(0, 0.5)
+
+    def s(self):
+        return self._make(1, 0.25)
+
+    def pos(self):
+        return self._make(1, 1.0)
+
+
+DTYPE_CASES = {  # (param dtype, state dtype) per tensor
+    "fp32": [(F32, F32)],
+    "bf16": [(BF16, F32)],  # what the optimizers hold: fp32 state for low-precision parameters
+    "fp16": [(F16, F32)],
+    "fp64": [(F64, F64)],
+    "bf16-state": [(BF16, BF16)],  # state kept in the parameters' dtype by a direct op caller
+    "mixed": [(F32, F32), (BF16, F32), (F64, F64), (F16, F32)],  # one launch per dtype group
+}
+
+COMMON_CASES = ("fp32", "bf16", "fp16", "fp64")
+
+
+def _flag(on):
+    return torch.zeros(1) if on else None
+
+
+# Each op: (runner, {knob: value that compiles the most code}); the matrix also flips every knob
+# alone.  A runner takes (Lists, found_inf, **knobs).
+def _grad_sumsq(L, flag, adaptive):
+    T.grad_sumsq(L.w(), L.w(), adaptive, 0.01)
+
+
+def _sam_perturb(L, flag, adaptive):
+    T.sam_perturb_(L.w(), L.w(), L.w(), None, 0.05, 1e-12, adaptive, 0.01, flag)
+
+
+def _sam_sgd(L, flag, wd, momentum, nesterov, first):
+    T.sam_restore_sgd_(L.w(), L.w(), L.w(), L.s(), 0.1, 0.9 if momentum else 0.0, 0.1,
+                       nesterov, 1e-4 if wd else 0.0, first, flag)
+
+
+def _sam_adam(L, flag, wd, decoupled):
+    T.sam_restore_adam_(L.w(), L.w(), L.w(), L.s(), L.pos(), 3, 1e-3, 0.9, 0.999, 1e-8,
+                        1e-2 if wd else 0.0, decoupled, flag)
+
+
+def _bsam_noise(L, flag):
+    T.bsam_noise_(L.w(), L.w(), L.pos(), L.ids, 1234, 5, 10.0)
+
+
+def _bsam_perturb(L, flag, accum):
+    T.bsam_perturb_(L.w(), L.w(), L.w(), L.pos(), L.pos() if accum else [], 0.05, 0.999, 0.4,
+                    0.1, flag)
+
+
+def _bsam_update(L, flag, accum, released):
+    T.bsam_update_(L.w(), L.w(), L.w(), L.pos(), L.s(), L.pos() if accum else [], 0.5, 0.9,
+                   0.999, 0.4, 0.1, 0.5, released, flag)
+
+
+def _vi_noise(L, flag, learned):
+    T.vi_noise_(L.w(), L.w(), L.pos() if learned else [], L.ids, 7, 3, 0.01)
+
+
+def _mfvi_update(L, flag, momentum):
+    T.mfvi_update_(L.w(), L.w(), L.w(), L.pos(), L.s() if momentum else [], L.ids, 7, 3, 0.1,
+                   0.01, 0.9, 1.0, 100.0, flag)
+
+
+def _vsam_sumsq(L, flag):
+    T.vsam_sumsq(L.w(), L.pos())
+
+
+def _vsam_perturb(L, flag, log_step):
+    T.vsam_perturb_(L.w(), L.w(), L.w(), L.pos(), None, 10.0, 1e-12, 0.01, 1.0, 100.0, log_step,
+                    1e-8, flag)
+
+
+def _esam_perturb(L, flag):
+    T.esam_perturb_(L.w(), L.w(), L.w(), L.ids, None, 7, 3, 0.05, 0.5, 1e-12, flag)
+
+
+OPS = {
+    "grad_sumsq": (_grad_sumsq, dict(adaptive=True), False),
+    "sam_perturb_": (_sam_perturb, dict(adaptive=True), True),
+    "sam_restore_sgd_": (_sam_sgd, dict(wd=True, momentum=True, nesterov=True, first=False), True),
+    "sam_restore_adam_": (_sam_adam, dict(wd=True, decoupled=True), True),
+    "bsam_noise_": (_bsam_noise, {}, False),
+    "bsam_perturb_": (_bsam_perturb, dict(accum=True), True),
+    "bsam_update_": (_bsam_update, dict(accum=True, released=True), True),
+    "vi_noise_": (_vi_noise, dict(learned=True), False),
+    "mfvi_update_": (_mfvi_update, dict(momentum=True), True),
+    "vsam_sumsq": (_vsam_sumsq, {}, False),
+    "vsam_perturb_": (_vsam_perturb, dict(log_step=True), True),
+    "esam_perturb_": (_esam_perturb, {}, True),
+}
+# knob combinations beyond single flips that select other code (SGD's buffer handling)
+EXTRA = {"sam_restore_sgd_": [dict(momentum=True, nesterov=False, first=True),
+                              dict(momentum=False, nesterov=False, wd=False)]}
+
+
+def drive_multi_tensor():
+    for name, (run, full, takes_flag) in OPS.items():
+        flags = (True, False) if takes_flag else (False,)
+        # every dtype case with the fullest code, with and without the device skip flag (the
+        # flag's skip branch comes on top of the normal one: the two rarer cases take it only)
+        for case, dtypes in DTYPE_CASES.items():
+            for f in (flags if case in COMMON_CASES else flags[:1]):
+                run(Lists(dtypes), _flag(f), **full)
+        # every knob flipped alone (fp32, with the flag: the skip branch is compiled too)
+        fp32 = Lists(DTYPE_CASES["fp32"])
+        for knob in full:
+            run(fp32, _flag(takes_flag), **dict(full, **{knob: not full[knob]}))
+        for extra in EXTRA.get(name, []):
+            run(fp32, _flag(takes_flag), **dict(full, **extra))
+        # a tensor off 16-byte alignment: the kernels' ALIGNED=False form
+        run(Lists(DTYPE_CASES["fp32"], misaligned=True), _flag(takes_flag), **full)
+
+
+def drive_philox_probe():
+    for dt in (F32, F64, BF16, F16):
+        T.philox_probe(1234, 5, 3, 10, dtype=dt)
+
+
+def _loss(K, dtype, phi="neglog", mu=None, grad=True, rows=2, stride_pad=0):
+    x = torch.zeros(rows, K + stride_pad, dtype=dtype)[:, :K]
+    target = torch.zeros(rows, dtype=torch.int64)
+    target[-1] = -100
+    with samkernels.use_backend("triton"):
+        if grad:
+            samkernels.bisam_loss(x.requires_grad_(True), target, mu=mu, phi=phi)
+        else:
+            with torch.no_grad():
+                samkernels.bisam_loss(x, target, mu=mu, phi=phi)
+
+
+def drive_bisam_loss():
+    from samkernels.triton import bisam_loss as TB
+    wide = TB.MAX_BLOCK + 1  # rows wider than one block: the two-loop kernel
+    for dt in (F32, F64, BF16, F16):
+        online_mu = 2 * (500.0 if dt == F64 else TB.FIXED_SHIFT_MAX_MU)  # past the fixed shift
+        for phi in ("neglog", "tanh"):
+            _loss(37, dt, phi)  # one block
+            _loss(wide, dt, phi)  # two loops, fixed shift
+        _loss(37, dt, grad=False)
+        if dt in (F32, F64):  # bf16/fp16 only differ from fp32 in the loads and stores
+            _loss(wide, dt, grad=False)
+        _loss(wide, dt, mu=online_mu)  # two loops, online max
+    # block sizes and int specialisations the GPU picks for other widths (fp32)
+    _loss(1, F32)  # K = row stride = 1: Triton makes both constexprs
+    _loss(1024, F32)  # 16-divisible K and stride
+    _loss(1024, F32, stride_pad=3)  # strided rows
+    _loss(TB.MAX_BLOCK // 2 + 1, F32)  # the widest single block (16 warps)
+    _loss(wide, F32, phi="tanh", mu=2 * TB.FIXED_SHIFT_MAX_MU, grad=False)
+
+
+@pytest.fixture(scope="module")
+def launches():
+    if TL.gpu_backend() is None:
+        pytest.skip("triton has no nvidia backend")
+    t0 = time.perf_counter()
+    with TL.recording() as rec:
+        drive_multi_tensor()
+        drive_philox_probe()
+        drive_bisam_loss()
+    rec.seconds = time.perf_counter() - t0
+    return rec
+
+
+def _describe(cfg):
+    consts = ", ".join(f"{k}={v['dtype'] if isinstance(v, dict) else v}"
+                       for k, v in cfg["consts"].items())
+    sig = ", ".join(f"{k}:{v}" for k, v in cfg["signature"].items() if v != "constexpr")
+    return f"{cfg['kernel']} ({cfg['module']}) [{consts}] ({sig}) {cfg['options']}"
+
+
+def _vec16_exempt(cfg):
+    dts = [v["dtype"] for k, v in cfg["consts"].items()
+           if isinstance(v, dict) and k.endswith("_DT")]
+    return ((cfg["module"], cfg["kernel"]) in VEC16_EXCEPTIONS
+            and all(d in ("bf16", "fp16") for d in dts))
+
+
+# --- (a) every recorded configuration compiles for sm_80 and sm_90 ------------------------------
+def test_every_launched_configuration_compiles(launches, tmp_path):
+    configs = launches.unique()
+    job = {"configs": configs, "archs": list(ARCHS), "processes": PROCESSES,
+           "interpreter_sizes": {"BLOCK": mt.BLOCK, "CHUNK": mt.CHUNK}}
+    (tmp_path / "configs.json").write_text(json.dumps(job))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # compile the very samkernels that was recorded, with a cold cache (a real compile)
+    root = str(pathlib.Path(samkernels.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(HERE / "_aot_compile.py"),
+                           str(tmp_path / "configs.json"), str(tmp_path / "results.json")],
+                          env=env, capture_output=True, text=True, timeout=1500)
+    wall = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    out = json.loads((tmp_path / "results.json").read_text())
+    results = out["results"]
+    assert len(results) == len(configs) * len(ARCHS)
+    assert out["gpu_sizes"] != job["interpreter_sizes"], "the worker ran in interpreter mode"
+    print(f"\n{len(configs)} configurations ({len(launches.launches)} launches recorded in "
+          f"{launches.seconds:.1f} s) x sm_{'/'.join(map(str, ARCHS))} compiled by Triton "
+          f"{out['triton']} in {wall:.1f} s (worker pool {out['wall_s']} s)")
+    failed = [f"sm_{r['arch']}: {_describe(configs[r['index']])}\n{r['error']}"
+              for r in results if not r["ok"]]
+    assert not failed, f"{len(failed)} of {len(results)} compiles failed:\n" + "\n".join(failed)
+    scalar = [f"sm_{r['arch']}: {_describe(configs[r['index']])}" for r in results
+              if r["vec16"] is False and not _vec16_exempt(configs[r["index"]])]
+    assert not scalar, ("aligned multi-tensor kernels without 16-byte vector loads:\n"
+                        + "\n".join(scalar))
+
+
+# --- (b) the matrix reaches every kernel and both sides of every constexpr bool -----------------
+def test_matrix_covers_every_kernel_and_branch(launches):
+    seen = {}
+    for r in launches.launches:
+        seen.setdefault((r["module"], r["kernel"]), []).append(r)
+    missing = sorted(f"{m}.{k}" for m, k in TL.kernels() if (m, k) not in seen)
+    assert not missing, f"kernels the matrix never launched: {missing}"
+    problems = []
+    for (module, kernel), recs in seen.items():
+        values = {}
+        for r in recs:
+            for name, v in r["consts"].items():
+                values.setdefault(name, set()).add(json.dumps(v, sort_keys=True))
+        for name, vals in values.items():
+            one_sided = vals <= {"true", "false"} and len(vals) < 2
+            if one_sided and (kernel, name) not in BOOL_EXCEPTIONS:
+                problems.append(f"{kernel}.{name} only took {vals}")
+        # every parameter dtype reaches every kernel: as an element-type constexpr (the
+        # multi-tensor tables) or as a typed pointer argument
+        dts = {json.loads(v)["dtype"] for vals in values.values() for v in vals
+               if v.startswith('{"dtype"')}
+        dts |= {t[1:] for r in recs for t in r["signature"].values() if t.startswith("*")}
+        if not {"fp32", "bf16", "fp16", "fp64"} <= dts:
+            problems.append(f"{kernel}: dtypes seen {sorted(dts)}")
+        # multi-tensor kernels: recorded with the interpreter's BLOCK/CHUNK (the worker swaps in
+        # the GPU's); a patched size would be compiled as is
+        if "CHUNK" in values:
+            if values["CHUNK"] != {str(mt.CHUNK)} or values.get("BLOCK") != {str(mt.BLOCK)}:
+                problems.append(f"{kernel}: BLOCK/CHUNK {values.get('BLOCK')}/{values['CHUNK']}")
+    assert not problems, "\n".join(problems)
+
+
+# --- (c) no Python float reaches a kernel (review finding 2) ------------------------------------
+def test_no_python_float_reaches_a_kernel(launches):
+    """Triton types a Python float argument fp32 on a GPU (the interpreter keeps the double), so
+    an fp64 computation would silently use rounded hyper-parameters: floats must travel as f64
+    bits (``_multi_tensor.f64_bits``)."""
+    bad = sorted({f"{r['module']}.{r['kernel']}({', '.join(r['floats'])})"
+                  for r in launches.launches if r["floats"]})
+    assert not bad, f"Python floats passed to kernels (typed fp32 on a GPU): {bad}"
