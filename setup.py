@@ -3,10 +3,17 @@
 Build without isolation so the extension links the torch you run with:
     pip install --no-build-isolation .          (or: pip wheel --no-build-isolation --no-deps .)
 
-* C++ CPU kernels (``csrc/*.cpp``, ``csrc/cpu/*.cpp``) are always built: C++17, OpenMP, -O3.
+* C++ standard: the one the installed torch requires, for g++ and nvcc alike: C++17 up to torch
+  2.13, C++20 from torch 2.14 (read from the ``__cplusplus`` guard in torch's ATen/ATen.h; see
+  build_flags.py).  ``SAMKERNELS_CXX_STD=17|20`` overrides it.
+* C++ CPU kernels (``csrc/*.cpp``, ``csrc/cpu/*.cpp``) are always built: OpenMP, -O3.
 * CUDA kernels (``csrc/cuda/*.cu`` + their torch glue ``csrc/cuda/*.cpp``) are built when torch has
   CUDA and ``nvcc`` is found.  ``SAMKERNELS_CUDA=1`` forces them on (error if impossible),
   ``SAMKERNELS_CUDA=0`` off.  ``TORCH_CUDA_ARCH_LIST`` picks the architectures (default 8.0;9.0).
+  nvcc keeps IEEE fp32 (no ``--use_fast_math``), so CUDA results match the CPU and Triton backends.
+
+The flags live in build_flags.py, shared with tests/test_cuda_compile.py (which compiles the CUDA
+sources with exactly these flags on machines without a GPU).
 """
 import glob
 import os
@@ -19,6 +26,8 @@ import torch
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, ROOT)  # build_flags.py sits next to this file
+import build_flags  # noqa: E402
 
 
 def _rel(pattern):
@@ -39,9 +48,9 @@ def _want_cuda() -> bool:
     return possible
 
 
-# -fno-math-errno: with errno semantics GCC will not vectorize loops that call std::sqrt (Adam's
-# restore, bSAM's precision update); sqrt stays correctly rounded, so results are unchanged.
-cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-DSAMKERNELS_OPENMP"]
+CXX_STD = build_flags.cxx_std()
+print(f"samkernels: building with -std={CXX_STD} for torch {torch.__version__}")
+cxx_flags = build_flags.cxx_flags(CXX_STD)
 sources = _rel("csrc/*.cpp") + _rel("csrc/cpu/*.cpp")
 ext_kwargs = dict(extra_link_args=["-fopenmp"], include_dirs=[os.path.join(ROOT, "csrc")])
 
@@ -51,9 +60,8 @@ if _want_cuda():
     ext = CUDAExtension(
         "samkernels._C",
         sources + _rel("csrc/cuda/*.cpp") + _rel("csrc/cuda/*.cu"),
-        extra_compile_args={"cxx": cxx_flags + ["-DSAMKERNELS_WITH_CUDA"],
-                            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
-                                     "-DSAMKERNELS_WITH_CUDA"]},
+        extra_compile_args={"cxx": cxx_flags + [build_flags.CUDA_DEFINE],
+                            "nvcc": build_flags.nvcc_flags(CXX_STD)},
         **ext_kwargs)
 else:
     ext = CppExtension("samkernels._C", sources, extra_compile_args=cxx_flags, **ext_kwargs)

@@ -47,20 +47,40 @@ SK_HD float philox_uniform(uint32_t x) {  // (x >> 9 + 1/2) / 2^23: exact in fp3
   return (static_cast<float>(x >> 9) + 0.5f) * 1.1920928955078125e-07f;
 }
 
+#if defined(__CUDA_ARCH__)
+__device__ __forceinline__ void sk_sincospi(float x, float* s, float* c) { sincospif(x, s, c); }
+__device__ __forceinline__ void sk_sincospi(double x, double* s, double* c) { sincospi(x, s, c); }
+#endif
+
 // Four standard normals for block `quad` (elements 4*quad .. 4*quad+3) of one parameter.
 template <typename T>
 SK_HD void philox_normal4(uint64_t seed, uint64_t step, uint32_t pid, uint64_t quad, T out[4]) {
   Philox4 b = philox4x32_10(static_cast<uint32_t>(quad), pid, static_cast<uint32_t>(step),
                             static_cast<uint32_t>(step >> 32), static_cast<uint32_t>(seed),
                             static_cast<uint32_t>(seed >> 32));
-  const T two_pi = T(6.283185307179586476925286766559);
   T u0 = philox_uniform(b.x[0]), u1 = philox_uniform(b.x[1]);
   T u2 = philox_uniform(b.x[2]), u3 = philox_uniform(b.x[3]);
+  // Precise log and sqrt on every backend (the CUDA build has no --use_fast_math: __logf's
+  // absolute error ~4e-7 exceeds |log u0| near u0 = 1 and would zero or NaN the tails).
   T r01 = std::sqrt(T(-2) * std::log(u0)), r23 = std::sqrt(T(-2) * std::log(u2));
+#if defined(__CUDA_ARCH__)
+  // sincospi(2u): 2u is exact and so is the reduction, so the device evaluates the transform of u
+  // itself, as the CPU's fp32 sincos_2pi (cpu/normal_block.h) does; no rounding of 2 pi u and no
+  // large-argument reduction path.
+  T c1, s1, c3, s3;
+  sk_sincospi(T(2) * u1, &s1, &c1);
+  sk_sincospi(T(2) * u3, &s3, &c3);
+  out[0] = r01 * c1;
+  out[1] = r01 * s1;
+  out[2] = r23 * c3;
+  out[3] = r23 * s3;
+#else
+  const T two_pi = T(6.283185307179586476925286766559);
   out[0] = r01 * std::cos(two_pi * u1);
   out[1] = r01 * std::sin(two_pi * u1);
   out[2] = r23 * std::cos(two_pi * u3);
   out[3] = r23 * std::sin(two_pi * u3);
+#endif
 }
 
 }  // namespace samkernels
