@@ -157,10 +157,10 @@ def test_fake_kernels():
         p, b = [torch.randn(3)], [torch.empty(3)]
         out = torch.ops.samkernels.vsam_perturb_(p, [torch.randn(3)], b, [torch.ones(3)], None,
                                                  3.0, 1e-12, 0.01, 1.0, 10.0, True, 1e-12)
-        assert out.shape == () and out.dtype == F32
+        assert out.shape == () and out.dtype == F64  # the norm contract: float64 everywhere
         out = torch.ops.samkernels.esam_perturb_(p, [torch.randn(3)], b, [0], None, 1, 0, 0.05,
                                                  0.5, 1e-12)
-        assert out.shape == () and out.dtype == F32
+        assert out.shape == () and out.dtype == F64
         torch.ops.samkernels.vi_noise_(p, b, [], [0], 1, 0, 0.1)
         torch.ops.samkernels.mfvi_update_(p, [torch.randn(3)], b, [torch.ones(3)], [], [0], 1, 0,
                                           0.1, 0.01, 0.0, 1.0, 10.0)

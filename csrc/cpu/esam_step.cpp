@@ -16,6 +16,10 @@ namespace samkernels {
 namespace cpu {
 namespace {
 
+// The norm contract of every backend: a returned norm is a 0-dim float64 tensor (the sums are
+// float64 already), whatever the parameters' dtypes, as reference.py returns it.
+const at::TensorOptions kNormOptions = at::TensorOptions().dtype(at::kDouble);
+
 at::Tensor esam_perturb(at::TensorList params, at::TensorList grads, at::TensorList backups,
                         at::IntArrayRef param_ids, const c10::optional<at::Tensor>& grad_norm,
                         int64_t seed, int64_t step, double rho, double beta, double eps,
@@ -27,7 +31,7 @@ at::Tensor esam_perturb(at::TensorList params, at::TensorList grads, at::TensorL
   const double norm = grad_norm.has_value() ? grad_norm->item<double>() : std::sqrt(sumsq(g, g, false, 0.0));
   if (skip_requested("esam_perturb_", found_inf)) {  // skip form: backup only, w stays
     copy_lists(backups, params);
-    return at::scalar_tensor(norm, at::TensorOptions().dtype(result_dtype(params)));
+    return at::scalar_tensor(norm, kNormOptions);
   }
   const auto chunks = make_chunks(p.list());  // chunk starts are multiples of 4 = Philox quads
   for_each_chunk(chunks, total_numel(p.list()), [&](int64_t, const Chunk& c) {
@@ -71,7 +75,7 @@ at::Tensor esam_perturb(at::TensorList params, at::TensorList grads, at::TensorL
   });
   p.write_back();
   b.write_back();
-  return at::scalar_tensor(norm, at::TensorOptions().dtype(result_dtype(params)));
+  return at::scalar_tensor(norm, kNormOptions);
 }
 
 }  // namespace

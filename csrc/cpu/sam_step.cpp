@@ -11,6 +11,10 @@ namespace samkernels {
 namespace cpu {
 namespace {
 
+// The norm contract of every backend: a returned norm is a 0-dim float64 tensor (the sums are
+// float64 already), whatever the parameters' dtypes, as reference.py returns it.
+const at::TensorOptions kNormOptions = at::TensorOptions().dtype(at::kDouble);
+
 at::Tensor grad_sumsq(at::TensorList params, at::TensorList grads, bool adaptive, double eta) {
   if (adaptive) check_lists("grad_sumsq", params, {{"grads", grads}}, {});
   Contig g(grads), p(adaptive ? params : grads);
@@ -26,7 +30,7 @@ at::Tensor sam_perturb(at::TensorList params, at::TensorList grads, at::TensorLi
                                             : std::sqrt(sumsq(p, g, adaptive, eta));
   if (skip_requested("sam_perturb_", found_inf)) {  // skip form: backup only, w stays
     copy_lists(backups, params);
-    return at::scalar_tensor(norm, at::TensorOptions().dtype(result_dtype(params)));
+    return at::scalar_tensor(norm, kNormOptions);
   }
   const auto chunks = make_chunks(p.list());
   for_each_chunk(chunks, total_numel(p.list()), [&](int64_t, const Chunk& c) {
@@ -51,7 +55,7 @@ at::Tensor sam_perturb(at::TensorList params, at::TensorList grads, at::TensorLi
   });
   p.write_back();
   b.write_back();
-  return at::scalar_tensor(norm, at::TensorOptions().dtype(result_dtype(params)));
+  return at::scalar_tensor(norm, kNormOptions);
 }
 
 void sam_restore_sgd(at::TensorList params, at::TensorList grads, at::TensorList backups,

@@ -20,6 +20,10 @@ namespace samkernels {
 namespace cpu {
 namespace {
 
+// The norm contract of every backend: a returned norm is a 0-dim float64 tensor (the sums are
+// float64 already), whatever the parameters' dtypes, as reference.py returns it.
+const at::TensorOptions kNormOptions = at::TensorOptions().dtype(at::kDouble);
+
 void vi_noise(at::TensorList params, at::TensorList backups, at::TensorList variances,
               at::IntArrayRef param_ids, int64_t seed, int64_t step, double sigma) {
   const bool learned = !variances.empty();  // MFVI: std = sqrt(Sigma); RandomSAM: std = sigma0
@@ -146,7 +150,7 @@ at::Tensor vsam_perturb(at::TensorList params, at::TensorList grads, at::TensorL
                                              : std::sqrt(weighted_sumsq(g, v));
   if (skip_requested("vsam_perturb_", found_inf)) {  // skip form: backup only; w, Sigma stay
     copy_lists(backups, params);
-    return at::scalar_tensor(norm, at::TensorOptions().dtype(result_dtype(params)));
+    return at::scalar_tensor(norm, kNormOptions);
   }
   const auto chunks = make_chunks(p.list());
   for_each_chunk(chunks, total_numel(p.list()), [&](int64_t, const Chunk& c) {
@@ -178,7 +182,7 @@ at::Tensor vsam_perturb(at::TensorList params, at::TensorList grads, at::TensorL
   p.write_back();
   b.write_back();
   v.write_back();
-  return at::scalar_tensor(norm, at::TensorOptions().dtype(result_dtype(params)));
+  return at::scalar_tensor(norm, kNormOptions);
 }
 
 }  // namespace

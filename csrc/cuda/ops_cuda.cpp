@@ -216,12 +216,9 @@ const float* found_inf_ptr(const char* op, const std::optional<Tensor>& found_in
   return f.data_ptr<float>();
 }
 
-// The dtype of a returned norm (as the CPU kernels): float64 if any param is float64, else float32.
-at::ScalarType norm_dtype(TensorList params) {
-  for (const Tensor& t : params)
-    if (t.scalar_type() == at::kDouble) return at::kDouble;
-  return at::kFloat;
-}
+// The dtype of a returned norm: float64 whatever the params (the norm contract of every backend,
+// as reference.py and the CPU kernels; the partial sums are float64 already).
+at::ScalarType norm_dtype(TensorList /*params*/) { return at::kDouble; }
 
 // A norm in device memory: `result` is what the op returns, `norm64` the float64 copy the
 // kernels read (never .item(): no host sync).
@@ -307,7 +304,7 @@ Tensor sam_perturb_cuda(TensorList params, TensorList grads, TensorList backups,
   if (given) TORCH_CHECK(grad_norm->numel() == 1, op, ": grad_norm must hold one element");
   if (params.empty()) {
     if (given) return grad_norm->clone();
-    return at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(at::kCUDA));
+    return at::zeros({}, at::TensorOptions().dtype(norm_dtype(params)).device(at::kCUDA));
   }
   const c10::cuda::CUDAGuard guard(params[0].device());
   const cudaStream_t stream = current_stream();

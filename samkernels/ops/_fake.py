@@ -29,7 +29,7 @@ def _one_device(op: str, args) -> None:
 
 
 def _norm_dtype(params: List[Tensor]) -> torch.dtype:
-    return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    return torch.float64  # the norm contract: a computed norm is float64 on every backend
 
 
 def grad_sumsq(params, grads, adaptive, eta):
@@ -42,7 +42,7 @@ def sam_perturb_(params, grads, backups, grad_norm: Optional[Tensor], rho, eps, 
                  found_inf: Optional[Tensor] = None):
     _one_device("sam_perturb_", (params, grads, backups, found_inf))
     if not params:
-        return torch.empty((), dtype=torch.float32, device=_CPU)
+        return torch.empty((), dtype=torch.float64, device=_CPU)
     if grad_norm is not None and params[0].device.type == "cuda":
         return torch.empty_like(grad_norm)  # the CUDA kernel returns a copy of the given norm
     return torch.empty((), dtype=_norm_dtype(params), device=params[0].device)

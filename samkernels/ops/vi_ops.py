@@ -48,8 +48,8 @@ def esam_perturb_(params, grads, backups, param_ids, grad_norm, seed, step, rho,
 
 
 # --- fakes for torch.compile (FakeTensor) tracing of the C++ ops (see samkernels.ops._fake) -----
-def _norm_dtype(params: List[Tensor]) -> torch.dtype:  # as the kernels: float64 if any param is
-    return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+def _norm_dtype(params: List[Tensor]) -> torch.dtype:  # as the kernels: the norm contract, a
+    return torch.float64  # norm is float64 on every backend, whatever the params' dtypes
 
 
 def _fake_vsam_sumsq(grads, variances):
