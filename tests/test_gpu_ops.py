@@ -12,9 +12,13 @@ The helpers take the device and the callable under test, so they run on any back
 """
 from __future__ import annotations
 
+import json
 import math
 import os
-from typing import Callable, Dict, List, Sequence, Tuple
+import re
+import subprocess
+import sys
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import pytest
 import torch
@@ -39,7 +43,9 @@ MIXED = "mixed"  # per-tensor parameter dtypes cycle through these:
 MIXED_CYCLE = (F32, BF16, F16, F64)
 
 # (rtol, atol) for a result stored in this dtype, against float64 maths.  bf16/fp16 outputs are
-# rounded from fp32 (<= 1/2 ulp); fp32 uses approximate division/sqrt (--use_fast_math).
+# rounded from fp32 (<= 1/2 ulp).  fp32: the kernels are built without --use_fast_math (IEEE
+# division, sqrt, log, sin/cos), so only fp32 rounding of a few chained operations remains; the
+# bound stays at 2e-5 because Adam's and bSAM's divisions by small denominators amplify it.
 TOL = {F64: (1e-10, 1e-12), F32: (2e-5, 2e-5), F16: (2e-3, 1e-3), BF16: (1.6e-2, 1e-2)}
 
 # (shape, layout): odd sizes, the chunk size and its neighbours, views of every kind.
@@ -304,13 +310,24 @@ def _triton_has(name: str) -> bool:
     return hasattr(triton_ops, name)
 
 
+def _triton_on_cuda_why() -> Optional[str]:
+    """Why the triton backend cannot run on CUDA tensors here (None: it can).  Under
+    TRITON_INTERPRET=1 (tests/conftest.py's default) the dispatcher says triton is unusable on
+    CUDA (the interpreter needs CPU tensors): run with TRITON_INTERPRET=0 on a GPU machine."""
+    why = _dispatch._why_not("triton", torch.device("cuda"))
+    if why is None and os.environ.get("TRITON_INTERPRET", "0") == "1":  # an older dispatcher
+        why = "TRITON_INTERPRET=1: triton kernels are interpreted and need CPU tensors"
+    return why
+
+
+def _skip_unless_triton_on_cuda() -> None:
+    why = _triton_on_cuda_why()
+    if why is not None:
+        pytest.skip(f"triton backend on CUDA tensors: {why}")
+
+
 def _skip_unless_triton_runs(name: str) -> None:
-    if not _dispatch.triton_usable(torch.device("cuda")):
-        pytest.skip("triton is not usable")
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        # tests/conftest.py defaults it to 1; the interpreter cannot run on CUDA tensors
-        # (KERNEL-NOTES): run with TRITON_INTERPRET=0 on a GPU machine for this comparison
-        pytest.skip("TRITON_INTERPRET=1: triton kernels are interpreted and need CPU tensors")
+    _skip_unless_triton_on_cuda()
     if not _triton_has(name):
         pytest.skip(f"samkernels.triton has no {name}")
 
@@ -373,7 +390,8 @@ def test_grad_sumsq_is_deterministic():
 
 
 def test_sam_perturb_norm_dtype_and_rho_zero():
-    for dtype, want in ((F32, F32), (BF16, F32), (MIXED, F64)):
+    # the norm contract (every backend): a computed norm is float64 whatever the params
+    for dtype, want in ((F32, F64), (BF16, F64), (MIXED, F64)):
         m = Maker(SPECS, dtype, "cuda")
         p, g, b = m.params(), m.like_params(), m.like_params()
         before = [t.clone() for t in p]
@@ -429,8 +447,8 @@ def test_no_host_sync():
 
 
 def test_vi_norm_dtypes_and_determinism():
-    # as the CPU kernels (and the fakes): float64 if any param is float64, else float32; 0-dim
-    for dtype, want in ((F32, F32), (BF16, F32), (F64, F64), (MIXED, F64)):
+    # the norm contract (every backend, the fakes too): a computed norm is float64, 0-dim
+    for dtype, want in ((F32, F64), (BF16, F64), (F64, F64), (MIXED, F64)):
         m = Maker(SPECS, dtype, "cuda")
         p, g, b, v = m.params(), m.like_params(), m.like_params(), m.state("positive")
         ids = list(range(len(p)))
@@ -668,8 +686,8 @@ def test_skip_on_device_step_never_syncs(backend, name):
     """nonfinite='skip_on_device': a whole step (grads given) runs with CUDA's sync debug mode set
     to error, including a step whose gradients hold a NaN; the NaN step changes no weight."""
     from samkernels.optim import BSAM, MFVI, SAM, EBiSAM, VariationalSAM
-    if backend == "triton" and not _dispatch.triton_usable(torch.device("cuda")):
-        pytest.skip("triton not usable")
+    if backend == "triton":
+        _skip_unless_triton_on_cuda()
     makers = {
         "sam": lambda ps: SAM(ps, lr=0.1, momentum=0.9, nonfinite="skip_on_device"),
         "sam_adam": lambda ps: SAM(ps, lr=1e-3, base="adam", nonfinite="skip_on_device"),
@@ -709,8 +727,8 @@ def test_sam_step_in_a_cuda_graph(backend):
     in a CUDA graph and replayed equals the eager steps, bit for bit.  (Adam's step count and the
     bSAM/MFVI noise counter are host ints baked into a captured launch: README "CUDA graphs".)"""
     from samkernels.optim import SAM
-    if backend == "triton" and not _dispatch.triton_usable(torch.device("cuda")):
-        pytest.skip("triton not usable")
+    if backend == "triton":
+        _skip_unless_triton_on_cuda()
     eager_model, model = _gpu_model_and_grads(), _gpu_model_and_grads()
     kw = dict(lr=0.1, rho=0.05, momentum=0.9, weight_decay=5e-4, nonfinite="skip_on_device")
     eager, opt = SAM(eager_model.parameters(), **kw), SAM(model.parameters(), **kw)
@@ -736,3 +754,572 @@ def test_sam_step_in_a_cuda_graph(backend):
         torch.cuda.synchronize()
     for p, q in zip(model.parameters(), eager_model.parameters()):
         assert torch.equal(p, q)
+
+
+# ---------------------------------------------------------------------------------------------
+# Noise tails: 2^25 elements, u0 near 1 (fast-math __logf made such normals 0, wrong or NaN)
+# ---------------------------------------------------------------------------------------------
+TAIL_N = 2 ** 25  # 2^23 Philox blocks
+# Checked on the CPU with reference.philox4x32: with these words, lanes 0 and 2 both reach the
+# largest uniform, u = 1 - 2^-24 (|log u| = 6e-8), and 50 blocks have u0 or u2 within 16 * 2^-23
+# of 1.  The 64-bit seed and step also exercise the high key/counter words.
+TAIL_SEED, TAIL_STEP, TAIL_PID = 2 ** 40 + 5, 2 ** 33 + 7, 3
+_MASK32 = 0xFFFFFFFF
+
+
+def _philox_words(seed: int, step: int, pid: int, blocks: torch.Tensor):
+    """The four uint32 words (int64 tensors) of the given Philox blocks (reference.philox4x32)."""
+    full = lambda v: torch.full_like(blocks, v)  # noqa: E731
+    return reference.philox4x32(blocks, full(pid & _MASK32), full(step & _MASK32),
+                                full((step >> 32) & _MASK32), seed & _MASK32,
+                                (seed >> 32) & _MASK32)
+
+
+def _philox_normal_at(seed: int, step: int, pid: int, idx: torch.Tensor) -> torch.Tensor:
+    """reference.philox_normal's float64 normals at the element indices ``idx`` only."""
+    x = _philox_words(seed, step, pid, idx >> 2)
+    u = [((w >> 9).to(F64) + 0.5) * 2.0 ** -23 for w in x]
+    r01, r23 = torch.sqrt(-2.0 * torch.log(u[0])), torch.sqrt(-2.0 * torch.log(u[2]))
+    t01, t23 = 2.0 * math.pi * u[1], 2.0 * math.pi * u[3]
+    lanes = torch.stack([r01 * torch.cos(t01), r01 * torch.sin(t01),
+                         r23 * torch.cos(t23), r23 * torch.sin(t23)])
+    return lanes.gather(0, (idx & 3).unsqueeze(0)).squeeze(0)
+
+
+def _draw_noise(op: str, backend: str, n: int, seed: int, step: int, pid: int, dtype=F32):
+    """The op's z alone: weights 0 and a scale of exactly 1 (bsam: N s = 1; vi: sigma = 1)."""
+    p = [torch.zeros(n, device="cuda", dtype=dtype)]
+    b = [torch.full((n,), math.nan, device="cuda", dtype=dtype)]  # every backup must be written
+    if op == "bsam_noise_":
+        _op(op)(p, b, [torch.ones(n, device="cuda", dtype=_state_dtype(dtype))], [pid], seed, step,
+                1.0, backend=backend)
+    else:
+        _op(op)(p, b, [], [pid], seed, step, 1.0, backend=backend)
+    assert torch.equal(b[0], torch.zeros_like(b[0]))
+    return p[0]
+
+
+@pytest.mark.parametrize("op", ["bsam_noise_", "vi_noise_"])
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_noise_tails_on_2_25_elements(backend, op):
+    if backend == "triton":
+        _skip_unless_triton_runs(op)
+    n = TAIL_N
+    z = _draw_noise(op, backend, n, TAIL_SEED, TAIL_STEP, TAIL_PID).double()
+    assert bool(torch.isfinite(z).all()), f"{int((~torch.isfinite(z)).sum())} non-finite normals"
+    ref = reference.philox_normal(TAIL_SEED, TAIL_STEP, TAIL_PID, n, "cuda", F64)
+    # Every element: float32 Box-Muller with IEEE log/sqrt/sin/cos is off by a few ulp in the radius
+    # and ~1 ulp of 2 pi in the angle, so |dz| <= ~1e-6 r (r = the pair's radius, <= 5.8).
+    r_ref = ref.view(-1, 2).norm(dim=1).repeat_interleave(2)
+    err = (z - ref).abs()
+    bad = err > 4e-6 * r_ref + 1e-9
+    assert not bool(bad.any()), (
+        f"{int(bad.sum())} normals off; worst at {int(err.argmax())}: {z[err.argmax()].item()!r} vs "
+        f"{ref[err.argmax()].item()!r}")
+    # The tail: pairs whose first uniform is within 2^-16 of 1 (radius < 3.5e-3) keep their
+    # radius to float32 accuracy (fast-math logf gave 0, NaN or errors of ~1e-3 there).
+    words = _philox_words(TAIL_SEED, TAIL_STEP, TAIL_PID,
+                          torch.arange(n // 4, dtype=torch.int64, device="cuda"))
+    top = 2 ** 23 - 1
+    checked = 0
+    for lane, w in ((0, words[0]), (2, words[2])):
+        k = w >> 9
+        assert int(k.max()) == top  # the largest uniform 1 - 2^-24 is among these blocks
+        blocks = torch.nonzero(k > top - 128).squeeze(1)
+        u = ((k[blocks]).to(F64) + 0.5) * 2.0 ** -23
+        r_want = torch.sqrt(-2.0 * torch.log(u))
+        pair = z.view(-1, 4)[blocks][:, lane:lane + 2]
+        r_got = pair.norm(dim=1)
+        torch.testing.assert_close(r_got, r_want, rtol=2e-6, atol=0,
+                                   msg=lambda m: f"{op}/{backend} tail radius (lane {lane}): {m}")
+        checked += blocks.numel()
+    assert checked > 100
+
+
+# ---------------------------------------------------------------------------------------------
+# BiSAM loss on CUDA tensors: both GPU backends against the float64 reference
+# ---------------------------------------------------------------------------------------------
+LOSS_KS = [1, 37, 1024, 1025, 4097, 50257, 128000]
+
+
+def _skip_unless_loss_backend(backend: str) -> None:
+    if backend == "triton":
+        _skip_unless_triton_on_cuda()
+        return
+    if not (hasattr(torch.ops.samkernels, "bisam_loss_fwd") and
+            torch._C._dispatch_has_kernel_for_dispatch_key("samkernels::bisam_loss_fwd", "CUDA")):
+        pytest.skip("samkernels._C has no CUDA kernel for bisam_loss_fwd")
+
+
+def _loss_data(B: int, K: int, dtype, seed: int = 0, ignore=(1,)):
+    """CPU logits (already rounded to dtype) and labels; row 1 ignored by default."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(B, K, generator=gen, dtype=F64) * 3).to(dtype)
+    target = torch.randint(0, K, (B,), generator=gen)
+    for i in ignore:
+        if i < B:
+            target[i] = -100
+    return logits, target
+
+
+def _loss_cuda(backend, logits, target, **kw):
+    """(loss, d loss.sum() / d logits) of the fused loss on CUDA copies, ``backend`` forced."""
+    from samkernels.ops.bisam_loss import bisam_loss
+    x = logits.detach().to("cuda").requires_grad_(True)
+    with samkernels.use_backend(backend):
+        loss = bisam_loss(x, target.to("cuda"), **kw)
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    return loss.detach().cpu(), grad.cpu()
+
+
+def _loss_ref(logits, target, **kw):
+    """The float64 reference (CPU autograd) on the same, already rounded logits."""
+    from samkernels.ops.bisam_loss import bisam_loss_reference
+    x = logits.detach().double().requires_grad_(True)
+    loss = bisam_loss_reference(x, target, **kw)
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    return loss.detach(), grad
+
+
+def _loss_tols(dtype, rgrad):
+    big = float(rgrad.abs().max()) if rgrad.numel() else 0.0
+    if dtype == F64:
+        return dict(rtol=1e-12, atol=1e-13), dict(rtol=1e-10, atol=1e-13 * max(big, 1e-3))
+    if dtype == F32:
+        return dict(rtol=2e-5, atol=2e-6), dict(rtol=1e-4, atol=1e-6 * big)
+    ulp = 2.0 ** -7 if dtype == BF16 else 2.0 ** -10  # fp32 maths, then one rounding
+    return dict(rtol=ulp, atol=1e-5), dict(rtol=ulp, atol=1e-6 + ulp * 1e-3 * big)
+
+
+def _check_loss(backend, logits, target, what, **kw):
+    loss, grad = _loss_cuda(backend, logits, target, **kw)
+    rloss, rgrad = _loss_ref(logits, target, **kw)
+    assert loss.dtype == logits.dtype and grad.dtype == logits.dtype
+    ltol, gtol = _loss_tols(logits.dtype, rgrad)
+    torch.testing.assert_close(loss.double(), rloss, **ltol, msg=lambda m: f"{what} loss: {m}")
+    torch.testing.assert_close(grad.double(), rgrad, **gtol, msg=lambda m: f"{what} grad: {m}")
+    return loss, grad
+
+
+# fp16/bf16 on fewer widths: each (dtype, block size) is one more Triton compilation
+LOSS_CASES = [(K, d) for d in (F64, F32) for K in LOSS_KS] + \
+    [(K, d) for d in (BF16, F16) for K in (1, 1025, 128000)]
+
+
+@pytest.mark.parametrize("K,dtype", LOSS_CASES, ids=[f"{K}-{d}" for K, d in LOSS_CASES])
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_bisam_loss_on_cuda_matches_reference(backend, K, dtype):
+    _skip_unless_loss_backend(backend)
+    B = 16 if K <= 4097 else 4
+    logits, target = _loss_data(B, K, dtype, seed=K)
+    _, grad = _check_loss(backend, logits, target, f"{backend} K={K} {dtype}", reduction="none")
+    assert torch.all(grad[1] == 0)  # the ignored row
+
+
+@pytest.mark.parametrize("phi,mu", [("tanh", None), ("neglog", 100.0), ("tanh", 100.0)])
+@pytest.mark.parametrize("dtype", [F64, F32], ids=str)
+@pytest.mark.parametrize("K", [37, 128000])
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_bisam_loss_on_cuda_phi_and_large_mu(backend, K, dtype, phi, mu):
+    # mu = 100 > 50 takes the kernels' online-max path; fp64 keeps rtol 1e-12 there too (the
+    # Triton scalars mu, log K, alpha, grad_scale must reach the kernel as float64)
+    _skip_unless_loss_backend(backend)
+    logits, target = _loss_data(4, K, dtype, seed=K + 1)
+    for reduction in ("none", "mean", "sum"):
+        _check_loss(backend, logits, target, f"{backend} K={K} {dtype} {phi} mu={mu} {reduction}",
+                    phi=phi, mu=mu, reduction=reduction)
+
+
+@pytest.mark.parametrize("K", [37, 4097])
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_bisam_loss_on_cuda_strided_rows(backend, K):
+    _skip_unless_loss_backend(backend)
+    gen = torch.Generator().manual_seed(K)
+    base = torch.randn(12, K + 9, generator=gen) * 3
+    target = torch.randint(0, K, (6,), generator=gen)
+    for name, view in (("row stride", lambda t: t[::2, 5:5 + K]),  # rows K + 9 apart, offset 5
+                       ("column stride", lambda t: t.t().contiguous().t()[1:7, 2:2 + K])):
+        logits = view(base)
+        x = view(base.to("cuda")).requires_grad_(True)
+        with samkernels.use_backend(backend):
+            from samkernels.ops.bisam_loss import bisam_loss
+            loss = bisam_loss(x, target.to("cuda"), reduction="none")
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+        rloss, rgrad = _loss_ref(logits, target, reduction="none")
+        ltol, gtol = _loss_tols(F32, rgrad)
+        torch.testing.assert_close(loss.detach().cpu().double(), rloss, **ltol,
+                                   msg=lambda m: f"{name} loss: {m}")
+        torch.testing.assert_close(grad.cpu().double(), rgrad, **gtol,
+                                   msg=lambda m: f"{name} grad: {m}")
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_bisam_loss_on_cuda_ignore_index(backend):
+    _skip_unless_loss_backend(backend)
+    K = 1025
+    logits, target = _loss_data(6, K, F32, seed=3, ignore=())
+    target[1] = target[4] = 7  # a valid class index used as ignore_index
+    target[2] = 5
+    for reduction in ("mean", "sum", "none"):
+        loss, grad = _check_loss(backend, logits, target, f"ignore_index=7 {reduction}",
+                                 reduction=reduction, ignore_index=7)
+        assert torch.all(grad[[1, 4]] == 0) and bool(grad[2].abs().sum() > 0)
+        if reduction == "none":
+            assert loss[1] == 0 and loss[4] == 0
+    # every row ignored: the mean is NaN (0/0, as F.cross_entropy) and the gradient zero
+    allign = torch.full((6,), -100)
+    loss, grad = _loss_cuda(backend, logits, allign)
+    assert math.isnan(loss.item()) and torch.all(grad == 0)
+
+
+def _child_env() -> dict:
+    """The environment of a child python: the samkernels this process imports, no forced backend."""
+    env = dict(os.environ)
+    env.pop("SAMKERNELS_BACKEND", None)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(samkernels.__file__)))
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _run_child(code: str, tmp_path, env_extra=None, timeout=240) -> dict:
+    """Run ``code`` in a fresh python (its first CUDA work is its own); it prints 'RESULT <json>'."""
+    env = _child_env()
+    env.update(env_extra or {})
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=timeout)
+    found = re.findall(r"^RESULT (.*)$", proc.stdout, re.M)
+    assert found, f"child failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return json.loads(found[-1])  # the last report: a child may report before a fatal step
+
+
+_BAD_LABEL_CHILD = r'''
+import json, torch, samkernels
+from samkernels.ops.bisam_loss import bisam_loss
+gen = torch.Generator().manual_seed(0)
+x = (torch.randn(4, 37, generator=gen) * 3).cuda()
+t = torch.tensor([0, 36, 37, 5], device="cuda")  # row 2: label 37 of 37 classes
+res = {}
+for backend in BACKENDS:
+    if backend == "triton":
+        from samkernels.triton.bisam_loss import bisam_loss_fwd_triton as fwd
+    else:
+        fwd = torch.ops.samkernels.bisam_loss_fwd
+    # the kernel alone (no label check): the bad row is NaN, nothing read outside it
+    rows, grad = fwd(x, t, 1.5, 0, 0.1, -100, 1.0, True)
+    torch.cuda.synchronize()
+    res[backend] = {"rows": rows.cpu().tolist(), "grad": grad.cpu().double().tolist()}
+print("RESULT " + json.dumps(res), flush=True)
+# the public op: an asynchronous device-side assert (this CUDA context is lost afterwards)
+try:
+    with samkernels.use_backend(BACKENDS[-1]):
+        loss = bisam_loss(x, t)
+    res["public"] = "value: " + repr(loss.item())
+except RuntimeError as exc:
+    res["public"] = "error: " + str(exc)[:500]
+print("RESULT " + json.dumps(res), flush=True)
+'''
+
+
+def test_bisam_loss_on_cuda_out_of_range_label(tmp_path):
+    """The documented CUDA contract: the kernels write NaN for a label outside [0, K) (reading
+    nothing outside the row) and the op asserts on the device (torch._assert_async), which kills
+    the CUDA context: hence a child process (one for both backends)."""
+    backends = []
+    for backend in ("cuda", "triton"):
+        try:
+            _skip_unless_loss_backend(backend)
+            backends.append(backend)
+        except pytest.skip.Exception:
+            pass
+    if not backends:
+        pytest.skip("no GPU backend of the BiSAM loss here")
+    res = _run_child(_BAD_LABEL_CHILD.replace("BACKENDS", repr(backends)), tmp_path)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 37, generator=gen) * 3
+    good = [0, 1, 3]
+    rloss, rgrad = _loss_ref(x[good], torch.tensor([0, 36, 5]), reduction="none")
+    for backend in backends:
+        rows, grad = (torch.tensor(res[backend][k], dtype=F64) for k in ("rows", "grad"))
+        assert math.isnan(rows[2]) and bool(torch.isnan(grad[2]).all()), backend
+        torch.testing.assert_close(rows[good], rloss, rtol=2e-5, atol=2e-6)
+        torch.testing.assert_close(grad[good], rgrad, rtol=1e-4, atol=1e-7)
+    public = res.get("public", "")
+    # a device-side assert (the contract); builds without device asserts must still give NaN
+    assert re.search(r"device-side assert|CUDA error", public) or public == "value: nan", public
+
+
+# ---------------------------------------------------------------------------------------------
+# A first SAM step skipped on the device with NaN already in the allocator's memory
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_first_step_skipped_on_device_over_nan_memory(backend):
+    """nonfinite='skip_on_device': a NaN in the very first step's gradients skips it on the device,
+    so the momentum buffers are created but never written; they must not hold whatever the
+    caching allocator hands back (here: NaN).  After that step and a finite one, the weights are
+    finite and equal a run of the finite step alone."""
+    from samkernels.optim import SAM
+    if backend == "triton":
+        _skip_unless_triton_on_cuda()
+    kw = dict(lr=0.1, rho=0.05, momentum=0.9, weight_decay=5e-4, nonfinite="skip_on_device")
+    alone = _gpu_model_and_grads(seed=3)
+    grads = [p.grad.clone() for p in alone.parameters()]
+    opt_alone = SAM(alone.parameters(), **kw)
+    with samkernels.use_backend(backend):
+        opt_alone.first_step()
+        opt_alone.second_step()
+    torch.cuda.synchronize()
+
+    model = _gpu_model_and_grads(seed=3)
+    ps = list(model.parameters())
+    w0 = [p.detach().clone() for p in ps]
+    # Fill the caching allocator's free blocks with NaN: small-pool segments (tensors < 1 MB) and
+    # blocks of each parameter's size, then free them all.
+    junk = [torch.full((2 ** 16,), math.nan, device="cuda") for _ in range(64)]
+    junk += [torch.full_like(p, math.nan) for p in ps for _ in range(8)]
+    junk += [torch.full((2 ** 22,), math.nan, device="cuda") for _ in range(4)]
+    del junk
+    opt = SAM(ps, **kw)
+    with samkernels.use_backend(backend):
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+        ps[0].grad[0, 0] = math.nan
+        opt.first_step()
+        opt.second_step()  # the NaN was found on the device: both passes take their skip form
+        for p, w in zip(ps, w0):
+            assert torch.equal(p, w)
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+        opt.first_step()
+        opt.second_step()
+    torch.cuda.synchronize()
+    for p, q in zip(ps, alone.parameters()):
+        assert bool(torch.isfinite(p).all()), "the skipped first step left garbage momentum"
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# More than 2^31 elements in one bf16 tensor (32-bit element offsets would wrap)
+# ---------------------------------------------------------------------------------------------
+BIG_N = 2 ** 31 + 2 ** 20 + 5
+
+
+def _needs_free_gib(gib: float) -> None:
+    free, _ = torch.cuda.mem_get_info()
+    if free < gib * 2 ** 30:
+        pytest.skip(f"needs {gib} GiB of free GPU memory, {free / 2 ** 30:.1f} GiB free")
+
+
+def _big_positions(n: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(5)
+    return torch.cat([torch.arange(0, 64), torch.arange(2 ** 30 - 8, 2 ** 30 + 8),
+                      torch.arange(2 ** 31 - 64, 2 ** 31 + 64), torch.arange(n - 4096, n),
+                      torch.randint(0, n, (2048,), generator=gen)]).to("cuda")
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_more_than_2_31_elements_bf16(backend):
+    """sam_perturb_ (its norm over every element too) and bsam_noise_ on one bf16 tensor of
+    2^31 + 2^20 + 5 elements (4.3 GB per tensor, about 26 GB in all)."""
+    if backend == "triton":
+        _skip_unless_triton_on_cuda()
+    _needs_free_gib(30)
+    n, chunk = BIG_N, 2 ** 28
+    # the index-based reference agrees with reference.philox_normal where both can run
+    small = torch.arange(4099, dtype=torch.int64)
+    torch.testing.assert_close(_philox_normal_at(7, 1, 5, small),
+                               reference.philox_normal(7, 1, 5, 4099), rtol=0, atol=0)
+    p = torch.empty(n, device="cuda", dtype=BF16).uniform_(-1, 1)
+    g = torch.empty(n, device="cuda", dtype=BF16).normal_()
+    b = torch.full_like(p, math.nan)
+    p0 = p.clone()
+    norm = _op("sam_perturb_")([p], [g], [b], None, 0.05, 1e-12, False, 0.0, backend=backend)
+    torch.cuda.synchronize()
+    want_sq = sum(c.double().square().sum() for c in g.split(chunk))
+    torch.testing.assert_close(norm.double(), want_sq.sqrt(), rtol=1e-5, atol=0)
+    assert torch.equal(b, p0)  # every backup written, the last 2^20 + 5 included
+    scale = 0.05 / (norm.float() + 1e-12)
+    for lo in range(0, n, chunk):  # all of w + e, float32 maths then one bf16 rounding
+        want = (p0[lo:lo + chunk].float() + g[lo:lo + chunk].float() * scale).to(BF16)
+        torch.testing.assert_close(p[lo:lo + chunk].float(), want.float(), rtol=2 ** -7, atol=1e-6,
+                                   msg=lambda m: f"sam_perturb_ elements from {lo}: {m}")
+    del g, want
+    # bsam_noise_: w <- w + z / sqrt(N s), z from Philox at element i (counter i // 4 > 2^29)
+    s = torch.empty(n, device="cuda", dtype=F32).uniform_(0.5, 1.5)
+    p0.copy_(p)
+    b.fill_(math.nan)
+    _op("bsam_noise_")([p], [b], [s], [TAIL_PID], TAIL_SEED, TAIL_STEP, 100.0, backend=backend)
+    torch.cuda.synchronize()
+    assert torch.equal(b, p0)
+    idx = _big_positions(n)
+    z = _philox_normal_at(TAIL_SEED, TAIL_STEP, TAIL_PID, idx)
+    want = (p0[idx].double() + z / torch.sqrt(100.0 * s[idx].double())).to(BF16)
+    torch.testing.assert_close(p[idx].double(), want.double(), rtol=2 ** -7, atol=1e-6,
+                               msg=lambda m: f"bsam_noise_ at sampled positions: {m}")
+    assert bool(torch.isfinite(p[-2 ** 20:]).all())
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensors on a device that is not the current one
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("case", ["sam_perturb", "sgd-momentum", "noise", "bsam_update",
+                                  "vi_noise-learned", "mfvi_update", "esam_perturb"])
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_tensors_on_a_non_current_device(backend, case):
+    if backend == "triton":
+        _skip_unless_triton_runs(CASES[case][0])
+    with torch.cuda.device(0):  # cuda:0 current, every tensor on cuda:1
+        check_against_reference(case, MIXED, "cuda:1", _backend(backend))
+        torch.cuda.synchronize(1)
+        assert torch.cuda.current_device() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# auto on CUDA: the first op of a process (child processes: the choice is made once per process)
+# ---------------------------------------------------------------------------------------------
+_AUTO_CHILD = r'''
+import json, torch, samkernels
+from samkernels import _dispatch, ops
+dev = torch.device("cuda")
+torch.cuda.manual_seed(1234)
+gen = torch.Generator().manual_seed(0)
+sizes = [1000, 70000, 3]
+p = [torch.randn(n, generator=gen).to(dev) for n in sizes]
+g = [torch.randn(n, generator=gen).to(dev) for n in sizes]
+b = [torch.empty(n, device=dev) for n in sizes]
+torch.cuda.synchronize()
+cuda_rng, cpu_rng = torch.cuda.get_rng_state(), torch.get_rng_state()
+torch.cuda.reset_peak_memory_stats()
+before = torch.cuda.memory_allocated()
+ops.sam_perturb_(p, g, b, None, 0.05, 1e-12, False, 0.0)  # auto: the first samkernels op
+torch.cuda.synchronize()
+print("RESULT " + json.dumps({
+    "choice": _dispatch.resolve(dev),
+    "cuda_rng_same": torch.equal(cuda_rng, torch.cuda.get_rng_state()),
+    "cpu_rng_same": torch.equal(cpu_rng, torch.get_rng_state()),
+    "extra_peak_bytes": torch.cuda.max_memory_allocated() - before}))
+'''
+
+
+@pytest.mark.parametrize("recorded", ["none", "triton"])
+def test_auto_choice_leaves_rng_and_memory_alone(recorded, tmp_path):
+    env = {"SAMKERNELS_CACHE_DIR": str(tmp_path / "cache")}
+    if recorded == "triton":  # a choice saved by tune_backend(save=True) for this GPU
+        _skip_unless_triton_on_cuda()
+        if not (hasattr(_dispatch, "_versions_key") and hasattr(_dispatch, "_cache_path")):
+            pytest.skip("this samkernels has no saved backend choice")
+        old = os.environ.get("SAMKERNELS_CACHE_DIR")
+        os.environ["SAMKERNELS_CACHE_DIR"] = env["SAMKERNELS_CACHE_DIR"]
+        try:
+            path = _dispatch._cache_path()
+        finally:
+            if old is None:
+                del os.environ["SAMKERNELS_CACHE_DIR"]
+            else:
+                os.environ["SAMKERNELS_CACHE_DIR"] = old
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        name = torch.cuda.get_device_name()
+        with open(path, "w") as f:
+            json.dump({_dispatch._versions_key(name): {"device": name, "cuda_ms": 1.0,
+                                                       "triton_ms": 0.5, "choice": "triton"}}, f)
+    res = _run_child(_AUTO_CHILD, tmp_path, env)
+    assert res["cuda_rng_same"] and res["cpu_rng_same"], res
+    assert res["extra_peak_bytes"] <= 16 * 2 ** 20, res  # no timing buffers in the user's op
+    if recorded == "triton":
+        assert res["choice"] == "triton"
+    else:
+        assert res["choice"] in ("cuda", "triton")
+
+
+_CAPTURE_CHILD = r'''
+import json, torch, samkernels
+from samkernels import _dispatch, ops
+dev = torch.device("cuda")
+gen = torch.Generator().manual_seed(0)
+sizes = [1000, 70000, 3]
+p = [torch.randn(n, generator=gen).to(dev) for n in sizes]
+g = [torch.randn(n, generator=gen).to(dev) for n in sizes]
+b = [torch.empty(n, device=dev) for n in sizes]
+m = [torch.randn(n, generator=gen).to(dev) for n in sizes]
+p0, m0 = [t.clone() for t in p], [t.clone() for t in m]
+torch.cuda.synchronize()
+graph = torch.cuda.CUDAGraph()
+with torch.cuda.graph(graph):  # the first samkernels op of the process, auto backend
+    ops.sam_perturb_(p, g, b, None, 0.05, 1e-12, False, 0.0)
+    ops.sam_restore_sgd_(p, g, b, m, 0.1, 0.9, 0.0, False, 1e-4, False)
+untouched = all(torch.equal(x, y) for x, y in zip(p + m, p0 + m0))  # capture runs nothing
+graph.replay()
+torch.cuda.synchronize()
+got = [t.clone() for t in p + m]
+choice = _dispatch.resolve(dev)
+for t, t0 in zip(p + m, p0 + m0):
+    t.copy_(t0)
+ops.sam_perturb_(p, g, b, None, 0.05, 1e-12, False, 0.0, backend=choice)
+ops.sam_restore_sgd_(p, g, b, m, 0.1, 0.9, 0.0, False, 1e-4, False, backend=choice)
+torch.cuda.synchronize()
+print("RESULT " + json.dumps({"choice": choice, "untouched": untouched,
+                              "replay_equals_eager": all(torch.equal(x, y)
+                                                         for x, y in zip(got, p + m))}))
+'''
+
+
+def test_auto_choice_survives_a_capture_as_first_op(tmp_path):
+    res = _run_child(_CAPTURE_CHILD, tmp_path, {"SAMKERNELS_CACHE_DIR": str(tmp_path / "cache")})
+    assert res["untouched"] and res["replay_equals_eager"], res
+
+
+# ---------------------------------------------------------------------------------------------
+# A Triton plan first built inside a capture: its device tables come from a pinned host buffer
+# ---------------------------------------------------------------------------------------------
+_PLAN_CHILD = r'''
+import json, torch, samkernels
+from samkernels import ops
+dev = torch.device("cuda")
+
+def lists(seed, sizes):
+    gen = torch.Generator().manual_seed(seed)
+    p = [torch.randn(n, generator=gen).to(dev) for n in sizes]
+    g = [torch.randn(n, generator=gen).to(dev) for n in sizes]
+    m = [torch.randn(n, generator=gen).to(dev) * 0.1 for n in sizes]
+    return p, g, [torch.empty(n, device=dev) for n in sizes], m
+
+def step(p, g, b, m):
+    ops.sam_perturb_(p, g, b, None, 0.05, 1e-12, False, 0.0, backend="triton")
+    ops.sam_restore_sgd_(p, g, b, m, 0.1, 0.9, 0.0, False, 1e-4, False, backend="triton")
+
+step(*lists(1, [5, 70000]))  # compile outside the capture; the plans below are new
+torch.cuda.synchronize()
+sizes = [1 + 37 * i for i in range(300)] + [70001]  # several KB of tables
+p, g, b, m = lists(2, sizes)
+p0, m0 = [t.clone() for t in p], [t.clone() for t in m]
+graph = torch.cuda.CUDAGraph()
+with torch.cuda.graph(graph):
+    step(p, g, b, m)
+# the eager result (its own plans, built outside any capture, on other tensors)
+pe, me = [t.clone() for t in p0], [t.clone() for t in m0]
+step(pe, g, [torch.empty_like(t) for t in pe], me)
+torch.cuda.synchronize()
+ok = []
+for r in range(3):
+    # pinned host memory of every size class, allocated and overwritten between replays
+    junk = [torch.empty(2 ** k, dtype=torch.uint8, pin_memory=True) for k in range(6, 22)
+            for _ in range(4)]
+    for t in junk:
+        t.fill_(0xA5 ^ r)
+    del junk
+    more = [torch.empty(2 ** k, dtype=torch.uint8, pin_memory=True).fill_(0x3C) for k in range(6, 22)]
+    for t, t0 in zip(p + m, p0 + m0):
+        t.copy_(t0)
+    graph.replay()
+    torch.cuda.synchronize()
+    ok.append(all(torch.equal(x, y) for x, y in zip(p + m, pe + me)))
+    del more
+print("RESULT " + json.dumps({"replays_equal_eager": ok}))
+'''
+
+
+def test_triton_plan_built_in_a_capture_survives_host_memory_reuse(tmp_path):
+    _skip_unless_triton_on_cuda()
+    res = _run_child(_PLAN_CHILD, tmp_path)
+    assert res["replays_equal_eager"] == [True, True, True], res
