@@ -57,6 +57,16 @@ def _source(cfg):
     return ASTSource(fn, dict(cfg["signature"]), consts, attrs), multi and aligned
 
 
+def _message(e):
+    """The exception and its causes, each as Triton words it (a CompilationError shows the
+    kernel source line; its cause says what is wrong there)."""
+    parts = []
+    while e is not None and len(parts) < 4:
+        parts.append("".join(traceback.format_exception_only(type(e), e)).strip()[-1500:])
+        e = e.__cause__ or e.__context__
+    return "\n  caused by: ".join(parts)
+
+
 def _compile(task):
     i, arch = task
     cfg = _JOB["configs"][i]
@@ -69,8 +79,8 @@ def _compile(task):
         if check_vec:  # full chunks are unmasked and 16-byte aligned: vectorised accesses
             out["vec16"] = any(v in ptx for v in _VEC16)
         out["ok"] = True
-    except Exception:  # report every failing configuration, not only the first
-        out["error"] = traceback.format_exc()[-3000:]
+    except Exception as e:  # report every failing configuration, not only the first
+        out["error"] = _message(e)
     out["seconds"] = round(time.perf_counter() - t0, 3)
     return out
 

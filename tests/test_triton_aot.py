@@ -99,7 +99,7 @@ DTYPE_CASES = {  # (param dtype, state dtype) per tensor
     "mixed": [(F32, F32), (BF16, F32), (F64, F64), (F16, F32)],  # one launch per dtype group
 }
 
-COMMON_CASES = ("fp32", "bf16", "fp16", "fp64")
+COMMON_CASES = ("fp32", "bf16", "fp64")  # fp16 differs from bf16 only in its conversions
 
 
 def _flag(on):
@@ -185,7 +185,7 @@ def drive_multi_tensor():
     for name, (run, full, takes_flag) in OPS.items():
         flags = (True, False) if takes_flag else (False,)
         # every dtype case with the fullest code, with and without the device skip flag (the
-        # flag's skip branch comes on top of the normal one: the two rarer cases take it only)
+        # flag's skip branch comes on top of the normal one: the rarer cases take it only)
         for case, dtypes in DTYPE_CASES.items():
             for f in (flags if case in COMMON_CASES else flags[:1]):
                 run(Lists(dtypes), _flag(f), **full)
@@ -312,19 +312,20 @@ def test_matrix_covers_every_kernel_and_branch(launches):
         for name, vals in values.items():
             one_sided = vals <= {"true", "false"} and len(vals) < 2
             if one_sided and (kernel, name) not in BOOL_EXCEPTIONS:
-                problems.append(f"{kernel}.{name} only took {vals}")
+                problems.append(f"{module}.{kernel}.{name} only took {vals}")
         # every parameter dtype reaches every kernel: as an element-type constexpr (the
         # multi-tensor tables) or as a typed pointer argument
         dts = {json.loads(v)["dtype"] for vals in values.values() for v in vals
                if v.startswith('{"dtype"')}
         dts |= {t[1:] for r in recs for t in r["signature"].values() if t.startswith("*")}
         if not {"fp32", "bf16", "fp16", "fp64"} <= dts:
-            problems.append(f"{kernel}: dtypes seen {sorted(dts)}")
+            problems.append(f"{module}.{kernel}: dtypes seen {sorted(dts)}")
         # multi-tensor kernels: recorded with the interpreter's BLOCK/CHUNK (the worker swaps in
         # the GPU's); a patched size would be compiled as is
         if "CHUNK" in values:
             if values["CHUNK"] != {str(mt.CHUNK)} or values.get("BLOCK") != {str(mt.BLOCK)}:
-                problems.append(f"{kernel}: BLOCK/CHUNK {values.get('BLOCK')}/{values['CHUNK']}")
+                problems.append(f"{module}.{kernel}: BLOCK/CHUNK "
+                                f"{values.get('BLOCK')}/{values['CHUNK']}")
     assert not problems, "\n".join(problems)
 
 
