@@ -231,7 +231,8 @@ class Group:
 
 
 class Plan:
-    # host: the pinned host buffer the device tables were copied from (None off CUDA).
+    # host: the host buffer the device tables were copied from (pinned unless built in a CUDA
+    # graph capture; None off CUDA).
     __slots__ = ("groups", "n_chunks", "device", "buffer", "host")
 
 
@@ -252,7 +253,7 @@ def _even(n: int) -> int:  # keeps every table view 16-byte aligned
 
 
 def _build(lists: Sequence[Sequence[torch.Tensor]], ids: Optional[Sequence[int]], chunk: int,
-           device: torch.device) -> Plan:
+           device: torch.device, capturing: bool = False) -> Plan:
     n_tensors = len(lists[0])
     signature: Dict[tuple, List[int]] = OrderedDict()
     for i in range(n_tensors):
@@ -286,19 +287,23 @@ def _build(lists: Sequence[Sequence[torch.Tensor]], ids: Optional[Sequence[int]]
         total_chunks += n_chunks
 
     buf = torch.tensor(host if host else [0], dtype=torch.int64)
-    pinned = None
-    if device.type == "cuda":  # pinned + non_blocking: even a cache miss does not block the host
-        pinned = buf.pin_memory()
-        buf = pinned.to(device, non_blocking=True)
+    source = None
+    if device.type == "cuda":
+        # Eager: pinned + non_blocking, so even a cache miss does not block the host.  In a
+        # capture the copy becomes a graph node that reads host memory at each replay; there
+        # the pageable tensor itself is the source (pin_memory() queries the pinned allocator's
+        # events, which a capture in the default global mode forbids).
+        source = buf if capturing else buf.pin_memory()
+        buf = source.to(device, non_blocking=True)
     else:
         buf = buf.to(device)
 
     plan = Plan()
     plan.device, plan.buffer, plan.n_chunks, plan.groups = device, buf, total_chunks, []
-    # The asynchronous copy reads `pinned` after this returns, and a copy recorded in a CUDA graph
-    # reads it again at every replay: the plan keeps it alive (and never writes it), so the
-    # pinned allocator cannot hand the memory to anyone else while the copy may still read it.
-    plan.host = pinned
+    # The asynchronous copy reads `source` after this returns, and a copy recorded in a CUDA graph
+    # reads it again at every replay: the plan keeps it alive (and never writes it), so the host
+    # allocator cannot hand the memory to anyone else while a copy may still read it.
+    plan.host = source
     for dtypes, tp, aligned, seg, n_chunks, offset in layout:
         if n_chunks == 0:
             continue
@@ -343,7 +348,7 @@ def plan_for(lists: Sequence[Sequence[torch.Tensor]], ids: Optional[Sequence[int
         if plan is None:
             # Built inside a capture, the tables' copy is only recorded: the device buffer holds
             # them once the graph replays, so the plan must not serve eager calls (no caching).
-            plan = _build(lists, ids, chunk, device)
+            plan = _build(lists, ids, chunk, device, capturing=True)
         _captured[id(plan)] = plan  # the graph keeps reading its tables (see _captured)
         return plan
     if plan is None:
