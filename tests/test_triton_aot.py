@@ -49,7 +49,7 @@ ARCHS = (90, 80)
 PROCESSES = 2
 HERE = pathlib.Path(__file__).resolve().parent
 
-# Constexpr bools that need not take both values, with the reason.  (None so far.)
+# Constexpr bools (and 0/1 ints) that need not take both values, with the reason.  (None so far.)
 BOOL_EXCEPTIONS = {}
 # Kernels exempt from the 16-byte vector-load check when every list is 16-bit: their Philox
 # [BLOCK/4, 4] tiles give a thread one row of 4 contiguous elements, 8 bytes of bf16/fp16.
@@ -305,12 +305,15 @@ def test_matrix_covers_every_kernel_and_branch(launches):
     assert not missing, f"kernels the matrix never launched: {missing}"
     problems = []
     for (module, kernel), recs in seen.items():
-        values = {}
+        values, declared = {}, set()
         for r in recs:
+            declared |= set(r["consts"]) - set(r["specialized"])
             for name, v in r["consts"].items():
                 values.setdefault(name, set()).add(json.dumps(v, sort_keys=True))
         for name, vals in values.items():
-            one_sided = vals <= {"true", "false"} and len(vals) < 2
+            # a bool, or a declared 0/1 switch (the loss's PHI), must take both values
+            switch = vals <= {"true", "false"} or (name in declared and vals <= {"0", "1"})
+            one_sided = switch and len(vals) < 2
             if one_sided and (kernel, name) not in BOOL_EXCEPTIONS:
                 problems.append(f"{module}.{kernel}.{name} only took {vals}")
         # every parameter dtype reaches every kernel: as an element-type constexpr (the

@@ -12,6 +12,7 @@ and never specialises.  Each launch becomes a JSON-able dict:
   constexprs, attrs  Triton's ASTSource arguments, paths as lists and dtypes as {"dtype": name}
   options            the launch's compile options (num_warps ...)
   consts             {constexpr param: value} (dtypes as their names), for coverage checks
+  specialized        the params in consts that Triton made constexprs by value (an int 1)
   floats             the non-constexpr params that received a Python float
 
 Nothing here names a kernel or a parameter: kernels and signatures are read from the package, so
@@ -121,8 +122,8 @@ class _Spec:
         params = {p.name: p for p in self.jf.params}
         consts = {n: _encode(bound[n]) for n in self.names if params[n].is_constexpr}
         # specialisation may turn an int argument into a constexpr (value 1): keep those too
-        consts.update({n: _encode(bound[n]) for n in self.names
-                       if signature[n] == "constexpr" and n not in consts})
+        specialized = [n for n in self.names if signature[n] == "constexpr" and n not in consts]
+        consts.update({n: _encode(bound[n]) for n in specialized})
         return {
             "module": module,
             "kernel": self.jf.fn.__name__,
@@ -131,6 +132,7 @@ class _Spec:
             "attrs": [[list(k), v] for k, v in attrs.items()],
             "options": {k: v for k, v in kwargs.items() if k not in params},
             "consts": consts,
+            "specialized": specialized,
             "floats": [n for n in self.names
                        if not params[n].is_constexpr and isinstance(bound[n], float)],
         }
