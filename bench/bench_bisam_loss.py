@@ -172,8 +172,9 @@ def test_bisam_loss_fwd_bwd(benchmark, impl, size, dtype):
 
 
 # --- markdown table ------------------------------------------------------------------------------
-def measure(sizes, dtypes, impls, rounds=None, out=print):
-    """{(B, K, dtype, impl): median seconds}, implementations of a size run round-robin."""
+def measure(sizes, dtypes, impls, rounds=None, out=print, progress=None):
+    """{(B, K, dtype, impl): median seconds}, implementations of a size run round-robin;
+    ``progress(res)`` after each size (a session cut short keeps its table)."""
     rng = random.Random(0)
     res = {}
     for dtype in dtypes:
@@ -196,6 +197,8 @@ def measure(sizes, dtypes, impls, rounds=None, out=print):
             out(f"# {B}x{K} {str(dtype).replace('torch.', '')}: " + ", ".join(
                 f"{i} {res[(B, K, dtype, i)] * 1e3:.3f} ms" for i in live) + f" ({n} rounds)")
             del logits, target, steps
+            if progress is not None:
+                progress(res)
     return res
 
 
@@ -273,21 +276,26 @@ def main(argv=None):
     missing = {i: _why_unavailable(i) for i in impls if _why_unavailable(i) is not None}
     for i, why in missing.items():
         print(f"# {i} unavailable: {why}")
-    res = measure(sizes, DTYPES, impls, rounds)
     large_k = max(k for _, k in sizes) if args.dry_run else LARGE_K
-    rows = rows_of(res, bw)
-    target_rows = targets(rows, large_k)
-    md = table(res, bw, target_rows)
-    print(md)
-    if args.md:
-        with open(args.md, "w") as f:
-            f.write(header + "\n\n" + "\n".join(f"{i} unavailable: {w}\n" for i, w in missing.items())
-                    + ("\n" if missing else "") + md + "\n")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(device=device, torch=torch.__version__, dry_run=args.dry_run,
-                           copy_bandwidth_GBps=bw / 1e9, impls=impls, unavailable=missing,
-                           rows=rows, targets=target_rows), f, indent=1)
+
+    def write(res, final=False):
+        rows = rows_of(res, bw)
+        target_rows = targets(rows, large_k)
+        md = table(res, bw, target_rows)
+        if args.md:
+            with open(args.md, "w") as f:
+                f.write(header + ("" if final else "; PARTIAL (still running or cut short)")
+                        + "\n\n" + "".join(f"{i} unavailable: {w}\n" for i, w in missing.items())
+                        + ("\n" if missing else "") + md + "\n")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(device=device, torch=torch.__version__, dry_run=args.dry_run,
+                               complete=final, copy_bandwidth_GBps=bw / 1e9, impls=impls,
+                               unavailable=missing, rows=rows, targets=target_rows), f, indent=1)
+        return md
+
+    res = measure(sizes, DTYPES, impls, rounds, progress=write)
+    print(write(res, final=True))
 
 
 if __name__ == "__main__":

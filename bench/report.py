@@ -134,8 +134,18 @@ def _free():
         torch.cuda.empty_cache()
 
 
-def measure(shape_sets, algos, impls, repeat, phases=True, log=print):
-    """(rows, phase_rows): dicts with every number of the tables."""
+def _speedups(rows):
+    for row in rows:  # speed-ups against the baselines of the same step and shapes
+        base = {r["impl"]: r["median_ms"] for r in rows
+                if r["algo"] == row["algo"] and r["shapes"] == row["shapes"]}
+        t = row["median_ms"]
+        row["vs_foreach"] = base["foreach"] / t if t and base.get("foreach") else None
+        row["vs_loop"] = base["loop"] / t if t and base.get("loop") else None
+
+
+def measure(shape_sets, algos, impls, repeat, phases=True, log=print, progress=None):
+    """(bandwidth, rows, phase_rows): dicts with every number of the tables.  ``progress(bw, rows,
+    phase_rows)`` is called after each step and shape set (a session cut short keeps its tables)."""
     rows, phase_rows = [], []
     bw = copy_bandwidth(repeat, numel=2 ** 20 if DEVICE == "cpu" and repeat <= 3 else 64 * 2 ** 20)
     for algo in algos:
@@ -156,10 +166,14 @@ def measure(shape_sets, algos, impls, repeat, phases=True, log=print):
                     else:
                         step = cases.IMPLS[algo][impl](params)
                     t = timed(step, repeat)
-                    row.update(median_ms=t * 1e3, x_floor=t / floor, launches=launches(step))
-                    if kind == "fused" and phases:
+                    row.update(median_ms=t * 1e3, x_floor=t / floor)
+                    if kind != "fused" or not phases:
+                        row["launches"] = launches(step)
+                    else:
                         ts = timed_phases(step.phases, repeat)
                         ns = phase_launches(step.phases)
+                        if DEVICE == "cuda":  # the step's launches: its phases' (one profile each)
+                            row["launches"] = sum(ns.values())
                         for name, tp in ts.items():
                             ph_floor = cases.BYTES_PER_PHASE[algo][name] * numel / bw
                             phase_rows.append(dict(algo=algo, shapes=shape_name, impl=impl,
@@ -173,12 +187,10 @@ def measure(shape_sets, algos, impls, repeat, phases=True, log=print):
                 log(f"# {algo} {shape_name} {impl}: "
                     + (f"{row['median_ms']:.3f} ms" if row["error"] is None else row["error"])
                     + f" ({time.perf_counter() - t0:.1f} s)")
-    for row in rows:  # speed-ups against the baselines of the same step and shapes
-        base = {r["impl"]: r["median_ms"] for r in rows
-                if r["algo"] == row["algo"] and r["shapes"] == row["shapes"]}
-        t = row["median_ms"]
-        row["vs_foreach"] = base["foreach"] / t if t and base.get("foreach") else None
-        row["vs_loop"] = base["loop"] / t if t and base.get("loop") else None
+            _speedups(rows)
+            if progress is not None:
+                progress(bw, rows, phase_rows)
+    _speedups(rows)
     return bw, rows, phase_rows
 
 
@@ -260,23 +272,29 @@ def main(argv=None):
         shape_sets = ["resnet50", "tiny-1000"] if DEVICE == "cpu" else list(cases.GPU_SETS)
     repeat = args.repeat or (2 if args.dry_run else 7 if DEVICE == "cpu" else 30)
     impls = args.impls.split(",") if args.impls else default_impls(args.dry_run)
-    bw, rows, phase_rows = measure(shape_sets, args.algos.split(","), impls, repeat,
-                                   phases=not args.no_phases)
     device = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
-    header = (f"device: {device}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
-              f"copy bandwidth {bw / 1e9:.1f} GB/s; median of {repeat} runs"
-              + ("; CPU DRY RUN (toy sizes)" if args.dry_run else ""))
-    target_rows = targets(rows, phase_rows)
-    md = markdown(header, rows, phase_rows, target_rows)
-    print(md)
-    if args.md:
-        with open(args.md, "w") as f:
-            f.write(md)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(device=device, torch=torch.__version__, dry_run=args.dry_run,
-                           copy_bandwidth_GBps=bw / 1e9, repeat=repeat, rows=rows, phases=phase_rows,
-                           targets=target_rows, target_values=cases.TARGETS), f, indent=1)
+
+    def write(bw, rows, phase_rows, final=False):
+        header = (f"device: {device}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
+                  f"copy bandwidth {bw / 1e9:.1f} GB/s; median of {repeat} runs (fewer for steps "
+                  f"over {BUDGET_S:.0f} s)" + ("; CPU DRY RUN (toy sizes)" if args.dry_run else "")
+                  + ("" if final else "; PARTIAL (still running or cut short)"))
+        target_rows = targets(rows, phase_rows)
+        md = markdown(header, rows, phase_rows, target_rows)
+        if args.md:
+            with open(args.md, "w") as f:
+                f.write(md)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(device=device, torch=torch.__version__, dry_run=args.dry_run,
+                               complete=final, copy_bandwidth_GBps=bw / 1e9, repeat=repeat,
+                               rows=rows, phases=phase_rows, targets=target_rows,
+                               target_values=cases.TARGETS), f, indent=1)
+        return md
+
+    bw, rows, phase_rows = measure(shape_sets, args.algos.split(","), impls, repeat,
+                                   phases=not args.no_phases, progress=write)
+    print(write(bw, rows, phase_rows, final=True))
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ def test_summary_reports_each_stage_and_no_gpu_as_skipped(session):
     stages = {s["stage"]: s for s in info["stages"]}
     assert list(stages) == STAGES
     assert info["dry_run"] is True and info["device"] == "cpu"
+    assert info["steps_tables"] == "complete" and info["loss_tables"] == "complete"
     assert stages["tests"]["status"] == "skipped-no-GPU"  # not "passed": nothing ran
     assert stages["tune"]["status"] == "skipped-no-GPU"
     assert stages["build"]["status"].startswith("skipped")
@@ -91,7 +92,7 @@ def test_gpu_tests_were_collected_and_skipped(session):
 def test_step_tables_have_every_implementation(session):
     _, out = session
     data = json.loads((out / "steps.json").read_text())
-    assert data["dry_run"] is True and data["copy_bandwidth_GBps"] > 0
+    assert data["dry_run"] is True and data["complete"] and data["copy_bandwidth_GBps"] > 0
     rows = {(r["algo"], r["shapes"], r["impl"]): r for r in data["rows"]}
     md = (out / "steps.md").read_text()
     for algo in ("sam", "bsam"):
@@ -116,7 +117,7 @@ def test_step_tables_have_every_implementation(session):
 def test_loss_tables_have_every_implementation(session):
     _, out = session
     data = json.loads((out / "loss.json").read_text())
-    assert data["dry_run"] is True and not data["unavailable"]
+    assert data["dry_run"] is True and data["complete"] and not data["unavailable"]
     got = {(r["B"], r["K"], r["impl"]) for r in data["rows"]}
     md = (out / "loss.md").read_text()
     for B, K in ((4, 10), (3, 300)):
