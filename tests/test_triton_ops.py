@@ -331,3 +331,23 @@ def test_torch_compile_traces_custom_ops():
 
 # --- the GPU code path, without a GPU: tests/test_triton_aot.py compiles every launched
 # configuration ahead of time for sm_80 and sm_90.
+
+
+def test_no_plan_is_built_inside_a_graph_capture(monkeypatch):
+    """A plan's tables reach the device by a host copy, which a CUDA graph would re-read at every
+    replay: inside a capture an uncached plan is a clear error (warm up first), a cached one is
+    used and kept alive for the graph beyond the LRU cache.  The capture is simulated."""
+    mt.clear_cache()
+    p, g, b = torch.ones(5), torch.full((5,), 2.0), torch.zeros(5)
+    monkeypatch.setattr(mt, "_capturing", lambda device: True)
+    with pytest.raises(RuntimeError, match="run the step .* once eagerly before capturing"):
+        T.sam_perturb_([p], [g], [b], None, 0.05, 1e-12, False, 0.0)
+    assert torch.equal(p, torch.ones(5))  # nothing ran
+    monkeypatch.setattr(mt, "_capturing", lambda device: False)
+    T.sam_perturb_([p], [g], [b], None, 0.05, 1e-12, False, 0.0)  # eager warm-up builds it
+    plan = mt.plan_for([[p], [g], [b]])
+    monkeypatch.setattr(mt, "_capturing", lambda device: True)
+    assert mt.plan_for([[p], [g], [b]]) is plan
+    assert mt._captured[id(plan)] is plan
+    mt.clear_cache()
+    assert mt._captured[id(plan)] is plan  # still alive for the graph

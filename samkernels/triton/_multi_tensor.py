@@ -238,9 +238,8 @@ class Plan:
 
 _cache: "OrderedDict[tuple, Plan]" = OrderedDict()
 # Plans used while a CUDA graph was being captured.  The graph reads their device tables at every
-# replay (and, for a plan built in the capture, replays the copy from its pinned host buffer), so
-# they must outlive the LRU cache: kept for the life of the process (a few KB each, once per
-# captured phase).
+# replay, so they must outlive the LRU cache: kept for the life of the process (a few KB each, once
+# per captured phase).
 _captured: Dict[int, Plan] = {}
 
 
@@ -253,7 +252,7 @@ def _even(n: int) -> int:  # keeps every table view 16-byte aligned
 
 
 def _build(lists: Sequence[Sequence[torch.Tensor]], ids: Optional[Sequence[int]], chunk: int,
-           device: torch.device, capturing: bool = False) -> Plan:
+           device: torch.device) -> Plan:
     n_tensors = len(lists[0])
     signature: Dict[tuple, List[int]] = OrderedDict()
     for i in range(n_tensors):
@@ -289,20 +288,17 @@ def _build(lists: Sequence[Sequence[torch.Tensor]], ids: Optional[Sequence[int]]
     buf = torch.tensor(host if host else [0], dtype=torch.int64)
     source = None
     if device.type == "cuda":
-        # Eager: pinned + non_blocking, so even a cache miss does not block the host.  In a
-        # capture the copy becomes a graph node that reads host memory at each replay; there
-        # the pageable tensor itself is the source (pin_memory() queries the pinned allocator's
-        # events, which a capture in the default global mode forbids).
-        source = buf if capturing else buf.pin_memory()
+        # Pinned + non_blocking, so even a cache miss does not block the host (plans are never
+        # built inside a graph capture: see plan_for).
+        source = buf.pin_memory()
         buf = source.to(device, non_blocking=True)
     else:
         buf = buf.to(device)
 
     plan = Plan()
     plan.device, plan.buffer, plan.n_chunks, plan.groups = device, buf, total_chunks, []
-    # The asynchronous copy reads `source` after this returns, and a copy recorded in a CUDA graph
-    # reads it again at every replay: the plan keeps it alive (and never writes it), so the host
-    # allocator cannot hand the memory to anyone else while a copy may still read it.
+    # The asynchronous copy reads `source` after this returns: the plan keeps it alive (and never
+    # writes it), so the host allocator cannot hand the memory to anyone else while it may be read.
     plan.host = source
     for dtypes, tp, aligned, seg, n_chunks, offset in layout:
         if n_chunks == 0:
@@ -344,12 +340,18 @@ def plan_for(lists: Sequence[Sequence[torch.Tensor]], ids: Optional[Sequence[int
     key = (device, chunk, None if ids is None else tuple(ids),
            tuple((t.data_ptr(), t.numel(), t.dtype) for lst in lists for t in lst))
     plan = _cache.get(key)
-    if device.type == "cuda" and _capturing(device):
+    if _capturing(device):
         if plan is None:
-            # Built inside a capture, the tables' copy is only recorded: the device buffer holds
-            # them once the graph replays, so the plan must not serve eager calls (no caching).
-            plan = _build(lists, ids, chunk, device, capturing=True)
+            # A plan's tables reach the device by a host-to-device copy.  Recorded in a graph,
+            # that copy would re-read host memory at every replay (pinned memory cannot even be
+            # allocated in a global-mode capture, pageable memory cannot be copied asynchronously):
+            # refuse, clearly, instead of capturing a copy whose source may be gone at replay.
+            raise RuntimeError(
+                "samkernels.triton: these tensors have no kernel tables yet, and they cannot be "
+                "built inside a CUDA graph capture; run the step (or op) once eagerly before "
+                "capturing it (the usual CUDA-graph warm-up)")
         _captured[id(plan)] = plan  # the graph keeps reading its tables (see _captured)
+        _cache.move_to_end(key)
         return plan
     if plan is None:
         plan = _build(lists, ids, chunk, device)
@@ -363,6 +365,8 @@ def plan_for(lists: Sequence[Sequence[torch.Tensor]], ids: Optional[Sequence[int
 
 def _capturing(device: torch.device) -> bool:
     """Is ``device``'s current stream capturing a CUDA graph?"""
+    if device.type != "cuda":
+        return False
     with torch.cuda.device(device):
         return torch.cuda.is_current_stream_capturing()
 
