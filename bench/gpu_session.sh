@@ -177,7 +177,11 @@ stage_tests() {
   files="test_gpu_ops.py"
   if [ "$HAS_CUDA" = 1 ] && [ -f test_norm_contract.py ]; then files="$files test_norm_contract.py"; fi
   extra=""
-  "$PY" -c "import pytest_timeout" 2>/dev/null && extra="--timeout=150"
+  if "$PY" -c "import pytest_timeout" 2>/dev/null; then extra="--timeout=150"; fi
+  # on a GPU: several workers (Triton compilations and float64 references are CPU-bound)
+  if [ "$HAS_CUDA" = 1 ] && "$PY" -c "import xdist" 2>/dev/null; then
+    extra="$extra -n ${SAMKERNELS_TEST_WORKERS:-6}"
+  fi
   echo "tests: cd $PWD && $PY -m pytest $files (TRITON_INTERPRET=$TRITON_INTERPRET)"
   # -v: a stage cut at its time limit still shows in the log which tests ran
   "$PY" -m pytest -v -rfEs --durations=20 -p no:cacheprovider $files --junitxml="$OUT/junit.xml" $extra
