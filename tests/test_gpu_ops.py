@@ -982,11 +982,11 @@ def _child_env() -> dict:
     return env
 
 
-def _run_child(code: str, tmp_path, env_extra=None, timeout=240) -> dict:
+def _run_child(code: str, tmp_path, env_extra=None, timeout=240, args=()) -> dict:
     """Run ``code`` in a fresh python (its first CUDA work is its own); it prints 'RESULT <json>'."""
     env = _child_env()
     env.update(env_extra or {})
-    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-c", code, *args], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=timeout)
     found = re.findall(r"^RESULT (.*)$", proc.stdout, re.M)
     assert found, f"child failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -1280,10 +1280,12 @@ def test_auto_choice_survives_a_capture_as_first_op(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# A Triton plan first built inside a capture: its device tables come from a pinned host buffer
+# Triton plans and graph capture: a plan's tables come from a host copy, so none is built inside
+# a capture (clear error); a plan built by the eager warm-up replays correctly after the host
+# allocator reuses memory
 # ---------------------------------------------------------------------------------------------
 _PLAN_CHILD = r'''
-import json, torch, samkernels
+import json, sys, torch, samkernels
 from samkernels import ops
 dev = torch.device("cuda")
 
@@ -1303,13 +1305,28 @@ torch.cuda.synchronize()
 sizes = [1 + 37 * i for i in range(300)] + [70001]  # several KB of tables
 p, g, b, m = lists(2, sizes)
 p0, m0 = [t.clone() for t in p], [t.clone() for t in m]
+if sys.argv[-1] == "cold":  # no warm-up on these tensors: the capture must refuse, clearly
+    error = None
+    try:
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            step(p, g, b, m)
+    except RuntimeError as exc:
+        error = str(exc)
+    print("RESULT " + json.dumps({"error": error}))
+    sys.exit(0)
+# the eager result (its own plans, on other tensors), then the warm-up on the captured tensors
+pe, me = [t.clone() for t in p0], [t.clone() for t in m0]
+step(pe, g, [torch.empty_like(t) for t in pe], me)
+s = torch.cuda.Stream()
+s.wait_stream(torch.cuda.current_stream())
+with torch.cuda.stream(s):
+    step(p, g, b, m)
+torch.cuda.current_stream().wait_stream(s)
+torch.cuda.synchronize()
 graph = torch.cuda.CUDAGraph()
 with torch.cuda.graph(graph):
     step(p, g, b, m)
-# the eager result (its own plans, built outside any capture, on other tensors)
-pe, me = [t.clone() for t in p0], [t.clone() for t in m0]
-step(pe, g, [torch.empty_like(t) for t in pe], me)
-torch.cuda.synchronize()
+samkernels.triton._multi_tensor.clear_cache()  # the graph keeps its plans alive by itself
 ok = []
 for r in range(3):
     # pinned host memory of every size class, allocated and overwritten between replays
@@ -1329,7 +1346,13 @@ print("RESULT " + json.dumps({"replays_equal_eager": ok}))
 '''
 
 
-def test_triton_plan_built_in_a_capture_survives_host_memory_reuse(tmp_path):
+def test_triton_plan_is_not_built_inside_a_capture(tmp_path):
+    _skip_unless_triton_on_cuda()
+    res = _run_child(_PLAN_CHILD, tmp_path, args=["cold"])
+    assert res["error"] and "once eagerly before capturing" in res["error"], res
+
+
+def test_triton_plan_from_the_warm_up_survives_host_memory_reuse(tmp_path):
     _skip_unless_triton_on_cuda()
     res = _run_child(_PLAN_CHILD, tmp_path)
     assert res["replays_equal_eager"] == [True, True, True], res
