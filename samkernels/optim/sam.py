@@ -64,7 +64,9 @@ class SAM(TwoPassOptimizer):
             ``"skip_on_device"`` (the fast path on a GPU) never reads it: every pass runs and the
             fused ops take their skip form on the device, so weights and all tensor state stay as
             they were, but host counters advance (Adam's bias-correction step, the noise
-            counter) and ``step_skipped`` reads the flag only when asked;
+            counter), a skipped first step leaves zero momentum buffers (the next step's buffer
+            is ``(1 - dampening) d``, torch's ``d`` when dampening = 0) and ``step_skipped``
+            reads the flag only when asked;
             ``"raise"`` raises ``NonFiniteGradientError`` with the weights at the mean;
             ``"unchecked"`` does not look (no extra pass over the gradients, no device read; for
             benchmarks and runs known to be finite).  With a GradScaler the scaler decides.
