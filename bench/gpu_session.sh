@@ -231,22 +231,16 @@ else
   record tune "skipped-no-GPU" "-" 0 0 "tune_backend measures CUDA kernels"
 fi
 
-# --- stage 4: step benchmarks ----------------------------------------------------------------
-stage_steps() {
+# --- stages 4 and 5: step benchmarks, BiSAM loss benchmark -----------------------------------
+stage_bench() {  # bench script, output stem
   cd "$WORK"
   args=""; [ "$DRY" = 1 ] && args="--dry-run"
-  "$PY" "$TESTROOT/bench/report.py" $args --md "$OUT/steps.md" --json "$OUT/steps.json"
+  "$PY" "$TESTROOT/bench/$1" $args --md "$OUT/$2.md" --json "$OUT/$2.json"
 }
-export -f stage_steps
+stage_steps() { stage_bench report.py steps; }
+stage_loss() { stage_bench bench_bisam_loss.py loss; }
+export -f stage_bench stage_steps stage_loss
 run_stage steps "${L_STEPS[@]}" "$LOG" stage_steps
-
-# --- stage 5: BiSAM loss benchmark -----------------------------------------------------------
-stage_loss() {
-  cd "$WORK"
-  args=""; [ "$DRY" = 1 ] && args="--dry-run"
-  "$PY" "$TESTROOT/bench/bench_bisam_loss.py" $args --md "$OUT/loss.md" --json "$OUT/loss.json"
-}
-export -f stage_loss
 run_stage loss "${L_LOSS[@]}" "$LOG" stage_loss
 
 # --- summary ---------------------------------------------------------------------------------
