@@ -5,7 +5,8 @@
 #
 #   torch 2.13.0 (CPU build)            the whole suite, Triton's interpreter (Triton 3.9), the CUDA
 #                                       sources compiled with nvcc, every Triton kernel compiled
-#                                       ahead of time for sm_80/sm_90, the GPU-session dry run
+#                                       ahead of time for sm_80/sm_90, the GPU-session dry run, the
+#                                       Lightning / Transformers / Accelerate integrations
 #   torch 2.11.0+cu130 (Triton 3.6)     the GPU machines' stack: wheel built WITH the CUDA kernels
 #   torch 2.14.1+cu130 (Triton 3.8)     (sm_90), imported, then the ops, optimizer, compile,
 #                                       Triton-interpreter and ahead-of-time compile tests
@@ -68,7 +69,7 @@ if [[ " $STACKS " == *" 2.13.0 "* ]]; then
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --disable-pip-version-check "torch==2.13.0" "${COMMON_PKGS[@]}"
   "$VENV/bin/pip" install -q --disable-pip-version-check pytest-benchmark triton mnist1d \
-    scikit-learn matplotlib tqdm
+    scikit-learn matplotlib tqdm lightning transformers accelerate
   log "torch 2.13.0: build + install"
   build_and_install "$VENV" "$REPO/dist"
   log "torch 2.13.0: the whole suite"
