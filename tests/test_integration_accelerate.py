@@ -53,11 +53,12 @@ def _loader():
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=BS)
 
 
-def _plain(name, windows, autocast=None, scaler=None):
+def _plain(name, windows, autocast=None, scaler=None, lr_lambda=None):
     """The reference: a plain samkernels loop, one step per window of micro-batches (README recipe:
     the closure zeroes, then back-propagates loss_i / k for each micro-batch)."""
     model = _mlp()
     opt = OPTS[name](model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda) if lr_lambda else None
     losses = []
     for window in windows:
         k = len(window)
@@ -83,6 +84,8 @@ def _plain(name, windows, autocast=None, scaler=None):
             scaler.update()
         else:
             losses.append(opt.step(closure))
+        if sched is not None:
+            sched.step()
     return model, losses
 
 
@@ -149,14 +152,16 @@ def test_bf16_matches_plain_loop_under_same_autocast(acc, name):
     assert not torch.equal(model[0].weight, fp32[0].weight)   # autocast really was on
 
 
-@pytest.mark.parametrize("name", ["sam_sgd", "bsam"])
-def test_accumulate_is_sam_on_the_whole_window(acc, name):
+@pytest.mark.parametrize("name,wrapped", [("sam_sgd", True), ("bsam", True), ("sam_sgd", False)])
+def test_accumulate_is_sam_on_the_whole_window(acc, name, wrapped):
     """gradient_accumulation_steps=2 over 5 batches: windows [0, 1], [2, 3] and [4] (the loader's
-    end syncs), each one samkernels step whose both passes see every micro-batch of the window."""
+    end syncs), each one samkernels step whose both passes see every micro-batch of the window.
+    sam_step also takes what a plain accelerator.prepare returned."""
     from samkernels.integrations.accelerate import prepare, sam_step
     accelerator = acc(gradient_accumulation_steps=2)
     model = _mlp()
-    model, opt, loader = prepare(accelerator, model, OPTS[name](model.parameters()), _loader())
+    model, opt, loader = (prepare if wrapped else type(accelerator).prepare)(
+        accelerator, model, OPTS[name](model.parameters()), _loader())
 
     seen = []
 
@@ -174,9 +179,65 @@ def test_accumulate_is_sam_on_the_whole_window(acc, name):
     assert losses[0] is None and losses[2] is None
     assert seen == [True, True, False, False] * 2 + [True, False]
     assert [v.item() for v in (losses[1], losses[3], losses[4])] == [v.item() for v in ref_losses]
-    # the wrapper's step(closure) would see one micro-batch only: refused
-    with pytest.raises(ValueError, match="sam_step"):
-        opt.step(lambda: None)
+    if wrapped:  # the wrapper's step(closure) would see one micro-batch only: refused
+        with pytest.raises(ValueError, match="sam_step"):
+            opt.step(lambda: None)
+
+
+def test_prepare_leaves_other_optimizers_alone(acc):
+    from accelerate.optimizer import AcceleratedOptimizer
+    from samkernels.integrations.accelerate import SAMAcceleratedOptimizer, prepare, wrap_optimizer
+    accelerator = acc()
+    model = _mlp()
+    model, opt = prepare(accelerator, model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert type(opt) is AcceleratedOptimizer
+    with pytest.raises(TypeError, match="samkernels optimizer"):
+        wrap_optimizer(opt)
+    single = prepare(accelerator, SAM(_mlp().parameters(), lr=0.1))
+    assert isinstance(single, SAMAcceleratedOptimizer)
+
+
+def _decay(s):
+    return 0.7 ** s
+
+
+@pytest.mark.parametrize("name", ["sam_adam", "bsam"])
+def test_accumulate_with_scheduler_and_save_state_resume(acc, name, tmp_path):
+    """A prepared LR scheduler steps once per window; accelerator.save_state between windows and
+    load_state into fresh objects continue exactly (optimizer state, bSAM noise counter, lr)."""
+    from samkernels.integrations.accelerate import prepare, sam_step
+
+    def setup(seed):
+        accelerator = acc(gradient_accumulation_steps=2)
+        model = _mlp(seed)
+        opt = OPTS[name](model.parameters())
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _decay)
+        return (accelerator, *prepare(accelerator, model, opt, sched, _loader()))
+
+    def epoch(accelerator, model, opt, sched, loader):
+        losses = []
+        for x, y in loader:
+            with accelerator.accumulate(model):
+                loss = sam_step(accelerator, opt, lambda x, y: F.cross_entropy(model(x), y), x, y)
+                sched.step()
+            if loss is not None:
+                losses.append(loss.item())
+        return losses
+
+    run = setup(0)
+    first = epoch(*run)
+    run[0].save_state(str(tmp_path))
+    second = epoch(*run)
+    b = _batches()
+    ref, ref_losses = _plain(name, [b[0:2], b[2:4], b[4:5]] * 2, lr_lambda=_decay)
+    _assert_same(run[1], ref)
+    assert first + second == [v.item() for v in ref_losses]
+
+    resumed = setup(7)          # other initial weights: load_state must overwrite them
+    resumed[0].load_state(str(tmp_path))
+    assert epoch(*resumed) == second
+    _assert_same(resumed[1], ref)
+    assert resumed[3].get_last_lr() == run[3].get_last_lr()
 
 
 def test_accumulate_by_hand_differs_from_last_micro_batch_only(acc):
