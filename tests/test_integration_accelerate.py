@@ -137,7 +137,8 @@ def test_bf16_matches_plain_loop_under_same_autocast(acc, name):
     losses = []
     for i, (x, y) in enumerate(loader):
         if i % 2:   # both patterns: sam_step and opt.step(closure)
-            losses.append(sam_step(accelerator, opt, lambda x, y: F.cross_entropy(model(x), y), x, y))
+            losses.append(sam_step(accelerator, opt, lambda a, b: F.cross_entropy(model(a), b),
+                                   x, y))
         else:
             def closure():
                 opt.zero_grad()
@@ -281,7 +282,8 @@ def test_scaler_routed_to_samkernels_and_skip_on_inf(acc):
     losses = []
     for i, (x, y) in enumerate(loader):
         if i % 2:
-            losses.append(sam_step(accelerator, opt, lambda x, y: F.cross_entropy(model(x), y), x, y))
+            losses.append(sam_step(accelerator, opt, lambda a, b: F.cross_entropy(model(a), b),
+                                   x, y))
         else:
             def closure():
                 opt.zero_grad()

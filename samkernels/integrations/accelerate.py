@@ -87,7 +87,7 @@ def wrap_optimizer(opt: AcceleratedOptimizer) -> SAMAcceleratedOptimizer:
     :class:`SAMAcceleratedOptimizer`, in place (the accelerator and schedulers prepared with it keep
     referring to the same object, so ``save_state``/``load_state`` are unchanged); returns it."""
     if not isinstance(opt, AcceleratedOptimizer):
-        raise TypeError("wrap_optimizer expects what accelerator.prepare returned for the optimizer")
+        raise TypeError("wrap_optimizer expects the optimizer accelerator.prepare returned")
     _inner(opt)
     opt.__class__ = SAMAcceleratedOptimizer
     return opt
