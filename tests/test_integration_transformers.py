@@ -10,7 +10,7 @@ transformers = pytest.importorskip("transformers")
 from torch.utils.data import Dataset  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments, get_scheduler  # noqa: E402
 
-from samkernels.optim import BSAM, SAM, RandomSAM  # noqa: E402
+from samkernels.optim import BSAM, MFVI, SAM, BiSAM, RandomSAM, VariationalSAM  # noqa: E402
 from samkernels.integrations.transformers import SAMTrainer  # noqa: E402
 
 BS, SEQ, N = 4, 16, 32
@@ -55,6 +55,10 @@ def make_opt(name, model):
         return BSAM(params, lr=LR, num_data=N, rho=0.01, seed=3)
     if name == "randomsam":
         return RandomSAM(params, lr=LR, sigma=1e-3, momentum=0.9, seed=4)
+    if name == "mfvi":
+        return MFVI(params, lr=LR, num_data=N, rho=0.01, momentum=0.9, seed=5)
+    if name == "vsam":
+        return VariationalSAM(params, lr=LR, num_data=N, rho=0.05, momentum=0.9)
     raise AssertionError(name)
 
 
@@ -107,7 +111,7 @@ def logged_losses(trainer):
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
-@pytest.mark.parametrize("name", ["sam", "sam_adamw", "bsam", "randomsam"])
+@pytest.mark.parametrize("name", ["sam", "sam_adamw", "bsam", "randomsam", "mfvi", "vsam"])
 def test_matches_plain_loop(tmp_path, name):
     model = make_model()
     opt = make_opt(name, model)
@@ -136,10 +140,11 @@ def test_accumulation_is_sam_on_the_whole_batch(tmp_path):
     lrs = [h["learning_rate"] for h in trainer.state.log_history if "loss" in h]
     assert lrs == pytest.approx([LR, LR * 2 / 3, LR / 3])
 
-    # one step by hand (plain SGD, no clipping): g at w on the 8 examples, e = rho g/|g|, g' at w + e
+    # one step by hand (plain SGD, no clipping): g at w on all 8 examples, e = rho g/|g|, g' at w+e
     model = make_model()
-    trainer = SAMTrainer(model=model, args=train_args(tmp_path / "one", gradient_accumulation_steps=2,
-                                                      max_steps=1, lr_scheduler_type="constant"),
+    one_step = train_args(tmp_path / "one", gradient_accumulation_steps=2, max_steps=1,
+                          lr_scheduler_type="constant")
+    trainer = SAMTrainer(model=model, args=one_step,
                          train_dataset=Tokens(), sam_optimizer="sam", sam_kwargs={"rho": 0.05})
     trainer.train()
     hand = make_model()
@@ -148,7 +153,8 @@ def test_accumulation_is_sam_on_the_whole_batch(tmp_path):
     n_items = (batch[..., 1:] if shifts(trainer) else batch).numel()  # the Trainer's divisor
 
     def grads():
-        return torch.autograd.grad(hand(input_ids=batch, labels=batch, num_items_in_batch=n_items).loss, ps)
+        loss = hand(input_ids=batch, labels=batch, num_items_in_batch=n_items).loss
+        return torch.autograd.grad(loss, ps)
     g = grads()
     norm = torch.sqrt(sum((t.double() ** 2).sum() for t in g))
     w = [p.detach().clone() for p in ps]
@@ -184,8 +190,8 @@ def test_resume_is_exact(tmp_path):
     SAMTrainer(model=full, args=train_args(tmp_path / "a", **kw), train_dataset=Tokens(),
                sam_optimizer="bsam", sam_kwargs=sam_kwargs).train()
     resumed = make_model()
-    trainer = SAMTrainer(model=resumed, args=train_args(tmp_path / "b", **kw), train_dataset=Tokens(),
-                         sam_optimizer="bsam", sam_kwargs=sam_kwargs)
+    trainer = SAMTrainer(model=resumed, args=train_args(tmp_path / "b", **kw),
+                         train_dataset=Tokens(), sam_optimizer="bsam", sam_kwargs=sam_kwargs)
     trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
     assert_same(full, resumed)
     # the optimizer state saved mid-run holds bSAM's counter of 2 steps
@@ -232,7 +238,8 @@ def test_posterior_predictive_at_evaluation(tmp_path):
         sam_model = make_model()
         SAMTrainer(model=sam_model, args=train_args(tmp_path / "s", max_steps=1),
                    train_dataset=Tokens(), eval_dataset=eval_ds,
-                   optimizers=(make_opt("sam", sam_model), None), predictive_samples=2).predict(eval_ds)
+                   optimizers=(make_opt("sam", sam_model), None),
+                   predictive_samples=2).predict(eval_ds)
 
 
 def _sampled_logits(opt, model, x, seed):
@@ -245,10 +252,14 @@ def test_argument_errors(tmp_path):
     with pytest.raises(ValueError, match="samkernels optimizer"):
         SAMTrainer(model=model, args=train_args(tmp_path), train_dataset=Tokens())
     with pytest.raises(ValueError, match="sam_optimizer="):
-        SAMTrainer(model=model, args=train_args(tmp_path), train_dataset=Tokens(), sam_optimizer="lamb")
+        SAMTrainer(model=model, args=train_args(tmp_path), train_dataset=Tokens(),
+                   sam_optimizer="lamb")
     with pytest.raises(TypeError, match="samkernels optimizer"):
         SAMTrainer(model=model, args=train_args(tmp_path), train_dataset=Tokens(),
                    optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None))
+    with pytest.raises(TypeError, match="BiSAM"):
+        SAMTrainer(model=model, args=train_args(tmp_path), train_dataset=Tokens(),
+                   optimizers=(BiSAM(model.parameters(), lr=0.1), None))
 
 
 def test_missing_transformers_names_the_extra(monkeypatch):
@@ -256,3 +267,16 @@ def test_missing_transformers_names_the_extra(monkeypatch):
     monkeypatch.delitem(sys.modules, "samkernels.integrations.transformers")
     with pytest.raises(ImportError, match=r"samkernels\[transformers\]"):
         importlib.import_module("samkernels.integrations.transformers")
+
+
+def test_no_checkpoint_while_perturbed(tmp_path):
+    model = make_model()
+    opt = make_opt("sam", model)
+    trainer = SAMTrainer(model=model, args=train_args(tmp_path), train_dataset=Tokens(),
+                         optimizers=(opt, None))
+    x = Tokens().x[:BS]
+    model(input_ids=x, labels=x).loss.backward()
+    opt.first_step(zero_grad=True)
+    with pytest.raises(RuntimeError, match="perturbed"):
+        trainer._save_checkpoint(model, None)
+    opt.restore()

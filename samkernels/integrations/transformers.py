@@ -7,7 +7,7 @@ last one it runs the passes of the optimizer over all of them (so with
 ``gradient_accumulation_steps = k`` the ascent uses the gradient summed over the k micro-batches and
 the second pass recomputes all k at the perturbed weights: SAM on the whole accumulated batch):
 
-* SAM, ASAM, BiSAM (with the ordinary loss), VariationalSAM: pass at w, ``first_step``, pass at w + e;
+* SAM, ASAM, VariationalSAM: pass at w, ``first_step``, pass at w + e;
 * BSAM: ``noise_step``, the noisy pass, ``first_step``, the pass at omega + eps;
 * RandomSAM, MFVI: ``noise_step``, the one pass at the noisy weights.
 
@@ -21,7 +21,8 @@ bSAM precisions, the noise seed and counter) rides in the Trainer's ``optimizer.
 The logged ``loss`` is the first-pass loss (at w, or at the noisy weights for BSAM/RandomSAM/MFVI),
 summed over the micro-batches as the Trainer does.  ``bf16=True`` works (autocast of the Trainer's
 accelerator); ``fp16=True`` is refused (the Trainer's GradScaler path calls ``scaler.step(opt)``).
-E-BiSAM is refused (its data selection needs per-example losses from both passes).
+BiSAM and E-BiSAM are refused (their ascent loss, and E-BiSAM's selection, need the logits and
+targets of each pass, which depend on the model's head: use their closures in your own loop).
 """
 from __future__ import annotations
 
@@ -42,7 +43,6 @@ __all__ = ["SAMTrainer", "OPTIMIZERS"]
 OPTIMIZERS = {
     "sam": _optim.SAM, "asam": _optim.ASAM, "bsam": _optim.BSAM, "randomsam": _optim.RandomSAM,
     "mfvi": _optim.MFVI, "variationalsam": _optim.VariationalSAM, "vsam": _optim.VariationalSAM,
-    "bisam": _optim.BiSAM,
 }
 
 
@@ -61,7 +61,8 @@ class SAMTrainer(transformers.Trainer):
     the Trainer then builds its own from ``TrainingArguments``), or by name:
     ``SAMTrainer(..., sam_optimizer="sam", sam_kwargs={"rho": 0.05, "momentum": 0.9})``; the
     optimizer then gets the model's trainable parameters, ``lr=args.learning_rate`` unless
-    ``sam_kwargs`` sets it, and for BSAM/MFVI ``num_data=len(train_dataset)`` unless set.
+    ``sam_kwargs`` sets it, and for BSAM/MFVI/VariationalSAM ``num_data=len(train_dataset)``
+    unless set.
     ``args.weight_decay`` and ``args.optim`` are not used: put weight decay in ``sam_kwargs``.
 
     ``predictive_samples=K`` (BSAM, MFVI, VariationalSAM: optimizers with ``sampled_params``):
@@ -75,8 +76,9 @@ class SAMTrainer(transformers.Trainer):
                  predictive_seed: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         if self.args.fp16:
-            raise ValueError("SAMTrainer does not support fp16=True (the Trainer's GradScaler calls "
-                             "scaler.step(opt), which a two-pass optimizer cannot take): use bf16=True")
+            raise ValueError("SAMTrainer does not support fp16=True (the Trainer's GradScaler "
+                             "calls scaler.step(opt), which a two-pass optimizer cannot take): "
+                             "use bf16=True")
         if sam_optimizer is None and self.optimizer is None:
             raise ValueError("SAMTrainer needs a samkernels optimizer: optimizers=(opt, sched) or "
                              "sam_optimizer='sam' (one of " + ", ".join(sorted(OPTIMIZERS)) + ")")
@@ -99,16 +101,16 @@ class SAMTrainer(transformers.Trainer):
     def _check_optimizer(opt) -> None:
         if not isinstance(opt, TwoPassOptimizer):
             raise TypeError(f"SAMTrainer needs a samkernels optimizer, got {type(opt).__name__}")
-        if isinstance(opt, _optim.EBiSAM):
-            raise TypeError("SAMTrainer does not run EBiSAM (its selection needs per-example ascent "
-                            "losses from both passes): use its closure in your own loop")
+        if isinstance(opt, _optim.BiSAM):  # EBiSAM too
+            raise TypeError(f"SAMTrainer does not run {type(opt).__name__} (its ascent loss needs "
+                            "the logits and targets of each pass): use its closure in a plain loop")
 
     def create_optimizer(self, model=None):
         if self.optimizer is None and self.sam_optimizer_cls is not None:
             model = self.model if model is None else model
             kwargs = dict(self.sam_kwargs)
             kwargs.setdefault("lr", self.args.learning_rate)
-            if self.sam_optimizer_cls in (_optim.BSAM, _optim.MFVI):
+            if self.sam_optimizer_cls in (_optim.BSAM, _optim.MFVI, _optim.VariationalSAM):
                 kwargs.setdefault("num_data", len(self.train_dataset))
             params = [p for p in model.parameters() if p.requires_grad]
             self.optimizer = self.sam_optimizer_cls(params, **kwargs)
@@ -131,12 +133,12 @@ class SAMTrainer(transformers.Trainer):
 
         def final_phase(closure=None):
             if closure is not None:
-                raise RuntimeError("SAMTrainer runs the passes itself; step() takes no closure here")
+                raise RuntimeError("SAMTrainer runs the passes itself; step() takes no closure")
             with opt._restore_on_error():  # mean weights back, step undone, if second_step raises
                 opt.second_step()
             wrapper._opt_called = True  # what torch's LR-scheduler wrapper of step() records
 
-        final_phase._wrapped_by_lr_sched = True  # a scheduler built on the wrapper: no false warning
+        final_phase._wrapped_by_lr_sched = True  # a scheduler on the wrapper: no false warning
         wrapper.step = final_phase
         wrapper._samkernels_routed = wrapper
 
