@@ -181,19 +181,24 @@ def test_accumulation_is_sam_on_the_whole_batch(tmp_path):
     assert max((a - b).abs().max() for a, b in zip(msharp.parameters(), hand.parameters())) > 1e-5
 
 
-def test_resume_is_exact(tmp_path):
-    """BSAM (noise counter, precisions, Adam-style moments) by name, accumulation 2: 4 steps in one
-    run equal 2 steps, a checkpoint, and 2 more steps in a fresh Trainer resumed from it."""
-    kw = dict(gradient_accumulation_steps=2, max_steps=4, save_strategy="steps", save_steps=2)
-    sam_kwargs = {"rho": 0.01, "seed": 7}
+@pytest.mark.parametrize("name,sampling", [("bsam", "sequential"), ("sam", "random")])
+def test_resume_is_exact(tmp_path, name, sampling):
+    """By name, accumulation 2 (BSAM: noise counter, precisions, moments; SAM: momentum, with
+    shuffled batches): 4 steps in one run equal 2 steps, a checkpoint, and 2 more steps in a
+    fresh Trainer resumed from it."""
+    kw = dict(gradient_accumulation_steps=2, max_steps=4, save_strategy="steps", save_steps=2,
+              train_sampling_strategy=sampling)
+    sam_kwargs = {"rho": 0.01, "seed": 7} if name == "bsam" else {"rho": 0.05, "momentum": 0.9}
     full = make_model()
     SAMTrainer(model=full, args=train_args(tmp_path / "a", **kw), train_dataset=Tokens(),
-               sam_optimizer="bsam", sam_kwargs=sam_kwargs).train()
+               sam_optimizer=name, sam_kwargs=sam_kwargs).train()
     resumed = make_model()
     trainer = SAMTrainer(model=resumed, args=train_args(tmp_path / "b", **kw),
-                         train_dataset=Tokens(), sam_optimizer="bsam", sam_kwargs=sam_kwargs)
+                         train_dataset=Tokens(), sam_optimizer=name, sam_kwargs=sam_kwargs)
     trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
     assert_same(full, resumed)
+    if name == "sam":
+        return
     # the optimizer state saved mid-run holds bSAM's counter of 2 steps
     sd = torch.load(tmp_path / "a" / "checkpoint-2" / "optimizer.pt", weights_only=False)
     assert "samkernels" in sd and sd["state"]
@@ -205,10 +210,13 @@ def test_resume_is_exact(tmp_path):
     assert_same(full, other)  # the seed is part of the saved state: the checkpoint's wins
 
 
-def test_bf16(tmp_path):
+def test_bf16_and_own_scheduler(tmp_path):
     model = make_model()
-    trainer = SAMTrainer(model=model, args=train_args(tmp_path, bf16=True, max_steps=2),
-                         train_dataset=Tokens(), optimizers=(make_opt("sam", model), None))
+    opt = make_opt("sam", model)
+    sched = get_scheduler("linear", opt, num_warmup_steps=0, num_training_steps=2)
+    trainer = SAMTrainer(model=model, args=train_args(tmp_path, bf16=True, max_steps=2,
+                                                      lr_scheduler_type="constant"),
+                         train_dataset=Tokens(), optimizers=(opt, sched))
     trainer.train()
     ref, losses = plain_loop("sam", steps=2, ga=1, bf16=True, shift=shifts(trainer))
     assert all(p.dtype == torch.float32 for p in model.parameters())
