@@ -65,9 +65,10 @@ class Net(SAMModule):
 
 
 def trainer(**kw):
+    kw.setdefault("devices", 1)
     kw.setdefault("max_epochs", 1)
     kw.setdefault("enable_checkpointing", False)
-    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+    return L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
                      enable_model_summary=False, num_sanity_val_steps=0, **kw)
 
 
@@ -115,6 +116,26 @@ def test_fp32_equals_plain_loop_bitwise(opt_name):
     lopt = model.trainer.optimizers[0]
     assert not lopt.is_perturbed
     assert repr(lopt.state_dict()["state"]) == repr(ref_opt.state_dict()["state"])
+
+
+class AscentNet(Net):
+    def training_loss(self, batch, ascent):  # a different loss for the ascent pass
+        x, y = batch
+        return F.cross_entropy(self(x), y, label_smoothing=0.3 if ascent else 0.0)
+
+
+def test_training_loss_is_told_the_pass():
+    model = fit(AscentNet("sam_sgd"), max_steps=2)
+    ref = Net("sam_sgd")
+    opt = OPTS["sam_sgd"](ref.parameters())
+    for x, y in batches()[:2]:
+        def closure(ascent):
+            opt.zero_grad()
+            F.cross_entropy(ref(x), y, label_smoothing=0.3 if ascent else 0.0).backward()
+        opt.step(closure)
+    same(model, ref)
+    plain_model, _ = plain("sam_sgd", batches()[:2])
+    assert not torch.equal(plain_model.net[0].weight, model.net[0].weight)
 
 
 def test_bf16_mixed_equals_plain_loop_under_the_same_autocast():
@@ -211,6 +232,49 @@ def test_no_checkpoint_while_perturbed():
     with pytest.raises(RuntimeError, match="perturbed"):
         model.on_save_checkpoint({})
     opt.restore()
+
+
+class Recorder(Net):
+    """Saves the batches this rank trained on and its final weights."""
+    def training_loss(self, batch):
+        self.seen = getattr(self, "seen", [])
+        if not any(b is batch for b in self.seen):  # each pass sees every micro-batch
+            self.seen.append(batch)
+        return super().training_loss(batch)
+
+    def on_train_end(self):
+        torch.save({"seen": self.seen, "sd": self.state_dict()}, f"{self.out}/rank{self.global_rank}.pt")
+
+
+@pytest.mark.parametrize("opt_name", ["sam_sgd", "bsam"])
+def test_ddp_two_processes_is_the_optimizer_on_the_global_batch(opt_name, tmp_path):
+    model = Recorder(opt_name, accumulate_grad_batches=2)
+    model.out = str(tmp_path)
+    fit(model, max_epochs=2, devices=2, strategy="ddp_spawn")  # gloo, 2 processes
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert [len(r["seen"]) for r in ranks] == [4, 4]  # 2 batches per rank and epoch
+    for k, v in ranks[0]["sd"].items():
+        assert torch.equal(v, ranks[1]["sd"][k]), k  # the ranks stay in sync
+    # plain loop: per step the 2 ranks x 2 micro-batches as one batch (equal sizes: the same mean)
+    ref = Net(opt_name)
+    opt = OPTS[opt_name](ref.parameters())
+    for s in range(2):
+        x = torch.cat([r["seen"][2 * s + i][0] for r in ranks for i in range(2)])
+        y = torch.cat([r["seen"][2 * s + i][1] for r in ranks for i in range(2)])
+
+        def closure():
+            opt.zero_grad()
+            F.cross_entropy(ref(x), y).backward()
+        opt.step(closure)
+    for (n, p), q in zip(ref.named_parameters(), model.parameters()):
+        # all-reduce averages per-rank gradients: fp32 rounding differs from one mean
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-6, msg=n)
+
+
+def test_sharding_strategies_are_refused(monkeypatch):
+    monkeypatch.setattr(L.Trainer, "world_size", property(lambda self: 2))
+    with pytest.raises(NotImplementedError, match="FSDP"):
+        fit(Net("sam_sgd"), max_steps=1)
 
 
 class PosteriorNet(Net):

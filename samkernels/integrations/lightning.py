@@ -33,7 +33,10 @@ the noisy pass then the perturbed one, RandomSAM/MFVI one noisy pass.  What it d
   posterior samples, for ``validation_step``.
 
 One optimizer per module.  ``Trainer(gradient_clip_val=)`` is refused by Lightning under manual
-optimization.  Not done: DDP/FSDP strategies (untested here).
+optimization.  **DDP** (``strategy="ddp"``/``"ddp_spawn"``): every ``manual_backward`` all-reduces
+(Lightning prepares DDP's reducer for each backward under manual optimization), so both passes use
+the global gradient: SAM on the global batch (with accumulation: on all ranks' micro-batches).
+Other multi-process strategies (FSDP, DeepSpeed) are refused with a NotImplementedError.
 """
 from __future__ import annotations
 
@@ -84,8 +87,11 @@ class SAMModule(_L.LightningModule):
         return lopt, lopt.optimizer
 
     def training_step(self, batch: Any, batch_idx: int):
-        self._sk_batches.append(batch)
         trainer = self.trainer
+        if trainer.world_size > 1 and not isinstance(trainer.strategy, _L.strategies.DDPStrategy):
+            raise NotImplementedError(f"SAMModule: strategy {type(trainer.strategy).__name__} is "
+                                      "not supported (FSDP shards parameters); use DDP or one device")
+        self._sk_batches.append(batch)
         last = trainer.is_last_batch or batch_idx + 1 >= trainer.num_training_batches
         if len(self._sk_batches) < self.accumulate_grad_batches and not last:
             return None
