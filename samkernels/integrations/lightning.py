@@ -41,6 +41,7 @@ Other multi-process strategies (FSDP, DeepSpeed) are refused with a NotImplement
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Any, List
 
 import torch
@@ -151,6 +152,10 @@ class SAMModule(_L.LightningModule):
             if getattr(opt, "is_perturbed", False):
                 raise RuntimeError("SAMModule: a checkpoint was requested while the parameters are "
                                    "perturbed (w + e); save between optimizer steps")
+        if self._sk_batches:
+            warnings.warn(f"SAMModule: checkpoint taken with {len(self._sk_batches)} of "
+                          f"{self.accumulate_grad_batches} micro-batches accumulated; a run resumed "
+                          "from it starts a new accumulation window", stacklevel=2)
 
     # -- posterior -------------------------------------------------------------------------------
     @torch.no_grad()
