@@ -128,24 +128,31 @@ def test_prepared_step_closure_fp32_bit_for_bit(acc, name, wrapped):
         assert losses == [None] * len(ref_losses)
 
 
-@pytest.mark.parametrize("name", ["sam_sgd", "bsam"])
-def test_bf16_matches_plain_loop_under_same_autocast(acc, name):
-    from samkernels.integrations.accelerate import prepare, sam_step
-    accelerator = acc(mixed_precision="bf16")
-    model = _mlp()
-    model, opt, loader = prepare(accelerator, model, OPTS[name](model.parameters()), _loader())
+def _both_patterns(accelerator, model, opt, loader):
+    """Alternate batches between sam_step and the prepared optimizer's step(closure); the losses."""
+    from samkernels.integrations.accelerate import sam_step
     losses = []
     for i, (x, y) in enumerate(loader):
-        if i % 2:   # both patterns: sam_step and opt.step(closure)
+        if i % 2:
             losses.append(sam_step(accelerator, opt, lambda a, b: F.cross_entropy(model(a), b),
                                    x, y))
         else:
-            def closure():
+            def closure(x=x, y=y):
                 opt.zero_grad()
                 loss = F.cross_entropy(model(x), y)
                 accelerator.backward(loss)
                 return loss
             losses.append(opt.step(closure))
+    return losses
+
+
+@pytest.mark.parametrize("name", ["sam_sgd", "bsam"])
+def test_bf16_matches_plain_loop_under_same_autocast(acc, name):
+    from samkernels.integrations.accelerate import prepare
+    accelerator = acc(mixed_precision="bf16")
+    model = _mlp()
+    model, opt, loader = prepare(accelerator, model, OPTS[name](model.parameters()), _loader())
+    losses = _both_patterns(accelerator, model, opt, loader)
     ref, ref_losses = _plain(name, [[b] for b in _batches()], autocast=torch.bfloat16)
     _assert_same(model, ref)
     assert [v.item() for v in losses] == [v.item() for v in ref_losses]
@@ -279,18 +286,7 @@ def test_scaler_routed_to_samkernels_and_skip_on_inf(acc):
 
     model, opt, loader = prepare(accelerator, model, OPTS["sam_sgd"](model.parameters()), _loader())
     assert opt.scaler is accelerator.scaler
-    losses = []
-    for i, (x, y) in enumerate(loader):
-        if i % 2:
-            losses.append(sam_step(accelerator, opt, lambda a, b: F.cross_entropy(model(a), b),
-                                   x, y))
-        else:
-            def closure():
-                opt.zero_grad()
-                loss = F.cross_entropy(model(x), y)
-                accelerator.backward(loss)
-                return loss
-            losses.append(opt.step(closure))
+    losses = _both_patterns(accelerator, model, opt, loader)
     ref_scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
     ref, ref_losses = _plain("sam_sgd", [[b] for b in _batches()], scaler=ref_scaler)
     _assert_same(model, ref)
