@@ -317,8 +317,9 @@ def test_bf16_lr_zero_step_leaves_weights_bit_identical(name, backend):
 def test_bf16_update_is_applied_to_the_never_perturbed_weights(name, backend):
     """lr > 0, bf16, third step (state exists): w_after == the update applied to the bf16 weights
     from before the step, with this step's gradients.  SAM-type and RandomSAM: a twin optimizer with
-    the same state, at the never-perturbed weights, takes only ``second_step`` with the captured
-    update gradient (a parameter not perturbed is its own backup).  BSAM and MFVI (no second_step
+    the same state, at the never-perturbed weights, takes only ``base_step()`` (the plain
+    base-optimizer step; second_step without its first phase is an error) with the captured
+    update gradient.  BSAM and MFVI (no second_step
     without their noisy phase): the reference update op applied to copies of the old weights and
     state (reference backend only: that is the op the optimizer then runs)."""
     spec = SPECS[name]
@@ -353,7 +354,7 @@ def test_bf16_update_is_applied_to_the_never_perturbed_weights(name, backend):
             twin.load_state_dict(sd0)
             for p, g in zip(twin_model.parameters(), g_update):
                 p.grad = g.clone()
-            twin.second_step()
+            twin.base_step()
             for p, w in zip(twin_model.parameters(), w1):
                 assert torch.equal(p, w)
             # the base optimizer's state too (not VSAM's Sigma, stepped in first_step, nor the

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -51,6 +52,28 @@ def check_betas(betas) -> Tuple[float, float]:
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
+
+
+def warn_unless(ok: bool, name: str, value, meaningful: str, why: str) -> None:
+    """A UserWarning naming ``name`` when a value torch.optim would accept too is outside the range
+    where it means anything (e.g. ``momentum=1.5``: the buffer grows without bound).  Never an
+    error: values that are merely unusual stay allowed."""
+    if not ok:
+        warnings.warn(f"{name}={value!r} is outside {meaningful}: {why}", UserWarning,
+                      stacklevel=4)
+
+
+def warn_momentum(name: str, value) -> None:
+    """momentum (SGD's, or an EMA coefficient) >= 1: the buffer never forgets, and > 1 it grows."""
+    warn_unless(isinstance(value, (int, float)) and value < 1, name, value, "[0, 1)",
+                "the momentum buffer then never decays (>= 1) or grows geometrically (> 1)")
+
+
+def warn_dampening(value) -> None:
+    """dampening > 1: the gradient enters the momentum buffer with a negative weight (1 - d)."""
+    warn_unless(isinstance(value, (int, float)) and value <= 1, "dampening", value, "[0, 1]",
+                "the gradient then enters the momentum buffer with the negative weight "
+                "1 - dampening")
 
 
 def draw_seed(seed: SeedLike) -> int:
@@ -106,7 +129,8 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         # transient: a skip decided in the first pass and waiting for second_step, the last step's
         # outcome (a bool, or the device flag under "skip_on_device"), how many GradScaler
         # stand-ins the ascent passes of this step used, and this step's device flag ("found")
-        self._skip_state = {"pending": False, "last": False, "ascents": 0, "found": None}
+        self._skip_state = {"pending": False, "last": False, "ascents": 0, "found": None,
+                            "begun": False}
         self._scaler_gates: Dict[tuple, _ScalerGate] = {}
         self._memos: Dict[tuple, tuple] = {}  # see _memo
 
@@ -189,12 +213,22 @@ class TwoPassOptimizer(torch.optim.Optimizer):
                                        zip(flat.split([t.numel() for t in tensors]), tensors)])
 
     def _rho(self, group: dict) -> float:
-        """The group's rho for this step: ``rho_schedule(group)`` when one is set."""
+        """The group's rho for this step: ``rho_schedule(group)`` when one is set.
+
+        With a schedule the value in effect is written to ``group["rho"]`` (as LR schedulers write
+        ``lr``), so logging ``param_groups[i]["rho"]`` tells the truth.  The constructor's (or the
+        group's own) value is kept under ``"initial_rho"`` (as ``initial_lr``), saved with the
+        group by ``state_dict()``; the schedule is called with ``group["rho"]`` set to it, so a
+        schedule that scales ``group["rho"]`` sees the base value every step, as before (it does
+        not compound), and a resumed run continues exactly.  To change the base value of a
+        scheduled rho, set ``group["initial_rho"]``."""
         if self.rho_schedule is None:
             return group["rho"]
+        group["rho"] = group.setdefault("initial_rho", group["rho"])
         rho = float(self.rho_schedule(group))
         if not rho >= 0:
             raise ValueError(f"rho_schedule returned {rho}; rho must be >= 0")
+        group["rho"] = rho
         return rho
 
     # -- tensors -------------------------------------------------------------------------------
@@ -305,6 +339,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         no-op when nothing is perturbed."""
         self._restore_weights()
         self._skip_state["found"] = None
+        self._skip_state["begun"] = False
 
     @torch.no_grad()
     def _restore_weights(self) -> None:  # mid-step (m-sharpness): the step's flag stays
@@ -325,6 +360,39 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         if self._perturbed:
             raise RuntimeError(f"{what}: the parameters are still perturbed from an earlier phase; "
                                "finish the step (second_step) or call restore() first")
+
+    def _begin_step(self) -> None:
+        """The first phase of a step ran (first_step, or noise_step for RandomSAM): second_step may
+        follow.  Cleared when the step finishes (``_finish_step``) or is abandoned (``restore``)."""
+        self._skip_state["begun"] = True
+
+    def _require_begun(self, first: str) -> None:
+        """second_step without the step's first phase: an error (it used to take a plain base
+        step silently).  ``base_step()`` is the explicit way to take one."""
+        if not (self._skip_state.get("begun", False) or self.skip_pending):
+            name = type(self).__name__
+            raise RuntimeError(
+                f"{name}.second_step: no step in progress; the phase order is {first} -> backward "
+                "-> second_step (or use step(closure)).  For a plain base-optimizer step without "
+                f"the perturbation (e.g. SAM every k steps), call {name}.base_step() after the "
+                "backward")
+
+    def base_step(self, zero_grad: bool = False, *, scaler=None) -> None:
+        """A plain base-optimizer step with the gradient now in ``.grad``, at the current (mean)
+        weights, without any perturbation.  Optimizers that have no separate base optimizer
+        refuse it (see the subclass)."""
+        name = type(self).__name__
+        raise NotImplementedError(
+            f"{name}.base_step: {name} has no plain base-optimizer step (its update is part of "
+            "the algorithm and needs the step's noisy/perturbed pass); take full steps "
+            "(step(closure), or the explicit phases)")
+
+    def _require_idle(self, what: str) -> None:
+        """No step in progress (nothing perturbed, no first phase waiting for second_step)."""
+        self._require_unperturbed(what)
+        if self._skip_state.get("begun", False) or self.skip_pending:
+            raise RuntimeError(f"{what}: a step is in progress (its first phase ran); finish it "
+                               "with second_step() or abandon it with restore() first")
 
     # -- non-finite gradients and GradScaler ------------------------------------------------------
     @property
@@ -417,6 +485,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
 
     def _finish_step(self, skipped: bool) -> None:
         self._skip_state["stepped"] = True  # LR schedulers: a step happened (see _opt_called)
+        self._skip_state["begun"] = False
         found = self._skip_state["found"]
         if found is not None:  # skip_on_device: the outcome stays on the device until asked for
             self._skip_state.update(pending=False, last=found, ascents=0, found=None)

@@ -211,6 +211,9 @@ class EBiSAM(BiSAM):
         self._extra_state["noise_step"] = self._mask["start"]
         self._mask["open"] = False
 
+    def _start_base_step(self) -> None:  # no mask drawn: a skipped base step leaves the counter
+        self._mask.update(start=self._extra_state["noise_step"], open=False)
+
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False, *, scaler=None) -> Optional[Tensor]:
         """Alg. 3 lines 3-7: w <- w + e with e masked coordinate-wise (probability beta) and
@@ -222,6 +225,7 @@ class EBiSAM(BiSAM):
         if not self._mask["open"]:
             self._mask.update(start=self._extra_state["noise_step"], open=True)
         self._skip_state["pending"] = False
+        self._begin_step()
         if not self._grads_ok(True, [p for _, ps, _ in work for p in ps], scaler):
             self._skip_first_pass()
             work = []

@@ -16,7 +16,8 @@ import torch
 
 from samkernels.ops import vi_ops
 from samkernels.optim._base import (SeedLike, TwoPassOptimizer, check_beta, check_choice,
-                                    check_nonneg, draw_seed, mean_loss)
+                                    check_nonneg, draw_seed, mean_loss, warn_dampening,
+                                    warn_momentum)
 from samkernels.optim.sam import SAM
 
 PAPER_SIGMA = 5e-5  # App. D: the noise scale the paper settled on
@@ -39,6 +40,10 @@ def check_base_keywords(d: dict) -> None:
     for key in ("momentum", "dampening", "adam_eps"):
         if key in d:
             check_nonneg(key, d[key])
+    if "momentum" in d:
+        warn_momentum("momentum", d["momentum"])  # torch.optim.SGD accepts 1.5 too: warn only
+    if "dampening" in d:
+        warn_dampening(d["dampening"])
     if d.get("weight_decay") is not None:
         check_nonneg("weight_decay", d["weight_decay"])
     if "betas" in d:
@@ -218,6 +223,7 @@ class RandomSAM(TwoPassOptimizer):
         micro = _micro or 0
         if micro == 0:
             self._noise["at"] = self._extra_state["noise_step"]
+        self._begin_step()
         start = self._noise["at"]
         seed, step = self._extra_state["seed"], start + micro
         for group, ps in self._grouped(with_grad=False):
@@ -233,7 +239,10 @@ class RandomSAM(TwoPassOptimizer):
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False, *, scaler=None) -> None:
         """Alg. 1 line 4: restore mu and take the base optimizer's step with the gradient at the
-        perturbed point now in ``.grad``.  inf/NaN gradients skip the step (only mu is restored)."""
+        perturbed point now in ``.grad``.  inf/NaN gradients skip the step (only mu is restored).
+        Without a preceding ``noise_step`` it raises RuntimeError: use ``base_step()`` for a step
+        without the noise."""
+        self._require_begun("noise_step")
         if self._inner is None:
             return SAM.second_step(self, zero_grad, scaler=scaler)
         grouped = self._grouped()
@@ -249,6 +258,19 @@ class RandomSAM(TwoPassOptimizer):
             self._finish_step(skipped=False)
         if zero_grad:
             self.zero_grad()
+
+    @torch.no_grad()
+    def base_step(self, zero_grad: bool = False, *, scaler=None) -> None:
+        """A plain base-optimizer step (fused SGD/Adam/AdamW, or the torch.optim base) with the
+        gradient now in ``.grad``, taken at mu itself: no noise is drawn and the noise counter
+        does not move (the next ``noise_step`` draws what it would have drawn).  Bit for bit the
+        step ``sigma = 0`` gives.  inf/NaN gradients, ``nonfinite`` and ``scaler=`` behave as in
+        ``second_step``.  A step in progress (after ``noise_step``) must be finished first."""
+        self._require_idle("base_step")
+        self._noise["at"] = self._extra_state["noise_step"]  # a skip rolls the counter back to here
+        self._skip_state["pending"] = False
+        self._begin_step()
+        self.second_step(zero_grad, scaler=scaler)
 
     def step(self, closure: Optional[Callable] = None, m: int = 1, *, scaler=None):
         """One RandomSAM step: the closure runs once at mu + sigma0 z; returns its loss.

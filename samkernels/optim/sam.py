@@ -13,7 +13,7 @@ import torch
 from samkernels import ops
 from samkernels.ops.reference import opmath
 from samkernels.optim._base import (TwoPassOptimizer, check_betas, check_choice, check_nonneg,
-                                    check_positive, mean_loss)
+                                    check_positive, mean_loss, warn_dampening, warn_momentum)
 
 _BASES = ("sgd", "adam", "adamw")
 # the hyper-parameters each base optimizer reads (and the only ones its groups carry)
@@ -31,6 +31,10 @@ def _check_base_keys(d: dict) -> None:
     for key in ("momentum", "dampening"):
         if key in d:
             check_nonneg(key, d[key])
+    if "momentum" in d:
+        warn_momentum("momentum", d["momentum"])  # torch.optim.SGD accepts 1.5 too: warn only
+    if "dampening" in d:
+        warn_dampening(d["dampening"])
     if "adam_eps" in d:
         check_positive("adam_eps", d["adam_eps"])  # 0: 0/0 where a gradient is 0
     if "betas" in d:
@@ -133,6 +137,7 @@ class SAM(TwoPassOptimizer):
         self._require_unperturbed("first_step")
         work = [(g, ps, [p.grad for p in ps]) for g, ps in self._grouped()]
         self._skip_state["pending"] = False
+        self._begin_step()
         on_device = work and self._checks_on_device(scaler)
         if not on_device and not self._grads_ok(True, [p for _, ps, _ in work for p in ps], scaler):
             self._skip_first_pass()
@@ -165,7 +170,10 @@ class SAM(TwoPassOptimizer):
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False, *, scaler=None) -> None:
         """Restore w from the backup and take the base optimizer's step with the gradient at w + e.
-        A skipped step (inf/NaN in either pass) only restores w."""
+        A skipped step (inf/NaN in either pass) only restores w.  Without a preceding
+        ``first_step`` it raises RuntimeError: use ``base_step()`` for a step without the
+        perturbation."""
+        self._require_begun("first_step")
         grouped = self._grouped()
         if self.skip_pending or not self._grads_ok(False, [p for _, ps in grouped for p in ps],
                                                    scaler):
@@ -197,6 +205,31 @@ class SAM(TwoPassOptimizer):
         self._finish_step(skipped=False)
         if zero_grad:
             self.zero_grad()
+
+    @torch.no_grad()
+    def base_step(self, zero_grad: bool = False, *, scaler=None) -> None:
+        """A plain base-optimizer step (SGD/Adam/AdamW as configured, same state, same fused op)
+        with the gradient now in ``.grad``, taken at the current weights: no perturbation, one
+        forward/backward.  For schedules that perturb only on some iterations (SAM every k
+        steps, LookSAM-style)::
+
+            loss_fn(model(x), y).backward()
+            if it % k == 0:  # a SAM step
+                opt.first_step(zero_grad=True); loss_fn(model(x), y).backward(); opt.second_step()
+            else:            # a plain step
+                opt.base_step()
+
+        Equal, bit for bit, to the step ``rho = 0`` gives.  inf/NaN gradients, ``nonfinite`` and
+        ``scaler=`` (``scaler.update()`` after) behave as in ``second_step``; LR schedulers see a
+        step.  A step in progress (after ``first_step``) must be finished first."""
+        self._require_idle("base_step")
+        self._start_base_step()
+        self._skip_state["pending"] = False
+        self._begin_step()
+        self.second_step(zero_grad, scaler=scaler)
+
+    def _start_base_step(self) -> None:
+        """Subclasses: forget per-step bookkeeping a base step must not act on."""
 
     def _base_update(self, group: dict, ps) -> None:
         grads = [p.grad for p in ps]

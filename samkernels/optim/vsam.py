@@ -79,6 +79,13 @@ class VariationalSAM(GaussianPosterior, TwoPassOptimizer):
     """
 
     _base_update = SAM._base_update
+    base_step = SAM.base_step  # the mean takes the base step at mu; Sigma does not move
+
+    def _start_base_step(self) -> None:
+        """No Sigma step in a base step: nothing of an earlier step's Sigma copies is acted on."""
+        self._var_saved["on"] = False
+        self._var_now.clear()
+        self._var_count.clear()
 
     def __init__(self, params, lr: float, num_data: float, rho: float = 0.05, base: str = "sgd", *,
                  momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
@@ -171,6 +178,7 @@ class VariationalSAM(GaussianPosterior, TwoPassOptimizer):
             self._var_count.clear()
         work = [(g, ps, [p.grad for p in ps], self._variances(g, ps)) for g, ps in self._grouped()]
         self._skip_state["pending"] = False
+        self._begin_step()
         if not self._grads_ok(True, [p for _, ps, _, _ in work for p in ps], scaler):
             self._skip_first_pass()
             work = []
