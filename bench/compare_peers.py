@@ -116,7 +116,7 @@ def peers(dv):
 # --------------------------------------------------------------------------- sections
 def sec_restore(impls):
     print("\n## restore: one SAM step with lr = 0, momentum = 0 (weights must come back bit for bit)")
-    print("| impl | fp32 max |w1 - w0| | bf16 max |w1 - w0| | parameter storage kept |")
+    print("| impl | fp32 max abs(w1 - w0) | bf16 max abs(w1 - w0) | parameter storage kept |")
     print("|---|---|---|---|")
     (x, y), = batches(1)
     for name, make in impls.items():
@@ -133,8 +133,8 @@ def sec_restore(impls):
 
 
 def sec_asam(impls):
-    print("\n## asam: T = |w| + eta; weights that are exactly zero (zero-initialised biases)")
-    print("| impl | eta | zero weights | of them perturbed by first_step | max |e| on them |")
+    print("\n## asam: T = abs(w) + eta; weights that are exactly zero (zero-initialised biases)")
+    print("| impl | eta | zero weights | of them perturbed by first_step | max abs(e) on them |")
     print("|---|---|---|---|---|")
     (x, y), = batches(1)
     runs = [("samkernels", 0.01), ("samkernels", 0.0), ("davda54", None), ("pytorch_optimizer", None)]
@@ -151,14 +151,14 @@ def sec_asam(impls):
         zero = torch.cat([(a == 0).reshape(-1) for a in w0])
         e = torch.cat([(p.detach() - a).reshape(-1) for p, a in zip(model.parameters(), w0)])
         moved = int((e[zero] != 0).sum())
-        print(f"| {name} | {eta if eta is not None else '0 (T = |w|, fixed)'} | {int(zero.sum())} "
+        print(f"| {name} | {eta if eta is not None else '0 (T = abs(w), fixed)'} | {int(zero.sum())} "
               f"| {moved} | {e[zero].abs().max().item():.2e} |")
 
 
 def sec_resume(impls, dv, steps=6, cut=3):
     print(f"\n## resume: SGD momentum 0.9, wd 5e-4, fp32; {cut} steps, state_dict saved and loaded into a "
           f"fresh model + optimizer, {steps - cut} more steps, vs {steps} uninterrupted steps")
-    print("| impl | per-parameter keys in opt.state_dict() after a step | resumed max |w diff| |")
+    print("| impl | per-parameter keys in opt.state_dict() after a step | resumed max abs(w diff) |")
     print("|---|---|---|")
     data = batches(steps)
     hp = dict(lr=0.1, rho=0.05, momentum=0.9, weight_decay=5e-4)
@@ -233,7 +233,7 @@ def sec_norm(impls):
 
 
 def sec_float64(impls, steps=20):
-    print(f"\n## float64: max |w diff| after {steps} steps, MLP 20-64-64-5 (tanh), batch 32, explicit phases")
+    print(f"\n## float64: max abs(w diff) after {steps} steps, MLP 20-64-64-5 (tanh), batch 32, explicit phases")
     print("| algorithm | samkernels vs davda54 | samkernels vs pytorch_optimizer "
           "| davda54 vs pytorch_optimizer |")
     print("|---|---|---|---|")
@@ -261,7 +261,7 @@ def sec_bsam(n=200_000, N=100.0, lr=0.1, rho=0.05, delta=0.01, gamma=0.1, b1=0.9
     print(f"\n## bsam: one step from s = 1, gm = 0 on L(w) = sum(a w^2)/2 (a > 0), float64, "
           f"{n} weights, N = {N:g}, lr {lr}, rho {rho}, delta {delta}, gamma {gamma}")
     print("Algorithm 1: theta = w + z, z ~ N(0, 1/(N s)); g = grad(theta); eps = rho g / s; "
-          "g_e = grad(w + eps); s' = b2 s + (1-b2)(sqrt(s)|g| + delta + gamma); "
+          "g_e = grad(w + eps); s' = b2 s + (1-b2)(sqrt(s) abs(g) + delta + gamma); "
           "gm' = b1 gm + (1-b1)(g_e + delta w); w' = w - lr gm'/s'")
     torch.manual_seed(0)
     a = torch.rand(n, dtype=torch.float64) + 0.5
@@ -315,13 +315,13 @@ def sec_bsam(n=200_000, N=100.0, lr=0.1, rho=0.05, delta=0.01, gamma=0.1, b1=0.9
             "noise std = 1/(N s)": abs(z.std().item() - 1 / N),
             "2nd pass at w + eps  [Alg. 1 line 4]": d(th2, w0 + eps),
             "2nd pass at theta + eps = w + z + eps": d(th2, th1 + eps),
-            "s' = b2 s + (1-b2)(sqrt(s)|g| + delta + gamma)  [line 5]":
+            "s' = b2 s + (1-b2)(sqrt(s) abs(g) + delta + gamma)  [line 5]":
                 d(s_new, b2 + (1 - b2) * (sq * g1.abs() + delta + gamma)),
-            "s' = ... (sqrt(s)|g| + delta + gamma)^2  (squared)":
+            "s' = ... (sqrt(s) abs(g) + delta + gamma)^2  (squared)":
                 d(s_new, b2 + (1 - b2) * (sq * g1.abs() + delta + gamma) ** 2),
-            "s' = ... (sqrt(s)|g_e| + delta + gamma)  (2nd-pass gradient)":
+            "s' = ... (sqrt(s) abs(g_e) + delta + gamma)  (2nd-pass gradient)":
                 d(s_new, b2 + (1 - b2) * (sq * g2.abs() + delta + gamma)),
-            "s' = ... (sqrt(s)|g_e| + delta + gamma)^2  (both)":
+            "s' = ... (sqrt(s) abs(g_e) + delta + gamma)^2  (both)":
                 d(s_new, b2 + (1 - b2) * (sq * g2.abs() + delta + gamma) ** 2),
             "gm' = (1-b1)(g_e + delta w)  [line 6]": d(gm_new, (1 - b1) * (g2 + delta * w0)),
             "gm' = (1-b1) delta g_e": d(gm_new, (1 - b1) * delta * g2),
