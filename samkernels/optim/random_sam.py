@@ -114,6 +114,8 @@ class RandomSAM(TwoPassOptimizer):
 
         opt.noise_step(); loss_fn(model(x), y).backward(); opt.second_step(zero_grad=True)
 
+    ``second_step`` without ``noise_step`` raises; ``base_step()`` is the plain base step (no noise).
+
     m-sharpness (``step(closure, m)``, SPEC "split the batch into m micro-batches, each with its
     own perturbation; average the m second-pass gradients, one update"): micro-batch ``i``
     (``closure(i)`` or ``closure(i, ascent)``) gets its own noise draw, counter ``c + i`` for a

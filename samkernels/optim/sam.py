@@ -62,6 +62,9 @@ class SAM(TwoPassOptimizer):
             second (perturbed) pass of ``step(closure)`` (see ``samkernels.optim.bn_frozen``).
         rho_schedule: ``callable(group) -> rho`` evaluated at every first step (e.g.
             ``rho_proportional_to_lr(...)``, GSAM's schedule); LR schedulers work unchanged.
+            ``group["rho"]`` then shows the value in effect (as ``lr`` under an LR scheduler);
+            the given one is kept as ``group["initial_rho"]`` and is what the schedule sees
+            as ``group["rho"]`` (see ``TwoPassOptimizer._rho``).
         nonfinite: what a pass with inf/NaN gradients does: ``"skip"`` (default) skips the whole
             step — weights and state stay exactly as they were, ``step_skipped`` is True; the
             flag is read on the host once per pass (free on the CPU, a sync on a GPU);
@@ -88,6 +91,10 @@ class SAM(TwoPassOptimizer):
         opt.first_step(zero_grad=True)
         loss_fn(model(x), y).backward()
         opt.second_step(zero_grad=True)
+
+    ``second_step`` without ``first_step`` raises.  A plain base-optimizer step without the
+    perturbation (SAM every k steps): ``loss_fn(model(x), y).backward(); opt.base_step()``.
+    Momentum >= 1 or dampening > 1 (accepted by ``torch.optim.SGD`` too) warn, naming them.
 
     Mixed precision: the closure calls ``scaler.scale(loss).backward()``, then
     ``opt.step(closure, scaler=scaler); scaler.update()`` (or pass ``scaler=`` to both phases).

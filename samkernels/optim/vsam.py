@@ -73,7 +73,9 @@ class VariationalSAM(GaussianPosterior, TwoPassOptimizer):
         dL/dSigma = sqrt(p) g^2 / (2 sqrt(g^T Sigma g)) + 1/(2 N prior_var) - 1/(2 N Sigma)
 
     ``step(closure)``: closure at mu (``ascent=True``) then at mu + e; returns the first loss.
-    Explicit phases: ``backward; first_step(zero_grad=True); backward; second_step()``.  An
+    Explicit phases: ``backward; first_step(zero_grad=True); backward; second_step()``
+    (``second_step`` without ``first_step`` raises; ``backward; base_step()`` is a plain base
+    step of the mean, Sigma unchanged).  An
     exception in the second pass restores mu; Sigma has then already taken its step (as bSAM's
     precision).  m-sharpness: ``step(closure, m)`` (see there).
     """
