@@ -1,5 +1,5 @@
-// Multi-tensor apply: one launch covers a whole list of tensors (apex / ATen design, see
-// shared/KERNEL-NOTES.md "Multi-tensor launches").  Free of torch headers (see launch.h).
+// Multi-tensor apply: one launch covers a whole list of tensors (the apex multi_tensor_apply /
+// ATen MultiTensorApply.cuh design: addresses in the kernel-argument struct, fixed-size chunks).  Free of torch headers (see launch.h).
 //
 //  * Tensor addresses, sizes and per-tensor tags travel in the kernel-argument struct `Table`
 //    (no device table, no host->device copy, CUDA-graph friendly).  4 KB of arguments, or 32 KB

@@ -1,5 +1,5 @@
 """BiSAM's ascent loss ``Q`` (Xie et al., "Improving SAM requires rethinking its optimization
-formulation", eq. 11/14; ``shared/SPEC.md`` section "BiSAM"), fused forward + gradient.
+formulation", eq. 11/14; ``docs/spec.md`` section "BiSAM"), fused forward + gradient.
 
 For logits ``f`` (B x K) and labels ``y``, with ``F_ij = f_ij - f_{i,y_i}`` (so ``F_{i,y_i} = 0``)::
 

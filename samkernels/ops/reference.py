@@ -3,7 +3,7 @@
 Each function here is the contract the fused backends (C++ CPU, Triton, CUDA) implement: same
 arguments, same in-place effects.  They are short on purpose and dtype-generic; the tests run them in
 float64 and compare every fused backend against them.  Equation / line numbers refer to
-``shared/SPEC.md`` (bSAM: Algorithm 1 of Möllenhoff & Khan 2022).
+``docs/spec.md`` (bSAM: Algorithm 1 of Möllenhoff & Khan 2022).
 
 Conventions shared by all phases:
   * ``params``, ``grads``, ``backups`` ... are equally long lists of tensors, one entry per parameter;

@@ -4,7 +4,7 @@ Same conventions as :mod:`samkernels.ops.reference` (lists of tensors, one per p
 ``opmath``; backups are copies of the mean weights; noise from the shared Philox counter, never
 stored).  Papers: Ujváry et al., "Rethinking SAM as Variational Inference" (RandomSAM Alg. 1, MFVI
 Alg. 2, VSAM Alg. 3 / App. E) and Xie et al., "Improving SAM requires rethinking its optimization
-formulation" (E-BiSAM Alg. 3).  ``shared/SPEC.md``: "MFVI family", "BiSAM".
+formulation" (E-BiSAM Alg. 3).  ``docs/spec.md``: "MFVI", "VariationalSAM", "E-BiSAM".
 
 Parametrisation of the learned diagonal covariance (MFVI, VSAM): the state holds the variances
 ``Sigma`` themselves (opmath dtype); gradient steps are taken on ``u = log Sigma`` (chain rule

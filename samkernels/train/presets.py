@@ -1,6 +1,6 @@
 """Presets: data set, model, schedule and per-optimizer hyper-parameters of the papers' experiments.
 
-Sources (``shared/papers``):
+Sources (the papers listed in ``docs/spec.md`` "References"):
 * ``bsam-*``   - Möllenhoff & Khan, "SAM as an Optimal Relaxation of Bayes" (ICLR 2023), App. H:
   Table 6 (no augmentation: MNIST/MLP, FashionMNIST/LeNet-5, CIFAR-10/100 ResNet-20-FRN) and Table 7
   (``-aug``: random crop + flip, N multiplied by 4).  Batch 128, m = 8 for SAM-SGD, SAM-Adam and bSAM,
