@@ -176,8 +176,31 @@ def test_cli_bad_set(capsys):
 
 
 def test_cli_rho_for_optimizers_without_rho(capsys):
-    assert "not a hyper-parameter of sgd" in _cli_error(["--optimizers", "sgd", "--rho", "0.1"],
-                                                        capsys)
+    err = _cli_error(["--optimizers", "sgd", "--rho", "0.1"], capsys)
+    # the message names the flag that was used (--rho), not --set, which was not
+    assert "--rho 0.1: not a hyper-parameter of sgd" in err and "--set" not in err.splitlines()[-1]
+    err = _cli_error(["--optimizers", "sgd", "--set", "rho=0.1"], capsys)
+    assert "--set rho: not a hyper-parameter of sgd" in err
+
+
+def test_header_names_the_preset_in_effect(capsys):
+    run(tiny(optimizers=["sgd"], epochs=1, data="digits", quiet=False))
+    out = capsys.readouterr().out
+    assert "(preset mnist1d" not in out and "no digits preset: settings of preset mnist1d" in out
+    run(tiny(optimizers=["sgd"], epochs=1, quiet=False))
+    out = capsys.readouterr().out
+    assert "(preset mnist1d)" in out and "no mnist1d preset" not in out
+
+
+def test_learning_curve_epoch_ticks_are_integers():
+    from samkernels.train import plots
+    res = run(tiny(optimizers=["sgd"], epochs=3))
+    fig = plots.learning_curves_figure(res)
+    fig.canvas.draw()
+    for ax in fig.axes:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    plots.plt.close(fig)
 
 
 def test_cli_missing_data_dir(capsys, tmp_path):

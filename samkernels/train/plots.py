@@ -16,6 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from samkernels.train.runner import model_name, predictor_label  # noqa: E402
 
@@ -43,6 +44,13 @@ def _groups(results: Dict[str, Any]) -> Dict[str, List[Dict[str, Any]]]:
 
 
 def learning_curves(results: Dict[str, Any], path: str) -> None:
+    fig = learning_curves_figure(results)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def learning_curves_figure(results: Dict[str, Any]):
+    """The learning-curve figure (training loss, accuracy of the mean weights per epoch)."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     for label, runs in _groups(results).items():
         ax_loss.plot(*_mean_curves(runs, "train_loss"), label=label)
@@ -50,13 +58,14 @@ def learning_curves(results: Dict[str, Any], path: str) -> None:
         ax_acc.plot(e, [100 * a for a in acc], label=label)
     ax_loss.set(xlabel="epoch", ylabel="training loss (first pass)", yscale="log")
     ax_acc.set(xlabel="epoch", ylabel="test accuracy % (mean weights)")
+    for ax in (ax_loss, ax_acc):  # epochs are whole numbers: no 1.25, 1.5 ticks on short runs
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_acc.legend(fontsize=8)
     seeds = sorted({r["seed"] for r in results["runs"]})
     fig.suptitle(f"{results['data']} / {model_name(results['model'], results.get('hidden'))}: "
                  f"mean over {len(seeds)} seed(s)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def _pooled_bins(runs: List[Dict[str, Any]], predictor: str) -> Dict[str, List[float]]:
@@ -150,6 +159,8 @@ def sweep(results: Dict[str, Any], path: str) -> None:
         ax_nll.set_xscale("log")
     ax_acc.set(xlabel=key, ylabel="test accuracy %")
     ax_nll.set(xlabel=key, ylabel="test NLL")
+    for ax in (ax_loss, ax_acc):  # epochs are whole numbers: no 1.25, 1.5 ticks on short runs
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_acc.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -104,9 +104,10 @@ def _check_run_options(cfg: TrainConfig) -> None:
 
 
 def _apply(hypers: Dict[str, Dict[str, Any]], entries: List[Entry], settings: Dict[str, Any],
-           key: str, value: Any, option: str) -> List[Entry]:
+           key: str, value: Any, option: str, flag: Optional[str] = None) -> List[Entry]:
     """Apply one ``key=value`` (``name.key`` targets one optimizer) to settings or hyper-parameters;
-    returns the optimizers whose runs it can change."""
+    returns the optimizers whose runs it can change.  ``flag`` is what the user typed when it was
+    not ``option key=value`` (``--rho 0.1``): error messages name it."""
     if key in TRAIN_KEYS:
         settings[key] = _check_train_value(key, value, f"{option} {key}")
         # one-pass optimizers always run with m = 1 (see _msharpness)
@@ -128,7 +129,7 @@ def _apply(hypers: Dict[str, Dict[str, Any]], entries: List[Entry], settings: Di
                 raise ConfigError(f"{option} {key}: {e.name}'s {key} is set with {other} here "
                                   f"({e.name}.{other}=...), so that {key} names one thing only")
         known = sorted({k for e in targets for k in accepted_keys(e)} | set(TRAIN_KEYS))
-        raise ConfigError(f"{option} {key}: not a hyper-parameter of "
+        raise ConfigError(f"{flag or option + ' ' + key}: not a hyper-parameter of "
                          f"{', '.join(e.name for e in targets)}; known keys: {', '.join(known)}")
     for e in hit:
         set_hyper(hypers[e.name], key, value)
@@ -170,10 +171,11 @@ def resolve(cfg: TrainConfig) -> Tuple[Preset, str, str, Optional[Tuple[int, ...
     for key, value in base_settings.items():
         if value is not None:  # the preset's values pass too; a CLI/TrainConfig value may not
             base_settings[key] = _check_train_value(key, value)
-    shortcuts = [("lr", cfg.lr), ("rho", cfg.rho)]
-    overrides = [(k, v) for k, v in shortcuts if v is not None] + list(cfg.overrides.items())
-    for key, value in overrides:
-        _apply(base_hypers, entries, base_settings, key, value, "--set")
+    shortcuts = [("lr", cfg.lr, "--lr"), ("rho", cfg.rho, "--rho")]
+    overrides = [(k, v, f"{flag} {v}") for k, v, flag in shortcuts if v is not None]
+    overrides += [(k, v, None) for k, v in cfg.overrides.items()]
+    for key, value, flag in overrides:
+        _apply(base_hypers, entries, base_settings, key, value, "--set", flag)
 
     sweep_values: List[Any] = [None]
     swept = {e.name for e in entries}
@@ -312,7 +314,8 @@ def _run(cfg, preset, data_name, model, hidden, specs, device, log, started) -> 
     if threads:
         torch.set_num_threads(threads)
     log(f"{PRETTY_DATA.get(data.name, data.name)}: {data.x_train.shape[0]} train / "
-        f"{data.x_test.shape[0]} test, model {model_name(model, hidden)}, preset {preset.name}, "
+        f"{data.x_test.shape[0]} test, model {model_name(model, hidden)}, "
+        f"{preset_label(preset.name, preset.data, data.name)}, "
         f"{len(specs)} run(s) on {device} ({torch.get_num_threads()} thread(s))")
 
     runs: List[Dict[str, Any]] = []
@@ -325,7 +328,7 @@ def _run(cfg, preset, data_name, model, hidden, specs, device, log, started) -> 
         runs.append(train_run(spec, data, opts))
 
     results = {"config": cfg.to_dict(),
-               "preset": {"name": preset.name, "source": preset.source},
+               "preset": {"name": preset.name, "source": preset.source, "data": preset.data},
                "data": data.name, "model": model, "hidden": list(hidden) if hidden else None,
                "device": str(device), "threads": torch.get_num_threads(),
                "torch": torch.__version__,
@@ -342,6 +345,15 @@ def _run(cfg, preset, data_name, model, hidden, specs, device, log, started) -> 
 # --------------------------------------------------------------------------------------------
 # Aggregation and output
 # --------------------------------------------------------------------------------------------
+def preset_label(preset_name: str, preset_data: Optional[str], data: str) -> str:
+    """What the header says about the preset: ``preset mnist1d`` when its data set is the one
+    trained on; otherwise only its optimizer settings and schedule are in effect, and it says so
+    (``--data digits`` under the default preset is not "preset mnist1d")."""
+    if preset_data is None or preset_data == data:
+        return f"preset {preset_name}"
+    return f"no {data} preset: settings of preset {preset_name}, made for {preset_data}"
+
+
 def model_name(model: str, hidden) -> str:
     """``mlp-256-256`` for MLPs, the architecture name otherwise."""
     return model + ("-" + "-".join(map(str, hidden)) if model == "mlp" and hidden else "")
@@ -399,7 +411,8 @@ def format_table(results: Dict[str, Any]) -> str:
             f"{'steps/s':>8} {'opt %':>6}")
     name = PRETTY_DATA.get(results["data"], results["data"])
     model = model_name(results["model"], results["hidden"])
-    lines = [f"{name} / {model} (preset {results['preset']['name']})", head, "-" * len(head)]
+    pre = preset_label(results["preset"]["name"], results["preset"].get("data"), results["data"])
+    lines = [f"{name} / {model} ({pre})", head, "-" * len(head)]
     swept_key = (results["config"].get("sweep") or [None])[0]
     last_sweep, seen = None, set()
     for row in rows:
