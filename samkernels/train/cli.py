@@ -61,7 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="first seed")
     g.add_argument("--seeds", type=int, default=1, help="number of seeds (mean and std reported)")
     g.add_argument("--samples", type=int, default=32, help="posterior samples for Bayesian methods")
-    g.add_argument("--eval-every", type=int, default=1, help="epochs between test evaluations")
+    g.add_argument("--eval-every", type=int, default=1,
+                   help="epochs between validation evaluations (learning curves)")
+    g.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of the training data held out (seeded, the same for every run) "
+                        "for learning curves and sweep choices; the test set is used only for "
+                        "the final report (0: no validation split)")
     g = p.add_argument_group("machinery")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--threads", type=int, help="torch.set_num_threads")
@@ -96,6 +101,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         sgd_double_epochs=args.sgd_double_epochs, m=args.m, lr=args.lr, rho=args.rho,
         overrides=overrides, sweep=parse_sweep(args.sweep) if args.sweep else None,
         seed=args.seed, seeds=args.seeds, samples=args.samples, eval_every=args.eval_every,
+        val_fraction=args.val_fraction,
         device=args.device, threads=args.threads, deterministic=args.deterministic, out=args.out,
         plots=not args.no_plots, checkpoint=args.checkpoint, resume=args.resume,
         stop_after=args.stop_after, progress=not args.no_progress, quiet=args.quiet)

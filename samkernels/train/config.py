@@ -45,7 +45,8 @@ class TrainConfig:
     seed: int = 0
     seeds: int = 1                               # seeds seed, seed+1, ..., seed+seeds-1
     samples: int = 32                            # posterior samples in the Bayesian predictive
-    eval_every: int = 1                          # epochs between test evaluations (learning curves)
+    eval_every: int = 1                          # epochs between validation evaluations (curves)
+    val_fraction: float = 0.1                    # training data held out for validation (0: none)
     # machinery
     device: str = "auto"
     threads: Optional[int] = None                # torch.set_num_threads

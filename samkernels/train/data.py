@@ -40,6 +40,9 @@ class DataError(RuntimeError):
     """A data set cannot be loaded (missing files, missing optional package)."""
 
 
+VAL_SEED = 0  # the validation split's permutation (fixed: the same split for every run seed)
+
+
 @dataclass
 class DataSet:
     name: str
@@ -50,6 +53,8 @@ class DataSet:
     num_classes: int
     image: bool          # (C, H, W) examples: random-crop augmentation applies
     flip: bool           # horizontal flips keep the label (CIFAR), not for digits
+    x_val: Optional[Tensor] = None   # validation split carved from the training data
+    y_val: Optional[Tensor] = None   # (split_validation); None: no validation split
 
     @property
     def input_shape(self) -> Tuple[int, ...]:
@@ -58,14 +63,37 @@ class DataSet:
     def subset(self, train: Optional[int], test: Optional[int]) -> "DataSet":
         """The first ``train`` / ``test`` examples (None keeps all); used for quick runs and tests."""
         sl = lambda n: slice(None) if n is None else slice(0, n)  # noqa: E731
+        if self.x_val is not None:
+            raise ValueError("subset() before split_validation()")
         return DataSet(self.name, self.x_train[sl(train)], self.y_train[sl(train)],
                        self.x_test[sl(test)], self.y_test[sl(test)], self.num_classes, self.image,
                        self.flip)
 
+    def split_validation(self, fraction: float, seed: int = VAL_SEED) -> "DataSet":
+        """Move ``round(fraction * n_train)`` training examples (at least one when fraction > 0),
+        chosen by a permutation from ``seed``, into a validation split; the rest stay training
+        data in their original order.  The split does not depend on the run's seed: every seed and
+        optimizer trains and validates on the same examples.  ``fraction == 0``: no split."""
+        if not 0 <= fraction < 1:
+            raise ValueError(f"validation fraction must be in [0, 1), got {fraction!r}")
+        if fraction == 0:
+            return self
+        n = self.x_train.shape[0]
+        n_val = max(1, round(fraction * n))
+        if n_val >= n:
+            raise ValueError(f"a validation split of {n_val} leaves no training data (n = {n})")
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        val = perm[:n_val].to(self.x_train.device)
+        train = perm[n_val:].sort().values.to(self.x_train.device)
+        return DataSet(self.name, self.x_train[train], self.y_train[train], self.x_test,
+                       self.y_test, self.num_classes, self.image, self.flip,
+                       self.x_train[val], self.y_train[val])
+
     def to(self, device) -> "DataSet":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return DataSet(self.name, self.x_train.to(device), self.y_train.to(device),
                        self.x_test.to(device), self.y_test.to(device), self.num_classes, self.image,
-                       self.flip)
+                       self.flip, move(self.x_val), move(self.y_val))
 
 
 # --------------------------------------------------------------------------------------------

@@ -294,7 +294,7 @@ def train_run(spec: RunSpec, data: DataSet, opts: RunOptions) -> Dict[str, Any]:
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
     history: Dict[str, List[float]] = {k: [] for k in
-                                       ("epoch", "lr", "train_loss", "train_acc", "test_acc", "test_nll")}
+                                       ("epoch", "lr", "train_loss", "train_acc", "val_acc", "val_nll")}
     timing = {"train_seconds": 0.0, "step_seconds": 0.0, "closure_seconds": 0.0, "steps": 0}
     start_epoch = 0
     if opts.checkpoint and opts.resume:
@@ -352,13 +352,16 @@ def train_run(spec: RunSpec, data: DataSet, opts: RunOptions) -> Dict[str, Any]:
             history["lr"].append(base_lrs[0] * factor)
             history["train_loss"].append(s[0] / s[2])
             history["train_acc"].append(s[1] / s[2])
-            if (epoch + 1) % opts.eval_every == 0 or epoch + 1 == spec.epochs:
-                probs = predict_probs(model, data.x_test, opts.eval_batch_size)
-                history["test_acc"].append(metrics.accuracy(probs, data.y_test))
-                history["test_nll"].append(metrics.nll(probs, data.y_test))
+            # learning curves on the validation split only: the test set is evaluated once, at
+            # the end, so nothing seen during training depends on it
+            if data.x_val is not None and ((epoch + 1) % opts.eval_every == 0
+                                           or epoch + 1 == spec.epochs):
+                probs = predict_probs(model, data.x_val, opts.eval_batch_size)
+                history["val_acc"].append(metrics.accuracy(probs, data.y_val))
+                history["val_nll"].append(metrics.nll(probs, data.y_val))
             else:
-                history["test_acc"].append(math.nan)
-                history["test_nll"].append(math.nan)
+                history["val_acc"].append(math.nan)
+                history["val_nll"].append(math.nan)
             if not math.isfinite(s[0]):
                 raise FloatingPointError(f"[{spec.key}] training loss is {s[0]} in epoch "
                                          f"{epoch + 1}: lower the learning rate")
@@ -379,13 +382,27 @@ def train_run(spec: RunSpec, data: DataSet, opts: RunOptions) -> Dict[str, Any]:
     if ascent is not None:  # the ascent loss actually used (the class fills in mu from phi)
         result["ascent_loss"] = {k: getattr(optimizer, k) for k in ("phi", "mu", "alpha")
                                  if hasattr(optimizer, k)}
-    probs = predict_probs(model, data.x_test, opts.eval_batch_size)
-    result["predictors"]["mean"] = _evaluate(probs, data.y_test)
-    if is_bayesian(optimizer) and opts.samples > 0:
-        probs = posterior_predictive(optimizer, model, data.x_test, opts.samples, spec.seed,
-                                     opts.eval_batch_size)
-        result["predictors"]["predictive"] = _evaluate(probs, data.y_test)
-        result["predictors"]["predictive"]["samples"] = opts.samples
+    # the final model (no early stopping, no best-epoch choice), on validation and then test;
+    # "metrics" are the test set's, "val_metrics" the validation split's (None without one)
+    bayes = is_bayesian(optimizer) and opts.samples > 0
+    for name in ("mean", "predictive") if bayes else ("mean",):
+        ev: Dict[str, Any] = {}
+        for split, x, y in (("val", data.x_val, data.y_val), ("test", data.x_test, data.y_test)):
+            if x is None:
+                ev["val_metrics"] = None
+                continue
+            if name == "mean":
+                probs = predict_probs(model, x, opts.eval_batch_size)
+            else:
+                probs = posterior_predictive(optimizer, model, x, opts.samples, spec.seed,
+                                             opts.eval_batch_size)
+            if split == "val":
+                ev["val_metrics"] = metrics.all_metrics(probs, y)
+            else:
+                ev.update(_evaluate(probs, y))
+        if name == "predictive":
+            ev["samples"] = opts.samples
+        result["predictors"][name] = ev
     if opts.keep_state:  # final weights (tests compare runs bit for bit)
         result["state"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return result

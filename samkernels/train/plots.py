@@ -50,14 +50,15 @@ def learning_curves(results: Dict[str, Any], path: str) -> None:
 
 
 def learning_curves_figure(results: Dict[str, Any]):
-    """The learning-curve figure (training loss, accuracy of the mean weights per epoch)."""
+    """The learning-curve figure: training loss and validation accuracy of the mean weights per
+    epoch (the test set is not evaluated during training)."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     for label, runs in _groups(results).items():
         ax_loss.plot(*_mean_curves(runs, "train_loss"), label=label)
-        e, acc = _mean_curves(runs, "test_acc")
+        e, acc = _mean_curves(runs, "val_acc")
         ax_acc.plot(e, [100 * a for a in acc], label=label)
     ax_loss.set(xlabel="epoch", ylabel="training loss (first pass)", yscale="log")
-    ax_acc.set(xlabel="epoch", ylabel="test accuracy % (mean weights)")
+    ax_acc.set(xlabel="epoch", ylabel="validation accuracy % (mean weights)")
     for ax in (ax_loss, ax_acc):  # epochs are whole numbers: no 1.25, 1.5 ticks on short runs
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_acc.legend(fontsize=8)
@@ -159,8 +160,6 @@ def sweep(results: Dict[str, Any], path: str) -> None:
         ax_nll.set_xscale("log")
     ax_acc.set(xlabel=key, ylabel="test accuracy %")
     ax_nll.set(xlabel=key, ylabel="test NLL")
-    for ax in (ax_loss, ax_acc):  # epochs are whole numbers: no 1.25, 1.5 ticks on short runs
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_acc.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -98,6 +98,9 @@ def _check_run_options(cfg: TrainConfig) -> None:
               ("--test-subset", cfg.test_subset, 1), ("--threads", cfg.threads, 1),
               ("--stop-after", cfg.stop_after, 1)]
     checks += [("--hidden", h, 1) for h in (cfg.hidden or [])]
+    if isinstance(cfg.val_fraction, bool) or not isinstance(cfg.val_fraction, (int, float)) \
+            or not 0 <= cfg.val_fraction < 1:
+        raise ConfigError(f"--val-fraction must be in [0, 1), got {cfg.val_fraction!r}")
     for flag, value, low in checks:
         if value is not None and (not _is_int(value) or value < low):
             raise ConfigError(f"{flag} must be an integer >= {low}, got {value!r}")
@@ -307,14 +310,19 @@ def _run(cfg, preset, data_name, model, hidden, specs, device, log, started) -> 
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     data: DataSet = load_dataset(data_name, cfg.data_dir, cfg.download)
-    data = data.subset(cfg.train_subset, cfg.test_subset).to(device)
+    data = data.subset(cfg.train_subset, cfg.test_subset)
+    try:
+        data = data.split_validation(cfg.val_fraction).to(device)
+    except ValueError as err:
+        raise ConfigError(f"--val-fraction {cfg.val_fraction}: {err}")
     threads = cfg.threads
     if threads is None and device.type == "cpu" and _small(model, hidden, data):
         threads = 1  # small models: thread start-up costs more than it saves (and hurts under load)
     if threads:
         torch.set_num_threads(threads)
-    log(f"{PRETTY_DATA.get(data.name, data.name)}: {data.x_train.shape[0]} train / "
-        f"{data.x_test.shape[0]} test, model {model_name(model, hidden)}, "
+    n_val = 0 if data.x_val is None else data.x_val.shape[0]
+    log(f"{PRETTY_DATA.get(data.name, data.name)}: {data.x_train.shape[0]} train / {n_val} "
+        f"validation / {data.x_test.shape[0]} test, model {model_name(model, hidden)}, "
         f"{preset_label(preset.name, preset.data, data.name)}, "
         f"{len(specs)} run(s) on {device} ({torch.get_num_threads()} thread(s))")
 
@@ -329,7 +337,9 @@ def _run(cfg, preset, data_name, model, hidden, specs, device, log, started) -> 
 
     results = {"config": cfg.to_dict(),
                "preset": {"name": preset.name, "source": preset.source, "data": preset.data},
-               "data": data.name, "model": model, "hidden": list(hidden) if hidden else None,
+               "data": data.name, "model": model,
+               "sizes": {"train": data.x_train.shape[0], "val": n_val, "test": data.x_test.shape[0]},
+               "hidden": list(hidden) if hidden else None,
                "device": str(device), "threads": torch.get_num_threads(),
                "torch": torch.__version__,
                "wall_seconds": time.perf_counter() - started,
@@ -389,11 +399,33 @@ def summarize(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         for metric in METRICS:
             mean, std = _mean_std([m["predictors"][predictor]["metrics"][metric] for m in members])
             row[metric], row[metric + "_std"] = mean, std
+            vals = [(m["predictors"][predictor].get("val_metrics") or {}).get(metric)
+                    for m in members]
+            row["val_" + metric], _ = _mean_std(vals)
         for t in ("steps_per_s", "optimizer_share"):
             row[t], _ = _mean_std([m["throughput"][t] for m in members])
         row["complete"] = all(m["complete"] for m in members)
+        row["selected"] = None
         rows.append(row)
+    _select(rows)
     return rows
+
+
+def _select(rows: List[Dict[str, Any]]) -> None:
+    """Per (optimizer, predictor) of a sweep, mark the sweep value with the best mean validation
+    accuracy over seeds (``selected`` True; others False; the first wins ties; rows outside a
+    sweep or without a validation split keep None).  Only validation numbers enter the choice."""
+    groups: Dict[Tuple[str, str], List[Dict[str, Any]]] = {}
+    for row in rows:
+        if row["sweep"]:
+            groups.setdefault((row["optimizer"], row["predictor"]), []).append(row)
+    for members in groups.values():
+        scored = [r for r in members if math.isfinite(r["val_accuracy"])]
+        if not scored:
+            continue
+        best = max(scored, key=lambda r: r["val_accuracy"])  # max keeps the first of equals
+        for r in members:
+            r["selected"] = r is best
 
 
 def _fmt(mean: float, std: float, nseeds: int, digits: int, scale: float = 1.0) -> str:
@@ -407,8 +439,8 @@ def format_table(results: Dict[str, Any]) -> str:
     """The bSAM paper's Table 1 layout: accuracy (%), NLL, ECE, AUROC, mean(std) over seeds, plus
     throughput (steps/s, optimizer's share of step time)."""
     rows = results["summary"]
-    head = (f"{'method':<40} {'accuracy % ↑':>14} {'NLL ↓':>14} {'ECE ↓':>16} {'AUROC ↑':>14} "
-            f"{'steps/s':>8} {'opt %':>6}")
+    head = (f"{'method':<40} {'val acc %':>9} {'accuracy % ↑':>14} {'NLL ↓':>14} {'ECE ↓':>16} "
+            f"{'AUROC ↑':>14} {'steps/s':>8} {'opt %':>6}")
     name = PRETTY_DATA.get(results["data"], results["data"])
     model = model_name(results["model"], results["hidden"])
     pre = preset_label(results["preset"]["name"], results["preset"].get("data"), results["data"])
@@ -426,12 +458,23 @@ def format_table(results: Dict[str, Any]) -> str:
         first = (sweep, row["optimizer"]) not in seen  # throughput once per optimizer
         seen.add((sweep, row["optimizer"]))
         speed = f"{row['steps_per_s']:8.1f} {100 * row['optimizer_share']:5.1f}%" if first else ""
-        label = row["label"] + ("" if row["complete"] else " [incomplete]")
-        lines.append(f"{label:<40} {_fmt(row['accuracy'], row['accuracy_std'], n, 2, 100):>14} "
+        label = ("* " if row.get("selected") else "") + row["label"] + (
+            "" if row["complete"] else " [incomplete]")
+        val = f"{100 * row['val_accuracy']:.2f}" if math.isfinite(row["val_accuracy"]) else "n/a"
+        lines.append(f"{label:<40} {val:>9} "
+                     f"{_fmt(row['accuracy'], row['accuracy_std'], n, 2, 100):>14} "
                      f"{_fmt(row['nll'], row['nll_std'], n, 3):>14} "
                      f"{_fmt(row['ece'], row['ece_std'], n, 4):>16} "
                      f"{_fmt(row['auroc'], row['auroc_std'], n, 3):>14} {speed}")
     seeds = rows[0]["seeds"] if rows else []
+    sizes = results.get("sizes")
+    if sizes:
+        lines.append(f"val acc: the mean weights' / predictive's accuracy on {sizes['val']} "
+                     f"validation examples held out of the training data; the other columns: "
+                     f"{sizes['test']} test examples, final model (no early stopping)")
+    if any(row.get("selected") for row in rows):
+        lines.append("* the sweep value picked per method on mean validation accuracy "
+                     "(the test columns played no part)")
     lines.append(f"seeds: {', '.join(map(str, seeds))}; mean(std) over seeds; ECE with 20 bins; "
                  f"wall time {results['wall_seconds']:.1f} s")
     return "\n".join(lines)
@@ -449,22 +492,26 @@ def write_outputs(results: Dict[str, Any], out: str, plots: bool = True) -> None
     with open(os.path.join(out, "runs.csv"), "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["key", "optimizer", "label", "seed", "sweep", "predictor", *METRICS,
+                    *(f"val_{k}" for k in METRICS),
                     "epochs_done", "steps_per_s", "optimizer_share", "train_seconds"])
         for r in results["runs"]:
             for predictor, ev in r["predictors"].items():
                 w.writerow([r["key"], r["optimizer"], predictor_label(r, predictor), r["seed"],
                             json.dumps(r["sweep"]), predictor,
-                            *(ev["metrics"][k] for k in METRICS), r["epochs_done"],
+                            *(ev["metrics"][k] for k in METRICS),
+                            *((ev.get("val_metrics") or {}).get(k) for k in METRICS),
+                            r["epochs_done"],
                             r["throughput"]["steps_per_s"], r["throughput"]["optimizer_share"],
                             r["throughput"]["train_seconds"]])
     with open(os.path.join(out, "summary.csv"), "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["optimizer", "label", "predictor", "sweep", "seeds",
                     *(f"{k}{s}" for k in METRICS for s in ("", "_std")),
-                    "steps_per_s", "optimizer_share"])
+                    *(f"val_{k}" for k in METRICS), "selected", "steps_per_s", "optimizer_share"])
         for row in results["summary"]:
             w.writerow([row["optimizer"], row["label"], row["predictor"], json.dumps(row["sweep"]),
                         len(row["seeds"]), *(row[k + s] for k in METRICS for s in ("", "_std")),
+                        *(row["val_" + k] for k in METRICS), row["selected"],
                         row["steps_per_s"], row["optimizer_share"]])
     with open(os.path.join(out, "table.txt"), "w") as fh:
         fh.write(format_table(results) + "\n")
