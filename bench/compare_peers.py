@@ -14,7 +14,7 @@ davda54's ``sam.py`` is loaded from the path given.  Sections (each prints its o
   norm        the dtype of each global gradient norm, its error in float64, fp32 overflow
   float64     samkernels vs each peer after N steps, float64: SAM-SGD, ASAM (eta = 0), SAM-Adam
   bsam        one bSAM step on a quadratic, float64: each recorded quantity vs Algorithm 1 of
-              Moellenhoff & Khan (2023) (docs: SPEC's bSAM section) and vs the peer's own formula
+              Moellenhoff & Khan (2023) (docs: docs/spec.md's bSAM section) and vs the peer's own formula
   speed       CPU time per training step on a small MLP (interleaved rounds, ratio medians)
 
 ``--skip speed`` etc. leave sections out; ``--threads`` sets torch's intra-op threads (default 1:

@@ -68,7 +68,7 @@ def test_bsam_m_sharpness_matches_hand_written():
     w = [p.detach().clone() for p in model.parameters()]
     s = [torch.ones_like(t) for t in w]
     h_sum, ge_sum = [torch.zeros_like(t) for t in w], [torch.zeros_like(t) for t in w]
-    for i in range(m):  # SPEC: lines 1-4 per micro-batch, own noise (noise step i)
+    for i in range(m):  # docs/spec.md: lines 1-4 per micro-batch, own noise (noise step i)
         z = [ref.philox_normal(opt._extra_state["seed"], i, k, t.numel()).view_as(t) for k, t in enumerate(w)]
         theta = [a + zz / torch.sqrt(N * ss) for a, zz, ss in zip(w, z, s)]
         g = grads_at(model, theta, x[i::m], y[i::m])

@@ -537,7 +537,7 @@ def micro_closure(opt, model, x, y, m, after_backward=None):
 @pytest.mark.parametrize("var_step", ["log", "linear"])
 @pytest.mark.parametrize("m", [1, 3])
 def test_vsam_m_sharpness_matches_hand_reference(backend, var_step, m):
-    """SPEC m-sharpness for VSAM (Alg. 3): per micro-batch g_i at mu, e_i = sqrt(p) Sigma g_i /
+    """docs/spec.md m-sharpness for VSAM (Alg. 3): per micro-batch g_i at mu, e_i = sqrt(p) Sigma g_i /
     sqrt(g_i^T Sigma g_i) with the same pre-step Sigma, gradient at mu + e_i; one SGD step with the
     mean of those, and one Sigma step of eq. 42 with the data term averaged over the micro-batches
     (autograd on u = log Sigma with the g_i fixed).  m = 1 is the plain VSAM step.  Two steps, so
@@ -615,7 +615,7 @@ def test_vsam_m_sharpness_sigma_step_is_not_the_mean_of_the_steps():
 @pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_ext)])
 def test_randomsam_m_sharpness_matches_hand_reference(backend):
     """Micro-batch i of the step that starts at counter c draws z_i = philox(seed, c + i); the
-    gradients at mu + sigma z_i on the micro-batches are averaged; one SGD step (SPEC)."""
+    gradients at mu + sigma z_i on the micro-batches are averaged; one SGD step (docs/spec.md)."""
     m, sigma, seed, lr, mom, wd = 3, 0.05, 11, 0.1, 0.9, 5e-4
     model = mlp()
     x, y = data()

@@ -1,5 +1,5 @@
 """SAM / ASAM / BSAM end to end: trajectories of the fused CPU backend against the reference
-backend, the bSAM worked example of SPEC.md, noise statistics and reproducibility, argument errors,
+backend, the bSAM worked example of docs/spec.md, noise statistics and reproducibility, argument errors,
 exception safety, and the posterior API."""
 import copy
 import io
@@ -62,7 +62,7 @@ def test_trajectory_cpu_matches_reference(name):
 @pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_ext)])
 @pytest.mark.parametrize("order,want", [("paper", 0.878095047923), ("released", 0.8779)])
 def test_bsam_worked_example(backend, order, want):
-    """SPEC.md: L = w^2, omega = 1, s = 1, N = 100, rho = 0.01, z = 0.5, delta = 0.4, lr 0.5."""
+    """docs/spec.md: L = w^2, omega = 1, s = 1, N = 100, rho = 0.01, z = 0.5, delta = 0.4, lr 0.5."""
     w = torch.nn.Parameter(torch.tensor([1.0], dtype=torch.float64))
     opt = BSAM([w], lr=0.5, num_data=100, rho=0.01, weight_decay=0.4, gamma=0.1, update_order=order)
     with samkernels.use_backend(backend):

@@ -1,4 +1,4 @@
-// BiSAM ascent loss Q (paper eq. 11/14, SPEC.md "BiSAM"), forward and gradient fused, CPU kernel.
+// BiSAM ascent loss Q (paper eq. 11/14, docs/spec.md "BiSAM"), forward and gradient fused, CPU kernel.
 //
 //   z_j = mu * phi(F_j),  F_j = f_j - f_y          (F_y = 0, phi(0) = 0)
 //   loss_row = (1/mu) * logsumexp_j(z_j) - log(K)/mu

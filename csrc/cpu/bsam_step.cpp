@@ -1,4 +1,4 @@
-// bSAM phases on the CPU (Algorithm 1 of Möllenhoff & Khan 2022; SPEC lines 1-7):
+// bSAM phases on the CPU (Algorithm 1 of Möllenhoff & Khan 2022; docs/spec.md lines 1-7):
 //   bsam_noise_    line 1:     backup <- omega, w <- omega + z / sqrt(N s)   (Philox noise)
 //   bsam_perturb_  lines 3, 5: w <- omega + rho g / s, then s update (or accumulate sqrt(s)|g|)
 //   bsam_update_   lines 5-7:  momentum and mean update, w <- omega

@@ -1,4 +1,4 @@
-// SAM / ASAM phases on the CPU (SPEC "SAM family"): global gradient norm, perturbation with backup,
+// SAM / ASAM phases on the CPU (docs/spec.md "SAM family"): global gradient norm, perturbation with backup,
 // and restore fused with the base optimizer's update (SGD with momentum, Adam, AdamW).
 // Semantics: samkernels/ops/reference.py.  Each element is read and written once per phase.
 #include <torch/library.h>

@@ -1,5 +1,5 @@
 // MFVI-family phases on the CPU (Ujváry et al., "Rethinking SAM as Variational Inference";
-// SPEC "MFVI family"):
+// docs/spec.md "MFVI family"):
 //   vi_noise_      RandomSAM Alg. 1 / MFVI Alg. 2 line 3: backup <- mu, w <- mu + std z (Philox)
 //   mfvi_update_   MFVI Alg. 2 lines 4-5: mean step (KL/N, momentum) and log-variance step, with z
 //                  regenerated from the counter instead of stored

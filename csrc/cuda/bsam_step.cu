@@ -1,4 +1,4 @@
-// bSAM phases on CUDA (SPEC "Bayesian SAM, bSAM", Algorithm 1 lines 1-7; reference.py
+// bSAM phases on CUDA (docs/spec.md "Bayesian SAM, bSAM", Algorithm 1 lines 1-7; reference.py
 // bsam_noise_, bsam_perturb_, bsam_update_).  Torch-free: the glue in ops_cuda.cpp passes raw
 // pointers.
 #include "cuda/multi_tensor.cuh"
@@ -9,7 +9,7 @@ namespace cuda {
 namespace {
 
 // ---------------------------------------------------------------------------------------------
-// SPEC bSAM line 1: backup <- omega;  w <- theta = omega + z / sqrt(N s),  z ~ N(0, I) from the
+// docs/spec.md bSAM line 1: backup <- omega;  w <- theta = omega + z / sqrt(N s),  z ~ N(0, I) from the
 // shared Philox contract (philox.h): element i of parameter `pid` uses block
 // (i >> 2, pid, step_lo, step_hi) with key = seed, lane i & 3.  A group starts at a multiple of
 // kGroup (>= 4, a multiple of 4), so it covers kGroup / 4 whole Philox blocks: one call gives the
@@ -45,7 +45,7 @@ struct BsamNoiseOp {
 };
 
 // ---------------------------------------------------------------------------------------------
-// SPEC bSAM line 3: w <- omega + rho g / s (s from before line 5), and line 5,
+// docs/spec.md bSAM line 3: w <- omega + rho g / s (s from before line 5), and line 5,
 // s <- beta2 s + (1 - beta2)(sqrt(s)|g| + delta + gamma), in place when there are no accums;
 // with accums, accum += sqrt(s)|g| and line 5 waits for bsam_update_.
 // Lists: 0 params, 1 grads, 2 backups, 3 precisions, 4 accums.
@@ -77,7 +77,7 @@ struct BsamPerturbOp {
 };
 
 // ---------------------------------------------------------------------------------------------
-// SPEC bSAM lines 5-7 with g_eps = grads:
+// docs/spec.md bSAM lines 5-7 with g_eps = grads:
 //   [accums] s <- beta2 s + (1 - beta2)(accum * accum_scale + delta + gamma)
 //   gm <- beta1 gm + (1 - beta1)(g_eps + delta omega);  w <- omega - lr gm / s
 // (s from line 5, or the old s with released_order: the authors' JAX order).

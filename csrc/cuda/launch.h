@@ -76,16 +76,16 @@ cudaError_t launch_sam_restore_adam(const Group& g, double lr, double step_size,
                                     double beta1, double beta2, double eps, double weight_decay,
                                     bool decoupled, const float* found_inf, cudaStream_t stream);
 
-// bsam_noise_ (SPEC bSAM line 1).  Lists: 0 params, 1 backups, 2 precisions; tags = param ids.
+// bsam_noise_ (docs/spec.md bSAM line 1).  Lists: 0 params, 1 backups, 2 precisions; tags = param ids.
 cudaError_t launch_bsam_noise(const Group& g, uint64_t seed, uint64_t step, double num_data,
                               cudaStream_t stream);
 
-// bsam_perturb_ (SPEC bSAM lines 3 and 5).  Lists: 0 params, 1 grads, 2 backups, 3 precisions,
+// bsam_perturb_ (docs/spec.md bSAM lines 3 and 5).  Lists: 0 params, 1 grads, 2 backups, 3 precisions,
 // 4 accums (nullptr: no accumulation, line 5 runs here).
 cudaError_t launch_bsam_perturb(const Group& g, double rho, double beta2, double delta, double gamma,
                                 const float* found_inf, cudaStream_t stream);
 
-// bsam_update_ (SPEC bSAM lines 5-7).  Lists: 0 params, 1 grads, 2 backups, 3 precisions,
+// bsam_update_ (docs/spec.md bSAM lines 5-7).  Lists: 0 params, 1 grads, 2 backups, 3 precisions,
 // 4 momenta, 5 accums (nullptr: line 5 already ran in bsam_perturb_).
 cudaError_t launch_bsam_update(const Group& g, double lr, double beta1, double beta2, double delta,
                                double gamma, double accum_scale, bool released_order,

@@ -1,4 +1,4 @@
-// SAM / ASAM phases on CUDA (SPEC "SAM family"; reference.py grad_sumsq, sam_perturb_,
+// SAM / ASAM phases on CUDA (docs/spec.md "SAM family"; reference.py grad_sumsq, sam_perturb_,
 // sam_restore_sgd_, sam_restore_adam_).  Torch-free: the glue in ops_cuda.cpp passes raw pointers.
 #include "cuda/multi_tensor.cuh"
 
@@ -8,7 +8,7 @@ namespace {
 
 // ---------------------------------------------------------------------------------------------
 // grad_sumsq, stage 1: one float64 partial of sum (T g)^2 per chunk, T = |w| + eta for ASAM
-// (SPEC SAM table, ASAM row).  No atomics: each block owns its slot (KERNEL-NOTES "Global L2").
+// (docs/spec.md SAM table, ASAM row).  No atomics: each block owns its slot, a second launch sums the slots.
 // Squares are formed in opmath, the K of one group summed in opmath and added in float64.
 // ---------------------------------------------------------------------------------------------
 template <typename P, class Tab>
@@ -71,7 +71,7 @@ cudaError_t sumsq_sized(const Group& g, double* partials, int64_t first_block, b
 
 // ---------------------------------------------------------------------------------------------
 // sam_perturb_: backup <- w;  w <- w + e,  e = rho g / (||g|| + eps)  or (ASAM)
-// e = rho T^2 g / (||T g|| + eps)  (SPEC SAM table).  Lists: 0 params, 1 grads, 2 backups.
+// e = rho T^2 g / (||T g|| + eps)  (docs/spec.md SAM table).  Lists: 0 params, 1 grads, 2 backups.
 // The norm is read from device memory: no host sync.
 // ---------------------------------------------------------------------------------------------
 template <typename P_>
@@ -106,7 +106,7 @@ struct SamPerturbOp {
 };
 
 // ---------------------------------------------------------------------------------------------
-// sam_restore_sgd_: w <- backup, then torch.optim.SGD with g_e (SPEC SAM table, second step).
+// sam_restore_sgd_: w <- backup, then torch.optim.SGD with g_e (docs/spec.md SAM table, second step).
 // Lists: 0 params (written), 1 grads, 2 backups, 3 momentum_bufs.
 // ---------------------------------------------------------------------------------------------
 template <typename P_>

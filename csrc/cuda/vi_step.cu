@@ -1,4 +1,4 @@
-// MFVI-family phases on CUDA (Ujváry et al., "Rethinking SAM as Variational Inference"; SPEC "MFVI
+// MFVI-family phases on CUDA (Ujváry et al., "Rethinking SAM as Variational Inference"; docs/spec.md "MFVI
 // family"; reference_vi.py vi_noise_, mfvi_update_, vsam_sumsq, vsam_perturb_):
 //   vi_noise_      RandomSAM Alg. 1 / MFVI Alg. 2 line 3: backup <- mu, w <- mu + std z (Philox)
 //   mfvi_update_   MFVI Alg. 2 lines 4-5, z regenerated from the counter instead of stored

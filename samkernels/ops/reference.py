@@ -105,7 +105,7 @@ def grad_sumsq(params: Sequence[Tensor], grads: Sequence[Tensor], adaptive: bool
 def sam_perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
                  grad_norm: Optional[Tensor], rho: float, eps: float, adaptive: bool, eta: float,
                  found_inf: Optional[Tensor] = None) -> Tensor:
-    """SPEC SAM row: e = rho g / (||g|| + eps); ASAM: e = rho T^2 g / (||T g|| + eps).  w <- w + e.
+    """docs/spec.md SAM row: e = rho g / (||g|| + eps); ASAM: e = rho T^2 g / (||T g|| + eps).  w <- w + e.
 
     ``grad_norm`` is the global norm when the optimizer has several groups; None computes it here.
     Returns the norm.
@@ -172,7 +172,7 @@ def sam_restore_adam_(params: List[Tensor], grads: List[Tensor], backups: List[T
 
 
 # ---------------------------------------------------------------------------------------------
-# bSAM (Algorithm 1; SPEC lines 1-7)
+# bSAM (Algorithm 1; docs/spec.md lines 1-7)
 # ---------------------------------------------------------------------------------------------
 def bsam_noise_(params: List[Tensor], backups: List[Tensor], precisions: List[Tensor],
                 param_ids: List[int], seed: int, step: int, num_data: float) -> None:

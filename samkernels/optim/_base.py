@@ -101,7 +101,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
     Distributed data parallel (``ddp_model=model``, the ``DistributedDataParallel`` wrapper): in
     ``step(closure)`` the ascent pass runs under ``model.no_sync()``, so each rank perturbs with
     the gradient of its own shard, and the second pass all-reduces as usual.  That is m-sharpness
-    with m = world size, micro-batch r = rank r's shard (SPEC), at one all-reduce per step.  The
+    with m = world size, micro-batch r = rank r's shard (docs/spec.md), at one all-reduce per step.  The
     inf/NaN decision of the ascent pass is agreed over the ranks (one 4-byte all-reduce).  For
     explicit phases run the first backward under ``model.no_sync()`` yourself.  Without
     ``ddp_model`` both passes all-reduce: SAM on the global batch (m = 1), two all-reduces a step.

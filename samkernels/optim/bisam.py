@@ -1,5 +1,5 @@
 """BiSAM, A-BiSAM and E-BiSAM (Xie et al., "Improving SAM requires rethinking its optimization
-formulation", Alg. 1-3; SPEC "BiSAM").
+formulation", Alg. 1-3; docs/spec.md "BiSAM").
 
 BiSAM is SAM whose two passes use different losses: the perturbation is built from the gradient of
 the ascent loss Q (eq. 14, ``samkernels.ops.bisam_loss.bisam_loss``), the update from the gradient
@@ -155,7 +155,7 @@ class EBiSAM(BiSAM):
 
     Args (besides BiSAM's, without ``adaptive``):
         beta: SWP: each coordinate is perturbed with probability ``beta`` and the perturbation is
-            scaled by ``1/(1 - beta)`` (Alg. 3 lines 4-5 and SPEC agree).  The mask comes from the
+            scaled by ``1/(1 - beta)`` (Alg. 3 lines 4-5 and docs/spec.md agree).  The mask comes from the
             Philox counter (seed + step) and is never stored.
         gamma: SDS: the fraction of the batch kept for the second pass.
         normalize: ``True`` (default) perturbs by ``rho/(1-beta) grad_i Q / ||grad Q||`` (BiSAM's
@@ -163,7 +163,7 @@ class EBiSAM(BiSAM):
             line 5 prints ``rho/(1-beta) grad_i Q`` without the norm; ``False`` follows it literally.
         seed: int, torch.Generator or None — the key of the mask noise.
 
-    Note (SPEC vs paper): both say "chosen with probability beta, scaled by 1/(1-beta)"; that makes
+    Note (docs/spec.md vs paper): both say "chosen with probability beta, scaled by 1/(1-beta)"; that makes
     E[e] = beta/(1-beta) e_BiSAM, unbiased only at the paper's beta = 0.5 (a dropout-style mask
     would keep with probability 1-beta).  We follow the Algorithm box.
 

@@ -1,4 +1,4 @@
-"""Bayesian SAM (Möllenhoff & Khan 2022, Algorithm 1; SPEC "Bayesian SAM").
+"""Bayesian SAM (Möllenhoff & Khan 2022, Algorithm 1; docs/spec.md "Bayesian SAM").
 
 Three phases per step, each one fused op per parameter group:
   ``noise_step``   line 1      theta = omega + z / sqrt(N s)   (Philox noise from seed + counter)
@@ -259,7 +259,7 @@ class BSAM(TwoPassOptimizer):
     def step(self, closure: Optional[Callable] = None, m: int = 1, *, scaler=None):
         """One bSAM step: closure at theta (noisy), then at omega + eps.  Returns the first loss.
 
-        ``closure(ascent)`` may take the pass flag as SAM's does.  m-sharpness (``m > 1``, SPEC):
+        ``closure(ascent)`` may take the pass flag as SAM's does.  m-sharpness (``m > 1``, docs/spec.md):
         lines 1-4 run per micro-batch ``i`` (``closure(i)`` or ``closure(i, ascent)``) with its own
         noise and perturbation; sqrt(s)|g| and g_eps are averaged over the micro-batches before
         lines 5-7.  Returns the mean first-pass loss.  ``scaler``: as in ``SAM.step``."""

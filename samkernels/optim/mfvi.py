@@ -1,5 +1,5 @@
 """Mean-field variational inference (Ujváry et al., "Rethinking SAM as Variational Inference",
-Alg. 2; SPEC "MFVI family").
+Alg. 2; docs/spec.md "MFVI family").
 
 Posterior q(theta) = N(mu, diag(Sigma)); the weights hold mu.  Loss (eq. 5):
 E_q L_B(theta) + KL[q || N(0, prior_var I)] / N.  One forward/backward per step, two fused ops:

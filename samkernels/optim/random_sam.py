@@ -1,5 +1,5 @@
 """RandomSAM (Ujváry et al., "Rethinking SAM as Variational Inference", Alg. 1: variational
-optimisation; SPEC "MFVI family").
+optimisation; docs/spec.md "MFVI family").
 
 One forward/backward per step, at a Gaussian perturbation of fixed scale:
   ``noise_step``   Alg. 1 lines 2-3: w <- mu + sigma0 z   (Philox noise from seed + counter)
@@ -116,7 +116,7 @@ class RandomSAM(TwoPassOptimizer):
 
     ``second_step`` without ``noise_step`` raises; ``base_step()`` is the plain base step (no noise).
 
-    m-sharpness (``step(closure, m)``, SPEC "split the batch into m micro-batches, each with its
+    m-sharpness (``step(closure, m)``, docs/spec.md "split the batch into m micro-batches, each with its
     own perturbation; average the m second-pass gradients, one update"): micro-batch ``i``
     (``closure(i)`` or ``closure(i, ascent)``) gets its own noise draw, counter ``c + i`` for a
     step that starts at counter ``c`` (which then ends at ``c + m``, as BSAM's); the m gradients
@@ -211,7 +211,7 @@ class RandomSAM(TwoPassOptimizer):
         if self.rho_schedule is None and group["sigma"] is not None:
             return group["sigma"]
         rho = self._rho(group) if self.rho_schedule is not None else group["rho"]
-        # Sigma = rho^2/p I (SPEC, the paper's RandomSAM): sigma0 = rho / sqrt(p)
+        # Sigma = rho^2/p I (docs/spec.md, the paper's RandomSAM): sigma0 = rho / sqrt(p)
         return rho / math.sqrt(sum(p.numel() for g in self.param_groups for p in g["params"]))
 
     @torch.no_grad()
@@ -295,7 +295,7 @@ class RandomSAM(TwoPassOptimizer):
                 losses.append(self._run_pass(closure, True, micro=i))
                 self._accumulate_grads(first=i == 0)
                 self._restore_weights()  # back to mu for the next draw
-            # the mean of the m gradients, then one base-optimizer update (SPEC m-sharpness)
+            # the mean of the m gradients, then one base-optimizer update (docs/spec.md m-sharpness)
             self._load_accumulated_grads(1.0 / m)
             self.second_step(scaler=scaler)
         return mean_loss(losses)

@@ -49,7 +49,7 @@ class SAM(TwoPassOptimizer):
     Args:
         params: parameters or parameter groups.
         lr: learning rate of the base optimizer.
-        rho: neighbourhood radius (SPEC: ``e = rho g / (||g|| + eps)``); ``rho = 0`` is exactly the
+        rho: neighbourhood radius (docs/spec.md: ``e = rho g / (||g|| + eps)``); ``rho = 0`` is exactly the
             base optimizer.
         base: ``"sgd"`` (momentum, dampening, nesterov, weight_decay as ``torch.optim.SGD``),
             ``"adam"`` (L2 weight decay) or ``"adamw"`` (decoupled weight decay).  Groups hold

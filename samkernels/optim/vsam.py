@@ -1,5 +1,5 @@
 """VariationalSAM (Ujváry et al., "Rethinking SAM as Variational Inference", Alg. 3 and App. E;
-SPEC "MFVI family").
+docs/spec.md "MFVI family").
 
 SAM's worst-case perturbation inside the ellipsoid of a learned diagonal covariance Sigma:
   ``first_step``   Alg. 3 lines 2-3, 6-7: e = sqrt(p) Sigma g / sqrt(g^T Sigma g) (eq. 2; the
@@ -139,7 +139,7 @@ class VariationalSAM(GaussianPosterior, TwoPassOptimizer):
         out = []
         for p in ps:
             st = self.state[p]
-            if "variance" not in st:  # Sigma_0 = rho^2/p I (SPEC; perturbation norm ~ rho)
+            if "variance" not in st:  # Sigma_0 = rho^2/p I (docs/spec.md; perturbation norm ~ rho)
                 st["variance"] = torch.full_like(p, group["rho"] ** 2 / self._total_numel(),
                                                  dtype=opmath(p))
             out.append(st["variance"])
@@ -289,7 +289,7 @@ class VariationalSAM(GaussianPosterior, TwoPassOptimizer):
         """One VSAM step: closure at mu, then at mu + e.  Returns the first loss.  ``scaler``: a
         GradScaler whose ``scale(loss).backward()`` the closure calls (``scaler.update()`` after).
 
-        m-sharpness (``m > 1``; SPEC: "split the batch into m micro-batches, each with its own
+        m-sharpness (``m > 1``; docs/spec.md: "split the batch into m micro-batches, each with its own
         perturbation; average the m second-pass gradients, one update"): the closure is called as
         ``closure(i)`` / ``closure(i, ascent)`` for micro-batch ``i``.  Per micro-batch: first pass
         at mu -> g_i -> e_i = sqrt(p) Sigma g_i / sqrt(g_i^T Sigma g_i) (eq. 2, its own norm) ->

@@ -1,4 +1,4 @@
-"""Triton kernels for the bSAM phases (SPEC "Bayesian SAM", Algorithm 1 lines 1-7; reference.py:
+"""Triton kernels for the bSAM phases (docs/spec.md "Bayesian SAM", Algorithm 1 lines 1-7; reference.py:
 bsam_noise_, bsam_perturb_, bsam_update_).  One launch per dtype group and phase:
 
   bsam_noise_    line 1       reads w, s;            writes backup, w = omega + z / sqrt(N s)

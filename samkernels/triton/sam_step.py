@@ -1,4 +1,4 @@
-"""Triton kernels for the SAM / ASAM phases (SPEC "SAM family"; reference.py: grad_sumsq,
+"""Triton kernels for the SAM / ASAM phases (docs/spec.md "SAM family"; reference.py: grad_sumsq,
 sam_perturb_, sam_restore_sgd_, sam_restore_adam_).
 
 Launches per phase (G = number of dtype groups, usually 1):

@@ -1,4 +1,4 @@
-"""Triton kernels for the MFVI-family and E-BiSAM phases (SPEC "MFVI family", "BiSAM";
+"""Triton kernels for the MFVI-family and E-BiSAM phases (docs/spec.md "MFVI family", "BiSAM";
 reference_vi.py: vi_noise_, mfvi_update_, vsam_sumsq, vsam_perturb_, esam_perturb_).  One launch per
 dtype group and phase:
 
