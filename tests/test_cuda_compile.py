@@ -303,7 +303,7 @@ TORCH_FREE = CU_FILES + sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cuh"))) +
 
 @pytest.mark.parametrize("path", TORCH_FREE, ids=lambda p: os.path.basename(p))
 def test_cu_is_torch_free(path):
-    # KERNEL-NOTES "Building the extension here": .cu files including torch's CUDA headers do not
+    # The CPU build of torch lacks some of its CUDA headers: .cu files including them do not
     # compile against the CPU torch; the glue .cpp holds everything torch.
     with open(path) as f:
         src = f.read()
