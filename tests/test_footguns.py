@@ -68,6 +68,15 @@ def first_phase(opt, model, x, y):
 
 # --- 1. phase order ---------------------------------------------------------------------------
 @pytest.mark.parametrize("name", sorted(SILENT))
+
+def _resumed(ckpt, model, build):
+    """(model, optimizer, scheduler) built afresh and loaded from ckpt = their three state_dicts."""
+    model.load_state_dict(ckpt[0])
+    opt, sched = build(model)
+    opt.load_state_dict(ckpt[1])
+    sched.load_state_dict(ckpt[2])
+    return model, opt, sched
+
 def test_second_step_without_first_phase_raises_and_moves_nothing(name):
     model = net()
     opt = SILENT[name](model.parameters())
@@ -204,11 +213,7 @@ def test_sam_every_k_steps_with_scheduler_and_exact_resume():
     assert same(weights(m1), weights(m2))
     ckpt = copy.deepcopy((m1.state_dict(), o1.state_dict(), s1.state_dict()))
     run(m1, o1, s1, range(4, 8))
-    m3 = net(5)
-    m3.load_state_dict(ckpt[0])
-    o3, s3 = build(m3)
-    o3.load_state_dict(ckpt[1])
-    s3.load_state_dict(ckpt[2])
+    m3, o3, s3 = _resumed(ckpt, net(5), build)  # other initial weights: all comes from ckpt
     run(m3, o3, s3, range(4, 8))
     assert same(weights(m1), weights(m3))
 
@@ -290,11 +295,7 @@ def test_group_rho_is_the_scheduled_value_and_resume_is_exact(cls):
     assert shown[-1][0] < 0.2 and o1.param_groups[0]["initial_rho"] == 0.2
     ckpt = copy.deepcopy((m1.state_dict(), o1.state_dict(), s1.state_dict()))
     run(m1, o1, s1, range(3, 6))
-    m2 = net(9)
-    m2.load_state_dict(ckpt[0])
-    o2, s2 = build(m2)
-    o2.load_state_dict(ckpt[1])
-    s2.load_state_dict(ckpt[2])
+    m2, o2, s2 = _resumed(ckpt, net(9), build)
     assert o2.param_groups[0]["initial_rho"] == 0.2
     run(m2, o2, s2, range(3, 6))
     assert same(weights(m1), weights(m2))
