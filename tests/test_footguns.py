@@ -66,9 +66,6 @@ def first_phase(opt, model, x, y):
     backward(model, x, y)
 
 
-# --- 1. phase order ---------------------------------------------------------------------------
-@pytest.mark.parametrize("name", sorted(SILENT))
-
 def _resumed(ckpt, model, build):
     """(model, optimizer, scheduler) built afresh and loaded from ckpt = their three state_dicts."""
     model.load_state_dict(ckpt[0])
@@ -77,6 +74,9 @@ def _resumed(ckpt, model, build):
     sched.load_state_dict(ckpt[2])
     return model, opt, sched
 
+
+# --- 1. phase order ---------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(SILENT))
 def test_second_step_without_first_phase_raises_and_moves_nothing(name):
     model = net()
     opt = SILENT[name](model.parameters())
