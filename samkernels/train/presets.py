@@ -24,8 +24,9 @@ Sources (the papers listed in ``docs/spec.md`` "References"):
   (400 of the 4,000 training examples, ``--val-fraction 0.1``), seed 0, by validation accuracy
   (bSAM: of its predictive), from the grid in ``docs/fidelity.md``; the test set played no part.
   It is a small grid on 400 validation examples (one example = 0.25 points), so the values show
-  the methods working, not a tuned comparison.  ``digits`` keeps the earlier hand-picked values
-  (lr 0.2 / rho 0.1 for SAM-SGD ...), chosen on MNIST-1D's test accuracy, and was not re-picked.
+  the methods working, not a tuned comparison.  ``digits``'s were picked the same way on its own
+  validation split (144 of 1,437 training examples), seed 0; most cells tie at 140 of 144, so ties
+  in validation accuracy are broken by the lower validation NLL (grid in ``docs/fidelity.md``).
   The default run finishes in well under two minutes on two CPU cores.  The BiSAM family reuses SAM-SGD's values, as the BiSAM paper does
   (§4.1: rho "originally tuned for SAM"), with the paper's mu / alpha; these were not tuned, except
   that on ``mnist1d`` E-BiSAM, which fails on SAM's lr 0.4 / rho 0.4, takes lr 0.2 / rho 0.1 (best
@@ -103,17 +104,19 @@ _add(Preset(
     # lr / rho of sgd, sam, sam-adam, bsam: best validation accuracy of seed 0 (docs/fidelity.md);
     # adam was not in the sweep and keeps its earlier value
     hyper={"sgd": _sgd(0.4, 0.9, 4.0), "adam": _adam(1e-2, 0.9, 4.0),
-           "sam": _sgd(0.4, 0.9, 4.0, rho=0.4), "sam-adam": _adam(1e-2, 0.9, 4.0, rho=0.2),
+           "sam": _sgd(0.4, 0.9, 4.0, rho=0.4), "sam-adam": _adam(3e-2, 0.9, 4.0, rho=0.4),
            "bsam": _bsam(4.0, 0.9, 4.0, 0.005), **_bisam_family(_sgd(0.4, 0.9, 4.0, rho=0.4)),
            # E-BiSAM does not train on SAM's lr 0.4 / rho 0.4 (9.8 % on seed 0): of (0.4, 0.4),
            # (0.2, 0.1), (0.2, 0.2) lr 0.2 / rho 0.1 has the best validation accuracy (76.0 %)
            "ebisam": _bisam_family(_sgd(0.2, 0.9, 4.0, rho=0.1))["ebisam"]}))
 _add(Preset(
-    "digits", "samkernels trainer (quick CPU benchmark)", "digits", "mlp",
-    ("sgd", "sam", "sam-adam", "bsam"), epochs=30, batch_size=64, hidden=(128,),
-    hyper={"sgd": _sgd(0.2, 0.9, 4.0), "adam": _adam(1e-2, 0.9, 4.0),
-           "sam": _sgd(0.2, 0.9, 4.0, rho=0.1), "sam-adam": _adam(1e-2, 0.9, 4.0, rho=0.05),
-           "bsam": _bsam(4.0, 0.9, 4.0, 0.01), **_bisam_family(_sgd(0.2, 0.9, 4.0, rho=0.1))}))
+    "digits", "samkernels trainer (picked on the validation split, quick CPU benchmark)", "digits",
+    "mlp", ("sgd", "sam", "sam-adam", "bsam"), epochs=30, batch_size=64, hidden=(128,),
+    # lr / rho of sgd, sam, sam-adam, bsam: best validation accuracy of seed 0, ties (most cells
+    # sit at 140 of 144) broken by the lower validation NLL (docs/fidelity.md); adam keeps its value
+    hyper={"sgd": _sgd(0.4, 0.9, 4.0), "adam": _adam(1e-2, 0.9, 4.0),
+           "sam": _sgd(0.1, 0.9, 4.0, rho=0.4), "sam-adam": _adam(3e-2, 0.9, 4.0, rho=0.1),
+           "bsam": _bsam(4.0, 0.9, 4.0, 0.005), **_bisam_family(_sgd(0.1, 0.9, 4.0, rho=0.4))}))
 
 # --- bSAM paper, Table 6 (no augmentation) ----------------------------------------------------
 _add(Preset(
