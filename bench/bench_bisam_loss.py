@@ -12,7 +12,7 @@ training loss BiSAM pairs Q with; a floor for "one softmax pass"), ``naive`` (th
 bisam_loss_reference written in PyTorch ops, autograd backward).  One round: forward, then
 ``backward()`` into fresh logits' ``.grad`` (then a device sync on CUDA).
 
-Sizes B x K (the issue's): 128x10, 128x100, 8192x1000, 4096x32000, 1024x128000, on every device;
+Sizes B x K (the benchmark's five): 128x10, 128x100, 8192x1000, 4096x32000, 1024x128000, on every device;
 float32 (and bf16 on CUDA).  Fused backends: ``cpu`` on the CPU (Triton runs only interpreted
 there); ``cuda`` (when the extension has CUDA kernels) and ``triton`` on CUDA.
 
@@ -23,7 +23,7 @@ shared with other jobs slows them alike (and none always runs right after the sa
 after a parallel ATen op the OpenMP workers keep spinning for a while); the median of the rounds
 is reported.  On CUDA each round is timed
 with CUDA events.  The copy bandwidth (a large tensor copy, bytes read + written) is measured in
-the same run: the table gives each time as a fraction of it, and the target (issue 3) is >= 80 % at
+the same run: the table gives each time as a fraction of it, and the target is >= 80 % at
 large K (K >= 32000) for the fused kernels.
 """
 from __future__ import annotations
@@ -236,7 +236,7 @@ def table(res, bw=None, target_rows=()) -> str:
                      f"{r['GBps']:.2f} | {f(r['bw_fraction'])} | {f(r['x_cross_entropy'])} | "
                      f"{f(r['vs_naive'])} |")
     if target_rows:
-        lines += ["", "Targets (issue 3: fused forward + backward at large K; on the CPU dry run "
+        lines += ["", "Targets (fused forward + backward at large K; on the CPU dry run "
                   "the toy sizes stand in and prove nothing):", "",
                   "| what | measured | target | met |", "|---|---:|---|---|"]
         lines += [f"| {t['what']} | {t['measured']:.2f} | {t['target']} | "
@@ -247,7 +247,7 @@ def table(res, bw=None, target_rows=()) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default=None,
-                    help="comma-separated BxK (default: the issue's five; --dry-run: two toy sizes)")
+                    help="comma-separated BxK (default: the five benchmark sizes; --dry-run: two toy sizes)")
     ap.add_argument("--impls", default=None)
     ap.add_argument("--rounds", type=int, default=None,
                     help="rounds per implementation (default by size and device)")

@@ -59,7 +59,7 @@ SHAPES: Dict[str, Callable[[], List[Tuple[int, ...]]]] = {
 }
 GPU_SETS = ("gpt2-small", "tiny-2000", "resnet50")  # the sets with targets first
 DRY_SETS = ("resnet50-dry", "gpt2-dry", "tiny-24")
-# Which issue-3 target a shape set is judged by (the dry-run sets stand in for the real ones).
+# Which GPU target a shape set is judged by (the dry-run sets stand in for the real ones).
 ROLE = {"gpt2-small": "gpt2", "gpt2-dry": "gpt2", "tiny-2000": "tiny", "tiny-24": "tiny"}
 # Issue 3 targets (bench/report.py and bench_bisam_loss.py print measured against these).
 TARGETS = {

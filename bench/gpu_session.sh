@@ -14,7 +14,7 @@
 #   tune   samkernels.tune_backend(): CUDA vs Triton kernels on this GPU
 #   steps  bench/report.py: GPT-2-small, ResNet-50, 2,000 tiny tensors; fused CUDA / Triton
 #          (nonfinite skip_on_device and unchecked), foreach, loop; copy-bandwidth floor;
-#          launches per phase; measured vs the issue-3 targets
+#          launches per phase; measured vs the GPU targets (bench/cases.py)
 #   loss   bench/bench_bisam_loss.py: BiSAM loss forward + backward vs the copy bandwidth
 # OUTDIR receives at most 8 files (what a device lease brings back): session.log, gpu_tests.log,
 # junit.xml, steps.md, steps.json, loss.md, loss.json, summary.md.

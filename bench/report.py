@@ -14,7 +14,7 @@ the same run (a large tensor copy, bytes read + written).  Times are medians of 
 after a warm-up; on CUDA they are taken with CUDA events around each step and the inputs (the
 parameter lists) are larger than L2 except for the tiny-tensor sets.  Kernel launches per step and
 per phase are counted with the torch profiler on CUDA.  The last table compares the measurements
-with the issue-3 targets (cases.TARGETS).
+with the GPU targets (cases.TARGETS).
 """
 from __future__ import annotations
 
@@ -243,7 +243,7 @@ def markdown(header, rows, phase_rows, target_rows) -> str:
                 f"{p['x_floor']:.2f} | {'' if p['launches'] is None else p['launches']} |"
                 for p in phase_rows]
     if target_rows:
-        out += ["", "Targets (issue 3; on the CPU dry run the toy sets stand in and prove nothing):", "",
+        out += ["", "Targets (GPU; on the CPU dry run the toy sets stand in and prove nothing):", "",
                 "| what | measured | target | met |", "|---|---:|---|---|"]
         out += [f"| {t['what']} | {_f(t['measured'])} | {t['target']} | "
                 f"{'n/a' if t['met'] is None else ('yes' if t['met'] else 'NO')} |" for t in target_rows]

@@ -197,7 +197,7 @@ def test_gradcheck_triton(phi, reduction):
 @pytest.mark.parametrize("phi", ["neglog", "tanh"])
 @pytest.mark.parametrize("mu", [None, 100.0], ids=["fixed_shift", "running_max"])
 def test_cpu_wide_rows_match_float64_reference(phi, mu):
-    """K = 131072 (> the issue's 128000 classes), few rows: the CPU kernel's long-row path."""
+    """K = 131072 (> the 128000 classes of the benchmark), few rows: the CPU kernel's long-row path."""
     if _cpu_skip_reason():
         pytest.skip(_cpu_skip_reason())
     K = 131_072

@@ -56,7 +56,7 @@ OPTIMIZERS = {
     "randomsam": lambda ps: RandomSAM(ps, lr=0.1, sigma=0.05, momentum=0.9, weight_decay=5e-4, seed=3),
     "randomsam_rho_adamw": lambda ps: RandomSAM(ps, lr=1e-2, rho=0.5, base="adamw", weight_decay=1e-2,
                                                 seed=4),
-    # issue #4: any base optimizer (unfused): the noise phase is fused, the update is RMSprop's
+    # any base optimizer (unfused): the noise phase is fused, the update is RMSprop's
     "randomsam_rmsprop": lambda ps: RandomSAM(ps, lr=1e-2, sigma=0.05, base=torch.optim.RMSprop,
                                               momentum=0.9, alpha=0.95, seed=6),
     "mfvi": lambda ps: MFVI(ps, lr=0.1, num_data=N, rho=0.5, var_lr=0.05, seed=3),

@@ -112,7 +112,7 @@ def test_step_tables_have_every_implementation(session):
                 phases = [p for p in data["phases"]
                           if (p["algo"], p["shapes"], p["impl"]) == (algo, shapes, impl)]
                 assert len(phases) == (3 if algo == "bsam" else 2), (algo, shapes, impl)
-    # measured against the issue-3 targets (toy sizes here: values, not verdicts)
+    # measured against the GPU targets (toy sizes here: values, not verdicts)
     whats = [t["what"] for t in data["targets"]]
     assert any("gpt2-dry" in w and "x floor" in w for w in whats)
     assert any("tiny-24" in w and "vs foreach" in w for w in whats)

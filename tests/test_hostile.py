@@ -23,7 +23,7 @@ NAN, INF = float("nan"), float("inf")
 # name -> submodule that defines it (the samkernels.optim export is looked up first)
 FAMILY = {"SAM": "sam", "ASAM": "sam", "BSAM": "bsam", "RandomSAM": "random_sam", "MFVI": "mfvi",
           "VariationalSAM": "vsam", "BiSAM": "bisam", "EBiSAM": "bisam"}
-CORE = ("SAM", "ASAM", "BSAM")  # the others come from other issues: missing behaviour is an xfail
+CORE = ("SAM", "ASAM", "BSAM")  # the others: missing behaviour is an xfail
 KNOWN_ARGS = {"lr": 0.05, "num_data": 32}
 EXTRA = {"SAM": dict(momentum=0.9, weight_decay=1e-3), "ASAM": dict(momentum=0.9),
          "BSAM": dict(weight_decay=1e-3, rho=0.05)}

@@ -1,4 +1,4 @@
-"""The norm contract, one for every backend (issue 11 item 5).
+"""The norm contract, one for every backend.
 
 Every norm a backend computes -- ``grad_sumsq``, ``vsam_sumsq``, and the norm that
 ``sam_perturb_`` / ``vsam_perturb_`` / ``esam_perturb_`` return when they compute it -- squares and

@@ -1,4 +1,4 @@
-"""The README's ```python blocks, run top to bottom as one script (issue 16).
+"""The README's ```python blocks, run top to bottom as one script.
 
 Each block may use what the blocks before it defined, as a reader running the README would. The
 script runs in a fresh process with a fresh working directory (checkpoints, logs and the Hugging Face
