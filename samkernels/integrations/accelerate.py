@@ -20,7 +20,6 @@ the second pass needs are gone by the time the optimizer steps.  This module sup
 """
 from __future__ import annotations
 
-import inspect
 from typing import Any, Callable, Optional
 
 from . import require
@@ -29,7 +28,7 @@ require("accelerate", "accelerate")
 
 from accelerate.optimizer import AcceleratedOptimizer  # noqa: E402
 
-from ..optim._base import TwoPassOptimizer  # noqa: E402
+from ..optim._base import TwoPassOptimizer, closure_arity  # noqa: E402
 
 __all__ = ["SAMAcceleratedOptimizer", "prepare", "wrap_optimizer", "sam_step"]
 
@@ -104,16 +103,10 @@ def prepare(accelerator, *objects, **kwargs):
 
 
 def _wants_ascent(loss_fn: Callable, n_batch: int) -> bool:
-    """True when ``loss_fn`` takes a positional parameter after the batch (told ``ascent``)."""
-    try:
-        params = list(inspect.signature(loss_fn).parameters.values())
-    except (TypeError, ValueError):
-        return False
-    if any(p.kind == p.VAR_POSITIONAL for p in params):
-        return False
-    pos = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return len(pos) > n_batch and (pos[n_batch].default is inspect.Parameter.empty
-                                   or pos[n_batch].name == "ascent")
+    """True when ``loss_fn`` takes a positional parameter after the batch (told ``ascent``), by the
+    rule samkernels applies to its closures; a ``*args`` loss_fn gets the batch only."""
+    n = closure_arity(loss_fn)
+    return n is not None and n > n_batch
 
 
 def sam_step(accelerator, opt, loss_fn: Callable, *batch: Any):

@@ -54,26 +54,24 @@ def check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
 
 
-def warn_unless(ok: bool, name: str, value, meaningful: str, why: str) -> None:
-    """A UserWarning naming ``name`` when a value torch.optim would accept too is outside the range
-    where it means anything (e.g. ``momentum=1.5``: the buffer grows without bound).  Never an
-    error: values that are merely unusual stay allowed."""
-    if not ok:
-        warnings.warn(f"{name}={value!r} is outside {meaningful}: {why}", UserWarning,
-                      stacklevel=4)
+# SGD hyper-parameters torch.optim.SGD accepts outside the range where they mean anything:
+# (key, in range, the range, what happens outside it)
+_SGD_RANGES = (
+    ("momentum", lambda v: v < 1, "[0, 1)",
+     "the momentum buffer then never decays (>= 1) or grows geometrically (> 1)"),
+    ("dampening", lambda v: v <= 1, "[0, 1]",
+     "the gradient then enters the momentum buffer with the negative weight 1 - dampening"),
+)
 
 
-def warn_momentum(name: str, value) -> None:
-    """momentum (SGD's, or an EMA coefficient) >= 1: the buffer never forgets, and > 1 it grows."""
-    warn_unless(isinstance(value, (int, float)) and value < 1, name, value, "[0, 1)",
-                "the momentum buffer then never decays (>= 1) or grows geometrically (> 1)")
-
-
-def warn_dampening(value) -> None:
-    """dampening > 1: the gradient enters the momentum buffer with a negative weight (1 - d)."""
-    warn_unless(isinstance(value, (int, float)) and value <= 1, "dampening", value, "[0, 1]",
-                "the gradient then enters the momentum buffer with the negative weight "
-                "1 - dampening")
+def warn_sgd_ranges(d: dict) -> None:
+    """A UserWarning naming each SGD hyper-parameter in ``d`` (keywords or a group) that is outside
+    its meaningful range, e.g. ``momentum=1.5``.  Never an error: torch.optim.SGD accepts them."""
+    for key, ok, meaningful, why in _SGD_RANGES:
+        if key in d and not (isinstance(d[key], (int, float)) and ok(d[key])):
+            # stacklevel 3: the caller of the check (the constructor or add_param_group)
+            warnings.warn(f"{key}={d[key]!r} is outside {meaningful}: {why}", UserWarning,
+                          stacklevel=3)
 
 
 def draw_seed(seed: SeedLike) -> int:
@@ -672,18 +670,18 @@ def _nonfinite_flag(grads: List[Tensor]) -> Tensor:
     return flags[0] if len(flags) == 1 else torch.stack(flags).sum(0)
 
 
-def _n_positional(fn: Callable) -> int:
-    """How many positional arguments to pass ``fn`` (2 for *args): its positional parameters
-    without a default, plus one defaulted parameter named ``ascent`` right after them.  Other
-    defaulted parameters are the closure's own (``def closure(inputs=x)``) and get nothing, so
-    they are not overwritten with the pass flag."""
+def closure_arity(fn: Callable) -> Optional[int]:
+    """How many positional arguments a closure takes by samkernels' rule, None for ``*args``: its
+    positional parameters without a default, plus one defaulted parameter named ``ascent`` right
+    after them.  Other defaulted parameters are the closure's own (``def closure(inputs=x)``) and
+    get nothing, so they are not overwritten with the pass flag."""
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
         return 0
     params = list(sig.parameters.values())
     if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
-        return 2
+        return None
     positional = [p for p in params
                   if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
                                 inspect.Parameter.POSITIONAL_OR_KEYWORD)]
@@ -691,6 +689,12 @@ def _n_positional(fn: Callable) -> int:
     if n < len(positional) and positional[n].name == "ascent":  # def closure(i, ascent=False)
         n += 1
     return n
+
+
+def _n_positional(fn: Callable) -> int:
+    """How many positional arguments to pass closure ``fn``: ``closure_arity``, 2 for ``*args``."""
+    n = closure_arity(fn)
+    return 2 if n is None else n
 
 
 def mean_loss(losses):

@@ -16,8 +16,7 @@ import torch
 
 from samkernels.ops import vi_ops
 from samkernels.optim._base import (SeedLike, TwoPassOptimizer, check_beta, check_choice,
-                                    check_nonneg, draw_seed, mean_loss, warn_dampening,
-                                    warn_momentum)
+                                    check_nonneg, draw_seed, mean_loss, warn_sgd_ranges)
 from samkernels.optim.sam import SAM
 
 PAPER_SIGMA = 5e-5  # App. D: the noise scale the paper settled on
@@ -40,10 +39,7 @@ def check_base_keywords(d: dict) -> None:
     for key in ("momentum", "dampening", "adam_eps"):
         if key in d:
             check_nonneg(key, d[key])
-    if "momentum" in d:
-        warn_momentum("momentum", d["momentum"])  # torch.optim.SGD accepts 1.5 too: warn only
-    if "dampening" in d:
-        warn_dampening(d["dampening"])
+    warn_sgd_ranges(d)  # torch.optim.SGD accepts momentum=1.5 too: warn only
     if d.get("weight_decay") is not None:
         check_nonneg("weight_decay", d["weight_decay"])
     if "betas" in d:
@@ -268,11 +264,10 @@ class RandomSAM(TwoPassOptimizer):
         does not move (the next ``noise_step`` draws what it would have drawn).  Bit for bit the
         step ``sigma = 0`` gives.  inf/NaN gradients, ``nonfinite`` and ``scaler=`` behave as in
         ``second_step``.  A step in progress (after ``noise_step``) must be finished first."""
-        self._require_idle("base_step")
-        self._noise["at"] = self._extra_state["noise_step"]  # a skip rolls the counter back to here
-        self._skip_state["pending"] = False
-        self._begin_step()
-        self.second_step(zero_grad, scaler=scaler)
+        SAM.base_step(self, zero_grad, scaler=scaler)
+
+    def _start_base_step(self) -> None:  # no noise drawn: a skip rolls the counter back to here
+        self._noise["at"] = self._extra_state["noise_step"]
 
     def step(self, closure: Optional[Callable] = None, m: int = 1, *, scaler=None):
         """One RandomSAM step: the closure runs once at mu + sigma0 z; returns its loss.

@@ -13,7 +13,7 @@ import torch
 from samkernels import ops
 from samkernels.ops.reference import opmath
 from samkernels.optim._base import (TwoPassOptimizer, check_betas, check_choice, check_nonneg,
-                                    check_positive, mean_loss, warn_dampening, warn_momentum)
+                                    check_positive, mean_loss, warn_sgd_ranges)
 
 _BASES = ("sgd", "adam", "adamw")
 # the hyper-parameters each base optimizer reads (and the only ones its groups carry)
@@ -31,10 +31,7 @@ def _check_base_keys(d: dict) -> None:
     for key in ("momentum", "dampening"):
         if key in d:
             check_nonneg(key, d[key])
-    if "momentum" in d:
-        warn_momentum("momentum", d["momentum"])  # torch.optim.SGD accepts 1.5 too: warn only
-    if "dampening" in d:
-        warn_dampening(d["dampening"])
+    warn_sgd_ranges(d)  # torch.optim.SGD accepts momentum=1.5 too: warn only
     if "adam_eps" in d:
         check_positive("adam_eps", d["adam_eps"])  # 0: 0/0 where a gradient is 0
     if "betas" in d:
