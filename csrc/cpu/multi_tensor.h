@@ -68,13 +68,6 @@ inline at::ScalarType opmath_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Dtype of a reduction's result over a list: float64 if any parameter is float64, else float32.
-inline at::ScalarType result_dtype(at::TensorList params) {
-  for (const auto& p : params)
-    if (p.scalar_type() == at::kDouble) return at::kDouble;
-  return at::kFloat;
-}
-
 inline void check_ids(const char* op, at::IntArrayRef ids, at::TensorList params) {
   TORCH_CHECK(ids.size() == params.size(), op, ": param_ids has ", ids.size(),
               " entries but params has ", params.size());

@@ -54,9 +54,9 @@ cudaError_t launch_grad_sumsq_partials(const Group& g, double* partials, int64_t
                                        bool adaptive, double eta, cudaStream_t stream);
 
 // grad_sumsq stage 2: one block sums partials[0 .. n) in a fixed order (deterministic) and writes
-// the sum, or its square root when take_sqrt, to *out64 and/or *out32 (either may be nullptr).
-cudaError_t launch_reduce_partials(const double* partials, int64_t n, bool take_sqrt, double* out64,
-                                   float* out32, cudaStream_t stream);
+// the sum, or its square root when take_sqrt, to *out (float64: the norm contract).
+cudaError_t launch_reduce_partials(const double* partials, int64_t n, bool take_sqrt, double* out,
+                                   cudaStream_t stream);
 
 // sam_perturb_ given the norm in device memory (*norm, float64).  Lists: 0 params, 1 grads,
 // 2 backups.

@@ -216,51 +216,37 @@ const float* found_inf_ptr(const char* op, const std::optional<Tensor>& found_in
   return f.data_ptr<float>();
 }
 
-// The dtype of a returned norm: float64 whatever the params (the norm contract of every backend,
-// as reference.py and the CPU kernels; the partial sums are float64 already).
-at::ScalarType norm_dtype(TensorList /*params*/) { return at::kDouble; }
-
-// A norm in device memory: `result` is what the op returns, `norm64` the float64 copy the
-// kernels read (never .item(): no host sync).
+// A norm in device memory: `result` is what the op returns (a 0-dim float64, the norm contract of
+// every backend), `norm64` the float64 the kernels read (never .item(): no host sync).
 struct DeviceNorm {
   Tensor result, norm64;
 };
 
 // sqrt of a sum of partials: `stage1(partials)` writes n float64 partials (of tensors on the
-// device of `like`), one block then reduces them in a fixed order.  The result has dtype
-// `result_dtype` (float64 or float32).
+// device of `like`), one block then reduces them in a fixed order.
 template <class Stage1>
-DeviceNorm reduce_norm(const Tensor& like, int64_t n, at::ScalarType result_dtype,
-                       cudaStream_t stream, Stage1&& stage1) {
+DeviceNorm reduce_norm(const Tensor& like, int64_t n, cudaStream_t stream, Stage1&& stage1) {
   const auto f64 = like.options().dtype(at::kDouble);
-  // partials, then one slot for the float64 norm when the result is float32
-  Tensor partials = at::empty({n + 1}, f64);
+  Tensor partials = at::empty({n}, f64);
   double* parts = partials.data_ptr<double>();
   stage1(parts);
   DeviceNorm out;
-  if (result_dtype == at::kDouble) {
-    out.result = at::empty({}, f64);
-    out.norm64 = out.result;
-    SK_CHECK_LAUNCH(launch_reduce_partials(parts, n, /*take_sqrt=*/true,
-                                           out.result.data_ptr<double>(), nullptr, stream));
-  } else {
-    out.result = at::empty({}, like.options().dtype(at::kFloat));
-    out.norm64 = partials.narrow(0, n, 1);
-    SK_CHECK_LAUNCH(launch_reduce_partials(parts, n, /*take_sqrt=*/true, parts + n,
-                                           out.result.data_ptr<float>(), stream));
-  }
+  out.result = at::empty({}, f64);
+  out.norm64 = out.result;
+  SK_CHECK_LAUNCH(launch_reduce_partials(parts, n, /*take_sqrt=*/true,
+                                         out.result.data_ptr<double>(), stream));
   return out;
 }
 
 // A norm the caller passed (one element, any float dtype and device): returned as a fresh 0-dim
-// tensor of `result_dtype` on `device` (the CPU kernels return it as a scalar of that dtype).
+// float64 tensor on `device` (as the CPU kernels return it).
 DeviceNorm given_norm(const char* op, const char* name, const Tensor& given,
-                      const at::Device& device, at::ScalarType result_dtype) {
+                      const at::Device& device) {
   TORCH_CHECK(given.numel() == 1, op, ": ", name, " must hold one element, got shape ",
               given.sizes());
   DeviceNorm out;
   out.norm64 = given.reshape({}).to(device, at::kDouble);  // no-op if already float64 there
-  out.result = given.reshape({}).to(device, result_dtype, /*non_blocking=*/false, /*copy=*/true);
+  out.result = given.reshape({}).to(device, at::kDouble, /*non_blocking=*/false, /*copy=*/true);
   return out;
 }
 
@@ -286,7 +272,7 @@ Tensor grad_sumsq_cuda(TensorList params, TensorList grads, bool adaptive, doubl
   Tensor out = at::empty({}, f64);  // float64 like reference.grad_sumsq
   sumsq_partials(gs, partials.data_ptr<double>(), adaptive, eta, stream);
   SK_CHECK_LAUNCH(launch_reduce_partials(partials.data_ptr<double>(), n, /*take_sqrt=*/false,
-                                         out.data_ptr<double>(), nullptr, stream));
+                                         out.data_ptr<double>(), stream));
   return out;
 }
 
@@ -304,7 +290,7 @@ Tensor sam_perturb_cuda(TensorList params, TensorList grads, TensorList backups,
   if (given) TORCH_CHECK(grad_norm->numel() == 1, op, ": grad_norm must hold one element");
   if (params.empty()) {
     if (given) return grad_norm->clone();
-    return at::zeros({}, at::TensorOptions().dtype(norm_dtype(params)).device(at::kCUDA));
+    return at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(at::kCUDA));
   }
   const c10::cuda::CUDAGuard guard(params[0].device());
   const cudaStream_t stream = current_stream();
@@ -318,10 +304,9 @@ Tensor sam_perturb_cuda(TensorList params, TensorList grads, TensorList backups,
     norm64 = grad_norm->to(params[0].device(), at::kDouble);  // no-op if already float64 there
     result = grad_norm->clone();  // a fresh tensor: the schema's return aliases no input
   } else {
-    DeviceNorm norm = reduce_norm(params[0], total_chunks(gs), norm_dtype(params), stream,
-                                  [&](double* parts) {
-                                    sumsq_partials(gs, parts, adaptive, eta, stream);
-                                  });
+    DeviceNorm norm = reduce_norm(params[0], total_chunks(gs), stream, [&](double* parts) {
+      sumsq_partials(gs, parts, adaptive, eta, stream);
+    });
     result = norm.result;
     norm64 = norm.norm64;
   }
@@ -588,7 +573,7 @@ Tensor vsam_sumsq_cuda(TensorList grads, TensorList variances) {
   Tensor out = at::empty({}, f64);  // float64 like reference_vi.vsam_sumsq
   vsam_partials(gs, 0, 1, partials.data_ptr<double>(), stream);
   SK_CHECK_LAUNCH(launch_reduce_partials(partials.data_ptr<double>(), n, /*take_sqrt=*/false,
-                                         out.data_ptr<double>(), nullptr, stream));
+                                         out.data_ptr<double>(), stream));
   return out;
 }
 
@@ -607,11 +592,9 @@ Tensor vsam_perturb_cuda(TensorList params, TensorList grads, TensorList backups
   check_writable(op, "variances", variances);
   const float* skip = found_inf_ptr(op, found_inf, params);
   const bool given = sigma_norm.has_value() && sigma_norm->defined();
-  const at::ScalarType rdtype = norm_dtype(params);
   if (params.empty()) {
-    if (given)
-      return given_norm(op, "sigma_norm", *sigma_norm, sigma_norm->device(), rdtype).result;
-    return at::zeros({}, at::TensorOptions().dtype(rdtype).device(at::kCUDA));
+    if (given) return given_norm(op, "sigma_norm", *sigma_norm, sigma_norm->device()).result;
+    return at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(at::kCUDA));
   }
   const c10::cuda::CUDAGuard guard(params[0].device());
   const cudaStream_t stream = current_stream();
@@ -620,8 +603,8 @@ Tensor vsam_perturb_cuda(TensorList params, TensorList grads, TensorList backups
   gs.build(params, {&w[0], &w[1], &w[2], &w[3], nullptr, nullptr});
   // sqrt(g^T Sigma g) over this list unless given; computed with the Sigma before the update
   const DeviceNorm norm =
-      given ? given_norm(op, "sigma_norm", *sigma_norm, params[0].device(), rdtype)
-            : reduce_norm(params[0], total_chunks(gs), rdtype, stream,
+      given ? given_norm(op, "sigma_norm", *sigma_norm, params[0].device())
+            : reduce_norm(params[0], total_chunks(gs), stream,
                           [&](double* parts) { vsam_partials(gs, 1, 3, parts, stream); });
   const double* norm_ptr = norm.norm64.data_ptr<double>();
   for (const Group& grp : gs.groups)
@@ -647,10 +630,9 @@ Tensor esam_perturb_cuda(TensorList params, TensorList grads, TensorList backups
   TORCH_CHECK(beta >= 0.0 && beta < 1.0, op, ": beta must be in [0, 1), got ", beta);
   const float* skip = found_inf_ptr(op, found_inf, params);
   const bool given = grad_norm.has_value() && grad_norm->defined();
-  const at::ScalarType rdtype = norm_dtype(params);
   if (params.empty()) {
-    if (given) return given_norm(op, "grad_norm", *grad_norm, grad_norm->device(), rdtype).result;
-    return at::zeros({}, at::TensorOptions().dtype(rdtype).device(at::kCUDA));
+    if (given) return given_norm(op, "grad_norm", *grad_norm, grad_norm->device()).result;
+    return at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(at::kCUDA));
   }
   const c10::cuda::CUDAGuard guard(params[0].device());
   const cudaStream_t stream = current_stream();
@@ -660,8 +642,8 @@ Tensor esam_perturb_cuda(TensorList params, TensorList grads, TensorList backups
   gs.build(params, {&w[0], &w[1], &w[2], nullptr, nullptr, nullptr}, param_ids);
   // ||g|| over all coordinates, masked or not (grad_sumsq's stage 1: lists 0 params, 1 grads)
   const DeviceNorm norm =
-      given ? given_norm(op, "grad_norm", *grad_norm, params[0].device(), rdtype)
-            : reduce_norm(params[0], total_chunks(gs), rdtype, stream, [&](double* parts) {
+      given ? given_norm(op, "grad_norm", *grad_norm, params[0].device())
+            : reduce_norm(params[0], total_chunks(gs), stream, [&](double* parts) {
                 sumsq_partials(gs, parts, /*adaptive=*/false, 0.0, stream);
               });
   const double* norm_ptr = norm.norm64.data_ptr<double>();

@@ -46,14 +46,13 @@ __global__ void __launch_bounds__(kBlockSize)
 // Stage 2: a single block adds the partials in a fixed order and writes sum or sqrt(sum).
 __global__ void __launch_bounds__(kBlockSize)
     reduce_partials_kernel(const double* __restrict__ partials, int64_t n, bool take_sqrt,
-                           double* out64, float* out32) {
+                           double* out) {
   double acc = 0.0;
   for (int64_t i = threadIdx.x; i < n; i += kBlockSize) acc += partials[i];
   acc = block_sum(acc);
   if (threadIdx.x == 0) {
     const double r = take_sqrt ? sqrt(acc) : acc;
-    if (out64 != nullptr) *out64 = r;
-    if (out32 != nullptr) *out32 = static_cast<float>(r);
+    *out = r;
   }
 }
 
@@ -193,9 +192,9 @@ cudaError_t launch_grad_sumsq_partials(const Group& g, double* partials, int64_t
   });
 }
 
-cudaError_t launch_reduce_partials(const double* partials, int64_t n, bool take_sqrt, double* out64,
-                                   float* out32, cudaStream_t stream) {
-  reduce_partials_kernel<<<1, kBlockSize, 0, stream>>>(partials, n, take_sqrt, out64, out32);
+cudaError_t launch_reduce_partials(const double* partials, int64_t n, bool take_sqrt, double* out,
+                                   cudaStream_t stream) {
+  reduce_partials_kernel<<<1, kBlockSize, 0, stream>>>(partials, n, take_sqrt, out);
   return cudaGetLastError();
 }
 
