@@ -231,8 +231,7 @@ class Group:
 
 
 class Plan:
-    # host: the host buffer the device tables were copied from (pinned unless built in a CUDA
-    # graph capture; None off CUDA).
+    # host: the pinned host buffer the device tables were copied from (None off CUDA).
     __slots__ = ("groups", "n_chunks", "device", "buffer", "host")
 
 
@@ -340,8 +339,9 @@ def plan_for(lists: Sequence[Sequence[torch.Tensor]], ids: Optional[Sequence[int
     key = (device, chunk, None if ids is None else tuple(ids),
            tuple((t.data_ptr(), t.numel(), t.dtype) for lst in lists for t in lst))
     plan = _cache.get(key)
-    if _capturing(device):
-        if plan is None:
+    capturing = _capturing(device)
+    if plan is None:
+        if capturing:
             # A plan's tables reach the device by a host-to-device copy.  Recorded in a graph,
             # that copy would re-read host memory at every replay (pinned memory cannot even be
             # allocated in a global-mode capture, pageable memory cannot be copied asynchronously):
@@ -350,16 +350,14 @@ def plan_for(lists: Sequence[Sequence[torch.Tensor]], ids: Optional[Sequence[int
                 "samkernels.triton: these tensors have no kernel tables yet, and they cannot be "
                 "built inside a CUDA graph capture; run the step (or op) once eagerly before "
                 "capturing it (the usual CUDA-graph warm-up)")
-        _captured[id(plan)] = plan  # the graph keeps reading its tables (see _captured)
-        _cache.move_to_end(key)
-        return plan
-    if plan is None:
         plan = _build(lists, ids, chunk, device)
         _cache[key] = plan
         while len(_cache) > CACHE_SIZE:
             _cache.popitem(last=False)
     else:
         _cache.move_to_end(key)
+        if capturing:
+            _captured[id(plan)] = plan  # the graph keeps reading its tables (see _captured)
     return plan
 
 
