@@ -187,10 +187,9 @@ def measure(shape_sets, algos, impls, repeat, phases=True, log=print, progress=N
                 log(f"# {algo} {shape_name} {impl}: "
                     + (f"{row['median_ms']:.3f} ms" if row["error"] is None else row["error"])
                     + f" ({time.perf_counter() - t0:.1f} s)")
-            _speedups(rows)
+            _speedups(rows)  # after every shape set, so a partial table has them too
             if progress is not None:
                 progress(bw, rows, phase_rows)
-    _speedups(rows)
     return bw, rows, phase_rows
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import os
 import warnings
 from typing import Callable, Dict, Optional
@@ -177,7 +178,6 @@ def _versions_key(device_name: str) -> str:
 
 
 def _load_saved() -> Dict[str, dict]:
-    import json
     try:
         with open(_cache_path()) as f:
             data = json.load(f)
@@ -211,7 +211,6 @@ def tune_backend(device=None, save: bool = False, numel: int = 1 << 24, repeat: 
     and these torch/triton versions, and takes effect at once in this process.
 
     Returns ``{"device", "key", "cuda_ms", "triton_ms", "choice", "saved_to"}``."""
-    import json
     if not torch.cuda.is_available():
         raise RuntimeError("tune_backend needs a CUDA device")
     dev = torch.device("cuda", torch.cuda.current_device()) if device is None else \

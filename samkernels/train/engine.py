@@ -386,20 +386,14 @@ def train_run(spec: RunSpec, data: DataSet, opts: RunOptions) -> Dict[str, Any]:
     # "metrics" are the test set's, "val_metrics" the validation split's (None without one)
     bayes = is_bayesian(optimizer) and opts.samples > 0
     for name in ("mean", "predictive") if bayes else ("mean",):
-        ev: Dict[str, Any] = {}
-        for split, x, y in (("val", data.x_val, data.y_val), ("test", data.x_test, data.y_test)):
-            if x is None:
-                ev["val_metrics"] = None
-                continue
-            if name == "mean":
-                probs = predict_probs(model, x, opts.eval_batch_size)
-            else:
-                probs = posterior_predictive(optimizer, model, x, opts.samples, spec.seed,
-                                             opts.eval_batch_size)
-            if split == "val":
-                ev["val_metrics"] = metrics.all_metrics(probs, y)
-            else:
-                ev.update(_evaluate(probs, y))
+        if name == "mean":
+            probs_of = lambda x: predict_probs(model, x, opts.eval_batch_size)  # noqa: E731
+        else:
+            probs_of = lambda x: posterior_predictive(optimizer, model, x, opts.samples,  # noqa
+                                                      spec.seed, opts.eval_batch_size)
+        ev: Dict[str, Any] = {"val_metrics": None if data.x_val is None else
+                              metrics.all_metrics(probs_of(data.x_val), data.y_val)}
+        ev.update(_evaluate(probs_of(data.x_test), data.y_test))
         if name == "predictive":
             ev["samples"] = opts.samples
         result["predictors"][name] = ev
