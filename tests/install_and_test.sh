@@ -12,12 +12,18 @@
 #                                       Triton-interpreter and ahead-of-time compile tests
 #
 # Extra arguments go to pytest of the first stack (e.g. -k bsam).  SAMKERNELS_STACKS picks stacks
-# (default: all three, e.g. SAMKERNELS_STACKS=2.13.0 for the quick CPU run).  The CUDA stacks'
-# torch wheels (several GB) download in the background while the first stack builds and tests.
+# (default: all three, e.g. SAMKERNELS_STACKS=2.13.0 for the quick CPU run).
+#
+# Disk: a CUDA stack's venv is about 6 GB (torch + the nvidia libraries), so stacks run one after
+# another, each in a fresh venv that is deleted when its tests pass (SAMKERNELS_KEEP_VENVS=1 keeps
+# them), and pip keeps no cache: at most one venv exists at a time, about 6 GB at the peak.  Each
+# stack first checks the free space and stops with a clear message if it cannot fit.
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 VENV="${SAMKERNELS_VENV:-$REPO/.venv-test}"
 STACKS="${SAMKERNELS_STACKS:-2.13.0 2.11.0 2.14.1}"
+KEEP_VENVS="${SAMKERNELS_KEEP_VENVS:-0}"
+export PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 # What the CUDA stacks run (the whole suite is run once, on 2.13; these are the files that touch
 # the compiled ops, the optimizers, torch.compile and Triton).
 CUDA_STACK_TESTS="test_ops.py test_vi_ops.py test_optim.py test_compile.py test_dispatch.py
@@ -28,21 +34,35 @@ SECONDS=0
 
 log() { echo "=== [$(date -u +%H:%M:%S) +${SECONDS}s] $*"; }
 
-# A venv with torch $1 and the test requirements ($2..: extra packages).
+free_gb() { df -Pk "$REPO" | awk 'NR == 2 { printf "%d", $4 / 1048576 }'; }
+
+# Stop early, naming the stack, when the disk cannot hold its venv ($1: GB needed, $2: what for).
+need_disk() {
+  local free; free="$(free_gb)"
+  log "disk: ${free} GB free in $REPO, about $1 GB needed for $2"
+  if [ "$free" -lt "$1" ]; then
+    echo "not enough disk for $2: ${free} GB free in $REPO, about $1 GB needed" >&2
+    exit 1
+  fi
+}
+
+# A fresh venv with torch $2 and the test requirements ($3..: extra packages).
 make_venv() {
   local venv="$1" version="$2"; shift 2
   rm -rf "$venv"
   python3 -m venv "$venv"
-  "$venv/bin/pip" install -q --disable-pip-version-check "torch==$version" "${COMMON_PKGS[@]}" "$@"
+  "$venv/bin/pip" install -q "torch==$version" "${COMMON_PKGS[@]}" "$@"
 }
+
+drop_venv() { [ "$KEEP_VENVS" = 1 ] || rm -rf "$1"; }
 
 # Build the wheel against the venv's torch and install it ($3: extra environment for the build).
 build_and_install() {
   local venv="$1" dist="$2"; shift 2
   rm -rf "$dist" "$REPO/build"
-  env "$@" "$venv/bin/pip" wheel -q --disable-pip-version-check --no-build-isolation --no-deps \
+  env "$@" "$venv/bin/pip" wheel -q --no-build-isolation --no-deps \
     -w "$dist" "$REPO"
-  "$venv/bin/pip" install -q --disable-pip-version-check --no-deps "$dist"/samkernels-*.whl
+  "$venv/bin/pip" install -q --no-deps "$dist"/samkernels-*.whl
 }
 
 run_pytest() {  # venv, pytest args...
@@ -52,41 +72,28 @@ run_pytest() {  # venv, pytest args...
    TRITON_INTERPRET=1 "$venv/bin/python" -P -m pytest -p no:cacheprovider -q --durations=10 "$@")
 }
 
-# --- start the CUDA stacks' venvs now: mostly download / unpack, overlapping the first stack ----
-declare -A PREP_PID
-for version in $STACKS; do
-  [ "$version" = "2.13.0" ] && continue
-  v="$REPO/.venv-test-torch$version"
-  log "preparing venv for torch $version in the background"
-  make_venv "$v" "$version" > "$REPO/.venv-prep-$version.log" 2>&1 &
-  PREP_PID[$version]=$!
-done
-
 # --- torch 2.13 (CPU): the whole suite --------------------------------------------------------
 if [[ " $STACKS " == *" 2.13.0 "* ]]; then
+  need_disk 3 "the torch 2.13.0 venv"
   log "torch 2.13.0: venv"
-  rm -rf "$VENV" "$REPO/dist" "$REPO/build"
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q --disable-pip-version-check "torch==2.13.0" "${COMMON_PKGS[@]}"
-  "$VENV/bin/pip" install -q --disable-pip-version-check pytest-benchmark triton mnist1d \
-    scikit-learn matplotlib tqdm lightning transformers accelerate
+  rm -rf "$REPO/dist" "$REPO/build"
+  make_venv "$VENV" 2.13.0 pytest-benchmark triton mnist1d scikit-learn matplotlib tqdm \
+    lightning transformers accelerate
   log "torch 2.13.0: build + install"
   build_and_install "$VENV" "$REPO/dist"
   log "torch 2.13.0: the whole suite"
   # nvcc missing = a failing test, not a skip (SAMKERNELS_REQUIRE_NVCC=0 on a machine without it)
   run_pytest "$VENV" "$@"
+  drop_venv "$VENV"
 fi
 
-# --- the CUDA stacks --------------------------------------------------------------------------
+# --- the CUDA stacks, one at a time ------------------------------------------------------------
 for version in $STACKS; do
   [ "$version" = "2.13.0" ] && continue
   v="$REPO/.venv-test-torch$version"
-  log "torch $version: waiting for its venv"
-  if ! wait "${PREP_PID[$version]}"; then
-    cat "$REPO/.venv-prep-$version.log"
-    echo "venv for torch $version failed" >&2
-    exit 1
-  fi
+  need_disk 7 "the torch $version+cu130 venv and the CUDA build"
+  log "torch $version: venv"
+  make_venv "$v" "$version"
   "$v/bin/python" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   log "torch $version: build with the CUDA kernels (sm_90) + install"
   build_and_install "$v" "$REPO/dist-torch$version" SAMKERNELS_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 \
@@ -99,5 +106,7 @@ print('samkernels imports against torch', torch.__version__, '- CUDA kernels bui
   log "torch $version: tests"
   # shellcheck disable=SC2086
   run_pytest "$v" $CUDA_STACK_TESTS
+  drop_venv "$v"
+  rm -rf "$REPO/dist-torch$version" "$REPO/build"
 done
 log "all stacks passed: $STACKS"
