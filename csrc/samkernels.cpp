@@ -1,33 +1,10 @@
-// Op schemas of the `samkernels` torch.library namespace and the Python module stub.
-// Kernels register themselves per backend with TORCH_LIBRARY_IMPL (csrc/cpu/*.cpp for CPU,
-// csrc/cuda/*.cpp for CUDA); other op families add schemas with TORCH_LIBRARY_FRAGMENT.
-// Semantics of every op: samkernels/ops/reference.py (the executable spec).
+// The Python module stub of the extension.  The op schemas of the `samkernels` namespace are
+// defined in Python from the op table (samkernels/ops/_spec.py, samkernels/ops/_library.py); the
+// kernels only register implementations with TORCH_LIBRARY_IMPL (csrc/cpu/*.cpp for CPU,
+// csrc/cuda/*.cpp for CUDA).  Semantics of every op: its reference function named in the table.
 #include <Python.h>
-#include <torch/library.h>
 
-TORCH_LIBRARY(samkernels, m) {
-  // SAM / ASAM
-  m.def("grad_sumsq(Tensor[] params, Tensor[] grads, bool adaptive, float eta) -> Tensor");
-  m.def("sam_perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] backups, Tensor? grad_norm, "
-        "float rho, float eps, bool adaptive, float eta, Tensor? found_inf=None) -> Tensor");
-  m.def("sam_restore_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor[] backups, "
-        "Tensor(b!)[] momentum_bufs, float lr, float momentum, float dampening, bool nesterov, "
-        "float weight_decay, bool first, Tensor? found_inf=None) -> ()");
-  m.def("sam_restore_adam_(Tensor(a!)[] params, Tensor[] grads, Tensor[] backups, "
-        "Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, int step, float lr, float beta1, "
-        "float beta2, float eps, float weight_decay, bool decoupled, Tensor? found_inf=None) -> ()");
-  // bSAM (Algorithm 1)
-  m.def("bsam_noise_(Tensor(a!)[] params, Tensor(b!)[] backups, Tensor[] precisions, "
-        "int[] param_ids, int seed, int step, float num_data) -> ()");
-  m.def("bsam_perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor[] backups, "
-        "Tensor(b!)[] precisions, Tensor(c!)[] accums, float rho, float beta2, float delta, "
-        "float gamma, Tensor? found_inf=None) -> ()");
-  m.def("bsam_update_(Tensor(a!)[] params, Tensor[] grads, Tensor[] backups, "
-        "Tensor(b!)[] precisions, Tensor(c!)[] momenta, Tensor[] accums, float lr, float beta1, "
-        "float beta2, float delta, float gamma, float accum_scale, bool released_order, Tensor? found_inf=None) -> ()");
-}
-
-// `import samkernels._C` loads this library (running the registrations above); the module itself
+// `import samkernels._C` loads this library (running the kernels' registrations); the module itself
 // only says whether CUDA kernels were compiled in.
 static PyObject* has_cuda(PyObject*, PyObject*) {
 #ifdef SAMKERNELS_WITH_CUDA

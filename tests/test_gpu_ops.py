@@ -183,7 +183,7 @@ def _vsam_perturb(log_step: bool, given: bool):
     return build
 
 
-def _esam_perturb(given: bool, seed=1234, step=5):
+def _ebisam_perturb(given: bool, seed=1234, step=5):
     def build(m: Maker):
         # given: the optimizer's unnormalised form (norm 1, eps 0)
         norm = torch.tensor(1.0, device=m.device) if given else None
@@ -225,9 +225,9 @@ CASES: Dict[str, Callable] = {
     "vsam_perturb-log": ("vsam_perturb_", _vsam_perturb(True, False)),
     "vsam_perturb-linear": ("vsam_perturb_", _vsam_perturb(False, False)),
     "vsam_perturb-given": ("vsam_perturb_", _vsam_perturb(True, True)),
-    "esam_perturb": ("esam_perturb_", _esam_perturb(False)),
-    "esam_perturb-given": ("esam_perturb_", _esam_perturb(True)),
-    "esam_perturb-64bit": ("esam_perturb_", _esam_perturb(False, 2 ** 40 + 5, 2 ** 33 + 7)),
+    "ebisam_perturb": ("ebisam_perturb_", _ebisam_perturb(False)),
+    "ebisam_perturb-given": ("ebisam_perturb_", _ebisam_perturb(True)),
+    "ebisam_perturb-64bit": ("ebisam_perturb_", _ebisam_perturb(False, 2 ** 40 + 5, 2 ** 33 + 7)),
 }
 
 # The phases gated by found_inf and their skip form: "perturb" = backups <- params (params and
@@ -242,7 +242,7 @@ GATED: Dict[str, str] = {
     "mfvi_update": "restore", "mfvi_update-nomomentum": "restore",
     "vsam_perturb-log": "perturb", "vsam_perturb-linear": "perturb",
     "vsam_perturb-given": "perturb",
-    "esam_perturb": "perturb", "esam_perturb-given": "perturb",
+    "ebisam_perturb": "perturb", "ebisam_perturb-given": "perturb",
 }
 
 
@@ -362,7 +362,7 @@ def test_cuda_matches_reference(case, dtype):
 @pytest.mark.parametrize("case", ["grad_sumsq-asam", "sam_perturb-asam", "sgd-momentum", "adamw",
                                   "noise", "bsam_perturb-accum", "bsam_update-accum-released",
                                   "vi_noise-learned", "vi_noise-fixed", "mfvi_update", "vsam_sumsq",
-                                  "vsam_perturb-log", "vsam_perturb-linear", "esam_perturb"])
+                                  "vsam_perturb-log", "vsam_perturb-linear", "ebisam_perturb"])
 def test_cuda_many_tiny_tensors(case, dtype):
     # several launches per phase: the table fills up
     check_against_reference(case, dtype, "cuda", run_cuda, specs=TINY_SPECS)
@@ -434,14 +434,14 @@ def test_no_host_sync():
                      found_inf=flag)
             run_cuda("vsam_perturb_", p, g, b, s, norm, 1e4, 1e-12, 0.05, 2.0, 1000.0, False, 0.6,
                      found_inf=flag)
-            run_cuda("esam_perturb_", p, g, b, ids, None, 1, 2, 0.05, 0.5, 1e-12, found_inf=flag)
-            run_cuda("esam_perturb_", p, g, b, ids, norm, 1, 2, 0.05, 0.5, 0.0, found_inf=flag)
+            run_cuda("ebisam_perturb_", p, g, b, ids, None, 1, 2, 0.05, 0.5, 1e-12, found_inf=flag)
+            run_cuda("ebisam_perturb_", p, g, b, ids, norm, 1, 2, 0.05, 0.5, 0.0, found_inf=flag)
         run_cuda("vi_noise_", p, b, s, ids, 1, 2, 0.0)
         run_cuda("vi_noise_", p, b, [], ids, 1, 2, 0.05)
         run_cuda("mfvi_update_", p, g, b, s, [], ids, 1, 2, 0.1, 0.05, 0.0, 2.0, 1000.0)
         run_cuda("vsam_sumsq", g, s)
         run_cuda("vsam_perturb_", p, g, b, s, None, 1e4, 1e-12, 0.05, 2.0, 1000.0, True, 1e-8)
-        run_cuda("esam_perturb_", p, g, b, ids, None, 1, 2, 0.05, 0.5, 1e-12)
+        run_cuda("ebisam_perturb_", p, g, b, ids, None, 1, 2, 0.05, 0.5, 1e-12)
     finally:
         torch.cuda.set_sync_debug_mode(0)
 
@@ -456,7 +456,7 @@ def test_vi_norm_dtypes_and_determinism():
             n = run_cuda("vsam_perturb_", p, g, b, v, given, 1e4, 1e-12, 0.05, 2.0, 1000.0, True,
                          1e-8)
             assert n.dtype == want and n.dim() == 0 and n.device == p[0].device
-            n = run_cuda("esam_perturb_", p, g, b, ids, given, 1, 2, 0.05, 0.5, 1e-12)
+            n = run_cuda("ebisam_perturb_", p, g, b, ids, given, 1, 2, 0.05, 0.5, 1e-12)
             assert n.dtype == want and n.dim() == 0 and n.device == p[0].device
             if given is not None:
                 assert n.item() == 2.5 and n.data_ptr() != given.data_ptr()
@@ -464,13 +464,13 @@ def test_vi_norm_dtypes_and_determinism():
         assert a.dtype == F64 and a.dim() == 0 and torch.equal(a, c)
 
 
-def test_esam_rho_zero_and_beta_zero_keep_weights():
+def test_ebisam_rho_zero_and_beta_zero_keep_weights():
     m = Maker(SPECS, MIXED, "cuda")
     p, g, b = m.params(), m.like_params(), m.like_params()
     ids = list(range(len(p)))
     before = [t.clone() for t in p]
     for rho, beta in ((0.0, 0.5), (0.05, 0.0)):  # e = 0, or no coordinate chosen
-        run_cuda("esam_perturb_", p, g, b, ids, None, 1, 2, rho, beta, 1e-12)
+        run_cuda("ebisam_perturb_", p, g, b, ids, None, 1, 2, rho, beta, 1e-12)
         for x, y, z in zip(p, before, b):
             assert _same_bits(x, y) and _same_bits(z, y)
 
@@ -665,7 +665,7 @@ def test_argument_errors():
             run_cuda("vsam_perturb_", p, g, b, s, None, 1e4, 1e-12, 0.05, 2.0, 1000.0, True,
                      1e-8, found_inf=bad)
     with pytest.raises(RuntimeError, match="beta must be in"):
-        run_cuda("esam_perturb_", p, g, b, [0, 1, 2], None, 1, 2, 0.05, 1.0, 1e-12)
+        run_cuda("ebisam_perturb_", p, g, b, [0, 1, 2], None, 1, 2, 0.05, 1.0, 1e-12)
     with pytest.raises(RuntimeError, match="param_ids has 2 entries"):
         run_cuda("mfvi_update_", p, g, b, s, [], [0, 1], 1, 2, 0.1, 0.05, 0.0, 2.0, 1000.0)
 
@@ -1164,7 +1164,7 @@ def test_more_than_2_31_elements_bf16(backend):
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 @pytest.mark.parametrize("case", ["sam_perturb", "sgd-momentum", "noise", "bsam_update",
-                                  "vi_noise-learned", "mfvi_update", "esam_perturb"])
+                                  "vi_noise-learned", "mfvi_update", "ebisam_perturb"])
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_tensors_on_a_non_current_device(backend, case):
     if backend == "triton":

@@ -1,7 +1,7 @@
 """The norm contract, one for every backend.
 
 Every norm a backend computes -- ``grad_sumsq``, ``vsam_sumsq``, and the norm that
-``sam_perturb_`` / ``vsam_perturb_`` / ``esam_perturb_`` return when they compute it -- squares and
+``sam_perturb_`` / ``vsam_perturb_`` / ``ebisam_perturb_`` return when they compute it -- squares and
 sums in float64 and comes back as a 0-dim float64 tensor on the parameters' device, as the
 executable spec (samkernels/ops/reference.py, reference_vi.py) does, whatever the parameters'
 dtypes.  A float32 accumulator would differ from the reference in the 7th digit on a large model
@@ -31,7 +31,7 @@ DTYPES = {"fp32": [F32], "bf16": [BF16], "fp16": [F16], "fp64": [F64],
           "mixed": [F32, BF16, F64, F16, F32]}  # one list of tensors of several dtypes
 # every norm-producing op; the norm is computed by the op (no norm passed in)
 OPS = ["grad_sumsq", "grad_sumsq_asam", "vsam_sumsq", "sam_perturb_", "asam_perturb_",
-       "vsam_perturb_", "esam_perturb_"]
+       "vsam_perturb_", "ebisam_perturb_"]
 
 
 def _backend_params():
@@ -86,8 +86,8 @@ def _run(op, ps, gs, bs, vs, ids, backend):
         dim = float(sum(p.numel() for p in ps))
         return vi_ops.vsam_perturb_(ps, gs, bs, vs, None, dim, 1e-12, 1e-3, 2.0, 40.0, True,
                                     1e-8, **kw)
-    if op == "esam_perturb_":
-        return vi_ops.esam_perturb_(ps, gs, bs, ids, None, 5, 7, 0.05, 0.5, 1e-12, **kw)
+    if op == "ebisam_perturb_":
+        return vi_ops.ebisam_perturb_(ps, gs, bs, ids, None, 5, 7, 0.05, 0.5, 1e-12, **kw)
     raise KeyError(op)
 
 
@@ -102,7 +102,7 @@ def _want(op, ps, gs, vs):
         return R.grad_sumsq(ps, gs, op == "asam_perturb_", 0.01).sqrt()
     if op == "vsam_perturb_":
         return R.vsam_sumsq(gs, vs).sqrt()
-    if op == "esam_perturb_":
+    if op == "ebisam_perturb_":
         return R.grad_sumsq(gs, gs, False, 0.0).sqrt()
     raise KeyError(op)
 

@@ -56,7 +56,7 @@ BOOL_EXCEPTIONS = {}
 VEC16_EXCEPTIONS = {("samkernels.triton.bsam_step", "_noise_kernel"),
                     ("samkernels.triton.vi_step", "_noise_kernel"),
                     ("samkernels.triton.vi_step", "_mfvi_kernel"),
-                    ("samkernels.triton.vi_step", "_esam_kernel")}
+                    ("samkernels.triton.vi_step", "_ebisam_kernel")}
 
 
 # --- the matrix ----------------------------------------------------------------------------------
@@ -158,8 +158,8 @@ def _vsam_perturb(L, flag, log_step):
                     1e-8, flag)
 
 
-def _esam_perturb(L, flag):
-    T.esam_perturb_(L.w(), L.w(), L.w(), L.ids, None, 7, 3, 0.05, 0.5, 1e-12, flag)
+def _ebisam_perturb(L, flag):
+    T.ebisam_perturb_(L.w(), L.w(), L.w(), L.ids, None, 7, 3, 0.05, 0.5, 1e-12, flag)
 
 
 OPS = {
@@ -174,7 +174,7 @@ OPS = {
     "mfvi_update_": (_mfvi_update, dict(momentum=True), True),
     "vsam_sumsq": (_vsam_sumsq, {}, False),
     "vsam_perturb_": (_vsam_perturb, dict(log_step=True), True),
-    "esam_perturb_": (_esam_perturb, {}, True),
+    "ebisam_perturb_": (_ebisam_perturb, {}, True),
 }
 # knob combinations beyond single flips that select other code (SGD's buffer handling)
 EXTRA = {"sam_restore_sgd_": [dict(momentum=True, nesterov=False, first=True),

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="CPU tests need the Triton interpreter")
 
 SEED = 0x0123456789ABCDEF  # > 2^32: both key words matter
-VI_OPS = ["vi_noise_", "mfvi_update_", "vsam_sumsq", "vsam_perturb_", "esam_perturb_"]
+VI_OPS = ["vi_noise_", "mfvi_update_", "vsam_sumsq", "vsam_perturb_", "ebisam_perturb_"]
 
 
 def _dim(spec):
@@ -64,7 +64,7 @@ def phase_args(name, spec, seed=0, **kw):
         a = dict(params=w(), grads=w(), backups=w(), variances=pos(), sigma_norm=None,
                  dim=_dim(spec), eps=1e-12, var_lr=1e-3, prior_var=2.0, num_data=40.0,
                  log_step=True, min_var=0.9)
-    elif name == "esam_perturb_":
+    elif name == "ebisam_perturb_":
         a = dict(params=w(), grads=w(), backups=w(), param_ids=ids, grad_norm=None, seed=SEED,
                  step=11, rho=0.05, beta=0.5, eps=1e-12)
     else:
@@ -142,25 +142,25 @@ def test_vsam_perturb(log_step, given_norm):
 
 @pytest.mark.parametrize("given_norm", [False, True])
 @pytest.mark.parametrize("beta", [0.5, 0.1])
-def test_esam_perturb(given_norm, beta):
+def test_ebisam_perturb(given_norm, beta):
     norm = torch.tensor(0.7, dtype=F64) if given_norm else None
     spec = ODD + [((20000,), F32)]
-    args = phase_args("esam_perturb_", spec, seed=5, grad_norm=norm, beta=beta)
-    got = check("esam_perturb_", args)
+    args = phase_args("ebisam_perturb_", spec, seed=5, grad_norm=norm, beta=beta)
+    got = check("ebisam_perturb_", args)
     if given_norm:
         assert got is norm
     p, b = args[0][-1], args[2][-1]
     assert abs((p != b).double().mean().item() - beta) < 0.015  # chosen with probability beta
 
 
-def test_esam_mask_is_philox_uniform_below_beta():
+def test_ebisam_mask_is_philox_uniform_below_beta():
     """The chosen coordinates are exactly {i : philox_uniform(i) < beta} (fp64 parameters: the
     perturbed ones differ from the backup, the others are bit-identical)."""
     spec = [((1001,), F64), ((7, 3), F64)]
     for beta in (0.3, 0.5 + 2.0 ** -24, 0.5 - 2.0 ** -24):  # around u = 1/2 - 2^-24 / + 2^-24
-        args = phase_args("esam_perturb_", spec, seed=6, beta=beta)
+        args = phase_args("ebisam_perturb_", spec, seed=6, beta=beta)
         args[1] = [g.abs() + 1.0 for g in args[1]]  # g != 0: every chosen coordinate moves
-        T.esam_perturb_(*args)
+        T.ebisam_perturb_(*args)
         for p, b, pid in zip(args[0], args[2], args[3]):
             u = R.philox_uniform(SEED, 11, pid, p.numel()).view(p.shape)
             assert torch.equal(p != b, u < beta)
@@ -177,10 +177,10 @@ def test_uniforms_below_is_exact():
     assert [vi_step.uniforms_below(b) for b in betas] == want.tolist()
 
 
-def test_esam_beta_out_of_range():
-    args = phase_args("esam_perturb_", [((4,), F32)], beta=1.0)
+def test_ebisam_beta_out_of_range():
+    args = phase_args("ebisam_perturb_", [((4,), F32)], beta=1.0)
     with pytest.raises(ValueError, match="beta"):
-        T.esam_perturb_(*args)
+        T.ebisam_perturb_(*args)
 
 
 # --- the noise contract ------------------------------------------------------------------------
@@ -190,7 +190,7 @@ def test_fp64_matches_reference_tightly():
     check("mfvi_update_", phase_args("mfvi_update_", spec, seed=8, step=2**33 + 1))
     check("vsam_perturb_", phase_args("vsam_perturb_", spec, seed=9, log_step=False),
           norm_rtol=1e-13)
-    check("esam_perturb_", phase_args("esam_perturb_", spec, seed=10))
+    check("ebisam_perturb_", phase_args("ebisam_perturb_", spec, seed=10))
 
 
 def test_mfvi_update_regenerates_the_noise():
@@ -211,12 +211,12 @@ def test_mfvi_update_regenerates_the_noise():
             assert torch.equal(pi, mi)
 
 
-@pytest.mark.parametrize("name", ["vi_noise_", "mfvi_update_", "esam_perturb_"])
+@pytest.mark.parametrize("name", ["vi_noise_", "mfvi_update_", "ebisam_perturb_"])
 def test_noise_independent_of_partition(monkeypatch, name):
     """Bit-identical results whatever the chunking (programs, blocks, launches)."""
     spec = [((3001,), F32), ((5,), F32), ((2, 301), BF16)]
     a = phase_args(name, spec, seed=13, grad_norm=torch.tensor(2.0)) \
-        if name == "esam_perturb_" else phase_args(name, spec, seed=13)
+        if name == "ebisam_perturb_" else phase_args(name, spec, seed=13)
     b = _clone(a)
     getattr(T, name)(*a)
     monkeypatch.setattr(mt, "BLOCK", 256)
@@ -231,7 +231,7 @@ def test_noise_independent_of_partition(monkeypatch, name):
 
 # --- multi-tensor machinery --------------------------------------------------------------------
 PHASES = [("vi_noise_", {}), ("mfvi_update_", {}), ("vsam_sumsq", {}),
-          ("vsam_perturb_", dict(log_step=False)), ("esam_perturb_", {})]
+          ("vsam_perturb_", dict(log_step=False)), ("ebisam_perturb_", {})]
 IDS = [p[0] for p in PHASES]
 
 
@@ -272,7 +272,7 @@ def test_empty_inputs():
     s = T.vsam_sumsq([], [])
     assert s.dtype == F64 and s.item() == 0.0
     assert T.vsam_perturb_([], [], [], [], None, 0.0, 1e-12, 0.1, 1.0, 10.0, True, 0.0).item() == 0
-    assert T.esam_perturb_([], [], [], [], None, 1, 2, 0.05, 0.5, 1e-12).item() == 0
+    assert T.ebisam_perturb_([], [], [], [], None, 1, 2, 0.05, 0.5, 1e-12).item() == 0
     flag = torch.ones(())
     T.mfvi_update_([], [], [], [], [], [], 1, 2, 0.1, 0.1, 0.9, 1.0, 10.0, flag)
     # empty tensors next to non-empty ones
@@ -320,7 +320,7 @@ GATED = [("sam_perturb_", dict(adaptive=True), True),
          ("bsam_update_", dict(accums="pos", released_order=True), False),
          ("mfvi_update_", {}, False),
          ("vsam_perturb_", dict(log_step=True), True),
-         ("esam_perturb_", {}, True)]
+         ("ebisam_perturb_", {}, True)]
 # mixed dtypes, a tensor stored transposed, an empty one
 FLAG_SPEC = [((1000,), F32), ((33,), BF16), ((129,), F64), ((3,), F16), ((4, 3), F32, "T"),
              ((0,), F32)]
@@ -495,7 +495,7 @@ def test_every_launch_is_guarded_and_binds_no_float(launches):
     for name in ["grad_sumsq", "sam_perturb_", "sam_restore_sgd_", "sam_restore_adam_",
                  "bsam_noise_", "bsam_perturb_", "bsam_update_"] + VI_OPS:
         getattr(T, name)(*phase_args(name, spec, seed=20))
-    for name in ["sam_perturb_", "vsam_perturb_", "esam_perturb_"]:  # found_inf forms
+    for name in ["sam_perturb_", "vsam_perturb_", "ebisam_perturb_"]:  # found_inf forms
         getattr(T, name)(*phase_args(name, spec, seed=21), flag)
     T.philox_probe(1, 2, 3, 8)
     logits, target = torch.randn(3, 10, dtype=F64), torch.tensor([1, -100, 4])

@@ -102,13 +102,13 @@ def test_vsam_perturb(backend, name, log_step, given_norm):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("given_norm", [False, True])
-def test_esam_perturb(backend, name, given_norm):
+def test_ebisam_perturb(backend, name, given_norm):
     gen, p, g = case(name, 5)
     norm = torch.tensor(0.7, dtype=F64) if given_norm else None
     args = (SEED, 11, 0.05, 0.5, 1e-12)
     p64, b64, b = f64(p), f64(p), nan_like(p)
-    n_ref = ref.esam_perturb_(p64, f64(g), b64, ids_for(p), norm, *args)
-    n = vi_ops.esam_perturb_(p, g, b, ids_for(p), norm, *args, backend=backend)
+    n_ref = ref.ebisam_perturb_(p64, f64(g), b64, ids_for(p), norm, *args)
+    n = vi_ops.ebisam_perturb_(p, g, b, ids_for(p), norm, *args, backend=backend)
     torch.testing.assert_close(n.double(), n_ref, rtol=1e-6, atol=0)
     assert_close_list(p, p64, "params")
     assert_close_list(b, b64, "backups")
@@ -158,7 +158,7 @@ def test_fake_kernels():
         out = torch.ops.samkernels.vsam_perturb_(p, [torch.randn(3)], b, [torch.ones(3)], None,
                                                  3.0, 1e-12, 0.01, 1.0, 10.0, True, 1e-12)
         assert out.shape == () and out.dtype == F64  # the norm contract: float64 everywhere
-        out = torch.ops.samkernels.esam_perturb_(p, [torch.randn(3)], b, [0], None, 1, 0, 0.05,
+        out = torch.ops.samkernels.ebisam_perturb_(p, [torch.randn(3)], b, [0], None, 1, 0, 0.05,
                                                  0.5, 1e-12)
         assert out.shape == () and out.dtype == F64
         torch.ops.samkernels.vi_noise_(p, b, [], [0], 1, 0, 0.1)
@@ -181,7 +181,7 @@ def test_cpu_errors_name_the_argument():
         vi_ops.mfvi_update_(p, [torch.randn(4)], [torch.randn(4)], [torch.ones(4)],
                             [torch.ones(5)], [0], 1, 0, 0.1, 0.1, 0.9, 1.0, 10.0, backend="cpu")
     with pytest.raises(RuntimeError, match="beta"):
-        vi_ops.esam_perturb_(p, [torch.randn(4)], [torch.empty(4)], [0], None, 1, 0, 0.05, 1.0,
+        vi_ops.ebisam_perturb_(p, [torch.randn(4)], [torch.empty(4)], [0], None, 1, 0, 0.05, 1.0,
                              1e-12, backend="cpu")
 
 

@@ -528,25 +528,6 @@ at::Tensor bisam_loss_cpu(const at::Tensor& logits, const at::Tensor& target, do
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(samkernels, m) {
-  // loss_rows: per-row Q (float32, float64 for float64 logits; 0 for ignored rows);
-  // grad: grad_scale * d loss_row / d logits in the logits' dtype, (B, K) contiguous, or an empty
-  // tensor when compute_grad is false.  phi: 0 = neglog (eq. 18), 1 = tanh (eq. 17).
-  m.def("bisam_loss_fwd(Tensor logits, Tensor target, float mu, int phi, float alpha, "
-        "int ignore_index, float grad_scale, bool compute_grad) "
-        "-> (Tensor loss_rows, Tensor grad)");
-  // The reduced loss in the logits' dtype ((B,) for reduction 0 = none, a scalar for 1 = mean and
-  // 2 = sum) and d loss / d logits (1/count folded in for the mean) or an empty tensor.  Checks
-  // the labels (IndexError naming the first bad row) and counts the rows itself.  CPU only.
-  m.def("bisam_loss_fwd_reduced(Tensor logits, Tensor target, float mu, int phi, float alpha, "
-        "int reduction, int ignore_index, bool compute_grad) -> (Tensor loss, Tensor grad)");
-  // The differentiable loss (autograd in C++): one call forward, backward returns or scales the
-  // saved gradient.  Eager CPU only (its backward reads grad_output on the host); the Python
-  // wrapper traces bisam_loss_fwd under torch.compile.
-  m.def("bisam_loss(Tensor logits, Tensor target, float mu, int phi, float alpha, int reduction, "
-        "int ignore_index) -> Tensor");
-}
-
 TORCH_LIBRARY_IMPL(samkernels, CPU, m) {
   m.impl("bisam_loss_fwd", &bisam_loss_fwd_cpu);
   m.impl("bisam_loss_fwd_reduced", &bisam_loss_fwd_reduced_cpu);

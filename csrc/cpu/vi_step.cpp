@@ -187,18 +187,6 @@ at::Tensor vsam_perturb(at::TensorList params, at::TensorList grads, at::TensorL
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(samkernels, m) {
-  m.def("vi_noise_(Tensor(a!)[] params, Tensor(b!)[] backups, Tensor[] variances, "
-        "int[] param_ids, int seed, int step, float sigma) -> ()");
-  m.def("mfvi_update_(Tensor(a!)[] params, Tensor[] grads, Tensor[] backups, "
-        "Tensor(b!)[] variances, Tensor(c!)[] momenta, int[] param_ids, int seed, int step, "
-        "float lr, float var_lr, float momentum, float prior_var, float num_data, Tensor? found_inf=None) -> ()");
-  m.def("vsam_sumsq(Tensor[] grads, Tensor[] variances) -> Tensor");
-  m.def("vsam_perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] backups, "
-        "Tensor(c!)[] variances, Tensor? sigma_norm, float dim, float eps, float var_lr, "
-        "float prior_var, float num_data, bool log_step, float min_var, Tensor? found_inf=None) -> Tensor");
-}
-
 TORCH_LIBRARY_IMPL(samkernels, CPU, m) {
   m.impl("vi_noise_", &vi_noise);
   m.impl("mfvi_update_", &mfvi_update);

@@ -44,7 +44,7 @@ inline int64_t count_chunks(const int64_t* numel, int64_t count) {
 //
 // `found_inf` (the phases that take it): address of a one-element float32 flag in device memory,
 // or nullptr.  The kernels read it (the host never does); nonzero selects the phase's skip form:
-//   perturb phases (sam, esam, vsam):      backups <- params, bit for bit; nothing else written;
+//   perturb phases (sam, ebisam, vsam):      backups <- params, bit for bit; nothing else written;
 //   restore / update phases (sam_restore_sgd/adam, bsam_perturb/update, mfvi_update):
 //                                          params <- backups, bit for bit; state lists untouched.
 
@@ -92,7 +92,7 @@ cudaError_t launch_bsam_update(const Group& g, double lr, double beta1, double b
                                const float* found_inf, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------
-// MFVI family and E-BiSAM (reference_vi.py; vi_step.cu, esam_step.cu).
+// MFVI family and E-BiSAM (reference_vi.py; vi_step.cu, ebisam_step.cu).
 // ---------------------------------------------------------------------------------------------
 
 // vi_noise_ (RandomSAM Alg. 1 / MFVI Alg. 2 line 3): backup <- mu, w <- mu + std z, z the shared
@@ -118,10 +118,10 @@ cudaError_t launch_vsam_perturb(const Group& g, const double* norm, double dim, 
                                 double var_lr, double prior_var, double num_data, bool log_step,
                                 double min_var, const float* found_inf, cudaStream_t stream);
 
-// esam_perturb_ (E-BiSAM Alg. 3 lines 3-7) given ||g|| in device memory (*norm, float64): element
+// ebisam_perturb_ (E-BiSAM Alg. 3 lines 3-7) given ||g|| in device memory (*norm, float64): element
 // i is perturbed iff the Philox uniform of word i & 3 of block (i >> 2, pid, step) is < beta.
 // Lists: 0 params, 1 grads, 2 backups; tags = param ids.
-cudaError_t launch_esam_perturb(const Group& g, const double* norm, uint64_t seed, uint64_t step,
+cudaError_t launch_ebisam_perturb(const Group& g, const double* norm, uint64_t seed, uint64_t step,
                                 double rho, double beta, double eps, const float* found_inf,
                                 cudaStream_t stream);
 

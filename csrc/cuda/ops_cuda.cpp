@@ -1,5 +1,5 @@
 // Torch glue of the CUDA kernels: the `CUDA` implementations of the samkernels ops (schemas in
-// csrc/samkernels.cpp, csrc/cpu/vi_step.cpp and csrc/cpu/esam_step.cpp; semantics in
+// csrc/samkernels.cpp, csrc/cpu/vi_step.cpp and csrc/cpu/ebisam_step.cpp; semantics in
 // samkernels/ops/reference.py and reference_vi.py).  It checks the arguments, makes
 // non-contiguous tensors contiguous (and copies mutated ones back), groups the tensors by
 // parameter dtype and calls the torch-free launch functions of launch.h on the current stream.
@@ -472,7 +472,7 @@ void bsam_update_cuda(TensorList params, TensorList grads, TensorList backups,
 }
 
 // ---------------------------------------------------------------------------------------------
-// MFVI family and E-BiSAM (schemas in csrc/cpu/vi_step.cpp and csrc/cpu/esam_step.cpp; semantics
+// MFVI family and E-BiSAM (schemas in csrc/cpu/vi_step.cpp and csrc/cpu/ebisam_step.cpp; semantics
 // in samkernels/ops/reference_vi.py).
 // ---------------------------------------------------------------------------------------------
 void check_ids(const char* op, at::IntArrayRef param_ids, TensorList params) {
@@ -616,11 +616,11 @@ Tensor vsam_perturb_cuda(TensorList params, TensorList grads, TensorList backups
   return norm.result;
 }
 
-Tensor esam_perturb_cuda(TensorList params, TensorList grads, TensorList backups,
+Tensor ebisam_perturb_cuda(TensorList params, TensorList grads, TensorList backups,
                          at::IntArrayRef param_ids, const std::optional<Tensor>& grad_norm,
                          int64_t seed, int64_t step, double rho, double beta, double eps,
                          const std::optional<Tensor>& found_inf) {
-  const char* op = "samkernels::esam_perturb_";
+  const char* op = "samkernels::ebisam_perturb_";
   check_params(op, params);
   check_list(op, "grads", grads, params, false);
   check_list(op, "backups", backups, params, false);
@@ -648,7 +648,7 @@ Tensor esam_perturb_cuda(TensorList params, TensorList grads, TensorList backups
               });
   const double* norm_ptr = norm.norm64.data_ptr<double>();
   for (const Group& grp : gs.groups)
-    SK_CHECK_LAUNCH(launch_esam_perturb(grp, norm_ptr, static_cast<uint64_t>(seed),
+    SK_CHECK_LAUNCH(launch_ebisam_perturb(grp, norm_ptr, static_cast<uint64_t>(seed),
                                         static_cast<uint64_t>(step), rho, beta, eps, skip, stream));
   copy_back(params, w[0]);
   copy_back(backups, w[2]);
@@ -669,7 +669,7 @@ TORCH_LIBRARY_IMPL(samkernels, CUDA, m) {
   m.impl("mfvi_update_", &mfvi_update_cuda);
   m.impl("vsam_sumsq", &vsam_sumsq_cuda);
   m.impl("vsam_perturb_", &vsam_perturb_cuda);
-  m.impl("esam_perturb_", &esam_perturb_cuda);
+  m.impl("ebisam_perturb_", &ebisam_perturb_cuda);
 }
 
 }  // namespace cuda

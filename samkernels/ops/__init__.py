@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 
 from samkernels import _dispatch
+from samkernels.ops import _library  # noqa: F401  (the schemas and fakes, from the op table)
 from samkernels.ops import reference  # noqa: F401  (the executable spec)
-from samkernels.ops import _fake  # noqa: F401  (fake kernels: torch.compile can trace the C++ ops)
 
 __all__ = ["grad_sumsq", "sam_perturb_", "sam_restore_sgd_", "sam_restore_adam_",
            "bsam_noise_", "bsam_perturb_", "bsam_update_"]

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from samkernels import _dispatch
+from samkernels.ops import _library
 
 __all__ = ["bisam_loss", "BiSAMLoss", "bisam_loss_reference", "TargetOutOfRangeError",
            "DEFAULT_MU", "GAMMA"]
@@ -158,19 +159,19 @@ def _fake_loss(logits, target, mu, phi, alpha, reduction, ignore_index):
     return logits.new_empty((logits.shape[0],) if reduction == 0 else ())
 
 
-def _cpp_op_available(name: str = "bisam_loss_fwd") -> bool:
-    return _dispatch.extension() is not None and hasattr(torch.ops.samkernels, name)
+def _cpp_op_available() -> bool:
+    """The compiled kernels are loaded (the schemas are defined either way: ops._library)."""
+    return _dispatch.extension() is not None
 
 
-if _cpp_op_available():  # shapes for torch.compile (FakeTensor) tracing of the C++ op
-    torch.library.register_fake("samkernels::bisam_loss_fwd")(_fake_fwd)
+# shapes for torch.compile (FakeTensor) tracing; the schemas come from the op table
+torch.library.register_fake("samkernels::bisam_loss_fwd", _fake_fwd, lib=_library.LIB)
+torch.library.register_fake("samkernels::bisam_loss_fwd_reduced", _fake_fwd_reduced,
+                            lib=_library.LIB)
+torch.library.register_fake("samkernels::bisam_loss", _fake_loss, lib=_library.LIB)
 # The eager CPU fast path: the whole loss (label check, count, rows, reduction, autograd) in one
-# C++ op; None with an extension built before it (then the path of the other backends runs).
-_CPU_LOSS = None
-if _cpp_op_available("bisam_loss") and _cpp_op_available("bisam_loss_fwd_reduced"):
-    torch.library.register_fake("samkernels::bisam_loss_fwd_reduced")(_fake_fwd_reduced)
-    torch.library.register_fake("samkernels::bisam_loss")(_fake_loss)
-    _CPU_LOSS = torch.ops.samkernels.bisam_loss.default
+# C++ op; None without the compiled extension (then the path of the other backends runs).
+_CPU_LOSS = torch.ops.samkernels.bisam_loss.default if _cpp_op_available() else None
 
 
 def _rows_backward(ctx, grad_rows, _grad_of_buffer):
@@ -202,8 +203,7 @@ def attach_autograd(name: str) -> None:
         _with_autograd.add(name)
 
 
-if _cpp_op_available():
-    attach_autograd("samkernels::bisam_loss_fwd")
+attach_autograd("samkernels::bisam_loss_fwd")
 
 
 def _fused_fwd(backend: str):

@@ -24,7 +24,7 @@ from samkernels.ops.reference import (_MASK32, copy_all_, opmath, philox4x32, ph
                                       skipped)
 
 __all__ = ["philox_uniform", "vi_noise_", "mfvi_update_", "vsam_sumsq", "vsam_perturb_",
-           "esam_perturb_"]
+           "ebisam_perturb_"]
 
 
 def philox_uniform(seed: int, step: int, param_id: int, numel: int, device=None,
@@ -131,7 +131,7 @@ def vsam_perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Tenso
 # ---------------------------------------------------------------------------------------------
 # E-BiSAM (Alg. 3 of the BiSAM paper): stochastic weight perturbation
 # ---------------------------------------------------------------------------------------------
-def esam_perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
+def ebisam_perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
                   param_ids: List[int], grad_norm: Optional[Tensor], seed: int, step: int,
                   rho: float, beta: float, eps: float, found_inf: Optional[Tensor] = None) -> Tensor:
     """Alg. 3 lines 3-7: coordinate i is perturbed iff u_i < beta (u = philox_uniform(seed, step,

@@ -4,7 +4,7 @@ formulation", Alg. 1-3; docs/spec.md "BiSAM").
 BiSAM is SAM whose two passes use different losses: the perturbation is built from the gradient of
 the ascent loss Q (eq. 14, ``samkernels.ops.bisam_loss.bisam_loss``), the update from the gradient
 of the training loss at w + e.  The fused phases are SAM's (``sam_perturb_``, ``sam_restore_*``);
-E-BiSAM's masked perturbation is ``esam_perturb_``.
+E-BiSAM's masked perturbation is ``ebisam_perturb_``.
 
 How the two losses reach the optimizer.  A samkernels closure that takes one argument is told which
 pass it runs (``ascent=True`` for the perturbation pass), so the general form is::
@@ -239,7 +239,7 @@ class EBiSAM(BiSAM):
             norm = torch.stack([s.double() for s in sq]).sum().sqrt()
         for group, ps, gs in work:
             backups = self._backups_for(ps)
-            n = vi_ops.esam_perturb_(ps, gs, backups, self._param_ids_for(ps),
+            n = vi_ops.ebisam_perturb_(ps, gs, backups, self._param_ids_for(ps),
                                      None if norm is None else norm.to(ps[0].device), seed, step,
                                      self._rho(group), group["beta"],
                                      group["perturb_eps"] if eps is None else eps,

@@ -9,7 +9,7 @@ Each phase is a ``torch.library.custom_op`` in the ``samkernels_triton`` namespa
 implementation), so ``torch.compile`` traces through it as one opaque, functionalised node
 instead of failing on the raw pointer tables.  Two things stay in thin Python wrappers around the
 ops:
-  * ``sam_perturb_`` (likewise ``esam_perturb_``, ``vsam_perturb_``) may return its norm argument,
+  * ``sam_perturb_`` (likewise ``ebisam_perturb_``, ``vsam_perturb_``) may return its norm argument,
     and a custom op may not return an alias of an input: the wrapper computes the norm
     (``grad_sumsq`` / ``vsam_sumsq`` op + sqrt, on the device) when it is None and returns it, the
     perturbation op itself returns nothing;
@@ -31,7 +31,7 @@ from samkernels.triton.bsam_step import philox_probe
 
 __all__ = ["grad_sumsq", "sam_perturb_", "sam_restore_sgd_", "sam_restore_adam_", "bsam_noise_",
            "bsam_perturb_", "bsam_update_", "vi_noise_", "mfvi_update_", "vsam_sumsq",
-           "vsam_perturb_", "esam_perturb_", "philox_probe"]
+           "vsam_perturb_", "ebisam_perturb_", "philox_probe"]
 
 _NS = "samkernels_triton"
 
@@ -195,15 +195,15 @@ def _(params, grads, backups, variances, sigma_norm, dim, eps, var_lr, prior_var
     return None
 
 
-@torch.library.custom_op(f"{_NS}::esam_perturb_", mutates_args=("params", "backups"))
-def _esam_perturb_op(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
+@torch.library.custom_op(f"{_NS}::ebisam_perturb_", mutates_args=("params", "backups"))
+def _ebisam_perturb_op(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
                      param_ids: List[int], grad_norm: Tensor, seed: int, step: int, rho: float,
                      beta: float, eps: float, found_inf: Optional[Tensor]) -> None:
-    vi_step._esam_perturb_apply(params, grads, backups, param_ids, grad_norm, seed, step, rho,
+    vi_step._ebisam_perturb_apply(params, grads, backups, param_ids, grad_norm, seed, step, rho,
                                 beta, eps, found_inf)
 
 
-@_esam_perturb_op.register_fake
+@_ebisam_perturb_op.register_fake
 def _(params, grads, backups, param_ids, grad_norm, seed, step, rho, beta, eps, found_inf):
     return None
 
@@ -296,14 +296,14 @@ def vsam_perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Tenso
     return sigma_norm
 
 
-def esam_perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
+def ebisam_perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
                   param_ids: List[int], grad_norm: Optional[Tensor], seed: int, step: int,
                   rho: float, beta: float, eps: float,
                   found_inf: Optional[Tensor] = None) -> Tensor:
     if not 0.0 <= beta < 1.0:
-        raise ValueError(f"esam_perturb_: beta must be in [0, 1), got {beta}")
+        raise ValueError(f"ebisam_perturb_: beta must be in [0, 1), got {beta}")
     if grad_norm is None:  # ||g|| on the device, float64
         grad_norm = grad_sumsq(grads, grads, False, 0.0).sqrt()
-    _esam_perturb_op(list(params), list(grads), list(backups), [_i64(i) for i in param_ids],
+    _ebisam_perturb_op(list(params), list(grads), list(backups), [_i64(i) for i in param_ids],
                      grad_norm, _i64(seed), _i64(step), rho, beta, eps, found_inf)
     return grad_norm

@@ -1,7 +1,7 @@
 // E-BiSAM's stochastic weight perturbation on the CPU (Xie et al., BiSAM paper Alg. 3 lines 3-7;
 // ESAM's SWP, Du et al. 2022):  coordinate i is perturbed iff u_i < beta, u_i the Philox uniform of
 // (seed, step, param_id, i) — regenerated, never stored — by e_i = rho/(1-beta) g_i / (||g|| + eps).
-// Semantics: samkernels/ops/reference_vi.py (esam_perturb_).
+// Semantics: samkernels/ops/reference_vi.py (ebisam_perturb_).
 #include <torch/library.h>
 
 #include <algorithm>
@@ -20,22 +20,22 @@ namespace {
 // float64 already), whatever the parameters' dtypes, as reference.py returns it.
 const at::TensorOptions kNormOptions = at::TensorOptions().dtype(at::kDouble);
 
-at::Tensor esam_perturb(at::TensorList params, at::TensorList grads, at::TensorList backups,
+at::Tensor ebisam_perturb(at::TensorList params, at::TensorList grads, at::TensorList backups,
                         at::IntArrayRef param_ids, const c10::optional<at::Tensor>& grad_norm,
                         int64_t seed, int64_t step, double rho, double beta, double eps,
                         const c10::optional<at::Tensor>& found_inf) {
-  check_lists("esam_perturb_", params, {{"grads", grads}, {"backups", backups}}, {});
-  check_ids("esam_perturb_", param_ids, params);
-  TORCH_CHECK(beta >= 0.0 && beta < 1.0, "esam_perturb_: beta must be in [0, 1), got ", beta);
+  check_lists("ebisam_perturb_", params, {{"grads", grads}, {"backups", backups}}, {});
+  check_ids("ebisam_perturb_", param_ids, params);
+  TORCH_CHECK(beta >= 0.0 && beta < 1.0, "ebisam_perturb_: beta must be in [0, 1), got ", beta);
   Contig p(params), g(grads), b(backups);
   const double norm = grad_norm.has_value() ? grad_norm->item<double>() : std::sqrt(sumsq(g, g, false, 0.0));
-  if (skip_requested("esam_perturb_", found_inf)) {  // skip form: backup only, w stays
+  if (skip_requested("ebisam_perturb_", found_inf)) {  // skip form: backup only, w stays
     copy_lists(backups, params);
     return at::scalar_tensor(norm, kNormOptions);
   }
   const auto chunks = make_chunks(p.list());  // chunk starts are multiples of 4 = Philox quads
   for_each_chunk(chunks, total_numel(p.list()), [&](int64_t, const Chunk& c) {
-    SK_DISPATCH_PARAM(p[c.tensor].scalar_type(), "esam_perturb_", [&] {
+    SK_DISPATCH_PARAM(p[c.tensor].scalar_type(), "ebisam_perturb_", [&] {
       scalar_t* wp = p[c.tensor].data_ptr<scalar_t>();
       scalar_t* bp = b[c.tensor].data_ptr<scalar_t>();
       const scalar_t* gp = g[c.tensor].data_ptr<scalar_t>();
@@ -80,13 +80,7 @@ at::Tensor esam_perturb(at::TensorList params, at::TensorList grads, at::TensorL
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(samkernels, m) {
-  m.def("esam_perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] backups, "
-        "int[] param_ids, Tensor? grad_norm, int seed, int step, float rho, float beta, "
-        "float eps, Tensor? found_inf=None) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(samkernels, CPU, m) { m.impl("esam_perturb_", &esam_perturb); }
+TORCH_LIBRARY_IMPL(samkernels, CPU, m) { m.impl("ebisam_perturb_", &ebisam_perturb); }
 
 }  // namespace cpu
 }  // namespace samkernels

@@ -1,5 +1,5 @@
 // E-BiSAM's stochastic weight perturbation on CUDA (Xie et al., BiSAM paper Alg. 3 lines 3-7;
-// ESAM's SWP, Du et al. 2022; reference_vi.py esam_perturb_): coordinate i is perturbed iff
+// ESAM's SWP, Du et al. 2022; reference_vi.py ebisam_perturb_): coordinate i is perturbed iff
 // u_i < beta, u_i the Philox uniform of (seed, step, param_id, i) -- regenerated, never stored --
 // by e_i = rho / (1 - beta) g_i / (||g|| + eps).  Torch-free: the glue in ops_cuda.cpp passes raw
 // pointers; the norm stage is grad_sumsq's (sam_step.cu).
@@ -60,7 +60,7 @@ struct EsamPerturbOp {
 // ---------------------------------------------------------------------------------------------
 // Launch function (launch.h).
 // ---------------------------------------------------------------------------------------------
-cudaError_t launch_esam_perturb(const Group& g, const double* norm, uint64_t seed, uint64_t step,
+cudaError_t launch_ebisam_perturb(const Group& g, const double* norm, uint64_t seed, uint64_t step,
                                 double rho, double beta, double eps, const float* found_inf,
                                 cudaStream_t stream) {
   return dispatch_param(g.param, [&](auto tag) {
