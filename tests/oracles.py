@@ -1,0 +1,444 @@
+"""Independent oracles for every fused phase of ``samkernels.ops._spec.PHASES``.
+
+Nothing here imports the package's maths (``samkernels.ops.reference*``) or another backend: a bug
+copied into the executable spec and every kernel would pass a backend-vs-reference test, but not
+these.  Three kinds of oracle (docs/spec.md holds the equations):
+
+  * the worked bSAM example of docs/spec.md, computed by hand (``BSAM_WORKED``);
+  * equality with ``torch.optim`` (SGD, Adam, AdamW) for the restore phases;
+  * a float64 formula written here, for everything else, with the noise drawn from a plain-int
+    Philox4x32-10 (``philox4x32_10``) checked against the Random123 known-answer vectors.
+
+Each ``case_<op>(dtype, path, gen)`` returns a ``Case``: the op's arguments by name and, for each
+list the op writes (and ``"return"``), the expected float64 values.  ``CASES`` lists the code paths
+of each op (deferred / non-deferred bSAM line 5, each ``found_inf`` value, ...).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+F32, F64 = torch.float32, torch.float64
+MASK = 0xFFFFFFFF
+
+
+# --- Philox4x32-10 on plain Python ints (Salmon et al. 2011) ----------------------------------
+def philox4x32_10(ctr, key):
+    c0, c1, c2, c3 = ctr
+    k0, k1 = key
+    for _ in range(10):
+        p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = ((p1 >> 32) ^ c1 ^ k0) & MASK, p1 & MASK, ((p0 >> 32) ^ c3 ^ k1) & MASK, \
+            p0 & MASK
+        k0, k1 = (k0 + 0x9E3779B9) & MASK, (k1 + 0xBB67AE85) & MASK
+    return c0, c1, c2, c3
+
+
+# Random123's kat_vectors for philox4x32_10: (counter, key, output)
+KAT = [((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+       ((MASK,) * 4, (MASK, MASK), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+       ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1))]
+
+
+def _words(seed: int, step: int, pid: int, numel: int) -> List[int]:
+    """docs/spec.md "Noise": element i is word i % 4 of Philox(counter (i // 4, pid, step_lo,
+    step_hi), key (seed_lo, seed_hi))."""
+    out = []
+    for q in range((numel + 3) // 4):
+        out += philox4x32_10((q, pid & MASK, step & MASK, (step >> 32) & MASK),
+                             (seed & MASK, (seed >> 32) & MASK))
+    return out[:numel]
+
+
+def _u(word: int) -> float:
+    return ((word >> 9) + 0.5) * 2.0 ** -23  # 23 bits: exact in float32, never 0 or 1
+
+
+def uniforms(seed: int, step: int, pid: int, numel: int) -> torch.Tensor:
+    return torch.tensor([_u(w) for w in _words(seed, step, pid, numel)], dtype=F64)
+
+
+def normals(seed: int, step: int, pid: int, numel: int) -> torch.Tensor:
+    """Box-Muller of each block: (u0, u1) -> lanes 0, 1, (u2, u3) -> lanes 2, 3."""
+    w = _words(seed, step, pid, (numel + 3) // 4 * 4)
+    out = []
+    for q in range(0, len(w), 4):
+        u0, u1, u2, u3 = (_u(x) for x in w[q:q + 4])
+        r01, r23 = math.sqrt(-2 * math.log(u0)), math.sqrt(-2 * math.log(u2))
+        out += [r01 * math.cos(2 * math.pi * u1), r01 * math.sin(2 * math.pi * u1),
+                r23 * math.cos(2 * math.pi * u3), r23 * math.sin(2 * math.pi * u3)]
+    return torch.tensor(out[:numel], dtype=F64)
+
+
+# steps whose high word matters: a kernel that drops it draws step 2^32 - 1's neighbours' noise
+GOLDEN_STEPS = (0, 2 ** 32 - 1, 2 ** 33 + 7)
+SEED = (0x1234567 << 32) | 0x9ABCDEF  # a key with both words set
+
+
+# --- inputs ------------------------------------------------------------------------------------
+SHAPES = [(7,), (2, 3)]  # 13 elements: several Philox blocks, a partial one
+IDS = [5, 2 ** 31 + 3]
+
+
+@dataclass
+class Case:
+    args: Dict[str, object]
+    expect: Dict[str, object]          # written list -> list of float64 tensors; "return" -> float
+    tol: Optional[Dict[str, float]] = None  # fp32 tolerance override
+    notes: List[str] = field(default_factory=list)
+
+
+def _state_dt(dtype):
+    return F64 if dtype == F64 else F32
+
+
+def rand(gen, dtype, lo=None, hi=None):
+    """One list over SHAPES, drawn in float64 and cast (so the float64 oracle sees the same bits)."""
+    out = []
+    for s in SHAPES:
+        t = torch.randn(s, generator=gen, dtype=F64) if lo is None else \
+            torch.rand(s, generator=gen, dtype=F64) * (hi - lo) + lo
+        out.append(t.to(dtype))
+    return out
+
+
+def d(ts):
+    """float64 copies (what the oracle computes with)."""
+    return [t.double().clone() for t in ts]
+
+
+def _flag(path: str, device="cpu"):
+    """found_inf for a path: "none" (nonfinite="unchecked"), "finite" (0), "skip" (1)."""
+    if path.endswith("skip"):
+        return torch.ones(1, device=device)
+    if path.endswith("finite"):
+        return torch.zeros(1, device=device)
+    return None
+
+
+def _skipped_perturb(args, norm):
+    """Skip form of a perturbation: backups <- w, w unchanged, no state change; returns the norm."""
+    return {"params": d(args["params"]), "backups": d(args["params"]), "return": norm}
+
+
+def _skipped_update(args, state_names=()):
+    """Skip form of an update: w <- backups, no state change."""
+    out = {"params": d(args["backups"])}
+    for n in state_names:
+        if args[n]:
+            out[n] = d(args[n])
+    return out
+
+
+def _sumsq(ts):
+    return float(sum((t.double() ** 2).sum() for t in ts))
+
+
+# --- SAM / ASAM (docs/spec.md "SAM", "ASAM") ---------------------------------------------------
+def case_grad_sumsq(dtype, path, gen):
+    p, g = rand(gen, dtype), rand(gen, dtype)
+    eta = 0.01 if path == "asam" else 0.0
+    t = [gg * (pp.abs() + eta) if path == "asam" else gg for pp, gg in zip(d(p), d(g))]
+    return Case(dict(params=p, grads=g, adaptive=path == "asam", eta=eta), {"return": _sumsq(t)})
+
+
+def case_sam_perturb_(dtype, path, gen):
+    """e = rho T^2 g / (||T g|| + eps), T = |w| + eta (ASAM) or 1; w <- w + e; returns ||T g||."""
+    p, g, b = rand(gen, dtype), rand(gen, dtype), rand(gen, dtype)
+    adaptive = path.startswith("asam")
+    rho, eps, eta = 0.3, 1e-12, 0.01 if adaptive else 0.0
+    w64, g64 = d(p), d(g)
+    t = [(w.abs() + eta) if adaptive else torch.ones_like(w) for w in w64]
+    norm = math.sqrt(_sumsq([gg * tt for gg, tt in zip(g64, t)]))
+    given = path.startswith("asam")  # the optimizer passes the norm of all groups
+    args = dict(params=p, grads=g, backups=b,
+                grad_norm=torch.tensor(norm, dtype=F64) if given else None, rho=rho, eps=eps,
+                adaptive=adaptive, eta=eta, found_inf=_flag(path))
+    if path.endswith("skip"):
+        return Case(args, _skipped_perturb(args, norm))
+    new = [w + rho * tt * tt * gg / (norm + eps) for w, gg, tt in zip(w64, g64, t)]
+    return Case(args, {"params": new, "backups": w64, "return": norm})
+
+
+def _torch_opt_step(make, w0, grads, state_init=None):
+    """One step of a torch.optim optimizer (float64) from weights ``w0``; returns (weights, state)."""
+    ws = [torch.nn.Parameter(w.clone()) for w in w0]
+    opt = make(ws)
+    for w, g in zip(ws, grads):
+        w.grad = g.clone()
+    if state_init:
+        for w, st in zip(ws, state_init):
+            opt.state[w].update({k: v.clone() for k, v in st.items()})
+    opt.step()
+    return [w.detach() for w in ws], [opt.state[w] for w in ws]
+
+
+SGD_PATHS = {  # path: (momentum, dampening, nesterov, weight_decay, first)
+    "plain": (0.0, 0.0, False, 0.0, True), "nesterov-first": (0.9, 0.0, True, 1e-2, True),
+    "momentum-damp": (0.9, 0.1, False, 5e-4, False), "momentum-damp-finite": (0.9, 0.1, False, 5e-4, False),
+    "momentum-damp-skip": (0.9, 0.1, False, 5e-4, False)}
+
+
+def case_sam_restore_sgd_(dtype, path, gen):
+    """w <- backup, then torch.optim.SGD's step with the perturbed gradient."""
+    mom, damp, nest, wd, first = SGD_PATHS[path]
+    p, g, b = rand(gen, dtype), rand(gen, dtype), rand(gen, dtype)
+    bufs = rand(gen, _state_dt(dtype)) if mom else []
+    lr = 0.1
+    args = dict(params=p, grads=g, backups=b, momentum_bufs=bufs, lr=lr, momentum=mom,
+                dampening=damp, nesterov=nest, weight_decay=wd, first=first,
+                found_inf=_flag(path))
+    if path.endswith("skip"):
+        return Case(args, _skipped_update(args, ["momentum_bufs"]))
+    init = None if first or not mom else [{"momentum_buffer": t} for t in d(bufs)]
+    new, st = _torch_opt_step(lambda ws: torch.optim.SGD(ws, lr=lr, momentum=mom, dampening=damp,
+                                                         nesterov=nest, weight_decay=wd,
+                                                         foreach=False), d(b), d(g), init)
+    out = {"params": new}
+    if mom:
+        out["momentum_bufs"] = [s["momentum_buffer"] for s in st]
+    return Case(args, out)
+
+
+ADAM_PATHS = {"adam-l2": (1e-2, False, 1), "adamw": (1e-1, True, 1), "adamw-step7": (1e-1, True, 7),
+              "adam-l2-finite": (1e-2, False, 1), "adamw-skip": (1e-1, True, 3)}
+
+
+def case_sam_restore_adam_(dtype, path, gen):
+    """w <- backup, then torch.optim.Adam (L2 decay) / AdamW (decoupled) with the gradient.  Step
+    1 from zero state makes exp_avg_sq = (1 - beta2) g^2: any rounding of 1 - beta2 shows."""
+    wd, decoupled, step = ADAM_PATHS[path]
+    p, g, b = rand(gen, dtype), rand(gen, dtype), rand(gen, dtype)
+    sdt = _state_dt(dtype)
+    if step == 1:
+        m, v = [torch.zeros(s, dtype=sdt) for s in SHAPES], [torch.zeros(s, dtype=sdt) for s in SHAPES]
+    else:
+        m, v = rand(gen, sdt, -0.1, 0.1), rand(gen, sdt, 0.0, 1e-2)
+    lr, betas, eps = 1e-2, (0.9, 0.999), 1e-8
+    args = dict(params=p, grads=g, backups=b, exp_avgs=m, exp_avg_sqs=v, step=step, lr=lr,
+                beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=wd, decoupled=decoupled,
+                found_inf=_flag(path))
+    if path.endswith("skip"):
+        return Case(args, _skipped_update(args, ["exp_avgs", "exp_avg_sqs"]))
+    cls = torch.optim.AdamW if decoupled else torch.optim.Adam
+    init = [{"step": torch.tensor(float(step - 1)), "exp_avg": mm, "exp_avg_sq": vv}
+            for mm, vv in zip(d(m), d(v))]
+    new, st = _torch_opt_step(lambda ws: cls(ws, lr=lr, betas=betas, eps=eps, weight_decay=wd,
+                                             foreach=False), d(b), d(g), init)
+    return Case(args, {"params": new, "exp_avgs": [s["exp_avg"] for s in st],
+                       "exp_avg_sqs": [s["exp_avg_sq"] for s in st]},
+                tol=dict(rtol=2e-6, atol=0.0))
+
+
+# --- bSAM (docs/spec.md, Algorithm 1) ----------------------------------------------------------
+# The worked example of docs/spec.md, by hand: L = w^2, omega = 1, s = 1, N = 100, rho = 0.01,
+# z = 0.5, delta = 0.4, gamma = 0.1, beta1 = 0.9, beta2 = 0.999, lr 0.5.
+BSAM_WORKED = dict(theta=1.05, g=2.1, perturbed=1.021, g_eps=2.042, s=1.0016, gm=0.2442,
+                   omega_paper=1 - 0.5 * 0.2442 / 1.0016, omega_released=0.8779,
+                   rho=0.01, beta1=0.9, beta2=0.999, delta=0.4, gamma=0.1, lr=0.5)
+
+
+def _one(x, dtype):
+    return [torch.tensor([x], dtype=dtype)]
+
+
+def case_bsam_noise_(dtype, path, gen):
+    """Line 1: backup <- omega; w <- omega + z / sqrt(N s), z the Philox normals; ``path`` is the
+    noise step (docs/spec.md "Noise")."""
+    step = int(path)
+    p, s = rand(gen, dtype), rand(gen, _state_dt(dtype), 0.5, 3.0)
+    b = [torch.zeros_like(t) for t in p]
+    n = 50.0
+    z = [normals(SEED, step, pid, t.numel()).view(t.shape) for pid, t in zip(IDS, p)]
+    args = dict(params=p, backups=b, precisions=s, param_ids=IDS, seed=SEED, step=step, num_data=n)
+    new = [w + zz / torch.sqrt(n * ss) for w, zz, ss in zip(d(p), z, d(s))]
+    return Case(args, {"params": new, "backups": d(p)}, tol=dict(rtol=1e-5, atol=1e-6))
+
+
+def case_bsam_perturb_(dtype, path, gen):
+    """Line 3 (w <- omega + rho g / s) and line 5 here (non-deferred) or sqrt(s)|g| added to the
+    accumulator (deferred).  "worked-*": the docs/spec.md example."""
+    deferred = "deferred" in path
+    sdt = _state_dt(dtype)
+    if path.startswith("worked"):
+        k = BSAM_WORKED
+        p, g, b, s = _one(9.0, dtype), _one(k["g"], dtype), _one(1.0, dtype), _one(1.0, sdt)
+        acc = _one(0.0, sdt) if deferred else []
+        rho, beta2, delta, gamma = k["rho"], k["beta2"], k["delta"], k["gamma"]
+        args = dict(params=p, grads=g, backups=b, precisions=s, accums=acc, rho=rho, beta2=beta2,
+                    delta=delta, gamma=gamma, found_inf=_flag(path))
+        out = {"params": _one(k["perturbed"], F64)}
+        out.update({"accums": _one(k["g"], F64), "precisions": _one(1.0, F64)} if deferred
+                   else {"precisions": _one(k["s"], F64)})
+        return Case(args, out)
+    p, g, b = rand(gen, dtype), rand(gen, dtype), rand(gen, dtype)
+    s = rand(gen, sdt, 0.5, 3.0)
+    acc = rand(gen, sdt, 0.0, 2.0) if deferred else []
+    rho, beta2, delta, gamma = 0.05, 0.999, 1e-3, 0.1
+    args = dict(params=p, grads=g, backups=b, precisions=s, accums=acc, rho=rho, beta2=beta2,
+                delta=delta, gamma=gamma, found_inf=_flag(path))
+    if path.endswith("skip"):
+        return Case(args, _skipped_update(args, ["precisions", "accums"]))
+    om, gg, ss = d(b), d(g), d(s)
+    h = [x.sqrt() * y.abs() for x, y in zip(ss, gg)]
+    out = {"params": [o + rho * y / x for o, y, x in zip(om, gg, ss)]}
+    if deferred:
+        out.update(accums=[a + hh for a, hh in zip(d(acc), h)], precisions=ss)
+    else:
+        out["precisions"] = [beta2 * x + (1 - beta2) * (hh + delta + gamma) for x, hh in zip(ss, h)]
+    return Case(args, out)
+
+
+def case_bsam_update_(dtype, path, gen):
+    """Lines 5 (deferred only), 6 and 7; "released" uses the s from before line 5 in line 7."""
+    deferred = "deferred" in path or "released" in path
+    released = "released" in path
+    sdt = _state_dt(dtype)
+    if path.startswith("worked"):
+        k = BSAM_WORKED
+        # non-deferred: line 5 already ran in the perturb phase, s = 1.0016 comes in
+        s0 = 1.0 if deferred else k["s"]
+        args = dict(params=_one(1.021, dtype), grads=_one(k["g_eps"], dtype),
+                    backups=_one(1.0, dtype), precisions=_one(s0, sdt), momenta=_one(0.0, sdt),
+                    accums=_one(k["g"], sdt) if deferred else [], lr=k["lr"], beta1=k["beta1"],
+                    beta2=k["beta2"], delta=k["delta"], gamma=k["gamma"], accum_scale=1.0,
+                    released_order=released, found_inf=_flag(path))
+        omega = k["omega_released"] if released else k["omega_paper"]
+        return Case(args, {"params": _one(omega, F64), "precisions": _one(k["s"], F64),
+                           "momenta": _one(k["gm"], F64)})
+    p, g, b = rand(gen, dtype), rand(gen, dtype), rand(gen, dtype)
+    s, gm = rand(gen, sdt, 0.5, 3.0), rand(gen, sdt)
+    acc = rand(gen, sdt, 0.0, 2.0) if deferred else []
+    lr, beta1, beta2, delta, gamma, scale = 0.1, 0.9, 0.999, 1e-3, 0.1, 0.5
+    args = dict(params=p, grads=g, backups=b, precisions=s, momenta=gm, accums=acc, lr=lr,
+                beta1=beta1, beta2=beta2, delta=delta, gamma=gamma, accum_scale=scale,
+                released_order=released, found_inf=_flag(path))
+    if path.endswith("skip"):
+        return Case(args, _skipped_update(args, ["precisions", "momenta"]))
+    om, ge, s_old = d(b), d(g), d(s)
+    s_new = [beta2 * x + (1 - beta2) * (a * scale + delta + gamma) for x, a in zip(s_old, d(acc))] \
+        if deferred else s_old
+    m = [beta1 * mm + (1 - beta1) * (y + delta * o) for mm, y, o in zip(d(gm), ge, om)]
+    div = s_old if released else s_new
+    return Case(args, {"params": [o - lr * mm / x for o, mm, x in zip(om, m, div)],
+                       "precisions": s_new, "momenta": m})
+
+
+# --- RandomSAM / MFVI / VariationalSAM (docs/spec.md) ------------------------------------------
+def case_vi_noise_(dtype, path, gen):
+    """backup <- mu; w <- mu + std z: std = sqrt(Sigma) (MFVI) or sigma (RandomSAM).  ``path`` is
+    "<mfvi|sigma>-<step>"; Sigma spans 1e-2 .. 9 so std = Sigma would not pass."""
+    kind, step = path.split("-")
+    step = int(step)
+    p = rand(gen, dtype)
+    var = rand(gen, _state_dt(dtype), 0.01, 9.0) if kind == "mfvi" else []
+    b = [torch.zeros_like(t) for t in p]
+    sigma = 0.3
+    z = [normals(SEED, step, pid, t.numel()).view(t.shape) for pid, t in zip(IDS, p)]
+    std = [v.sqrt() for v in d(var)] if var else [sigma] * len(p)
+    args = dict(params=p, backups=b, variances=var, param_ids=IDS, seed=SEED, step=step,
+                sigma=0.0 if var else sigma)
+    return Case(args, {"params": [w + sd * zz for w, sd, zz in zip(d(p), std, z)],
+                       "backups": d(p)}, tol=dict(rtol=1e-5, atol=1e-6))
+
+
+def case_mfvi_update_(dtype, path, gen):
+    """docs/spec.md MFVI: d = g + mu / (N sigma_p^2) (+ heavy ball); mu <- mu - lr d;
+    u = log Sigma <- u - var_lr (g z sqrt(Sigma) / 2 + (Sigma / sigma_p^2 - 1) / (2N))."""
+    step = 2 ** 32 + 5
+    p, g, b = rand(gen, dtype), rand(gen, dtype), rand(gen, dtype)
+    sdt = _state_dt(dtype)
+    var = rand(gen, sdt, 0.01, 2.0)
+    mom = rand(gen, sdt) if "momentum" in path else []
+    lr, var_lr, beta, prior, n = 0.1, 0.05, 0.9, 2.0, 40.0
+    args = dict(params=p, grads=g, backups=b, variances=var, momenta=mom, param_ids=IDS, seed=SEED,
+                step=step, lr=lr, var_lr=var_lr, momentum=beta if mom else 0.0, prior_var=prior,
+                num_data=n, found_inf=_flag(path))
+    if path.endswith("skip"):
+        return Case(args, _skipped_update(args, ["variances", "momenta"]))
+    mu, gg, vv = d(b), d(g), d(var)
+    z = [normals(SEED, step, pid, t.numel()).view(t.shape) for pid, t in zip(IDS, p)]
+    dd = [y + m / (n * prior) for y, m in zip(gg, mu)]
+    out = {}
+    if mom:
+        dd = [beta * q + x for q, x in zip(d(mom), dd)]
+        out["momenta"] = dd
+    du = [0.5 * y * zz * v.sqrt() + (v / prior - 1) / (2 * n) for y, zz, v in zip(gg, z, vv)]
+    out["variances"] = [v * torch.exp(-var_lr * u) for v, u in zip(vv, du)]
+    out["params"] = [m - lr * x for m, x in zip(mu, dd)]
+    return Case(args, out, tol=dict(rtol=1e-5, atol=1e-6))
+
+
+def case_vsam_sumsq(dtype, path, gen):
+    g, v = rand(gen, dtype), rand(gen, _state_dt(dtype), 0.01, 2.0)
+    return Case(dict(grads=g, variances=v),
+                {"return": float(sum((x * y * y).sum() for x, y in zip(d(v), d(g))))})
+
+
+def case_vsam_perturb_(dtype, path, gen):
+    """Eq. 2: w <- mu + sqrt(p) Sigma g / (sqrt(g^T Sigma g) + eps); then eq. 42's Sigma step on
+    log Sigma ("log") or on Sigma clamped at min_var ("linear")."""
+    p, g, b = rand(gen, dtype), rand(gen, dtype), rand(gen, dtype)
+    var = rand(gen, _state_dt(dtype), 0.01, 2.0)
+    dim, eps, var_lr, prior, n, min_var = 13.0, 1e-12, 0.05, 2.0, 40.0, 0.02
+    mu, gg, vv = d(p), d(g), d(var)
+    norm = math.sqrt(sum(float((v * y * y).sum()) for v, y in zip(vv, gg)))
+    log_step = path.startswith("log")
+    args = dict(params=p, grads=g, backups=b, variances=var,
+                sigma_norm=torch.tensor(norm, dtype=F64) if path == "linear" else None, dim=dim,
+                eps=eps, var_lr=var_lr, prior_var=prior, num_data=n, log_step=log_step,
+                min_var=min_var, found_inf=_flag(path))
+    if path.endswith("skip"):
+        return Case(args, _skipped_perturb(args, norm))
+    sq = math.sqrt(dim)
+    dsig = [sq * y * y / (2 * (norm + eps)) + 1 / (2 * n * prior) - 1 / (2 * n * v)
+            for y, v in zip(gg, vv)]
+    if log_step:
+        new_var = [v * torch.exp(-var_lr * v * ds) for v, ds in zip(vv, dsig)]
+    else:
+        new_var = [torch.clamp(v - var_lr * ds, min=min_var) for v, ds in zip(vv, dsig)]
+    return Case(args, {"params": [m + sq * v * y / (norm + eps) for m, v, y in zip(mu, vv, gg)],
+                       "backups": mu, "variances": new_var, "return": norm},
+                tol=dict(rtol=1e-5, atol=1e-6))
+
+
+def case_ebisam_perturb_(dtype, path, gen):
+    """BiSAM Alg. 3: coordinate i moves by rho / (1 - beta) g_i / (||g|| + eps) iff u_i < beta,
+    u the Philox uniforms of (seed, step, param id, i)."""
+    step = 2 ** 33 + 7 if path.endswith("skip") or path.endswith("finite") else int(path)
+    p, g, b = rand(gen, dtype), rand(gen, dtype), rand(gen, dtype)
+    rho, beta, eps = 0.2, 0.5, 1e-12
+    norm = math.sqrt(_sumsq(g))
+    args = dict(params=p, grads=g, backups=b, param_ids=IDS, grad_norm=None, seed=SEED, step=step,
+                rho=rho, beta=beta, eps=eps, found_inf=_flag(path))
+    if path.endswith("skip"):
+        return Case(args, _skipped_perturb(args, norm))
+    u = [uniforms(SEED, step, pid, t.numel()).view(t.shape) for pid, t in zip(IDS, p)]
+    new = [torch.where(uu < beta, w + rho / (1 - beta) * y / (norm + eps), w)
+           for w, y, uu in zip(d(p), d(g), u)]
+    return Case(args, {"params": new, "backups": d(p), "return": norm})
+
+
+_STEPS = [str(s) for s in GOLDEN_STEPS]
+# op -> its code paths (each a Case builder argument); every op of PHASES must be here
+CASES: Dict[str, tuple] = {
+    "grad_sumsq": ("sam", "asam"),
+    "sam_perturb_": ("sam", "asam-norm", "sam-finite", "sam-skip"),
+    "sam_restore_sgd_": tuple(SGD_PATHS),
+    "sam_restore_adam_": tuple(ADAM_PATHS),
+    "bsam_noise_": tuple(_STEPS),
+    "bsam_perturb_": ("worked", "worked-deferred", "random", "random-deferred", "deferred-finite",
+                      "random-skip"),
+    "bsam_update_": ("worked", "worked-deferred", "worked-released", "random", "random-deferred",
+                     "random-released", "deferred-finite", "deferred-skip"),
+    "vi_noise_": tuple(f"{k}-{s}" for k in ("mfvi", "sigma") for s in _STEPS),
+    "mfvi_update_": ("plain", "momentum", "momentum-finite", "momentum-skip"),
+    "vsam_sumsq": ("plain",),
+    "vsam_perturb_": ("log", "linear", "log-finite", "log-skip"),
+    "ebisam_perturb_": tuple(_STEPS) + ("finite", "skip"),
+}
+BUILDERS: Dict[str, Callable] = {name: globals()[f"case_{name}"] for name in CASES}
