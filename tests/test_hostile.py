@@ -23,7 +23,6 @@ NAN, INF = float("nan"), float("inf")
 # name -> submodule that defines it (the samkernels.optim export is looked up first)
 FAMILY = {"SAM": "sam", "ASAM": "sam", "BSAM": "bsam", "RandomSAM": "random_sam", "MFVI": "mfvi",
           "VariationalSAM": "vsam", "BiSAM": "bisam", "EBiSAM": "bisam"}
-CORE = ("SAM", "ASAM", "BSAM")  # the others: missing behaviour is an xfail
 KNOWN_ARGS = {"lr": 0.05, "num_data": 32}
 EXTRA = {"SAM": dict(momentum=0.9, weight_decay=1e-3), "ASAM": dict(momentum=0.9),
          "BSAM": dict(weight_decay=1e-3, rho=0.05)}
@@ -36,8 +35,7 @@ def optimizer_class(name):
             cls = getattr(importlib.import_module(f"samkernels.optim.{FAMILY[name]}"), name, None)
         except ImportError:
             cls = None
-    if cls is None:
-        pytest.skip(f"samkernels.optim.{name} does not exist (yet)")
+    assert cls is not None, f"samkernels.optim.{name} does not exist"
     return cls
 
 
@@ -49,20 +47,11 @@ def factory(name):
                 if p.default is inspect.Parameter.empty
                 and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     unknown = [n for n in required if n not in KNOWN_ARGS]
-    if unknown:
-        pytest.skip(f"{name} needs {unknown}; this test does not know valid values")
+    assert not unknown, f"{name} needs {unknown}; add valid values to KNOWN_ARGS"
     base = {n: KNOWN_ARGS[n] for n in required}
     base.update({"seed": 0} if "seed" in sig.parameters else {})
     base.update(EXTRA.get(name, {}))
     return lambda ps, **kw: cls(ps, **{**base, **kw})
-
-
-def soft(name, ok, why):
-    """Core optimizers must pass; for the others a missing behaviour is reported as an xfail."""
-    if not ok:
-        if name in CORE:
-            pytest.fail(why)
-        pytest.xfail(f"{name}: {why}")
 
 
 def param(*shape, dtype=torch.float32, device="cpu"):
@@ -125,7 +114,7 @@ def test_construction_rejects(name, what):
     except error as exc:
         assert re.search(match, str(exc)), f"{what}: unclear message {exc}"
         return
-    soft(name, False, f"{what} was accepted")
+    pytest.fail(f"{name}: {what} was accepted")
 
 
 @pytest.mark.parametrize("name,kwargs,match", [(n, kw, m) for n, cases in SPECIFIC.items()
@@ -188,7 +177,7 @@ def test_none_gradients_and_frozen_parameters_are_untouched(name):
 def test_zero_and_huge_gradients_keep_weights_finite(name, scale):
     model, opt, _ = run_steps(name, loss_scale=scale)
     finite = all(torch.isfinite(t).all() for t in model.parameters())
-    soft(name, finite, f"loss * {scale} made the weights non-finite")
+    assert finite, f"{name}: loss * {scale} made the weights non-finite"
     if scale == 0.0:
         assert not getattr(opt, "step_skipped", False)
 
@@ -198,11 +187,11 @@ def test_zero_and_huge_gradients_keep_weights_finite(name, scale):
 def test_nonfinite_gradient_skips_the_step(name, bad):
     """Step 1 of 3 has a bad gradient: it is skipped, so the run equals 2 clean steps."""
     model, opt, _ = run_steps(name, poison=(1, bad))
-    soft(name, all(torch.isfinite(t).all() for t in model.parameters()),
-         f"a {bad} gradient reached the weights")
+    assert all(torch.isfinite(t).all() for t in model.parameters()), \
+        f"{name}: a {bad} gradient reached the weights"
     clean, _, _ = run_steps(name, steps=2)
-    soft(name, all(torch.equal(a, b) for a, b in zip(model.parameters(), clean.parameters())),
-         "the skipped step left a trace (weights, state or noise counter)")
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), clean.parameters())), \
+        f"{name}: the skipped step left a trace (weights, state or noise counter)"
 
 
 @pytest.mark.parametrize("name", list(FAMILY))

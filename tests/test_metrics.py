@@ -38,6 +38,14 @@ def test_ece_two_bins_pools_examples():
     assert metrics.ece(PROBS, LABELS, bins=2) == pytest.approx(0.25)
 
 
+def test_ece_weights_each_bin_by_its_count():
+    # 2 bins, 3 classes.  (0.5, 1]: confidences 0.9, 0.8, 0.7, right, right, wrong -> |2/3 - 0.8|
+    # on 3 of 4 examples; (0, 0.5]: confidence 0.4, right -> |1 - 0.4| on 1 of 4.
+    # ECE = 3/4 * 2/15 + 1/4 * 0.6 = 0.25 (the unweighted mean over bins would be 11/30).
+    probs = torch.tensor([[0.9, 0.05, 0.05], [0.8, 0.1, 0.1], [0.7, 0.2, 0.1], [0.4, 0.3, 0.3]])
+    assert metrics.ece(probs, torch.tensor([0, 0, 1, 0]), bins=2) == pytest.approx(0.25)
+
+
 def test_ece_perfectly_calibrated_is_zero():
     # confidence 0.75 on four examples, three of them right
     probs = torch.tensor([[0.75, 0.25]] * 4)

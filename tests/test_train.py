@@ -57,6 +57,32 @@ def test_loss_goes_down(name):
         assert pred["samples"] == 4 and math.isfinite(pred["metrics"]["nll"])
 
 
+@pytest.mark.parametrize("name", ["sam", "sam-adam", "sam-adamw", "asam", "vsam"])
+def test_first_pass_perturbation_ascends(name):
+    """The registry's optimizers perturb uphill: e . g > 0, so L(w + e) > L(w) to first order (a
+    flipped sign still trains, and test_loss_goes_down would not see it); SAM's e is rho g / ||g||."""
+    entry = need(name)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    opt = build(entry, model.parameters(), dict(entry.defaults), num_data=64.0, seed=0)
+    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,))
+    nn.functional.cross_entropy(model(x), y).backward()
+    w0 = [p.detach().clone() for p in model.parameters()]
+    g = [p.grad.clone() for p in model.parameters()]
+    opt.first_step()
+    e = [p.detach() - w for p, w in zip(model.parameters(), w0)]
+    assert sum((a * b).sum() for a, b in zip(e, g)) > 0
+    if name.startswith("sam"):
+        norm = torch.sqrt(sum((t * t).sum() for t in g))
+        for a, b in zip(e, g):
+            torch.testing.assert_close(a, entry.defaults["rho"] * b / norm, rtol=1e-9, atol=1e-12)
+    with torch.no_grad():
+        up = nn.functional.cross_entropy(model(x), y)
+    opt.restore()
+    with torch.no_grad():
+        assert up > nn.functional.cross_entropy(model(x), y)
+
+
 @pytest.mark.parametrize("name", ["sam", "bsam"])
 def test_msharpness(name, monkeypatch):
     need(name)
