@@ -1,0 +1,283 @@
+"""Mutation check of the test suite: do the tests see a plausible bug?  Not run in CI.
+
+Each mutation is one plausible bug: a list of edits (file, exact old text, new text), applied
+together, and the tests that should catch it.  For each mutation this script, in a scratch copy of
+the repository (``git archive`` of a commit, default HEAD, under /tmp, plus the built extension
+``samkernels/_C*.so`` of this checkout):
+
+  1. applies the edits; a snippet that is not in its file exactly once (the code moved on) makes
+     the mutation "does not apply", never "survived";
+  2. rebuilds the C++ extension there, only when a ``csrc/`` file changed (setup.py build_ext
+     --inplace, CPU only; the first build in the copy takes minutes, later ones recompile the
+     changed files);
+  3. runs its tests against the copy (PYTHONPATH=<copy>, TRITON_INTERPRET=1, pytest -x);
+  4. restores the files.
+
+A mutation is "caught" when pytest fails, "SURVIVED" when it passes.  The tests are run on the
+unmutated copy first: if they fail there, the run stops (a broken suite catches everything).
+
+    python tests/mutate.py                 # every mutation, Python-only ones first
+    python tests/mutate.py --python-only   # skip those that need a C++ rebuild
+    python tests/mutate.py -k beta2 -k ece # names containing any of these
+    python tests/mutate.py --list
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple, Union
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+
+Paths = Union[str, Tuple[str, ...]]  # a file, or candidates: the first that holds the snippet
+
+
+@dataclass
+class Mutation:
+    name: str
+    edits: Sequence[Tuple[Paths, str, str]]
+    tests: Sequence[str]  # test files or node ids, relative to tests/
+    k: str = ""           # pytest -k expression over them
+
+    @property
+    def cpp(self) -> bool:
+        return any(p.startswith("csrc/") for paths, _, _ in self.edits
+                   for p in ((paths,) if isinstance(paths, str) else paths))
+
+
+REF, REF_VI = "samkernels/ops/reference.py", ("samkernels/ops/reference_vi.py",
+                                              "samkernels/ops/reference.py")
+TRI_SAM, TRI_BSAM, TRI_VI = ("samkernels/triton/sam_step.py", "samkernels/triton/bsam_step.py",
+                             "samkernels/triton/vi_step.py")
+CPU_SAM, CPU_BSAM = "csrc/cpu/sam_step.cpp", "csrc/cpu/bsam_step.cpp"
+ORACLE, WORKED = "test_oracles.py", "test_optim.py::test_bsam_worked_example"
+ASCENT = "test_train.py::test_first_pass_perturbation_ascends"
+
+
+MUTATIONS: List[Mutation] = [
+    # --- the six survivors of the first mutation run --------------------------------------------
+    Mutation("bsam-line5-no-delta (spec + triton)", [
+        (REF, "(1 - beta2) * (h + delta + gamma)", "(1 - beta2) * (h + gamma)"),
+        (TRI_BSAM, "omb2 * ((h + delta) + gamma)", "omb2 * (h + gamma)")],
+        [ORACLE, WORKED], k="bsam_perturb_ or worked_example"),
+    Mutation("bsam-line5-no-delta (all backends)", [
+        (REF, "(1 - beta2) * (h + delta + gamma)", "(1 - beta2) * (h + gamma)"),
+        (TRI_BSAM, "omb2 * ((h + delta) + gamma)", "omb2 * (h + gamma)"),
+        (CPU_BSAM, "else sp[i] = b2 * si + omb2 * (h + add);",
+         "else sp[i] = b2 * si + omb2 * (h + static_cast<opmath_t>(gamma));")],
+        [ORACLE, WORKED], k="bsam_perturb_ or worked_example"),
+    Mutation("adam 1-beta2 from fp32 beta2 (triton)", [
+        (TRI_SAM, "beta2, 1 - beta2, math.sqrt(bc2)",
+         "beta2, 1 - __import__('torch').tensor(beta2, dtype=__import__('torch').float32).item(), "
+         "math.sqrt(bc2)")], [ORACLE], k="sam_restore_adam_"),
+    Mutation("adam 1-beta2 from fp32 beta2 (cpu)", [
+        (CPU_SAM, "omb2 = 1.0 - beta2;", "omb2 = opmath_t(1) - b2;")],
+        [ORACLE], k="sam_restore_adam_"),
+    Mutation("bsam 1-beta2 from fp32 beta2 (cpu)", [
+        (CPU_BSAM, "omb2 = 1.0 - beta2, add", "omb2 = opmath_t(1) - b2, add"),
+        (CPU_BSAM, "omb2 = 1.0 - beta2;", "omb2 = opmath_t(1) - b2;")],
+        [ORACLE], k="bsam_perturb_ or bsam_update_"),
+    Mutation("philox drops the step's high word (cpu fp32 block)", [
+        ("csrc/cpu/normal_block.h", "const uint32_t c3_ = static_cast<uint32_t>(step >> 32);",
+         "const uint32_t c3_ = 0;")], [ORACLE], k="bsam_noise_ or vi_noise_ or mfvi_update_"),
+    Mutation("ece not weighted by bin counts", [
+        ("samkernels/train/metrics.py", "sum(c / n * abs(a - f) for",
+         "sum(abs(a - f) / sum(k > 0 for k in cal['count']) for")], ["test_metrics.py"]),
+    Mutation("mfvi noise std = Sigma (spec + triton)", [
+        (REF_VI, "std = variances[i].to(w.dtype).sqrt() if", "std = variances[i].to(w.dtype) if"),
+        (TRI_VI, "std = sqrt(load(v, offs, n, MASKED).to(MATH))",
+         "std = load(v, offs, n, MASKED).to(MATH)")],
+        [ORACLE], k="vi_noise_ or std_sqrt_sigma"),
+    Mutation("mfvi noise std = Sigma (cpu)", [
+        ("csrc/cpu/vi_step.cpp", "sqrt_inplace(sd, len);", "(void)sd;")],
+        [ORACLE], k="vi_noise_ or std_sqrt_sigma"),
+    Mutation("randomsam skip keeps the noise counter", [
+        ("samkernels/optim/random_sam.py", 'self._extra_state["noise_step"] = self._noise["at"]\n',
+         "pass\n")], ["test_hostile.py"], k="nonfinite"),
+    # --- more single bugs ------------------------------------------------------------------------
+    Mutation("philox drops the step's high word (spec)", [
+        (REF, "full((step >> 32) & _MASK32)", "full(0)")], [ORACLE], k="bsam_noise_"),
+    Mutation("philox drops the step's high word (triton)", [
+        (TRI_BSAM, "zero + step_hi.to(tl.uint32, bitcast=True))", "zero)")],
+        [ORACLE], k="bsam_noise_ or ebisam_perturb_"),
+    Mutation("sam perturbation sign flipped (spec + triton)", [
+        (REF, "p.copy_(w + e)", "p.copy_(w - e)")],
+        [ORACLE, ASCENT], k="sam_perturb_ or ascends"),
+    Mutation("sam perturbation sign flipped (cpu)", [
+        (CPU_SAM, "wp[i] = static_cast<scalar_t>(w + e * scale);",
+         "wp[i] = static_cast<scalar_t>(w - e * scale);")],
+        [ORACLE, ASCENT], k="sam_perturb_ or ascends"),
+    Mutation("asam drops eta (spec)", [
+        (REF, "g.double() * (p.double().abs() + eta) if adaptive",
+         "g.double() * p.double().abs() if adaptive")], [ORACLE], k="grad_sumsq"),
+    Mutation("grad_sumsq accumulates in float32 (spec)", [
+        (REF, "if adaptive else g.double()\n", "if adaptive else g.float()\n")],
+        [ORACLE], k="grad_sumsq"),
+    Mutation("nesterov ignored (spec)", [
+        (REF, "d = d.add(buf, alpha=momentum) if nesterov else buf", "d = buf")],
+        [ORACLE], k="sam_restore_sgd_"),
+    Mutation("nesterov ignored (cpu)", [
+        (CPU_SAM, "d = nesterov ? d + mom * buf : buf;", "d = buf;")],
+        [ORACLE], k="sam_restore_sgd_"),
+    Mutation("adam bias correction off by one step (spec)", [
+        (REF, "1 - beta1 ** step,", "1 - beta1 ** (step + 1),")], [ORACLE], k="sam_restore_adam_"),
+    Mutation("adam bias correction off by one step (cpu)", [
+        (CPU_SAM, "std::pow(beta1, static_cast<double>(step))",
+         "std::pow(beta1, static_cast<double>(step + 1))")], [ORACLE], k="sam_restore_adam_"),
+    Mutation("sam-adam counts steps twice (optimizer)", [
+        ("samkernels/optim/sam.py", 'st["step"] += 1', 'st["step"] += 2')],
+        ["test_ergonomics.py"], k="rho_zero"),
+    Mutation("adamw weight decay missing (cpu)", [
+        (CPU_SAM, "if (decoupled) w = w * decay;", "if (decoupled) w = w;")],
+        [ORACLE], k="sam_restore_adam_"),
+    Mutation("adamw weight decay missing (spec)", [
+        (REF, "w.mul_(1 - lr * weight_decay)", "w.mul_(1.0)")], [ORACLE], k="sam_restore_adam_"),
+    Mutation("sgd skip does not restore (spec)", [
+        (REF, "return copy_all_(params, backups)\n    # Written with the same torch calls as torch.optim.SGD",
+         "return\n    # Written with the same torch calls as torch.optim.SGD")],
+        [ORACLE], k="sam_restore_sgd_"),
+    Mutation("bsam noise without N (spec)", [
+        (REF, "torch.sqrt(num_data * s.to(w.dtype))", "torch.sqrt(s.to(w.dtype))")],
+        [ORACLE], k="bsam_noise_"),
+    Mutation("bsam released order swapped (cpu)", [
+        (CPU_BSAM, "(released_order ? s_old : s_new)", "(released_order ? s_new : s_old)")],
+        [ORACLE], k="bsam_update_"),
+    Mutation("bsam optimizer passes beta1 as beta2", [
+        ("samkernels/optim/bsam.py", 'group["betas"][1], group["weight_decay"], group["gamma"],',
+         'group["betas"][0], group["weight_decay"], group["gamma"],')],
+        [WORKED]),
+    Mutation("mfvi variance step ascends (spec)", [
+        (REF_VI, "v.copy_(var * torch.exp(-var_lr * du))\n        p.copy_(mu - lr * d)",
+         "v.copy_(var * torch.exp(var_lr * du))\n        p.copy_(mu - lr * d)")],
+        [ORACLE], k="mfvi_update_"),
+    Mutation("ebisam mask inverted (spec)", [
+        (REF_VI, ".view(p.shape) < beta", ".view(p.shape) >= beta")],
+        [ORACLE], k="ebisam_perturb_"),
+]
+
+
+def _sh(cmd, cwd, env=None, log=None) -> int:
+    out = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True)
+    if log is not None:
+        log.append(out.stdout)
+    return out.returncode
+
+
+def make_copy(rev: str) -> str:
+    root = tempfile.mkdtemp(prefix="samkernels-mutate-")
+    archive = subprocess.run(["git", "-C", REPO, "archive", rev], check=True,
+                             stdout=subprocess.PIPE).stdout
+    subprocess.run(["tar", "-x", "-C", root], input=archive, check=True)
+    for so in glob.glob(os.path.join(REPO, "samkernels", "_C*.so")):
+        shutil.copy2(so, os.path.join(root, "samkernels"))
+    return root
+
+
+def apply(root: str, m: Mutation):
+    """Apply the edits; returns {path: original text}, or a reason it does not apply."""
+    originals, texts = {}, {}
+    for paths, old, new in m.edits:
+        cands = (paths,) if isinstance(paths, str) else paths
+        hit = None
+        for rel in cands:
+            path = os.path.join(root, rel)
+            if not os.path.exists(path):
+                continue
+            text = texts.get(rel) or open(path).read()
+            if text.count(old) == 1:
+                hit = rel
+                texts[rel] = text.replace(old, new)
+                originals.setdefault(rel, text)
+                break
+        if hit is None:
+            return f"{old[:40]!r} is not once in {' / '.join(cands)}"
+    for rel, text in texts.items():
+        with open(os.path.join(root, rel), "w") as f:
+            f.write(text)
+    return originals
+
+
+def restore(root: str, originals) -> None:
+    for rel, text in originals.items():
+        with open(os.path.join(root, rel), "w") as f:
+            f.write(text)
+
+
+def build(root: str, log) -> bool:
+    env = dict(os.environ, SAMKERNELS_CUDA="0")
+    return _sh([PY, "setup.py", "-q", "build_ext", "--inplace"], root, env, log) == 0
+
+
+def run_tests(root: str, m: Mutation, log) -> int:
+    env = dict(os.environ, PYTHONPATH=root, TRITON_INTERPRET="1")
+    return _sh([PY, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *m.tests]
+               + (["-k", m.k] if m.k else []),
+               os.path.join(root, "tests"), env, log)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-k", action="append", default=[], help="run mutations whose name has this")
+    ap.add_argument("--python-only", action="store_true", help="skip mutations of csrc/")
+    ap.add_argument("--rev", default="HEAD", help="commit to mutate (default HEAD)")
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep the scratch copy")
+    args = ap.parse_args(argv)
+    todo = [m for m in MUTATIONS if not args.k or any(k in m.name for k in args.k)]
+    todo = [m for m in todo if not (args.python_only and m.cpp)]
+    todo.sort(key=lambda m: m.cpp)  # Python first: no rebuild
+    if args.list:
+        for m in todo:
+            print(f"{'C++ ' if m.cpp else 'py  '} {m.name}: {' '.join(m.tests)} -k {m.k!r}")
+        return 0
+    root = make_copy(args.rev)
+    print(f"scratch copy of {args.rev}: {root}", flush=True)
+    rows, log = [], []
+    try:
+        for m in {(tuple(m.tests), m.k): m for m in todo}.values():
+            if run_tests(root, m, log) != 0:
+                print(log[-1][-3000:])
+                print(f"{' '.join(m.tests)} -k {m.k!r} fails on the unmutated copy: fix that first")
+                return 2
+        built = False
+        for m in todo:
+            t0 = time.time()
+            originals = apply(root, m)
+            if isinstance(originals, str):
+                rows.append((m, "does not apply", originals, 0.0))
+                print(f"{m.name}: does not apply ({originals})", flush=True)
+                continue
+            try:
+                if m.cpp or built:  # a reverted C++ edit needs the rebuild too
+                    built = m.cpp or built
+                    if not build(root, log):
+                        rows.append((m, "caught", "build failed", time.time() - t0))
+                        continue
+                rc = run_tests(root, m, log)
+            finally:
+                restore(root, originals)
+            verdict = "caught" if rc != 0 else "SURVIVED"
+            why = "" if rc in (0, 1) else f"pytest rc {rc}"
+            rows.append((m, verdict, why, time.time() - t0))
+            print(f"{m.name}: {verdict} {why} ({time.time() - t0:.0f} s)", flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    print("\n| mutation | kind | result | s |\n|---|---|---|---|")
+    for m, verdict, why, secs in rows:
+        print(f"| {m.name} | {'C++' if m.cpp else 'Python'} | {verdict}"
+              f"{' (' + why + ')' if why else ''} | {secs:.0f} |")
+    return 1 if any(v == "SURVIVED" for _, v, _, _ in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
