@@ -65,3 +65,111 @@ def data(dtype=torch.float64, n=32, seed=1):
     """n random inputs for ``mlp`` (drawn in float64, then cast) and labels in 0..2."""
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 6, generator=g, dtype=torch.float64).to(dtype), torch.randint(0, 3, (n,), generator=g)
+
+
+# --- inputs of any op of the op table (samkernels/ops/_spec.py) --------------------------------
+# A list spec is a sequence of (shape, dtype[, layout]); layouts of the hard inputs:
+#   "T"  a transposed view (dense, not contiguous)      "CL" channels_last (dense, not contiguous)
+#   "S"  every other column (strided, not dense)        "M"  misaligned: storage offset of one element
+#   "P"  the parameter transposed, its other lists contiguous (a mix of layouts across lists)
+F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
+EMPTY = "empty"  # as a case's value for an optional list (role state?): pass it empty
+# state lists that may take either sign; the others (precisions, second moments, variances,
+# accumulators) hold positive values
+SIGNED_STATE = ("momentum_bufs", "exp_avgs", "momenta")
+PARAM_DTYPE_ROLES = ("param", "grad", "backup")
+
+
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """A state list's dtype for a parameter of ``dtype`` (float64 stays, the others float32)."""
+    return F64 if dtype == F64 else F32
+
+
+def hard_tensor(shape, dtype, layout, gen, device="cpu", positive=False) -> torch.Tensor:
+    """One random tensor (drawn in float64, then cast and moved) with ``layout`` (see above)."""
+    n = 1
+    for s in shape:
+        n *= s
+    full = {"T": tuple(reversed(shape)), "S": tuple(shape[:-1]) + (2 * shape[-1],),
+            "M": (n + 1,)}.get(layout, shape)
+    v = torch.rand(full, generator=gen, dtype=F64) + 0.5 if positive else \
+        torch.randn(full, generator=gen, dtype=F64)
+    t = v.to(device=device, dtype=dtype)
+    if layout == "T":
+        t = t.t()
+    elif layout == "S":
+        t = t[..., ::2]
+    elif layout == "M":
+        t = t[1:].view(shape)
+    elif layout == "CL":
+        t = t.contiguous(memory_format=torch.channels_last)
+    assert t.shape == torch.Size(shape), (t.shape, shape)
+    return t
+
+
+def param_ids(n: int) -> List[int]:
+    """Distinct ids, some above 2^32 (only the low 32 bits key the noise)."""
+    return [7 * i + 3 + (2 ** 32 if i % 3 == 0 else 0) for i in range(n)]
+
+
+def op_args(op, case: dict, spec, seed: int = 0, device="cpu") -> list:
+    """The positional arguments of ``op`` (an OpSpec) in table order, without ``found_inf``.
+
+    Tensor lists follow ``spec`` by role: param / grad / backup in the parameter's dtype, state in
+    its opmath dtype; a written backup list starts as NaN (every element must be written); a list
+    set to ``EMPTY`` in ``case`` is empty.  ``param_ids`` defaults to ``param_ids(len(spec))``, an
+    optional tensor (a given norm) is a 0-dim float64 from its float value in ``case``, and every
+    other argument is taken from ``case``."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for a in op.args:
+        if a.name == "found_inf":
+            continue
+        v = case.get(a.name)
+        if a.type == "Tensor[]":
+            if v == EMPTY:
+                out.append([])
+                continue
+            lst = []
+            for entry in spec:
+                shape, dt = entry[0], entry[1]
+                layout = entry[2] if len(entry) > 2 else None
+                if layout == "P":
+                    layout = "T" if a.role == "param" else None
+                if a.role not in PARAM_DTYPE_ROLES:
+                    dt = opmath_dtype(dt)
+                t = hard_tensor(shape, dt, layout, gen, device,
+                                positive=a.role.startswith("state") and a.name not in SIGNED_STATE)
+                if a.role == "backup" and a.written:
+                    t.fill_(float("nan"))
+                lst.append(t)
+            out.append(lst)
+        elif a.name == "param_ids" and v is None:
+            out.append(param_ids(len(spec)))
+        elif a.type == "Tensor?":
+            out.append(None if v is None else torch.tensor(v, dtype=F64, device=device))
+        else:
+            out.append(case[a.name])
+    return out
+
+
+def clone_args(args) -> list:
+    return [[t.clone() for t in a] if isinstance(a, list) and a and isinstance(a[0], torch.Tensor)
+            else a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+
+
+def f64_args(args) -> list:
+    """Float64 copies of every tensor in ``args`` (the reference's inputs)."""
+    return [f64(a) if isinstance(a, list) and a and isinstance(a[0], torch.Tensor)
+            else a.detach().double().clone() if isinstance(a, torch.Tensor) else a for a in args]
+
+
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-identical (NaNs included): same dtype, shape and stored bits."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    as_int = _INT_OF_SIZE[a.element_size()]
+    return torch.equal(a.contiguous().view(as_int), b.contiguous().view(as_int))
