@@ -66,11 +66,13 @@ MUTATIONS: List[Mutation] = [
     # --- the six survivors of the first mutation run --------------------------------------------
     Mutation("bsam-line5-no-delta (spec + triton)", [
         (REF, "(1 - beta2) * (h + delta + gamma)", "(1 - beta2) * (h + gamma)"),
-        (TRI_BSAM, "omb2 * ((h + delta) + gamma)", "omb2 * (h + gamma)")],
+        (TRI_BSAM, "store(s, offs, beta2 * ss + omb2 * ((h + delta) + gamma)",
+         "store(s, offs, beta2 * ss + omb2 * (h + gamma)")],
         [ORACLE, WORKED], k="bsam_perturb_ or worked_example"),
     Mutation("bsam-line5-no-delta (all backends)", [
         (REF, "(1 - beta2) * (h + delta + gamma)", "(1 - beta2) * (h + gamma)"),
-        (TRI_BSAM, "omb2 * ((h + delta) + gamma)", "omb2 * (h + gamma)"),
+        (TRI_BSAM, "store(s, offs, beta2 * ss + omb2 * ((h + delta) + gamma)",
+         "store(s, offs, beta2 * ss + omb2 * (h + gamma)"),
         (CPU_BSAM, "else sp[i] = b2 * si + omb2 * (h + add);",
          "else sp[i] = b2 * si + omb2 * (h + static_cast<opmath_t>(gamma));")],
         [ORACLE, WORKED], k="bsam_perturb_ or worked_example"),
