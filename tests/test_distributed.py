@@ -7,6 +7,7 @@ precision (sqrt(s)|g| averaged over the ranks).  A bad gradient on one rank skip
 import datetime
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -40,49 +41,78 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, port, name, mode, out_dir, poison_step):
+# every DDP run, (name, mode, poison_step): all run in one spawn, one process group
+CASES = {f"{name}-{mode}": (name, mode, -1)
+         for name, mode in [("sam", "closure"), ("bsam", "closure"), ("sam", "phases")]}
+CASES.update({f"nan-{name}-{mode}": (name, mode, 1)
+              for name, mode in [("sam", "closure"), ("bsam", "closure"), ("sam", "scaler"),
+                                 ("sam", "device")]})
+
+
+def _run_case(rank, name, mode, poison_step):
+    model, x, y = model_and_data()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    policy = {"nonfinite": "skip_on_device"} if mode == "device" else {}
+    opt = MAKERS[name](ddp.parameters(), ddp_model=ddp, **policy)
+    xs, ys = x[rank::WORLD], y[rank::WORLD]  # this rank's shard = micro-batch `rank`
+    scaler = torch.amp.GradScaler("cpu") if mode == "scaler" else None
+    skipped, scales = [], []
+
+    def closure(ascent):
+        opt.zero_grad()
+        loss = F.cross_entropy(ddp(xs), ys)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if ascent and rank == 1 and len(skipped) == poison_step:
+            model[0].weight.grad[0, 0] = float("nan")  # only this rank's local gradient
+        return loss
+
+    for _ in range(STEPS):
+        if mode in ("closure", "scaler", "device"):
+            opt.step(closure, scaler=scaler)
+            if scaler is not None:
+                scaler.update()
+                scales.append(scaler.get_scale())
+        else:  # explicit phases: the first backward under no_sync() is the caller's job
+            if isinstance(opt, BSAM):
+                opt.noise_step()
+            with ddp.no_sync():
+                closure(True)
+            opt.first_step(zero_grad=True)
+            if not opt.skip_pending:
+                closure(False)
+            opt.second_step(zero_grad=True)
+        skipped.append(opt.step_skipped)
+    return {"params": [p.detach() for p in model.parameters()], "skipped": skipped,
+            "scales": scales, "state": opt.state_dict()}
+
+
+def _worker(rank, port, out_dir):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD, timeout=datetime.timedelta(seconds=40))
+    timeout = datetime.timedelta(seconds=60)
+    # our own store (rank 0 serves it): it outlives the process group for the shutdown handshake
+    store = dist.TCPStore("127.0.0.1", port, WORLD, rank == 0, timeout=timeout)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD, timeout=timeout)
     try:
-        model, x, y = model_and_data()
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        policy = {"nonfinite": "skip_on_device"} if mode == "device" else {}
-        opt = MAKERS[name](ddp.parameters(), ddp_model=ddp, **policy)
-        xs, ys = x[rank::WORLD], y[rank::WORLD]  # this rank's shard = micro-batch `rank`
-        scaler = torch.amp.GradScaler("cpu") if mode == "scaler" else None
-        skipped, scales = [], []
-
-        def closure(ascent):
-            opt.zero_grad()
-            loss = F.cross_entropy(ddp(xs), ys)
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-            if ascent and rank == 1 and len(skipped) == poison_step:
-                model[0].weight.grad[0, 0] = float("nan")  # only this rank's local gradient
-            return loss
-
-        for _ in range(STEPS):
-            if mode in ("closure", "scaler", "device"):
-                opt.step(closure, scaler=scaler)
-                if scaler is not None:
-                    scaler.update()
-                    scales.append(scaler.get_scale())
-            else:  # explicit phases: the first backward under no_sync() is the caller's job
-                if isinstance(opt, BSAM):
-                    opt.noise_step()
-                with ddp.no_sync():
-                    closure(True)
-                opt.first_step(zero_grad=True)
-                if not opt.skip_pending:
-                    closure(False)
-                opt.second_step(zero_grad=True)
-            skipped.append(opt.step_skipped)
-        torch.save({"params": [p.detach() for p in model.parameters()], "skipped": skipped,
-                    "scales": scales, "state": opt.state_dict()}, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()  # no rank tears gloo down while the other still talks to it
+        for case, args in CASES.items():
+            torch.save(_run_case(rank, *args), os.path.join(out_dir, f"{case}-rank{rank}.pt"))
+        dist.barrier()
     finally:
+        # Shut down in lock step (gloo aborts when a peer closes its sockets mid-message): all
+        # ranks have left every collective before any destroys the group, and the store's server
+        # (rank 0) exits last.
+        store.add("finished", 1)
+        _wait_count(store, "finished")
         dist.destroy_process_group()
+        store.add("left", 1)
+        if rank == 0:
+            _wait_count(store, "left")
+
+
+def _wait_count(store, key, seconds=60.0):
+    deadline = time.monotonic() + seconds
+    while store.add(key, 0) < WORLD and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def single_process(name, skip_step=None):
@@ -102,15 +132,18 @@ def single_process(name, skip_step=None):
     return [p.detach() for p in model.parameters()], opt
 
 
-def run_ddp(tmp_path, name, mode, poison_step=-1):
-    mp.spawn(_worker, args=(_free_port(), name, mode, str(tmp_path), poison_step), nprocs=WORLD,
-             join=True)
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    """Every case of CASES on WORLD ranks, one spawn: {case: [result of rank r]}."""
+    out = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    return {case: [torch.load(out / f"{case}-rank{r}.pt", weights_only=False)
+                   for r in range(WORLD)] for case in CASES}
 
 
 @pytest.mark.parametrize("name,mode", [("sam", "closure"), ("bsam", "closure"), ("sam", "phases")])
-def test_ddp_no_sync_first_pass_is_m_sharpness(tmp_path, name, mode):
-    ranks = run_ddp(tmp_path, name, mode)
+def test_ddp_no_sync_first_pass_is_m_sharpness(ddp_runs, name, mode):
+    ranks = ddp_runs[f"{name}-{mode}"]
     want, opt = single_process(name)
     for r in ranks:
         assert r["skipped"] == [False] * STEPS
@@ -128,10 +161,10 @@ def test_ddp_no_sync_first_pass_is_m_sharpness(tmp_path, name, mode):
 
 @pytest.mark.parametrize("name,mode", [("sam", "closure"), ("bsam", "closure"), ("sam", "scaler"),
                                        ("sam", "device")])
-def test_nan_on_one_rank_skips_the_step_everywhere(tmp_path, name, mode):
+def test_nan_on_one_rank_skips_the_step_everywhere(ddp_runs, name, mode):
     """With a GradScaler the clean rank's scale backs off too, so the scales stay equal.
     skip_on_device: the ranks agree through an all-reduce of the device flag (no host read)."""
-    ranks = run_ddp(tmp_path, name, mode, poison_step=1)
+    ranks = ddp_runs[f"nan-{name}-{mode}"]
     want, _ = single_process(name, skip_step=1)
     for r in ranks:
         assert r["skipped"] == [False, True, False]

@@ -3,7 +3,8 @@ in a new Python process, and compare with an uninterrupted run bit for bit (weig
 moments and step, bSAM precision and noise counter).  Data and dropout draw from torch's global RNG,
 so the RNG state must travel too.
 
-Run as a script, this file is the fresh process: ``python test_resume.py NAME CKPT OUT STEPS``."""
+Run as a script, this file is the fresh process, one for all optimizers:
+``python test_resume.py DIR STEPS NAME...`` resumes DIR/NAME-ckpt.pt into DIR/NAME-out.pt."""
 import subprocess
 import sys
 from pathlib import Path
@@ -58,18 +59,27 @@ def resume(name, ckpt, out, steps):
     torch.save(snapshot(model, opt), out)
 
 
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory):
+    """Every optimizer of MAKERS: (uninterrupted run, run resumed after K steps), the resumes all
+    in one fresh interpreter."""
+    tmp = tmp_path_factory.mktemp("resume")
+    want = {}
+    for name in MAKERS:
+        model, opt = build(name)
+        train(model, opt, K)
+        torch.save(snapshot(model, opt), tmp / f"{name}-ckpt.pt")
+        train(model, opt, MORE)  # the uninterrupted run
+        want[name] = snapshot(model, opt)
+    subprocess.run([sys.executable, str(Path(__file__).resolve()), str(tmp), str(MORE), *MAKERS],
+                   check=True, timeout=240)
+    return {name: (want[name], torch.load(tmp / f"{name}-out.pt", weights_only=False))
+            for name in MAKERS}
+
+
 @pytest.mark.parametrize("name", list(MAKERS))
-def test_resume_in_a_new_process_is_bit_exact(name, tmp_path):
-    model, opt = build(name)
-    train(model, opt, K)
-    torch.save(snapshot(model, opt), tmp_path / "ckpt.pt")
-    train(model, opt, MORE)  # the uninterrupted run
-    want = snapshot(model, opt)
-
-    subprocess.run([sys.executable, str(Path(__file__).resolve()), name, str(tmp_path / "ckpt.pt"),
-                    str(tmp_path / "out.pt"), str(MORE)], check=True, timeout=120)
-    got = torch.load(tmp_path / "out.pt", weights_only=False)
-
+def test_resume_in_a_new_process_is_bit_exact(name, resumed):
+    want, got = resumed[name]
     for k, v in want["model"].items():
         assert torch.equal(got["model"][k], v), k
     assert torch.equal(got["rng"], want["rng"])
@@ -83,4 +93,6 @@ def test_resume_in_a_new_process_is_bit_exact(name, tmp_path):
 
 
 if __name__ == "__main__":
-    resume(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    where, steps = Path(sys.argv[1]), int(sys.argv[2])
+    for name in sys.argv[3:]:
+        resume(name, where / f"{name}-ckpt.pt", where / f"{name}-out.pt", steps)
