@@ -9,8 +9,8 @@ ones: odd sizes, mixed bf16/fp16/fp32/fp64 in one list, transposed / strided / c
 misaligned views, empty tensors, hundreds of tiny tensors, lists large enough for the CPU's threads,
 empty lists.  After the contract, the checks that belong to one op or to the noise.
 
-The Triton interpreter costs milliseconds per program instance, so its "tiny" list is shorter
-(launch splitting over many tensors: tests/test_triton_plans.py).
+The Triton interpreter costs milliseconds per program instance: its long lists (launch splitting,
+several chunks per tensor) are in tests/test_triton_plans.py, with small chunks.
 """
 import importlib
 import math
@@ -43,6 +43,7 @@ BACKENDS = [
                                                     reason=str(_triton_why_not()))),
     pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")),
 ]
+COMPILED = BACKENDS[1:]
 
 # --- the argument values: the only per-op data ------------------------------------------------
 SEED = 0x0123456789ABCDEF  # > 2^32: both Philox key words matter
@@ -101,20 +102,12 @@ HARD = [((1,), F32), ((3,), BF16), ((5, 7), F32, "T"), ((4097,), F32), ((33,), F
         ((0,), F32), ((6, 5), F64, "T")]
 
 
-def big(backend):
-    """Enough elements for the CPU's threads, its chunk borders (16384) crossed; in Triton's
-    interpreter one chunk border (its CHUNK is 8192 there)."""
-    if backend == "triton":
-        return [((8193,), F32), ((3,), F64)]
-    return [((40001,), F32), ((1,), F32), ((16385,), F64)]
-
-
-def tiny(backend):
-    n = 16 if backend == "triton" else 300
-    return [((1,), F32)] * (n - 3) + [((2,), F32), ((5,), BF16), ((1,), F64)]
-
-
-LISTS = {"big": big, "tiny": tiny, "empty": lambda backend: []}
+LISTS = {
+    # enough elements for the CPU's threads, its chunk borders (16384) crossed
+    "big": [((20000,), F32), ((1,), F32), ((16385,), F64)],
+    # hundreds of tiny tensors
+    "tiny": [((1,), F32)] * 297 + [((2,), F32), ((5,), BF16), ((1,), F64)],
+}
 
 
 # --- running an op ----------------------------------------------------------------------------
@@ -210,12 +203,24 @@ def test_matches_reference(name, i, backend):
     check_against_reference(name, backend, HARD, i, seed=i)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("lists", list(LISTS))
+# The reference loops over the tensors in Python: long lists test nothing new there.  Triton's
+# launch splitting and chunking: tests/test_triton_plans.py, with the interpreter's chunks made
+# small (its programs are too slow for long lists).
+@pytest.mark.parametrize("backend", [b for b in COMPILED if b.values[0] != "triton"])
+@pytest.mark.parametrize("lists", ["big", "tiny"])
 @pytest.mark.parametrize("name", list(PHASES))
-def test_list_shapes(name, lists, backend):
-    """The base case on a list for the threads, hundreds of tiny tensors, and empty lists."""
-    check_against_reference(name, backend, LISTS[lists](backend), seed=1)
+def test_long_lists(name, lists, backend):
+    """The base case on a list for the threads and on hundreds of tiny tensors."""
+    check_against_reference(name, backend, LISTS[lists], seed=1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(PHASES))
+def test_empty_lists(name, backend):
+    """Empty lists (with found_inf too): nothing to do, the norm ops return a zero norm."""
+    check_against_reference(name, backend, [], seed=1)
+    if PHASES[name].takes_found_inf:
+        run(name, backend, [], found_inf=torch.ones(1, device=DEVICE.get(backend, "cpu")))
 
 
 GATED = [n for n, op in PHASES.items() if op.takes_found_inf]
@@ -264,6 +269,9 @@ def test_found_inf_skip_form(name, backend):
         for j, (t, s) in enumerate(zip(x, source)):
             assert same_bits(t, s), f"{name} skip form: {a.name}[{j}]"
     check_return(op, args, got, want)
+    if op.result == "norm":  # with finite gradients, the norm it returns is the reference's
+        args, before, got = run(name, backend, HARD, seed=3, found_inf=torch.ones(1, device=device))
+        check_return(op, args, got, _reference(op)(*f64_args(before), found_inf=torch.ones(1)))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -318,7 +326,7 @@ def test_shared_argument_errors(name, kind, backend):
 TENSOR_ERRORS = [(n, k) for n in PHASES for k in ("numel", "dtype")]
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize("backend", COMPILED)
 @pytest.mark.parametrize("name,kind", TENSOR_ERRORS, ids=[f"{n}-{k}" for n, k in TENSOR_ERRORS])
 def test_kernel_argument_errors(name, kind, backend):
     """A tensor with the wrong size or dtype: the kernels, which read every tensor, name it (the
@@ -372,7 +380,8 @@ def test_opcheck_and_fake(name):
     torch.library.opcheck(getattr(torch.ops.samkernels, name).default, args)
     if op.takes_found_inf:
         torch.library.opcheck(getattr(torch.ops.samkernels, name).default,
-                              op_args(op, case(name), spec, 6) + [torch.ones(1)])
+                              op_args(op, case(name), spec, 6) + [torch.ones(1)],
+                              test_utils=("test_schema", "test_faketensor"))
     with FakeTensorMode() as mode:
         fake = [[mode.from_tensor(t) for t in a] if _is_list(a) else
                 mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
@@ -427,7 +436,7 @@ def test_ebisam_mask_is_philox_uniform_below_beta(backend):
         assert abs(frac - beta) < 0.015, (beta, frac)
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize("backend", COMPILED)
 @pytest.mark.parametrize("beta", [1.0, -0.1])
 def test_ebisam_beta_out_of_range(backend, beta):
     """beta outside [0, 1): a clear error from the kernels."""

@@ -1,7 +1,7 @@
 """The CUDA kernels (``backend="cuda"``) against the float64 reference and the triton backend.
 
 Needs a CUDA device and ``samkernels._C`` built with its CUDA kernels; skipped otherwise.  Every
-phase of ``samkernels/ops/reference.py`` and ``reference_vi.py`` runs on lists that mix odd sizes,
+phase of ``samkernels/ops/reference.py`` runs on lists that mix odd sizes,
 chunk boundaries (65,536 elements), non-contiguous views (transposed, strided), misaligned views
 (storage offset: the kernels' scalar path), channels_last tensors (used in place), and,
 separately, more tiny tensors than one launch's table holds.  Every list is compared afterwards,
@@ -25,7 +25,7 @@ import torch
 
 import samkernels
 from samkernels import _dispatch
-from samkernels.ops import reference, vi_ops
+from samkernels.ops import reference
 
 
 def _cuda_ready() -> bool:
@@ -214,7 +214,7 @@ CASES: Dict[str, Callable] = {
     "bsam_update-released": ("bsam_update_", _bsam_update(False, True)),
     "bsam_update-accum": ("bsam_update_", _bsam_update(True, False)),
     "bsam_update-accum-released": ("bsam_update_", _bsam_update(True, True)),
-    # MFVI family and E-BiSAM (reference_vi.py)
+    # MFVI family and E-BiSAM
     "vi_noise-learned": ("vi_noise_", _vi_noise(True)),
     "vi_noise-fixed": ("vi_noise_", _vi_noise(False)),
     "vi_noise-64bit": ("vi_noise_", _vi_noise(True, 2 ** 40 + 5, 2 ** 33 + 7)),
@@ -293,9 +293,8 @@ def check_two_backends(case: str, dtype, device, run_a: Callable, run_b: Callabl
 
 
 def _op(name: str) -> Callable:
-    """The public multi-tensor op: samkernels.ops (SAM, bSAM) or samkernels.ops.vi_ops (MFVI
-    family, E-BiSAM)."""
-    return getattr(samkernels.ops, name, None) or getattr(vi_ops, name)
+    """The public multi-tensor op samkernels.ops.<name>."""
+    return getattr(samkernels.ops, name)
 
 
 def _backend(name: str) -> Callable:

@@ -1,0 +1,247 @@
+"""The Triton backend's machinery, on the CPU through its interpreter (TRITON_INTERPRET=1, set by
+conftest.py): launch plans (chunking, launch splitting, layouts, the plan cache, CUDA-graph
+capture), torch.compile through its custom ops, and how every kernel is launched.  What each
+phase computes is tests/test_contract.py's; the GPU code path is compiled ahead of time by
+tests/test_triton_aot.py.
+
+The interpreter pays milliseconds per program instance, so tests that need several chunks per
+tensor or several launches per group lower the module constants with monkeypatch.
+"""
+import contextlib
+import importlib
+import inspect
+import os
+import pkgutil
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+import samkernels.triton as T  # noqa: E402
+from samkernels.ops._spec import PHASES  # noqa: E402
+from samkernels.ops import reference as R  # noqa: E402
+from samkernels.triton import _multi_tensor as mt  # noqa: E402
+
+from helpers import BF16, F16, F32, F64, clone_args, f64_args, hard_tensor, op_args, same_bits, tol  # noqa: E402,E501
+from test_contract import case, check_against_reference  # noqa: E402
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="CPU tests need the Triton interpreter")
+
+NOISE_OPS = [n for n, op in PHASES.items() if op.takes_ids]
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """256-element blocks, 512-element chunks, at most 5 chunks per launch."""
+    monkeypatch.setattr(mt, "BLOCK", 256)
+    monkeypatch.setattr(mt, "CHUNK", 512)
+    monkeypatch.setattr(mt, "MAX_CHUNKS_PER_LAUNCH", 5)
+
+
+# full chunks (the unmasked path, 2 blocks each) and tails, noise quads across chunk borders, and
+# more tiny tensors than one launch takes
+SPLIT = [((1000,), F32), ((1537,), F32), ((3,), F16), ((512,), BF16)] + [((1,), F32)] * 6 + \
+    [((2,), F64)]
+
+
+@pytest.mark.parametrize("name", list(PHASES))
+def test_several_chunks_and_launches(small_chunks, name):
+    check_against_reference(name, "triton", SPLIT, seed=12)
+
+
+@pytest.mark.parametrize("name", NOISE_OPS)
+def test_noise_independent_of_partition(monkeypatch, name):
+    """Bit-identical results whatever the chunking (programs, blocks, launches)."""
+    op = PHASES[name]
+    spec = [((3001,), F32), ((5,), F32), ((2, 301), BF16)]
+    kw = {"grad_norm": 2.0} if "grad_norm" in op.arg_names else {}
+    a = op_args(op, {**case(name), **kw}, spec, 13)
+    b = clone_args(a)
+    getattr(T, name)(*a)
+    monkeypatch.setattr(mt, "BLOCK", 256)
+    monkeypatch.setattr(mt, "CHUNK", 1024)
+    monkeypatch.setattr(mt, "MAX_CHUNKS_PER_LAUNCH", 2)
+    getattr(T, name)(*b)
+    for x, y in zip(a, b):
+        if isinstance(x, list) and x and isinstance(x[0], torch.Tensor):
+            assert all(same_bits(s, t) for s, t in zip(x, y))
+
+
+# layouts: transposed, contiguous, transposed, channels_last (dense: processed in memory order,
+# no copy), every other column, and a misaligned view of fp64 (copied and written back)
+LAYOUTS = [((6, 5), F32, "T"), ((2, 5), F32), ((4, 3), BF16, "T"), ((2, 3, 2, 2), F32, "CL"),
+           ((3, 4), F32, "S"), ((5, 3), F64, "S")]
+
+
+def test_dense_layouts_are_not_copied():
+    gen = torch.Generator().manual_seed(0)
+    lists = [[hard_tensor(e[0], e[1], e[2] if len(e) > 2 else None, gen) for e in LAYOUTS]
+             for _ in range(2)]
+    with mt.contiguous(lists, mutated=(0,)) as flat:
+        same = [a.data_ptr() == b.data_ptr() for a, b in zip(lists[0], flat[0])]
+    assert same == [True, True, True, True, False, False]
+    with mt.contiguous(lists, mutated=(0,), elementwise=False) as flat:  # the noise's view
+        same = [a.data_ptr() == b.data_ptr() for a, b in zip(lists[0], flat[0])]
+    assert same == [False, True, False, False, False, False]
+
+
+def test_plan_cache():
+    mt.clear_cache()
+    op = PHASES["sam_restore_sgd_"]
+    args = op_args(op, case("sam_restore_sgd_"), [((5,), F32), ((3, 4), F32)], 14)
+    T.sam_restore_sgd_(*args)
+    T.sam_restore_sgd_(*args)
+    assert len(mt._cache) == 1  # same storages: the tables are reused
+    args[0][0] = args[0][0].clone()  # a new storage: a new plan
+    T.sam_restore_sgd_(*args)
+    assert len(mt._cache) == 2
+    lists = [args[0], args[1]]
+    assert mt.plan_for(lists) is mt.plan_for(lists)
+
+
+def test_no_plan_is_built_inside_a_graph_capture(monkeypatch):
+    """A plan's tables reach the device by a host copy, which a CUDA graph would re-read at every
+    replay: inside a capture an uncached plan is a clear error (warm up first), a cached one is
+    used and kept alive for the graph beyond the LRU cache.  The capture is simulated."""
+    mt.clear_cache()
+    p, g, b = torch.ones(5), torch.full((5,), 2.0), torch.zeros(5)
+    monkeypatch.setattr(mt, "_capturing", lambda device: True)
+    with pytest.raises(RuntimeError, match="run the step .* once eagerly before capturing"):
+        T.sam_perturb_([p], [g], [b], None, 0.05, 1e-12, False, 0.0)
+    assert torch.equal(p, torch.ones(5))  # nothing ran
+    monkeypatch.setattr(mt, "_capturing", lambda device: False)
+    T.sam_perturb_([p], [g], [b], None, 0.05, 1e-12, False, 0.0)  # eager warm-up builds it
+    plan = mt.plan_for([[p], [g], [b]])
+    monkeypatch.setattr(mt, "_capturing", lambda device: True)
+    assert mt.plan_for([[p], [g], [b]]) is plan
+    assert mt._captured[id(plan)] is plan
+    mt.clear_cache()
+    assert mt._captured[id(plan)] is plan  # still alive for the graph
+
+
+def test_torch_compile_traces_the_custom_ops():
+    """A compiled step (fullgraph) through Triton phases, found_inf included, equals the
+    reference: each phase is one opaque, functionalised node."""
+    spec = [((10,), F32), ((3,), F32)]
+    sgd = op_args(PHASES["sam_restore_sgd_"], case("sam_restore_sgd_", 4), spec, 16)
+    mfvi = op_args(PHASES["mfvi_update_"], case("mfvi_update_"), spec, 19)
+    vsam = op_args(PHASES["vsam_perturb_"], case("vsam_perturb_"), spec, 20)
+    want = [f64_args(a) for a in (sgd, mfvi, vsam)]
+    flag = torch.zeros(())
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def step(sgd, mfvi, vsam, found_inf):
+        T.sam_restore_sgd_(*sgd)
+        T.mfvi_update_(*mfvi, found_inf)
+        return T.grad_sumsq(sgd[0], sgd[1], False, 0.0), T.vsam_perturb_(*vsam, found_inf)
+
+    norm, vnorm = step(sgd, mfvi, vsam, flag)
+    R.sam_restore_sgd_(*want[0])
+    R.mfvi_update_(*want[1])
+    want_vnorm = R.vsam_perturb_(*want[2])
+    for got, ref, lists in zip((sgd, mfvi, vsam), want, ((0, 3), (0, 3, 4), (0, 2, 3))):
+        for k in lists:
+            for t, r in zip(got[k], ref[k]):
+                torch.testing.assert_close(t.double(), r, rtol=tol(t.dtype)[0],
+                                           atol=tol(t.dtype)[1])
+    torch.testing.assert_close(norm, R.grad_sumsq(want[0][0], want[0][1], False, 0.0),
+                               rtol=1e-12, atol=0)
+    torch.testing.assert_close(vnorm, want_vnorm, rtol=1e-12, atol=0)
+
+
+# --- every launch: on the tensors' device, every float as f64 bits --------------------------------
+def test_device_guard_helper(monkeypatch):
+    """mt.device_guard: a shared no-op for CPU tensors (torch.cuda untouched), and
+    torch.cuda.device(that device) for CUDA tensors, whatever device is current."""
+    def no_cuda(device):
+        raise AssertionError(f"torch.cuda.device({device}) called for a CPU tensor")
+    monkeypatch.setattr(torch.cuda, "device", no_cuda)
+    cpu = torch.device("cpu")
+    assert mt.device_guard(cpu) is mt.device_guard(cpu)  # nothing built per call
+    with mt.device_guard(cpu):
+        pass
+    seen = []
+    monkeypatch.setattr(torch.cuda, "device",
+                        lambda device: seen.append(device) or contextlib.nullcontext())
+    with mt.device_guard(torch.device("cuda", 1)):
+        pass
+    assert seen == [torch.device("cuda", 1)]
+
+
+def _kernels():
+    """Every Triton kernel of the package, as (module, name)."""
+    out = set()
+    for info in pkgutil.iter_modules(T.__path__):
+        mod = importlib.import_module(f"{T.__name__}.{info.name}")
+        for name, obj in vars(mod).items():
+            if name.endswith("_kernel") and hasattr(obj, "fn") and hasattr(obj, "arg_names"):
+                out.add((obj.fn.__module__, name))
+    return out
+
+
+def _is_float_type(t: str) -> bool:
+    """A scalar argument type that Triton would bind as a float (fp32 for a Python float)."""
+    t = t.split(".")[-1]
+    return not t.startswith("*") and t.startswith(("fp", "float", "bf"))
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Records each Triton launch as (module, kernel, inside mt.device_guard?, {argument: type
+    as Triton's binder types it}): the annotation where there is one, else triton's mangle_type
+    (a Python float -> 'fp32', which a GPU would get)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import mangle_type
+    depth = [0]
+    real_guard, real_run = mt.device_guard, InterpretedFunction.run
+
+    @contextlib.contextmanager
+    def guard(device):
+        with real_guard(device):
+            depth[0] += 1
+            try:
+                yield
+            finally:
+                depth[0] -= 1
+
+    def run(self, *args, grid, warmup, **kwargs):
+        params = inspect.signature(self.fn).parameters
+        bound = dict(zip(self.arg_names, args), **kwargs)
+        types = {}
+        for name, value in bound.items():
+            if name not in params:  # num_warps ...
+                continue
+            ann = params[name].annotation
+            if ann is triton.language.constexpr or "constexpr" in str(ann):
+                continue
+            types[name] = mangle_type(value) if ann is inspect.Parameter.empty else str(ann)
+        calls.append((self.fn.__module__, self.fn.__name__, depth[0] > 0, types))
+        return real_run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    calls = []
+    monkeypatch.setattr(mt, "device_guard", guard)
+    monkeypatch.setattr(InterpretedFunction, "run", run)
+    return calls
+
+
+def test_every_launch_is_guarded_and_binds_no_float(launches):
+    """Each kernel of the package runs inside mt.device_guard (Triton launches on the current
+    device and stream), and no scalar argument is a Python float (the binder types it fp32 on a
+    GPU: an fp64 group or loss would lose its exact hyper-parameters)."""
+    from samkernels.triton.bisam_loss import bisam_loss_fwd_triton
+    spec = [((5,), F32), ((3,), F64)]
+    for name, op in PHASES.items():
+        getattr(T, name)(*op_args(op, case(name), spec, 20))
+        if op.takes_found_inf:  # the skip forms' kernels
+            getattr(T, name)(*op_args(op, case(name), spec, 21), torch.zeros(1))
+    T.philox_probe(1, 2, 3, 8)
+    logits, target = torch.randn(3, 10, dtype=F64), torch.tensor([1, -100, 4])
+    bisam_loss_fwd_triton(logits, target, 2.0, 1, 1.5, -100, 0.25, True)
+    seen = {(mod, name) for mod, name, _, _ in launches}
+    assert seen == _kernels(), sorted(_kernels() - seen)
+    for mod, name, guarded, types in launches:
+        assert guarded, f"{mod}.{name} launched outside mt.device_guard"
+        floats = {a: t for a, t in types.items() if _is_float_type(t)}
+        assert not floats, f"{mod}.{name}: float arguments {floats} (pass mt.f64_bits)"
