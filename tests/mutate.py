@@ -62,6 +62,11 @@ ORACLE, WORKED = "test_oracles.py", "test_optim.py::test_bsam_worked_example"
 ASCENT = "test_train.py::test_first_pass_perturbation_ascends"
 
 
+def oracle_bug(name: str, path: Paths, k: str, old: str, new: str) -> Mutation:
+    """One edit, caught (or not) by the independent oracles of the ops matching ``k``."""
+    return Mutation(name, [(path, old, new)], [ORACLE], k=k)
+
+
 MUTATIONS: List[Mutation] = [
     # --- the six survivors of the first mutation run --------------------------------------------
     Mutation("bsam-line5-no-delta (spec + triton)", [
@@ -80,16 +85,16 @@ MUTATIONS: List[Mutation] = [
         (TRI_SAM, "beta2, 1 - beta2, math.sqrt(bc2)",
          "beta2, 1 - __import__('torch').tensor(beta2, dtype=__import__('torch').float32).item(), "
          "math.sqrt(bc2)")], [ORACLE], k="sam_restore_adam_"),
-    Mutation("adam 1-beta2 from fp32 beta2 (cpu)", [
-        (CPU_SAM, "omb2 = 1.0 - beta2;", "omb2 = opmath_t(1) - b2;")],
-        [ORACLE], k="sam_restore_adam_"),
+    oracle_bug("adam 1-beta2 from fp32 beta2 (cpu)", CPU_SAM, "sam_restore_adam_",
+               "omb2 = 1.0 - beta2;", "omb2 = opmath_t(1) - b2;"),
     Mutation("bsam 1-beta2 from fp32 beta2 (cpu)", [
         (CPU_BSAM, "omb2 = 1.0 - beta2, add", "omb2 = opmath_t(1) - b2, add"),
         (CPU_BSAM, "omb2 = 1.0 - beta2;", "omb2 = opmath_t(1) - b2;")],
         [ORACLE], k="bsam_perturb_ or bsam_update_"),
-    Mutation("philox drops the step's high word (cpu fp32 block)", [
-        ("csrc/cpu/normal_block.h", "const uint32_t c3_ = static_cast<uint32_t>(step >> 32);",
-         "const uint32_t c3_ = 0;")], [ORACLE], k="bsam_noise_ or vi_noise_ or mfvi_update_"),
+    oracle_bug("philox drops the step's high word (cpu fp32 block)", "csrc/cpu/normal_block.h",
+               "bsam_noise_ or vi_noise_ or mfvi_update_",
+               "const uint32_t c3_ = static_cast<uint32_t>(step >> 32);",
+               "const uint32_t c3_ = 0;"),
     Mutation("ece not weighted by bin counts", [
         ("samkernels/train/metrics.py", "sum(c / n * abs(a - f) for",
          "sum(abs(a - f) / sum(k > 0 for k in cal['count']) for")], ["test_metrics.py"]),
@@ -98,18 +103,18 @@ MUTATIONS: List[Mutation] = [
         (TRI_VI, "std = sqrt(load(v, offs, n, MASKED).to(MATH))",
          "std = load(v, offs, n, MASKED).to(MATH)")],
         [ORACLE], k="vi_noise_ or std_sqrt_sigma"),
-    Mutation("mfvi noise std = Sigma (cpu)", [
-        ("csrc/cpu/vi_step.cpp", "sqrt_inplace(sd, len);", "(void)sd;")],
-        [ORACLE], k="vi_noise_ or std_sqrt_sigma"),
+    oracle_bug("mfvi noise std = Sigma (cpu)", "csrc/cpu/vi_step.cpp",
+               "vi_noise_ or std_sqrt_sigma",
+               "sqrt_inplace(sd, len);", "(void)sd;"),
     Mutation("randomsam skip keeps the noise counter", [
         ("samkernels/optim/random_sam.py", 'self._extra_state["noise_step"] = self._noise["at"]\n',
          "pass\n")], ["test_hostile.py"], k="nonfinite"),
     # --- more single bugs ------------------------------------------------------------------------
     Mutation("philox drops the step's high word (spec)", [
         (REF, "full((step >> 32) & _MASK32)", "full(0)")], [ORACLE], k="bsam_noise_"),
-    Mutation("philox drops the step's high word (triton)", [
-        (TRI_BSAM, "zero + step_hi.to(tl.uint32, bitcast=True))", "zero)")],
-        [ORACLE], k="bsam_noise_ or ebisam_perturb_"),
+    oracle_bug("philox drops the step's high word (triton)", TRI_BSAM,
+               "bsam_noise_ or ebisam_perturb_",
+               "zero + step_hi.to(tl.uint32, bitcast=True))", "zero)"),
     Mutation("sam perturbation sign flipped (spec + triton)", [
         (REF, "p.copy_(w + e)", "p.copy_(w - e)")],
         [ORACLE, ASCENT], k="sam_perturb_ or ascends"),
@@ -120,38 +125,33 @@ MUTATIONS: List[Mutation] = [
     Mutation("asam drops eta (spec)", [
         (REF, "g.double() * (p.double().abs() + eta) if adaptive",
          "g.double() * p.double().abs() if adaptive")], [ORACLE], k="grad_sumsq"),
-    Mutation("grad_sumsq accumulates in float32 (spec)", [
-        (REF, "if adaptive else g.double()\n", "if adaptive else g.float()\n")],
-        [ORACLE], k="grad_sumsq"),
-    Mutation("nesterov ignored (spec)", [
-        (REF, "d = d.add(buf, alpha=momentum) if nesterov else buf", "d = buf")],
-        [ORACLE], k="sam_restore_sgd_"),
-    Mutation("nesterov ignored (cpu)", [
-        (CPU_SAM, "d = nesterov ? d + mom * buf : buf;", "d = buf;")],
-        [ORACLE], k="sam_restore_sgd_"),
-    Mutation("adam bias correction off by one step (spec)", [
-        (REF, "1 - beta1 ** step,", "1 - beta1 ** (step + 1),")], [ORACLE], k="sam_restore_adam_"),
-    Mutation("adam bias correction off by one step (cpu)", [
-        (CPU_SAM, "std::pow(beta1, static_cast<double>(step))",
-         "std::pow(beta1, static_cast<double>(step + 1))")], [ORACLE], k="sam_restore_adam_"),
+    oracle_bug("grad_sumsq accumulates in float32 (spec)", REF, "grad_sumsq",
+               "if adaptive else g.double()\n", "if adaptive else g.float()\n"),
+    oracle_bug("nesterov ignored (spec)", REF, "sam_restore_sgd_",
+               "d = d.add(buf, alpha=momentum) if nesterov else buf", "d = buf"),
+    oracle_bug("nesterov ignored (cpu)", CPU_SAM, "sam_restore_sgd_",
+               "d = nesterov ? d + mom * buf : buf;", "d = buf;"),
+    oracle_bug("adam bias correction off by one step (spec)", REF, "sam_restore_adam_",
+               "1 - beta1 ** step,", "1 - beta1 ** (step + 1),"),
+    oracle_bug("adam bias correction off by one step (cpu)", CPU_SAM, "sam_restore_adam_",
+               "std::pow(beta1, static_cast<double>(step))",
+               "std::pow(beta1, static_cast<double>(step + 1))"),
     Mutation("sam-adam counts steps twice (optimizer)", [
         ("samkernels/optim/sam.py", 'st["step"] += 1', 'st["step"] += 2')],
         ["test_ergonomics.py"], k="rho_zero"),
     Mutation("adamw weight decay missing (cpu)", [
         (CPU_SAM, "if (decoupled) w = w * decay;", "if (decoupled) w = w;")],
         [ORACLE], k="sam_restore_adam_"),
-    Mutation("adamw weight decay missing (spec)", [
-        (REF, "w.mul_(1 - lr * weight_decay)", "w.mul_(1.0)")], [ORACLE], k="sam_restore_adam_"),
-    Mutation("sgd skip does not restore (spec)", [
-        (REF, "return copy_all_(params, backups)\n    # Written with the same torch calls as torch.optim.SGD",
-         "return\n    # Written with the same torch calls as torch.optim.SGD")],
-        [ORACLE], k="sam_restore_sgd_"),
-    Mutation("bsam noise without N (spec)", [
-        (REF, "torch.sqrt(num_data * s.to(w.dtype))", "torch.sqrt(s.to(w.dtype))")],
-        [ORACLE], k="bsam_noise_"),
-    Mutation("bsam released order swapped (cpu)", [
-        (CPU_BSAM, "(released_order ? s_old : s_new)", "(released_order ? s_new : s_old)")],
-        [ORACLE], k="bsam_update_"),
+    oracle_bug("adamw weight decay missing (spec)", REF, "sam_restore_adam_",
+               "w.mul_(1 - lr * weight_decay)", "w.mul_(1.0)"),
+    oracle_bug("sgd skip does not restore (spec)", REF, "sam_restore_sgd_",
+               "return copy_all_(params, backups)\n    # Written with the same torch calls as "
+               "torch.optim.SGD",
+               "return\n    # Written with the same torch calls as torch.optim.SGD"),
+    oracle_bug("bsam noise without N (spec)", REF, "bsam_noise_",
+               "torch.sqrt(num_data * s.to(w.dtype))", "torch.sqrt(s.to(w.dtype))"),
+    oracle_bug("bsam released order swapped (cpu)", CPU_BSAM, "bsam_update_",
+               "(released_order ? s_old : s_new)", "(released_order ? s_new : s_old)"),
     Mutation("bsam optimizer passes beta1 as beta2", [
         ("samkernels/optim/bsam.py", 'group["betas"][1], group["weight_decay"], group["gamma"],',
          'group["betas"][0], group["weight_decay"], group["gamma"],')],
@@ -160,9 +160,8 @@ MUTATIONS: List[Mutation] = [
         (REF_VI, "v.copy_(var * torch.exp(-var_lr * du))\n        p.copy_(mu - lr * d)",
          "v.copy_(var * torch.exp(var_lr * du))\n        p.copy_(mu - lr * d)")],
         [ORACLE], k="mfvi_update_"),
-    Mutation("ebisam mask inverted (spec)", [
-        (REF_VI, ".view(p.shape) < beta", ".view(p.shape) >= beta")],
-        [ORACLE], k="ebisam_perturb_"),
+    oracle_bug("ebisam mask inverted (spec)", REF_VI, "ebisam_perturb_",
+               ".view(p.shape) < beta", ".view(p.shape) >= beta"),
 ]
 
 

@@ -148,18 +148,9 @@ def test_bsam_bad_hyperparameters(kwargs, match):
 def test_rho_zero_is_valid():
     """docs/spec.md "Zero radius": SAM with rho = 0 is torch.optim.SGD's trajectory; bSAM's second
     pass then runs at the mean itself."""
-    model, plain = mlp(), mlp()
-    opt = SAM(model.parameters(), lr=0.1, rho=0.0, momentum=0.9, weight_decay=1e-3)
-    sgd = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
-    x, y = data()
-    for _ in range(3):
-        for net, o in ((model, opt), (plain, sgd)):
-            def closure():
-                o.zero_grad()
-                loss = F.cross_entropy(net(x), y)
-                loss.backward()
-                return loss
-            o.step(closure)
+    kw = dict(lr=0.1, momentum=0.9, weight_decay=1e-3)
+    model, _, _ = train(lambda ps: SAM(ps, rho=0.0, **kw), "auto", steps=3)
+    plain, _, _ = train(lambda ps: torch.optim.SGD(ps, **kw), "auto", steps=3)
     for a, b in zip(model.parameters(), plain.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
     w = torch.nn.Parameter(torch.tensor([0.7, -1.3], dtype=torch.float64))
