@@ -69,8 +69,8 @@ def data(dtype=torch.float64, n=32, seed=1):
 
 # --- inputs of any op of the op table (samkernels/ops/_spec.py) --------------------------------
 # A list spec is a sequence of (shape, dtype[, layout]); layouts of the hard inputs:
-#   "T"  a transposed view (dense, not contiguous)      "CL" channels_last (dense, not contiguous)
-#   "S"  every other column (strided, not dense)        "M"  misaligned: storage offset of one element
+#   "T"  a transposed view (dense, not contiguous)   "CL" channels_last (dense, not contiguous)
+#   "S"  every other column (strided, not dense)     "M"  misaligned (storage offset of one)
 #   "P"  the parameter transposed, its other lists contiguous (a mix of layouts across lists)
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
 EMPTY = "empty"  # as a case's value for an optional list (role state?): pass it empty
@@ -168,7 +168,7 @@ _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bit-identical (NaNs included): same dtype, shape and stored bits."""
+    """Bit-identical: same dtype, shape and stored bits (-0.0 != 0.0, NaN payloads count)."""
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
     as_int = _INT_OF_SIZE[a.element_size()]

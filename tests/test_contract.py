@@ -31,16 +31,12 @@ HAS_CUDA = torch.cuda.is_available() and _dispatch.cuda_kernels_built()
 DEVICE = {"cuda": "cuda"}
 
 
-def _triton_why_not():
-    return _dispatch._why_not("triton", torch.device("cpu"))
-
-
+TRITON = _dispatch.triton_usable(torch.device("cpu"))  # the interpreter (conftest.py sets it)
 BACKENDS = [
     "reference",
     pytest.param("cpu", marks=pytest.mark.skipif(not has_extension(),
                                                  reason="samkernels._C is not built")),
-    pytest.param("triton", marks=pytest.mark.skipif(_triton_why_not() is not None,
-                                                    reason=str(_triton_why_not()))),
+    pytest.param("triton", marks=pytest.mark.skipif(not TRITON, reason="triton is not usable")),
     pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")),
 ]
 COMPILED = BACKENDS[1:]
@@ -219,8 +215,11 @@ def test_long_lists(name, lists, backend):
 def test_empty_lists(name, backend):
     """Empty lists (with found_inf too): nothing to do, the norm ops return a zero norm."""
     check_against_reference(name, backend, [], seed=1)
-    if PHASES[name].takes_found_inf:
-        run(name, backend, [], found_inf=torch.ones(1, device=DEVICE.get(backend, "cpu")))
+    op = PHASES[name]
+    if op.takes_found_inf:
+        flag = torch.ones(1, device=DEVICE.get(backend, "cpu"))
+        args, before, got = run(name, backend, [], found_inf=flag)
+        check_return(op, args, got, _reference(op)(*before, found_inf=flag.cpu()))
 
 
 GATED = [n for n, op in PHASES.items() if op.takes_found_inf]
@@ -280,7 +279,8 @@ def test_found_inf_skip_form(name, backend):
                                   torch.tensor([2.0], dtype=F64)],
                          ids=["one", "inf[1]", "nan", "bool", "f64[1]"])
 def test_found_inf_flag_forms(flag, backend):
-    """Any nonzero (NaN too) one-element flag, whatever its dtype or shape, selects the skip form."""
+    """Any nonzero (NaN too) one-element flag, whatever its dtype or shape, selects the skip
+    form."""
     args, before, _ = run("sam_restore_sgd_", backend, HARD,
                           found_inf=flag.to(DEVICE.get(backend, "cpu")))
     for p, b in zip(args[0], before[2]):
@@ -493,7 +493,8 @@ def test_noise_independent_of_the_list(name, backend):
 @pytest.mark.parametrize("name", ["bsam_noise_", "vi_noise_"])
 def test_noise_of_a_short_tensor_is_a_prefix_of_a_long_ones(name, backend):
     """A tensor's noise depends only on (seed, step, param id, element index): a short tensor gets
-    exactly the first elements of a long one's (the CPU kernel sizes its Philox block to the run)."""
+    exactly the first elements of a long one's (the CPU kernel sizes its Philox block to the
+    run)."""
     op = PHASES[name]
     device = DEVICE.get(backend, "cpu")
     long_ = op_args(op, {**case(name), "param_ids": [7]}, [((5000,), F32)], 10, device)
@@ -538,7 +539,7 @@ def test_philox_uniform_matches_the_normals_words():
     assert abs(big.mean().item() - 0.5) < 0.005 and abs(big.var().item() - 1 / 12) < 0.002
 
 
-@pytest.mark.skipif(_triton_why_not() is not None, reason=str(_triton_why_not()))
+@pytest.mark.skipif(not TRITON, reason="triton is not usable")
 @pytest.mark.parametrize("seed,step,pid", [(0, 0, 0), (1234, 5, 3),
                                            (2 ** 64 - 3, 2 ** 33 + 7, 2 ** 32 - 1),
                                            (SEED, 2 ** 32 - 1, 2 ** 31 + 5)])
@@ -561,7 +562,7 @@ def test_triton_philox_stream_is_the_references(seed, step, pid):
     torch.testing.assert_close(z64, want, rtol=1e-12, atol=1e-13)
 
 
-@pytest.mark.skipif(_triton_why_not() is not None, reason=str(_triton_why_not()))
+@pytest.mark.skipif(not TRITON, reason="triton is not usable")
 def test_triton_uniforms_below_is_exact():
     """uniforms_below(beta) = #{u < beta} over the 2^23 possible uniforms: E-BiSAM's mask compares
     the 23-bit integer, never a rounded float."""

@@ -27,6 +27,8 @@ import samkernels
 from samkernels import _dispatch
 from samkernels.ops import reference
 
+from helpers import same_bits as _same_bits
+
 
 def _cuda_ready() -> bool:
     return torch.cuda.is_available() and _dispatch.cuda_kernels_built()
@@ -334,17 +336,6 @@ def _skip_unless_triton_runs(name: str) -> None:
 def _tensor_lists(args) -> List[Tuple[int, List[torch.Tensor]]]:
     return [(k, a) for k, a in enumerate(args)
             if isinstance(a, list) and a and isinstance(a[0], torch.Tensor)]
-
-
-_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """a and b hold the same dtype, shape and bit patterns (-0.0 != 0.0, NaN payloads count)."""
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    as_int = _INT_OF_SIZE[a.element_size()]
-    return torch.equal(a.contiguous().view(as_int), b.contiguous().view(as_int))
 
 
 run_cuda = _backend("cuda")

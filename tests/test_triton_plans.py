@@ -23,7 +23,8 @@ from samkernels.ops._spec import PHASES  # noqa: E402
 from samkernels.ops import reference as R  # noqa: E402
 from samkernels.triton import _multi_tensor as mt  # noqa: E402
 
-from helpers import BF16, F16, F32, F64, clone_args, f64_args, hard_tensor, op_args, same_bits, tol  # noqa: E402,E501
+from helpers import (BF16, F16, F32, F64, clone_args, f64_args, hard_tensor, op_args,  # noqa: E402
+                     same_bits, tol)
 from test_contract import case, check_against_reference  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
