@@ -53,10 +53,10 @@ HERE = pathlib.Path(__file__).resolve().parent
 BOOL_EXCEPTIONS = {}
 # Kernels exempt from the 16-byte vector-load check when every list is 16-bit: their Philox
 # [BLOCK/4, 4] tiles give a thread one row of 4 contiguous elements, 8 bytes of bf16/fp16.
-VEC16_EXCEPTIONS = {("samkernels.triton.bsam_step", "_noise_kernel"),
-                    ("samkernels.triton.vi_step", "_noise_kernel"),
-                    ("samkernels.triton.vi_step", "_mfvi_kernel"),
-                    ("samkernels.triton.vi_step", "_ebisam_kernel")}
+VEC16_EXCEPTIONS = {("samkernels.triton.bsam", "_noise_kernel"),
+                    ("samkernels.triton.vi", "_noise_kernel"),
+                    ("samkernels.triton.vi", "_mfvi_kernel"),
+                    ("samkernels.triton.ebisam", "_ebisam_kernel")}
 
 
 # --- the matrix ----------------------------------------------------------------------------------
@@ -95,7 +95,6 @@ DTYPE_CASES = {  # (param dtype, state dtype) per tensor
     "bf16": [(BF16, F32)],  # what the optimizers hold: fp32 state for low-precision parameters
     "fp16": [(F16, F32)],
     "fp64": [(F64, F64)],
-    "bf16-state": [(BF16, BF16)],  # state kept in the parameters' dtype by a direct op caller
     "mixed": [(F32, F32), (BF16, F32), (F64, F64), (F16, F32)],  # one launch per dtype group
 }
 

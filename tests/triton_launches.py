@@ -62,16 +62,19 @@ def jit_functions() -> Dict[Tuple[str, str], object]:
 
 
 def kernels() -> Dict[Tuple[str, str], object]:
-    """The jit functions some module launches (``NAME[grid](...)`` in its source); the others are
-    device functions, compiled as part of the kernels that call them."""
+    """The jit functions the package launches: those named in host code (a module-level function
+    that is not itself a jit function, e.g. ``NAME[grid](...)`` or ``_multi_tensor.launch(op,
+    NAME, ...)``); the others are device functions, compiled as part of the kernels that call
+    them."""
     jits = jit_functions()
     launched = set()
     for mod in triton_modules():
         tree = ast.parse(inspect.getsource(mod))
-        for node in ast.walk(tree):
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript)
-                    and isinstance(node.func.value, ast.Name)):
-                obj = getattr(mod, node.func.value.id, None)
+        host = [f for f in tree.body if isinstance(f, ast.FunctionDef)
+                and not any("jit" in ast.unparse(d) for d in f.decorator_list)]
+        for node in (n for f in host for n in ast.walk(f)):
+            if isinstance(node, ast.Name):
+                obj = getattr(mod, node.id, None)
                 if obj is not None and _is_jit(obj):
                     launched.add((obj.fn.__module__, obj.fn.__name__))
     return {k: v for k, v in jits.items() if k in launched}

@@ -14,6 +14,27 @@ group, with the element types as constexprs, so a mixed-precision model costs a 
 of launches.  The tables depend only on (address, numel, dtype) of every tensor, so they are built
 once and cached (bounded LRU) while the optimizer's storages stay put: a step with the same
 parameters does no host->device traffic at all, and nothing in a phase syncs with the host.
+
+Every multi-tensor kernel is written on one skeleton; a phase module supplies only its per-element
+maths (a *body*) and the scalars it derives on the device.  The kernel template:
+
+    @triton.jit(do_not_specialize=[<every word and bits argument>])
+    def _x_kernel(work, numel, [ids,] [flag,] <one table per list>, [norm | partials,]
+                  <int32 words ...>, <int64 float bits ...>, <one X_DT per list>, <options ...>,
+                  [HAS_FLAG,] ALIGNED, MATH, BLOCK, CHUNK):
+        t, start, n, ptrs = chunk_ptrs(work, numel, (<tables>), (<X_DTs>), ALIGNED)
+        <scalars: fp_arg(bits, MATH), the norm read on the device, the parameter id ...>
+        chunk_apply(_x_body, start, n, ptrs, (<scalars>), (<options>),
+                    load_flag(flag, HAS_FLAG), (<copy from>, <copy to>), MATH, BLOCK, CHUNK, UNROLL)
+
+The host side is ``launch(op, kernel, lists, ...)``, which passes exactly that argument list: the
+lists in the op table's order (:mod:`samkernels.ops._spec`), ``ids`` where the op takes parameter
+ids and ``flag`` / ``HAS_FLAG`` where it takes ``found_inf``.  ``body(base, n, ptrs, args, OPT,
+MATH, BLOCK, MASKED)`` handles the BLOCK elements from ``base`` (``MASKED``: of the last, partial
+chunk of a tensor); it reads its options as ``X: tl.constexpr = OPT[i]`` (an unpacking
+``X, = OPT`` would make them run-time values, and a branch on them a run-time branch).  A phase without ``found_inf`` passes ``False, None`` as skip and copy; the
+Philox phases pass ``UNROLL=False``; the norm kernels use ``chunk_sum`` instead, whose bodies
+return the float64 terms to add, and store its result in their ``partials`` slot.
 """
 from __future__ import annotations
 
@@ -26,6 +47,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import triton
 import triton.language as tl
+
+from samkernels.ops._spec import OpSpec
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -95,17 +118,16 @@ def fp_arg(bits, MATH: tl.constexpr):
 
 
 @triton.jit
-def chunk_of(work, numel):
-    """This program's (tensor index, first element, tensor numel)."""
-    pid = tl.program_id(0).to(tl.int64)
-    t = tl.load(work + 2 * pid)
-    start = tl.multiple_of(tl.load(work + 2 * pid + 1), 16)  # starts are multiples of CHUNK
-    n = tl.load(numel + t)
-    return t, start, n
+def fp_args(bits, MATH: tl.constexpr):
+    """``fp_arg`` of each element of the tuple ``bits``, as a tuple."""
+    out = ()
+    for j in tl.static_range(len(bits)):
+        out = out + (fp_arg(bits[j], MATH),)
+    return out
 
 
 @triton.jit
-def tensor_ptr(tab, t, DT: tl.constexpr, ALIGNED: tl.constexpr):
+def _tensor_ptr(tab, t, DT: tl.constexpr, ALIGNED: tl.constexpr):
     """Typed pointer to tensor ``t`` of a list.  Integer->pointer casts lose Triton's 16-byte
     alignment specialisation; the host checked every address of the group, so restore it."""
     p = tl.load(tab + t).to(tl.pointer_type(DT))
@@ -115,24 +137,39 @@ def tensor_ptr(tab, t, DT: tl.constexpr, ALIGNED: tl.constexpr):
 
 
 @triton.jit
-def load(ptr, offs, n, MASKED: tl.constexpr):
+def chunk_ptrs(work, numel, tabs, DTS: tl.constexpr, ALIGNED: tl.constexpr):
+    """This program's (tensor index, first element, tensor numel, typed pointers): one pointer
+    per table of ``tabs``, to elements of type ``DTS[j]``."""
+    pid = tl.program_id(0).to(tl.int64)
+    t = tl.load(work + 2 * pid)
+    start = tl.multiple_of(tl.load(work + 2 * pid + 1), 16)  # starts are multiples of CHUNK
+    n = tl.load(numel + t)
+    ptrs = ()
+    for j in tl.static_range(len(tabs)):
+        ptrs = ptrs + (_tensor_ptr(tabs[j], t, DTS[j], ALIGNED),)
+    return t, start, n, ptrs
+
+
+@triton.jit
+def load_or(ptr, offs, n, other, MASKED: tl.constexpr):
     # Full chunks are unmasked: `offs < n` with n from a table has unknown divisibility and would
-    # stop the compiler from vectorising the accesses.
+    # stop the compiler from vectorising the accesses.  Masked lanes read ``other``.
     if MASKED:
-        x = tl.load(ptr + offs, mask=offs < n, other=0)
+        x = tl.load(ptr + offs, mask=offs < n, other=other)
     else:
         x = tl.load(ptr + offs)
     return x
 
 
 @triton.jit
+def load(ptr, offs, n, MASKED: tl.constexpr):
+    return load_or(ptr, offs, n, 0, MASKED)
+
+
+@triton.jit
 def load_one(ptr, offs, n, MASKED: tl.constexpr):
     # for divisors (precisions): masked lanes read 1, so the discarded lanes stay finite
-    if MASKED:
-        x = tl.load(ptr + offs, mask=offs < n, other=1)
-    else:
-        x = tl.load(ptr + offs)
-    return x
+    return load_or(ptr, offs, n, 1, MASKED)
 
 
 @triton.jit
@@ -195,18 +232,66 @@ def load_flag(flag, HAS_FLAG: tl.constexpr):
     return skip
 
 
+# --------------------------------------------------------------------------------------------
+# The kernel skeleton: a body over every BLOCK of this program's chunk
+# --------------------------------------------------------------------------------------------
 @triton.jit
-def copy_chunk(src, dst, start, n, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
-    """dst <- src over this program's chunk, bit for bit (the skip form: backup <- w after a
-    perturbation, w <- backup after an update)."""
+def _blocks(BODY: tl.constexpr, start, n, ptrs, args, OPT: tl.constexpr, MATH: tl.constexpr,
+            BLOCK: tl.constexpr, CHUNK: tl.constexpr, UNROLL: tl.constexpr,
+            MASKED: tl.constexpr):
+    # Philox bodies are not unrolled: their generator is large, and unrolling it only tripled the
+    # compile time (~14 s vs ~4 s for sm_90) without changing the memory accesses
+    if UNROLL:
+        for k in tl.static_range(CHUNK // BLOCK):
+            BODY(start + k * BLOCK, n, ptrs, args, OPT, MATH, BLOCK, MASKED)
+    else:
+        for k in range(CHUNK // BLOCK):
+            BODY(start + k * BLOCK, n, ptrs, args, OPT, MATH, BLOCK, MASKED)
+
+
+@triton.jit
+def _chunk(BODY: tl.constexpr, start, n, ptrs, args, OPT: tl.constexpr, MATH: tl.constexpr,
+           BLOCK: tl.constexpr, CHUNK: tl.constexpr, UNROLL: tl.constexpr):
+    if start + CHUNK <= n:  # a full chunk: unmasked, vectorisable accesses
+        _blocks(BODY, start, n, ptrs, args, OPT, MATH, BLOCK, CHUNK, UNROLL, False)
+    else:
+        _blocks(BODY, start, n, ptrs, args, OPT, MATH, BLOCK, CHUNK, UNROLL, True)
+
+
+@triton.jit
+def _copy_body(base, n, ptrs, args, OPT: tl.constexpr, MATH: tl.constexpr, BLOCK: tl.constexpr,
+               MASKED: tl.constexpr):
+    src, dst = ptrs
+    offs = base + tl.arange(0, BLOCK)
+    store(dst, offs, load(src, offs, n, MASKED), n, MASKED)  # bit for bit
+
+
+@triton.jit
+def chunk_apply(BODY: tl.constexpr, start, n, ptrs, args, OPT: tl.constexpr, skip,
+                COPY: tl.constexpr, MATH: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+                UNROLL: tl.constexpr):
+    """``BODY`` over this program's chunk; when ``skip`` (found_inf set) only the skip form:
+    ``ptrs[COPY[1]] <- ptrs[COPY[0]]`` (backup <- w after a perturbation, w <- backup after an
+    update).  ``args`` are the body's run-time scalars, ``OPT`` its constexpr options."""
+    if skip:
+        _chunk(_copy_body, start, n, (ptrs[COPY[0]], ptrs[COPY[1]]), (), (), MATH, BLOCK, CHUNK,
+               True)
+    else:
+        _chunk(BODY, start, n, ptrs, args, OPT, MATH, BLOCK, CHUNK, UNROLL)
+
+
+@triton.jit
+def chunk_sum(BODY: tl.constexpr, start, n, ptrs, args, OPT: tl.constexpr, BLOCK: tl.constexpr,
+              CHUNK: tl.constexpr):
+    """Sum over this program's chunk of ``BODY``'s float64 terms (masked lanes must give 0)."""
+    acc = tl.zeros([BLOCK], tl.float64)
     if start + CHUNK <= n:
         for k in tl.static_range(CHUNK // BLOCK):
-            offs = start + k * BLOCK + tl.arange(0, BLOCK)
-            store(dst, offs, load(src, offs, n, False), n, False)
+            acc += BODY(start + k * BLOCK, n, ptrs, args, OPT, tl.float64, BLOCK, False)
     else:
         for k in tl.static_range(CHUNK // BLOCK):
-            offs = start + k * BLOCK + tl.arange(0, BLOCK)
-            store(dst, offs, load(src, offs, n, True), n, True)
+            acc += BODY(start + k * BLOCK, n, ptrs, args, OPT, tl.float64, BLOCK, True)
+    return tl.sum(acc, axis=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -317,10 +402,29 @@ def _build(lists: Sequence[Sequence[torch.Tensor]], ids: Optional[Sequence[int]]
     return plan
 
 
-def plan_for(lists: Sequence[Sequence[torch.Tensor]], ids: Optional[Sequence[int]] = None) -> Plan:
+def _check_tensors(lists: Sequence[Sequence[torch.Tensor]], op: OpSpec, roles) -> None:
+    """Every tensor has its parameter's numel, and its dtype: the parameter's for a ``param`` /
+    ``grad`` / ``backup`` list, the op-math dtype (float32, float64 for float64 parameters) for a
+    state list -- the contract of every backend.  The kernels trust both."""
+    for lst, role in zip(lists[1:], roles[1:]):
+        for i, (p, t) in enumerate(zip(lists[0], lst)):
+            want = (torch.float64 if p.dtype == torch.float64 else torch.float32) \
+                if role.role.startswith("state") else p.dtype
+            if t.numel() != p.numel():
+                raise ValueError(f"{op.name}: {role.name}[{i}] has {t.numel()} elements but "
+                                 f"{roles[0].name}[{i}] has {p.numel()}")
+            if t.dtype != want:
+                raise ValueError(f"{op.name}: {role.name}[{i}] has dtype {t.dtype}, expected "
+                                 f"{want}")
+
+
+def plan_for(lists: Sequence[Sequence[torch.Tensor]], ids: Optional[Sequence[int]] = None,
+             op: Optional[OpSpec] = None, roles=None) -> Plan:
     """The (cached) plan for equally long, contiguous tensor lists; ``lists[0]`` are the params,
     whose dtype decides the maths.  The key is every tensor's (address, numel, dtype): the tables
-    hold nothing else, so a hit is always valid even if a storage was freed and reused."""
+    hold nothing else, so a hit is always valid even if a storage was freed and reused.  With
+    ``op`` and the lists' ``roles`` (its table entries), a new plan first checks the tensors
+    (``_check_tensors``): a hit has the numels and dtypes of a plan that passed."""
     n = len(lists[0])
     for lst in lists:
         if len(lst) != n:
@@ -350,6 +454,8 @@ def plan_for(lists: Sequence[Sequence[torch.Tensor]], ids: Optional[Sequence[int
                 "samkernels.triton: these tensors have no kernel tables yet, and they cannot be "
                 "built inside a CUDA graph capture; run the step (or op) once eagerly before "
                 "capturing it (the usual CUDA-graph warm-up)")
+        if op is not None:
+            _check_tensors(lists, op, roles)
         plan = _build(lists, ids, chunk, device)
         _cache[key] = plan
         while len(_cache) > CACHE_SIZE:
@@ -417,8 +523,70 @@ def contiguous(lists: Sequence[Sequence[torch.Tensor]], mutated: Sequence[int],
         t.copy_(c)
 
 
-def launch_args(group: Group):
+def _launch_args(group: Group):
     """Constexprs every kernel takes."""
     assert BLOCK % 16 == 0 and CHUNK % BLOCK == 0 and BLOCK & (BLOCK - 1) == 0, (BLOCK, CHUNK)
     return dict(ALIGNED=group.aligned, MATH=group.math, BLOCK=int(BLOCK), CHUNK=int(CHUNK),
                 num_warps=NUM_WARPS)
+
+
+def launch(op: OpSpec, kernel, lists: Sequence[Optional[Sequence[torch.Tensor]]], *,
+           words: Sequence[int] = (), bits: Sequence[float] = (),
+           ids: Optional[Sequence[int]] = None, found_inf: Optional[torch.Tensor] = None,
+           norm: Optional[torch.Tensor] = None, sums: bool = False, elementwise: bool = True,
+           **options) -> Optional[torch.Tensor]:
+    """Run ``kernel`` (see the kernel template above) over the tensor lists of phase ``op``.
+
+    ``lists`` are the op's tensor lists in the table's order, None for one the call leaves out
+    (an empty optional list): the kernel gets the first present list's table there and must not
+    touch it.  ``words`` are int32 arguments (``u32_words`` of a 64-bit seed),
+    ``bits`` floats passed as the int64 bits of their doubles, ``options`` the op's constexprs.
+    ``norm``: a 0-dim norm the kernel reads on the device.  ``sums``: the kernel writes one
+    float64 partial per program; returns their sum, a 0-dim float64 (zero for no elements).
+    The lists the table marks as written are copied back when a strided tensor had to be copied
+    (``contiguous``); ``elementwise=False`` for the phases whose values depend on the logical
+    element index (the noise)."""
+    present = [i for i, lst in enumerate(lists) if lst is not None]
+    used = [list(lists[i]) for i in present]
+    if not used[0]:
+        return torch.zeros((), dtype=torch.float64) if sums else None
+    if op.takes_ids and len(ids) != len(used[0]):
+        raise ValueError(f"{op.name}: one param_id per parameter ({len(ids)} ids for "
+                         f"{len(used[0])} parameters)")
+    written = tuple(k for k, i in enumerate(present) if op.lists[i].written)
+    slots = [present.index(i) if i in present else 0 for i in range(len(lists))]
+    device = used[0][0].device
+    scalars = list(words) + [f64_bits(x) for x in bits]
+    with device_guard(device), contiguous(used, written, elementwise) as used:
+        plan = plan_for(used, None if ids is None else [int(i) for i in ids], op,
+                        [op.lists[i] for i in present])
+        head = []  # the pointers between the work tables and the list tables
+        if op.takes_found_inf:
+            flag, options["HAS_FLAG"] = flag_arg(found_inf, plan)
+            head.append(flag)
+        if norm is not None:  # read on the device: no host sync
+            norm = norm.reshape(1).to(device, non_blocking=True)
+        if sums:  # one slot per program, summed below: deterministic, no atomics
+            partials = torch.empty(max(plan.n_chunks, 1), dtype=torch.float64, device=device)
+            if plan.n_chunks == 0:
+                partials.zero_()
+        for grp in plan.groups:
+            tabs = [grp.tab(j) for j in slots]
+            dts = [grp.tl_dtypes[j] for j in slots]
+            for grid, work, lo in grp.launches():
+                ptrs = [work, grp.numel] + ([grp.ids] if op.takes_ids else []) + head + tabs
+                if norm is not None:
+                    ptrs.append(norm)
+                if sums:
+                    ptrs.append(partials[grp.chunk_offset + lo:])
+                kernel[grid](*ptrs, *scalars, *dts, **options, **_launch_args(grp))
+    # the second stage of a norm: torch's sum over the per-program partials, on the device and in
+    # a fixed order for a given plan, so the norm is the same bits every call
+    return partials.sum() if sums else None
+
+
+def norm_result(norm: torch.Tensor, given: Optional[torch.Tensor]) -> torch.Tensor:
+    """What a norm-returning phase's op returns: the norm it computed, or a float64 copy of the
+    ``given`` one (an op may not return an alias of an input; the public function returns the
+    given tensor itself, as the reference does)."""
+    return norm if given is None else given.to(torch.float64, copy=True).reshape(())

@@ -44,6 +44,16 @@ def _phi(F, alpha, PHI: tl.constexpr):
     return ph, dph
 
 
+@triton.jit
+def _row_phi(x_row, offs, K, xy, alpha, PHI: tl.constexpr, ACC: tl.constexpr):
+    """(mask, phi, phi') at the columns ``offs`` of one row, F = x - x_y (masked columns read 0,
+    the caller discards them)."""
+    mask = offs < K
+    x = tl.load(x_row + offs, mask=mask, other=0.0).to(ACC)
+    ph, dph = _phi(x - xy, alpha, PHI)
+    return mask, ph, dph
+
+
 @triton.jit(do_not_specialize=["mu_bits", "log_k_bits", "alpha_bits", "scale_bits"])
 def _bisam_loss_fwd_kernel(x_ptr, x_row_stride, t_ptr, loss_ptr, g_ptr, K, mu_bits: tl.int64,
                            log_k_bits: tl.int64, alpha_bits: tl.int64, scale_bits: tl.int64,
@@ -80,9 +90,7 @@ def _bisam_loss_fwd_kernel(x_ptr, x_row_stride, t_ptr, loss_ptr, g_ptr, K, mu_bi
         poison = tl.where(bad, float("nan"), 0.0).to(ACC)
         xy = tl.load(x_row + yv).to(ACC)
         if ONE_BLOCK:
-            mask = cols < K
-            x = tl.load(x_row + cols, mask=mask, other=0.0).to(ACC)
-            ph, dph = _phi(x - xy, alpha, PHI)
+            mask, ph, dph = _row_phi(x_row, cols, K, xy, alpha, PHI, ACC)
             z = tl.where(mask, mu * ph, float("-inf"))
             m = tl.max(z, axis=0)
             e = tl.exp(z - m)
@@ -101,9 +109,7 @@ def _bisam_loss_fwd_kernel(x_ptr, x_row_stride, t_ptr, loss_ptr, g_ptr, K, mu_bi
                 start = 0
                 while start < K:
                     offs = start + cols
-                    mask = offs < K
-                    x = tl.load(x_row + offs, mask=mask, other=0.0).to(ACC)
-                    ph, dph = _phi(x - xy, alpha, PHI)
+                    mask, ph, dph = _row_phi(x_row, offs, K, xy, alpha, PHI, ACC)
                     e = tl.where(mask, tl.exp(mu * ph), 0.0)
                     s_acc += e
                     s1_acc += tl.where(offs == yv, 0.0, e * dph)
@@ -120,9 +126,7 @@ def _bisam_loss_fwd_kernel(x_ptr, x_row_stride, t_ptr, loss_ptr, g_ptr, K, mu_bi
                 start = 0
                 while start < K:
                     offs = start + cols
-                    mask = offs < K
-                    x = tl.load(x_row + offs, mask=mask, other=0.0).to(ACC)
-                    ph, dph = _phi(x - xy, alpha, PHI)
+                    mask, ph, dph = _row_phi(x_row, offs, K, xy, alpha, PHI, ACC)
                     z = tl.where(mask, mu * ph, float("-inf"))
                     m_new = tl.maximum(m, tl.max(z, axis=0))
                     e = tl.exp(z - m_new)
@@ -137,9 +141,7 @@ def _bisam_loss_fwd_kernel(x_ptr, x_row_stride, t_ptr, loss_ptr, g_ptr, K, mu_bi
                 start = 0
                 while start < K:
                     offs = start + cols
-                    mask = offs < K
-                    x = tl.load(x_row + offs, mask=mask, other=0.0).to(ACC)
-                    ph, dph = _phi(x - xy, alpha, PHI)
+                    mask, ph, dph = _row_phi(x_row, offs, K, xy, alpha, PHI, ACC)
                     g = tl.where(offs == yv, -s1 * c, tl.exp(mu * ph - m) * dph * c) + poison
                     tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
                     start += BLOCK
