@@ -235,7 +235,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     todo = [m for m in MUTATIONS if not args.k or any(k in m.name for k in args.k)]
     todo = [m for m in todo if not (args.python_only and m.cpp)]
-    todo.sort(key=lambda m: m.cpp)  # Python first: no rebuild
+    # Python first (no rebuild); C++ grouped by file, so each rebuild recompiles one file
+    todo.sort(key=lambda m: (m.cpp, m.cpp and str(m.edits[0][0])))
     if args.list:
         for m in todo:
             print(f"{'C++ ' if m.cpp else 'py  '} {m.name}: {' '.join(m.tests)} -k {m.k!r}")
