@@ -61,7 +61,7 @@ GPU_SETS = ("gpt2-small", "tiny-2000", "resnet50")  # the sets with targets firs
 DRY_SETS = ("resnet50-dry", "gpt2-dry", "tiny-24")
 # Which GPU target a shape set is judged by (the dry-run sets stand in for the real ones).
 ROLE = {"gpt2-small": "gpt2", "gpt2-dry": "gpt2", "tiny-2000": "tiny", "tiny-24": "tiny"}
-# Issue 3 targets (bench/report.py and bench_bisam_loss.py print measured against these).
+# The performance targets (bench/report.py and bench_bisam_loss.py print measured against these).
 TARGETS = {
     "gpt2_x_floor_max": 1.15,      # fused step on GPT-2-small shapes: <= 1.15 x bandwidth floor
     "tiny_vs_foreach_min": 3.0,    # 2,000 tiny tensors: >= 3 x faster than torch._foreach_*

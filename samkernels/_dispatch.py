@@ -19,7 +19,7 @@ import importlib
 import json
 import os
 import warnings
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -51,10 +51,27 @@ def use_backend(name: str):
         _forced = previous
 
 
+# SAMKERNELS_BACKEND is read on every op call (it may change at run time).  os.environ.get of a
+# missing key raises and catches a KeyError inside, about 0.7 us: more than all the rest of an op
+# call's Python.  CPython's os.environ keeps its items, encoded, in the dict ``_data`` (updated in
+# place by every change through os.environ); read that where it exists.
+_ENV_KEY = "SAMKERNELS_BACKEND"
+_env_items = getattr(os.environ, "_data", None)
+_env_key = os.environ.encodekey(_ENV_KEY) if _env_items is not None else None
+
+
+def _env_backend() -> Optional[str]:
+    if _env_items is None:
+        return os.environ.get(_ENV_KEY)
+    raw = _env_items.get(_env_key)
+    return None if raw is None else os.environ.decodevalue(raw)
+
+
 def requested() -> str:
     if _forced is not None:
         return _forced
-    return _check(os.environ.get("SAMKERNELS_BACKEND", "auto").strip().lower() or "auto")
+    raw = _env_backend()
+    return "auto" if raw is None else _check(raw.strip().lower() or "auto")
 
 
 # --- availability ---------------------------------------------------------------------------
@@ -251,7 +268,8 @@ def tune_backend(device=None, save: bool = False, numel: int = 1 << 24, repeat: 
 
 def _time_backend(backend: str, dev: torch.device, numel: int, repeat: int) -> float:
     """Median ms of one SAM perturbation + SGD restore on ``backend`` (see ``tune_backend``)."""
-    from samkernels import ops
+    perturb = implementation("sam_perturb_", dev, backend)
+    restore = implementation("sam_restore_sgd_", dev, backend)
     n_tensors = 100
     size = max(1, numel // n_tensors)
     sizes = [size + 17 * (i % 7) for i in range(n_tensors)]  # uneven, like real layers
@@ -265,8 +283,8 @@ def _time_backend(backend: str, dev: torch.device, numel: int, repeat: int) -> f
     m = [torch.zeros(n, device=dev) for n in sizes]
 
     def run():
-        ops.sam_perturb_(p, g, b, None, 0.05, 1e-12, False, 0.0, backend=backend)
-        ops.sam_restore_sgd_(p, g, b, m, 0.1, 0.9, 0.0, False, 0.0, False, backend=backend)
+        perturb(p, g, b, None, 0.05, 1e-12, False, 0.0)
+        restore(p, g, b, m, 0.1, 0.9, 0.0, False, 0.0, False)
 
     run()
     torch.cuda.synchronize(dev)
@@ -283,9 +301,17 @@ def _time_backend(backend: str, dev: torch.device, numel: int, repeat: int) -> f
 
 
 # --- op lookup ------------------------------------------------------------------------------
+# Every op is named by the op table (samkernels.ops._spec).  Each backend finds its implementation
+# by that name: the reference through the table's ``reference`` field, the compiled kernels as
+# ``torch.ops.samkernels.<name>``, Triton as ``samkernels.triton.<name>``.  The table and the
+# packages that hold implementations are imported on first use, never here: samkernels.ops
+# imports this module.
 def _reference_impl(name: str) -> Callable:
-    from samkernels.ops import reference
-    return getattr(reference, name)
+    from samkernels.ops._spec import OPS
+    if name not in OPS:
+        raise AttributeError(name)
+    module, function = OPS[name].reference.split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def _torch_op_impl(name: str) -> Callable:
@@ -308,7 +334,27 @@ def _triton_impl(name: str) -> Callable:
 
 _LOOKUP = {"reference": _reference_impl, "cpu": _torch_op_impl, "cuda": _cuda_op_impl,
            "triton": _triton_impl}
+# Python implementations that stand in for a backend's own lookup (``register``).
+_REGISTERED: Dict[Tuple[str, str], Callable] = {}
 _warned_missing: set = set()
+
+
+def register(name: str, *backends: str) -> Callable[[Callable], Callable]:
+    """Decorator: the function implements op ``name`` on ``backends`` (for an op whose backends
+    need Python around their kernels, e.g. the BiSAM loss: a C++ op in eager CPU mode, the fused
+    row forward plus a PyTorch reduction elsewhere)."""
+    for b in backends:
+        _check(b)
+
+    def add(fn: Callable) -> Callable:
+        for b in backends:
+            _REGISTERED[(name, b)] = fn
+        return fn
+    return add
+
+
+def _lookup(backend: str, name: str) -> Callable:
+    return _REGISTERED.get((name, backend)) or _LOOKUP[backend](name)
 
 
 def implementation(name: str, device: torch.device, backend: Optional[str] = None) -> Callable:
@@ -319,14 +365,14 @@ def implementation(name: str, device: torch.device, backend: Optional[str] = Non
     backend that lacks it raises ``NotImplementedError``."""
     chosen = resolve(device) if backend is None else backend
     try:
-        return _LOOKUP[chosen](name)
+        return _REGISTERED.get((name, chosen)) or _LOOKUP[chosen](name)  # _lookup, inlined
     except AttributeError:
         if backend is not None or requested() != "auto":
             raise NotImplementedError(f"op {name!r} has no {chosen!r} implementation") from None
     fallbacks = (["triton"] if chosen == "cuda" and triton_usable(device) else []) + ["reference"]
     for other in fallbacks:
         try:
-            impl = _LOOKUP[other](name)
+            impl = _lookup(other, name)
         except AttributeError:
             continue
         if (name, chosen) not in _warned_missing:

@@ -1,70 +1,153 @@
-"""Multi-tensor ops, one per optimizer phase.  Each call covers a whole list of tensors.
+"""The public multi-tensor ops: ``samkernels.ops.<name>`` for every phase of the op table.
 
-These functions only pick the backend (``samkernels._dispatch``) and forward the arguments; the
-semantics are those of the same-named function in :mod:`samkernels.ops.reference`.
+Each function covers a whole list of tensors, and is generated from its entry in
+:mod:`samkernels.ops._spec`: the arguments in table order (``found_inf=None`` where the op takes
+the skip flag; ``grad_sumsq``'s ``adaptive=False, eta=0.0``), then the keyword-only ``backend``
+(None: the dispatcher's choice, see :mod:`samkernels._dispatch`; else reference | cpu | triton |
+cuda).  A wrapper runs the checks every backend shares, asks the dispatcher for the implementation
+and forwards the arguments.  Semantics: the same-named function of :mod:`samkernels.ops.reference`
+(the executable spec), quoted in each wrapper's docstring.
+
+The shared checks come from the argument roles, and each costs O(1) per call (never per tensor):
+  * every tensor list is as long as the first one (``params``; ``grads`` for ``vsam_sumsq``); an
+    optional state list (role ``state?``) may also be empty;
+  * ``param_ids`` holds one id per parameter;
+  * a flag that needs a list is not set without it (``bsam_update_``: ``released_order`` needs
+    ``accums``);
+  * ``found_inf`` is None or a one-element tensor on the parameters' device.
+Empty lists run the reference on every backend (there is nothing to launch, and a compiled op
+could not dispatch without a tensor): nothing changes, and a norm op returns its norm argument or a
+zero float64 norm.
+The per-tensor checks (each entry's dtype, size and device) stay in the backends, which read every
+tensor anyway.  A failed shared check raises :class:`OpArgumentError`.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+import linecache
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from samkernels import _dispatch
-from samkernels.ops import _library  # noqa: F401  (the schemas and fakes, from the op table)
-from samkernels.ops import reference  # noqa: F401  (the executable spec)
+from samkernels.ops import _library  # noqa: F401  (defines the schemas and fakes of the table)
+from samkernels.ops import reference
+from samkernels.ops._spec import PHASES, OpSpec
 
-__all__ = ["grad_sumsq", "sam_perturb_", "sam_restore_sgd_", "sam_restore_adam_",
-           "bsam_noise_", "bsam_perturb_", "bsam_update_"]
-
-
-def _device(tensors: List[Tensor]) -> torch.device:
-    return tensors[0].device if tensors else torch.device("cpu")
+__all__ = list(PHASES) + ["OpArgumentError"]
 
 
-def _impl(name: str, tensors: List[Tensor], backend: Optional[str]):
-    return _dispatch.implementation(name, _device(tensors), backend)
+class OpArgumentError(ValueError, RuntimeError):
+    """A bad argument to a ``samkernels.ops`` op, named in the message.
+
+    A ``ValueError`` since it is a bad argument, and a ``RuntimeError`` like the errors the
+    compiled kernels raise for the same mistakes (which code may already catch)."""
 
 
-def grad_sumsq(params: List[Tensor], grads: List[Tensor], adaptive: bool = False, eta: float = 0.0,
-               *, backend: Optional[str] = None) -> Tensor:
-    return _impl("grad_sumsq", grads, backend)(params, grads, adaptive, eta)
+def _lengths_error(op: OpSpec, values: Sequence) -> None:
+    """Raise for the first argument whose length differs from the lead list's (the slow path of
+    the generated length test, so the message costs nothing when the lengths are right)."""
+    named = dict(zip(op.arg_names, values))
+    lead = op.lists[0].name
+    n = len(named[lead])
+    for a in op.lists[1:]:
+        k = len(named[a.name])
+        if k != n and not (a.role == "state?" and k == 0):
+            optional = " (or 0: the list is optional)" if a.role == "state?" else ""
+            raise OpArgumentError(f"{op.name}: {a.name} has {k} tensors but {lead} has {n}"
+                                  f"{optional}")
+    if op.takes_ids and len(named["param_ids"]) != n:
+        raise OpArgumentError(f"{op.name}: param_ids has {len(named['param_ids'])} entries but "
+                              f"{lead} has {n}")
 
 
-def sam_perturb_(params, grads, backups, grad_norm, rho, eps, adaptive, eta, found_inf=None, *,
-                 backend=None) -> Tensor:
-    return _impl("sam_perturb_", params, backend)(params, grads, backups, grad_norm, rho, eps,
-                                                 adaptive, eta, found_inf=found_inf)
+def _requirement_error(op: OpSpec, index: int) -> None:
+    flag, needed, why = op.requires[index]
+    raise OpArgumentError(f"{op.name}: {flag}=True needs {needed} ({why})")
 
 
-def sam_restore_sgd_(params, grads, backups, momentum_bufs, lr, momentum, dampening, nesterov,
-                     weight_decay, first, found_inf=None, *, backend=None) -> None:
-    _impl("sam_restore_sgd_", params, backend)(params, grads, backups, momentum_bufs, lr, momentum,
-                                               dampening, nesterov, weight_decay, first,
-                                               found_inf=found_inf)
+def _found_inf_error(name: str, found_inf, lead: Sequence[Tensor]) -> None:
+    if not isinstance(found_inf, Tensor):
+        raise TypeError(f"{name}: found_inf must be None or a tensor, got "
+                        f"{type(found_inf).__name__}")
+    if found_inf.numel() != 1:
+        raise OpArgumentError(f"{name}: found_inf must hold one element, got shape "
+                              f"{list(found_inf.shape)}")
+    if lead and found_inf.device != lead[0].device:
+        raise OpArgumentError(f"{name}: found_inf is on {found_inf.device} but the parameters "
+                              f"are on {lead[0].device}")
 
 
-def sam_restore_adam_(params, grads, backups, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps,
-                      weight_decay, decoupled, found_inf=None, *, backend=None) -> None:
-    _impl("sam_restore_adam_", params, backend)(params, grads, backups, exp_avgs, exp_avg_sqs, step,
-                                                lr, beta1, beta2, eps, weight_decay, decoupled,
-                                                found_inf=found_inf)
+def _check_devices(op: OpSpec, values: Sequence) -> None:
+    """Every tensor of every list on the first one's device (the reference backend only: it would
+    compute across devices, where a kernel refuses)."""
+    named = dict(zip(op.arg_names, values))
+    lead = op.lists[0].name
+    device = named[lead][0].device
+    for a in op.lists:
+        for i, t in enumerate(named[a.name]):
+            if t.device != device:
+                raise OpArgumentError(f"{op.name}: {a.name}[{i}] is on device {t.device} but "
+                                      f"{lead}[0] is on {device}")
 
 
-def bsam_noise_(params, backups, precisions, param_ids, seed, step, num_data, *, backend=None) -> None:
-    _impl("bsam_noise_", params, backend)(params, backups, precisions, param_ids, seed, step, num_data)
+def _source(op: OpSpec) -> str:
+    """The wrapper's Python source: real parameters (so calls bind at C speed, and
+    ``inspect.signature`` / ``help`` show them), the O(1) checks inline, one dispatcher call."""
+    lead = op.lists[0].name
+    names = ", ".join(op.arg_names)
+    params = ", ".join(a.name if a.default is None else f"{a.name}={a.default}" for a in op.args)
+    same = [f"len({a.name}) != n" for a in op.lists[1:] if a.role != "state?"]
+    same += [f"len({a.name}) not in (0, n)" for a in op.lists[1:] if a.role == "state?"]
+    same += ["len(param_ids) != n"] if op.takes_ids else []
+    body = [f"def {op.name}({params}, *, backend=None):",
+            f"    n = len({lead})"]
+    if same:
+        body += [f"    if {' or '.join(same)}:",
+                 f"        _lengths_error(PHASES[{op.name!r}], ({names},))"]
+    for i, (flag, needed, _) in enumerate(op.requires):
+        body += [f"    if {flag} and not {needed}:",
+                 f"        _requirement_error(PHASES[{op.name!r}], {i})"]
+    if op.takes_found_inf:  # the test inline (no call when the flag is fine)
+        body += ["    if found_inf is not None and (not isinstance(found_inf, Tensor) or "
+                 f"found_inf.numel() != 1 or (n and found_inf.device != {lead}[0].device)):",
+                 f"        _found_inf_error({op.name!r}, found_inf, {lead})"]
+    # empty lists: nothing to run a kernel on (and no tensor to dispatch on): the reference's
+    # result on every backend (no change; a norm op returns its norm argument, or a zero norm)
+    pick = f"_dispatch.implementation({op.name!r}, "
+    body += [f"    impl = {pick}{lead}[0].device, backend) if n else {pick}_CPU, 'reference')",
+             # the kernels check every tensor's device; the spec does not
+             f"    if n and impl is _SPEC[{op.name!r}]:",
+             f"        _check_devices(PHASES[{op.name!r}], ({names},))"]
+    body.append(f"    return impl({names})" if op.returns != "()" else f"    impl({names})")
+    return "\n".join(body) + "\n"
 
 
-def bsam_perturb_(params, grads, backups, precisions, accums, rho, beta2, delta, gamma,
-                  found_inf=None, *, backend=None) -> None:
-    _impl("bsam_perturb_", params, backend)(params, grads, backups, precisions, accums, rho, beta2,
-                                            delta, gamma, found_inf=found_inf)
+def _docstring(op: OpSpec) -> str:
+    spec = getattr(reference, op.name).__doc__ or ""
+    writes = ", ".join(op.written) or "nothing"
+    returns = "a 0-dim float64 norm" if op.result == "norm" else (
+        "None" if op.returns == "()" else op.returns)
+    return (f"{op.doc}.\n\nWrites {writes} in place; returns {returns}.  ``backend`` forces a "
+            f"backend (reference | cpu | triton | cuda).\n\n"
+            f"Semantics (:func:`samkernels.ops.reference.{op.name}`):\n\n    {spec.strip()}\n")
 
 
-def bsam_update_(params, grads, backups, precisions, momenta, accums, lr, beta1, beta2, delta, gamma,
-                 accum_scale, released_order, found_inf=None, *, backend=None) -> None:
-    if released_order and not accums:  # every backend: s before line 5 is gone without accums
-        raise ValueError("bsam_update_: released_order=True needs accums (line 5 must wait for the update to keep the old s)")
-    _impl("bsam_update_", params, backend)(params, grads, backups, precisions, momenta, accums, lr,
-                                           beta1, beta2, delta, gamma, accum_scale, released_order,
-                                           found_inf=found_inf)
+_CPU = torch.device("cpu")
+_SPEC = {name: getattr(reference, name) for name in PHASES}  # the reference backend's callables
+
+
+def _define(op: OpSpec) -> None:
+    """Define the wrapper of ``op`` in this module.  Its globals are this module's (the names the
+    source uses: _dispatch, PHASES, Tensor, _CPU, _SPEC and the checks), as torch.compile resolves
+    a function's globals through its module."""
+    source = _source(op)
+    filename = f"<samkernels.ops.{op.name}>"
+    exec(compile(source, filename, "exec"), globals())  # noqa: S102 (source built from the table)
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    globals()[op.name].__doc__ = _docstring(op)
+
+
+for _op in PHASES.values():
+    _define(_op)
+del _op

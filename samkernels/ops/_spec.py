@@ -38,7 +38,7 @@ class Arg:
     type: str
     role: Optional[str] = None   # tensor lists: param | grad | backup | state | state?
     written: bool = False        # the op writes this list in place
-    default: Optional[str] = None  # schema default ("None" for found_inf)
+    default: Optional[str] = None  # schema default ("None" for found_inf), also the wrapper's
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,9 @@ class OpSpec:
     result: Optional[str] = None
     doc: str = ""
     notes: Tuple[str, ...] = field(default_factory=tuple)
+    # (flag, list, why): the flag set to True needs the (optional) list non-empty; checked by the
+    # public wrapper for every backend
+    requires: Tuple[Tuple[str, str, str], ...] = ()
 
     # --- derived ----------------------------------------------------------------------------
     @property
@@ -103,13 +106,15 @@ def _f(*names: str) -> Tuple[Arg, ...]:
 _FOUND_INF = Arg("found_inf", OPT_TENSOR, default="None")
 _IDS_SEED_STEP = (Arg("param_ids", INT_LIST), Arg("seed", INT), Arg("step", INT))
 _REF = "samkernels.ops.reference"
-_REF_VI = "samkernels.ops.reference_vi"
+_LOSS_INPUTS = (Arg("logits", TENSOR), Arg("target", TENSOR), Arg("mu", FLOAT), Arg("phi", INT),
+                Arg("alpha", FLOAT))
 _REF_LOSS = "samkernels.ops.bisam_loss"
 
 _TABLE = (
     # --- SAM / ASAM (docs/spec.md, SAM and ASAM rows) -------------------------------------------
     OpSpec("grad_sumsq", "sam",
-           (_L("params", "param"), _L("grads", "grad"), Arg("adaptive", BOOL), Arg("eta", FLOAT)),
+           (_L("params", "param"), _L("grads", "grad"), Arg("adaptive", BOOL, default="False"),
+            Arg("eta", FLOAT, default="0.0")),
            "Tensor", f"{_REF}:grad_sumsq", result="norm",
            doc="sum ||T g||^2 over all tensors (T = |w| + eta for ASAM, 1 for SAM), float64"),
     OpSpec("sam_perturb_", "sam",
@@ -150,53 +155,52 @@ _TABLE = (
             *_f("lr", "beta1", "beta2", "delta", "gamma", "accum_scale"),
             Arg("released_order", BOOL), _FOUND_INF),
            "()", f"{_REF}:bsam_update_",
-           doc="lines 5-7: momentum, precision, w <- omega - lr (gm + delta omega) / s"),
+           doc="lines 5-7: momentum, precision, w <- omega - lr (gm + delta omega) / s",
+           requires=(("released_order", "accums",
+                      "line 5 must wait for the update to keep the old s"),)),
     # --- MFVI family: RandomSAM, MFVI, VariationalSAM --------------------------------------------
     OpSpec("vi_noise_", "vi",
            (_L("params", "param", True), _L("backups", "backup", True),
-            _L("variances", "state"), *_IDS_SEED_STEP, Arg("sigma", FLOAT)),
-           "()", f"{_REF_VI}:vi_noise_",
+            _L("variances", "state?"), *_IDS_SEED_STEP, Arg("sigma", FLOAT)),
+           "()", f"{_REF}:vi_noise_",
            doc="backup <- mu; w <- mu + std z (std = sigma, or sqrt(Sigma) for MFVI)"),
     OpSpec("mfvi_update_", "vi",
            (_L("params", "param", True), _L("grads", "grad"), _L("backups", "backup"),
             _L("variances", "state", True), _L("momenta", "state?", True), *_IDS_SEED_STEP,
             *_f("lr", "var_lr", "momentum", "prior_var", "num_data"), _FOUND_INF),
-           "()", f"{_REF_VI}:mfvi_update_",
+           "()", f"{_REF}:mfvi_update_",
            doc="Alg. 2 lines 4-5: the reparameterised mean and variance gradients"),
     OpSpec("vsam_sumsq", "vi",
            (_L("grads", "grad"), _L("variances", "state")),
-           "Tensor", f"{_REF_VI}:vsam_sumsq", result="norm",
+           "Tensor", f"{_REF}:vsam_sumsq", result="norm",
            doc="g^T Sigma g over all tensors, float64"),
     OpSpec("vsam_perturb_", "vi",
            (_L("params", "param", True), _L("grads", "grad"), _L("backups", "backup", True),
             _L("variances", "state", True), Arg("sigma_norm", OPT_TENSOR),
             *_f("dim", "eps", "var_lr", "prior_var", "num_data"), Arg("log_step", BOOL),
             Arg("min_var", FLOAT), _FOUND_INF),
-           "Tensor", f"{_REF_VI}:vsam_perturb_", result="norm",
+           "Tensor", f"{_REF}:vsam_perturb_", result="norm",
            doc="Alg. 3 line 3, eq. 2: w <- mu + sqrt(p) Sigma g / (sqrt(g^T Sigma g) + eps)"),
     # --- E-BiSAM (Alg. 3 lines 3-7) --------------------------------------------------------------
     OpSpec("ebisam_perturb_", "ebisam",
            (_L("params", "param", True), _L("grads", "grad"), _L("backups", "backup", True),
             Arg("param_ids", INT_LIST), Arg("grad_norm", OPT_TENSOR), Arg("seed", INT),
             Arg("step", INT), *_f("rho", "beta", "eps"), _FOUND_INF),
-           "Tensor", f"{_REF_VI}:ebisam_perturb_", result="norm",
+           "Tensor", f"{_REF}:ebisam_perturb_", result="norm",
            doc="perturb coordinate i iff u_i < beta, by rho g_i / (beta ||g|| + eps)"),
     # --- the fused BiSAM ascent loss (eqs. 17-18); not multi-tensor ------------------------------
     OpSpec("bisam_loss_fwd", "loss",
-           (Arg("logits", TENSOR), Arg("target", TENSOR), Arg("mu", FLOAT), Arg("phi", INT),
-            Arg("alpha", FLOAT), Arg("ignore_index", INT), Arg("grad_scale", FLOAT),
+           (*_LOSS_INPUTS, Arg("ignore_index", INT), Arg("grad_scale", FLOAT),
             Arg("compute_grad", BOOL)),
            "(Tensor loss_rows, Tensor grad)", f"{_REF_LOSS}:bisam_loss_reference",
            doc="per-row loss (0 for ignored rows) and grad_scale * d loss_row / d logits"),
     OpSpec("bisam_loss_fwd_reduced", "loss",
-           (Arg("logits", TENSOR), Arg("target", TENSOR), Arg("mu", FLOAT), Arg("phi", INT),
-            Arg("alpha", FLOAT), Arg("reduction", INT), Arg("ignore_index", INT),
+           (*_LOSS_INPUTS, Arg("reduction", INT), Arg("ignore_index", INT),
             Arg("compute_grad", BOOL)),
            "(Tensor loss, Tensor grad)", f"{_REF_LOSS}:bisam_loss_reference",
            doc="the reduced loss and its gradient; checks the labels itself (CPU)"),
     OpSpec("bisam_loss", "loss",
-           (Arg("logits", TENSOR), Arg("target", TENSOR), Arg("mu", FLOAT), Arg("phi", INT),
-            Arg("alpha", FLOAT), Arg("reduction", INT), Arg("ignore_index", INT)),
+           (*_LOSS_INPUTS, Arg("reduction", INT), Arg("ignore_index", INT)),
            "Tensor", f"{_REF_LOSS}:bisam_loss_reference",
            doc="the differentiable loss, autograd in C++ (eager CPU)"),
 )

@@ -18,19 +18,20 @@ Conventions (chosen to match ``F.cross_entropy``):
     check is ``torch._assert_async`` (no host sync; it fails like ``F.cross_entropy``'s device-side
     assert), and the kernels write NaN for such rows instead of reading outside the row.
 
-Backends (``samkernels._dispatch.resolve``): ``reference`` is :func:`bisam_loss_reference` with
-autograd (the naive baseline).  ``cpu`` in eager mode is one call of
-``torch.ops.samkernels.bisam_loss`` (csrc/cpu/bisam_loss.cpp): the kernel checks the labels (its
-``IndexError`` becomes ``TargetOutOfRangeError`` here), counts the rows, reads the logits once,
-reduces, and saves ``d loss / d logits`` (the mean's ``1/count`` folded in) for a C++ autograd node
-whose backward returns that buffer as is when ``grad_output`` is 1 (``loss.backward()``) and scales
-it otherwise; no Python runs in the backward.  ``cuda``, ``triton`` and ``cpu`` under torch.compile
-(or with an extension built before that op) call ``torch.ops.samkernels.bisam_loss_fwd``
-(``samkernels::bisam_loss_fwd_triton`` for triton), which writes the per-row loss and the gradient
-buffer ``d row_i / d f_i`` (skipped when the logits need no gradient); its autograd formula,
-registered on the op, scales each buffer row by the row's incoming gradient.  The label check and
-the reduction run here in plain PyTorch.  For fp16/bf16 logits the gradient is thus rounded to the
-logits' dtype before the scaling.
+Backends: :func:`bisam_loss` asks the dispatcher (``samkernels._dispatch``) for op
+``bisam_loss`` (the table's schema, with ``phi`` and ``reduction`` as integer codes), whose
+implementations are registered below.  ``reference`` is :func:`bisam_loss_reference` with autograd
+(the naive baseline).  ``cpu`` in eager mode is one call of ``torch.ops.samkernels.bisam_loss``
+(csrc/cpu/bisam_loss.cpp): the kernel checks the labels (its ``IndexError`` becomes
+``TargetOutOfRangeError`` here), counts the rows, reads the logits once, reduces, and saves
+``d loss / d logits`` (the mean's ``1/count`` folded in) for a C++ autograd node whose backward
+returns that buffer as is when ``grad_output`` is 1 (``loss.backward()``) and scales it otherwise;
+no Python runs in the backward.  ``cuda``, ``triton`` and ``cpu`` under torch.compile call the fused
+row forward ``torch.ops.samkernels.bisam_loss_fwd`` (``samkernels::bisam_loss_fwd_triton`` for
+triton), which writes the per-row loss and the gradient buffer ``d row_i / d f_i`` (skipped when
+the logits need no gradient); its autograd formula, registered on the op, scales each buffer row
+by the row's incoming gradient.  The label check and the reduction run here in plain PyTorch.  For
+fp16/bf16 logits the gradient is thus rounded to the logits' dtype before the scaling.
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from samkernels import _dispatch
+from samkernels._dtypes import opmath
 from samkernels.ops import _library
 
 __all__ = ["bisam_loss", "BiSAMLoss", "bisam_loss_reference", "TargetOutOfRangeError",
@@ -50,6 +52,8 @@ __all__ = ["bisam_loss", "BiSAMLoss", "bisam_loss_reference", "TargetOutOfRangeE
 GAMMA = math.log(math.e - 1.0)  # phi_neglog(0) = 0 (eq. 18)
 PHI_CODES = {"neglog": 0, "tanh": 1}  # the kernels' ``phi`` argument
 REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}  # bisam_loss / bisam_loss_fwd_reduced's codes
+_PHI_NAMES = {code: name for name, code in PHI_CODES.items()}
+_REDUCTION_NAMES = {code: name for name, code in REDUCTION_CODES.items()}
 DEFAULT_MU = {"neglog": 1.5, "tanh": 10.0}  # the paper's CIFAR settings (Sec. 4.1)
 _PHI_ALIASES = {"neglog": "neglog", "-log": "neglog", "tanh": "tanh"}
 _REDUCTIONS = ("mean", "sum", "none")
@@ -122,7 +126,7 @@ def bisam_loss_reference(logits: Tensor, target: Tensor, mu: Optional[float] = N
     """Q in plain PyTorch (float64 stays float64, fp16/bf16 run in float32); autograd: dQ/df."""
     phi, mu, alpha = _check_args(logits, target, mu, phi, alpha, reduction, ignore_index)
     _check_targets(target, logits.shape[1], ignore_index)
-    f = logits if logits.dtype == torch.float64 else logits.float()
+    f = logits.to(opmath(logits))
     valid = target != ignore_index
     y = torch.where(valid, target, torch.zeros_like(target))
     Fm = f - f.gather(1, y[:, None])  # F_ij = f_ij - f_{i,y_i}
@@ -143,8 +147,7 @@ def bisam_loss_reference(logits: Tensor, target: Tensor, mu: Optional[float] = N
 
 # --- fused ops ---------------------------------------------------------------------------------
 def _fake_fwd(logits, target, mu, phi, alpha, ignore_index, grad_scale, compute_grad):
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    loss_rows = logits.new_empty((logits.shape[0],), dtype=acc)
+    loss_rows = logits.new_empty((logits.shape[0],), dtype=opmath(logits))
     grad = logits.new_empty(logits.shape) if compute_grad else logits.new_empty((0,))
     return loss_rows, grad
 
@@ -159,19 +162,11 @@ def _fake_loss(logits, target, mu, phi, alpha, reduction, ignore_index):
     return logits.new_empty((logits.shape[0],) if reduction == 0 else ())
 
 
-def _cpp_op_available() -> bool:
-    """The compiled kernels are loaded (the schemas are defined either way: ops._library)."""
-    return _dispatch.extension() is not None
-
-
 # shapes for torch.compile (FakeTensor) tracing; the schemas come from the op table
 torch.library.register_fake("samkernels::bisam_loss_fwd", _fake_fwd, lib=_library.LIB)
 torch.library.register_fake("samkernels::bisam_loss_fwd_reduced", _fake_fwd_reduced,
                             lib=_library.LIB)
 torch.library.register_fake("samkernels::bisam_loss", _fake_loss, lib=_library.LIB)
-# The eager CPU fast path: the whole loss (label check, count, rows, reduction, autograd) in one
-# C++ op; None without the compiled extension (then the path of the other backends runs).
-_CPU_LOSS = torch.ops.samkernels.bisam_loss.default if _cpp_op_available() else None
 
 
 def _rows_backward(ctx, grad_rows, _grad_of_buffer):
@@ -206,32 +201,57 @@ def attach_autograd(name: str) -> None:
 attach_autograd("samkernels::bisam_loss_fwd")
 
 
-def _fused_fwd(backend: str):
-    """The fused per-row forward op of ``backend`` (its autograd is attached at import)."""
-    if backend == "triton":
-        from samkernels.triton.bisam_loss import bisam_loss_fwd_triton  # attaches at import
-        return bisam_loss_fwd_triton
-    if not _cpp_op_available():
-        raise RuntimeError(f"samkernels backend {backend!r}: samkernels._C has no bisam_loss_fwd "
-                           "op; rebuild the extension (pip install --no-build-isolation .)")
-    return torch.ops.samkernels.bisam_loss_fwd
-
-
-def _fused_loss(logits, target, mu, phi_code, alpha, reduction, ignore_index, backend):
-    """Per-row loss (and, when autograd needs it, the gradient buffer) from one kernel, then the
-    reduction in plain PyTorch: no host sync (the mean divides by a device count)."""
+def _fused_loss(fwd, logits, target, mu, phi, alpha, reduction, ignore_index):
+    """The label check, the per-row loss (and, when autograd needs it, the gradient buffer) from
+    the fused forward ``fwd``, then the reduction in plain PyTorch: no host sync (the mean divides
+    by a device count)."""
+    _check_targets(target, logits.shape[1], ignore_index)
     compute_grad = logits.requires_grad and torch.is_grad_enabled()
-    loss_rows, _ = _fused_fwd(backend)(logits, target, mu, phi_code, alpha, ignore_index, 1.0,
-                                       compute_grad)
-    if reduction == "none":
+    loss_rows, _ = fwd(logits, target, mu, phi, alpha, ignore_index, 1.0, compute_grad)
+    if reduction == REDUCTION_CODES["none"]:
         out = loss_rows
-    elif reduction == "sum":
+    elif reduction == REDUCTION_CODES["sum"]:
         out = loss_rows.sum()
     else:  # NaN when every row is ignored, with a zero gradient: like F.cross_entropy
         count = (target != ignore_index).sum()
         out = torch.where(count > 0, loss_rows.sum() / count.clamp(min=1),
                           torch.full_like(loss_rows[:0].sum(), float("nan")))
     return out.to(logits.dtype)
+
+
+# --- the implementations of op ``bisam_loss`` per backend (arguments: the op table's schema) ----
+@_dispatch.register("bisam_loss", "reference")
+def _loss_reference(logits, target, mu, phi, alpha, reduction, ignore_index):
+    return bisam_loss_reference(logits, target, mu, _PHI_NAMES[phi], alpha,
+                                _REDUCTION_NAMES[reduction], ignore_index)
+
+
+@_dispatch.register("bisam_loss", "cpu")
+def _loss_cpu(logits, target, mu, phi, alpha, reduction, ignore_index):
+    if torch.compiler.is_compiling():  # the C++ autograd node cannot be traced: the fused rows
+        return _fused_loss(torch.ops.samkernels.bisam_loss_fwd, logits, target, mu, phi, alpha,
+                           reduction, ignore_index)
+    # One op call; its autograd node is C++.  The kernel checks the labels before any work.
+    try:
+        return torch.ops.samkernels.bisam_loss.default(logits, target, mu, phi, alpha, reduction,
+                                                       ignore_index)
+    except IndexError as exc:
+        if not str(exc).startswith("bisam_loss: target["):
+            raise
+        raise TargetOutOfRangeError(str(exc)) from None
+
+
+@_dispatch.register("bisam_loss", "cuda")
+def _loss_cuda(logits, target, mu, phi, alpha, reduction, ignore_index):
+    return _fused_loss(torch.ops.samkernels.bisam_loss_fwd, logits, target, mu, phi, alpha,
+                       reduction, ignore_index)
+
+
+@_dispatch.register("bisam_loss", "triton")
+def _loss_triton(logits, target, mu, phi, alpha, reduction, ignore_index):
+    from samkernels.triton.bisam_loss import bisam_loss_fwd_triton  # attaches autograd at import
+    return _fused_loss(bisam_loss_fwd_triton, logits, target, mu, phi, alpha, reduction,
+                       ignore_index)
 
 
 def bisam_loss(logits: Tensor, target: Tensor, mu: Optional[float] = None, phi: str = "neglog",
@@ -243,20 +263,9 @@ def bisam_loss(logits: Tensor, target: Tensor, mu: Optional[float] = None, phi: 
     ``ignore_index`` behave as in ``F.cross_entropy`` (see the module docstring).
     """
     phi, mu, alpha = _check_args(logits, target, mu, phi, alpha, reduction, ignore_index)
-    backend = _dispatch.resolve(logits.device)
-    if backend == "cpu" and _CPU_LOSS is not None and not torch.compiler.is_compiling():
-        # One op call; its autograd node is C++.  The kernel checks the labels before any work.
-        try:
-            return _CPU_LOSS(logits, target, mu, PHI_CODES[phi], alpha, REDUCTION_CODES[reduction],
-                             ignore_index)
-        except IndexError as exc:
-            if not str(exc).startswith("bisam_loss: target["):
-                raise
-            raise TargetOutOfRangeError(str(exc)) from None
-    if backend == "reference":
-        return bisam_loss_reference(logits, target, mu, phi, alpha, reduction, ignore_index)
-    _check_targets(target, logits.shape[1], ignore_index)
-    return _fused_loss(logits, target, mu, PHI_CODES[phi], alpha, reduction, ignore_index, backend)
+    loss = _dispatch.implementation("bisam_loss", logits.device)
+    return loss(logits, target, mu, PHI_CODES[phi], alpha, REDUCTION_CODES[reduction],
+                ignore_index)
 
 
 class BiSAMLoss(nn.Module):

@@ -8,7 +8,7 @@ import contextlib
 import inspect
 import math
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -16,7 +16,6 @@ from torch import Tensor
 from samkernels import ops
 from samkernels.optim.utils import bn_frozen
 
-SeedLike = Union[None, int, torch.Generator]
 NONFINITE_POLICIES = ("skip", "skip_on_device", "raise", "unchecked")
 
 
@@ -72,18 +71,6 @@ def warn_sgd_ranges(d: dict) -> None:
             # stacklevel 3: the caller of the check (the constructor or add_param_group)
             warnings.warn(f"{key}={d[key]!r} is outside {meaningful}: {why}", UserWarning,
                           stacklevel=3)
-
-
-def draw_seed(seed: SeedLike) -> int:
-    """A 62-bit noise seed: an int as given, else one draw from ``seed`` (a Generator) or from torch's
-    default generator, so ``torch.manual_seed`` makes runs reproducible."""
-    if isinstance(seed, bool) or (seed is not None and not isinstance(seed, (int, torch.Generator))):
-        raise ValueError(f"seed must be None, an int or a torch.Generator, got {type(seed).__name__}")
-    if isinstance(seed, int):
-        if not 0 <= seed < 2 ** 63:
-            raise ValueError(f"seed must be in [0, 2**63), got {seed}")
-        return seed
-    return int(torch.randint(0, 2 ** 62, (1,), generator=seed).item())
 
 
 # Parameter dtypes the fused ops take (real floating point).
@@ -481,16 +468,23 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         self.restore()
         self._skip_state["pending"] = True
 
+    def _abandon_step(self) -> None:
+        """A skipped step's end: the mean weights back, nothing else changed.  (The callers zero
+        the gradients themselves: under torch.compile, zero_grad's graph break inside a helper
+        would split one more graph.)"""
+        self.restore()
+        self._finish_step(skipped=True)
+
     def _finish_step(self, skipped: bool) -> None:
         self._skip_state["stepped"] = True  # LR schedulers: a step happened (see _opt_called)
         self._skip_state["begun"] = False
         found = self._skip_state["found"]
         if found is not None:  # skip_on_device: the outcome stays on the device until asked for
             self._skip_state.update(pending=False, last=found, ascents=0, found=None)
-            return
-        self._skip_state.update(pending=False, last=skipped, ascents=0)
-        if skipped:
-            self._rollback_skipped_step()
+        else:
+            self._skip_state.update(pending=False, last=skipped, ascents=0)
+            if skipped:
+                self._rollback_skipped_step()
 
     def _rollback_skipped_step(self) -> None:
         """Undo what a skipped step changed besides weights and state (BSAM: the noise counter)."""
@@ -573,6 +567,27 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
             raise ValueError(f"m must be an int >= 1 (the number of micro-batches), got {m!r}")
         return m
+
+    def _micro_batch_passes(self, closure: Callable, m: int, scaler,
+                            first_phase: Callable[[int], Any]):
+        """m-sharpness (docs/spec.md): per micro-batch i, the first pass, ``first_phase(i)`` (its
+        own perturbation), the second pass, its gradient accumulated and the mean weights back;
+        then one ``second_step`` with the mean of the m gradients.  Returns the mean first-pass
+        loss."""
+        losses = []
+        with self._restore_on_error():
+            for i in range(m):
+                losses.append(self._run_pass(closure, True, micro=i))
+                first_phase(i)
+                if self.skip_pending:
+                    break
+                self._run_pass(closure, False, micro=i)
+                self._accumulate_grads(first=i == 0)
+                self._restore_weights()  # back to the mean for the next micro-batch
+            if not self.skip_pending:
+                self._load_accumulated_grads(1.0 / m)
+            self.second_step(scaler=scaler)
+        return mean_loss(losses)
 
     def _two_passes(self, closure: Callable, scaler):
         """The m = 1 step of a two-pass optimizer: ascent pass, first_step, the second pass (left out

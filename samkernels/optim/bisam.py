@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from samkernels import ops
-from samkernels.ops import vi_ops
-from samkernels.optim._base import SeedLike, _n_positional, check_beta, check_positive, draw_seed
+from samkernels.optim._base import _n_positional, check_beta, check_positive
+from samkernels.optim.utils import SeedLike, draw_seed
 from samkernels.optim.sam import SAM
 
 _PHIS = ("neglog", "tanh")
@@ -239,11 +239,11 @@ class EBiSAM(BiSAM):
             norm = torch.stack([s.double() for s in sq]).sum().sqrt()
         for group, ps, gs in work:
             backups = self._backups_for(ps)
-            n = vi_ops.ebisam_perturb_(ps, gs, backups, self._param_ids_for(ps),
-                                     None if norm is None else norm.to(ps[0].device), seed, step,
-                                     self._rho(group), group["beta"],
-                                     group["perturb_eps"] if eps is None else eps,
-                                     self._found_inf(ps[0].device))
+            n = ops.ebisam_perturb_(ps, gs, backups, self._param_ids_for(ps),
+                                    None if norm is None else norm.to(ps[0].device), seed, step,
+                                    self._rho(group), group["beta"],
+                                    group["perturb_eps"] if eps is None else eps,
+                                    self._found_inf(ps[0].device))
             self._mark_perturbed(ps, backups)
             norm = n if norm is None else norm
         if work:

@@ -8,20 +8,19 @@ The posterior is q(theta) = N(omega, 1 / (N s)); ``sampled_params`` and ``predic
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from samkernels import ops
-from samkernels.optim.utils import posterior_predictive
-from samkernels.ops.reference import opmath
-from samkernels.optim._base import (SeedLike, TwoPassOptimizer, check_betas, check_choice,
-                                    check_nonneg, check_positive, draw_seed, mean_loss)
+from samkernels._dtypes import opmath
+from samkernels.optim._base import (TwoPassOptimizer, check_betas, check_choice, check_nonneg,
+                                    check_positive, mean_loss)
+from samkernels.optim.utils import PosteriorSampler, SeedLike, draw_seed
 
 
-class BSAM(TwoPassOptimizer):
+class BSAM(PosteriorSampler, TwoPassOptimizer):
     r"""Bayesian SAM.
 
     Args:
@@ -209,8 +208,7 @@ class BSAM(TwoPassOptimizer):
         grouped = self._grouped()
         if self.skip_pending or (self._perturbed and not self._grads_ok(
                 False, [p for _, ps in grouped for p in ps], scaler)):
-            self.restore()
-            self._finish_step(skipped=True)
+            self._abandon_step()
             if zero_grad:
                 self.zero_grad()
             return
@@ -297,25 +295,9 @@ class BSAM(TwoPassOptimizer):
                 out.append(1.0 / (group["num_data"] * st["precision"]) if "precision" in st else None)
         return out
 
-    @contextlib.contextmanager
-    def sampled_params(self, generator: SeedLike = None):
-        """Load one model theta ~ q = N(omega, 1/(N s)) into the parameters; on exit the mean weights
-        are copied back exactly.  ``generator``: int seed, torch.Generator or None."""
-        self._require_unperturbed("sampled_params")
-        seed = draw_seed(generator)
-        with torch.no_grad():
-            for group, ps in self._grouped(with_grad=False):
-                backups, precisions, _ = self._lists(group, ps)
-                ops.bsam_noise_(ps, backups, precisions, self._param_ids_for(ps), seed, 0,
-                                group["num_data"])
-                self._mark_perturbed(ps, backups)
-        try:
-            yield self
-        finally:
-            self.restore()
-
-    def predictive(self, model: torch.nn.Module, inputs, samples: int = 32,
-                   generator: SeedLike = None) -> Tensor:
-        """Softmax of ``model(inputs)`` averaged over ``samples`` posterior draws (the bSAM paper
-        uses 32); see ``samkernels.optim.utils.posterior_predictive``."""
-        return posterior_predictive(self, model, inputs, samples, generator)
+    def _sample_group(self, group: dict, ps: List[Tensor], seed: int) -> List[Tensor]:
+        """theta ~ q = N(omega, 1/(N s)): line 1's draw at noise step 0."""
+        backups, precisions, _ = self._lists(group, ps)
+        ops.bsam_noise_(ps, backups, precisions, self._param_ids_for(ps), seed, 0,
+                        group["num_data"])
+        return backups

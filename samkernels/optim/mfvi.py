@@ -12,20 +12,18 @@ u = log Sigma (``Sigma <- Sigma exp(-var_lr dL/du)``), so Sigma stays positive w
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, List, Optional
 
 import torch
 from torch import Tensor
 
-from samkernels.ops import vi_ops
-from samkernels.ops.reference import opmath
-from samkernels.optim.utils import posterior_predictive
-from samkernels.optim._base import (SeedLike, TwoPassOptimizer, check_beta, check_nonneg,
-                                    check_positive, draw_seed)
+from samkernels import ops
+from samkernels._dtypes import opmath
+from samkernels.optim._base import TwoPassOptimizer, check_beta, check_nonneg, check_positive
+from samkernels.optim.utils import PosteriorSampler, SeedLike, draw_seed
 
 
-class GaussianPosterior:
+class GaussianPosterior(PosteriorSampler):
     """Posterior API of an optimizer whose state holds a diagonal Gaussian q = N(w, diag(variance))
     in ``state[p]["variance"]`` (MFVI, VariationalSAM).  The class provides ``_variances(group, ps)``
     (creating the state when missing)."""
@@ -40,28 +38,10 @@ class GaussianPosterior:
         return [self.state[p]["variance"].clone() if "variance" in self.state.get(p, {}) else None
                 for g in self.param_groups for p in g["params"]]
 
-    @contextlib.contextmanager
-    def sampled_params(self, generator: SeedLike = None):
-        """Load one model theta ~ q into the parameters; on exit the mean weights are copied back
-        exactly.  ``generator``: int seed, torch.Generator or None."""
-        self._require_unperturbed("sampled_params")
-        seed = draw_seed(generator)
-        try:
-            with torch.no_grad():
-                for group, ps in self._grouped(with_grad=False):
-                    backups = self._backups_for(ps)
-                    vi_ops.vi_noise_(ps, backups, self._variances(group, ps),
-                                     self._param_ids_for(ps), seed, 0, 0.0)
-                    self._mark_perturbed(ps, backups)
-            yield self
-        finally:
-            self.restore()
-
-    def predictive(self, model: torch.nn.Module, inputs, samples: int = 32,
-                   generator: SeedLike = None) -> Tensor:
-        """Softmax of ``model(inputs)`` averaged over ``samples`` posterior draws (the bSAM paper
-        uses 32); see ``samkernels.optim.utils.posterior_predictive``."""
-        return posterior_predictive(self, model, inputs, samples, generator)
+    def _sample_group(self, group: dict, ps: List[Tensor], seed: int) -> List[Tensor]:
+        backups = self._backups_for(ps)  # theta = mu + sqrt(Sigma) z, noise step 0
+        ops.vi_noise_(ps, backups, self._variances(group, ps), self._param_ids_for(ps), seed, 0, 0.0)
+        return backups
 
 
 class MFVI(GaussianPosterior, TwoPassOptimizer):
@@ -166,8 +146,8 @@ class MFVI(GaussianPosterior, TwoPassOptimizer):
         seed, step = self._extra_state["seed"], self._extra_state["noise_step"]
         for group, ps in self._grouped(with_grad=False):
             backups = self._backups_for(ps)
-            vi_ops.vi_noise_(ps, backups, self._variances(group, ps),
-                             self._param_ids_for(ps), seed, step, 0.0)
+            ops.vi_noise_(ps, backups, self._variances(group, ps),
+                          self._param_ids_for(ps), seed, step, 0.0)
             self._mark_perturbed(ps, backups)
         self._noise["at"] = step
         self._extra_state["noise_step"] = step + 1
@@ -184,8 +164,7 @@ class MFVI(GaussianPosterior, TwoPassOptimizer):
             raise RuntimeError("MFVI.second_step: call noise_step() and run the backward first")
         grouped = self._grouped()
         if not self._grads_ok(False, [p for _, ps in grouped for p in ps], scaler):
-            self.restore()
-            self._finish_step(skipped=True)
+            self._abandon_step()
             if zero_grad:
                 self.zero_grad()
             return
@@ -197,12 +176,12 @@ class MFVI(GaussianPosterior, TwoPassOptimizer):
                 ps = [p for p in ps if p in todo]
                 if not ps:
                     continue
-                vi_ops.mfvi_update_(ps, [p.grad for p in ps], self._backups_for(ps),
-                                    self._variances(group, ps), self._momenta(group, ps),
-                                    self._param_ids_for(ps), seed, self._noise["at"],
-                                    group["lr"], group["var_lr"], group["momentum"],
-                                    group["prior_var"], group["num_data"],
-                                    self._found_inf(ps[0].device))
+                ops.mfvi_update_(ps, [p.grad for p in ps], self._backups_for(ps),
+                                 self._variances(group, ps), self._momenta(group, ps),
+                                 self._param_ids_for(ps), seed, self._noise["at"],
+                                 group["lr"], group["var_lr"], group["momentum"],
+                                 group["prior_var"], group["num_data"],
+                                 self._found_inf(ps[0].device))
                 todo.difference_update(set(ps))
         finally:  # anything not updated (no gradient now, or an error) goes back to the mean
             for ps, bs in perturbed:

@@ -14,9 +14,10 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from samkernels.ops import vi_ops
-from samkernels.optim._base import (SeedLike, TwoPassOptimizer, check_beta, check_choice,
-                                    check_nonneg, draw_seed, mean_loss, warn_sgd_ranges)
+from samkernels import ops
+from samkernels.optim._base import (TwoPassOptimizer, check_beta, check_choice, check_nonneg,
+                                    mean_loss, warn_sgd_ranges)
+from samkernels.optim.utils import SeedLike, draw_seed
 from samkernels.optim.sam import SAM
 
 PAPER_SIGMA = 5e-5  # App. D: the noise scale the paper settled on
@@ -226,8 +227,8 @@ class RandomSAM(TwoPassOptimizer):
         seed, step = self._extra_state["seed"], start + micro
         for group, ps in self._grouped(with_grad=False):
             backups = self._backups_for(ps)
-            vi_ops.vi_noise_(ps, backups, [], self._param_ids_for(ps), seed, step,
-                             self.noise_scale(group))
+            ops.vi_noise_(ps, backups, [], self._param_ids_for(ps), seed, step,
+                          self.noise_scale(group))
             self._mark_perturbed(ps, backups)
         self._extra_state["noise_step"] = start + _m if micro == _m - 1 else start
 
@@ -246,8 +247,7 @@ class RandomSAM(TwoPassOptimizer):
         grouped = self._grouped()
         if self.skip_pending or not self._grads_ok(False, [p for _, ps in grouped for p in ps],
                                                    scaler):
-            self.restore()
-            self._finish_step(skipped=True)
+            self._abandon_step()
         else:
             # unfused: mu back exactly (a copy from the backups), then the torch optimizer's own
             # update with the gradient that was taken at mu + sigma0 z (Alg. 1 line 4)

@@ -11,9 +11,9 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from samkernels import ops
-from samkernels.ops.reference import opmath
+from samkernels._dtypes import opmath
 from samkernels.optim._base import (TwoPassOptimizer, check_betas, check_choice, check_nonneg,
-                                    check_positive, mean_loss, warn_sgd_ranges)
+                                    check_positive, warn_sgd_ranges)
 
 _BASES = ("sgd", "adam", "adamw")
 # the hyper-parameters each base optimizer reads (and the only ones its groups carry)
@@ -181,8 +181,7 @@ class SAM(TwoPassOptimizer):
         grouped = self._grouped()
         if self.skip_pending or not self._grads_ok(False, [p for _, ps in grouped for p in ps],
                                                    scaler):
-            self.restore()
-            self._finish_step(skipped=True)
+            self._abandon_step()
             if zero_grad:
                 self.zero_grad()
             return
@@ -321,20 +320,8 @@ class SAM(TwoPassOptimizer):
                                "twice); or call first_step() / second_step() yourself")
         if self._check_m(m) == 1:
             return self._two_passes(closure, scaler)
-        losses = []
-        with self._restore_on_error():
-            for i in range(m):
-                losses.append(self._run_pass(closure, True, micro=i))
-                self.first_step(zero_grad=True, scaler=scaler)
-                if self.skip_pending:
-                    break
-                self._run_pass(closure, False, micro=i)
-                self._accumulate_grads(first=i == 0)
-                self._restore_weights()
-            if not self.skip_pending:
-                self._load_accumulated_grads(1.0 / m)
-            self.second_step(scaler=scaler)
-        return mean_loss(losses)
+        return self._micro_batch_passes(
+            closure, m, scaler, lambda i: self.first_step(zero_grad=True, scaler=scaler))
 
 
 class ASAM(SAM):

@@ -2,10 +2,24 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from typing import Callable, Union
 
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
+
+SeedLike = Union[None, int, torch.Generator]
+
+
+def draw_seed(seed: SeedLike) -> int:
+    """A 62-bit noise seed: an int as given, else one draw from ``seed`` (a Generator) or from torch's
+    default generator, so ``torch.manual_seed`` makes runs reproducible."""
+    if isinstance(seed, bool) or (seed is not None and not isinstance(seed, (int, torch.Generator))):
+        raise ValueError(f"seed must be None, an int or a torch.Generator, got {type(seed).__name__}")
+    if isinstance(seed, int):
+        if not 0 <= seed < 2 ** 63:
+            raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+        return seed
+    return int(torch.randint(0, 2 ** 62, (1,), generator=seed).item())
 
 
 @contextlib.contextmanager
@@ -58,7 +72,6 @@ def posterior_predictive(optimizer, model: torch.nn.Module, inputs, samples: int
     """Softmax of ``model(inputs)`` averaged over ``samples`` draws from ``optimizer``'s posterior
     (its ``sampled_params`` context: BSAM, MFVI, VariationalSAM).  The model is put in eval mode
     for the call and returned to its previous mode; the mean weights come back exactly."""
-    from samkernels.optim._base import draw_seed
     if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
         raise ValueError(f"samples must be an int >= 1, got {samples!r}")
     gen = generator if isinstance(generator, torch.Generator) else torch.Generator().manual_seed(
@@ -74,3 +87,29 @@ def posterior_predictive(optimizer, model: torch.nn.Module, inputs, samples: int
         return total / samples
     finally:
         model.train(was_training)
+
+
+class PosteriorSampler:
+    """``sampled_params`` and ``predictive`` for an optimizer with a Gaussian posterior (BSAM,
+    MFVI, VariationalSAM).  Subclasses write one draw of a group into its parameters with
+    ``_sample_group(group, ps, seed)``, which returns the backups holding the mean weights."""
+
+    @contextlib.contextmanager
+    def sampled_params(self, generator: SeedLike = None):
+        """Load one model theta ~ q into the parameters; on exit the mean weights are copied back
+        exactly.  ``generator``: int seed, torch.Generator or None."""
+        self._require_unperturbed("sampled_params")
+        seed = draw_seed(generator)
+        try:
+            with torch.no_grad():
+                for group, ps in self._grouped(with_grad=False):
+                    self._mark_perturbed(ps, self._sample_group(group, ps, seed))
+            yield self
+        finally:
+            self.restore()
+
+    def predictive(self, model: torch.nn.Module, inputs, samples: int = 32,
+                   generator: SeedLike = None) -> torch.Tensor:
+        """Softmax of ``model(inputs)`` averaged over ``samples`` posterior draws (the bSAM paper
+        uses 32); see ``samkernels.optim.utils.posterior_predictive``."""
+        return posterior_predictive(self, model, inputs, samples, generator)

@@ -20,10 +20,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from samkernels.ops import vi_ops
-from samkernels.optim._base import (TwoPassOptimizer, check_choice, check_nonneg,
-                                    check_positive, mean_loss)
-from samkernels.ops.reference import opmath
+from samkernels import ops
+from samkernels._dtypes import opmath
+from samkernels.optim._base import TwoPassOptimizer, check_choice, check_nonneg, check_positive
 from samkernels.optim.mfvi import GaussianPosterior
 from samkernels.optim.random_sam import (BASE_KEYS, FUSED_BASES, check_base_keywords,
                                          fill_base_keys)
@@ -190,17 +189,17 @@ class VariationalSAM(GaussianPosterior, TwoPassOptimizer):
         norm = None
         if len(work) > 1:  # eq. 2's g^T Sigma g spans every group: one reduction per group, summed
             dev = work[0][1][0].device
-            sq = [vi_ops.vsam_sumsq(gs, vs).to(dev) for _, _, gs, vs in work]
+            sq = [ops.vsam_sumsq(gs, vs).to(dev) for _, _, gs, vs in work]
             norm = torch.stack(sq).sum().sqrt()
         for group, ps, gs, vs in work:
             backups = self._backups_for(ps)
             # m-sharpness, linear step: no clamp per micro-batch; the mean is clamped (second_step)
             min_var = -math.inf if multi and group["var_step"] != "log" else group["min_var"]
-            n = vi_ops.vsam_perturb_(ps, gs, backups, vs,
-                                     None if norm is None else norm.to(ps[0].device), dim,
-                                     group["perturb_eps"], group["var_lr"], group["prior_var"],
-                                     group["num_data"], group["var_step"] == "log",
-                                     min_var, self._found_inf(ps[0].device))
+            n = ops.vsam_perturb_(ps, gs, backups, vs,
+                                  None if norm is None else norm.to(ps[0].device), dim,
+                                  group["perturb_eps"], group["var_lr"], group["prior_var"],
+                                  group["num_data"], group["var_step"] == "log",
+                                  min_var, self._found_inf(ps[0].device))
             self._mark_perturbed(ps, backups)
             norm = n if norm is None else norm
         if multi and work:
@@ -309,20 +308,9 @@ class VariationalSAM(GaussianPosterior, TwoPassOptimizer):
                                "or call first_step() / second_step() yourself")
         if self._check_m(m) == 1:
             return self._two_passes(closure, scaler)
-        losses = []
-        with self._restore_on_error():
-            for i in range(m):
-                losses.append(self._run_pass(closure, True, micro=i))
-                self.first_step(zero_grad=True, scaler=scaler, _micro=i, _m=m)
-                if self.skip_pending:
-                    break
-                self._run_pass(closure, False, micro=i)
-                self._accumulate_grads(first=i == 0)
-                self._restore_weights()  # back to mu for the next micro-batch
-            if not self.skip_pending:
-                self._load_accumulated_grads(1.0 / m)
-            self.second_step(scaler=scaler)
-        return mean_loss(losses)
+        return self._micro_batch_passes(
+            closure, m, scaler,
+            lambda i: self.first_step(zero_grad=True, scaler=scaler, _micro=i, _m=m))
 
 
 VSAM = VariationalSAM

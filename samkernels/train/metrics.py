@@ -18,7 +18,7 @@ float64 and the results are Python floats.
 from __future__ import annotations
 
 import math
-from typing import Dict, List
+from typing import Any, Dict, List
 
 import torch
 from torch import Tensor
@@ -102,3 +102,12 @@ def all_metrics(probs: Tensor, labels: Tensor, bins: int = ECE_BINS) -> Dict[str
     """The four numbers of the paper's tables: accuracy, nll, ece, auroc."""
     return {"accuracy": accuracy(probs, labels), "nll": nll(probs, labels),
             "ece": ece(probs, labels, bins), "auroc": auroc(probs, labels)}
+
+
+def predictor_label(run: Dict[str, Any], predictor: str) -> str:
+    """The name of one predictor of a trainer run in tables and plots."""
+    if predictor == "predictive":
+        return f"{run['label']} (predictive, {run['predictors']['predictive']['samples']} samples)"
+    if "predictive" in run["predictors"]:
+        return f"{run['label']} (mean weights)"
+    return run["label"]

@@ -108,6 +108,24 @@ def _norm(kind: str, channels: int) -> nn.Module:
     return FRN(channels) if kind == "frn" else nn.BatchNorm2d(channels)
 
 
+def _stages(widths, n: int, block) -> Tuple[nn.Sequential, int]:
+    """The residual stages from 16 channels: ``n`` blocks ``block(cin, cout, stride)`` per width;
+    the first block of every stage after the first halves the resolution.  Returns them and the
+    last width."""
+    blocks, cin = [], 16
+    for stage, cout in enumerate(widths):
+        for i in range(n):
+            blocks.append(block(cin, cout, 2 if stage > 0 and i == 0 else 1))
+            cin = cout
+    return nn.Sequential(*blocks), cin
+
+
+def _init_convs(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+
 class _BasicBlock(nn.Module):
     """conv-norm-relu-conv-norm (+ shortcut) - relu; a 1x1 conv + norm shortcut when the shape changes."""
 
@@ -138,16 +156,10 @@ class CifarResNet(nn.Module):
         n = (depth - 2) // 6
         self.stem = nn.Sequential(nn.Conv2d(in_channels, 16, 3, 1, 1, bias=norm == "frn"),
                                   _norm(norm, 16), nn.ReLU())
-        blocks, cin = [], 16
-        for stage, cout in enumerate((16, 32, 64)):
-            for i in range(n):
-                blocks.append(_BasicBlock(cin, cout, 2 if stage > 0 and i == 0 else 1, norm))
-                cin = cout
-        self.blocks = nn.Sequential(*blocks)
+        self.blocks, _ = _stages(
+            (16, 32, 64), n, lambda cin, cout, stride: _BasicBlock(cin, cout, stride, norm))
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        _init_convs(self)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.blocks(self.stem(x)))
@@ -178,17 +190,10 @@ class WideResNet(nn.Module):
         n = (depth - 4) // 6
         widths = (16 * width, 32 * width, 64 * width)
         self.stem = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
-        blocks, cin = [], 16
-        for stage, cout in enumerate(widths):
-            for i in range(n):
-                blocks.append(_WideBlock(cin, cout, 2 if stage > 0 and i == 0 else 1))
-                cin = cout
-        self.blocks = nn.Sequential(*blocks)
+        self.blocks, cin = _stages(widths, n, _WideBlock)
         self.head = nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                                   nn.Flatten(), nn.Linear(cin, num_classes))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        _init_convs(self)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.blocks(self.stem(x)))
@@ -212,3 +217,8 @@ class VGG19BN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x))
+
+
+def model_name(model: str, hidden) -> str:
+    """``mlp-256-256`` for MLPs, the architecture name otherwise."""
+    return model + ("-" + "-".join(map(str, hidden)) if model == "mlp" and hidden else "")

@@ -18,7 +18,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from samkernels.train.runner import model_name, predictor_label  # noqa: E402
+from samkernels.train.metrics import predictor_label  # noqa: E402
+from samkernels.train.models import model_name  # noqa: E402
 
 
 def _mean_curves(runs: List[Dict[str, Any]], field: str) -> Tuple[List[int], List[float]]:

@@ -140,18 +140,18 @@ for _name, _sgd_prior in (("cifar10", 25), ("cifar100", 30)):
                "bsam": _bsam(0.1, 0.9, 25, 0.001)}))
 
 # --- bSAM paper, Table 7 (random crop + flip, N x 4) ------------------------------------------
-_add(Preset(
-    "bsam-cifar10-aug", "bSAM paper App. H.2, Table 7 (CIFAR-10, augmented)", "cifar10",
-    "resnet20-frn", _TABLE, epochs=180, augment=True, aug_factor=4.0, m=_M8,
-    hyper={"sgd": _sgd(0.1, 0.95, 10), "adam": _adam(5e-3, 0.7, 2.5),
-           "sam": _sgd(0.03, 0.95, 25, rho=0.01), "sam-adam": _adam(1e-3, 0.8, 10, rho=0.1),
-           "bsam": _bsam(1.0, 0.95, 2, 0.01)}))
-_add(Preset(
-    "bsam-cifar100-aug", "bSAM paper App. H.2, Table 7 (CIFAR-100, augmented)", "cifar100",
-    "resnet20-frn", _TABLE, epochs=180, augment=True, aug_factor=4.0, m=_M8,
-    hyper={"sgd": _sgd(0.03, 0.95, 25), "adam": _adam(5e-3, 0.9, 1),
-           "sam": _sgd(0.2, 0.8, 10, rho=0.02), "sam-adam": _adam(5e-3, 0.7, 1, rho=0.2),
-           "bsam": _bsam(1.0, 0.95, 2, 0.01)}))
+for _name, _label, _hyper in (
+        ("cifar10", "CIFAR-10", {
+            "sgd": _sgd(0.1, 0.95, 10), "adam": _adam(5e-3, 0.7, 2.5),
+            "sam": _sgd(0.03, 0.95, 25, rho=0.01), "sam-adam": _adam(1e-3, 0.8, 10, rho=0.1),
+            "bsam": _bsam(1.0, 0.95, 2, 0.01)}),
+        ("cifar100", "CIFAR-100", {
+            "sgd": _sgd(0.03, 0.95, 25), "adam": _adam(5e-3, 0.9, 1),
+            "sam": _sgd(0.2, 0.8, 10, rho=0.02), "sam-adam": _adam(5e-3, 0.7, 1, rho=0.2),
+            "bsam": _bsam(1.0, 0.95, 2, 0.01)})):
+    _add(Preset(
+        f"bsam-{_name}-aug", f"bSAM paper App. H.2, Table 7 ({_label}, augmented)", _name,
+        "resnet20-frn", _TABLE, epochs=180, augment=True, aug_factor=4.0, m=_M8, hyper=_hyper))
 
 # --- BiSAM paper §4.1 -------------------------------------------------------------------------
 _BISAM_SGD = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)

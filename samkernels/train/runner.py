@@ -19,6 +19,8 @@ import torch
 from samkernels.train.config import ConfigError, TrainConfig
 from samkernels.train.data import DataSet, load_dataset
 from samkernels.train.engine import RunOptions, RunSpec, train_run
+from samkernels.train.metrics import predictor_label
+from samkernels.train.models import model_name
 from samkernels.train.optimizers import (Entry, accepted_keys, accepts, get_entry, renamed_key,
                                          set_hyper)
 from samkernels.train.presets import Preset, get_preset
@@ -364,24 +366,11 @@ def preset_label(preset_name: str, preset_data: Optional[str], data: str) -> str
     return f"no {data} preset: settings of preset {preset_name}, made for {preset_data}"
 
 
-def model_name(model: str, hidden) -> str:
-    """``mlp-256-256`` for MLPs, the architecture name otherwise."""
-    return model + ("-" + "-".join(map(str, hidden)) if model == "mlp" and hidden else "")
-
-
 def _mean_std(values: List[float]) -> Tuple[float, float]:
     finite = [v for v in values if v is not None and math.isfinite(v)]
     if not finite:
         return math.nan, math.nan
     return statistics.fmean(finite), (statistics.stdev(finite) if len(finite) > 1 else 0.0)
-
-
-def predictor_label(run: Dict[str, Any], predictor: str) -> str:
-    if predictor == "predictive":
-        return f"{run['label']} (predictive, {run['predictors']['predictive']['samples']} samples)"
-    if "predictive" in run["predictors"]:
-        return f"{run['label']} (mean weights)"
-    return run["label"]
 
 
 def summarize(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
