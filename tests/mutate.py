@@ -55,8 +55,9 @@ class Mutation:
 
 REF, REF_VI = "samkernels/ops/reference.py", ("samkernels/ops/reference_vi.py",
                                               "samkernels/ops/reference.py")
-TRI_SAM, TRI_BSAM, TRI_VI = ("samkernels/triton/sam_step.py", "samkernels/triton/bsam_step.py",
-                             "samkernels/triton/vi_step.py")
+TRI = "samkernels/triton/"  # the Triton modules were renamed after their phases (sam_step -> sam)
+TRI_SAM, TRI_BSAM, TRI_VI = ((TRI + f"{n}_step.py", TRI + f"{n}.py") for n in ("sam", "bsam", "vi"))
+TRI_PHILOX = (TRI + "_philox.py",) + TRI_BSAM
 CPU_SAM, CPU_BSAM = "csrc/cpu/sam_step.cpp", "csrc/cpu/bsam_step.cpp"
 ORACLE, WORKED = "test_oracles.py", "test_optim.py::test_bsam_worked_example"
 ASCENT = "test_train.py::test_first_pass_perturbation_ascends"
@@ -112,7 +113,7 @@ MUTATIONS: List[Mutation] = [
     # --- more single bugs ------------------------------------------------------------------------
     Mutation("philox drops the step's high word (spec)", [
         (REF, "full((step >> 32) & _MASK32)", "full(0)")], [ORACLE], k="bsam_noise_"),
-    oracle_bug("philox drops the step's high word (triton)", TRI_BSAM,
+    oracle_bug("philox drops the step's high word (triton)", TRI_PHILOX,
                "bsam_noise_ or ebisam_perturb_",
                "zero + step_hi.to(tl.uint32, bitcast=True))", "zero)"),
     Mutation("sam perturbation sign flipped (spec + triton)", [
