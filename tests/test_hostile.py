@@ -219,8 +219,6 @@ def _lists():
 
 
 OPS = {  # what: (call(params, grads), error, message regex); params must come back unchanged
-    "empty lists": (lambda p, g: ops.sam_perturb_([], [], [], None, 0.1, 1e-12, False, 0.0,
-                                                  backend="cpu"), NotImplementedError, "empty list"),
     "list lengths differ": (lambda p, g: ops.sam_perturb_(p, g, [], None, 0.1, 1e-12, False, 0.0,
                                                           backend="cpu"),
                             RuntimeError, "backups has 0 tensors but params has 1"),
@@ -270,6 +268,12 @@ def test_op_rejects(what):
     with pytest.raises(error, match=match):
         call(p, g)
     assert torch.equal(p[0], before)
+
+
+def test_empty_lists_are_a_no_op_with_a_zero_norm():
+    """No parameter has a gradient yet: the phase does nothing and its norm is 0 (float64)."""
+    norm = ops.sam_perturb_([], [], [], None, 0.1, 1e-12, False, 0.0, backend="cpu")
+    assert norm.dtype == torch.float64 and norm.shape == () and norm.item() == 0.0
 
 
 @needs_ext
