@@ -1,6 +1,6 @@
 // Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11) and the
-// Gaussian transform every samkernels backend shares.  Header-only, free of torch, usable from C++
-// and CUDA.  Contract (see samkernels/ops/reference.py: philox_normal):
+// Gaussian transform every samkernels backend shares: the one Philox module of the C++ and CUDA
+// kernels (cpu/normal_block.h only vectorises it for fp32 on the CPU).  Header-only, free of torch.  Contract (see samkernels/ops/reference.py: philox_normal):
 //   element i of parameter `pid` at noise step `step` uses
 //   block = philox(counter = (i >> 2, pid, step_lo, step_hi), key = (seed_lo, seed_hi)), lane i & 3;
 //   u_k = ((x_k >> 9) + 0.5) * 2^-23 in (0, 1) (exact in fp32); Box-Muller (u0,u1) -> lanes 0,1; (u2,u3) -> lanes 2,3.
@@ -8,11 +8,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define SK_HD __host__ __device__ __forceinline__
-#else
-#define SK_HD inline
-#endif
+#include "math/common.h"
 
 namespace samkernels {
 
@@ -47,6 +43,14 @@ SK_HD float philox_uniform(uint32_t x) {  // (x >> 9 + 1/2) / 2^23: exact in fp3
   return (static_cast<float>(x >> 9) + 0.5f) * 1.1920928955078125e-07f;
 }
 
+// The four words of block `quad` (elements 4*quad .. 4*quad+3) of parameter `pid` at noise step
+// `step`: counter (quad, pid, step_lo, step_hi), key (seed_lo, seed_hi).
+SK_HD Philox4 philox_words(uint64_t seed, uint64_t step, uint32_t pid, uint64_t quad) {
+  return philox4x32_10(static_cast<uint32_t>(quad), pid, static_cast<uint32_t>(step),
+                       static_cast<uint32_t>(step >> 32), static_cast<uint32_t>(seed),
+                       static_cast<uint32_t>(seed >> 32));
+}
+
 #if defined(__CUDA_ARCH__)
 __device__ __forceinline__ void sk_sincospi(float x, float* s, float* c) { sincospif(x, s, c); }
 __device__ __forceinline__ void sk_sincospi(double x, double* s, double* c) { sincospi(x, s, c); }
@@ -55,9 +59,7 @@ __device__ __forceinline__ void sk_sincospi(double x, double* s, double* c) { si
 // Four standard normals for block `quad` (elements 4*quad .. 4*quad+3) of one parameter.
 template <typename T>
 SK_HD void philox_normal4(uint64_t seed, uint64_t step, uint32_t pid, uint64_t quad, T out[4]) {
-  Philox4 b = philox4x32_10(static_cast<uint32_t>(quad), pid, static_cast<uint32_t>(step),
-                            static_cast<uint32_t>(step >> 32), static_cast<uint32_t>(seed),
-                            static_cast<uint32_t>(seed >> 32));
+  const Philox4 b = philox_words(seed, step, pid, quad);
   T u0 = philox_uniform(b.x[0]), u1 = philox_uniform(b.x[1]);
   T u2 = philox_uniform(b.x[2]), u3 = philox_uniform(b.x[3]);
   // Precise log and sqrt on every backend (the CUDA build has no --use_fast_math: __logf's
@@ -81,6 +83,13 @@ SK_HD void philox_normal4(uint64_t seed, uint64_t step, uint32_t pid, uint64_t q
   out[2] = r23 * std::cos(two_pi * u3);
   out[3] = r23 * std::sin(two_pi * u3);
 #endif
+}
+
+// The uniforms of block `quad` (as philox_normal4's u0..u3, before Box-Muller): E-BiSAM's mask.
+template <typename T>
+SK_HD void philox_uniform4(uint64_t seed, uint64_t step, uint32_t pid, uint64_t quad, T out[4]) {
+  const Philox4 b = philox_words(seed, step, pid, quad);
+  for (int k = 0; k < 4; ++k) out[k] = philox_uniform(b.x[k]);
 }
 
 }  // namespace samkernels

@@ -21,6 +21,7 @@
 #include <torch/library.h>
 
 #include "bisam_loss_args.h"
+#include "math/bisam_loss.h"
 
 #include <algorithm>
 #include <cmath>
@@ -32,9 +33,10 @@
 
 namespace {
 
-constexpr int64_t kPhiNegLog = 0;
-constexpr int64_t kPhiTanh = 1;
-constexpr double kGamma = 0.54132485461291810;  // log(e - 1): makes phi_neglog(0) = 0 (eq. 18)
+using samkernels::math::kFixedShiftMaxMuF32;
+using samkernels::math::kFixedShiftMaxMuF64;
+using samkernels::math::kPhiNegLog;
+using samkernels::math::kPhiTanh;
 
 // Inlined into each target clone below, so every clone vectorises the row loops for its ISA.
 #if defined(__GNUC__)
@@ -83,32 +85,24 @@ SK_INLINE float log1p_unit(float u) {
 inline double exp_neg(double x) { return std::exp(x); }
 inline double log1p_unit(double u) { return std::log1p(u); }
 
-// phi and phi' at F, without overflow for any |F| (only exp of non-positive arguments).
+// The CPU's functions for math/bisam_loss.h's phi_eval: the vectorisable polynomials above for
+// float, libm for double.
+struct CpuFn {
+  SK_INLINE static float abs(float x) { return abs_(x); }
+  SK_INLINE static double abs(double x) { return abs_(x); }
+  SK_INLINE static float exp(float x) { return exp_neg(x); }
+  SK_INLINE static double exp(double x) { return exp_neg(x); }
+  SK_INLINE static float log1p(float x) { return log1p_unit(x); }
+  SK_INLINE static double log1p(double x) { return log1p_unit(x); }
+};
+
 template <typename acc_t, int64_t PHI>
 SK_INLINE void phi_eval(acc_t F, acc_t alpha, acc_t& phi, acc_t& dphi) {
-  if (PHI == kPhiNegLog) {
-    // phi = 1 - softplus(v), v = gamma - F; phi' = sigmoid(v)
-    const acc_t v = static_cast<acc_t>(kGamma) - F;
-    const acc_t a = exp_neg(-abs_(v));
-    phi = acc_t(1) - ((v > acc_t(0) ? v : acc_t(0)) + log1p_unit(a));
-    dphi = (v >= acc_t(0) ? acc_t(1) : a) / (acc_t(1) + a);
-  } else {
-    // tanh(t) = (1 - a)/(1 + a), a = exp(-2|t|); tanh'(t) = 4a/(1 + a)^2 (no 1 - tanh^2
-    // cancellation)
-    const acc_t t = alpha * F;
-    const acc_t a = exp_neg(acc_t(-2) * abs_(t));
-    const acc_t th = (acc_t(1) - a) / (acc_t(1) + a);
-    phi = t < acc_t(0) ? -th : th;
-    dphi = alpha * acc_t(4) * a / ((acc_t(1) + a) * (acc_t(1) + a));
-  }
+  samkernels::math::phi_eval<CpuFn, acc_t, PHI>(F, alpha, phi, dphi);
 }
 
-// Largest mu whose sums need no running max (as in the Triton kernel): both phi are <= 1, so
-// z_j = mu phi(F_j) <= mu, and z_y = mu phi(0) = 0 puts e^0 = 1 in every sum, hence
-// 1 <= s = sum_j e^{z_j} <= K e^mu: finite for K < 2^31 (float32: e^50 2^31 ~ 1e31; float64:
-// e^500 2^31 ~ 3e226).  Terms that underflow are < 1e-38 of s, so no precision is lost either.
-constexpr double kFixedShiftMaxMuF32 = 50.0;
-constexpr double kFixedShiftMaxMuF64 = 500.0;
+// Largest mu whose sums need no running max (as in the Triton kernel): math/bisam_loss.h's
+// kFixedShiftMaxMu*.  Terms that underflow are < 1e-38 of s, so no precision is lost either.
 // Rows of at most kFlatMaxK classes go a block of rows at a time (bisam_block); kFlatBlock is
 // the elements per block (four scratch arrays of it stay in L1/L2).
 constexpr int64_t kFlatMaxK = 32;

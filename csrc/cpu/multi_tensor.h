@@ -1,14 +1,19 @@
-// Multi-tensor plumbing for the CPU kernels: argument checks, contiguous working copies, and a
-// (tensor, chunk) work list run with at::parallel_for.  One op call covers a whole tensor list.
+// Multi-tensor plumbing for the CPU kernels: one PhaseLists per op call checks its tensor lists by
+// role, makes contiguous working copies (written back into non-contiguous originals), and runs a
+// (tensor, chunk) work list with at::parallel_for, dispatching on the parameter dtype.  The maths
+// of each phase lives in csrc/math/*.h, shared with the CUDA kernels.
 #pragma once
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 
 #include <cmath>
-#include <string>
+#include <initializer_list>
 #include <vector>
+
+#include "math/sam.h"
+#include "phase_checks.h"
 
 namespace samkernels {
 namespace cpu {
@@ -19,15 +24,6 @@ constexpr int64_t kSerialBelow = 1 << 15;   // total elements under which thread
 struct Chunk {
   int64_t tensor, begin, end;
 };
-
-inline std::vector<Chunk> make_chunks(at::TensorList ref) {
-  std::vector<Chunk> chunks;
-  for (int64_t t = 0; t < static_cast<int64_t>(ref.size()); ++t) {
-    const int64_t n = ref[t].numel();
-    for (int64_t b = 0; b < n; b += kChunk) chunks.push_back({t, b, std::min(n, b + kChunk)});
-  }
-  return chunks;
-}
 
 // Runs f(chunk_index, chunk) over all chunks, in parallel when the work is large enough.
 template <class F>
@@ -42,126 +38,207 @@ void for_each_chunk(const std::vector<Chunk>& chunks, int64_t total, F&& f) {
   });
 }
 
-inline int64_t total_numel(at::TensorList l) {
-  int64_t n = 0;
-  for (const auto& t : l) n += t.numel();
-  return n;
-}
-
-// Contiguous working copies of a list; write_back() copies results into non-contiguous originals.
-struct Contig {
-  std::vector<at::Tensor> orig, work;
-  explicit Contig(at::TensorList l) {
-    orig.assign(l.begin(), l.end());
-    work.reserve(l.size());
-    for (const auto& t : l) work.push_back(t.is_contiguous() ? t : t.contiguous());
-  }
-  void write_back() {
-    for (size_t i = 0; i < orig.size(); ++i)
-      if (!work[i].is_same(orig[i])) orig[i].copy_(work[i]);
-  }
-  at::TensorList list() const { return work; }
-  const at::Tensor& operator[](int64_t i) const { return work[i]; }
-};
-
+// reference.py `opmath`: the dtype of the maths and of the optimizer state.
 inline at::ScalarType opmath_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-inline void check_ids(const char* op, at::IntArrayRef ids, at::TensorList params) {
-  TORCH_CHECK(ids.size() == params.size(), op, ": param_ids has ", ids.size(),
-              " entries but params has ", params.size());
-}
+// The role of a tensor list (the op table's roles): parameter dtype (params, grads, backups) or
+// optimizer state (float32, float64 for float64 params).  An optional list may be empty (absent).
+enum class Role { kParam, kState };
 
-// Checks shared by every op: lists of equal length, CPU floating tensors, matching shapes; a list
-// named as "like param" must have the param's dtype, a "state" list the param's opmath dtype.
-inline void check_lists(const char* op, at::TensorList params,
-                        std::initializer_list<std::pair<const char*, at::TensorList>> like_param,
-                        std::initializer_list<std::pair<const char*, at::TensorList>> state) {
-  for (size_t i = 0; i < params.size(); ++i) {
-    const auto& p = params[i];
-    TORCH_CHECK(p.device().is_cpu(), op, ": params[", i, "] is on ", p.device(),
-                ", the cpu backend needs CPU tensors");
-    TORCH_CHECK(at::isFloatingType(p.scalar_type()), op, ": params[", i, "] has dtype ",
-                p.scalar_type(), ", expected a floating dtype");
+struct ListArg {
+  const char* name;
+  at::TensorList list;
+  Role role;
+  bool written = false;
+  bool optional = false;
+};
+
+// One chunk of one tensor, typed: scalar_t the parameter dtype, opmath_t its maths/state dtype.
+template <typename S>
+struct ChunkView {
+  using scalar_t = S;
+  using opmath_t = at::opmath_type<S>;
+  const std::vector<std::vector<at::Tensor>>* work;
+  int64_t tensor, begin, end;
+
+  scalar_t* param(int l) const { return ptr<scalar_t>(l); }  // nullptr for an absent list
+  opmath_t* state(int l) const { return ptr<opmath_t>(l); }
+
+ private:
+  template <typename T>
+  T* ptr(int l) const {
+    const auto& w = (*work)[l];
+    return w.empty() ? nullptr : w[tensor].data_ptr<T>();
   }
-  auto check = [&](const char* name, at::TensorList l, bool is_state) {
-    TORCH_CHECK(l.size() == params.size(), op, ": ", name, " has ", l.size(), " tensors but params has ",
-                params.size());
-    for (size_t i = 0; i < l.size(); ++i) {
-      const auto& p = params[i];
-      const auto& t = l[i];
-      TORCH_CHECK(t.device().is_cpu(), op, ": ", name, "[", i, "] is on ", t.device());
-      TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, "[", i, "] is sparse; not supported");
-      TORCH_CHECK(t.numel() == p.numel(), op, ": ", name, "[", i, "] has ", t.numel(),
-                  " elements but params[", i, "] has ", p.numel());
-      const auto want = is_state ? opmath_dtype(p.scalar_type()) : p.scalar_type();
-      TORCH_CHECK(t.scalar_type() == want, op, ": ", name, "[", i, "] has dtype ", t.scalar_type(),
-                  ", expected ", want);
-    }
-  };
-  for (const auto& kv : like_param) check(kv.first, kv.second, false);
-  for (const auto& kv : state) check(kv.first, kv.second, true);
-}
+};
 
-// `found_inf` of the gradient-consuming ops (README "Non-finite gradients"): nonzero means the op
-// takes its skip form.  On the CPU the flag is ordinary host memory, so reading it is free.
-inline bool skip_requested(const char* op, const c10::optional<at::Tensor>& found_inf) {
-  if (!found_inf.has_value()) return false;
-  const at::Tensor& f = *found_inf;
-  TORCH_CHECK(f.numel() == 1, op, ": found_inf must hold one element, got shape ", f.sizes());
-  TORCH_CHECK(f.device().is_cpu(), op, ": found_inf is on ", f.device(),
-              " but the parameters are on the CPU");
-  return f.item<double>() != 0.0;
-}
+// The tensor lists of one phase call.  The base list (the first one present: params, or grads for
+// the sums) decides the dtypes; every other present list must match it one to one (CPU, strided,
+// same numel, dtype by role).  Working copies are made on first use (not at all when the skip
+// form returns first); finish() copies the written ones back.
+class PhaseLists {
+ public:
+  PhaseLists(const char* op, std::initializer_list<ListArg> lists,
+             const c10::optional<at::Tensor>& found_inf = c10::nullopt, at::IntArrayRef ids = {},
+             bool takes_ids = false)
+      : op_(op), args_(lists), found_inf_(found_inf) {
+    while (base_ + 1 < args_.size() && !present(base_)) ++base_;
+    check();
+    if (takes_ids) check_ids(op, ids, base().size());
+  }
+
+  at::TensorList base() const { return args_[base_].list; }
+
+  // `found_inf` of the gradient-consuming ops (README "Non-finite gradients"): nonzero means the
+  // op takes its skip form.  On the CPU the flag is ordinary host memory, so reading it is free.
+  bool skip() const {
+    if (!found_inf_.has_value()) return false;
+    const at::Tensor& f = *found_inf_;
+    TORCH_CHECK(f.numel() == 1, op_, ": found_inf must hold one element, got shape ", f.sizes());
+    TORCH_CHECK(f.device().is_cpu(), op_, ": found_inf is on ", f.device(),
+                " but the parameters are on the CPU");
+    return f.item<double>() != 0.0;
+  }
+
+  // The chunks of the base list; chunk starts are multiples of kChunk (so of 4: Philox quads).
+  const std::vector<Chunk>& chunks() {
+    densify();
+    return chunks_;
+  }
+
+  // f(view) for every chunk, view a ChunkView of the chunk's parameter dtype.
+  template <class F>
+  void run(F&& f) {
+    const auto& cs = chunks();
+    for_each_chunk(cs, total_, [&](int64_t, const Chunk& c) { dispatch(c, f); });
+  }
+
+  // Fixed-order sum of f(view) over the chunks: the result does not depend on the thread count.
+  template <class F>
+  double sum(F&& f) {
+    const auto& cs = chunks();
+    std::vector<double> partial(cs.size(), 0.0);
+    for_each_chunk(cs, total_, [&](int64_t i, const Chunk& c) {
+      dispatch(c, [&](const auto& v) { partial[i] = f(v); });
+    });
+    double total = 0.0;
+    for (double v : partial) total += v;
+    return total;
+  }
+
+  void finish() {
+    for (size_t l = 0; l < args_.size(); ++l)
+      if (args_[l].written && !work_[l].empty())
+        for (size_t i = 0; i < work_[l].size(); ++i)
+          if (!work_[l][i].is_same(args_[l].list[i])) args_[l].list[i].copy_(work_[l][i]);
+  }
+
+ private:
+  bool present(size_t l) const { return !(args_[l].optional && args_[l].list.empty()); }
+
+  template <class F>
+  void dispatch(const Chunk& c, F&& f) const {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, work_[base_][c.tensor].scalar_type(),
+                                    "samkernels_cpu_phase", [&] {
+                                      f(ChunkView<scalar_t>{&work_, c.tensor, c.begin, c.end});
+                                    });
+  }
+
+  void check() const {
+    const ListArg& b = args_[base_];
+    for (size_t i = 0; i < b.list.size(); ++i) {
+      const at::Tensor& p = b.list[i];
+      TORCH_CHECK(p.device().is_cpu(), op_, ": ", b.name, "[", i, "] is on ", p.device(),
+                  ", the cpu backend needs CPU tensors");
+      TORCH_CHECK(at::isFloatingType(p.scalar_type()), op_, ": ", b.name, "[", i, "] has dtype ",
+                  p.scalar_type(), ", expected a floating dtype");
+    }
+    for (size_t l = 0; l < args_.size(); ++l) {
+      const ListArg& a = args_[l];
+      if (l == base_ || !present(l)) continue;
+      TORCH_CHECK(a.list.size() == b.list.size(), op_, ": ", a.name, " has ", a.list.size(),
+                  " tensors but ", b.name, " has ", b.list.size());
+      for (size_t i = 0; i < a.list.size(); ++i) {
+        const at::Tensor& p = b.list[i];
+        const at::Tensor& t = a.list[i];
+        TORCH_CHECK(t.device().is_cpu(), op_, ": ", a.name, "[", i, "] is on ", t.device());
+        TORCH_CHECK(t.layout() == at::kStrided, op_, ": ", a.name, "[", i,
+                    "] is sparse; not supported");
+        TORCH_CHECK(t.numel() == p.numel(), op_, ": ", a.name, "[", i, "] has ", t.numel(),
+                    " elements but ", b.name, "[", i, "] has ", p.numel());
+        const auto want =
+            a.role == Role::kState ? opmath_dtype(p.scalar_type()) : p.scalar_type();
+        TORCH_CHECK(t.scalar_type() == want, op_, ": ", a.name, "[", i, "] has dtype ",
+                    t.scalar_type(), ", expected ", want);
+      }
+    }
+  }
+
+  void densify() {
+    if (!work_.empty()) return;
+    work_.resize(args_.size());
+    for (size_t l = 0; l < args_.size(); ++l) {
+      if (!present(l)) continue;
+      work_[l].reserve(args_[l].list.size());
+      for (const auto& t : args_[l].list) work_[l].push_back(t.is_contiguous() ? t : t.contiguous());
+    }
+    const auto& ref = work_[base_];
+    for (int64_t t = 0; t < static_cast<int64_t>(ref.size()); ++t) {
+      const int64_t n = ref[t].numel();
+      total_ += n;
+      for (int64_t b = 0; b < n; b += kChunk) chunks_.push_back({t, b, std::min(n, b + kChunk)});
+    }
+  }
+
+  const char* op_;
+  std::vector<ListArg> args_;
+  c10::optional<at::Tensor> found_inf_;
+  size_t base_ = 0;
+  std::vector<std::vector<at::Tensor>> work_;  // per list; empty for an absent list
+  std::vector<Chunk> chunks_;
+  int64_t total_ = 0;
+};
+
+constexpr Role kP = Role::kParam;
+constexpr Role kS = Role::kState;
+constexpr bool W = true;    // written
+constexpr bool Opt = true;  // optional (may be empty)
 
 // dst[i] <- src[i], bit for bit (the skip forms: backups <- params, or params <- backups).
 inline void copy_lists(at::TensorList dst, at::TensorList src) {
   for (size_t i = 0; i < dst.size(); ++i) dst[i].copy_(src[i]);
 }
 
-}  // namespace cpu
-}  // namespace samkernels
+// The norm contract of every backend: a returned norm is a 0-dim float64 tensor (the sums are
+// float64 already), whatever the parameters' dtypes, as the reference returns it.
+inline at::Tensor norm_tensor(double v) {
+  return at::scalar_tensor(v, at::TensorOptions().dtype(at::kDouble));
+}
 
-// Dispatch on a parameter's dtype: scalar_t = parameter type, opmath_t = float (double for double).
-#define SK_DISPATCH_PARAM(TYPE, NAME, ...)                                       \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, [&] {    \
-    using opmath_t = at::opmath_type<scalar_t>;                                  \
-    __VA_ARGS__();                                                               \
-  })
-
-namespace samkernels {
-namespace cpu {
-
-// sum over all tensors of (T g)^2, T = |w| + eta (ASAM) or 1 (SAM); fixed-order sum of per-chunk
-// partials, so the result does not depend on the number of threads.
-inline double sumsq(const Contig& p, const Contig& g, bool adaptive, double eta) {
-  const auto chunks = make_chunks(g.list());
-  std::vector<double> partial(chunks.size(), 0.0);
-  for_each_chunk(chunks, total_numel(g.list()), [&](int64_t ci, const Chunk& c) {
-    SK_DISPATCH_PARAM(g[c.tensor].scalar_type(), "grad_sumsq", [&] {
-      const scalar_t* gp = g[c.tensor].data_ptr<scalar_t>();
-      double acc = 0.0;
-      if (adaptive) {
-        const scalar_t* wp = p[c.tensor].data_ptr<scalar_t>();
-        _Pragma("omp simd reduction(+ : acc)")
-        for (int64_t i = c.begin; i < c.end; ++i) {
-          const double tg = static_cast<double>(gp[i]) * (std::abs(static_cast<double>(wp[i])) + eta);
-          acc += tg * tg;
-        }
-      } else {
-        _Pragma("omp simd reduction(+ : acc)")
-        for (int64_t i = c.begin; i < c.end; ++i) {
-          const double v = static_cast<double>(gp[i]);
-          acc += v * v;
-        }
-      }
-      partial[ci] = acc;
-    });
-  });
-  double total = 0.0;
-  for (double v : partial) total += v;
-  return total;
+// Sum over one chunk of (T g)^2 in float64, T = |w| + eta (ASAM) or 1 (SAM); lists w_list, g_list
+// of the view.  The partial of grad_sumsq and of the norms the perturb phases take.
+template <class V>
+double chunk_sumsq(const V& v, int w_list, int g_list, bool adaptive, double eta) {
+  using scalar_t = typename V::scalar_t;
+  const scalar_t* gp = v.param(g_list);
+  double acc = 0.0;
+  if (adaptive) {
+    const scalar_t* wp = v.param(w_list);
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = v.begin; i < v.end; ++i) {
+      const double tg = math::asam_scaled(static_cast<double>(gp[i]), static_cast<double>(wp[i]), eta);
+      acc += tg * tg;
+    }
+  } else {
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = v.begin; i < v.end; ++i) {
+      const double x = static_cast<double>(gp[i]);
+      acc += x * x;
+    }
+  }
+  return acc;
 }
 
 }  // namespace cpu

@@ -11,6 +11,7 @@
 // is always present: for mu <= 50 (float) the shift m is fixed at 0 (s in [1, K e^50], no running
 // max, one exp per element and no rescaling); larger mu keeps the usual online max, started at 0.
 #include "cuda/bisam_loss.h"
+#include "math/bisam_loss.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -23,7 +24,6 @@ namespace samkernels {
 namespace cuda {
 namespace {
 
-constexpr double kGamma = 0.54132485461291810;  // log(e - 1): phi_neglog(0) = 0 (eq. 18)
 constexpr int kRowsPerWarpBlock = 8;            // warp-per-row blocks: 8 warps, 8 rows
 constexpr int64_t kWarpRowMaxK = 1024;          // wider rows get a block each
 constexpr unsigned kFullMask = 0xffffffffu;
@@ -41,14 +41,8 @@ __device__ __forceinline__ void from_acc(float v, __nv_bfloat16& out) {
   out = __float2bfloat16_rn(v);
 }
 
-__device__ __forceinline__ float dexp(float x) { return expf(x); }
-__device__ __forceinline__ double dexp(double x) { return exp(x); }
 __device__ __forceinline__ float dlog(float x) { return logf(x); }
 __device__ __forceinline__ double dlog(double x) { return log(x); }
-__device__ __forceinline__ float dlog1p(float x) { return log1pf(x); }
-__device__ __forceinline__ double dlog1p(double x) { return log1p(x); }
-__device__ __forceinline__ float dabs(float x) { return fabsf(x); }
-__device__ __forceinline__ double dabs(double x) { return fabs(x); }
 __device__ __forceinline__ float quiet_nan(float) { return __int_as_float(0x7fc00000); }
 __device__ __forceinline__ double quiet_nan(double) {
   return __longlong_as_double(0x7ff8000000000000LL);
@@ -59,22 +53,22 @@ struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
-// phi and phi' with exp of non-positive arguments only: finite for any |F|.
+// CUDA's IEEE functions for math/bisam_loss.h's phi_eval.
+struct DeviceFn {
+  template <typename Acc>
+  __device__ __forceinline__ static Acc abs(Acc x) { return math::sk_abs(x); }
+  template <typename Acc>
+  __device__ __forceinline__ static Acc exp(Acc x) { return math::sk_exp(x); }
+  template <typename Acc>
+  __device__ __forceinline__ static Acc log1p(Acc x) { return math::sk_log1p(x); }
+};
+
 template <typename Acc, int PHI>
 __device__ __forceinline__ void phi_eval(Acc F, Acc alpha, Acc& phi, Acc& dphi) {
-  if (PHI == 0) {  // eq. 18: phi = 1 - softplus(v), v = gamma - F; phi' = sigmoid(v)
-    const Acc v = static_cast<Acc>(kGamma) - F;
-    const Acc a = dexp(-dabs(v));
-    phi = Acc(1) - ((v > Acc(0) ? v : Acc(0)) + dlog1p(a));
-    dphi = (v >= Acc(0) ? Acc(1) : a) / (Acc(1) + a);
-  } else {  // eq. 17: tanh(t) = (1 - a)/(1 + a), a = e^(-2|t|); tanh' = 4a/(1 + a)^2
-    const Acc t = alpha * F;
-    const Acc a = dexp(Acc(-2) * dabs(t));
-    const Acc th = (Acc(1) - a) / (Acc(1) + a);
-    phi = t < Acc(0) ? -th : th;
-    dphi = alpha * Acc(4) * a / ((Acc(1) + a) * (Acc(1) + a));
-  }
+  math::phi_eval<DeviceFn, Acc, PHI>(F, alpha, phi, dphi);
 }
+
+using math::sk_exp;
 
 // Softmax sums relative to the shift m: s = sum e^(z - m), s1 = sum_{j != y} e^(z - m) phi'.
 // Every m is >= 0, so {0, 0, 0} is the identity of merge().
@@ -87,7 +81,7 @@ template <typename Acc, bool FIXED>
 __device__ __forceinline__ Stats<Acc> merge(const Stats<Acc>& a, const Stats<Acc>& b) {
   if (FIXED) return {Acc(0), a.s + b.s, a.s1 + b.s1};
   const Acc m = a.m > b.m ? a.m : b.m;
-  const Acc ea = dexp(a.m - m), eb = dexp(b.m - m);
+  const Acc ea = sk_exp(a.m - m), eb = sk_exp(b.m - m);
   return {m, a.s * ea + b.s * eb, a.s1 * ea + b.s1 * eb};
 }
 
@@ -99,16 +93,16 @@ __device__ __forceinline__ void accumulate(Stats<Acc>& st, Acc F, bool is_target
   if (is_target) dph = Acc(0);  // dQ/df_y sums over j != y only
   const Acc z = mu * ph;
   if (FIXED) {
-    const Acc e = dexp(z);
+    const Acc e = sk_exp(z);
     st.s += e;
     st.s1 += e * dph;
   } else if (z > st.m) {
-    const Acc r = dexp(st.m - z);
+    const Acc r = sk_exp(st.m - z);
     st.s = st.s * r + Acc(1);
     st.s1 = st.s1 * r + dph;
     st.m = z;
   } else {
-    const Acc e = dexp(z - st.m);
+    const Acc e = sk_exp(z - st.m);
     st.s += e;
     st.s1 += e * dph;
   }
@@ -119,7 +113,7 @@ __device__ __forceinline__ Acc grad_elem(Acc F, bool is_target, Acc mu, Acc alph
                                          Acc g_target) {
   Acc ph, dph;
   phi_eval<Acc, PHI>(F, alpha, ph, dph);
-  return is_target ? g_target : dexp(mu * ph - m) * dph * c;
+  return is_target ? g_target : sk_exp(mu * ph - m) * dph * c;
 }
 
 // Butterfly over the warp, then lane 0's value everywhere (FMA contraction can make the two
@@ -237,7 +231,8 @@ void launch_phi(const BiSAMLossArgs& a, bool warp_rows, dim3 grid, dim3 block,
   const bool vec = a.K % kVec == 0 && a.row_stride % kVec == 0 && aligned16(a.logits) &&
                    (a.grad == nullptr || aligned16(a.grad));
   // K e^mu must stay finite: e^50 * 2^31 < FLT_MAX; e^500 * 2^63 < DBL_MAX
-  const bool fixed = a.mu <= (sizeof(Acc) == 8 ? 500.0 : 50.0);
+  const bool fixed =
+      a.mu <= (sizeof(Acc) == 8 ? math::kFixedShiftMaxMuF64 : math::kFixedShiftMaxMuF32);
   if (vec) {
     if (fixed) {
       launch_one<T, Acc, PHI, kVec, true>(a, warp_rows, grid, block, stream);

@@ -1,4 +1,4 @@
-// Host-side interface between the torch glue (ops_cuda.cpp, compiled by the C++ compiler against
+// Host-side interface between the torch glue (phase_glue.cpp, compiled by the C++ compiler against
 // torch) and the CUDA kernels (*.cu, compiled by nvcc WITHOUT any torch/ATen/c10 header: the CPU
 // build of torch lacks some of its CUDA headers, so the .cu files must stand alone).
 // Only raw device addresses, sizes and scalars cross this boundary.  Semantics of every launch:
@@ -70,11 +70,11 @@ cudaError_t launch_sam_restore_sgd(const Group& g, double lr, double momentum, d
                                    bool nesterov, double weight_decay, bool first,
                                    const float* found_inf, cudaStream_t stream);
 
-// sam_restore_adam_ with the bias corrections computed on the host: step_size = lr / bc1,
-// sqrt_bc2 = sqrt(bc2).  Lists: 0 params, 1 grads, 2 backups, 3 exp_avgs, 4 exp_avg_sqs.
-cudaError_t launch_sam_restore_adam(const Group& g, double lr, double step_size, double sqrt_bc2,
-                                    double beta1, double beta2, double eps, double weight_decay,
-                                    bool decoupled, const float* found_inf, cudaStream_t stream);
+// sam_restore_adam_ at Adam step `step` (>= 1; bias corrections in double, math/sam.h).
+// Lists: 0 params, 1 grads, 2 backups, 3 exp_avgs, 4 exp_avg_sqs.
+cudaError_t launch_sam_restore_adam(const Group& g, int64_t step, double lr, double beta1,
+                                    double beta2, double eps, double weight_decay, bool decoupled,
+                                    const float* found_inf, cudaStream_t stream);
 
 // bsam_noise_ (docs/spec.md bSAM line 1).  Lists: 0 params, 1 backups, 2 precisions; tags = param ids.
 cudaError_t launch_bsam_noise(const Group& g, uint64_t seed, uint64_t step, double num_data,
@@ -92,7 +92,7 @@ cudaError_t launch_bsam_update(const Group& g, double lr, double beta1, double b
                                const float* found_inf, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------
-// MFVI family and E-BiSAM (reference_vi.py; vi_step.cu, ebisam_step.cu).
+// MFVI family and E-BiSAM (vi.cu, ebisam.cu).
 // ---------------------------------------------------------------------------------------------
 
 // vi_noise_ (RandomSAM Alg. 1 / MFVI Alg. 2 line 3): backup <- mu, w <- mu + std z, z the shared

@@ -31,6 +31,8 @@
 #include <utility>
 
 #include "cuda/launch.h"
+#include "math/common.h"
+#include "philox.h"
 
 // --- 32 KB kernel arguments: CUDA >= 12.1 toolkit, Volta or newer (checked here on the lowest
 // compiled architecture), and a >= 12.1 driver (checked at run time in large_args_usable()).
@@ -78,13 +80,8 @@ struct OpMath<double> {
 template <typename P>
 using opmath_t = typename OpMath<P>::type;
 
-// Overloads of the math the op functors use, so one template body serves float and double opmath.
-__device__ __forceinline__ float sk_abs(float x) { return fabsf(x); }
-__device__ __forceinline__ double sk_abs(double x) { return fabs(x); }
-__device__ __forceinline__ float sk_sqrt(float x) { return sqrtf(x); }
-__device__ __forceinline__ double sk_sqrt(double x) { return sqrt(x); }
-__device__ __forceinline__ float sk_exp(float x) { return expf(x); }
-__device__ __forceinline__ double sk_exp(double x) { return exp(x); }
+using math::sk_abs;  // the per-element maths' functions (math/common.h)
+using math::sk_sqrt;
 
 // Elements per thread and step: one 16-byte vector of the parameter dtype, at least 4 (ILP 4).
 // (A variable template: usable in device code without --expt-relaxed-constexpr.)
@@ -443,6 +440,131 @@ cudaError_t dispatch_param(ParamType t, F&& f) {
       return f(TypeTag<__nv_bfloat16>{});
   }
   return cudaErrorInvalidValue;
+}
+
+// ----------------------------------------------------------------------------------------------
+// One functor for every elementwise phase.  A phase is described by its `Lists<M>`, a struct that
+// holds the phase's per-element maths (math/*.h) and binds it to the lists:
+//   static constexpr int kLists, kParamLists;  static constexpr Noise kNoise;
+//   __device__ M prepare() const;   (once per thread, e.g. a scale from a norm in device memory)
+//   __device__ void operator()(M (&x)[kLists], M prepared, M noise) const
+// which updates one element's values of every list in place (x[l]: list l; lists not read hold
+// 0; lists not written are dropped).  `noise` is the element's Philox standard normal (kNormal)
+// or uniform (kUniform) from philox.h, keyed by (seed, step, tag = param id, element index).
+// ----------------------------------------------------------------------------------------------
+enum class Noise { kNone, kNormal, kUniform };
+
+template <typename P_, template <typename> class Lists>
+struct PhaseOp {
+  using P = P_;
+  using M = opmath_t<P>;
+  using L = Lists<M>;
+  static constexpr int kDepth = L::kLists, kParamLists = L::kParamLists, kGroup = group_size<P>;
+  static_assert(kGroup % 4 == 0, "a group must cover whole Philox blocks");
+  unsigned read_mask, write_mask;
+  uint64_t seed, step;  // noise phases only
+  L lists;
+
+  __device__ __forceinline__ M prepare() const { return lists.prepare(); }
+
+  // A group starts at a multiple of kGroup, so it covers kGroup / 4 whole Philox blocks: element
+  // idx + 4q + j takes lane j of block (idx >> 2) + q.
+  __device__ __forceinline__ void operator()(M (&r)[kDepth][kGroup], int, int64_t idx,
+                                             uint32_t pid, M prepared) const {
+#pragma unroll
+    for (int q = 0; q < kGroup / 4; ++q) {
+      M noise[4] = {M(0), M(0), M(0), M(0)};
+      const uint64_t quad = static_cast<uint64_t>(idx >> 2) + q;
+      if constexpr (L::kNoise == Noise::kNormal) philox_normal4<M>(seed, step, pid, quad, noise);
+      if constexpr (L::kNoise == Noise::kUniform) philox_uniform4<M>(seed, step, pid, quad, noise);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        M x[kDepth];
+#pragma unroll
+        for (int l = 0; l < kDepth; ++l) x[l] = r[l][4 * q + j];
+        lists(x, prepared, noise[j]);
+#pragma unroll
+        for (int l = 0; l < kDepth; ++l) r[l][4 * q + j] = x[l];
+      }
+    }
+  }
+};
+
+// Runs the phase `Lists` over the group: lists.maths = Maths::make(args...) in the group's opmath
+// type; read/write masks as in apply_kernel; `seed`, `step` for the noise phases.
+template <template <typename> class Lists, class... Args>
+cudaError_t launch_phase(const Group& g, unsigned read_mask, unsigned write_mask,
+                         const SkipCopy& skip, uint64_t seed, uint64_t step, cudaStream_t stream,
+                         const Args&... args) {
+  return dispatch_param(g.param, [&](auto tag) {
+    using P = typename decltype(tag)::type;
+    PhaseOp<P, Lists> op;
+    op.read_mask = read_mask;
+    op.write_mask = write_mask;
+    op.seed = seed;
+    op.step = step;
+    op.lists = Lists<opmath_t<P>>::make(g, args...);
+    return apply(g, op, stream, skip);
+  });
+}
+
+// ----------------------------------------------------------------------------------------------
+// Norm partials: one float64 partial of sum_i term(a_i, b_i) per chunk (no atomics: each block owns
+// its slot; launch_reduce_partials then sums the slots in a fixed order).  Lists: 0 of storage
+// Term::A (read only when bit 0 of term.mask is set), 1 of Term::B.  The terms are formed in
+// opmath, the K of one group summed in opmath and added in float64.
+// ----------------------------------------------------------------------------------------------
+template <typename P, class Term, class Tab>
+__global__ void __launch_bounds__(kBlockSize)
+    partials_kernel(const SK_GRID_CONSTANT Tab tab, double* __restrict__ partials,
+                    const Term term) {
+  using M = opmath_t<P>;
+  constexpr int K = group_size<P>;
+  const ChunkInfo c = chunk_info(tab);
+  const bool aligned = lists_aligned(tab, c.tensor, term.mask);
+  const void* a_base = tab.addr[0][c.tensor];
+  const void* b_base = tab.addr[1][c.tensor];
+  double acc = 0.0;
+  for (int off = static_cast<int>(threadIdx.x) * K; off < c.n; off += kBlockSize * K) {
+    const int cnt = c.n - off < K ? c.n - off : K;
+    const bool vec = aligned && cnt == K;
+    const int64_t idx = c.start + off;
+    M a[K] = {}, b[K];
+    if (term.mask & 1u) load_group<typename Term::A, K>(a_base, idx, cnt, vec, a);
+    load_group<typename Term::B, K>(b_base, idx, cnt, vec, b);
+    M s = M(0);
+#pragma unroll
+    for (int k = 0; k < K; ++k) s += term(a[k], b[k]);  // lanes past cnt hold 0: a 0 term
+    acc += static_cast<double>(s);
+  }
+  acc = block_sum(acc);
+  if (threadIdx.x == 0) partials[tab.block_base + blockIdx.x] = acc;
+}
+
+template <typename P, int ArgBytes, class Term>
+cudaError_t partials_sized(const Group& g, double* partials, int64_t first_block, const Term& term,
+                           cudaStream_t stream) {
+  using Tab = Table<2, table_capacity<2, ArgBytes>()>;
+  static_assert(sizeof(Tab) + sizeof(Term) + 8 <= ArgBytes, "kernel arguments exceed the limit");
+  return for_each_table<Tab>(g, first_block, [&](const Tab& tab, int blocks) {
+    partials_kernel<P, Term, Tab><<<blocks, kBlockSize, 0, stream>>>(tab, partials, term);
+    return cudaGetLastError();
+  });
+}
+
+// Writes the group's partials of Term<P> (built by Term<P>::make(args...)) from first_block on.
+template <template <typename> class Term, class... Args>
+cudaError_t launch_partials(const Group& g, double* partials, int64_t first_block,
+                            cudaStream_t stream, const Args&... args) {
+  return dispatch_param(g.param, [&](auto tag) {
+    using P = typename decltype(tag)::type;
+    const auto term = Term<P>::make(args...);
+#if SK_LARGE_ARGS
+    if (large_args_usable())
+      return partials_sized<P, kLargeArgBytes>(g, partials, first_block, term, stream);
+#endif
+    return partials_sized<P, kSmallArgBytes>(g, partials, first_block, term, stream);
+  });
 }
 
 }  // namespace cuda

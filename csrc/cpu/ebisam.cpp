@@ -1,0 +1,80 @@
+// E-BiSAM's stochastic weight perturbation on the CPU (math/ebisam.h, shared with CUDA; docs/spec.md;
+// schema in samkernels/ops/_spec.py): coordinate i is perturbed iff u_i < beta, u_i the Philox
+// uniform of (seed, step, param_id, i) -- regenerated, never stored -- by
+// e_i = rho/(1-beta) g_i / (||g|| + eps).
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+
+#include "cpu/multi_tensor.h"
+#include "cpu/normal_block.h"
+#include "math/ebisam.h"
+#include "philox.h"
+
+namespace samkernels {
+namespace cpu {
+namespace {
+
+at::Tensor ebisam_perturb(at::TensorList params, at::TensorList grads, at::TensorList backups,
+                          at::IntArrayRef param_ids, const c10::optional<at::Tensor>& grad_norm,
+                          int64_t seed, int64_t step, double rho, double beta, double eps,
+                          const c10::optional<at::Tensor>& found_inf) {
+  PhaseLists pl("ebisam_perturb_",
+                {{"params", params, kP, W}, {"grads", grads, kP}, {"backups", backups, kP, W}},
+                found_inf, param_ids, /*takes_ids=*/true);
+  check_ebisam_beta("ebisam_perturb_", beta);
+  const double norm =
+      grad_norm.has_value()
+          ? grad_norm->item<double>()
+          : std::sqrt(pl.sum([&](const auto& v) { return chunk_sumsq(v, 0, 1, false, 0.0); }));
+  if (pl.skip()) {  // skip form: backup only, w stays
+    copy_lists(backups, params);
+    return norm_tensor(norm);
+  }
+  pl.run([&](const auto& v) {
+    using V = std::decay_t<decltype(v)>;
+    using scalar_t = typename V::scalar_t;
+    using opmath_t = typename V::opmath_t;
+    const auto maths = math::EbisamPerturb<opmath_t>::make(rho, beta, eps);
+    const opmath_t scale = maths.scale(norm);
+    scalar_t* wp = v.param(0);
+    const scalar_t* gp = v.param(1);
+    scalar_t* bp = v.param(2);
+    const uint32_t pid = static_cast<uint32_t>(param_ids[v.tensor]);
+    // u[k]: uniform of element q + k; runs of a vectorised block (fp32) or of one quad (fp64)
+    const auto run = [&](int64_t q, int64_t stop, const opmath_t* u) {
+      for (int64_t i = q; i < stop; ++i) {
+        bp[i] = wp[i];
+        if (maths.chosen(u[i - q]))  // elements not chosen are not rewritten
+          wp[i] = static_cast<scalar_t>(maths.perturbed(static_cast<opmath_t>(wp[i]),
+                                                        static_cast<opmath_t>(gp[i]), scale));
+      }
+    };
+    if constexpr (std::is_same<opmath_t, float>::value) {
+      alignas(16) float u[kBlockElems];
+      for (int64_t q = v.begin; q < v.end; q += kBlockElems) {
+        uniform_block(static_cast<uint64_t>(seed), static_cast<uint64_t>(step), pid,
+                      static_cast<uint64_t>(q >> 2), u, block_quads(v.end - q));
+        run(q, std::min(v.end, q + kBlockElems), u);
+      }
+    } else {
+      for (int64_t q = v.begin; q < v.end; q += 4) {
+        opmath_t u[4];
+        philox_uniform4<opmath_t>(static_cast<uint64_t>(seed), static_cast<uint64_t>(step), pid,
+                                  static_cast<uint64_t>(q >> 2), u);
+        run(q, std::min(v.end, q + 4), u);
+      }
+    }
+  });
+  pl.finish();
+  return norm_tensor(norm);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(samkernels, CPU, m) { m.impl("ebisam_perturb_", &ebisam_perturb); }
+
+}  // namespace cpu
+}  // namespace samkernels

@@ -1,0 +1,141 @@
+// SAM / ASAM phases on CUDA (docs/spec.md "SAM family"; schemas in samkernels/ops/_spec.py): the
+// per-element maths of math/sam.h bound to each phase's lists.  Torch-free: the glue
+// (cuda/phase_glue.cpp) passes raw pointers.
+#include "cuda/multi_tensor.cuh"
+#include "math/sam.h"
+
+namespace samkernels {
+namespace cuda {
+namespace {
+
+// grad_sumsq's summand (T g)^2, T = |w| + eta for ASAM.  Lists: 0 params (read only when
+// adaptive), 1 grads.
+template <typename P>
+struct SumsqTerm {
+  using M = opmath_t<P>;
+  using A = P;
+  using B = P;
+  unsigned mask;
+  M eta;
+  bool adaptive;
+
+  static SumsqTerm make(bool adaptive, double eta) {
+    return {adaptive ? 3u : 2u, static_cast<M>(eta), adaptive};
+  }
+  __device__ __forceinline__ M operator()(M w, M g) const {
+    const M t = adaptive ? math::asam_scaled(g, w, eta) : g;
+    return t * t;
+  }
+};
+
+// Lists: 0 params, 1 grads, 2 backups.  The norm is read from device memory: no host sync.
+template <typename M>
+struct SamPerturbLists {
+  static constexpr int kLists = 3, kParamLists = 3;
+  static constexpr Noise kNoise = Noise::kNone;
+  math::SamPerturb<M> maths;
+  const double* norm;
+
+  static SamPerturbLists make(const Group&, const double* norm, double rho, double eps,
+                              bool adaptive, double eta) {
+    return {math::SamPerturb<M>::make(rho, eps, adaptive, eta), norm};
+  }
+  __device__ __forceinline__ M prepare() const { return maths.scale(*norm); }
+  __device__ __forceinline__ void operator()(M (&x)[kLists], M scale, M) const {
+    x[2] = x[0];  // backups hold the mean weights; exact: opmath holds every P value
+    x[0] = maths(x[0], x[1], scale);
+  }
+};
+
+// Lists: 0 params (written), 1 grads, 2 backups, 3 momentum_bufs (absent without momentum).
+template <typename M>
+struct SgdLists {
+  static constexpr int kLists = 4, kParamLists = 3;
+  static constexpr Noise kNoise = Noise::kNone;
+  math::SgdRestore<M> maths;
+
+  static SgdLists make(const Group&, double lr, double momentum, double dampening, bool nesterov,
+                       double weight_decay, bool first) {
+    return {math::SgdRestore<M>::make(lr, momentum, dampening, nesterov, weight_decay, first)};
+  }
+  __device__ __forceinline__ M prepare() const { return M(0); }
+  __device__ __forceinline__ void operator()(M (&x)[kLists], M, M) const {
+    x[0] = maths(x[2], x[1], x[3]);
+  }
+};
+
+// Lists: 0 params, 1 grads, 2 backups, 3 exp_avgs, 4 exp_avg_sqs.
+template <typename M>
+struct AdamLists {
+  static constexpr int kLists = 5, kParamLists = 3;
+  static constexpr Noise kNoise = Noise::kNone;
+  math::AdamRestore<M> maths;
+
+  static AdamLists make(const Group&, int64_t step, double lr, double beta1, double beta2,
+                        double eps, double weight_decay, bool decoupled) {
+    return {math::AdamRestore<M>::make(step, lr, beta1, beta2, eps, weight_decay, decoupled)};
+  }
+  __device__ __forceinline__ M prepare() const { return M(0); }
+  __device__ __forceinline__ void operator()(M (&x)[kLists], M, M) const {
+    x[0] = maths(x[2], x[1], x[3], x[4]);
+  }
+};
+
+// Stage 2 of every norm: a single block adds the partials in a fixed order and writes sum or
+// sqrt(sum).
+__global__ void __launch_bounds__(kBlockSize)
+    reduce_partials_kernel(const double* __restrict__ partials, int64_t n, bool take_sqrt,
+                           double* out) {
+  double acc = 0.0;
+  for (int64_t i = threadIdx.x; i < n; i += kBlockSize) acc += partials[i];
+  acc = block_sum(acc);
+  if (threadIdx.x == 0) *out = take_sqrt ? sqrt(acc) : acc;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Launch functions (launch.h).
+// ---------------------------------------------------------------------------------------------
+cudaError_t launch_grad_sumsq_partials(const Group& g, double* partials, int64_t first_block,
+                                       bool adaptive, double eta, cudaStream_t stream) {
+  return launch_partials<SumsqTerm>(g, partials, first_block, stream, adaptive, eta);
+}
+
+cudaError_t launch_reduce_partials(const double* partials, int64_t n, bool take_sqrt, double* out,
+                                   cudaStream_t stream) {
+  reduce_partials_kernel<<<1, kBlockSize, 0, stream>>>(partials, n, take_sqrt, out);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_sam_perturb(const Group& g, const double* norm, double rho, double eps,
+                               bool adaptive, double eta, const float* found_inf,
+                               cudaStream_t stream) {
+  return launch_phase<SamPerturbLists>(g, /*read: params, grads*/ 0x3u,
+                                       /*write: params, backups*/ 0x5u,
+                                       SkipCopy{found_inf, /*src=params*/ 0, /*dst=backups*/ 2}, 0,
+                                       0, stream, norm, rho, eps, adaptive, eta);
+}
+
+cudaError_t launch_sam_restore_sgd(const Group& g, double lr, double momentum, double dampening,
+                                   bool nesterov, double weight_decay, bool first,
+                                   const float* found_inf, cudaStream_t stream) {
+  const bool use_momentum = momentum != 0.0;  // `first`: the buffers are written, not read
+  const unsigned read = 0x6u | (use_momentum && !first ? 0x8u : 0u);  // grads, backups, [bufs]
+  const unsigned write = 0x1u | (use_momentum ? 0x8u : 0u);           // params, [bufs]
+  return launch_phase<SgdLists>(g, read, write,
+                                SkipCopy{found_inf, /*src=backups*/ 2, /*dst=params*/ 0}, 0, 0,
+                                stream, lr, momentum, dampening, nesterov, weight_decay, first);
+}
+
+cudaError_t launch_sam_restore_adam(const Group& g, int64_t step, double lr, double beta1,
+                                    double beta2, double eps, double weight_decay, bool decoupled,
+                                    const float* found_inf, cudaStream_t stream) {
+  return launch_phase<AdamLists>(g, /*read: grads, backups, exp_avgs, exp_avg_sqs*/ 0x1Eu,
+                                 /*write: params, exp_avgs, exp_avg_sqs*/ 0x19u,
+                                 SkipCopy{found_inf, /*src=backups*/ 2, /*dst=params*/ 0}, 0, 0,
+                                 stream, step, lr, beta1, beta2, eps, weight_decay, decoupled);
+}
+
+}  // namespace cuda
+}  // namespace samkernels
