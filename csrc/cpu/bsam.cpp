@@ -23,9 +23,7 @@ void bsam_noise(at::TensorList params, at::TensorList backups, at::TensorList pr
                  {"precisions", precisions, kS}},
                 c10::nullopt, param_ids, /*takes_ids=*/true);
   pl.run([&](const auto& v) {
-    using V = std::decay_t<decltype(v)>;
-    using scalar_t = typename V::scalar_t;
-    using opmath_t = typename V::opmath_t;
+    SK_CHUNK_TYPES(v);
     const auto maths = math::BsamNoise<opmath_t>::make(num_data);
     scalar_t* wp = v.param(0);
     scalar_t* bp = v.param(1);
@@ -54,10 +52,8 @@ void bsam_perturb(at::TensorList params, at::TensorList grads, at::TensorList ba
                 found_inf);
   if (pl.skip()) return copy_lists(params, backups);
   pl.run([&](const auto& v) {
-    using V = std::decay_t<decltype(v)>;
-    using scalar_t = typename V::scalar_t;
-    using opmath_t = typename V::opmath_t;
-    const auto maths = math::BsamPerturb<opmath_t>::make(rho, beta2, delta, gamma);
+    SK_CHUNK_TYPES(v);
+    const auto maths = math::BsamPerturb<opmath_t>::make(rho, beta2, delta, gamma, accumulate);
     scalar_t* wp = v.param(0);
     const scalar_t* gp = v.param(1);
     const scalar_t* bp = v.param(2);
@@ -87,11 +83,9 @@ void bsam_update(at::TensorList params, at::TensorList grads, at::TensorList bac
                 found_inf);
   if (pl.skip()) return copy_lists(params, backups);
   pl.run([&](const auto& v) {
-    using V = std::decay_t<decltype(v)>;
-    using scalar_t = typename V::scalar_t;
-    using opmath_t = typename V::opmath_t;
+    SK_CHUNK_TYPES(v);
     const auto maths = math::BsamUpdate<opmath_t>::make(lr, beta1, beta2, delta, gamma,
-                                                        accum_scale, released_order);
+                                                        accum_scale, released_order, accumulate);
     scalar_t* wp = v.param(0);
     const scalar_t* gp = v.param(1);
     const scalar_t* bp = v.param(2);

@@ -1,6 +1,6 @@
-// E-BiSAM's stochastic weight perturbation on the CPU (math/ebisam.h, shared with CUDA; docs/spec.md;
-// schema in samkernels/ops/_spec.py): coordinate i is perturbed iff u_i < beta, u_i the Philox
-// uniform of (seed, step, param_id, i) -- regenerated, never stored -- by
+// E-BiSAM's stochastic weight perturbation on the CPU (math/ebisam.h, shared with CUDA;
+// docs/spec.md; schema in samkernels/ops/_spec.py): coordinate i is perturbed iff u_i < beta, u_i
+// the Philox uniform of (seed, step, param_id, i) -- regenerated, never stored -- by
 // e_i = rho/(1-beta) g_i / (||g|| + eps).
 #include <torch/library.h>
 
@@ -34,9 +34,7 @@ at::Tensor ebisam_perturb(at::TensorList params, at::TensorList grads, at::Tenso
     return norm_tensor(norm);
   }
   pl.run([&](const auto& v) {
-    using V = std::decay_t<decltype(v)>;
-    using scalar_t = typename V::scalar_t;
-    using opmath_t = typename V::opmath_t;
+    SK_CHUNK_TYPES(v);
     const auto maths = math::EbisamPerturb<opmath_t>::make(rho, beta, eps);
     const opmath_t scale = maths.scale(norm);
     scalar_t* wp = v.param(0);

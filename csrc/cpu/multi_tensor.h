@@ -74,6 +74,11 @@ struct ChunkView {
   }
 };
 
+// scalar_t and opmath_t of the ChunkView `v` (in the body of a PhaseLists::run).
+#define SK_CHUNK_TYPES(v)                                                 \
+  using scalar_t = typename std::decay_t<decltype(v)>::scalar_t;          \
+  using opmath_t = typename std::decay_t<decltype(v)>::opmath_t
+
 // The tensor lists of one phase call.  The base list (the first one present: params, or grads for
 // the sums) decides the dtypes; every other present list must match it one to one (CPU, strided,
 // same numel, dtype by role).  Working copies are made on first use (not at all when the skip
@@ -182,7 +187,8 @@ class PhaseLists {
     for (size_t l = 0; l < args_.size(); ++l) {
       if (!present(l)) continue;
       work_[l].reserve(args_[l].list.size());
-      for (const auto& t : args_[l].list) work_[l].push_back(t.is_contiguous() ? t : t.contiguous());
+      for (const auto& t : args_[l].list)
+        work_[l].push_back(t.is_contiguous() ? t : t.contiguous());
     }
     const auto& ref = work_[base_];
     for (int64_t t = 0; t < static_cast<int64_t>(ref.size()); ++t) {
@@ -228,7 +234,8 @@ double chunk_sumsq(const V& v, int w_list, int g_list, bool adaptive, double eta
     const scalar_t* wp = v.param(w_list);
 #pragma omp simd reduction(+ : acc)
     for (int64_t i = v.begin; i < v.end; ++i) {
-      const double tg = math::asam_scaled(static_cast<double>(gp[i]), static_cast<double>(wp[i]), eta);
+      const double tg =
+          math::asam_scaled(static_cast<double>(gp[i]), static_cast<double>(wp[i]), eta);
       acc += tg * tg;
     }
   } else {

@@ -36,17 +36,16 @@ at::Tensor sam_perturb(at::TensorList params, at::TensorList grads, at::TensorLi
     return norm_tensor(norm);
   }
   pl.run([&](const auto& v) {
-    using V = std::decay_t<decltype(v)>;
-    using scalar_t = typename V::scalar_t;
-    const auto maths = math::SamPerturb<typename V::opmath_t>::make(rho, eps, adaptive, eta);
+    SK_CHUNK_TYPES(v);
+    const auto maths = math::SamPerturb<opmath_t>::make(rho, eps, adaptive, eta);
     const auto scale = maths.scale(norm);
     scalar_t* wp = v.param(0);
     const scalar_t* gp = v.param(1);
     scalar_t* bp = v.param(2);
     for (int64_t i = v.begin; i < v.end; ++i) {
-      const auto w = static_cast<typename V::opmath_t>(wp[i]);
+      const auto w = static_cast<opmath_t>(wp[i]);
       bp[i] = wp[i];
-      wp[i] = static_cast<scalar_t>(maths(w, static_cast<typename V::opmath_t>(gp[i]), scale));
+      wp[i] = static_cast<scalar_t>(maths(w, static_cast<opmath_t>(gp[i]), scale));
     }
   });
   pl.finish();
@@ -65,9 +64,7 @@ void sam_restore_sgd(at::TensorList params, at::TensorList grads, at::TensorList
                 found_inf);
   if (pl.skip()) return copy_lists(params, backups);
   pl.run([&](const auto& v) {
-    using V = std::decay_t<decltype(v)>;
-    using scalar_t = typename V::scalar_t;
-    using opmath_t = typename V::opmath_t;
+    SK_CHUNK_TYPES(v);
     const auto maths =
         math::SgdRestore<opmath_t>::make(lr, momentum, dampening, nesterov, weight_decay, first);
     scalar_t* wp = v.param(0);
@@ -103,9 +100,7 @@ void sam_restore_adam(at::TensorList params, at::TensorList grads, at::TensorLis
   check_adam_step("sam_restore_adam_", step);
   if (pl.skip()) return copy_lists(params, backups);
   pl.run([&](const auto& v) {
-    using V = std::decay_t<decltype(v)>;
-    using scalar_t = typename V::scalar_t;
-    using opmath_t = typename V::opmath_t;
+    SK_CHUNK_TYPES(v);
     const auto maths = math::AdamRestore<opmath_t>::make(step, lr, beta1, beta2, eps,
                                                          weight_decay, decoupled);
     scalar_t* wp = v.param(0);

@@ -27,9 +27,7 @@ void vi_noise(at::TensorList params, at::TensorList backups, at::TensorList vari
                  {"variances", variances, kS, false, Opt}},
                 c10::nullopt, param_ids, /*takes_ids=*/true);
   pl.run([&](const auto& v) {
-    using V = std::decay_t<decltype(v)>;
-    using scalar_t = typename V::scalar_t;
-    using opmath_t = typename V::opmath_t;
+    SK_CHUNK_TYPES(v);
     const auto maths = math::ViNoise<opmath_t>::make(sigma, learned);
     scalar_t* wp = v.param(0);
     scalar_t* bp = v.param(1);
@@ -59,10 +57,9 @@ void mfvi_update(at::TensorList params, at::TensorList grads, at::TensorList bac
                 found_inf, param_ids, /*takes_ids=*/true);
   if (pl.skip()) return copy_lists(params, backups);
   pl.run([&](const auto& v) {
-    using V = std::decay_t<decltype(v)>;
-    using scalar_t = typename V::scalar_t;
-    using opmath_t = typename V::opmath_t;
-    const auto maths = math::MfviUpdate<opmath_t>::make(lr, var_lr, momentum, prior_var, num_data);
+    SK_CHUNK_TYPES(v);
+    const auto maths = math::MfviUpdate<opmath_t>::make(lr, var_lr, momentum, prior_var, num_data,
+                                                        use_momentum);
     scalar_t* wp = v.param(0);
     const scalar_t* gp = v.param(1);
     const scalar_t* bp = v.param(2);
@@ -123,12 +120,10 @@ at::Tensor vsam_perturb(at::TensorList params, at::TensorList grads, at::TensorL
     return norm_tensor(norm);
   }
   pl.run([&](const auto& v) {
-    using V = std::decay_t<decltype(v)>;
-    using scalar_t = typename V::scalar_t;
-    using opmath_t = typename V::opmath_t;
+    SK_CHUNK_TYPES(v);
     const auto maths = math::VsamPerturb<opmath_t>::make(dim, eps, var_lr, prior_var, num_data,
                                                          log_step, min_var);
-    const opmath_t inv = maths.inverse(norm);
+    const opmath_t inv = maths.scale(norm);
     scalar_t* wp = v.param(0);
     const scalar_t* gp = v.param(1);
     scalar_t* bp = v.param(2);

@@ -8,70 +8,36 @@ namespace samkernels {
 namespace cuda {
 namespace {
 
-// Line 1 with z the Philox normal of the element (philox.h).  Lists: 0 params, 1 backups,
-// 2 precisions.
+// Line 1 (cuda/multi_tensor.cuh NoiseLists).
 template <typename M>
-struct BsamNoiseLists {
-  static constexpr int kLists = 3, kParamLists = 2;
-  static constexpr Noise kNoise = Noise::kNormal;
-  math::BsamNoise<M> maths;
+using BsamNoiseLists = NoiseLists<math::BsamNoise<M>, M>;
 
-  static BsamNoiseLists make(const Group&, double num_data) {
-    return {math::BsamNoise<M>::make(num_data)};
-  }
-  __device__ __forceinline__ M prepare() const { return M(0); }
-  __device__ __forceinline__ void operator()(M (&x)[kLists], M, M z) const {
-    x[1] = x[0];  // exact copy of omega
-    x[0] = maths(x[0], x[2], z);
-  }
-};
-
-// Lines 3 and 5 (line 5 deferred to bsam_update_ when there are accums: accum += sqrt(s)|g|).
-// Lists: 0 params, 1 grads, 2 backups, 3 precisions, 4 accums (absent: line 5 runs here).
+// Lines 3 and 5.  Lists: 0 params, 1 grads, 2 backups, 3 precisions, 4 accums (absent: line 5
+// runs here).
 template <typename M>
-struct BsamPerturbLists {
-  static constexpr int kLists = 5, kParamLists = 3;
-  static constexpr Noise kNoise = Noise::kNone;
-  math::BsamPerturb<M> maths;
-  bool accumulate;
-
-  static BsamPerturbLists make(const Group& g, double rho, double beta2, double delta,
-                               double gamma) {
-    return {math::BsamPerturb<M>::make(rho, beta2, delta, gamma), g.lists[4] != nullptr};
-  }
-  __device__ __forceinline__ M prepare() const { return M(0); }
-  __device__ __forceinline__ void operator()(M (&x)[kLists], M, M) const {
+struct BsamPerturbLists : ListsOf<math::BsamPerturb<M>, 5, 3> {
+  __device__ __forceinline__ void operator()(M (&x)[5], M, M) const {
     const M g = x[1], s = x[3];
-    x[0] = maths(x[2], g, s);
+    x[0] = this->maths(x[2], g, s);
     const M h = math::BsamPrecision<M>::sharpness(s, g);
-    if (accumulate)
+    if (this->maths.accumulate)
       x[4] = x[4] + h;
     else
-      x[3] = maths.line5(s, h);
+      x[3] = this->maths.line5(s, h);
   }
 };
 
 // Lines 5-7.  Lists: 0 params, 1 grads, 2 backups, 3 precisions, 4 momenta, 5 accums (absent:
 // line 5 already ran in bsam_perturb_).
 template <typename M>
-struct BsamUpdateLists {
-  static constexpr int kLists = 6, kParamLists = 3;
-  static constexpr Noise kNoise = Noise::kNone;
-  math::BsamUpdate<M> maths;
-  bool accumulate;
-
-  static BsamUpdateLists make(const Group& g, double lr, double beta1, double beta2, double delta,
-                              double gamma, double accum_scale, bool released_order) {
-    return {math::BsamUpdate<M>::make(lr, beta1, beta2, delta, gamma, accum_scale, released_order),
-            g.lists[5] != nullptr};
-  }
-  __device__ __forceinline__ M prepare() const { return M(0); }
-  __device__ __forceinline__ void operator()(M (&x)[kLists], M, M) const {
+struct BsamUpdateLists : ListsOf<math::BsamUpdate<M>, 6, 3> {
+  __device__ __forceinline__ void operator()(M (&x)[6], M, M) const {
+    const auto& m = this->maths;
     const M omega = x[2], s_old = x[3];
-    const M s_new = accumulate ? maths.precision(s_old, x[5]) : s_old;
+    const M s_new = m.accumulate ? m.precision(s_old, x[5]) : s_old;
     x[3] = s_new;
-    x[4] = maths.momentum(x[4], x[1], omega);
-    x[0] = maths.mean(omega, x[4], s_old, s_new);
+    x[4] = m.momentum(x[4], x[1], omega);
+    x[0] = m.mean(omega, x[4], s_old, s_new);
   }
 };
 
@@ -83,8 +49,8 @@ struct BsamUpdateLists {
 cudaError_t launch_bsam_noise(const Group& g, uint64_t seed, uint64_t step, double num_data,
                               cudaStream_t stream) {
   return launch_phase<BsamNoiseLists>(g, /*read: params, precisions*/ 0x5u,
-                                      /*write: params, backups*/ 0x3u, SkipCopy{}, seed, step,
-                                      stream, num_data);
+                                      /*write: params, backups*/ 0x3u, SkipCopy{},
+                                      PhaseKeys{seed, step}, stream, num_data);
 }
 
 cudaError_t launch_bsam_perturb(const Group& g, double rho, double beta2, double delta, double gamma,
@@ -94,7 +60,7 @@ cudaError_t launch_bsam_perturb(const Group& g, double rho, double beta2, double
   const unsigned write = 0x1u | (accumulate ? 0x10u : 0x8u);  // params, accums or s
   return launch_phase<BsamPerturbLists>(g, read, write,
                                         SkipCopy{found_inf, /*src=backups*/ 2, /*dst=params*/ 0},
-                                        0, 0, stream, rho, beta2, delta, gamma);
+                                        PhaseKeys{}, stream, rho, beta2, delta, gamma, accumulate);
 }
 
 cudaError_t launch_bsam_update(const Group& g, double lr, double beta1, double beta2, double delta,
@@ -105,8 +71,8 @@ cudaError_t launch_bsam_update(const Group& g, double lr, double beta1, double b
   const unsigned write = 0x11u | (accumulate ? 0x8u : 0u);  // params, gm, [s]
   return launch_phase<BsamUpdateLists>(g, read, write,
                                        SkipCopy{found_inf, /*src=backups*/ 2, /*dst=params*/ 0},
-                                       0, 0, stream, lr, beta1, beta2, delta, gamma, accum_scale,
-                                       released_order);
+                                       PhaseKeys{}, stream, lr, beta1, beta2, delta, gamma,
+                                       accum_scale, released_order, accumulate);
 }
 
 }  // namespace cuda

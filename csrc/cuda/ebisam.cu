@@ -9,24 +9,14 @@ namespace samkernels {
 namespace cuda {
 namespace {
 
-// backup <- w; w <- w + g scale where chosen, the norm read from device memory.  Elements not
-// chosen are written back unchanged (P -> opmath -> P is exact).  Lists: 0 params, 1 grads,
-// 2 backups.
+// backup <- w; w <- w + g scale where chosen.  Elements not chosen are written back unchanged
+// (P -> opmath -> P is exact).  Lists: 0 params, 1 grads, 2 backups.
 template <typename M>
-struct EbisamPerturbLists {
-  static constexpr int kLists = 3, kParamLists = 3;
-  static constexpr Noise kNoise = Noise::kUniform;
-  math::EbisamPerturb<M> maths;
-  const double* norm;
-
-  static EbisamPerturbLists make(const Group&, const double* norm, double rho, double beta,
-                                 double eps) {
-    return {math::EbisamPerturb<M>::make(rho, beta, eps), norm};
-  }
-  __device__ __forceinline__ M prepare() const { return maths.scale(*norm); }
-  __device__ __forceinline__ void operator()(M (&x)[kLists], M scale, M u) const {
+struct EbisamPerturbLists
+    : ListsOf<math::EbisamPerturb<M>, 3, 3, Noise::kUniform, /*Scaled=*/true> {
+  __device__ __forceinline__ void operator()(M (&x)[3], M scale, M u) const {
     x[2] = x[0];  // exact copy of w
-    x[0] = maths(x[0], x[1], scale, u);
+    x[0] = this->maths(x[0], x[1], scale, u);
   }
 };
 
@@ -38,7 +28,7 @@ cudaError_t launch_ebisam_perturb(const Group& g, const double* norm, uint64_t s
   return launch_phase<EbisamPerturbLists>(g, /*read: params, grads*/ 0x3u,
                                           /*write: params, backups*/ 0x5u,
                                           SkipCopy{found_inf, /*src=params*/ 0, /*dst=backups*/ 2},
-                                          seed, step, stream, norm, rho, beta, eps);
+                                          PhaseKeys{seed, step, norm}, stream, rho, beta, eps);
 }
 
 }  // namespace cuda

@@ -443,16 +443,33 @@ cudaError_t dispatch_param(ParamType t, F&& f) {
 }
 
 // ----------------------------------------------------------------------------------------------
-// One functor for every elementwise phase.  A phase is described by its `Lists<M>`, a struct that
-// holds the phase's per-element maths (math/*.h) and binds it to the lists:
-//   static constexpr int kLists, kParamLists;  static constexpr Noise kNoise;
-//   __device__ M prepare() const;   (once per thread, e.g. a scale from a norm in device memory)
-//   __device__ void operator()(M (&x)[kLists], M prepared, M noise) const
+// One functor for every elementwise phase.  A phase is described by its `Lists<M>`, a ListsOf that
+// holds the phase's per-element maths (math/*.h, coefficients in opmath M) and binds it to the
+// lists with
+//   __device__ void operator()(M (&x)[kLists], M scale, M noise) const
 // which updates one element's values of every list in place (x[l]: list l; lists not read hold
 // 0; lists not written are dropped).  `noise` is the element's Philox standard normal (kNormal)
-// or uniform (kUniform) from philox.h, keyed by (seed, step, tag = param id, element index).
+// or uniform (kUniform) from philox.h, keyed by (seed, step, tag = param id, element index);
+// `scale` is maths.scale(norm) for the Scaled phases, the norm read from device memory once per
+// thread (no host sync).
 // ----------------------------------------------------------------------------------------------
 enum class Noise { kNone, kNormal, kUniform };
+
+template <class Maths, int Lists, int ParamLists, Noise N = Noise::kNone, bool Scaled = false>
+struct ListsOf {
+  using maths_type = Maths;
+  static constexpr int kLists = Lists, kParamLists = ParamLists;
+  static constexpr Noise kNoise = N;
+  static constexpr bool kScaled = Scaled;
+  Maths maths;
+};
+
+// What a phase launch takes besides its maths: the Philox key of the noise phases and the norm
+// of the Scaled ones.
+struct PhaseKeys {
+  uint64_t seed = 0, step = 0;
+  const double* norm = nullptr;
+};
 
 template <typename P_, template <typename> class Lists>
 struct PhaseOp {
@@ -462,27 +479,32 @@ struct PhaseOp {
   static constexpr int kDepth = L::kLists, kParamLists = L::kParamLists, kGroup = group_size<P>;
   static_assert(kGroup % 4 == 0, "a group must cover whole Philox blocks");
   unsigned read_mask, write_mask;
-  uint64_t seed, step;  // noise phases only
+  PhaseKeys keys;
   L lists;
 
-  __device__ __forceinline__ M prepare() const { return lists.prepare(); }
+  __device__ __forceinline__ M prepare() const {
+    if constexpr (L::kScaled) return lists.maths.scale(*keys.norm);
+    return M(0);
+  }
 
   // A group starts at a multiple of kGroup, so it covers kGroup / 4 whole Philox blocks: element
   // idx + 4q + j takes lane j of block (idx >> 2) + q.
   __device__ __forceinline__ void operator()(M (&r)[kDepth][kGroup], int, int64_t idx,
-                                             uint32_t pid, M prepared) const {
+                                             uint32_t pid, M scale) const {
 #pragma unroll
     for (int q = 0; q < kGroup / 4; ++q) {
       M noise[4] = {M(0), M(0), M(0), M(0)};
       const uint64_t quad = static_cast<uint64_t>(idx >> 2) + q;
-      if constexpr (L::kNoise == Noise::kNormal) philox_normal4<M>(seed, step, pid, quad, noise);
-      if constexpr (L::kNoise == Noise::kUniform) philox_uniform4<M>(seed, step, pid, quad, noise);
+      if constexpr (L::kNoise == Noise::kNormal)
+        philox_normal4<M>(keys.seed, keys.step, pid, quad, noise);
+      if constexpr (L::kNoise == Noise::kUniform)
+        philox_uniform4<M>(keys.seed, keys.step, pid, quad, noise);
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         M x[kDepth];
 #pragma unroll
         for (int l = 0; l < kDepth; ++l) x[l] = r[l][4 * q + j];
-        lists(x, prepared, noise[j]);
+        lists(x, scale, noise[j]);
 #pragma unroll
         for (int l = 0; l < kDepth; ++l) r[l][4 * q + j] = x[l];
       }
@@ -490,20 +512,29 @@ struct PhaseOp {
   }
 };
 
-// Runs the phase `Lists` over the group: lists.maths = Maths::make(args...) in the group's opmath
-// type; read/write masks as in apply_kernel; `seed`, `step` for the noise phases.
+// The noise phases (bsam_noise_ line 1, vi_noise_): w <- maths(w, state, z), z the element's Philox
+// normal, with the backup taken first.  Lists: 0 params, 1 backups, 2 the state.
+template <class Maths, typename M>
+struct NoiseLists : ListsOf<Maths, 3, 2, Noise::kNormal> {
+  __device__ __forceinline__ void operator()(M (&x)[3], M, M z) const {
+    x[1] = x[0];  // exact copy of the mean
+    x[0] = this->maths(x[0], x[2], z);
+  }
+};
+// Runs the phase `Lists` over the group, its maths made by make(args...) in the group's opmath
+// type; read/write masks as in apply_kernel.
 template <template <typename> class Lists, class... Args>
 cudaError_t launch_phase(const Group& g, unsigned read_mask, unsigned write_mask,
-                         const SkipCopy& skip, uint64_t seed, uint64_t step, cudaStream_t stream,
+                         const SkipCopy& skip, const PhaseKeys& keys, cudaStream_t stream,
                          const Args&... args) {
   return dispatch_param(g.param, [&](auto tag) {
     using P = typename decltype(tag)::type;
+    using L = Lists<opmath_t<P>>;
     PhaseOp<P, Lists> op;
     op.read_mask = read_mask;
     op.write_mask = write_mask;
-    op.seed = seed;
-    op.step = step;
-    op.lists = Lists<opmath_t<P>>::make(g, args...);
+    op.keys = keys;
+    op.lists.maths = L::maths_type::make(args...);
     return apply(g, op, stream, skip);
   });
 }

@@ -128,6 +128,12 @@ class PhaseLists {
     for (const Group& g : groups_) n += count_chunks(g.numel, g.count);
     return n;
   }
+  // launch(group) for every dtype group (each returns its first CUDA error), then finish().
+  template <class Launch>
+  void run(Launch&& launch) {
+    for (const Group& g : groups_) SK_CHECK_LAUNCH(launch(g));
+    finish();
+  }
   void finish() {
     for (size_t l = 0; l < args_.size(); ++l)
       if (args_[l].written && present(l))
@@ -241,7 +247,9 @@ class PhaseLists {
   std::optional<c10::cuda::CUDAGuard> guard_;
 };
 
-Tensor zero_norm() { return at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(at::kCUDA)); }
+Tensor zero_norm() {
+  return at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(at::kCUDA));
+}
 
 // A global sum over the phase's tensors (float64, fixed order): `stage1(partials, group, first)`
 // launches group's partials from slot `first` on; one block then adds them (sqrt when take_sqrt)
@@ -324,10 +332,10 @@ Tensor sam_perturb_cuda(TensorList params, TensorList grads, TensorList backups,
                                  [&](double* parts, const Group& g, int64_t first) {
                                    return sumsq_stage(parts, g, first, adaptive, eta, pl.stream);
                                  });
-  for (const Group& g : pl.groups())
-    SK_CHECK_LAUNCH(launch_sam_perturb(g, norm.data_ptr<double>(), rho, eps, adaptive, eta,
-                                       pl.skip, pl.stream));
-  pl.finish();
+  pl.run([&](const Group& g) {
+    return launch_sam_perturb(g, norm.data_ptr<double>(), rho, eps, adaptive, eta, pl.skip,
+                              pl.stream);
+  });
   return norm;
 }
 
@@ -341,10 +349,10 @@ void sam_restore_sgd_cuda(TensorList params, TensorList grads, TensorList backup
                  {"momentum_bufs", momentum != 0.0 ? momentum_bufs : TensorList{}, kS, W,
                   /*optional=*/momentum == 0.0}},
                 false, found_inf);
-  for (const Group& g : pl.groups())
-    SK_CHECK_LAUNCH(launch_sam_restore_sgd(g, lr, momentum, dampening, nesterov, weight_decay,
-                                           first, pl.skip, pl.stream));
-  pl.finish();
+  pl.run([&](const Group& g) {
+    return launch_sam_restore_sgd(g, lr, momentum, dampening, nesterov, weight_decay, first,
+                                  pl.skip, pl.stream);
+  });
 }
 
 void sam_restore_adam_cuda(TensorList params, TensorList grads, TensorList backups,
@@ -360,10 +368,10 @@ void sam_restore_adam_cuda(TensorList params, TensorList grads, TensorList backu
   TORCH_CHECK(std::pow(beta1, static_cast<double>(step)) != 1.0 &&
                   std::pow(beta2, static_cast<double>(step)) != 1.0,
               op, ": a bias correction 1 - beta**step is zero");
-  for (const Group& g : pl.groups())
-    SK_CHECK_LAUNCH(launch_sam_restore_adam(g, step, lr, beta1, beta2, eps, weight_decay,
-                                            decoupled, pl.skip, pl.stream));
-  pl.finish();
+  pl.run([&](const Group& g) {
+    return launch_sam_restore_adam(g, step, lr, beta1, beta2, eps, weight_decay, decoupled, pl.skip,
+                                   pl.stream);
+  });
 }
 
 void bsam_noise_cuda(TensorList params, TensorList backups, TensorList precisions,
@@ -372,10 +380,10 @@ void bsam_noise_cuda(TensorList params, TensorList backups, TensorList precision
                 {{"params", params, kP, W}, {"backups", backups, kP, W},
                  {"precisions", precisions, kS}},
                 /*logical_order=*/true, std::nullopt, param_ids, /*takes_ids=*/true);
-  for (const Group& g : pl.groups())
-    SK_CHECK_LAUNCH(launch_bsam_noise(g, static_cast<uint64_t>(seed), static_cast<uint64_t>(step),
-                                      num_data, pl.stream));
-  pl.finish();
+  pl.run([&](const Group& g) {
+    return launch_bsam_noise(g, static_cast<uint64_t>(seed), static_cast<uint64_t>(step), num_data,
+                             pl.stream);
+  });
 }
 
 void bsam_perturb_cuda(TensorList params, TensorList grads, TensorList backups,
@@ -386,9 +394,9 @@ void bsam_perturb_cuda(TensorList params, TensorList grads, TensorList backups,
                 {{"params", params, kP, W}, {"grads", grads, kP}, {"backups", backups, kP},
                  {"precisions", precisions, kS, !accumulate}, {"accums", accums, kS, W, Opt}},
                 false, found_inf);
-  for (const Group& g : pl.groups())
-    SK_CHECK_LAUNCH(launch_bsam_perturb(g, rho, beta2, delta, gamma, pl.skip, pl.stream));
-  pl.finish();
+  pl.run([&](const Group& g) {
+    return launch_bsam_perturb(g, rho, beta2, delta, gamma, pl.skip, pl.stream);
+  });
 }
 
 void bsam_update_cuda(TensorList params, TensorList grads, TensorList backups,
@@ -403,10 +411,10 @@ void bsam_update_cuda(TensorList params, TensorList grads, TensorList backups,
                  {"precisions", precisions, kS, accumulate}, {"momenta", momenta, kS, W},
                  {"accums", accums, kS, false, Opt}},
                 false, found_inf);
-  for (const Group& g : pl.groups())
-    SK_CHECK_LAUNCH(launch_bsam_update(g, lr, beta1, beta2, delta, gamma, accum_scale,
-                                       released_order, pl.skip, pl.stream));
-  pl.finish();
+  pl.run([&](const Group& g) {
+    return launch_bsam_update(g, lr, beta1, beta2, delta, gamma, accum_scale, released_order,
+                              pl.skip, pl.stream);
+  });
 }
 
 void vi_noise_cuda(TensorList params, TensorList backups, TensorList variances,
@@ -416,10 +424,10 @@ void vi_noise_cuda(TensorList params, TensorList backups, TensorList variances,
                 {{"params", params, kP, W}, {"backups", backups, kP, W},
                  {"variances", variances, kS, false, Opt}},
                 /*logical_order=*/true, std::nullopt, param_ids, /*takes_ids=*/true);
-  for (const Group& g : pl.groups())
-    SK_CHECK_LAUNCH(launch_vi_noise(g, static_cast<uint64_t>(seed), static_cast<uint64_t>(step),
-                                    sigma, pl.stream));
-  pl.finish();
+  pl.run([&](const Group& g) {
+    return launch_vi_noise(g, static_cast<uint64_t>(seed), static_cast<uint64_t>(step), sigma,
+                           pl.stream);
+  });
 }
 
 void mfvi_update_cuda(TensorList params, TensorList grads, TensorList backups,
@@ -431,11 +439,10 @@ void mfvi_update_cuda(TensorList params, TensorList grads, TensorList backups,
                 {{"params", params, kP, W}, {"grads", grads, kP}, {"backups", backups, kP},
                  {"variances", variances, kS, W}, {"momenta", momenta, kS, W, Opt}},
                 /*logical_order=*/true, found_inf, param_ids, /*takes_ids=*/true);
-  for (const Group& g : pl.groups())
-    SK_CHECK_LAUNCH(launch_mfvi_update(g, static_cast<uint64_t>(seed), static_cast<uint64_t>(step),
-                                       lr, var_lr, momentum, prior_var, num_data, pl.skip,
-                                       pl.stream));
-  pl.finish();
+  pl.run([&](const Group& g) {
+    return launch_mfvi_update(g, static_cast<uint64_t>(seed), static_cast<uint64_t>(step), lr,
+                              var_lr, momentum, prior_var, num_data, pl.skip, pl.stream);
+  });
 }
 
 Tensor vsam_sumsq_cuda(TensorList grads, TensorList variances) {
@@ -462,10 +469,10 @@ Tensor vsam_perturb_cuda(TensorList params, TensorList grads, TensorList backups
                                    return launch_vsam_sumsq_partials(remap_lists(g, {1, 3}), parts,
                                                                      first, pl.stream);
                                  });
-  for (const Group& g : pl.groups())
-    SK_CHECK_LAUNCH(launch_vsam_perturb(g, norm.data_ptr<double>(), dim, eps, var_lr, prior_var,
-                                        num_data, log_step, min_var, pl.skip, pl.stream));
-  pl.finish();
+  pl.run([&](const Group& g) {
+    return launch_vsam_perturb(g, norm.data_ptr<double>(), dim, eps, var_lr, prior_var, num_data,
+                               log_step, min_var, pl.skip, pl.stream);
+  });
   return norm;
 }
 
@@ -483,11 +490,10 @@ Tensor ebisam_perturb_cuda(TensorList params, TensorList grads, TensorList backu
                                  [&](double* parts, const Group& g, int64_t first) {
                                    return sumsq_stage(parts, g, first, false, 0.0, pl.stream);
                                  });
-  for (const Group& g : pl.groups())
-    SK_CHECK_LAUNCH(launch_ebisam_perturb(g, norm.data_ptr<double>(), static_cast<uint64_t>(seed),
-                                          static_cast<uint64_t>(step), rho, beta, eps, pl.skip,
-                                          pl.stream));
-  pl.finish();
+  pl.run([&](const Group& g) {
+    return launch_ebisam_perturb(g, norm.data_ptr<double>(), static_cast<uint64_t>(seed),
+                                 static_cast<uint64_t>(step), rho, beta, eps, pl.skip, pl.stream);
+  });
   return norm;
 }
 

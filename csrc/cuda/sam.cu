@@ -28,56 +28,28 @@ struct SumsqTerm {
   }
 };
 
-// Lists: 0 params, 1 grads, 2 backups.  The norm is read from device memory: no host sync.
+// Lists: 0 params, 1 grads, 2 backups.
 template <typename M>
-struct SamPerturbLists {
-  static constexpr int kLists = 3, kParamLists = 3;
-  static constexpr Noise kNoise = Noise::kNone;
-  math::SamPerturb<M> maths;
-  const double* norm;
-
-  static SamPerturbLists make(const Group&, const double* norm, double rho, double eps,
-                              bool adaptive, double eta) {
-    return {math::SamPerturb<M>::make(rho, eps, adaptive, eta), norm};
-  }
-  __device__ __forceinline__ M prepare() const { return maths.scale(*norm); }
-  __device__ __forceinline__ void operator()(M (&x)[kLists], M scale, M) const {
+struct SamPerturbLists : ListsOf<math::SamPerturb<M>, 3, 3, Noise::kNone, /*Scaled=*/true> {
+  __device__ __forceinline__ void operator()(M (&x)[3], M scale, M) const {
     x[2] = x[0];  // backups hold the mean weights; exact: opmath holds every P value
-    x[0] = maths(x[0], x[1], scale);
+    x[0] = this->maths(x[0], x[1], scale);
   }
 };
 
 // Lists: 0 params (written), 1 grads, 2 backups, 3 momentum_bufs (absent without momentum).
 template <typename M>
-struct SgdLists {
-  static constexpr int kLists = 4, kParamLists = 3;
-  static constexpr Noise kNoise = Noise::kNone;
-  math::SgdRestore<M> maths;
-
-  static SgdLists make(const Group&, double lr, double momentum, double dampening, bool nesterov,
-                       double weight_decay, bool first) {
-    return {math::SgdRestore<M>::make(lr, momentum, dampening, nesterov, weight_decay, first)};
-  }
-  __device__ __forceinline__ M prepare() const { return M(0); }
-  __device__ __forceinline__ void operator()(M (&x)[kLists], M, M) const {
-    x[0] = maths(x[2], x[1], x[3]);
+struct SgdLists : ListsOf<math::SgdRestore<M>, 4, 3> {
+  __device__ __forceinline__ void operator()(M (&x)[4], M, M) const {
+    x[0] = this->maths(x[2], x[1], x[3]);
   }
 };
 
 // Lists: 0 params, 1 grads, 2 backups, 3 exp_avgs, 4 exp_avg_sqs.
 template <typename M>
-struct AdamLists {
-  static constexpr int kLists = 5, kParamLists = 3;
-  static constexpr Noise kNoise = Noise::kNone;
-  math::AdamRestore<M> maths;
-
-  static AdamLists make(const Group&, int64_t step, double lr, double beta1, double beta2,
-                        double eps, double weight_decay, bool decoupled) {
-    return {math::AdamRestore<M>::make(step, lr, beta1, beta2, eps, weight_decay, decoupled)};
-  }
-  __device__ __forceinline__ M prepare() const { return M(0); }
-  __device__ __forceinline__ void operator()(M (&x)[kLists], M, M) const {
-    x[0] = maths(x[2], x[1], x[3], x[4]);
+struct AdamLists : ListsOf<math::AdamRestore<M>, 5, 3> {
+  __device__ __forceinline__ void operator()(M (&x)[5], M, M) const {
+    x[0] = this->maths(x[2], x[1], x[3], x[4]);
   }
 };
 
@@ -113,8 +85,8 @@ cudaError_t launch_sam_perturb(const Group& g, const double* norm, double rho, d
                                cudaStream_t stream) {
   return launch_phase<SamPerturbLists>(g, /*read: params, grads*/ 0x3u,
                                        /*write: params, backups*/ 0x5u,
-                                       SkipCopy{found_inf, /*src=params*/ 0, /*dst=backups*/ 2}, 0,
-                                       0, stream, norm, rho, eps, adaptive, eta);
+                                       SkipCopy{found_inf, /*src=params*/ 0, /*dst=backups*/ 2},
+                                       PhaseKeys{0, 0, norm}, stream, rho, eps, adaptive, eta);
 }
 
 cudaError_t launch_sam_restore_sgd(const Group& g, double lr, double momentum, double dampening,
@@ -124,8 +96,9 @@ cudaError_t launch_sam_restore_sgd(const Group& g, double lr, double momentum, d
   const unsigned read = 0x6u | (use_momentum && !first ? 0x8u : 0u);  // grads, backups, [bufs]
   const unsigned write = 0x1u | (use_momentum ? 0x8u : 0u);           // params, [bufs]
   return launch_phase<SgdLists>(g, read, write,
-                                SkipCopy{found_inf, /*src=backups*/ 2, /*dst=params*/ 0}, 0, 0,
-                                stream, lr, momentum, dampening, nesterov, weight_decay, first);
+                                SkipCopy{found_inf, /*src=backups*/ 2, /*dst=params*/ 0},
+                                PhaseKeys{}, stream, lr, momentum, dampening, nesterov,
+                                weight_decay, first);
 }
 
 cudaError_t launch_sam_restore_adam(const Group& g, int64_t step, double lr, double beta1,
@@ -133,8 +106,9 @@ cudaError_t launch_sam_restore_adam(const Group& g, int64_t step, double lr, dou
                                     const float* found_inf, cudaStream_t stream) {
   return launch_phase<AdamLists>(g, /*read: grads, backups, exp_avgs, exp_avg_sqs*/ 0x1Eu,
                                  /*write: params, exp_avgs, exp_avg_sqs*/ 0x19u,
-                                 SkipCopy{found_inf, /*src=backups*/ 2, /*dst=params*/ 0}, 0, 0,
-                                 stream, step, lr, beta1, beta2, eps, weight_decay, decoupled);
+                                 SkipCopy{found_inf, /*src=backups*/ 2, /*dst=params*/ 0},
+                                 PhaseKeys{}, stream, step, lr, beta1, beta2, eps, weight_decay,
+                                 decoupled);
 }
 
 }  // namespace cuda

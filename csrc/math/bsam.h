@@ -33,13 +33,15 @@ BsamPrecision<M> make_bsam_precision(double beta2, double delta, double gamma) {
 }
 
 // Line 3: w <- omega + rho g / s (s from before line 5); then line 5 here, or h accumulated.
+// accumulate: line 5 deferred to bsam_update_ (accum += h), else run here.
 template <typename M>
 struct BsamPerturb {
   M rho;
   BsamPrecision<M> line5;
+  bool accumulate;
 
-  static BsamPerturb make(double rho, double beta2, double delta, double gamma) {
-    return {static_cast<M>(rho), make_bsam_precision<M>(beta2, delta, gamma)};
+  static BsamPerturb make(double rho, double beta2, double delta, double gamma, bool accumulate) {
+    return {static_cast<M>(rho), make_bsam_precision<M>(beta2, delta, gamma), accumulate};
   }
   SK_HD M operator()(M omega, M g, M s) const { return omega + rho * g / s; }
 };
@@ -47,18 +49,19 @@ struct BsamPerturb {
 // Lines 5-7 with g_eps = the gradient at the perturbed point:
 //   [accums] s <- line 5 with h = accum * accum_scale
 //   gm <- beta1 gm + (1 - beta1)(g + delta omega);  w <- omega - lr gm / s
-// (s from line 5, or the old s with released_order: the authors' JAX order).
+// (s from line 5, or the old s with released_order: the authors' JAX order).  accumulate: line 5
+// runs here, from the accums.
 template <typename M>
 struct BsamUpdate {
   M lr, beta1, one_minus_beta1, delta, accum_scale;
   BsamPrecision<M> line5;
-  bool released_order;
+  bool released_order, accumulate;
 
   static BsamUpdate make(double lr, double beta1, double beta2, double delta, double gamma,
-                         double accum_scale, bool released_order) {
+                         double accum_scale, bool released_order, bool accumulate) {
     return {static_cast<M>(lr), static_cast<M>(beta1), static_cast<M>(1.0 - beta1),
             static_cast<M>(delta), static_cast<M>(accum_scale),
-            make_bsam_precision<M>(beta2, delta, gamma), released_order};
+            make_bsam_precision<M>(beta2, delta, gamma), released_order, accumulate};
   }
   SK_HD M precision(M s_old, M accum) const { return line5(s_old, accum * accum_scale); }
   SK_HD M momentum(M gm, M g, M omega) const {

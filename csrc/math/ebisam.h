@@ -21,7 +21,9 @@ struct EbisamPerturb {
   // line 4: chosen with probability beta (the uniform compared in double)
   SK_HD bool chosen(M u) const { return static_cast<double>(u) < beta; }
   SK_HD M perturbed(M w, M g, M scale) const { return w + g * scale; }
-  SK_HD M operator()(M w, M g, M scale, M u) const { return chosen(u) ? perturbed(w, g, scale) : w; }
+  SK_HD M operator()(M w, M g, M scale, M u) const {
+    return chosen(u) ? perturbed(w, g, scale) : w;
+  }
 };
 
 }  // namespace math

@@ -30,12 +30,13 @@ struct ViNoise {
 template <typename M>
 struct MfviUpdate {
   M lr, neg_var_lr, momentum, n_prior, inv_prior, two_n;
+  bool use_momentum;
 
   static MfviUpdate make(double lr, double var_lr, double momentum, double prior_var,
-                         double num_data) {
+                         double num_data, bool use_momentum) {
     return {static_cast<M>(lr),        -static_cast<M>(var_lr),
             static_cast<M>(momentum),  static_cast<M>(num_data * prior_var),
-            static_cast<M>(1.0 / prior_var), static_cast<M>(2.0 * num_data)};
+            static_cast<M>(1.0 / prior_var), static_cast<M>(2.0 * num_data), use_momentum};
   }
   SK_HD M direction(M mu, M g) const { return g + mu / n_prior; }
   SK_HD M with_momentum(M buf, M d) const { return momentum * buf + d; }
@@ -74,7 +75,7 @@ struct VsamPerturb {
             static_cast<M>(min_var),  log_step};
   }
   // 1 / (norm + eps), the norm rounded to M first (reference: sigma_norm.to(w.dtype) + eps)
-  SK_HD M inverse(double norm) const { return M(1) / (static_cast<M>(norm) + eps); }
+  SK_HD M scale(double norm) const { return M(1) / (static_cast<M>(norm) + eps); }
   SK_HD M perturbed(M mu, M g, M var, M inv) const { return mu + sq * var * g * inv; }  // eq. 2
   SK_HD M variance(M var, M g, M inv) const {
     if (log_step) {  // Sigma * dL/dSigma of eq. 42: a gradient step on log Sigma
