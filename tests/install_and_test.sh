@@ -26,7 +26,7 @@ KEEP_VENVS="${SAMKERNELS_KEEP_VENVS:-0}"
 export PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 # What the CUDA stacks run (the whole suite is run once, on 2.13; these are the files that touch
 # the compiled ops, the optimizers, torch.compile and Triton).
-CUDA_STACK_TESTS="test_contract.py test_triton_plans.py test_optim.py test_compile.py
+CUDA_STACK_TESTS="test_contract.py test_oracles.py test_triton_plans.py test_optim.py test_compile.py
   test_dispatch.py test_bisam_loss.py test_nonfinite_device.py test_norm_contract.py
   test_triton_aot.py test_precision.py"
 COMMON_PKGS=(numpy pytest hypothesis "setuptools>=64" wheel ninja)

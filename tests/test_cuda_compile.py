@@ -251,8 +251,13 @@ FAST_INTRINSIC = re.compile(r"\b__(?:expf|exp10f|logf|log2f|log10f|powf|sinf|cos
                             r"tanhf|fdividef)\s*\(")
 
 
+# the per-element maths nvcc compiles into the kernels (shared with the CPU build)
+MATH_HEADERS = sorted(glob.glob(os.path.join(CSRC, "math", "*.h")))
+
+
 @pytest.mark.parametrize("path", CU_FILES + sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cuh")))
-                         + [os.path.join(CSRC, "philox.h")], ids=lambda p: os.path.basename(p))
+                         + [os.path.join(CSRC, "philox.h")] + MATH_HEADERS,
+                         ids=lambda p: os.path.relpath(p, CSRC))
 def test_no_fast_math_intrinsics(path):
     # the PTX check cannot tell __expf from exp2f; the sources name none of these approximations
     with open(path) as f:
@@ -298,10 +303,11 @@ def test_launch_functions_link(compiled, nvcc_tmp):
 
 
 TORCH_FREE = CU_FILES + sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cuh"))) + [
-    p for p in [os.path.join(CSRC, "cuda", "launch.h")] if os.path.isfile(p)]
+    p for p in [os.path.join(CSRC, "cuda", "launch.h")] if os.path.isfile(p)] + MATH_HEADERS + [
+    os.path.join(CSRC, "philox.h")]
 
 
-@pytest.mark.parametrize("path", TORCH_FREE, ids=lambda p: os.path.basename(p))
+@pytest.mark.parametrize("path", TORCH_FREE, ids=lambda p: os.path.relpath(p, CSRC))
 def test_cu_is_torch_free(path):
     # The CPU build of torch lacks some of its CUDA headers: .cu files including them do not
     # compile against the CPU torch; the glue .cpp holds everything torch.

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import samkernels
 from samkernels import ASAM, BSAM, SAM
 from samkernels.ops import reference as ref
-from samkernels.ops.reference_vi import philox_uniform
+from samkernels.ops.reference import philox_uniform
 from samkernels.optim import MFVI, BiSAM, EBiSAM, RandomSAM, VariationalSAM
 
 from conftest import needs_ext

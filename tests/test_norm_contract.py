@@ -3,7 +3,7 @@
 Every norm a backend computes -- ``grad_sumsq``, ``vsam_sumsq``, and the norm that
 ``sam_perturb_`` / ``vsam_perturb_`` / ``ebisam_perturb_`` return when they compute it -- squares and
 sums in float64 and comes back as a 0-dim float64 tensor on the parameters' device, as the
-executable spec (samkernels/ops/reference.py, reference_vi.py) does, whatever the parameters'
+executable spec (samkernels/ops/reference.py) does, whatever the parameters'
 dtypes.  A float32 accumulator would differ from the reference in the 7th digit on a large model
 and overflow to inf on finite gradients above ~1.8e19 (then the optimizers' on-device check of
 the norm takes a finite step for a non-finite one and skips it).
@@ -23,7 +23,6 @@ import torch  # noqa: E402
 
 from samkernels import _dispatch, ops  # noqa: E402
 from samkernels.ops import reference as R  # noqa: E402
-from samkernels.ops import vi_ops  # noqa: E402
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
 SHAPES = [(1000,), (33,), (7, 5), (4097,), (3,)]
@@ -79,15 +78,15 @@ def _run(op, ps, gs, bs, vs, ids, backend):
     if op in ("grad_sumsq", "grad_sumsq_asam"):
         return ops.grad_sumsq(ps, gs, op == "grad_sumsq_asam", 0.01, **kw)
     if op == "vsam_sumsq":
-        return vi_ops.vsam_sumsq(gs, vs, **kw)
+        return ops.vsam_sumsq(gs, vs, **kw)
     if op in ("sam_perturb_", "asam_perturb_"):
         return ops.sam_perturb_(ps, gs, bs, None, 0.05, 1e-12, op == "asam_perturb_", 0.01, **kw)
     if op == "vsam_perturb_":
         dim = float(sum(p.numel() for p in ps))
-        return vi_ops.vsam_perturb_(ps, gs, bs, vs, None, dim, 1e-12, 1e-3, 2.0, 40.0, True,
+        return ops.vsam_perturb_(ps, gs, bs, vs, None, dim, 1e-12, 1e-3, 2.0, 40.0, True,
                                     1e-8, **kw)
     if op == "ebisam_perturb_":
-        return vi_ops.ebisam_perturb_(ps, gs, bs, ids, None, 5, 7, 0.05, 0.5, 1e-12, **kw)
+        return ops.ebisam_perturb_(ps, gs, bs, ids, None, 5, 7, 0.05, 0.5, 1e-12, **kw)
     raise KeyError(op)
 
 
