@@ -447,25 +447,6 @@ def test_posterior_variance_positive_and_api(name):
         opt.predictive(model, x, samples=0)
 
 
-@needs_ext
-def test_bf16_parameters_keep_fp32_variance():
-    model = mlp(torch.bfloat16)
-    opt = MFVI(model.parameters(), lr=0.05, num_data=N, seed=0)
-    x, y = data(torch.bfloat16)
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x).float(), y)
-        loss.backward()
-        return loss
-
-    for _ in range(3):
-        opt.step(closure)
-    for p in model.parameters():
-        assert p.dtype == torch.bfloat16 and torch.isfinite(p).all()
-        assert opt.state[p]["variance"].dtype == torch.float32
-
-
 @pytest.mark.parametrize("make", [lambda ps: BiSAM(ps, lr=0.1, momentum=0.9),
                                   lambda ps: EBiSAM(ps, lr=0.1, momentum=0.9, seed=2)])
 def test_built_closure_with_m_sharpness(make):

@@ -277,9 +277,10 @@ def test_load_state_dict_from_other_class_or_shape_fails():
 
 
 @needs_ext
-def test_bf16_parameters_keep_fp32_state():
+@pytest.mark.parametrize("cls,key", [(BSAM, "precision"), (samkernels.MFVI, "variance")])
+def test_bf16_parameters_keep_fp32_state(cls, key):
     model = mlp(torch.bfloat16)
-    opt = BSAM(model.parameters(), lr=0.05, num_data=32, seed=0)
+    opt = cls(model.parameters(), lr=0.05, num_data=32, seed=0)
     x, y = data(torch.bfloat16)
 
     def closure():
@@ -292,13 +293,13 @@ def test_bf16_parameters_keep_fp32_state():
         opt.step(closure)
     for p in model.parameters():
         assert p.dtype == torch.bfloat16 and torch.isfinite(p).all()
-        assert opt.state[p]["precision"].dtype == torch.float32
+        assert opt.state[p][key].dtype == torch.float32
     sd = opt.state_dict()
-    opt2 = BSAM(model.parameters(), lr=0.05, num_data=32)
+    opt2 = cls(model.parameters(), lr=0.05, num_data=32)
     opt2.load_state_dict(sd)
     for p in model.parameters():
-        assert opt2.state[p]["precision"].dtype == torch.float32
-        assert torch.equal(opt2.state[p]["precision"], opt.state[p]["precision"])
+        assert opt2.state[p][key].dtype == torch.float32
+        assert torch.equal(opt2.state[p][key], opt.state[p][key])
 
 
 def test_posterior_api():

@@ -14,10 +14,9 @@ namespace cpu {
 namespace {
 
 at::Tensor grad_sumsq(at::TensorList params, at::TensorList grads, bool adaptive, double eta) {
-  // params are read only for ASAM; plain SAM needs the grads alone
-  PhaseLists pl("grad_sumsq",
-                {{"params", adaptive ? params : at::TensorList{}, kP, false, Opt},
-                 {"grads", grads, kP}});
+  // params are read only for ASAM, but checked against the grads either way (same contract as
+  // every phase: a grad of the wrong size or dtype is an error naming it)
+  PhaseLists pl("grad_sumsq", {{"params", params, kP}, {"grads", grads, kP}});
   return norm_tensor(pl.sum([&](const auto& v) { return chunk_sumsq(v, 0, 1, adaptive, eta); }));
 }
 

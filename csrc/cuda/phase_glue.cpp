@@ -311,11 +311,9 @@ constexpr bool Opt = true;  // optional (may be empty)
 // 0xFFFFFFFF), hence the uint64_t casts.
 // ---------------------------------------------------------------------------------------------
 Tensor grad_sumsq_cuda(TensorList params, TensorList grads, bool adaptive, double eta) {
-  // params are read only for ASAM (T = |w| + eta); plain SAM needs the grads alone (as the CPU
-  // kernel), so then the grads also decide the dtype groups.
-  PhaseLists pl("samkernels::grad_sumsq",
-                {{"params", adaptive ? params : TensorList{}, kP, false, Opt},
-                 {"grads", grads, kP}});
+  // params are read only for ASAM (T = |w| + eta), but checked against the grads either way (as
+  // the CPU kernel: a grad of the wrong size or dtype is an error naming it)
+  PhaseLists pl("samkernels::grad_sumsq", {{"params", params, kP}, {"grads", grads, kP}});
   if (pl.empty()) return zero_norm();
   return reduce(pl, /*take_sqrt=*/false, [&](double* parts, const Group& g, int64_t first) {
     return sumsq_stage(parts, g, first, adaptive, eta, pl.stream);
