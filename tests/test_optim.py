@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import samkernels
 from samkernels import ASAM, BSAM, SAM
+from samkernels.optim import MFVI
 
 from conftest import needs_ext
 from helpers import data, mlp
@@ -277,7 +278,7 @@ def test_load_state_dict_from_other_class_or_shape_fails():
 
 
 @needs_ext
-@pytest.mark.parametrize("cls,key", [(BSAM, "precision"), (samkernels.MFVI, "variance")])
+@pytest.mark.parametrize("cls,key", [(BSAM, "precision"), (MFVI, "variance")])
 def test_bf16_parameters_keep_fp32_state(cls, key):
     model = mlp(torch.bfloat16)
     opt = cls(model.parameters(), lr=0.05, num_data=32, seed=0)
