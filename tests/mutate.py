@@ -53,11 +53,10 @@ class Mutation:
                    for p in ((paths,) if isinstance(paths, str) else paths))
 
 
-REF, REF_VI = "samkernels/ops/reference.py", ("samkernels/ops/reference_vi.py",
-                                              "samkernels/ops/reference.py")
-TRI = "samkernels/triton/"  # the Triton modules were renamed after their phases (sam_step -> sam)
-TRI_SAM, TRI_BSAM, TRI_VI = ((TRI + f"{n}_step.py", TRI + f"{n}.py") for n in ("sam", "bsam", "vi"))
-TRI_PHILOX = (TRI + "_philox.py",) + TRI_BSAM
+REF = REF_VI = "samkernels/ops/reference.py"  # the whole spec (SAM, bSAM, the MFVI family)
+TRI = "samkernels/triton/"
+TRI_SAM, TRI_BSAM, TRI_VI = (TRI + f"{n}.py" for n in ("sam", "bsam", "vi"))
+TRI_PHILOX = TRI + "_philox.py"
 # the per-element maths the CPU kernels and the CUDA functors share (only the CPU build runs here)
 CPU_SAM, CPU_BSAM, CPU_VI = "csrc/math/sam.h", "csrc/math/bsam.h", "csrc/math/vi.h"
 ORACLE, WORKED = "test_oracles.py", "test_optim.py::test_bsam_worked_example"

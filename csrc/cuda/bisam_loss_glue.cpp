@@ -1,7 +1,7 @@
 // Torch glue of the fused BiSAM loss kernel: the CUDA implementation of samkernels::bisam_loss_fwd
 // (schema in csrc/cpu/bisam_loss.cpp, semantics in samkernels/ops/bisam_loss.py).  Checks the
 // arguments and calls the torch-free launcher of bisam_loss.h on the current stream.  Only light
-// c10 CUDA headers (as ops_cuda.cpp): ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers.
+// c10 CUDA headers (as phase_glue.cpp): ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers.
 // Labels are not range-checked here (that would be a host sync): the kernel writes NaN for a bad
 // row without reading outside it, and the Python wrapper asserts asynchronously.
 #include <ATen/ATen.h>
