@@ -24,20 +24,8 @@ void bsam_noise(at::TensorList params, at::TensorList backups, at::TensorList pr
                 c10::nullopt, param_ids, /*takes_ids=*/true);
   pl.run([&](const auto& v) {
     SK_CHUNK_TYPES(v);
-    const auto maths = math::BsamNoise<opmath_t>::make(num_data);
-    scalar_t* wp = v.param(0);
-    scalar_t* bp = v.param(1);
-    const opmath_t* sp = v.state(2);
-    for_each_normal_run<opmath_t>(
-        static_cast<uint64_t>(seed), static_cast<uint64_t>(step),
-        static_cast<uint32_t>(param_ids[v.tensor]), v.begin, v.end,
-        [&](int64_t q, int len, const opmath_t* z) {
-          for (int k = 0; k < len; ++k) {
-            const opmath_t omega = static_cast<opmath_t>(wp[q + k]);
-            bp[q + k] = wp[q + k];
-            wp[q + k] = static_cast<scalar_t>(maths(omega, sp[q + k], z[k]));
-          }
-        });
+    noise_chunk(v, math::BsamNoise<opmath_t>::make(num_data), static_cast<uint64_t>(seed),
+                static_cast<uint64_t>(step), static_cast<uint32_t>(param_ids[v.tensor]));
   });
   pl.finish();
 }

@@ -212,5 +212,27 @@ inline void for_each_normal_run(uint64_t seed, uint64_t step, uint32_t pid, int6
   }
 }
 
+// The noise phases (bsam_noise_, vi_noise_) on one chunk view `v` (cpu/multi_tensor.h): list 1
+// (backups) <- list 0 (params), then w <- maths(w, state, z), z the normals of parameter `pid`;
+// list 2 is the state the maths reads (precisions, variances), 0 where that list is absent.
+template <typename V, typename Maths>
+inline void noise_chunk(const V& v, const Maths& maths, uint64_t seed, uint64_t step,
+                        uint32_t pid) {
+  using scalar_t = typename V::scalar_t;
+  using opmath_t = typename V::opmath_t;
+  scalar_t* wp = v.param(0);
+  scalar_t* bp = v.param(1);
+  const opmath_t* sp = v.state(2);
+  for_each_normal_run<opmath_t>(seed, step, pid, v.begin, v.end,
+                                [&](int64_t q, int len, const opmath_t* z) {
+                                  for (int k = 0; k < len; ++k) {
+                                    const opmath_t w = static_cast<opmath_t>(wp[q + k]);
+                                    bp[q + k] = wp[q + k];
+                                    const opmath_t s = sp ? sp[q + k] : opmath_t(0);
+                                    wp[q + k] = static_cast<scalar_t>(maths(w, s, z[k]));
+                                  }
+                                });
+}
+
 }  // namespace cpu
 }  // namespace samkernels

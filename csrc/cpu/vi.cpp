@@ -26,22 +26,10 @@ void vi_noise(at::TensorList params, at::TensorList backups, at::TensorList vari
                 {{"params", params, kP, W}, {"backups", backups, kP, W},
                  {"variances", variances, kS, false, Opt}},
                 c10::nullopt, param_ids, /*takes_ids=*/true);
-  pl.run([&](const auto& v) {
+  pl.run([&](const auto& v) {  // without variances the state passed to the maths is 0, unread
     SK_CHUNK_TYPES(v);
-    const auto maths = math::ViNoise<opmath_t>::make(sigma, learned);
-    scalar_t* wp = v.param(0);
-    scalar_t* bp = v.param(1);
-    const opmath_t* vp = v.state(2);
-    for_each_normal_run<opmath_t>(
-        static_cast<uint64_t>(seed), static_cast<uint64_t>(step),
-        static_cast<uint32_t>(param_ids[v.tensor]), v.begin, v.end,
-        [&](int64_t q, int len, const opmath_t* z) {
-          for (int k = 0; k < len; ++k) {
-            const opmath_t mu = static_cast<opmath_t>(wp[q + k]);
-            bp[q + k] = wp[q + k];
-            wp[q + k] = static_cast<scalar_t>(maths(mu, learned ? vp[q + k] : opmath_t(0), z[k]));
-          }
-        });
+    noise_chunk(v, math::ViNoise<opmath_t>::make(sigma, learned), static_cast<uint64_t>(seed),
+                static_cast<uint64_t>(step), static_cast<uint32_t>(param_ids[v.tensor]));
   });
   pl.finish();
 }
