@@ -51,7 +51,7 @@ def _want_cuda() -> bool:
 CXX_STD = build_flags.cxx_std()
 print(f"samkernels: building with -std={CXX_STD} for torch {torch.__version__}")
 cxx_flags = build_flags.cxx_flags(CXX_STD)
-sources = _rel("csrc/*.cpp") + _rel("csrc/cpu/*.cpp")
+sources = _rel("csrc/*.cpp") + _rel("csrc/ops/*.cpp")
 ext_kwargs = dict(extra_link_args=["-fopenmp"], include_dirs=[os.path.join(ROOT, "csrc")])
 
 if _want_cuda():
