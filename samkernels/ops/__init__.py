@@ -128,9 +128,9 @@ def _docstring(op: OpSpec) -> str:
     writes = ", ".join(op.written) or "nothing"
     returns = "a 0-dim float64 norm" if op.result == "norm" else (
         "None" if op.returns == "()" else op.returns)
-    return (f"{op.doc}.\n\nWrites {writes} in place; returns {returns}.  ``backend`` forces a "
-            f"backend (reference | cpu | triton | cuda).\n\n"
-            f"Semantics (:func:`samkernels.ops.reference.{op.name}`):\n\n    {spec.strip()}\n")
+    return (f"{spec.strip()}\n\nFused: writes {writes} in place; returns {returns}.  ``backend`` "
+            f"forces a backend (reference | cpu | triton | cuda); the semantics are "
+            f":func:`samkernels.ops.reference.{op.name}`'s.\n")
 
 
 _CPU = torch.device("cpu")

@@ -1,6 +1,7 @@
 """The ``samkernels`` torch.library namespace, defined from the op table (:mod:`._spec`).
 
-Every schema is defined here, once; the compiled kernels (``csrc/cpu``, ``csrc/cuda``) only
+``op`` declares a row of the table on its reference function and defines the op: every schema
+is defined here, once; the compiled kernels (``csrc/cpu``, ``csrc/cuda``) only
 register implementations for them (``TORCH_LIBRARY_IMPL``), and the Triton backend registers its
 own ops ``samkernels::triton_<name>`` with the same schemas.  Registering a kernel before its
 schema is defined is allowed by the dispatcher, so the import order of ``samkernels._C`` and of
@@ -13,12 +14,13 @@ device (the norm contract: float64 on every backend).
 """
 from __future__ import annotations
 
-from typing import Callable
+import inspect
+from typing import Callable, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from samkernels.ops._spec import OPS, OpSpec
+from samkernels.ops._spec import OPS, PHASES, Arg, OpSpec
 
 NAMESPACE = "samkernels"
 LIB = torch.library.Library(NAMESPACE, "DEF")
@@ -54,5 +56,42 @@ def define(op: OpSpec, name: str) -> None:
         torch.library.register_fake(f"{NAMESPACE}::{name}", generic_fake(op, name), lib=LIB)
 
 
-for _op in OPS.values():
-    define(_op, _op.name)
+
+def declare(spec: OpSpec) -> OpSpec:
+    """Add ``spec`` to the table and define its op (once: a name is never redefined)."""
+    if spec.name in OPS:
+        raise RuntimeError(f"samkernels op {spec.name!r} is declared twice")
+    OPS[spec.name] = spec
+    if spec.multi_tensor:
+        PHASES[spec.name] = spec
+    define(spec, spec.name)
+    return spec
+
+
+def _summary(fn: Callable) -> str:
+    """The first paragraph of ``fn``'s docstring, on one line."""
+    first = (fn.__doc__ or fn.__name__).strip().split("\n\n")[0]
+    return " ".join(first.split()).rstrip(".")
+
+
+def op(family: str, *args: Union[Arg, Tuple[Arg, ...]], returns: str = "()", result=None,
+       requires=()) -> Callable:
+    """The row of the op named like the decorated function, which is its float64 reference.
+
+    ``args`` are the schema's arguments in order (tuples of them are spliced in); the reference
+    must take exactly these parameters, in this order, so the two cannot drift apart.  The first
+    paragraph of the reference's docstring describes the op.
+    """
+    flat = tuple(a for x in args for a in (x if isinstance(x, tuple) else (x,)))
+
+    def row(fn: Callable) -> Callable:
+        names = tuple(inspect.signature(fn).parameters)
+        spec = OpSpec(fn.__name__, family, flat, returns, f"{fn.__module__}:{fn.__name__}",
+                      result=result, doc=_summary(fn),
+                      requires=requires)
+        if names != spec.arg_names:
+            raise TypeError(f"reference {fn.__name__}{names} does not take the row's arguments "
+                            f"{spec.arg_names}")
+        declare(spec)
+        return fn
+    return row

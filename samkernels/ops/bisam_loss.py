@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from samkernels import _dispatch
 from samkernels._dtypes import opmath
 from samkernels.ops import _library
+from samkernels.ops._spec import BOOL, FLOAT, INT, TENSOR, Arg, OpSpec
 
 __all__ = ["bisam_loss", "BiSAMLoss", "bisam_loss_reference", "TargetOutOfRangeError",
            "DEFAULT_MU", "GAMMA"]
@@ -145,7 +146,24 @@ def bisam_loss_reference(logits: Tensor, target: Tensor, mu: Optional[float] = N
     return out.to(logits.dtype)
 
 
-# --- fused ops ---------------------------------------------------------------------------------
+# --- fused ops: their rows of the op table (samkernels.ops._spec), reference above ---------------
+_INPUTS = (Arg("logits", TENSOR), Arg("target", TENSOR), Arg("mu", FLOAT), Arg("phi", INT),
+           Arg("alpha", FLOAT))
+_REFERENCE = f"{__name__}:bisam_loss_reference"
+for _spec in (
+        OpSpec("bisam_loss_fwd", "loss",
+               (*_INPUTS, Arg("ignore_index", INT), Arg("grad_scale", FLOAT),
+                Arg("compute_grad", BOOL)), "(Tensor loss_rows, Tensor grad)", _REFERENCE,
+               doc="per-row loss (0 for ignored rows) and grad_scale * d loss_row / d logits"),
+        OpSpec("bisam_loss_fwd_reduced", "loss",
+               (*_INPUTS, Arg("reduction", INT), Arg("ignore_index", INT),
+                Arg("compute_grad", BOOL)), "(Tensor loss, Tensor grad)", _REFERENCE,
+               doc="the reduced loss and its gradient; checks the labels itself (CPU)"),
+        OpSpec("bisam_loss", "loss", (*_INPUTS, Arg("reduction", INT), Arg("ignore_index", INT)),
+               "Tensor", _REFERENCE, doc="the differentiable loss, autograd in C++ (eager CPU)")):
+    _library.declare(_spec)
+
+
 def _fake_fwd(logits, target, mu, phi, alpha, ignore_index, grad_scale, compute_grad):
     loss_rows = logits.new_empty((logits.shape[0],), dtype=opmath(logits))
     grad = logits.new_empty(logits.shape) if compute_grad else logits.new_empty((0,))
@@ -162,7 +180,7 @@ def _fake_loss(logits, target, mu, phi, alpha, reduction, ignore_index):
     return logits.new_empty((logits.shape[0],) if reduction == 0 else ())
 
 
-# shapes for torch.compile (FakeTensor) tracing; the schemas come from the op table
+# shapes for torch.compile (FakeTensor) tracing
 torch.library.register_fake("samkernels::bisam_loss_fwd", _fake_fwd, lib=_library.LIB)
 torch.library.register_fake("samkernels::bisam_loss_fwd_reduced", _fake_fwd_reduced,
                             lib=_library.LIB)

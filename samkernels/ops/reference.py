@@ -1,7 +1,9 @@
 """The executable specification: every fused phase written in plain PyTorch.
 
 Each function here is the contract the fused backends (C++ CPU, Triton, CUDA) implement: same
-arguments, same in-place effects.  They are short on purpose and dtype-generic; the tests run them in
+arguments, same in-place effects.  The ``@op`` row above each phase is its entry in the op table
+(:mod:`samkernels.ops._spec`): the schema every backend registers, the roles of its lists, what
+it writes and returns.  They are short on purpose and dtype-generic; the tests run them in
 float64 and compare every fused backend against them.  Equation / line numbers refer to
 ``docs/spec.md``.  Papers: Foret et al. 2021 (SAM), Kwon et al. 2021 (ASAM), Möllenhoff & Khan 2022
 (bSAM, Algorithm 1), Ujváry et al., "Rethinking SAM as Variational Inference" (RandomSAM Alg. 1,
@@ -36,6 +38,9 @@ import torch
 from torch import Tensor
 
 from samkernels._dtypes import opmath
+from samkernels.ops._library import op
+from samkernels.ops._spec import (BOOL, FLOAT, FOUND_INF, IDS_SEED_STEP, INT, INT_LIST, NOISED,
+                                  OPT_TENSOR, PERTURBED, UPDATED, Arg, L, floats)
 
 # ---------------------------------------------------------------------------------------------
 # Counter-based noise: Philox4x32-10 (Salmon et al. 2011), the generator every backend shares.
@@ -120,6 +125,8 @@ def copy_all_(dst: Sequence[Tensor], src: Sequence[Tensor]) -> None:
 # ---------------------------------------------------------------------------------------------
 # SAM / ASAM (Foret et al. 2021; Kwon et al. 2021)
 # ---------------------------------------------------------------------------------------------
+@op("sam", L("params", "param"), L("grads", "grad"), Arg("adaptive", BOOL, default="False"),
+    Arg("eta", FLOAT, default="0.0"), returns="Tensor", result="norm")
 def grad_sumsq(params: Sequence[Tensor], grads: Sequence[Tensor], adaptive: bool, eta: float) -> Tensor:
     """sum ||T g||^2 over all tensors, T = |w| + eta for ASAM, T = 1 for SAM."""
     total = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else None)
@@ -129,6 +136,8 @@ def grad_sumsq(params: Sequence[Tensor], grads: Sequence[Tensor], adaptive: bool
     return total
 
 
+@op("sam", PERTURBED, Arg("grad_norm", OPT_TENSOR), floats("rho", "eps"), Arg("adaptive", BOOL),
+    Arg("eta", FLOAT), FOUND_INF, returns="Tensor", result="norm")
 def sam_perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
                  grad_norm: Optional[Tensor], rho: float, eps: float, adaptive: bool, eta: float,
                  found_inf: Optional[Tensor] = None) -> Tensor:
@@ -151,6 +160,8 @@ def sam_perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor
     return grad_norm
 
 
+@op("sam", UPDATED, L("momentum_bufs", "state?", True), floats("lr", "momentum", "dampening"),
+    Arg("nesterov", BOOL), Arg("weight_decay", FLOAT), Arg("first", BOOL), FOUND_INF)
 def sam_restore_sgd_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
                      momentum_bufs: List[Tensor], lr: float, momentum: float, dampening: float,
                      nesterov: bool, weight_decay: float, first: bool,
@@ -173,6 +184,8 @@ def sam_restore_sgd_(params: List[Tensor], grads: List[Tensor], backups: List[Te
         p.copy_(w.add_(d, alpha=-lr))
 
 
+@op("sam", UPDATED, L("exp_avgs", "state", True), L("exp_avg_sqs", "state", True), Arg("step", INT),
+    floats("lr", "beta1", "beta2", "eps", "weight_decay"), Arg("decoupled", BOOL), FOUND_INF)
 def sam_restore_adam_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
                       exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor], step: int, lr: float,
                       beta1: float, beta2: float, eps: float, weight_decay: float,
@@ -201,6 +214,7 @@ def sam_restore_adam_(params: List[Tensor], grads: List[Tensor], backups: List[T
 # ---------------------------------------------------------------------------------------------
 # bSAM (Algorithm 1; docs/spec.md lines 1-7)
 # ---------------------------------------------------------------------------------------------
+@op("bsam", NOISED, L("precisions", "state"), IDS_SEED_STEP, Arg("num_data", FLOAT))
 def bsam_noise_(params: List[Tensor], backups: List[Tensor], precisions: List[Tensor],
                 param_ids: List[int], seed: int, step: int, num_data: float) -> None:
     """Line 1: backup <- omega;  w <- theta = omega + z / sqrt(N s),  z = philox_normal(...)."""
@@ -211,6 +225,8 @@ def bsam_noise_(params: List[Tensor], backups: List[Tensor], precisions: List[Te
         p.copy_(w + z / torch.sqrt(num_data * s.to(w.dtype)))
 
 
+@op("bsam", UPDATED, L("precisions", "state", True), L("accums", "state?", True),
+    floats("rho", "beta2", "delta", "gamma"), FOUND_INF)
 def bsam_perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
                   precisions: List[Tensor], accums: List[Tensor], rho: float, beta2: float,
                   delta: float, gamma: float, found_inf: Optional[Tensor] = None) -> None:
@@ -232,6 +248,10 @@ def bsam_perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Tenso
             s.copy_(beta2 * ss + (1 - beta2) * (h + delta + gamma))
 
 
+@op("bsam", UPDATED, L("precisions", "state", True), L("momenta", "state", True),
+    L("accums", "state?"), floats("lr", "beta1", "beta2", "delta", "gamma", "accum_scale"),
+    Arg("released_order", BOOL), FOUND_INF,
+    requires=(("released_order", "accums", "line 5 must wait for the update to keep the old s"),))
 def bsam_update_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
                  precisions: List[Tensor], momenta: List[Tensor], accums: List[Tensor], lr: float,
                  beta1: float, beta2: float, delta: float, gamma: float, accum_scale: float,
@@ -260,6 +280,7 @@ def bsam_update_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor
 # ---------------------------------------------------------------------------------------------
 # RandomSAM (Alg. 1) and MFVI (Alg. 2)
 # ---------------------------------------------------------------------------------------------
+@op("vi", NOISED, L("variances", "state?"), IDS_SEED_STEP, Arg("sigma", FLOAT))
 def vi_noise_(params: List[Tensor], backups: List[Tensor], variances: List[Tensor],
               param_ids: List[int], seed: int, step: int, sigma: float) -> None:
     """backup <- mu;  w <- mu + std * z,  z = philox_normal(seed, step, param_id).
@@ -274,6 +295,8 @@ def vi_noise_(params: List[Tensor], backups: List[Tensor], variances: List[Tenso
         p.copy_(w + std * z)
 
 
+@op("vi", UPDATED, L("variances", "state", True), L("momenta", "state?", True), IDS_SEED_STEP,
+    floats("lr", "var_lr", "momentum", "prior_var", "num_data"), FOUND_INF)
 def mfvi_update_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
                  variances: List[Tensor], momenta: List[Tensor], param_ids: List[int], seed: int,
                  step: int, lr: float, var_lr: float, momentum: float, prior_var: float,
@@ -303,6 +326,7 @@ def mfvi_update_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor
 # ---------------------------------------------------------------------------------------------
 # VariationalSAM (Alg. 3, App. E)
 # ---------------------------------------------------------------------------------------------
+@op("vi", L("grads", "grad"), L("variances", "state"), returns="Tensor", result="norm")
 def vsam_sumsq(grads: Sequence[Tensor], variances: Sequence[Tensor]) -> Tensor:
     """g^T Sigma g = sum Sigma g^2 over all tensors (eq. 2's normaliser), float64."""
     total = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else None)
@@ -311,6 +335,9 @@ def vsam_sumsq(grads: Sequence[Tensor], variances: Sequence[Tensor]) -> Tensor:
     return total
 
 
+@op("vi", PERTURBED, L("variances", "state", True), Arg("sigma_norm", OPT_TENSOR),
+    floats("dim", "eps", "var_lr", "prior_var", "num_data"), Arg("log_step", BOOL),
+    Arg("min_var", FLOAT), FOUND_INF, returns="Tensor", result="norm")
 def vsam_perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
                   variances: List[Tensor], sigma_norm: Optional[Tensor], dim: float, eps: float,
                   var_lr: float, prior_var: float, num_data: float, log_step: bool,
@@ -348,6 +375,8 @@ def vsam_perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Tenso
 # ---------------------------------------------------------------------------------------------
 # E-BiSAM (Alg. 3 of the BiSAM paper): stochastic weight perturbation
 # ---------------------------------------------------------------------------------------------
+@op("ebisam", PERTURBED, Arg("param_ids", INT_LIST), Arg("grad_norm", OPT_TENSOR), Arg("seed", INT),
+    Arg("step", INT), floats("rho", "beta", "eps"), FOUND_INF, returns="Tensor", result="norm")
 def ebisam_perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
                   param_ids: List[int], grad_norm: Optional[Tensor], seed: int, step: int,
                   rho: float, beta: float, eps: float, found_inf: Optional[Tensor] = None) -> Tensor:
