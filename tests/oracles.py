@@ -10,8 +10,12 @@ these.  Three kinds of oracle (docs/spec.md holds the equations):
     Philox4x32-10 (``philox4x32_10``) checked against the Random123 known-answer vectors.
 
 Each ``case_<op>(dtype, path, gen)`` returns a ``Case``: the op's arguments by name and, for each
-list the op writes (and ``"return"``), the expected float64 values.  ``CASES`` lists the code paths
+list the op writes (and ``"return"``), the expected float64 values.  ``PATHS`` lists the code paths
 of each op (deferred / non-deferred bSAM line 5, each ``found_inf`` value, ...).
+
+The other per-op test data lives here too: ``CASES``, each op's argument values (a base case and
+the variants that select another code path), from which tests/test_contract.py,
+tests/test_triton_aot.py and tests/test_gpu_ops.py build every op's inputs with the op table.
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 import torch
+
+from helpers import EMPTY
 
 F32, F64 = torch.float32, torch.float64
 MASK = 0xFFFFFFFF
@@ -434,7 +440,7 @@ def case_ebisam_perturb_(dtype, path, gen):
 
 _STEPS = [str(s) for s in GOLDEN_STEPS]
 # op -> its code paths (each a Case builder argument); every op of PHASES must be here
-CASES: Dict[str, tuple] = {
+PATHS: Dict[str, tuple] = {
     "grad_sumsq": ("sam", "asam"),
     "sam_perturb_": ("sam", "asam-norm", "sam-finite", "sam-skip"),
     "sam_restore_sgd_": tuple(SGD_PATHS),
@@ -450,4 +456,63 @@ CASES: Dict[str, tuple] = {
     "vsam_perturb_": ("log", "linear", "log-finite", "log-skip"),
     "ebisam_perturb_": tuple(_STEPS) + ("finite", "skip"),
 }
-BUILDERS: Dict[str, Callable] = {name: globals()[f"case_{name}"] for name in CASES}
+BUILDERS: Dict[str, Callable] = {name: globals()[f"case_{name}"] for name in PATHS}
+
+
+# --- the argument values of every op (the contract, the AOT matrix, the GPU cases) ------------
+CASE_SEED = 0x0123456789ABCDEF  # > 2^32: both Philox key words matter
+# Each op: a base case and variants overriding it with the edge values that select another code
+# path (each bool both ways, each optional list empty, each optional norm None and given:
+# tests/test_contract.py checks it).  The base case gives every scalar argument and optional norm
+# and selects the most code (every option on, the lists full): tests/test_triton_aot.py compiles
+# it in every dtype, the variants in one.  EMPTY passes an optional list (role state?) empty.
+CASES: Dict[str, List[dict]] = {
+    "grad_sumsq": [dict(adaptive=True, eta=0.01), dict(adaptive=False, eta=0.0)],
+    "sam_perturb_": [dict(grad_norm=None, rho=0.05, eps=1e-12, adaptive=True, eta=0.01),
+                     dict(adaptive=False, eta=0.0), dict(grad_norm=2.5, adaptive=False, eta=0.0),
+                     dict(grad_norm=2.5), dict(rho=0.0, adaptive=False, eta=0.0)],
+    "sam_restore_sgd_": [dict(lr=0.1, momentum=0.9, dampening=0.0, nesterov=True,
+                              weight_decay=1e-2, first=False),
+                         dict(nesterov=False, weight_decay=0.0),
+                         dict(momentum=0.0, momentum_bufs=EMPTY, nesterov=False, weight_decay=0.0),
+                         dict(momentum=0.0, momentum_bufs=EMPTY, nesterov=False),
+                         dict(first=True, nesterov=False, weight_decay=0.0),
+                         dict(weight_decay=0.0),
+                         dict(nesterov=False, dampening=0.1, weight_decay=5e-4),
+                         dict(first=True), dict(first=True, nesterov=False),
+                         # buffers given, momentum 0: the kernels must leave them alone
+                         dict(momentum=0.0, nesterov=False, weight_decay=0.0)],
+    "sam_restore_adam_": [dict(step=3, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
+                               weight_decay=5e-2, decoupled=True),
+                          dict(weight_decay=0.0, decoupled=False),
+                          dict(step=1, weight_decay=0.0, decoupled=False),
+                          dict(step=7, weight_decay=1e-2, decoupled=False),
+                          dict(weight_decay=0.0)],
+    "bsam_noise_": [dict(seed=CASE_SEED, step=5, num_data=1000.0),
+                    dict(seed=0, step=2 ** 40 + 3), dict(seed=2 ** 63 - 25, step=2 ** 32 - 1)],
+    "bsam_perturb_": [dict(rho=0.05, beta2=0.999, delta=0.4, gamma=0.1),
+                      dict(accums=EMPTY), dict(rho=0.0, delta=1e-3)],
+    "bsam_update_": [dict(lr=0.5, beta1=0.9, beta2=0.999, delta=0.4, gamma=0.1, accum_scale=0.5,
+                          released_order=True),
+                     dict(released_order=False), dict(accums=EMPTY, released_order=False)],
+    "vi_noise_": [dict(seed=CASE_SEED, step=5, sigma=0.03), dict(variances=EMPTY),
+                  dict(step=2 ** 40 + 3)],
+    "mfvi_update_": [dict(seed=CASE_SEED, step=7, lr=0.1, var_lr=0.3, momentum=0.9, prior_var=0.5,
+                          num_data=50.0),
+                     dict(momentum=0.0, momenta=EMPTY), dict(step=2 ** 33 + 1)],
+    "vsam_sumsq": [dict()],
+    # min_var inside the variances' range [0.5, 1.5): the linear step clamps some entries only
+    "vsam_perturb_": [dict(sigma_norm=None, dim=40.0, eps=1e-12, var_lr=1e-3, prior_var=2.0,
+                           num_data=40.0, log_step=True, min_var=0.9),
+                      dict(log_step=False), dict(sigma_norm=3.25),
+                      dict(sigma_norm=3.25, log_step=False)],
+    "ebisam_perturb_": [dict(grad_norm=None, seed=CASE_SEED, step=11, rho=0.05, beta=0.5,
+                             eps=1e-12),
+                        dict(grad_norm=0.7), dict(beta=0.1, step=2 ** 32 - 1),
+                        dict(grad_norm=1.0, eps=0.0)],
+}
+
+
+def case(name: str, i: int = 0) -> dict:
+    """Case ``i`` of op ``name``: the base case with variant ``i``'s values."""
+    return {**CASES[name][0], **CASES[name][i]}

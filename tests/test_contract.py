@@ -25,6 +25,7 @@ from samkernels.ops._spec import PHASES
 
 from conftest import has_extension
 from helpers import (BF16, EMPTY, F16, F32, F64, clone_args, f64_args, op_args, same_bits, tol)
+from oracles import CASE_SEED, CASES, case
 
 # --- backends -------------------------------------------------------------------------------
 HAS_CUDA = torch.cuda.is_available() and _dispatch.cuda_kernels_built()
@@ -41,54 +42,7 @@ BACKENDS = [
 ]
 COMPILED = BACKENDS[1:]
 
-# --- the argument values: the only per-op data ------------------------------------------------
-SEED = 0x0123456789ABCDEF  # > 2^32: both Philox key words matter
-# Each op: a base case (every scalar argument; the lists full) and variants overriding it with
-# the edge values that select another code path.
-CASES = {
-    "grad_sumsq": [dict(adaptive=False, eta=0.0), dict(adaptive=True, eta=0.01)],
-    "sam_perturb_": [dict(grad_norm=None, rho=0.05, eps=1e-12, adaptive=False, eta=0.0),
-                     dict(adaptive=True, eta=0.01), dict(grad_norm=2.5),
-                     dict(grad_norm=2.5, adaptive=True, eta=0.01), dict(rho=0.0)],
-    "sam_restore_sgd_": [dict(lr=0.1, momentum=0.9, dampening=0.0, nesterov=False,
-                              weight_decay=0.0, first=False),
-                         dict(momentum=0.0, momentum_bufs=EMPTY),
-                         dict(momentum=0.0, momentum_bufs=EMPTY, weight_decay=1e-2),
-                         dict(first=True), dict(nesterov=True),
-                         dict(dampening=0.1, weight_decay=5e-4),
-                         dict(nesterov=True, first=True, weight_decay=1e-2)],
-    "sam_restore_adam_": [dict(step=3, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
-                               weight_decay=0.0, decoupled=False),
-                          dict(step=1), dict(step=7, weight_decay=1e-2),
-                          dict(decoupled=True, weight_decay=5e-2)],
-    "bsam_noise_": [dict(seed=SEED, step=5, num_data=1000.0),
-                    dict(seed=0, step=2 ** 40 + 3), dict(seed=2 ** 63 - 25, step=2 ** 32 - 1)],
-    "bsam_perturb_": [dict(rho=0.05, beta2=0.999, delta=0.4, gamma=0.1),
-                      dict(accums=EMPTY), dict(rho=0.0, delta=1e-3)],
-    "bsam_update_": [dict(lr=0.5, beta1=0.9, beta2=0.999, delta=0.4, gamma=0.1, accum_scale=0.5,
-                          released_order=False),
-                     dict(accums=EMPTY), dict(released_order=True)],
-    "vi_noise_": [dict(seed=SEED, step=5, sigma=0.03), dict(variances=EMPTY),
-                  dict(step=2 ** 40 + 3)],
-    "mfvi_update_": [dict(seed=SEED, step=7, lr=0.1, var_lr=0.3, momentum=0.9, prior_var=0.5,
-                          num_data=50.0),
-                     dict(momentum=0.0, momenta=EMPTY), dict(step=2 ** 33 + 1)],
-    "vsam_sumsq": [dict()],
-    # min_var inside the variances' range [0.5, 1.5): the linear step clamps some entries only
-    "vsam_perturb_": [dict(sigma_norm=None, dim=40.0, eps=1e-12, var_lr=1e-3, prior_var=2.0,
-                           num_data=40.0, log_step=True, min_var=0.9),
-                      dict(log_step=False), dict(sigma_norm=3.25),
-                      dict(sigma_norm=3.25, log_step=False)],
-    "ebisam_perturb_": [dict(grad_norm=None, seed=SEED, step=11, rho=0.05, beta=0.5, eps=1e-12),
-                        dict(grad_norm=0.7), dict(beta=0.1, step=2 ** 32 - 1),
-                        dict(grad_norm=1.0, eps=0.0)],
-}
-
-
-def case(name, i=0):
-    return {**CASES[name][0], **CASES[name][i]}
-
-
+# the argument values, the only per-op data: CASES of tests/oracles.py
 CASE_IDS = [(n, i) for n in PHASES for i in range(len(CASES[n]))]
 
 # --- the lists -------------------------------------------------------------------------------
@@ -170,8 +124,9 @@ def check_return(op, args, got, want):
 
 # --- the contract ---------------------------------------------------------------------------
 def test_cases_cover_the_table():
-    """The per-op values above name only real arguments and give every scalar; each optional
-    list is also passed empty, each bool takes both values, each optional norm None and given."""
+    """The per-op values (tests/oracles.py) name only real arguments and give every scalar; each
+    optional list is also passed empty, each bool takes both values, each optional norm None and
+    given."""
     assert set(CASES) == set(PHASES)
     for name, op in PHASES.items():
         scalars = {a.name for a in op.args
@@ -214,11 +169,14 @@ def test_long_lists(name, lists, backend):
 @pytest.mark.parametrize("name", list(PHASES))
 def test_empty_lists(name, backend):
     """Empty lists (with found_inf too): nothing to do, the norm ops return a zero norm."""
-    check_against_reference(name, backend, [], seed=1)
     op = PHASES[name]
+    # a flag that needs a list is an error without it, even on empty lists (see
+    # test_flag_needing_a_list)
+    unset = {flag: False for flag, _, _ in op.requires}
+    check_against_reference(name, backend, [], seed=1, **unset)
     if op.takes_found_inf:
         flag = torch.ones(1, device=DEVICE.get(backend, "cpu"))
-        args, before, got = run(name, backend, [], found_inf=flag)
+        args, before, got = run(name, backend, [], found_inf=flag, **unset)
         check_return(op, args, got, _reference(op)(*before, found_inf=flag.cpu()))
 
 
@@ -425,14 +383,15 @@ def test_ebisam_mask_is_philox_uniform_below_beta(backend):
     |g| >= 1: a chosen coordinate moves, the others stay bit for bit), betas around u = 1/2; over
     20000 coordinates the chosen fraction is beta."""
     device = DEVICE.get(backend, "cpu")
+    base = case("ebisam_perturb_")
     for beta in (0.3, 0.5 + 2.0 ** -24, 0.5 - 2.0 ** -24, 0.1):
         spec = [((1001,), F64), ((7, 3), F64), ((20000,), F32)]
         op = PHASES["ebisam_perturb_"]
-        args = op_args(op, {**case("ebisam_perturb_"), "beta": beta}, spec, 7, device)
+        args = op_args(op, {**base, "beta": beta}, spec, 7, device)
         args[1] = [g.abs() + 1.0 for g in args[1]]
         getattr(ops, "ebisam_perturb_")(*args, backend=backend)
         for p, b, pid in zip(args[0][:2], args[2], args[3]):
-            u = R.philox_uniform(SEED, 11, pid, p.numel()).view(p.shape)
+            u = R.philox_uniform(base["seed"], base["step"], pid, p.numel()).view(p.shape)
             assert torch.equal((p != b).cpu(), u < beta), beta
         frac = (args[0][2] != args[2][2]).double().mean().item()
         assert abs(frac - beta) < 0.015, (beta, frac)
@@ -544,7 +503,7 @@ def test_philox_uniform_matches_the_normals_words():
 @pytest.mark.skipif(not TRITON, reason="triton is not usable")
 @pytest.mark.parametrize("seed,step,pid", [(0, 0, 0), (1234, 5, 3),
                                            (2 ** 64 - 3, 2 ** 33 + 7, 2 ** 32 - 1),
-                                           (SEED, 2 ** 32 - 1, 2 ** 31 + 5)])
+                                           (CASE_SEED, 2 ** 32 - 1, 2 ** 31 + 5)])
 def test_triton_philox_stream_is_the_references(seed, step, pid):
     """Triton's Philox words are the reference's (counter (i/4, id, step_lo, step_hi), key
     (seed_lo, seed_hi)), and its normals the reference's in fp32 and fp64."""

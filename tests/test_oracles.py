@@ -39,7 +39,7 @@ BACKENDS = [pytest.param(("reference", "cpu"), id="reference"),
                          marks=pytest.mark.skipif(not _dispatch.cuda_kernels_built()
                                                   or not torch.cuda.is_available(),
                                                   reason="needs CUDA"))]
-CASE_IDS = [(op, path) for op, paths in oracles.CASES.items() for path in paths]
+CASE_IDS = [(op, path) for op, paths in oracles.PATHS.items() for path in paths]
 TOL = {torch.float64: dict(rtol=1e-12, atol=1e-13), torch.float32: dict(rtol=2e-6, atol=2e-7)}
 
 
@@ -84,9 +84,9 @@ def test_op_matches_oracle(op, path, dtype, where):
 def test_every_phase_has_an_oracle_on_every_path():
     """No op of the table without an oracle; the paths cover each found_inf value, both bSAM
     line-5 placements, every list an op writes and the norm it returns."""
-    assert set(oracles.CASES) == set(PHASES), set(PHASES) ^ set(oracles.CASES)
+    assert set(oracles.PATHS) == set(PHASES), set(PHASES) ^ set(oracles.PATHS)
     gen = torch.Generator().manual_seed(0)
-    for op, paths in oracles.CASES.items():
+    for op, paths in oracles.PATHS.items():
         spec = PHASES[op]
         seen = set()
         for path in paths:

@@ -36,10 +36,13 @@ triton = pytest.importorskip("triton")
 
 import samkernels  # noqa: E402
 import samkernels.triton as T  # noqa: E402
+from samkernels.ops._spec import PHASES  # noqa: E402
 from samkernels.triton import _multi_tensor as mt  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import triton_launches as TL  # noqa: E402
+from helpers import op_args  # noqa: E402
+from oracles import CASES, case  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="the launch recording needs the Triton interpreter")
@@ -60,142 +63,46 @@ VEC16_EXCEPTIONS = {("samkernels.triton.bsam", "_noise_kernel"),
 
 
 # --- the matrix ----------------------------------------------------------------------------------
-class Lists:
-    """Fresh tensor lists of one dtype case: ``w()`` in the parameters' dtypes, ``s()`` / ``pos()``
-    in the state dtypes (pos: positive, for precisions and second moments)."""
-
-    def __init__(self, dtypes, misaligned=False):
-        self.dtypes = dtypes  # [(param dtype, state dtype)] one per tensor
-        self.misaligned = misaligned
-        self.ids = list(range(len(dtypes)))
-
-    def _make(self, j, fill):
-        out = []
-        for i, dts in enumerate(self.dtypes):
-            n = 5 + 3 * i
-            if self.misaligned and i == 0:  # one element in: a 4-byte offset, ALIGNED=False
-                t = torch.full((n + 1,), fill, dtype=dts[j])[1:]
-            else:
-                t = torch.full((n,), fill, dtype=dts[j])
-            out.append(t)
-        return out
-
-    def w(self):
-        return self._make(0, 0.5)
-
-    def s(self):
-        return self._make(1, 0.25)
-
-    def pos(self):
-        return self._make(1, 1.0)
-
-
-DTYPE_CASES = {  # (param dtype, state dtype) per tensor
-    "fp32": [(F32, F32)],
-    "bf16": [(BF16, F32)],  # what the optimizers hold: fp32 state for low-precision parameters
-    "fp16": [(F16, F32)],
-    "fp64": [(F64, F64)],
-    "mixed": [(F32, F32), (BF16, F32), (F64, F64), (F16, F32)],  # one launch per dtype group
+# Lists in op_args' form (tests/helpers.py): one (shape, parameter dtype[, layout]) per tensor, the
+# state lists in the opmath dtype (what the optimizers hold: fp32 state for bf16/fp16 weights).
+DTYPE_CASES = {
+    "fp32": [((5,), F32)],
+    "bf16": [((5,), BF16)],
+    "fp16": [((5,), F16)],
+    "fp64": [((5,), F64)],
+    "mixed": [((5,), F32), ((8,), BF16), ((11,), F64), ((14,), F16)],  # a launch per dtype group
 }
-
 COMMON_CASES = ("fp32", "bf16", "fp64")  # fp16 differs from bf16 only in its conversions
+MISALIGNED = [((5,), F32, "M")]  # one element in: a 4-byte offset, the kernels' ALIGNED=False
 
 
 def _flag(on):
     return torch.zeros(1) if on else None
 
 
-# Each op: (runner, {knob: value that compiles the most code}); the matrix also flips every knob
-# alone.  A runner takes (Lists, found_inf, **knobs).
-def _grad_sumsq(L, flag, adaptive):
-    T.grad_sumsq(L.w(), L.w(), adaptive, 0.01)
-
-
-def _sam_perturb(L, flag, adaptive):
-    T.sam_perturb_(L.w(), L.w(), L.w(), None, 0.05, 1e-12, adaptive, 0.01, flag)
-
-
-def _sam_sgd(L, flag, wd, momentum, nesterov, first):
-    T.sam_restore_sgd_(L.w(), L.w(), L.w(), L.s(), 0.1, 0.9 if momentum else 0.0, 0.1,
-                       nesterov, 1e-4 if wd else 0.0, first, flag)
-
-
-def _sam_adam(L, flag, wd, decoupled):
-    T.sam_restore_adam_(L.w(), L.w(), L.w(), L.s(), L.pos(), 3, 1e-3, 0.9, 0.999, 1e-8,
-                        1e-2 if wd else 0.0, decoupled, flag)
-
-
-def _bsam_noise(L, flag):
-    T.bsam_noise_(L.w(), L.w(), L.pos(), L.ids, 1234, 5, 10.0)
-
-
-def _bsam_perturb(L, flag, accum):
-    T.bsam_perturb_(L.w(), L.w(), L.w(), L.pos(), L.pos() if accum else [], 0.05, 0.999, 0.4,
-                    0.1, flag)
-
-
-def _bsam_update(L, flag, accum, released):
-    T.bsam_update_(L.w(), L.w(), L.w(), L.pos(), L.s(), L.pos() if accum else [], 0.5, 0.9,
-                   0.999, 0.4, 0.1, 0.5, released, flag)
-
-
-def _vi_noise(L, flag, learned):
-    T.vi_noise_(L.w(), L.w(), L.pos() if learned else [], L.ids, 7, 3, 0.01)
-
-
-def _mfvi_update(L, flag, momentum):
-    T.mfvi_update_(L.w(), L.w(), L.w(), L.pos(), L.s() if momentum else [], L.ids, 7, 3, 0.1,
-                   0.01, 0.9, 1.0, 100.0, flag)
-
-
-def _vsam_sumsq(L, flag):
-    T.vsam_sumsq(L.w(), L.pos())
-
-
-def _vsam_perturb(L, flag, log_step):
-    T.vsam_perturb_(L.w(), L.w(), L.w(), L.pos(), None, 10.0, 1e-12, 0.01, 1.0, 100.0, log_step,
-                    1e-8, flag)
-
-
-def _ebisam_perturb(L, flag):
-    T.ebisam_perturb_(L.w(), L.w(), L.w(), L.ids, None, 7, 3, 0.05, 0.5, 1e-12, flag)
-
-
-OPS = {
-    "grad_sumsq": (_grad_sumsq, dict(adaptive=True), False),
-    "sam_perturb_": (_sam_perturb, dict(adaptive=True), True),
-    "sam_restore_sgd_": (_sam_sgd, dict(wd=True, momentum=True, nesterov=True, first=False), True),
-    "sam_restore_adam_": (_sam_adam, dict(wd=True, decoupled=True), True),
-    "bsam_noise_": (_bsam_noise, {}, False),
-    "bsam_perturb_": (_bsam_perturb, dict(accum=True), True),
-    "bsam_update_": (_bsam_update, dict(accum=True, released=True), True),
-    "vi_noise_": (_vi_noise, dict(learned=True), False),
-    "mfvi_update_": (_mfvi_update, dict(momentum=True), True),
-    "vsam_sumsq": (_vsam_sumsq, {}, False),
-    "vsam_perturb_": (_vsam_perturb, dict(log_step=True), True),
-    "ebisam_perturb_": (_ebisam_perturb, {}, True),
-}
-# knob combinations beyond single flips that select other code (SGD's buffer handling)
-EXTRA = {"sam_restore_sgd_": [dict(momentum=True, nesterov=False, first=True),
-                              dict(momentum=False, nesterov=False, wd=False)]}
+def _launch(name, values, spec, flag):
+    """Op ``name`` of the table through samkernels.triton on ``spec``'s lists, every other
+    argument from ``values`` (a case of tests/oracles.py), found_inf when the op takes it."""
+    op = PHASES[name]
+    args = op_args(op, values, spec)
+    getattr(T, name)(*args, *([_flag(flag)] if op.takes_found_inf else []))
 
 
 def drive_multi_tensor():
-    for name, (run, full, takes_flag) in OPS.items():
-        flags = (True, False) if takes_flag else (False,)
-        # every dtype case with the fullest code, with and without the device skip flag (the
-        # flag's skip branch comes on top of the normal one: the rarer cases take it only)
-        for case, dtypes in DTYPE_CASES.items():
-            for f in (flags if case in COMMON_CASES else flags[:1]):
-                run(Lists(dtypes), _flag(f), **full)
-        # every knob flipped alone (fp32, with the flag: the skip branch is compiled too)
-        fp32 = Lists(DTYPE_CASES["fp32"])
-        for knob in full:
-            run(fp32, _flag(takes_flag), **dict(full, **{knob: not full[knob]}))
-        for extra in EXTRA.get(name, []):
-            run(fp32, _flag(takes_flag), **dict(full, **extra))
-        # a tensor off 16-byte alignment: the kernels' ALIGNED=False form
-        run(Lists(DTYPE_CASES["fp32"], misaligned=True), _flag(takes_flag), **full)
+    """Every multi-tensor op of the table (tests/oracles.py CASES): the base case, which selects
+    the most code, in every dtype case, with and without the device skip flag in the common ones
+    (the flag's skip branch comes on top of the normal one); each variant (another code path) in
+    fp32, with the flag; the base case on a misaligned tensor."""
+    for name, op in PHASES.items():
+        if not op.multi_tensor:
+            continue
+        flags = (True, False) if op.takes_found_inf else (False,)
+        for dtypes, spec in DTYPE_CASES.items():
+            for f in (flags if dtypes in COMMON_CASES else flags[:1]):
+                _launch(name, case(name), spec, f)
+        for i in range(1, len(CASES[name])):
+            _launch(name, case(name, i), DTYPE_CASES["fp32"], flags[0])
+        _launch(name, case(name), MISALIGNED, flags[0])
 
 
 def drive_philox_probe():
