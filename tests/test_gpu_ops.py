@@ -1,7 +1,8 @@
 """The CUDA kernels (``backend="cuda"``) against the float64 reference and the triton backend.
 
-Needs a CUDA device and ``samkernels._C`` built with its CUDA kernels; skipped otherwise.  Every
-phase of ``samkernels/ops/reference.py`` runs on lists that mix odd sizes,
+Needs a CUDA device and ``samkernels._C`` built with its CUDA kernels; skipped otherwise (its CPU
+half runs in tests/test_gpu_ops_cpu.py).  Every case of every multi-tensor op (the op table with
+the argument values of tests/oracles.py) runs on lists that mix odd sizes,
 chunk boundaries (65,536 elements), non-contiguous views (transposed, strided), misaligned views
 (storage offset: the kernels' scalar path), channels_last tensors (used in place), and,
 separately, more tiny tensors than one launch's table holds.  Every list is compared afterwards,
@@ -26,8 +27,12 @@ import torch
 import samkernels
 from samkernels import _dispatch
 from samkernels.ops import reference
+from samkernels.ops._spec import PHASES
 
+from helpers import EMPTY, hard_tensor, op_args, param_ids
 from helpers import same_bits as _same_bits
+from oracles import CASES as ARG_CASES
+from oracles import case as case_values
 
 
 def _cuda_ready() -> bool:
@@ -71,181 +76,79 @@ def _param_dtypes(dtype, n: int) -> List[torch.dtype]:
     return [dtype] * n
 
 
+# SPECS' layouts as tests/helpers.py hard_tensor names them ("mixed": the parameter transposed,
+# its other lists contiguous)
+LAYOUTS = {"contig": None, "offset": "M", "transposed": "T", "strided": "S",
+           "channels_last": "CL", "mixed": "P"}
+
+
+def op_spec(specs, dtype) -> list:
+    """``specs`` with ``dtype``'s per-tensor parameter dtypes, in tests/helpers.py op_args' form."""
+    return [(shape, dt, LAYOUTS[layout])
+            for (shape, layout), dt in zip(specs, _param_dtypes(dtype, len(specs)))]
+
+
 class Maker:
-    """Builds tensor lists with the same layouts and seeded values on any device."""
+    """Tensor lists with the same layouts and seeded values on any device, for the tests that
+    call one op by hand (the per-op cases build theirs with op_args)."""
 
     def __init__(self, specs, dtype, device, seed: int = 0):
-        self.specs, self.device = specs, torch.device(device)
-        self.dtypes = _param_dtypes(dtype, len(specs))
+        self.spec, self.device = op_spec(specs, dtype), torch.device(device)
+        self.specs = specs
         self.gen = torch.Generator().manual_seed(seed)
 
-    def _one(self, shape, layout, dtype, values: str, is_param: bool) -> torch.Tensor:
-        n = math.prod(shape)
-        base_shape = {"transposed": tuple(reversed(shape)), "strided": (2 * n,),
-                      "offset": (n + 1,)}.get(layout, shape)
-        if layout == "mixed" and is_param:
-            base_shape = tuple(reversed(shape))
-        v = torch.randn(base_shape, generator=self.gen, dtype=F64)
-        if values == "positive":
-            v = 0.5 + v.abs()
-        t = v.to(device=self.device, dtype=dtype)
-        if layout == "transposed" or (layout == "mixed" and is_param):
-            t = t.t()
-        elif layout == "strided":
-            t = t[::2]
-        elif layout == "offset":
-            t = t[1:]  # contiguous but not 16-byte aligned
-        elif layout == "channels_last":
-            t = t.contiguous(memory_format=torch.channels_last)
-        assert t.shape == torch.Size(shape)
-        return t
+    def _list(self, values: str, role: str) -> List[torch.Tensor]:
+        out = []
+        for shape, dt, layout in self.spec:
+            if layout == "P":
+                layout = "T" if role == "param" else None
+            dt = dt if role != "state" else _state_dtype(dt)
+            out.append(hard_tensor(shape, dt, layout, self.gen, self.device,
+                                   positive=values == "positive"))
+        return out
 
     def params(self, values: str = "normal") -> List[torch.Tensor]:
-        return [self._one(s, l, d, values, True) for (s, l), d in zip(self.specs, self.dtypes)]
+        return self._list(values, "param")
 
     def like_params(self, values: str = "normal") -> List[torch.Tensor]:
-        return [self._one(s, l, d, values, False) for (s, l), d in zip(self.specs, self.dtypes)]
+        return self._list(values, "grad")
 
     def state(self, values: str = "normal") -> List[torch.Tensor]:
-        return [self._one(s, l, _state_dtype(d), values, False)
-                for (s, l), d in zip(self.specs, self.dtypes)]
-
-
-# Each case: op name -> variants; a variant builds the op's positional arguments from a Maker.
-def _sam_perturb(adaptive: bool, given: bool):
-    def build(m: Maker):
-        norm = torch.tensor(3.7, device=m.device) if given else None
-        return [m.params(), m.like_params(), m.like_params(), norm, 0.05, 1e-12, adaptive, 0.01]
-    return build
-
-
-def _sgd(momentum, dampening, nesterov, weight_decay, first):
-    def build(m: Maker):
-        return [m.params(), m.like_params(), m.like_params(), m.state(), 0.1, momentum, dampening,
-                nesterov, weight_decay, first]
-    return build
-
-
-def _adam(step, weight_decay, decoupled):
-    def build(m: Maker):
-        return [m.params(), m.like_params(), m.like_params(), m.state(), m.state("positive"), step,
-                1e-3, 0.9, 0.999, 1e-8, weight_decay, decoupled]
-    return build
-
-
-def _noise(seed, step):
-    def build(m: Maker):
-        ids = [7 * i + 3 + (2 ** 32 if i % 3 == 0 else 0) for i in range(len(m.specs))]
-        return [m.params(), m.like_params(), m.state("positive"), ids, seed, step, 100.0]
-    return build
-
-
-def _bsam_perturb(accumulate: bool):
-    def build(m: Maker):
-        acc = m.state("positive") if accumulate else []
-        return [m.params(), m.like_params(), m.like_params(), m.state("positive"), acc, 0.05,
-                0.999, 0.4, 0.1]
-    return build
-
-
-def _bsam_update(accumulate: bool, released: bool):
-    def build(m: Maker):
-        acc = m.state("positive") if accumulate else []
-        return [m.params(), m.like_params(), m.like_params(), m.state("positive"), m.state(), acc,
-                0.5, 0.9, 0.999, 0.4, 0.1, 0.25, released]
-    return build
+        return self._list(values, "state")
 
 
 def _ids(m: Maker) -> List[int]:
-    # param ids beyond 32 bits: only the low word enters the Philox counter
-    return [7 * i + 3 + (2 ** 32 if i % 3 == 0 else 0) for i in range(len(m.specs))]
+    return param_ids(len(m.specs))  # beyond 32 bits: only the low word keys the noise
 
 
-def _vi_noise(learned: bool, seed=1234, step=5):
-    def build(m: Maker):
-        var = m.state("positive") if learned else []
-        return [m.params(), m.like_params(), var, _ids(m), seed, step, 0.05]
-    return build
+# The per-op cases: every case of every multi-tensor op of the table (tests/oracles.py CASES, a
+# code path each: 64-bit seeds and steps among them), as "<op>-<i>".
+CASES: Dict[str, Tuple[str, int]] = {f"{name}-{i}": (name, i) for name, op in PHASES.items()
+                                     if op.multi_tensor for i in range(len(ARG_CASES[name]))}
+# The cases of the ops gated by found_inf and their skip form: "perturb" (an op that writes the
+# backups) = backups <- params, every other list untouched; "restore" = params <- backups, every
+# state list untouched.
+GATED: Dict[str, str] = {c: "perturb" if "backups" in PHASES[n].written else "restore"
+                         for c, (n, _) in CASES.items() if PHASES[n].takes_found_inf}
+BASES = [f"{name}-0" for name, op in PHASES.items() if op.multi_tensor]
+# On more tiny tensors than one launch's table holds: the base cases and the cases that pass an
+# optional list empty (a launch with fewer lists holds more tensors).
+TINY_CASES = BASES + [c for c, (n, i) in CASES.items()
+                      if i and EMPTY in ARG_CASES[n][i].values()]
+# The skip form: every gated case with a one-element flag, the bases with a 0-dim one too.
+SKIP_FORMS = [(c, (1,)) for c in GATED] + [(c, ()) for c in GATED if c in BASES]
 
 
-def _mfvi_update(use_momentum: bool, seed=1234, step=5):
-    def build(m: Maker):
-        mom = m.state() if use_momentum else []
-        return [m.params(), m.like_params(), m.like_params(), m.state("positive"), mom, _ids(m),
-                seed, step, 0.1, 0.05, 0.9 if use_momentum else 0.0, 2.0, 1000.0]
-    return build
+def build(case: str, specs, dtype, device, seed: int = 0) -> Tuple[str, list]:
+    """(op name, its positional arguments without found_inf) for ``case`` on ``specs``."""
+    name, i = CASES[case]
+    return name, op_args(PHASES[name], case_values(name, i), op_spec(specs, dtype), seed, device)
 
 
-def _vsam_perturb(log_step: bool, given: bool):
-    def build(m: Maker):
-        norm = torch.tensor(3.7, device=m.device) if given else None
-        # min_var = 0.6 clamps part of the linear step (variances are 0.5 + |N(0, 1)|)
-        return [m.params(), m.like_params(), m.like_params(), m.state("positive"), norm, 1.0e4,
-                1e-12, 0.05, 2.0, 1000.0, log_step, 0.6]
-    return build
-
-
-def _ebisam_perturb(given: bool, seed=1234, step=5):
-    def build(m: Maker):
-        # given: the optimizer's unnormalised form (norm 1, eps 0)
-        norm = torch.tensor(1.0, device=m.device) if given else None
-        return [m.params(), m.like_params(), m.like_params(), _ids(m), norm, seed, step, 0.05, 0.5,
-                0.0 if given else 1e-12]
-    return build
-
-
-CASES: Dict[str, Callable] = {
-    "grad_sumsq-sam": ("grad_sumsq", lambda m: [m.params(), m.like_params(), False, 0.0]),
-    "grad_sumsq-asam": ("grad_sumsq", lambda m: [m.params(), m.like_params(), True, 0.01]),
-    "sam_perturb": ("sam_perturb_", _sam_perturb(False, False)),
-    "sam_perturb-asam": ("sam_perturb_", _sam_perturb(True, False)),
-    "sam_perturb-given": ("sam_perturb_", _sam_perturb(False, True)),
-    "sam_perturb-asam-given": ("sam_perturb_", _sam_perturb(True, True)),
-    "sgd-plain": ("sam_restore_sgd_", _sgd(0.0, 0.0, False, 0.0, False)),
-    "sgd-momentum": ("sam_restore_sgd_", _sgd(0.9, 0.1, False, 5e-4, False)),
-    "sgd-nesterov-first": ("sam_restore_sgd_", _sgd(0.9, 0.0, True, 5e-4, True)),
-    "sgd-nesterov": ("sam_restore_sgd_", _sgd(0.9, 0.0, True, 0.0, False)),
-    "adam-step1": ("sam_restore_adam_", _adam(1, 0.0, False)),
-    "adam-l2": ("sam_restore_adam_", _adam(7, 1e-2, False)),
-    "adamw": ("sam_restore_adam_", _adam(7, 1e-2, True)),
-    "noise": ("bsam_noise_", _noise(1234, 0)),
-    "noise-64bit": ("bsam_noise_", _noise(2 ** 40 + 5, 2 ** 33 + 7)),
-    "bsam_perturb": ("bsam_perturb_", _bsam_perturb(False)),
-    "bsam_perturb-accum": ("bsam_perturb_", _bsam_perturb(True)),
-    "bsam_update": ("bsam_update_", _bsam_update(False, False)),
-    "bsam_update-released": ("bsam_update_", _bsam_update(False, True)),
-    "bsam_update-accum": ("bsam_update_", _bsam_update(True, False)),
-    "bsam_update-accum-released": ("bsam_update_", _bsam_update(True, True)),
-    # MFVI family and E-BiSAM
-    "vi_noise-learned": ("vi_noise_", _vi_noise(True)),
-    "vi_noise-fixed": ("vi_noise_", _vi_noise(False)),
-    "vi_noise-64bit": ("vi_noise_", _vi_noise(True, 2 ** 40 + 5, 2 ** 33 + 7)),
-    "mfvi_update": ("mfvi_update_", _mfvi_update(True)),
-    "mfvi_update-nomomentum": ("mfvi_update_", _mfvi_update(False)),
-    "mfvi_update-64bit": ("mfvi_update_", _mfvi_update(True, 2 ** 40 + 5, 2 ** 33 + 7)),
-    "vsam_sumsq": ("vsam_sumsq", lambda m: [m.like_params(), m.state("positive")]),
-    "vsam_perturb-log": ("vsam_perturb_", _vsam_perturb(True, False)),
-    "vsam_perturb-linear": ("vsam_perturb_", _vsam_perturb(False, False)),
-    "vsam_perturb-given": ("vsam_perturb_", _vsam_perturb(True, True)),
-    "ebisam_perturb": ("ebisam_perturb_", _ebisam_perturb(False)),
-    "ebisam_perturb-given": ("ebisam_perturb_", _ebisam_perturb(True)),
-    "ebisam_perturb-64bit": ("ebisam_perturb_", _ebisam_perturb(False, 2 ** 40 + 5, 2 ** 33 + 7)),
-}
-
-# The phases gated by found_inf and their skip form: "perturb" = backups <- params (params and
-# every other list untouched), "restore" = params <- backups (every state list untouched).  In
-# every gated schema params is argument 0 and backups argument 2.
-GATED: Dict[str, str] = {
-    "sam_perturb": "perturb", "sam_perturb-asam": "perturb", "sam_perturb-given": "perturb",
-    "sgd-plain": "restore", "sgd-momentum": "restore", "sgd-nesterov-first": "restore",
-    "adam-step1": "restore", "adamw": "restore",
-    "bsam_perturb": "restore", "bsam_perturb-accum": "restore",
-    "bsam_update": "restore", "bsam_update-accum-released": "restore",
-    "mfvi_update": "restore", "mfvi_update-nomomentum": "restore",
-    "vsam_perturb-log": "perturb", "vsam_perturb-linear": "perturb",
-    "vsam_perturb-given": "perturb",
-    "ebisam_perturb": "perturb", "ebisam_perturb-given": "perturb",
-}
+def _lists_of(name: str, args) -> Tuple[int, int, int]:
+    """Where params, grads and backups are in op ``name``'s arguments."""
+    names = PHASES[name].arg_names
+    return names.index("params"), names.index("grads"), names.index("backups")
 
 
 def _to_reference(args):
@@ -278,8 +181,7 @@ def _compare_outputs(args_a, args_b, out_a, out_b, scale=1.0):
 
 def check_against_reference(case: str, dtype, device, run: Callable, specs=SPECS):
     """run(name, *args) mutates args in place like reference.<name>; compare in float64."""
-    name, build = CASES[case]
-    args = build(Maker(specs, dtype, device))
+    name, args = build(case, specs, dtype, device)
     ref_args = _to_reference(args)
     out = run(name, *args)
     ref_out = getattr(reference, name)(*ref_args)
@@ -288,8 +190,7 @@ def check_against_reference(case: str, dtype, device, run: Callable, specs=SPECS
 
 def check_two_backends(case: str, dtype, device, run_a: Callable, run_b: Callable, specs=SPECS,
                        **kwargs):
-    name, build = CASES[case]
-    args_a, args_b = build(Maker(specs, dtype, device)), build(Maker(specs, dtype, device))
+    (name, args_a), (_, args_b) = (build(case, specs, dtype, device) for _ in range(2))
     out_a, out_b = run_a(name, *args_a, **kwargs), run_b(name, *args_b, **kwargs)
     _compare_outputs(args_a, args_b, out_a, out_b, scale=2.0)
 
@@ -349,10 +250,7 @@ def test_cuda_matches_reference(case, dtype):
 
 
 @pytest.mark.parametrize("dtype", [F32, MIXED], ids=str)
-@pytest.mark.parametrize("case", ["grad_sumsq-asam", "sam_perturb-asam", "sgd-momentum", "adamw",
-                                  "noise", "bsam_perturb-accum", "bsam_update-accum-released",
-                                  "vi_noise-learned", "vi_noise-fixed", "mfvi_update", "vsam_sumsq",
-                                  "vsam_perturb-log", "vsam_perturb-linear", "ebisam_perturb"])
+@pytest.mark.parametrize("case", TINY_CASES)
 def test_cuda_many_tiny_tensors(case, dtype):
     # several launches per phase: the table fills up
     check_against_reference(case, dtype, "cuda", run_cuda, specs=TINY_SPECS)
@@ -391,47 +289,31 @@ def test_sam_perturb_norm_dtype_and_rho_zero():
             assert torch.equal(x, y) and torch.equal(z, y)
 
 
+def _no_sync_calls(device, specs=SPECS) -> list:
+    """(op, arguments, found_inf) of every case of every op, built beforehand: each gated op with
+    no flag, a zero flag and a set one (the kernels read it, never the host); a given norm also
+    as float32."""
+    calls = []
+    for case, (name, _) in CASES.items():
+        _, args = build(case, specs, MIXED, device)
+        flags = [None]
+        if PHASES[name].takes_found_inf:
+            flags += [torch.zeros((), device=device), torch.ones(1, device=device)]
+        calls += [(name, args, f) for f in flags]
+        given = [k for k, a in enumerate(PHASES[name].args)
+                 if a.type == "Tensor?" and a.name != "found_inf" and args[k] is not None]
+        for k in given:
+            calls.append((name, args[:k] + [args[k].float()] + args[k + 1:], None))
+    return calls
+
+
 def test_no_host_sync():
-    m = Maker(SPECS, MIXED, "cuda")
-    p, g, b, s, acc = m.params(), m.like_params(), m.like_params(), m.state("positive"), m.state()
-    norm = torch.tensor(2.0, device="cuda")
-    ids = list(range(len(p)))
+    calls = _no_sync_calls("cuda")
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        run_cuda("grad_sumsq", p, g, True, 0.01)
-        run_cuda("sam_perturb_", p, g, b, None, 0.05, 1e-12, True, 0.01)
-        run_cuda("sam_perturb_", p, g, b, norm, 0.05, 1e-12, False, 0.0)
-        run_cuda("sam_restore_sgd_", p, g, b, s, 0.1, 0.9, 0.0, True, 1e-4, False)
-        run_cuda("sam_restore_adam_", p, g, b, acc, s, 3, 1e-3, 0.9, 0.999, 1e-8, 1e-2, True)
-        run_cuda("bsam_noise_", p, b, s, ids, 1, 2, 100.0)
-        run_cuda("bsam_perturb_", p, g, b, s, acc, 0.05, 0.999, 0.4, 0.1)
-        run_cuda("bsam_update_", p, g, b, s, acc, [], 0.5, 0.9, 0.999, 0.4, 0.1, 1.0, False)
-        # the found_inf flag is read by the kernels, never by the host: set or not
-        for flag in (torch.zeros((), device="cuda"), torch.ones(1, device="cuda")):
-            run_cuda("sam_perturb_", p, g, b, None, 0.05, 1e-12, True, 0.01, found_inf=flag)
-            run_cuda("sam_perturb_", p, g, b, norm, 0.05, 1e-12, False, 0.0, found_inf=flag)
-            run_cuda("sam_restore_sgd_", p, g, b, s, 0.1, 0.9, 0.0, True, 1e-4, False,
-                     found_inf=flag)
-            run_cuda("sam_restore_adam_", p, g, b, acc, s, 3, 1e-3, 0.9, 0.999, 1e-8, 1e-2, True,
-                     found_inf=flag)
-            run_cuda("bsam_perturb_", p, g, b, s, acc, 0.05, 0.999, 0.4, 0.1, found_inf=flag)
-            run_cuda("bsam_update_", p, g, b, s, acc, [], 0.5, 0.9, 0.999, 0.4, 0.1, 1.0, False,
-                     found_inf=flag)
-            run_cuda("mfvi_update_", p, g, b, s, acc, ids, 1, 2, 0.1, 0.05, 0.9, 2.0, 1000.0,
-                     found_inf=flag)
-            run_cuda("vsam_perturb_", p, g, b, s, None, 1e4, 1e-12, 0.05, 2.0, 1000.0, True, 1e-8,
-                     found_inf=flag)
-            run_cuda("vsam_perturb_", p, g, b, s, norm, 1e4, 1e-12, 0.05, 2.0, 1000.0, False, 0.6,
-                     found_inf=flag)
-            run_cuda("ebisam_perturb_", p, g, b, ids, None, 1, 2, 0.05, 0.5, 1e-12, found_inf=flag)
-            run_cuda("ebisam_perturb_", p, g, b, ids, norm, 1, 2, 0.05, 0.5, 0.0, found_inf=flag)
-        run_cuda("vi_noise_", p, b, s, ids, 1, 2, 0.0)
-        run_cuda("vi_noise_", p, b, [], ids, 1, 2, 0.05)
-        run_cuda("mfvi_update_", p, g, b, s, [], ids, 1, 2, 0.1, 0.05, 0.0, 2.0, 1000.0)
-        run_cuda("vsam_sumsq", g, s)
-        run_cuda("vsam_perturb_", p, g, b, s, None, 1e4, 1e-12, 0.05, 2.0, 1000.0, True, 1e-8)
-        run_cuda("ebisam_perturb_", p, g, b, ids, None, 1, 2, 0.05, 0.5, 1e-12)
+        for name, args, flag in calls:
+            run_cuda(name, *args, **({} if flag is None else {"found_inf": flag}))
     finally:
         torch.cuda.set_sync_debug_mode(0)
 
@@ -496,24 +378,29 @@ def _poison(grads: Sequence[torch.Tensor]) -> None:
         t[(0,) * t.dim()] = val
 
 
-@pytest.mark.parametrize("shape", [(), (1,)], ids=["0dim", "1elem"])
 @pytest.mark.parametrize("dtype", [F32, BF16, MIXED], ids=str)
-@pytest.mark.parametrize("case", list(GATED))
-def test_found_inf_set_takes_the_skip_form(case, dtype, shape):
-    name, build = CASES[case]
+@pytest.mark.parametrize("case,shape", SKIP_FORMS, ids=[f"{c}-{len(s)}dim" for c, s in SKIP_FORMS])
+def test_found_inf_set_takes_the_skip_form(case, shape, dtype):
+    check_skip_form(case, dtype, shape, "cuda", run_cuda)
+
+
+def check_skip_form(case, dtype, shape, device, run, specs=SPECS):
+    """A set flag over non-finite gradients: exactly the skip form, bit for bit; the norm is
+    the reference's."""
+    name, args = build(case, specs, dtype, device)
     kind = GATED[case]
-    args = build(Maker(SPECS, dtype, "cuda"))
-    _poison(args[1])  # grads are argument 1 of every gated phase
+    p, g, b = _lists_of(name, args)
+    _poison(args[g])
     ref_args = _to_reference(args)
     before = {k: [t.clone() for t in lst] for k, lst in _tensor_lists(args)}
-    flag = torch.ones(shape, device="cuda")
-    out = run_cuda(name, *args, found_inf=flag)
+    flag = torch.ones(shape, device=device)
+    out = run(name, *args, found_inf=flag)
     for k, lst in _tensor_lists(args):
         for i, t in enumerate(lst):
-            if kind == "perturb" and k == 2:
-                want, what = before[0][i], "backups <- params"
-            elif kind == "restore" and k == 0:
-                want, what = before[2][i], "params <- backups"
+            if kind == "perturb" and k == b:
+                want, what = before[p][i], "backups <- params"
+            elif kind == "restore" and k == p:
+                want, what = before[b][i], "params <- backups"
             else:
                 want, what = before[k][i], "untouched"
             assert _same_bits(t, want), f"{case}: argument {k}, tensor {i}: expected {what}"
@@ -525,8 +412,7 @@ def test_found_inf_set_takes_the_skip_form(case, dtype, shape):
 
 @pytest.mark.parametrize("case", list(GATED))
 def test_found_inf_zero_is_the_normal_form(case):
-    name, build = CASES[case]
-    a, b = build(Maker(SPECS, MIXED, "cuda")), build(Maker(SPECS, MIXED, "cuda"))
+    (name, a), (_, b) = (build(case, SPECS, MIXED, "cuda") for _ in range(2))
     out_a = run_cuda(name, *a)
     out_b = run_cuda(name, *b, found_inf=torch.zeros(1, device="cuda"))
     for (k, la), (_, lb) in zip(_tensor_lists(a), _tensor_lists(b)):
@@ -536,15 +422,14 @@ def test_found_inf_zero_is_the_normal_form(case):
         assert _same_bits(out_a, out_b)
 
 
-@pytest.mark.parametrize("case", list(GATED))
+@pytest.mark.parametrize("case", [c for c in TINY_CASES if c in GATED])
 def test_found_inf_on_many_tiny_tensors(case):
     # the skip copy runs in every block of every launch (several tables per phase)
-    name, build = CASES[case]
-    kind = GATED[case]
-    args = build(Maker(TINY_SPECS, MIXED, "cuda"))
+    name, args = build(case, TINY_SPECS, MIXED, "cuda")
     before = {k: [t.clone() for t in lst] for k, lst in _tensor_lists(args)}
     run_cuda(name, *args, found_inf=torch.full((), 3.0, device="cuda"))
-    src, dst = (0, 2) if kind == "perturb" else (2, 0)
+    p, _, b = _lists_of(name, args)
+    src, dst = (p, b) if GATED[case] == "perturb" else (b, p)
     for k, lst in _tensor_lists(args):
         for i, t in enumerate(lst):
             assert _same_bits(t, before[src][i] if k == dst else before[k][i])
@@ -852,12 +737,13 @@ def _loss_data(B: int, K: int, dtype, seed: int = 0, ignore=(1,)):
     return logits, target
 
 
-def _loss_cuda(backend, logits, target, **kw):
-    """(loss, d loss.sum() / d logits) of the fused loss on CUDA copies, ``backend`` forced."""
+def _loss_cuda(backend, logits, target, device="cuda", **kw):
+    """(loss, d loss.sum() / d logits) of the fused loss on ``device`` copies, ``backend``
+    forced."""
     from samkernels.ops.bisam_loss import bisam_loss
-    x = logits.detach().to("cuda").requires_grad_(True)
+    x = logits.detach().to(device).requires_grad_(True)
     with samkernels.use_backend(backend):
-        loss = bisam_loss(x, target.to("cuda"), **kw)
+        loss = bisam_loss(x, target.to(device), **kw)
     (grad,) = torch.autograd.grad(loss.sum(), x)
     return loss.detach().cpu(), grad.cpu()
 
@@ -881,8 +767,8 @@ def _loss_tols(dtype, rgrad):
     return dict(rtol=ulp, atol=1e-5), dict(rtol=ulp, atol=1e-6 + ulp * 1e-3 * big)
 
 
-def _check_loss(backend, logits, target, what, **kw):
-    loss, grad = _loss_cuda(backend, logits, target, **kw)
+def _check_loss(backend, logits, target, what, device="cuda", **kw):
+    loss, grad = _loss_cuda(backend, logits, target, device, **kw)
     rloss, rgrad = _loss_ref(logits, target, **kw)
     assert loss.dtype == logits.dtype and grad.dtype == logits.dtype
     ltol, gtol = _loss_tols(logits.dtype, rgrad)
@@ -1153,8 +1039,7 @@ def test_more_than_2_31_elements_bf16(backend):
 # Tensors on a device that is not the current one
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
-@pytest.mark.parametrize("case", ["sam_perturb", "sgd-momentum", "noise", "bsam_update",
-                                  "vi_noise-learned", "mfvi_update", "ebisam_perturb"])
+@pytest.mark.parametrize("case", BASES)
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_tensors_on_a_non_current_device(backend, case):
     if backend == "triton":
