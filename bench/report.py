@@ -57,9 +57,13 @@ def _runs(warmup_s: float, repeat: int) -> int:
 
 
 def timed(fn, repeat: int) -> float:
-    """Median seconds of fn() over ``repeat`` runs (one warm-up; fewer runs for slow steps)."""
+    """Median seconds of fn() over ``repeat`` runs (one warm-up; fewer runs for slow steps).
+    ``repeat`` 1 (the dry run): the run that sizes the others is the measurement."""
     fn()
-    n = _runs(_once(fn), repeat)
+    first = _once(fn)
+    if repeat == 1:
+        return first
+    n = _runs(first, repeat)
     return statistics.median(_once(fn) for _ in range(n))
 
 
@@ -258,7 +262,8 @@ def main(argv=None):
                          "foreach, loop")
     ap.add_argument("--repeat", type=int, default=None)
     ap.add_argument("--no-phases", action="store_true", help="skip the per-phase table of the fused steps")
-    ap.add_argument("--dry-run", action="store_true", help="toy shape sets, 2 repeats")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="toy shape sets, one timed run (it checks the tables, not the times)")
     ap.add_argument("--md", default=None, help="also write the markdown tables here")
     ap.add_argument("--json", default=None, help="also write every number here")
     args = ap.parse_args(argv)
@@ -269,7 +274,7 @@ def main(argv=None):
         shape_sets = list(cases.DRY_SETS)
     else:
         shape_sets = ["resnet50", "tiny-1000"] if DEVICE == "cpu" else list(cases.GPU_SETS)
-    repeat = args.repeat or (2 if args.dry_run else 7 if DEVICE == "cpu" else 30)
+    repeat = args.repeat or (1 if args.dry_run else 7 if DEVICE == "cpu" else 30)
     impls = args.impls.split(",") if args.impls else default_impls(args.dry_run)
     device = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
 

@@ -7,7 +7,10 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import inspect  # noqa: E402
 import pathlib  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -54,3 +57,56 @@ def has_extension() -> bool:
 
 
 needs_ext = pytest.mark.skipif(not has_extension(), reason="samkernels._C is not built")
+
+
+# --- long subprocess checks, run beside the other tests ----------------------------------------
+# The Triton AOT compile, the GPU-session dry run ... are subprocesses that would keep the suite
+# waiting for a minute each.  A test module registers such a job with ``background_job``; it starts
+# (niced) as soon as collection has selected one of the module's tests, runs on the core the main
+# process leaves free, and the module's fixture waits for it with ``job(name)``.
+_JOBS = {}      # name -> (module file, start(workdir) -> handle)
+_STARTED = {}   # name -> handle (anything with wait() and kill())
+_WORKDIRS = []
+
+
+def background_job(name):
+    """Decorator: ``start(workdir)`` starts job ``name`` (a scratch directory of its own) and
+    returns a handle with ``wait()`` and ``kill()``."""
+    def register(start):
+        _JOBS[name] = (str(pathlib.Path(inspect.getsourcefile(start)).resolve()), start)
+        return start
+    return register
+
+
+def _start(name):
+    workdir = tempfile.mkdtemp(prefix=f"samk_{name}_")
+    _WORKDIRS.append(workdir)
+    _STARTED[name] = _JOBS[name][1](pathlib.Path(workdir))
+
+
+def pytest_collection_finish(session):
+    if session.config.option.collectonly:
+        return
+    selected = {str(pathlib.Path(str(item.fspath)).resolve()) for item in session.items}
+    for name, (path, _) in _JOBS.items():
+        if path in selected:
+            _start(name)
+
+
+def job(name):
+    """The handle of job ``name`` (started now if collection did not start it)."""
+    if name not in _STARTED:
+        _start(name)
+    return _STARTED[name]
+
+
+def niced():
+    """preexec_fn of a background subprocess: the main process's tests come first."""
+    os.nice(10)
+
+
+def pytest_sessionfinish(session):
+    for handle in _STARTED.values():
+        handle.kill()  # a no-op for a finished job
+    for workdir in _WORKDIRS:
+        shutil.rmtree(workdir, ignore_errors=True)

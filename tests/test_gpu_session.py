@@ -21,6 +21,8 @@ import pytest
 
 import samkernels
 
+import conftest
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "gpu_session.sh"
 FILES = {"session.log", "gpu_tests.log", "junit.xml", "steps.md", "steps.json", "loss.md",
@@ -32,13 +34,38 @@ STEP_IMPLS = ["fused-cpu:skip_on_device", "fused-triton:skip_on_device", "foreac
 LOSS_IMPLS = ["fused-cpu"] + (["fused-triton"] if HAVE_TRITON else []) + ["cross_entropy", "naive"]
 
 
+class _DryRun:
+    """The dry run, started when collection selects a test of this module
+    (conftest.background_job): it runs while the other tests do (not niced: its stages have
+    time limits)."""
+
+    def __init__(self, workdir):
+        self.out = workdir / "out"
+        self.out.mkdir()
+        self.logs = workdir
+        env = dict(os.environ, PYTHON=sys.executable)
+        with open(workdir / "stdout", "w") as so, open(workdir / "stderr", "w") as se:
+            self.proc = subprocess.Popen(["bash", str(SCRIPT), "--cpu-dry-run", str(self.out)],
+                                         env=env, cwd=self.out, stdout=so, stderr=se)
+
+    def wait(self):
+        rc = self.proc.wait(timeout=420)
+        return subprocess.CompletedProcess(
+            self.proc.args, rc, (self.logs / "stdout").read_text(),
+            (self.logs / "stderr").read_text())
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+
+
+conftest.background_job("gpu_session")(_DryRun)
+
+
 @pytest.fixture(scope="module")
-def session(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gpu_session")
-    env = dict(os.environ, PYTHON=sys.executable)
-    proc = subprocess.run(["bash", str(SCRIPT), "--cpu-dry-run", str(out)], env=env, cwd=out,
-                          capture_output=True, text=True, timeout=420)
-    return proc, out
+def session():
+    handle = conftest.job("gpu_session")
+    return handle.wait(), handle.out
 
 
 def _summary_json(out: pathlib.Path) -> dict:

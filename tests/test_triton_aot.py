@@ -13,7 +13,8 @@ arguments differently from the GPU JIT (it keeps Python floats as doubles).  So:
    parameters, so kernel signature changes are followed automatically.
 2. A subprocess without TRITON_INTERPRET compiles each distinct configuration with
    ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 80/90, 32))`` (tests/_aot_compile.py,
-   2 processes), with the GPU's multi-tensor BLOCK/CHUNK, and checks that the full chunks of the
+   2 niced processes, started when collection selects this module: it runs beside the other
+   tests), with the GPU's multi-tensor BLOCK/CHUNK, and checks that the full chunks of the
    aligned multi-tensor kernels issue 16-byte vector loads.
 
 Plus: every kernel was launched and every constexpr bool took both values (coverage), and no launch
@@ -40,6 +41,7 @@ from samkernels.ops._spec import PHASES  # noqa: E402
 from samkernels.triton import _multi_tensor as mt  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import conftest  # noqa: E402
 import triton_launches as TL  # noqa: E402
 from helpers import op_args  # noqa: E402
 from oracles import CASES, case  # noqa: E402
@@ -142,17 +144,62 @@ def drive_bisam_loss():
     _loss(wide, F32, phi="tanh", mu=2 * TB.FIXED_SHIFT_MAX_MU, grad=False)
 
 
+class _Compile:
+    """The recording and, in a subprocess without TRITON_INTERPRET, the compile of every distinct
+    configuration with a cold cache (a real compile) of the very samkernels that was recorded.
+    Started when collection selects a test of this module (conftest.background_job): the compile
+    runs while the other tests do."""
+
+    def __init__(self, workdir):
+        self.proc, self.skip = None, None
+        if os.environ.get("TRITON_INTERPRET") != "1" or TL.gpu_backend() is None:
+            self.skip = "the recording needs the interpreter and triton's nvidia backend"
+            return
+        t0 = time.perf_counter()
+        with TL.recording() as rec:
+            drive_multi_tensor()
+            drive_philox_probe()
+            drive_bisam_loss()
+        rec.seconds = time.perf_counter() - t0
+        self.launches, self.configs, self.workdir = rec, rec.unique(), workdir
+        self.job = {"configs": self.configs, "archs": list(ARCHS), "processes": PROCESSES,
+                    "interpreter_sizes": {"BLOCK": mt.BLOCK, "CHUNK": mt.CHUNK}}
+        (workdir / "configs.json").write_text(json.dumps(self.job))
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        root = str(pathlib.Path(samkernels.__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+        env["TRITON_CACHE_DIR"] = str(workdir / "cache")
+        self.t0 = time.perf_counter()
+        with open(workdir / "stderr", "w") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(HERE / "_aot_compile.py"), str(workdir / "configs.json"),
+                 str(workdir / "results.json")], env=env, stdout=subprocess.DEVNULL, stderr=err,
+                preexec_fn=conftest.niced)
+
+    def wait(self):
+        """(return code, its stderr, seconds since the start)."""
+        rc = self.proc.wait(timeout=1500)
+        return rc, (self.workdir / "stderr").read_text(), time.perf_counter() - self.t0
+
+    def kill(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+
+
+conftest.background_job("triton_aot")(_Compile)
+
+
 @pytest.fixture(scope="module")
-def launches():
-    if TL.gpu_backend() is None:
-        pytest.skip("triton has no nvidia backend")
-    t0 = time.perf_counter()
-    with TL.recording() as rec:
-        drive_multi_tensor()
-        drive_philox_probe()
-        drive_bisam_loss()
-    rec.seconds = time.perf_counter() - t0
-    return rec
+def compile_job():
+    handle = conftest.job("triton_aot")
+    if handle.skip:
+        pytest.skip(handle.skip)
+    return handle
+
+
+@pytest.fixture(scope="module")
+def launches(compile_job):
+    return compile_job.launches
 
 
 def _describe(cfg):
@@ -170,29 +217,19 @@ def _vec16_exempt(cfg):
 
 
 # --- (a) every recorded configuration compiles for sm_80 and sm_90 ------------------------------
-def test_every_launched_configuration_compiles(launches, tmp_path):
-    configs = launches.unique()
-    job = {"configs": configs, "archs": list(ARCHS), "processes": PROCESSES,
-           "interpreter_sizes": {"BLOCK": mt.BLOCK, "CHUNK": mt.CHUNK}}
-    (tmp_path / "configs.json").write_text(json.dumps(job))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    # compile the very samkernels that was recorded, with a cold cache (a real compile)
-    root = str(pathlib.Path(samkernels.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(HERE / "_aot_compile.py"),
-                           str(tmp_path / "configs.json"), str(tmp_path / "results.json")],
-                          env=env, capture_output=True, text=True, timeout=1500)
-    wall = time.perf_counter() - t0
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    out = json.loads((tmp_path / "results.json").read_text())
+def test_every_launched_configuration_compiles(compile_job):
+    configs, launches = compile_job.configs, compile_job.launches
+    rc, stderr, wall = compile_job.wait()
+    assert rc == 0, stderr[-6000:]
+    out = json.loads((compile_job.workdir / "results.json").read_text())
     results = out["results"]
     assert len(results) == len(configs) * len(ARCHS)
-    assert out["gpu_sizes"] != job["interpreter_sizes"], "the worker ran in interpreter mode"
+    assert out["gpu_sizes"] != compile_job.job["interpreter_sizes"], \
+        "the worker ran in interpreter mode"
     print(f"\n{len(configs)} configurations ({len(launches.launches)} launches recorded in "
           f"{launches.seconds:.1f} s) x sm_{'/'.join(map(str, ARCHS))} compiled by Triton "
-          f"{out['triton']} in {wall:.1f} s (worker pool {out['wall_s']} s)")
+          f"{out['triton']} in {wall:.1f} s (worker pool {out['wall_s']} s, beside the other "
+          "tests)")
     failed = [f"sm_{r['arch']}: {_describe(configs[r['index']])}\n{r['error']}"
               for r in results if not r["ok"]]
     assert not failed, f"{len(failed)} of {len(results)} compiles failed:\n" + "\n".join(failed)
