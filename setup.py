@@ -6,10 +6,11 @@ Build without isolation so the extension links the torch you run with:
 * C++ standard: the one the installed torch requires, for g++ and nvcc alike: C++17 up to torch
   2.13, C++20 from torch 2.14 (read from the ``__cplusplus`` guard in torch's ATen/ATen.h; see
   build_flags.py).  ``SAMKERNELS_CXX_STD=17|20`` overrides it.
-* C++ CPU kernels (``csrc/*.cpp``, ``csrc/cpu/*.cpp``) are always built: OpenMP, -O3.
-* CUDA kernels (``csrc/cuda/*.cu`` + their torch glue ``csrc/cuda/*.cpp``) are built when torch has
-  CUDA and ``nvcc`` is found.  ``SAMKERNELS_CUDA=1`` forces them on (error if impossible),
-  ``SAMKERNELS_CUDA=0`` off.  ``TORCH_CUDA_ARCH_LIST`` picks the architectures (default 8.0;9.0).
+* C++ CPU kernels (``csrc/*.cpp``, ``csrc/ops/*.cpp``) are always built: OpenMP, -O3.
+* CUDA kernels (``csrc/cuda/*.cu``, and the torch glue in ``csrc/ops/*.cpp`` under
+  ``-DSAMKERNELS_WITH_CUDA``) are built when torch has CUDA and ``nvcc`` is found.
+  ``SAMKERNELS_CUDA=1`` forces them on (error if impossible), ``SAMKERNELS_CUDA=0`` off.
+  ``TORCH_CUDA_ARCH_LIST`` picks the architectures (default 8.0;9.0).
   nvcc keeps IEEE fp32 (no ``--use_fast_math``), so CUDA results match the CPU and Triton backends.
 
 The flags live in build_flags.py, shared with tests/test_cuda_compile.py (which compiles the CUDA
@@ -59,7 +60,7 @@ if _want_cuda():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     ext = CUDAExtension(
         "samkernels._C",
-        sources + _rel("csrc/cuda/*.cpp") + _rel("csrc/cuda/*.cu"),
+        sources + _rel("csrc/cuda/*.cu"),
         extra_compile_args={"cxx": cxx_flags + [build_flags.CUDA_DEFINE],
                             "nvcc": build_flags.nvcc_flags(CXX_STD)},
         **ext_kwargs)

@@ -1,12 +1,31 @@
-// Argument checks of the phases that both the CPU kernels (cpu/*.cpp) and the CUDA glue
-// (cuda/phase_glue.cpp) make, written once so both backends reject the same inputs with the same
-// messages.  Schemas: samkernels/ops/_spec.py.
+// What the CPU kernels (cpu/multi_tensor.h) and the CUDA glue (cuda/glue.h) of the phases share:
+// the roles of the tensor lists, and the argument checks both make, written once so both backends
+// reject the same inputs with the same messages.  Schemas: samkernels/ops/_spec.py.
 #pragma once
 #include <ATen/ATen.h>
 
 #include <cstdint>
 
 namespace samkernels {
+
+// The role of a tensor list (the op table's roles): parameter dtype (params, grads, backups) or
+// optimizer state (float32, float64 for float64 params).  An optional list may be empty (absent).
+enum class Role { kParam, kState };
+
+// One tensor list of a phase call.  csrc/ops/<family>.cpp states each phase's lists once, in the
+// order of its CUDA launch function's lists; both devices' PhaseLists take them.
+struct ListArg {
+  const char* name;
+  at::TensorList list;
+  Role role;
+  bool written = false;
+  bool optional = false;
+};
+
+constexpr Role kP = Role::kParam;
+constexpr Role kS = Role::kState;
+constexpr bool W = true;    // written
+constexpr bool Opt = true;  // optional (may be empty)
 
 inline void check_ids(const char* op, at::IntArrayRef param_ids, size_t n_params) {
   TORCH_CHECK(param_ids.size() == n_params, op, ": param_ids has ", param_ids.size(),

@@ -24,7 +24,7 @@ SK_HD uint32_t mulhilo32(uint32_t a, uint32_t b, uint32_t* hi) {
 
 SK_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
                             uint32_t k1) {
-#pragma unroll
+  SK_UNROLL
   for (int r = 0; r < 10; ++r) {
     uint32_t hi0, hi1;
     uint32_t lo0 = mulhilo32(0xD2511F53u, c0, &hi0);

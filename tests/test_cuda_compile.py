@@ -1,5 +1,6 @@
 """The CUDA sources compile without a GPU: every ``csrc/cuda/*.cu`` with nvcc for sm_80 and sm_90,
-and every torch glue file ``csrc/cuda/*.cpp`` with a syntax-only C++ pass.
+and every torch-facing family file ``csrc/ops/*.cpp`` (CPU kernels + CUDA glue) with a syntax-only
+C++ pass as the CUDA build compiles it (``-DSAMKERNELS_WITH_CUDA``, -Wall -Wextra).
 
 CI has no GPU and a CPU build of torch, so this is the only place the CUDA code is compiled there.
 The flags are setup.py's own (build_flags.py: the C++ standard the installed torch needs, nvcc's
@@ -11,8 +12,9 @@ once (threads driving nvcc / g++ subprocesses; 10-20 s per file); a warning in o
 sources fails too.  nvcc keeps its PTX (``--keep``), which must be IEEE fp32: no approximate
 transcendental, division or sqrt instruction and no denormal flushing (what ``--use_fast_math``
 would bring back).  The objects are then linked with a stub that takes the address of every
-``launch_*`` function declared in ``csrc/cuda/*.h``: a definition whose signature drifted from its
-declaration (which compiles as a new overload) fails here instead of at import on a GPU machine.
+``launch_*`` function declared in ``csrc/cuda/*.h`` or, next to its caller, in ``csrc/ops/*.cpp``:
+a definition whose signature drifted from its declaration (which compiles as a new overload) fails
+here instead of at import on a GPU machine.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 CU_FILES = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
-GLUES = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cpp")))
+GLUES = sorted(glob.glob(os.path.join(CSRC, "ops", "*.cpp")))
 
 
 def _build_flags():
@@ -81,7 +83,8 @@ def _run(cmd, cwd):
 
 
 def _glue_command(tmp, glue):
-    """g++ -fsyntax-only for one glue file, or None (with the reason) when it cannot run here."""
+    """g++ -fsyntax-only for one ops file as the CUDA build sees it, or None (with the reason) when
+    it cannot run here."""
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         return None, "no C++ compiler"
@@ -268,15 +271,39 @@ def test_no_fast_math_intrinsics(path):
 
 HEADERS = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.h")))
 LAUNCH_DECL = re.compile(r"^cudaError_t\s+(launch_\w+)\s*\(", re.MULTILINE)
+# a whole declaration (no body) at the start of a line of an ops file, in namespace cuda
+LAUNCH_PROTO = re.compile(r"^cudaError_t\s+(launch_\w+)\s*\([^;{}]*\)\s*;", re.MULTILINE)
 
 
 def _launch_declarations():
-    """(header, function name) of every launch function the torch-free headers declare."""
+    """(source, function name, declaration or None) of every launch function declared in the
+    torch-free headers (None: the stub includes the header) or in the ops files (the stub repeats
+    the declaration: the file itself needs torch)."""
     out = []
     for h in HEADERS:
         with open(h) as f:
-            out += [(os.path.basename(h), name) for name in LAUNCH_DECL.findall(f.read())]
+            out += [(os.path.basename(h), name, None) for name in LAUNCH_DECL.findall(f.read())]
+    for path in GLUES:
+        with open(path) as f:
+            src = f.read()
+        out += [(os.path.relpath(path, CSRC), m.group(1), m.group(0))
+                for m in LAUNCH_PROTO.finditer(src)]
+        # a launch declaration the pattern missed would escape the link check
+        assert len(LAUNCH_DECL.findall(src)) == len(LAUNCH_PROTO.findall(src)), path
     return out
+
+
+def test_every_launch_is_declared():
+    """Each launch function a .cu defines is declared where the link check below finds it."""
+    defined = set()
+    for path in CU_FILES:
+        with open(path) as f:
+            defined |= set(LAUNCH_DECL.findall(f.read()))
+    declared = [name for _, name, _ in _launch_declarations()]
+    assert sorted(declared) == sorted(defined), (
+        f"defined in csrc/cuda/*.cu but not declared: {sorted(defined - set(declared))}; "
+        f"declared but not defined: {sorted(set(declared) - defined)}; declared twice: "
+        f"{sorted(n for n in set(declared) if declared.count(n) > 1)}")
 
 
 @needs_nvcc
@@ -286,13 +313,19 @@ def test_launch_functions_link(compiled, nvcc_tmp):
     if failed:
         pytest.skip(f"not every .cu compiled: {failed}")
     decls = _launch_declarations()
-    assert decls, "no launch_* declarations found in csrc/cuda/*.h"
+    assert decls, "no launch_* declarations found in csrc/cuda/*.h or csrc/ops/*.cpp"
     stub = os.path.join(nvcc_tmp, "link_stub.cpp")
     with open(stub, "w") as f:
-        for h in sorted({h for h, _ in decls}):
+        f.write('#include "cuda/launch.h"\n')
+        for h in sorted({h for h, _, decl in decls if decl is None}):
             f.write(f'#include "cuda/{h}"\n')
+        f.write("namespace samkernels {\nnamespace cuda {\n")
+        for src, _, decl in decls:
+            if decl is not None:
+                f.write(f"// {src}\n{decl}\n")
+        f.write("}  // namespace cuda\n}  // namespace samkernels\n")
         f.write("int main() {\n  const void* volatile sink = nullptr;\n")
-        for _, name in decls:  # the address: an undefined (or overloaded-away) symbol fails
+        for _, name, _ in decls:  # the address: an undefined (or overloaded-away) symbol fails
             f.write(f"  sink = reinterpret_cast<const void*>(&samkernels::cuda::{name});\n")
         f.write("  return sink == nullptr;\n}\n")
     exe = os.path.join(nvcc_tmp, "link_stub")
@@ -302,15 +335,16 @@ def test_launch_functions_link(compiled, nvcc_tmp):
     assert rc == 0, f"linking the launch functions failed ({secs:.1f} s):\n{out}"
 
 
+# csrc/cuda/glue.h is the one torch-facing header there (the shared CUDA glue of csrc/ops/*.cpp)
 TORCH_FREE = CU_FILES + sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cuh"))) + [
-    p for p in [os.path.join(CSRC, "cuda", "launch.h")] if os.path.isfile(p)] + MATH_HEADERS + [
+    h for h in HEADERS if os.path.basename(h) != "glue.h"] + MATH_HEADERS + [
     os.path.join(CSRC, "philox.h")]
 
 
 @pytest.mark.parametrize("path", TORCH_FREE, ids=lambda p: os.path.relpath(p, CSRC))
 def test_cu_is_torch_free(path):
     # The CPU build of torch lacks some of its CUDA headers: .cu files including them do not
-    # compile against the CPU torch; the glue .cpp holds everything torch.
+    # compile against the CPU torch; csrc/ops/*.cpp (with cuda/glue.h) hold everything torch.
     with open(path) as f:
         src = f.read()
     bad = re.findall(r'#\s*include\s*[<"]((?:torch|ATen|c10)/[^>"]+)[>"]', src)

@@ -9,7 +9,7 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
-#include <initializer_list>
+#include <utility>
 #include <vector>
 
 #include "math/sam.h"
@@ -43,18 +43,6 @@ inline at::ScalarType opmath_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// The role of a tensor list (the op table's roles): parameter dtype (params, grads, backups) or
-// optimizer state (float32, float64 for float64 params).  An optional list may be empty (absent).
-enum class Role { kParam, kState };
-
-struct ListArg {
-  const char* name;
-  at::TensorList list;
-  Role role;
-  bool written = false;
-  bool optional = false;
-};
-
 // One chunk of one tensor, typed: scalar_t the parameter dtype, opmath_t its maths/state dtype.
 template <typename S>
 struct ChunkView {
@@ -74,10 +62,11 @@ struct ChunkView {
   }
 };
 
-// scalar_t and opmath_t of the ChunkView `v` (in the body of a PhaseLists::run).
-#define SK_CHUNK_TYPES(v)                                                 \
-  using scalar_t = typename std::decay_t<decltype(v)>::scalar_t;          \
-  using opmath_t = typename std::decay_t<decltype(v)>::opmath_t
+// scalar_t and opmath_t of the ChunkView `v` (in the body of a PhaseLists::run; a body may use
+// only one of them).
+#define SK_CHUNK_TYPES(v)                                                               \
+  using scalar_t [[maybe_unused]] = typename std::decay_t<decltype(v)>::scalar_t;       \
+  using opmath_t [[maybe_unused]] = typename std::decay_t<decltype(v)>::opmath_t
 
 // The tensor lists of one phase call.  The base list (the first one present: params, or grads for
 // the sums) decides the dtypes; every other present list must match it one to one (CPU, strided,
@@ -85,10 +74,10 @@ struct ChunkView {
 // form returns first); finish() copies the written ones back.
 class PhaseLists {
  public:
-  PhaseLists(const char* op, std::initializer_list<ListArg> lists,
+  PhaseLists(const char* op, std::vector<ListArg> lists,
              const c10::optional<at::Tensor>& found_inf = c10::nullopt, at::IntArrayRef ids = {},
              bool takes_ids = false)
-      : op_(op), args_(lists), found_inf_(found_inf) {
+      : op_(op), args_(std::move(lists)), found_inf_(found_inf) {
     while (base_ + 1 < args_.size() && !present(base_)) ++base_;
     check();
     if (takes_ids) check_ids(op, ids, base().size());
@@ -206,11 +195,6 @@ class PhaseLists {
   std::vector<Chunk> chunks_;
   int64_t total_ = 0;
 };
-
-constexpr Role kP = Role::kParam;
-constexpr Role kS = Role::kState;
-constexpr bool W = true;    // written
-constexpr bool Opt = true;  // optional (may be empty)
 
 // dst[i] <- src[i], bit for bit (the skip forms: backups <- params, or params <- backups).
 inline void copy_lists(at::TensorList dst, at::TensorList src) {

@@ -1,6 +1,6 @@
 // Torch-free interface of the fused BiSAM ascent-loss kernel (bisam_loss.cu), called by the torch
-// glue bisam_loss_glue.cpp.  Semantics: samkernels/ops/bisam_loss.py (bisam_loss_reference) and
-// the CPU kernel csrc/cpu/bisam_loss.cpp: per row, the loss Q_i (eq. 11/14 of the BiSAM paper)
+// glue in csrc/ops/bisam_loss.cpp.  Semantics: samkernels/ops/bisam_loss.py (bisam_loss_reference)
+// and the CPU kernel in csrc/ops/bisam_loss.cpp: per row, the loss Q_i (eq. 11/14 of the BiSAM paper)
 // and, when `grad` is set, grad_scale * dQ_i/df_i.
 #pragma once
 #include <cstdint>

@@ -1,6 +1,6 @@
 // bSAM phases on CUDA (docs/spec.md "Bayesian SAM, bSAM", Algorithm 1 lines 1-7; schemas in
 // samkernels/ops/_spec.py): the per-element maths of math/bsam.h bound to each phase's lists.
-// Torch-free: the glue (cuda/phase_glue.cpp) passes raw pointers.
+// Torch-free: the glue (ops/bsam.cpp) passes raw pointers.
 #include "cuda/multi_tensor.cuh"
 #include "math/bsam.h"
 
@@ -44,7 +44,7 @@ struct BsamUpdateLists : ListsOf<math::BsamUpdate<M>, 6, 3> {
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
-// Launch functions (launch.h).
+// Launch functions (declared in ops/bsam.cpp).
 // ---------------------------------------------------------------------------------------------
 cudaError_t launch_bsam_noise(const Group& g, uint64_t seed, uint64_t step, double num_data,
                               cudaStream_t stream) {

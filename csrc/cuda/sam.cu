@@ -1,6 +1,6 @@
 // SAM / ASAM phases on CUDA (docs/spec.md "SAM family"; schemas in samkernels/ops/_spec.py): the
 // per-element maths of math/sam.h bound to each phase's lists.  Torch-free: the glue
-// (cuda/phase_glue.cpp) passes raw pointers.
+// (ops/sam.cpp) passes raw pointers.
 #include "cuda/multi_tensor.cuh"
 #include "math/sam.h"
 
@@ -67,7 +67,7 @@ __global__ void __launch_bounds__(kBlockSize)
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
-// Launch functions (launch.h).
+// Launch functions (declared in ops/sam.cpp; the norm stages in launch.h).
 // ---------------------------------------------------------------------------------------------
 cudaError_t launch_grad_sumsq_partials(const Group& g, double* partials, int64_t first_block,
                                        bool adaptive, double eta, cudaStream_t stream) {

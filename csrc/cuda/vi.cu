@@ -1,7 +1,7 @@
 // MFVI-family phases on CUDA (Ujváry et al., "Rethinking SAM as Variational Inference";
 // docs/spec.md "MFVI family"; schemas in samkernels/ops/_spec.py): the per-element maths of
 // math/vi.h bound to each phase's lists.  vsam_sumsq's stage 2 is launch_reduce_partials.
-// Torch-free: the glue (cuda/phase_glue.cpp) passes raw pointers.
+// Torch-free: the glue (ops/vi.cpp) passes raw pointers.
 #include "cuda/multi_tensor.cuh"
 #include "math/vi.h"
 
@@ -56,7 +56,7 @@ struct VsamPerturbLists : ListsOf<math::VsamPerturb<M>, 4, 3, Noise::kNone, /*Sc
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
-// Launch functions (launch.h).
+// Launch functions (declared in ops/vi.cpp).
 // ---------------------------------------------------------------------------------------------
 cudaError_t launch_vi_noise(const Group& g, uint64_t seed, uint64_t step, double sigma,
                             cudaStream_t stream) {

@@ -1,5 +1,5 @@
 // The BiSAM ascent loss's per-class maths (paper eq. 11/14/17/18; docs/spec.md "BiSAM"), shared by
-// the CPU kernel (cpu/bisam_loss.cpp) and the CUDA kernel (cuda/bisam_loss.cu).  The two differ
+// the CPU kernel (ops/bisam_loss.cpp) and the CUDA kernel (cuda/bisam_loss.cu).  The two differ
 // only in the exp / log1p they evaluate it with: the CPU's vectorisable polynomials or CUDA's
 // libdevice, passed as `Fn` (static abs, exp, log1p of acc_t).
 #pragma once

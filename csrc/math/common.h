@@ -1,5 +1,5 @@
 // What the per-element maths (csrc/math/*.h) is written in: SK_HD marks a function for the host
-// and, under nvcc, for the device too; sk_abs / sk_sqrt / sk_exp are the IEEE functions of libm
+// and, under nvcc, for the device too (SK_UNROLL: nvcc's unroll hint); sk_abs / sk_sqrt / sk_exp are the IEEE functions of libm
 // and of CUDA's device library (no fast-math intrinsics), one overload per opmath type, so one
 // template body serves float and double on either side.  Free of torch, includable by nvcc.
 #pragma once
@@ -15,6 +15,13 @@
 #define SK_HD inline __attribute__((always_inline))
 #else
 #define SK_HD inline
+#endif
+
+// nvcc's loop unrolling hint; g++ would warn about an unknown pragma and ignore it.
+#if defined(__CUDACC__)
+#define SK_UNROLL _Pragma("unroll")
+#else
+#define SK_UNROLL
 #endif
 
 namespace samkernels {

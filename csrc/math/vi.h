@@ -1,6 +1,6 @@
 // Per-element maths of the MFVI-family phases (Ujváry et al., "Rethinking SAM as Variational
 // Inference"; docs/spec.md "MFVI family"; schemas in samkernels/ops/_spec.py), shared by
-// cpu/vi.cpp and cuda/vi.cu.  Coefficients in opmath M, formed once by make() in double.
+// ops/vi.cpp and cuda/vi.cu.  Coefficients in opmath M, formed once by make() in double.
 #pragma once
 #include <cmath>
 

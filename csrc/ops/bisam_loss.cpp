@@ -1,4 +1,5 @@
-// BiSAM ascent loss Q (paper eq. 11/14, docs/spec.md "BiSAM"), forward and gradient fused, CPU kernel.
+// BiSAM ascent loss Q (paper eq. 11/14, docs/spec.md "BiSAM"), forward and gradient fused: the
+// CPU kernels and, in CUDA builds, the glue to the kernel of cuda/bisam_loss.cu.
 //
 //   z_j = mu * phi(F_j),  F_j = f_j - f_y          (F_y = 0, phi(0) = 0)
 //   loss_row = (1/mu) * logsumexp_j(z_j) - log(K)/mu
@@ -9,7 +10,7 @@
 // One row at a time, in cache: pass 1 evaluates z and phi' into scratch (and takes the max when mu
 // is too large for a fixed shift), pass 2 exponentiates and sums, pass 3 writes the gradient (times
 // grad_scale).  Rows of at most 32 classes go a block of rows at a time instead (bisam_rows_flat).
-// Ops: bisam_loss_fwd (per-row loss + gradient buffer; also the CUDA glue's schema),
+// Ops: bisam_loss_fwd (per-row loss + gradient buffer; the one op with a CUDA kernel),
 // bisam_loss_fwd_reduced (label check, count, rows and reduction in one call) and bisam_loss (the
 // same with its autograd in C++: the eager CPU path of samkernels.bisam_loss).  Semantics:
 // samkernels/ops/bisam_loss.py (bisam_loss_reference).
@@ -20,7 +21,6 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
-#include "bisam_loss_args.h"
 #include "math/bisam_loss.h"
 
 #include <algorithm>
@@ -30,6 +30,40 @@
 #include <limits>
 #include <tuple>
 #include <vector>
+
+#ifdef SAMKERNELS_WITH_CUDA  // light c10 headers only (ATen/cuda/CUDAContext.h pulls in cuBLAS)
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "cuda/bisam_loss.h"
+#endif
+
+namespace samkernels {
+namespace {
+
+// Argument checks of samkernels::bisam_loss_fwd made by its CPU kernel and its CUDA glue, so both
+// backends reject the same inputs with the same messages.
+void check_bisam_loss_args(const at::Tensor& logits, const at::Tensor& target, double mu,
+                           int64_t phi) {
+  TORCH_CHECK_VALUE(logits.dim() == 2, "bisam_loss: logits must be 2-D (batch, classes), got ",
+                    logits.sizes());
+  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == logits.size(0),
+                    "bisam_loss: target must be 1-D with logits.size(0) = ", logits.size(0),
+                    " entries, got shape ", target.sizes());
+  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, "bisam_loss: target must be int64, got ",
+                   target.scalar_type());
+  const auto dt = logits.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
+                   "bisam_loss: logits must be float32/float64/float16/bfloat16, got ", dt);
+  TORCH_CHECK_VALUE(logits.size(1) >= 1, "bisam_loss: logits need at least one class");
+  TORCH_CHECK_VALUE(mu > 0 && std::isfinite(mu), "bisam_loss: mu must be positive and finite, got ",
+                    mu);
+  TORCH_CHECK_VALUE(phi == 0 || phi == 1,  // 0: neglog, 1: tanh
+                    "bisam_loss: phi code must be 0 (neglog) or 1 (tanh), got ", phi);
+}
+
+}  // namespace
+}  // namespace samkernels
 
 namespace {
 
@@ -529,3 +563,77 @@ TORCH_LIBRARY_IMPL(samkernels, CPU, m) {
 }
 
 TORCH_LIBRARY_IMPL(samkernels, Autograd, m) { m.impl("bisam_loss", &bisam_loss_autograd); }
+
+#ifdef SAMKERNELS_WITH_CUDA
+// The CUDA implementation of bisam_loss_fwd: checks the arguments and calls the torch-free launcher
+// of cuda/bisam_loss.h on the current stream.  Labels are not range-checked here (that would be a
+// host sync): the kernel writes NaN for a bad row without reading outside it, and the Python
+// wrapper asserts asynchronously.
+namespace samkernels {
+namespace cuda {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> bisam_loss_fwd_cuda(const at::Tensor& logits_in,
+                                                       const at::Tensor& target_in, double mu,
+                                                       int64_t phi, double alpha,
+                                                       int64_t ignore_index, double grad_scale,
+                                                       bool compute_grad) {
+  check_bisam_loss_args(logits_in, target_in, mu, phi);
+  TORCH_CHECK(logits_in.is_cuda() && target_in.device() == logits_in.device(),
+              "bisam_loss (CUDA kernel): logits and target must be on the same CUDA device");
+  BiSAMDtype dtype = BiSAMDtype::kFloat;
+  switch (logits_in.scalar_type()) {
+    case at::kFloat:
+      dtype = BiSAMDtype::kFloat;
+      break;
+    case at::kDouble:
+      dtype = BiSAMDtype::kDouble;
+      break;
+    case at::kHalf:
+      dtype = BiSAMDtype::kHalf;
+      break;
+    case at::kBFloat16:
+      dtype = BiSAMDtype::kBFloat16;
+      break;
+    default:
+      TORCH_CHECK_TYPE(false, "bisam_loss: logits must be float32/float64/float16/bfloat16, got ",
+                       logits_in.scalar_type());
+  }
+  const c10::cuda::CUDAGuard guard(logits_in.device());
+  const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
+  const at::Tensor target = target_in.contiguous();
+  const int64_t B = logits.size(0), K = logits.size(1);
+  at::Tensor loss_rows = at::empty(
+      {B}, logits.options().dtype(dtype == BiSAMDtype::kDouble ? at::kDouble : at::kFloat));
+  at::Tensor grad = compute_grad ? at::empty({B, K}, logits.options())
+                                 : at::empty({0}, logits.options());
+  if (B == 0) return {loss_rows, grad};
+
+  BiSAMLossArgs args;
+  args.dtype = dtype;
+  args.logits = logits.const_data_ptr();
+  args.row_stride = logits.stride(0);
+  args.target = target.const_data_ptr<int64_t>();
+  args.loss_rows = loss_rows.mutable_data_ptr();
+  args.grad = compute_grad ? grad.mutable_data_ptr() : nullptr;
+  args.B = B;
+  args.K = K;
+  args.mu = mu;
+  args.alpha = alpha;
+  args.grad_scale = grad_scale;
+  args.ignore_index = ignore_index;
+  args.phi = static_cast<int>(phi);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(logits.device().index()).stream();
+  const cudaError_t err = launch_bisam_loss_fwd(args, stream);
+  TORCH_CHECK(err == cudaSuccess, "bisam_loss: CUDA kernel launch failed: ",
+              cudaGetErrorString(err));
+  return {loss_rows, grad};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(samkernels, CUDA, m) { m.impl("bisam_loss_fwd", &bisam_loss_fwd_cuda); }
+
+}  // namespace cuda
+}  // namespace samkernels
+#endif  // SAMKERNELS_WITH_CUDA

@@ -1,5 +1,7 @@
-// bSAM phases on the CPU (Algorithm 1 of Möllenhoff & Khan 2022; docs/spec.md lines 1-7; schemas
-// in samkernels/ops/_spec.py).  Per-element maths: math/bsam.h (shared with CUDA).
+// bSAM phases (Algorithm 1 of Möllenhoff & Khan 2022; docs/spec.md lines 1-7; schemas in
+// samkernels/ops/_spec.py).  The family's torch-facing code: the CPU kernels and, in CUDA builds,
+// the glue to the launch functions of cuda/bsam.cu.  Per-element maths: math/bsam.h (shared by
+// both).
 //   bsam_noise_    line 1:     backup <- omega, w <- omega + z / sqrt(N s)   (Philox noise)
 //   bsam_perturb_  lines 3, 5: w <- omega + rho g / s, then s update (or accumulate sqrt(s)|g|)
 //   bsam_update_   lines 5-7:  momentum and mean update, w <- omega
@@ -7,21 +9,51 @@
 
 #include <cmath>
 #include <type_traits>
+#include <vector>
 
 #include "cpu/multi_tensor.h"
 #include "cpu/normal_block.h"
 #include "math/bsam.h"
+#ifdef SAMKERNELS_WITH_CUDA
+#include "cuda/glue.h"
+#endif
 
 namespace samkernels {
+namespace {
+
+// Each phase's tensor lists with their roles, in its launch function's list order: stated once
+// for the CPU kernels and the CUDA glue.
+std::vector<ListArg> bsam_noise_lists(at::TensorList params, at::TensorList backups,
+                                      at::TensorList precisions) {
+  return {{"params", params, kP, W}, {"backups", backups, kP, W}, {"precisions", precisions, kS}};
+}
+
+// accumulate (accums not empty): line 5 waits for bsam_update_, the sharpness goes to accums
+std::vector<ListArg> bsam_perturb_lists(at::TensorList params, at::TensorList grads,
+                                        at::TensorList backups, at::TensorList precisions,
+                                        at::TensorList accums, bool accumulate) {
+  return {{"params", params, kP, W}, {"grads", grads, kP}, {"backups", backups, kP},
+          {"precisions", precisions, kS, !accumulate}, {"accums", accums, kS, W, Opt}};
+}
+
+std::vector<ListArg> bsam_update_lists(at::TensorList params, at::TensorList grads,
+                                       at::TensorList backups, at::TensorList precisions,
+                                       at::TensorList momenta, at::TensorList accums,
+                                       bool accumulate) {
+  return {{"params", params, kP, W}, {"grads", grads, kP}, {"backups", backups, kP},
+          {"precisions", precisions, kS, accumulate}, {"momenta", momenta, kS, W},
+          {"accums", accums, kS, false, Opt}};
+}
+
+}  // namespace
+
 namespace cpu {
 namespace {
 
 void bsam_noise(at::TensorList params, at::TensorList backups, at::TensorList precisions,
                 at::IntArrayRef param_ids, int64_t seed, int64_t step, double num_data) {
-  PhaseLists pl("bsam_noise_",
-                {{"params", params, kP, W}, {"backups", backups, kP, W},
-                 {"precisions", precisions, kS}},
-                c10::nullopt, param_ids, /*takes_ids=*/true);
+  PhaseLists pl("bsam_noise_", bsam_noise_lists(params, backups, precisions), c10::nullopt,
+                param_ids, /*takes_ids=*/true);
   pl.run([&](const auto& v) {
     SK_CHUNK_TYPES(v);
     noise_chunk(v, math::BsamNoise<opmath_t>::make(num_data), static_cast<uint64_t>(seed),
@@ -35,8 +67,7 @@ void bsam_perturb(at::TensorList params, at::TensorList grads, at::TensorList ba
                   double delta, double gamma, const c10::optional<at::Tensor>& found_inf) {
   const bool accumulate = !accums.empty();  // empty list: no accumulation, line 5 runs here
   PhaseLists pl("bsam_perturb_",
-                {{"params", params, kP, W}, {"grads", grads, kP}, {"backups", backups, kP},
-                 {"precisions", precisions, kS, !accumulate}, {"accums", accums, kS, W, Opt}},
+                bsam_perturb_lists(params, grads, backups, precisions, accums, accumulate),
                 found_inf);
   if (pl.skip()) return copy_lists(params, backups);
   pl.run([&](const auto& v) {
@@ -59,15 +90,14 @@ void bsam_perturb(at::TensorList params, at::TensorList grads, at::TensorList ba
 }
 
 void bsam_update(at::TensorList params, at::TensorList grads, at::TensorList backups,
-                 at::TensorList precisions, at::TensorList momenta, at::TensorList accums, double lr,
-                 double beta1, double beta2, double delta, double gamma, double accum_scale,
-                 bool released_order, const c10::optional<at::Tensor>& found_inf) {
+                 at::TensorList precisions, at::TensorList momenta, at::TensorList accums,
+                 double lr, double beta1, double beta2, double delta, double gamma,
+                 double accum_scale, bool released_order,
+                 const c10::optional<at::Tensor>& found_inf) {
   const bool accumulate = !accums.empty();  // empty list: line 5 already ran in bsam_perturb_
   check_released_order("bsam_update_", accumulate, released_order);
   PhaseLists pl("bsam_update_",
-                {{"params", params, kP, W}, {"grads", grads, kP}, {"backups", backups, kP},
-                 {"precisions", precisions, kS, accumulate}, {"momenta", momenta, kS, W},
-                 {"accums", accums, kS, false, Opt}},
+                bsam_update_lists(params, grads, backups, precisions, momenta, accums, accumulate),
                 found_inf);
   if (pl.skip()) return copy_lists(params, backups);
   pl.run([&](const auto& v) {
@@ -105,4 +135,76 @@ TORCH_LIBRARY_IMPL(samkernels, CPU, m) {
 }
 
 }  // namespace cpu
+
+#ifdef SAMKERNELS_WITH_CUDA
+namespace cuda {
+
+// Launch functions of cuda/bsam.cu.
+
+// bsam_noise_ (docs/spec.md bSAM line 1).  Lists: 0 params, 1 backups, 2 precisions;
+// tags = param ids.
+cudaError_t launch_bsam_noise(const Group& g, uint64_t seed, uint64_t step, double num_data,
+                              cudaStream_t stream);
+
+// bsam_perturb_ (docs/spec.md bSAM lines 3 and 5).  Lists: 0 params, 1 grads, 2 backups,
+// 3 precisions, 4 accums (nullptr: no accumulation, line 5 runs here).
+cudaError_t launch_bsam_perturb(const Group& g, double rho, double beta2, double delta,
+                                double gamma, const float* found_inf, cudaStream_t stream);
+
+// bsam_update_ (docs/spec.md bSAM lines 5-7).  Lists: 0 params, 1 grads, 2 backups, 3 precisions,
+// 4 momenta, 5 accums (nullptr: line 5 already ran in bsam_perturb_).
+cudaError_t launch_bsam_update(const Group& g, double lr, double beta1, double beta2, double delta,
+                               double gamma, double accum_scale, bool released_order,
+                               const float* found_inf, cudaStream_t stream);
+
+namespace {
+
+void bsam_noise_cuda(TensorList params, TensorList backups, TensorList precisions,
+                     at::IntArrayRef param_ids, int64_t seed, int64_t step, double num_data) {
+  PhaseLists pl("samkernels::bsam_noise_", bsam_noise_lists(params, backups, precisions),
+                /*logical_order=*/true, std::nullopt, param_ids, /*takes_ids=*/true);
+  pl.run([&](const Group& g) {
+    return launch_bsam_noise(g, static_cast<uint64_t>(seed), static_cast<uint64_t>(step), num_data,
+                             pl.stream);
+  });
+}
+
+void bsam_perturb_cuda(TensorList params, TensorList grads, TensorList backups,
+                       TensorList precisions, TensorList accums, double rho, double beta2,
+                       double delta, double gamma, const std::optional<Tensor>& found_inf) {
+  const bool accumulate = !accums.empty();  // empty list: no accumulation, line 5 runs here
+  PhaseLists pl("samkernels::bsam_perturb_",
+                bsam_perturb_lists(params, grads, backups, precisions, accums, accumulate), false,
+                found_inf);
+  pl.run([&](const Group& g) {
+    return launch_bsam_perturb(g, rho, beta2, delta, gamma, pl.skip, pl.stream);
+  });
+}
+
+void bsam_update_cuda(TensorList params, TensorList grads, TensorList backups,
+                      TensorList precisions, TensorList momenta, TensorList accums, double lr,
+                      double beta1, double beta2, double delta, double gamma, double accum_scale,
+                      bool released_order, const std::optional<Tensor>& found_inf) {
+  const char* op = "samkernels::bsam_update_";
+  const bool accumulate = !accums.empty();  // empty list: line 5 already ran in bsam_perturb_
+  check_released_order(op, accumulate, released_order);
+  PhaseLists pl(op,
+                bsam_update_lists(params, grads, backups, precisions, momenta, accums, accumulate),
+                false, found_inf);
+  pl.run([&](const Group& g) {
+    return launch_bsam_update(g, lr, beta1, beta2, delta, gamma, accum_scale, released_order,
+                              pl.skip, pl.stream);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(samkernels, CUDA, m) {
+  m.impl("bsam_noise_", &bsam_noise_cuda);
+  m.impl("bsam_perturb_", &bsam_perturb_cuda);
+  m.impl("bsam_update_", &bsam_update_cuda);
+}
+
+}  // namespace cuda
+#endif  // SAMKERNELS_WITH_CUDA
 }  // namespace samkernels

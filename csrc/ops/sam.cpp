@@ -1,31 +1,65 @@
-// SAM / ASAM phases on the CPU (docs/spec.md "SAM family"; schemas in samkernels/ops/_spec.py):
-// global gradient norm, perturbation with backup, and restore fused with the base optimizer's
-// update (SGD with momentum, Adam, AdamW).  Per-element maths: math/sam.h (shared with CUDA).
-// Each element is read and written once per phase.
+// SAM / ASAM phases (docs/spec.md "SAM family"; schemas in samkernels/ops/_spec.py): global
+// gradient norm, perturbation with backup, and restore fused with the base optimizer's update
+// (SGD with momentum, Adam, AdamW).  The family's torch-facing code: the CPU kernels and, in CUDA
+// builds, the glue to the launch functions of cuda/sam.cu.  Per-element maths: math/sam.h (shared
+// by both).  Each element is read and written once per phase.
 #include <torch/library.h>
 
 #include <cmath>
+#include <vector>
 
 #include "cpu/multi_tensor.h"
 #include "math/sam.h"
+#ifdef SAMKERNELS_WITH_CUDA
+#include "cuda/glue.h"
+#endif
 
 namespace samkernels {
+namespace {
+
+// Each phase's tensor lists with their roles, in its launch function's list order: stated once
+// for the CPU kernels and the CUDA glue.
+std::vector<ListArg> grad_sumsq_lists(at::TensorList params, at::TensorList grads) {
+  // params are read only for ASAM (T = |w| + eta), but checked against the grads either way (same
+  // contract as every phase: a grad of the wrong size or dtype is an error naming it)
+  return {{"params", params, kP}, {"grads", grads, kP}};
+}
+
+std::vector<ListArg> sam_perturb_lists(at::TensorList params, at::TensorList grads,
+                                       at::TensorList backups) {
+  return {{"params", params, kP, W}, {"grads", grads, kP}, {"backups", backups, kP, W}};
+}
+
+std::vector<ListArg> sam_restore_sgd_lists(at::TensorList params, at::TensorList grads,
+                                           at::TensorList backups, at::TensorList momentum_bufs,
+                                           double momentum) {
+  // reference: the buffers are only touched with momentum
+  return {{"params", params, kP, W}, {"grads", grads, kP}, {"backups", backups, kP},
+          {"momentum_bufs", momentum != 0.0 ? momentum_bufs : at::TensorList{}, kS, W,
+           /*optional=*/momentum == 0.0}};
+}
+
+std::vector<ListArg> sam_restore_adam_lists(at::TensorList params, at::TensorList grads,
+                                            at::TensorList backups, at::TensorList exp_avgs,
+                                            at::TensorList exp_avg_sqs) {
+  return {{"params", params, kP, W}, {"grads", grads, kP}, {"backups", backups, kP},
+          {"exp_avgs", exp_avgs, kS, W}, {"exp_avg_sqs", exp_avg_sqs, kS, W}};
+}
+
+}  // namespace
+
 namespace cpu {
 namespace {
 
 at::Tensor grad_sumsq(at::TensorList params, at::TensorList grads, bool adaptive, double eta) {
-  // params are read only for ASAM, but checked against the grads either way (same contract as
-  // every phase: a grad of the wrong size or dtype is an error naming it)
-  PhaseLists pl("grad_sumsq", {{"params", params, kP}, {"grads", grads, kP}});
+  PhaseLists pl("grad_sumsq", grad_sumsq_lists(params, grads));
   return norm_tensor(pl.sum([&](const auto& v) { return chunk_sumsq(v, 0, 1, adaptive, eta); }));
 }
 
 at::Tensor sam_perturb(at::TensorList params, at::TensorList grads, at::TensorList backups,
                        const c10::optional<at::Tensor>& grad_norm, double rho, double eps,
                        bool adaptive, double eta, const c10::optional<at::Tensor>& found_inf) {
-  PhaseLists pl("sam_perturb_",
-                {{"params", params, kP, W}, {"grads", grads, kP}, {"backups", backups, kP, W}},
-                found_inf);
+  PhaseLists pl("sam_perturb_", sam_perturb_lists(params, grads, backups), found_inf);
   const double norm =
       grad_norm.has_value()
           ? grad_norm->item<double>()
@@ -55,12 +89,8 @@ void sam_restore_sgd(at::TensorList params, at::TensorList grads, at::TensorList
                      at::TensorList momentum_bufs, double lr, double momentum, double dampening,
                      bool nesterov, double weight_decay, bool first,
                      const c10::optional<at::Tensor>& found_inf) {
-  // the buffers are only touched with momentum
   PhaseLists pl("sam_restore_sgd_",
-                {{"params", params, kP, W}, {"grads", grads, kP}, {"backups", backups, kP},
-                 {"momentum_bufs", momentum != 0.0 ? momentum_bufs : at::TensorList{}, kS, W,
-                  /*optional=*/momentum == 0.0}},
-                found_inf);
+                sam_restore_sgd_lists(params, grads, backups, momentum_bufs, momentum), found_inf);
   if (pl.skip()) return copy_lists(params, backups);
   pl.run([&](const auto& v) {
     SK_CHUNK_TYPES(v);
@@ -93,9 +123,7 @@ void sam_restore_adam(at::TensorList params, at::TensorList grads, at::TensorLis
                       double beta1, double beta2, double eps, double weight_decay, bool decoupled,
                       const c10::optional<at::Tensor>& found_inf) {
   PhaseLists pl("sam_restore_adam_",
-                {{"params", params, kP, W}, {"grads", grads, kP}, {"backups", backups, kP},
-                 {"exp_avgs", exp_avgs, kS, W}, {"exp_avg_sqs", exp_avg_sqs, kS, W}},
-                found_inf);
+                sam_restore_adam_lists(params, grads, backups, exp_avgs, exp_avg_sqs), found_inf);
   check_adam_step("sam_restore_adam_", step);
   if (pl.skip()) return copy_lists(params, backups);
   pl.run([&](const auto& v) {
@@ -128,4 +156,96 @@ TORCH_LIBRARY_IMPL(samkernels, CPU, m) {
 }
 
 }  // namespace cpu
+
+#ifdef SAMKERNELS_WITH_CUDA
+namespace cuda {
+
+// Launch functions of cuda/sam.cu (grad_sumsq's two stages: cuda/launch.h).
+
+// sam_perturb_ given the norm in device memory (*norm, float64).  Lists: 0 params, 1 grads,
+// 2 backups.
+cudaError_t launch_sam_perturb(const Group& g, const double* norm, double rho, double eps,
+                               bool adaptive, double eta, const float* found_inf,
+                               cudaStream_t stream);
+
+// sam_restore_sgd_.  Lists: 0 params, 1 grads, 2 backups, 3 momentum_bufs (nullptr when
+// momentum == 0).
+cudaError_t launch_sam_restore_sgd(const Group& g, double lr, double momentum, double dampening,
+                                   bool nesterov, double weight_decay, bool first,
+                                   const float* found_inf, cudaStream_t stream);
+
+// sam_restore_adam_ at Adam step `step` (>= 1; bias corrections in double, math/sam.h).
+// Lists: 0 params, 1 grads, 2 backups, 3 exp_avgs, 4 exp_avg_sqs.
+cudaError_t launch_sam_restore_adam(const Group& g, int64_t step, double lr, double beta1,
+                                    double beta2, double eps, double weight_decay, bool decoupled,
+                                    const float* found_inf, cudaStream_t stream);
+
+namespace {
+
+Tensor grad_sumsq_cuda(TensorList params, TensorList grads, bool adaptive, double eta) {
+  PhaseLists pl("samkernels::grad_sumsq", grad_sumsq_lists(params, grads));
+  if (pl.empty()) return zero_norm();
+  return reduce(pl, /*take_sqrt=*/false, [&](double* parts, const Group& g, int64_t first) {
+    return launch_grad_sumsq_partials(g, parts, first, adaptive, eta, pl.stream);
+  });
+}
+
+Tensor sam_perturb_cuda(TensorList params, TensorList grads, TensorList backups,
+                        const std::optional<Tensor>& grad_norm, double rho, double eps,
+                        bool adaptive, double eta, const std::optional<Tensor>& found_inf) {
+  const char* op = "samkernels::sam_perturb_";
+  PhaseLists pl(op, sam_perturb_lists(params, grads, backups), false, found_inf);
+  const Tensor norm = phase_norm(op, "grad_norm", grad_norm, pl,
+                                 [&](double* parts, const Group& g, int64_t first) {
+                                   return launch_grad_sumsq_partials(g, parts, first, adaptive,
+                                                                     eta, pl.stream);
+                                 });
+  pl.run([&](const Group& g) {
+    return launch_sam_perturb(g, norm.data_ptr<double>(), rho, eps, adaptive, eta, pl.skip,
+                              pl.stream);
+  });
+  return norm;
+}
+
+void sam_restore_sgd_cuda(TensorList params, TensorList grads, TensorList backups,
+                          TensorList momentum_bufs, double lr, double momentum, double dampening,
+                          bool nesterov, double weight_decay, bool first,
+                          const std::optional<Tensor>& found_inf) {
+  PhaseLists pl("samkernels::sam_restore_sgd_",
+                sam_restore_sgd_lists(params, grads, backups, momentum_bufs, momentum), false,
+                found_inf);
+  pl.run([&](const Group& g) {
+    return launch_sam_restore_sgd(g, lr, momentum, dampening, nesterov, weight_decay, first,
+                                  pl.skip, pl.stream);
+  });
+}
+
+void sam_restore_adam_cuda(TensorList params, TensorList grads, TensorList backups,
+                           TensorList exp_avgs, TensorList exp_avg_sqs, int64_t step, double lr,
+                           double beta1, double beta2, double eps, double weight_decay,
+                           bool decoupled, const std::optional<Tensor>& found_inf) {
+  const char* op = "samkernels::sam_restore_adam_";
+  PhaseLists pl(op, sam_restore_adam_lists(params, grads, backups, exp_avgs, exp_avg_sqs), false,
+                found_inf);
+  check_adam_step(op, step);
+  TORCH_CHECK(std::pow(beta1, static_cast<double>(step)) != 1.0 &&
+                  std::pow(beta2, static_cast<double>(step)) != 1.0,
+              op, ": a bias correction 1 - beta**step is zero");
+  pl.run([&](const Group& g) {
+    return launch_sam_restore_adam(g, step, lr, beta1, beta2, eps, weight_decay, decoupled, pl.skip,
+                                   pl.stream);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(samkernels, CUDA, m) {
+  m.impl("grad_sumsq", &grad_sumsq_cuda);
+  m.impl("sam_perturb_", &sam_perturb_cuda);
+  m.impl("sam_restore_sgd_", &sam_restore_sgd_cuda);
+  m.impl("sam_restore_adam_", &sam_restore_adam_cuda);
+}
+
+}  // namespace cuda
+#endif  // SAMKERNELS_WITH_CUDA
 }  // namespace samkernels

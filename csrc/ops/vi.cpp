@@ -1,6 +1,7 @@
-// MFVI-family phases on the CPU (Ujváry et al., "Rethinking SAM as Variational Inference";
-// docs/spec.md "MFVI family"; schemas in samkernels/ops/_spec.py).  Per-element maths: math/vi.h
-// (shared with CUDA).
+// MFVI-family phases (Ujváry et al., "Rethinking SAM as Variational Inference"; docs/spec.md
+// "MFVI family"; schemas in samkernels/ops/_spec.py).  The family's torch-facing code: the CPU
+// kernels and, in CUDA builds, the glue to the launch functions of cuda/vi.cu.  Per-element
+// maths: math/vi.h (shared by both).
 //   vi_noise_      RandomSAM Alg. 1 / MFVI Alg. 2 line 3: backup <- mu, w <- mu + std z (Philox)
 //   mfvi_update_   MFVI Alg. 2 lines 4-5: mean step (KL/N, momentum) and log-variance step, with z
 //                  regenerated from the counter instead of stored
@@ -10,22 +11,53 @@
 
 #include <cmath>
 #include <type_traits>
+#include <vector>
 
 #include "cpu/multi_tensor.h"
 #include "cpu/normal_block.h"
 #include "math/vi.h"
+#ifdef SAMKERNELS_WITH_CUDA
+#include "cuda/glue.h"
+#endif
 
 namespace samkernels {
+namespace {
+
+// Each phase's tensor lists with their roles, in its launch function's list order: stated once
+// for the CPU kernels and the CUDA glue.
+std::vector<ListArg> vi_noise_lists(at::TensorList params, at::TensorList backups,
+                                    at::TensorList variances) {
+  return {{"params", params, kP, W}, {"backups", backups, kP, W},
+          {"variances", variances, kS, false, Opt}};
+}
+
+std::vector<ListArg> mfvi_update_lists(at::TensorList params, at::TensorList grads,
+                                       at::TensorList backups, at::TensorList variances,
+                                       at::TensorList momenta) {
+  return {{"params", params, kP, W}, {"grads", grads, kP}, {"backups", backups, kP},
+          {"variances", variances, kS, W}, {"momenta", momenta, kS, W, Opt}};
+}
+
+std::vector<ListArg> vsam_sumsq_lists(at::TensorList grads, at::TensorList variances) {
+  return {{"grads", grads, kP}, {"variances", variances, kS}};
+}
+
+std::vector<ListArg> vsam_perturb_lists(at::TensorList params, at::TensorList grads,
+                                        at::TensorList backups, at::TensorList variances) {
+  return {{"params", params, kP, W}, {"grads", grads, kP}, {"backups", backups, kP, W},
+          {"variances", variances, kS, W}};
+}
+
+}  // namespace
+
 namespace cpu {
 namespace {
 
 void vi_noise(at::TensorList params, at::TensorList backups, at::TensorList variances,
               at::IntArrayRef param_ids, int64_t seed, int64_t step, double sigma) {
   const bool learned = !variances.empty();  // MFVI: std = sqrt(Sigma); RandomSAM: std = sigma0
-  PhaseLists pl("vi_noise_",
-                {{"params", params, kP, W}, {"backups", backups, kP, W},
-                 {"variances", variances, kS, false, Opt}},
-                c10::nullopt, param_ids, /*takes_ids=*/true);
+  PhaseLists pl("vi_noise_", vi_noise_lists(params, backups, variances), c10::nullopt, param_ids,
+                /*takes_ids=*/true);
   pl.run([&](const auto& v) {  // without variances the state passed to the maths is 0, unread
     SK_CHUNK_TYPES(v);
     noise_chunk(v, math::ViNoise<opmath_t>::make(sigma, learned), static_cast<uint64_t>(seed),
@@ -39,9 +71,7 @@ void mfvi_update(at::TensorList params, at::TensorList grads, at::TensorList bac
                  int64_t seed, int64_t step, double lr, double var_lr, double momentum,
                  double prior_var, double num_data, const c10::optional<at::Tensor>& found_inf) {
   const bool use_momentum = !momenta.empty();
-  PhaseLists pl("mfvi_update_",
-                {{"params", params, kP, W}, {"grads", grads, kP}, {"backups", backups, kP},
-                 {"variances", variances, kS, W}, {"momenta", momenta, kS, W, Opt}},
+  PhaseLists pl("mfvi_update_", mfvi_update_lists(params, grads, backups, variances, momenta),
                 found_inf, param_ids, /*takes_ids=*/true);
   if (pl.skip()) return copy_lists(params, backups);
   pl.run([&](const auto& v) {
@@ -88,7 +118,7 @@ double weighted_sumsq(PhaseLists& pl, int g_list, int v_list) {
 }
 
 at::Tensor vsam_sumsq(at::TensorList grads, at::TensorList variances) {
-  PhaseLists pl("vsam_sumsq", {{"grads", grads, kP}, {"variances", variances, kS}});
+  PhaseLists pl("vsam_sumsq", vsam_sumsq_lists(grads, variances));
   return norm_tensor(weighted_sumsq(pl, 0, 1));
 }
 
@@ -96,9 +126,7 @@ at::Tensor vsam_perturb(at::TensorList params, at::TensorList grads, at::TensorL
                         at::TensorList variances, const c10::optional<at::Tensor>& sigma_norm,
                         double dim, double eps, double var_lr, double prior_var, double num_data,
                         bool log_step, double min_var, const c10::optional<at::Tensor>& found_inf) {
-  PhaseLists pl("vsam_perturb_",
-                {{"params", params, kP, W}, {"grads", grads, kP}, {"backups", backups, kP, W},
-                 {"variances", variances, kS, W}},
+  PhaseLists pl("vsam_perturb_", vsam_perturb_lists(params, grads, backups, variances),
                 found_inf);
   // sqrt(g^T Sigma g) over this list unless given; with the Sigma before the update
   const double norm = sigma_norm.has_value() ? sigma_norm->item<double>()
@@ -139,4 +167,98 @@ TORCH_LIBRARY_IMPL(samkernels, CPU, m) {
 }
 
 }  // namespace cpu
+
+#ifdef SAMKERNELS_WITH_CUDA
+namespace cuda {
+
+// Launch functions of cuda/vi.cu.
+
+// vi_noise_ (RandomSAM Alg. 1 / MFVI Alg. 2 line 3): backup <- mu, w <- mu + std z, z the shared
+// Philox normals (as bsam_noise_); std = sqrt(Sigma), or `sigma` when list 2 is absent.
+// Lists: 0 params, 1 backups, 2 variances (nullptr: fixed sigma); tags = param ids.
+cudaError_t launch_vi_noise(const Group& g, uint64_t seed, uint64_t step, double sigma,
+                            cudaStream_t stream);
+
+// mfvi_update_ (MFVI Alg. 2 lines 4-5, z regenerated from (seed, step)).  Lists: 0 params,
+// 1 grads, 2 backups, 3 variances, 4 momenta (nullptr: no momentum); tags = param ids.
+cudaError_t launch_mfvi_update(const Group& g, uint64_t seed, uint64_t step, double lr,
+                               double var_lr, double momentum, double prior_var, double num_data,
+                               const float* found_inf, cudaStream_t stream);
+
+// vsam_sumsq stage 1 (finish with launch_reduce_partials).  Lists: 0 grads, 1 variances.  Writes
+// one float64 partial of sum Sigma g^2 per block to partials[first_block ...].
+cudaError_t launch_vsam_sumsq_partials(const Group& g, double* partials, int64_t first_block,
+                                       cudaStream_t stream);
+
+// vsam_perturb_ (VSAM Alg. 3 lines 3, 6-7) given sqrt(g^T Sigma g) in device memory (*norm,
+// float64).  Lists: 0 params, 1 grads, 2 backups, 3 variances.
+cudaError_t launch_vsam_perturb(const Group& g, const double* norm, double dim, double eps,
+                                double var_lr, double prior_var, double num_data, bool log_step,
+                                double min_var, const float* found_inf, cudaStream_t stream);
+
+namespace {
+
+void vi_noise_cuda(TensorList params, TensorList backups, TensorList variances,
+                   at::IntArrayRef param_ids, int64_t seed, int64_t step, double sigma) {
+  PhaseLists pl("samkernels::vi_noise_", vi_noise_lists(params, backups, variances),
+                /*logical_order=*/true, std::nullopt, param_ids, /*takes_ids=*/true);
+  pl.run([&](const Group& g) {
+    return launch_vi_noise(g, static_cast<uint64_t>(seed), static_cast<uint64_t>(step), sigma,
+                           pl.stream);
+  });
+}
+
+void mfvi_update_cuda(TensorList params, TensorList grads, TensorList backups,
+                      TensorList variances, TensorList momenta, at::IntArrayRef param_ids,
+                      int64_t seed, int64_t step, double lr, double var_lr, double momentum,
+                      double prior_var, double num_data, const std::optional<Tensor>& found_inf) {
+  // z is regenerated per element of the row-major order, as vi_noise_ drew it
+  PhaseLists pl("samkernels::mfvi_update_",
+                mfvi_update_lists(params, grads, backups, variances, momenta),
+                /*logical_order=*/true, found_inf, param_ids, /*takes_ids=*/true);
+  pl.run([&](const Group& g) {
+    return launch_mfvi_update(g, static_cast<uint64_t>(seed), static_cast<uint64_t>(step), lr,
+                              var_lr, momentum, prior_var, num_data, pl.skip, pl.stream);
+  });
+}
+
+Tensor vsam_sumsq_cuda(TensorList grads, TensorList variances) {
+  PhaseLists pl("samkernels::vsam_sumsq", vsam_sumsq_lists(grads, variances));
+  if (pl.empty()) return zero_norm();
+  return reduce(pl, /*take_sqrt=*/false, [&](double* parts, const Group& g, int64_t first) {
+    return launch_vsam_sumsq_partials(g, parts, first, pl.stream);
+  });
+}
+
+Tensor vsam_perturb_cuda(TensorList params, TensorList grads, TensorList backups,
+                         TensorList variances, const std::optional<Tensor>& sigma_norm,
+                         double dim, double eps, double var_lr, double prior_var,
+                         double num_data, bool log_step, double min_var,
+                         const std::optional<Tensor>& found_inf) {
+  const char* op = "samkernels::vsam_perturb_";
+  PhaseLists pl(op, vsam_perturb_lists(params, grads, backups, variances), false, found_inf);
+  // sqrt(g^T Sigma g) over this list unless given; with the Sigma before the update
+  const Tensor norm = phase_norm(op, "sigma_norm", sigma_norm, pl,
+                                 [&](double* parts, const Group& g, int64_t first) {
+                                   return launch_vsam_sumsq_partials(remap_lists(g, {1, 3}), parts,
+                                                                     first, pl.stream);
+                                 });
+  pl.run([&](const Group& g) {
+    return launch_vsam_perturb(g, norm.data_ptr<double>(), dim, eps, var_lr, prior_var, num_data,
+                               log_step, min_var, pl.skip, pl.stream);
+  });
+  return norm;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(samkernels, CUDA, m) {
+  m.impl("vi_noise_", &vi_noise_cuda);
+  m.impl("mfvi_update_", &mfvi_update_cuda);
+  m.impl("vsam_sumsq", &vsam_sumsq_cuda);
+  m.impl("vsam_perturb_", &vsam_perturb_cuda);
+}
+
+}  // namespace cuda
+#endif  // SAMKERNELS_WITH_CUDA
 }  // namespace samkernels
