@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+import conftest
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 FENCE = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
 
@@ -47,25 +49,56 @@ def test_readme_has_python_blocks():
         compile(src, f"README.md block at line {line}", "exec")
 
 
-def test_readme_python_blocks_run_top_to_bottom(tmp_path):
-    missing = [m for m in ("lightning", "transformers", "accelerate")
-               if importlib.util.find_spec(m) is None]
-    if missing and os.environ.get("SAMKERNELS_TEST_INSTALLED") != "1":  # CI installs all three
-        pytest.skip(f"the README's Integrations blocks need {', '.join(missing)}")
-    blocks = python_blocks(README.read_text(encoding="utf-8"))
-    script = tmp_path / "readme_walkthrough.py"
-    text, starts = build_script(blocks)
-    script.write_text(text, encoding="utf-8")
-    env = dict(os.environ)
-    env.pop("PYTHONPATH", None)          # the installed samkernels, not the checkout
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               WANDB_DISABLED="true", PYTHONDONTWRITEBYTECODE="1")
-    env.pop("TRITON_INTERPRET", None)    # the README's backend choice, not the test suite's
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
-    elapsed = time.perf_counter() - t0
+class _Walkthrough:
+    """The README's python blocks as one script in a fresh interpreter, started when collection
+    selects this module's tests (conftest.background_job): it runs while the other tests do."""
+
+    def __init__(self, workdir):
+        self.proc, self.skip = None, None
+        missing = [m for m in ("lightning", "transformers", "accelerate")
+                   if importlib.util.find_spec(m) is None]
+        if missing and os.environ.get("SAMKERNELS_TEST_INSTALLED") != "1":  # CI installs all 3
+            self.skip = f"the README's Integrations blocks need {', '.join(missing)}"
+            return
+        self.blocks = python_blocks(README.read_text(encoding="utf-8"))
+        script = workdir / "readme_walkthrough.py"
+        text, self.starts = build_script(self.blocks)
+        script.write_text(text, encoding="utf-8")
+        env = dict(os.environ)
+        env.pop("PYTHONPATH", None)          # the installed samkernels, not the checkout
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+                   WANDB_DISABLED="true", PYTHONDONTWRITEBYTECODE="1")
+        env.pop("TRITON_INTERPRET", None)    # the README's backend choice, not the test suite's
+        self.out = [open(workdir / name, "w+") for name in ("stdout", "stderr")]
+        self.t0 = time.perf_counter()
+        self.proc = subprocess.Popen([sys.executable, str(script)], cwd=workdir, env=env,
+                                     stdout=self.out[0], stderr=self.out[1], text=True)
+
+    def wait(self):
+        """A CompletedProcess, and the seconds since the start."""
+        rc = self.proc.wait(timeout=600)
+        texts = []
+        for f in self.out:
+            f.seek(0)
+            texts.append(f.read())
+        return (subprocess.CompletedProcess(self.proc.args, rc, *texts),
+                time.perf_counter() - self.t0)
+
+    def kill(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+
+
+conftest.background_job("readme")(_Walkthrough)
+
+
+def test_readme_python_blocks_run_top_to_bottom():
+    walk = conftest.job("readme")
+    if walk.skip:
+        pytest.skip(walk.skip)
+    blocks, starts = walk.blocks, walk.starts
+    proc, elapsed = walk.wait()
     ran = [int(s) for s in re.findall(r"^@@readme-block (\d+)$", proc.stdout, re.M)]
     if proc.returncode != 0 or "@@readme-done" not in proc.stdout:
         i = ran[-1] if ran else 0

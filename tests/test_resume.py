@@ -59,22 +59,40 @@ def resume(name, ckpt, out, steps):
     torch.save(snapshot(model, opt), out)
 
 
-@pytest.fixture(scope="module")
-def resumed(tmp_path_factory):
+class _Resume:
     """Every optimizer of MAKERS: (uninterrupted run, run resumed after K steps), the resumes all
-    in one fresh interpreter."""
-    tmp = tmp_path_factory.mktemp("resume")
-    want = {}
-    for name in MAKERS:
-        model, opt = build(name)
-        train(model, opt, K)
-        torch.save(snapshot(model, opt), tmp / f"{name}-ckpt.pt")
-        train(model, opt, MORE)  # the uninterrupted run
-        want[name] = snapshot(model, opt)
-    subprocess.run([sys.executable, str(Path(__file__).resolve()), str(tmp), str(MORE), *MAKERS],
-                   check=True, timeout=240)
-    return {name: (want[name], torch.load(tmp / f"{name}-out.pt", weights_only=False))
-            for name in MAKERS}
+    in one fresh interpreter, started when collection selects this module's tests
+    (conftest.background_job): it runs while the other tests do."""
+
+    def __init__(self, workdir):
+        self.workdir, self.want = workdir, {}
+        for name in MAKERS:
+            model, opt = build(name)
+            train(model, opt, K)
+            torch.save(snapshot(model, opt), workdir / f"{name}-ckpt.pt")
+            train(model, opt, MORE)  # the uninterrupted run
+            self.want[name] = snapshot(model, opt)
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), str(workdir),
+                                      str(MORE), *MAKERS])
+
+    def wait(self):
+        assert self.proc.wait(timeout=240) == 0, "the resuming interpreter failed"
+        return {name: (self.want[name], torch.load(self.workdir / f"{name}-out.pt",
+                                                   weights_only=False)) for name in MAKERS}
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+
+
+if __name__ != "__main__":  # under pytest (the script side needs no conftest)
+    import conftest
+    conftest.background_job("resume")(_Resume)
+
+
+@pytest.fixture(scope="module")
+def resumed():
+    return conftest.job("resume").wait()
 
 
 @pytest.mark.parametrize("name", list(MAKERS))
