@@ -17,6 +17,8 @@ import torch.nn.functional as F
 
 from samkernels import BSAM, SAM
 
+import conftest
+
 WORLD, STEPS = 2, 3
 
 MAKERS = {
@@ -132,13 +134,34 @@ def single_process(name, skip_step=None):
     return [p.detach() for p in model.parameters()], opt
 
 
+class _Spawn:
+    """Every case of CASES on WORLD ranks, one spawn, started when collection selects this
+    module's tests (conftest.background_job): the ranks run while the other tests do."""
+
+    def __init__(self, workdir):
+        self.out = workdir
+        self.ctx = mp.start_processes(_worker, args=(_free_port(), str(workdir)), nprocs=WORLD,
+                                      join=False, start_method="spawn")
+
+    def wait(self):
+        """{case: [result of rank r]}."""
+        while not self.ctx.join():
+            pass
+        return {case: [torch.load(self.out / f"{case}-rank{r}.pt", weights_only=False)
+                       for r in range(WORLD)] for case in CASES}
+
+    def kill(self):
+        for p in self.ctx.processes:
+            if p.is_alive():
+                p.kill()
+
+
+conftest.background_job("ddp")(_Spawn)
+
+
 @pytest.fixture(scope="module")
-def ddp_runs(tmp_path_factory):
-    """Every case of CASES on WORLD ranks, one spawn: {case: [result of rank r]}."""
-    out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
-    return {case: [torch.load(out / f"{case}-rank{r}.pt", weights_only=False)
-                   for r in range(WORLD)] for case in CASES}
+def ddp_runs():
+    return conftest.job("ddp").wait()
 
 
 @pytest.mark.parametrize("name,mode", [("sam", "closure"), ("bsam", "closure"), ("sam", "phases")])
