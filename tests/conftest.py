@@ -7,9 +7,11 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import ctypes  # noqa: E402
 import inspect  # noqa: E402
 import pathlib  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import tempfile  # noqa: E402
 
 import pytest  # noqa: E402
@@ -100,8 +102,18 @@ def job(name):
     return _STARTED[name]
 
 
+def orphan_safe():
+    """preexec_fn of a background subprocess: it dies with this process, even a killed one."""
+    try:  # Linux prctl(PR_SET_PDEATHSIG, SIGKILL)
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
 def niced():
-    """preexec_fn of a background subprocess: the main process's tests come first."""
+    """preexec_fn of a background subprocess that should yield: the main process's tests come
+    first."""
+    orphan_safe()
     os.nice(10)
 
 

@@ -13,6 +13,7 @@ import json
 import os
 import pathlib
 import re
+import signal
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -46,7 +47,9 @@ class _DryRun:
         env = dict(os.environ, PYTHON=sys.executable)
         with open(workdir / "stdout", "w") as so, open(workdir / "stderr", "w") as se:
             self.proc = subprocess.Popen(["bash", str(SCRIPT), "--cpu-dry-run", str(self.out)],
-                                         env=env, cwd=self.out, stdout=so, stderr=se)
+                                         env=env, cwd=self.out, stdout=so, stderr=se,
+                                         start_new_session=True,
+                                         preexec_fn=conftest.orphan_safe)
 
     def wait(self):
         rc = self.proc.wait(timeout=420)
@@ -56,7 +59,7 @@ class _DryRun:
 
     def kill(self):
         if self.proc.poll() is None:
-            self.proc.kill()
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the script and its stages
 
 
 conftest.background_job("gpu_session")(_DryRun)

@@ -73,7 +73,8 @@ class _Walkthrough:
         self.out = [open(workdir / name, "w+") for name in ("stdout", "stderr")]
         self.t0 = time.perf_counter()
         self.proc = subprocess.Popen([sys.executable, str(script)], cwd=workdir, env=env,
-                                     stdout=self.out[0], stderr=self.out[1], text=True)
+                                     stdout=self.out[0], stderr=self.out[1], text=True,
+                                     preexec_fn=conftest.orphan_safe)
 
     def wait(self):
         """A CompletedProcess, and the seconds since the start."""

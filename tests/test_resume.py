@@ -73,7 +73,7 @@ class _Resume:
             train(model, opt, MORE)  # the uninterrupted run
             self.want[name] = snapshot(model, opt)
         self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), str(workdir),
-                                      str(MORE), *MAKERS])
+                                      str(MORE), *MAKERS], preexec_fn=conftest.orphan_safe)
 
     def wait(self):
         assert self.proc.wait(timeout=240) == 0, "the resuming interpreter failed"
