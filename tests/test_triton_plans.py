@@ -25,7 +25,8 @@ from samkernels.triton import _multi_tensor as mt  # noqa: E402
 
 from helpers import (BF16, F16, F32, F64, clone_args, f64_args, hard_tensor, op_args,  # noqa: E402
                      same_bits, tol)
-from test_contract import case, check_against_reference  # noqa: E402
+from oracles import case  # noqa: E402
+from test_contract import check_against_reference  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="CPU tests need the Triton interpreter")
