@@ -59,6 +59,8 @@ TRI_SAM, TRI_BSAM, TRI_VI = (TRI + f"{n}.py" for n in ("sam", "bsam", "vi"))
 TRI_PHILOX = TRI + "_philox.py"
 # the per-element maths the CPU kernels and the CUDA functors share (only the CPU build runs here)
 CPU_SAM, CPU_BSAM, CPU_VI = "csrc/math/sam.h", "csrc/math/bsam.h", "csrc/math/vi.h"
+# a family's torch-facing code: CPU kernels, the list roles, CUDA glue (only the CPU part builds here)
+OPS_SAM, OPS_BSAM = "csrc/ops/sam.cpp", "csrc/ops/bsam.cpp"
 ORACLE, WORKED = "test_oracles.py", "test_optim.py::test_bsam_worked_example"
 ASCENT = "test_train.py::test_first_pass_perturbation_ascends"
 
@@ -160,6 +162,16 @@ MUTATIONS: List[Mutation] = [
         [ORACLE], k="mfvi_update_"),
     oracle_bug("ebisam mask inverted (spec)", REF_VI, "ebisam_perturb_",
                ".view(p.shape) < beta", ".view(p.shape) >= beta"),
+    # the list roles of an op, stated once in its ops file for the CPU kernel and the CUDA glue
+    Mutation("sam_perturb_ backups not marked written (ops lists)", [
+        (OPS_SAM, '{"backups", backups, kP, W}};', '{"backups", backups, kP}};')],
+        ["test_contract.py"], k="sam_perturb_ and cpu"),
+    Mutation("bsam_perturb_ skip form drops the restore (cpu)", [
+        (OPS_BSAM, "if (pl.skip()) return copy_lists(params, backups);\n  pl.run([&](const auto& v) {\n"
+         "    SK_CHUNK_TYPES(v);\n    const auto maths = math::BsamPerturb",
+         "if (pl.skip()) return;\n  pl.run([&](const auto& v) {\n"
+         "    SK_CHUNK_TYPES(v);\n    const auto maths = math::BsamPerturb")],
+        ["test_contract.py"], k="bsam_perturb_ and cpu"),
 ]
 
 
