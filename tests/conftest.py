@@ -12,6 +12,7 @@ import inspect  # noqa: E402
 import pathlib  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
+import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 
 import pytest  # noqa: E402
@@ -115,6 +116,34 @@ def niced():
     first."""
     orphan_safe()
     os.nice(10)
+
+
+class ProcessJob:
+    """A background job around one subprocess (``start``) in a process group of its own (so that
+    its children share its fate and its priority), its output kept in files."""
+    proc = None
+
+    def start(self, args, workdir, **popen):
+        self.logs = pathlib.Path(workdir)
+        with open(self.logs / "stdout", "w") as out, open(self.logs / "stderr", "w") as err:
+            self.proc = subprocess.Popen(args, stdout=out, stderr=err, text=True,
+                                         start_new_session=True, **popen)
+
+    def finish(self, timeout):
+        """The subprocess waited for: a CompletedProcess with its output.  A niced job gets its
+        priority back first: the tests wait for it now (where this user may raise priority)."""
+        try:
+            os.setpriority(os.PRIO_PGRP, self.proc.pid, 0)
+        except OSError:
+            pass
+        rc = self.proc.wait(timeout=timeout)
+        return subprocess.CompletedProcess(self.proc.args, rc,
+                                           (self.logs / "stdout").read_text(),
+                                           (self.logs / "stderr").read_text())
+
+    def kill(self):
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the job and its children
 
 
 def pytest_sessionfinish(session):

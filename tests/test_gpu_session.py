@@ -13,8 +13,6 @@ import json
 import os
 import pathlib
 import re
-import signal
-import subprocess
 import sys
 import xml.etree.ElementTree as ET
 
@@ -35,7 +33,7 @@ STEP_IMPLS = ["fused-cpu:skip_on_device", "fused-triton:skip_on_device", "foreac
 LOSS_IMPLS = ["fused-cpu"] + (["fused-triton"] if HAVE_TRITON else []) + ["cross_entropy", "naive"]
 
 
-class _DryRun:
+class _DryRun(conftest.ProcessJob):
     """The dry run, started when collection selects a test of this module
     (conftest.background_job): it runs while the other tests do (not niced: its stages have
     time limits)."""
@@ -43,23 +41,9 @@ class _DryRun:
     def __init__(self, workdir):
         self.out = workdir / "out"
         self.out.mkdir()
-        self.logs = workdir
-        env = dict(os.environ, PYTHON=sys.executable)
-        with open(workdir / "stdout", "w") as so, open(workdir / "stderr", "w") as se:
-            self.proc = subprocess.Popen(["bash", str(SCRIPT), "--cpu-dry-run", str(self.out)],
-                                         env=env, cwd=self.out, stdout=so, stderr=se,
-                                         start_new_session=True,
-                                         preexec_fn=conftest.orphan_safe)
-
-    def wait(self):
-        rc = self.proc.wait(timeout=420)
-        return subprocess.CompletedProcess(
-            self.proc.args, rc, (self.logs / "stdout").read_text(),
-            (self.logs / "stderr").read_text())
-
-    def kill(self):
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # the script and its stages
+        self.start(["bash", str(SCRIPT), "--cpu-dry-run", str(self.out)], workdir,
+                   env=dict(os.environ, PYTHON=sys.executable), cwd=self.out,
+                   preexec_fn=conftest.orphan_safe)
 
 
 conftest.background_job("gpu_session")(_DryRun)
@@ -68,7 +52,7 @@ conftest.background_job("gpu_session")(_DryRun)
 @pytest.fixture(scope="module")
 def session():
     handle = conftest.job("gpu_session")
-    return handle.wait(), handle.out
+    return handle.finish(timeout=420), handle.out
 
 
 def _summary_json(out: pathlib.Path) -> dict:

@@ -7,7 +7,6 @@ script runs in a fresh process with a fresh working directory (checkpoints, logs
 import importlib.util
 import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,12 +48,12 @@ def test_readme_has_python_blocks():
         compile(src, f"README.md block at line {line}", "exec")
 
 
-class _Walkthrough:
+class _Walkthrough(conftest.ProcessJob):
     """The README's python blocks as one script in a fresh interpreter, started when collection
     selects this module's tests (conftest.background_job): it runs while the other tests do."""
 
     def __init__(self, workdir):
-        self.proc, self.skip = None, None
+        self.skip = None
         missing = [m for m in ("lightning", "transformers", "accelerate")
                    if importlib.util.find_spec(m) is None]
         if missing and os.environ.get("SAMKERNELS_TEST_INSTALLED") != "1":  # CI installs all 3
@@ -70,25 +69,13 @@ class _Walkthrough:
         env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                    WANDB_DISABLED="true", PYTHONDONTWRITEBYTECODE="1")
         env.pop("TRITON_INTERPRET", None)    # the README's backend choice, not the test suite's
-        self.out = [open(workdir / name, "w+") for name in ("stdout", "stderr")]
         self.t0 = time.perf_counter()
-        self.proc = subprocess.Popen([sys.executable, str(script)], cwd=workdir, env=env,
-                                     stdout=self.out[0], stderr=self.out[1], text=True,
-                                     preexec_fn=conftest.orphan_safe)
+        self.start([sys.executable, str(script)], workdir, cwd=workdir, env=env,
+                   preexec_fn=conftest.orphan_safe)
 
     def wait(self):
         """A CompletedProcess, and the seconds since the start."""
-        rc = self.proc.wait(timeout=600)
-        texts = []
-        for f in self.out:
-            f.seek(0)
-            texts.append(f.read())
-        return (subprocess.CompletedProcess(self.proc.args, rc, *texts),
-                time.perf_counter() - self.t0)
-
-    def kill(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
+        return self.finish(timeout=600), time.perf_counter() - self.t0
 
 
 conftest.background_job("readme")(_Walkthrough)

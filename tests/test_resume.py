@@ -5,7 +5,6 @@ so the RNG state must travel too.
 
 Run as a script, this file is the fresh process, one for all optimizers:
 ``python test_resume.py DIR STEPS NAME...`` resumes DIR/NAME-ckpt.pt into DIR/NAME-out.pt."""
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from samkernels import ASAM, BSAM, SAM
+
+import conftest
 
 MAKERS = {
     "sam_sgd": lambda ps: SAM(ps, lr=0.1, rho=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4),
@@ -59,7 +60,7 @@ def resume(name, ckpt, out, steps):
     torch.save(snapshot(model, opt), out)
 
 
-class _Resume:
+class _Resume(conftest.ProcessJob):
     """Every optimizer of MAKERS: (uninterrupted run, run resumed after K steps), the resumes all
     in one fresh interpreter, started when collection selects this module's tests
     (conftest.background_job): it runs while the other tests do."""
@@ -72,21 +73,17 @@ class _Resume:
             torch.save(snapshot(model, opt), workdir / f"{name}-ckpt.pt")
             train(model, opt, MORE)  # the uninterrupted run
             self.want[name] = snapshot(model, opt)
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), str(workdir),
-                                      str(MORE), *MAKERS], preexec_fn=conftest.orphan_safe)
+        self.start([sys.executable, str(Path(__file__).resolve()), str(workdir), str(MORE),
+                    *MAKERS], workdir, preexec_fn=conftest.orphan_safe)
 
     def wait(self):
-        assert self.proc.wait(timeout=240) == 0, "the resuming interpreter failed"
+        proc = self.finish(timeout=240)
+        assert proc.returncode == 0, f"the resuming interpreter failed:\n{proc.stderr[-4000:]}"
         return {name: (self.want[name], torch.load(self.workdir / f"{name}-out.pt",
                                                    weights_only=False)) for name in MAKERS}
 
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
 
-
-if __name__ != "__main__":  # under pytest (the script side needs no conftest)
-    import conftest
+if __name__ != "__main__":  # under pytest
     conftest.background_job("resume")(_Resume)
 
 

@@ -26,7 +26,6 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import json  # noqa: E402
 import pathlib  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
@@ -144,14 +143,14 @@ def drive_bisam_loss():
     _loss(wide, F32, phi="tanh", mu=2 * TB.FIXED_SHIFT_MAX_MU, grad=False)
 
 
-class _Compile:
+class _Compile(conftest.ProcessJob):
     """The recording and, in a subprocess without TRITON_INTERPRET, the compile of every distinct
     configuration with a cold cache (a real compile) of the very samkernels that was recorded.
     Started when collection selects a test of this module (conftest.background_job): the compile
     runs while the other tests do."""
 
     def __init__(self, workdir):
-        self.proc, self.skip = None, None
+        self.skip = None
         if os.environ.get("TRITON_INTERPRET") != "1" or TL.gpu_backend() is None:
             self.skip = "the recording needs the interpreter and triton's nvidia backend"
             return
@@ -170,20 +169,12 @@ class _Compile:
         env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
         env["TRITON_CACHE_DIR"] = str(workdir / "cache")
         self.t0 = time.perf_counter()
-        with open(workdir / "stderr", "w") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, str(HERE / "_aot_compile.py"), str(workdir / "configs.json"),
-                 str(workdir / "results.json")], env=env, stdout=subprocess.DEVNULL, stderr=err,
-                preexec_fn=conftest.niced)
+        self.start([sys.executable, str(HERE / "_aot_compile.py"), str(workdir / "configs.json"),
+                    str(workdir / "results.json")], workdir, env=env, preexec_fn=conftest.niced)
 
     def wait(self):
-        """(return code, its stderr, seconds since the start)."""
-        rc = self.proc.wait(timeout=1500)
-        return rc, (self.workdir / "stderr").read_text(), time.perf_counter() - self.t0
-
-    def kill(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
+        """(the worker's CompletedProcess, seconds since the start)."""
+        return self.finish(timeout=1500), time.perf_counter() - self.t0
 
 
 conftest.background_job("triton_aot")(_Compile)
@@ -219,8 +210,8 @@ def _vec16_exempt(cfg):
 # --- (a) every recorded configuration compiles for sm_80 and sm_90 ------------------------------
 def test_every_launched_configuration_compiles(compile_job):
     configs, launches = compile_job.configs, compile_job.launches
-    rc, stderr, wall = compile_job.wait()
-    assert rc == 0, stderr[-6000:]
+    proc, wall = compile_job.wait()
+    assert proc.returncode == 0, proc.stderr[-6000:]
     out = json.loads((compile_job.workdir / "results.json").read_text())
     results = out["results"]
     assert len(results) == len(configs) * len(ARCHS)
