@@ -1,6 +1,6 @@
 // What the CPU kernels (cpu/multi_tensor.h) and the CUDA glue (cuda/glue.h) of the phases share:
 // the roles of the tensor lists, and the argument checks both make, written once so both backends
-// reject the same inputs with the same messages.  Schemas: samkernels/ops/_spec.py.
+// reject the same inputs with the same messages.  Schemas: the rows in samkernels/ops/reference.py.
 #pragma once
 #include <ATen/ATen.h>
 

@@ -1,7 +1,8 @@
 // The Python module stub of the extension.  The op schemas of the `samkernels` namespace are
-// defined in Python from the op table (samkernels/ops/_spec.py, samkernels/ops/_library.py); the
-// kernels only register implementations with TORCH_LIBRARY_IMPL (csrc/ops/<family>.cpp: CPU, and
-// CUDA in CUDA builds).  Semantics of every op: its reference function named in the table.
+// defined in Python from the op table (its rows sit on the reference functions in
+// samkernels/ops/reference.py; samkernels/ops/_library.py defines them); the kernels only register
+// implementations with TORCH_LIBRARY_IMPL (csrc/ops/<family>.cpp: CPU, and CUDA in CUDA builds).
+// Semantics of every op: its reference function.
 #include <Python.h>
 
 // `import samkernels._C` loads this library (running the kernels' registrations); the module itself

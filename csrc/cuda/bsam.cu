@@ -1,5 +1,5 @@
 // bSAM phases on CUDA (docs/spec.md "Bayesian SAM, bSAM", Algorithm 1 lines 1-7; schemas in
-// samkernels/ops/_spec.py): the per-element maths of math/bsam.h bound to each phase's lists.
+// samkernels/ops/reference.py): the per-element maths of math/bsam.h bound to each phase's lists.
 // Torch-free: the glue (ops/bsam.cpp) passes raw pointers.
 #include "cuda/multi_tensor.cuh"
 #include "math/bsam.h"

@@ -1,5 +1,5 @@
 // E-BiSAM's stochastic weight perturbation on CUDA (math/ebisam.h; docs/spec.md; schema in
-// samkernels/ops/_spec.py): the maths bound to the lists, with u the element's Philox uniform
+// samkernels/ops/reference.py): the maths bound to the lists, with u the element's Philox uniform
 // (philox.h), regenerated, never stored.  The norm stage is grad_sumsq's (cuda/sam.cu).
 // Torch-free: the glue (ops/ebisam.cpp) passes raw pointers.
 #include "cuda/multi_tensor.cuh"

@@ -1,4 +1,4 @@
-// SAM / ASAM phases on CUDA (docs/spec.md "SAM family"; schemas in samkernels/ops/_spec.py): the
+// SAM / ASAM phases on CUDA (docs/spec.md "SAM family"; rows in samkernels/ops/reference.py): the
 // per-element maths of math/sam.h bound to each phase's lists.  Torch-free: the glue
 // (ops/sam.cpp) passes raw pointers.
 #include "cuda/multi_tensor.cuh"

@@ -1,5 +1,5 @@
 // MFVI-family phases on CUDA (Ujváry et al., "Rethinking SAM as Variational Inference";
-// docs/spec.md "MFVI family"; schemas in samkernels/ops/_spec.py): the per-element maths of
+// docs/spec.md "MFVI family"; rows in samkernels/ops/reference.py): the per-element maths of
 // math/vi.h bound to each phase's lists.  vsam_sumsq's stage 2 is launch_reduce_partials.
 // Torch-free: the glue (ops/vi.cpp) passes raw pointers.
 #include "cuda/multi_tensor.cuh"

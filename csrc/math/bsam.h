@@ -1,5 +1,5 @@
 // Per-element maths of the bSAM phases (Algorithm 1 of Möllenhoff & Khan 2022; docs/spec.md
-// "Bayesian SAM, bSAM" lines 1-7; schemas in samkernels/ops/_spec.py), shared by ops/bsam.cpp and
+// "Bayesian SAM, bSAM" lines 1-7; rows in samkernels/ops/reference.py), shared by ops/bsam.cpp and
 // cuda/bsam.cu.  Coefficients in opmath M, formed once by make(); 1 - beta and delta + gamma in
 // double, then rounded.
 #pragma once

@@ -1,5 +1,5 @@
 // Per-element maths of E-BiSAM's stochastic weight perturbation (Xie et al., BiSAM paper Alg. 3
-// lines 3-7; ESAM's SWP, Du et al. 2022; docs/spec.md; schema in samkernels/ops/_spec.py), shared
+// lines 3-7; ESAM's SWP, Du et al. 2022; docs/spec.md; row in samkernels/ops/reference.py), shared
 // by ops/ebisam.cpp and cuda/ebisam.cu: coordinate i is perturbed iff u_i < beta, u_i the Philox
 // uniform of (seed, step, param_id, i) (philox.h), by e_i = rho / (1 - beta) g_i / (||g|| + eps).
 #pragma once

@@ -1,5 +1,5 @@
 // Per-element maths of the SAM / ASAM phases (docs/spec.md "SAM family"; schemas in
-// samkernels/ops/_spec.py), shared by the CPU kernels (ops/sam.cpp) and the CUDA functors
+// samkernels/ops/reference.py), shared by the CPU kernels (ops/sam.cpp) and the CUDA functors
 // (cuda/sam.cu).  Each struct holds a phase's coefficients in opmath M (float, double for double
 // parameters), formed once on the host by make() from the op's double arguments; the maths is
 // the same expression, in the same order, on both backends.

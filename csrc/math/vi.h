@@ -1,5 +1,5 @@
 // Per-element maths of the MFVI-family phases (Ujváry et al., "Rethinking SAM as Variational
-// Inference"; docs/spec.md "MFVI family"; schemas in samkernels/ops/_spec.py), shared by
+// Inference"; docs/spec.md "MFVI family"; rows in samkernels/ops/reference.py), shared by
 // ops/vi.cpp and cuda/vi.cu.  Coefficients in opmath M, formed once by make() in double.
 #pragma once
 #include <cmath>

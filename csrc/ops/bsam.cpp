@@ -1,7 +1,7 @@
-// bSAM phases (Algorithm 1 of Möllenhoff & Khan 2022; docs/spec.md lines 1-7; schemas in
-// samkernels/ops/_spec.py).  The family's torch-facing code: the CPU kernels and, in CUDA builds,
-// the glue to the launch functions of cuda/bsam.cu.  Per-element maths: math/bsam.h (shared by
-// both).
+// bSAM phases (Algorithm 1 of Möllenhoff & Khan 2022; docs/spec.md lines 1-7; rows in
+// samkernels/ops/reference.py).  The family's torch-facing code: the CPU kernels and, in CUDA
+// builds, the glue to the launch functions of cuda/bsam.cu.  Per-element maths: math/bsam.h
+// (shared by both).
 //   bsam_noise_    line 1:     backup <- omega, w <- omega + z / sqrt(N s)   (Philox noise)
 //   bsam_perturb_  lines 3, 5: w <- omega + rho g / s, then s update (or accumulate sqrt(s)|g|)
 //   bsam_update_   lines 5-7:  momentum and mean update, w <- omega

@@ -1,5 +1,5 @@
 // E-BiSAM's stochastic weight perturbation (math/ebisam.h; docs/spec.md; schema in
-// samkernels/ops/_spec.py): coordinate i is perturbed iff u_i < beta, u_i the Philox uniform of
+// samkernels/ops/reference.py): coordinate i is perturbed iff u_i < beta, u_i the Philox uniform of
 // (seed, step, param_id, i) -- regenerated, never stored -- by
 // e_i = rho/(1-beta) g_i / (||g|| + eps).  The family's torch-facing code: the CPU kernel and, in
 // CUDA builds, the glue to cuda/ebisam.cu.

@@ -1,4 +1,4 @@
-// SAM / ASAM phases (docs/spec.md "SAM family"; schemas in samkernels/ops/_spec.py): global
+// SAM / ASAM phases (docs/spec.md "SAM family"; rows in samkernels/ops/reference.py): global
 // gradient norm, perturbation with backup, and restore fused with the base optimizer's update
 // (SGD with momentum, Adam, AdamW).  The family's torch-facing code: the CPU kernels and, in CUDA
 // builds, the glue to the launch functions of cuda/sam.cu.  Per-element maths: math/sam.h (shared

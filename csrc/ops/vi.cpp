@@ -1,5 +1,5 @@
 // MFVI-family phases (Ujváry et al., "Rethinking SAM as Variational Inference"; docs/spec.md
-// "MFVI family"; schemas in samkernels/ops/_spec.py).  The family's torch-facing code: the CPU
+// "MFVI family"; rows in samkernels/ops/reference.py).  The family's torch-facing code: the CPU
 // kernels and, in CUDA builds, the glue to the launch functions of cuda/vi.cu.  Per-element
 // maths: math/vi.h (shared by both).
 //   vi_noise_      RandomSAM Alg. 1 / MFVI Alg. 2 line 3: backup <- mu, w <- mu + std z (Philox)

@@ -1,7 +1,7 @@
 """The ``samkernels`` torch.library namespace, defined from the op table (:mod:`._spec`).
 
 ``op`` declares a row of the table on its reference function and defines the op: every schema
-is defined here, once; the compiled kernels (``csrc/cpu``, ``csrc/cuda``) only
+is defined here, once; the compiled kernels (``csrc/ops``, ``csrc/cuda``) only
 register implementations for them (``TORCH_LIBRARY_IMPL``), and the Triton backend registers its
 own ops ``samkernels::triton_<name>`` with the same schemas.  Registering a kernel before its
 schema is defined is allowed by the dispatcher, so the import order of ``samkernels._C`` and of

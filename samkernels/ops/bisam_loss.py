@@ -22,7 +22,7 @@ Backends: :func:`bisam_loss` asks the dispatcher (``samkernels._dispatch``) for 
 ``bisam_loss`` (the table's schema, with ``phi`` and ``reduction`` as integer codes), whose
 implementations are registered below.  ``reference`` is :func:`bisam_loss_reference` with autograd
 (the naive baseline).  ``cpu`` in eager mode is one call of ``torch.ops.samkernels.bisam_loss``
-(csrc/cpu/bisam_loss.cpp): the kernel checks the labels (its ``IndexError`` becomes
+(csrc/ops/bisam_loss.cpp): the kernel checks the labels (its ``IndexError`` becomes
 ``TargetOutOfRangeError`` here), counts the rows, reads the logits once, reduces, and saves
 ``d loss / d logits`` (the mean's ``1/count`` folded in) for a C++ autograd node whose backward
 returns that buffer as is when ``grad_output`` is 1 (``loss.backward()``) and scales it otherwise;

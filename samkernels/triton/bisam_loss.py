@@ -179,7 +179,7 @@ def _launch(logits: torch.Tensor, target: torch.Tensor, mu: float, phi: int, alp
 def bisam_loss_fwd_triton(logits: torch.Tensor, target: torch.Tensor, mu: float, phi: int,
                           alpha: float, ignore_index: int, grad_scale: float,
                           compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as ``torch.ops.samkernels.bisam_loss_fwd`` (csrc/cpu/bisam_loss.cpp)."""
+    """Same contract as ``torch.ops.samkernels.bisam_loss_fwd`` (csrc/ops/bisam_loss.cpp)."""
     return _launch(logits, target, mu, phi, alpha, ignore_index, grad_scale, compute_grad)
 
 
