@@ -8,8 +8,8 @@ options) plus what torch's cpp_extension adds, so a flag change is tested as it 
 The ``.cu`` files must be free of torch headers (the CPU torch lacks some of its CUDA headers); the
 glue includes only light c10 CUDA headers, whose one missing piece in a CPU torch
 (``c10/cuda/impl/cuda_cmake_macros.h``) is supplied as a stub here.  All compilations run at
-once (threads driving nvcc / g++ subprocesses; 10-20 s per file); a warning in our own
-sources fails too.  nvcc keeps its PTX (``--keep``), which must be IEEE fp32: no approximate
+once (threads driving nvcc / g++ subprocesses; 10-20 s per file), niced and beside the other tests
+from collection on (conftest.background_job); a warning in our own sources fails too.  nvcc keeps its PTX (``--keep``), which must be IEEE fp32: no approximate
 transcendental, division or sqrt instruction and no denormal flushing (what ``--use_fast_math``
 would bring back).  The objects are then linked with a stub that takes the address of every
 ``launch_*`` function declared in ``csrc/cuda/*.h`` or, next to its caller, in ``csrc/ops/*.cpp``:
@@ -27,9 +27,13 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 
 import pytest
+
+import conftest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
@@ -72,16 +76,6 @@ def _nvcc():
 NVCC = _nvcc()
 
 
-def _run(cmd, cwd):
-    start = time.monotonic()
-    try:
-        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT_S)
-        rc, out = proc.returncode, proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as exc:
-        rc, out = -1, f"timed out after {TIMEOUT_S} s\n{exc.stdout or ''}{exc.stderr or ''}"
-    return rc, out, time.monotonic() - start
-
-
 def _glue_command(tmp, glue):
     """g++ -fsyntax-only for one ops file as the CUDA build sees it, or None (with the reason) when
     it cannot run here."""
@@ -117,11 +111,6 @@ def _glue_command(tmp, glue):
     return cmd + [glue], None
 
 
-@pytest.fixture(scope="module")
-def nvcc_tmp(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("nvcc"))
-
-
 def _object(tmp, cu):
     return os.path.join(tmp, os.path.basename(cu) + ".o")
 
@@ -130,34 +119,93 @@ def _keep_dir(tmp, cu):  # nvcc's intermediates of one file, the PTX of each arc
     return os.path.join(tmp, "keep", os.path.basename(cu))
 
 
+def _run(cmd, cwd, procs=None):
+    """(rc, output, seconds) of one niced compile; ``procs`` collects it for kill()."""
+    start = time.monotonic()
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                preexec_fn=conftest.niced)
+        if procs is not None:
+            procs.append(proc)
+        try:
+            rc = proc.wait(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            rc = -1
+        log.seek(0)
+        out = log.read() if rc != -1 else f"timed out after {TIMEOUT_S} s\n{log.read()}"
+    return rc, out, time.monotonic() - start
+
+
+class _Compiles:
+    """Every compile of this module at once (threads driving nvcc / g++ subprocesses), started
+    when collection selects one of its tests (conftest.background_job): they run while the
+    other tests do.  ``wait()`` maps file -> (rc, output, seconds)."""
+
+    def __init__(self, workdir):
+        self.tmp, self.procs, self.results = str(workdir), [], {}
+        self.thread = threading.Thread(target=self._compile_all, daemon=True)
+        if NVCC is not None:
+            self.thread.start()
+
+    def _compile_all(self):
+        tmp, jobs, results = self.tmp, {}, {}
+        for path in CU_FILES:
+            obj, keep = _object(tmp, path), _keep_dir(tmp, path)
+            os.makedirs(keep, exist_ok=True)
+            jobs[path] = [NVCC] + NVCC_FLAGS + ["--keep", "--keep-dir", keep, "-I", CSRC, "-c",
+                                                path, "-o", obj]
+        for glue in GLUES:
+            glue_cmd, glue_skip = _glue_command(tmp, glue)
+            if glue_cmd is None:
+                results[glue] = None, glue_skip, 0.0
+            else:
+                jobs[glue] = glue_cmd
+        workers = max(1, min(len(jobs), os.cpu_count() or 1))
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = {pool.submit(_run, cmd, ROOT, self.procs): path
+                       for path, cmd in jobs.items()}
+            for fut in concurrent.futures.as_completed(futures):
+                results[futures[fut]] = fut.result()
+        self.results = results
+
+    def wait(self):
+        if self.thread.is_alive() or self.thread.ident is not None:
+            self.thread.join()
+            for proc in self.procs:  # the tests wait now: full priority back
+                try:
+                    os.setpriority(os.PRIO_PROCESS, proc.pid, 0)
+                except OSError:
+                    pass
+        for path, (rc, _, secs) in sorted(self.results.items()):
+            print(f"[compile] {os.path.relpath(path, ROOT)}: rc={rc} {secs:.1f} s",
+                  file=sys.stderr)
+        return self.results
+
+    def kill(self):
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+
+
+conftest.background_job("cuda_compile")(_Compiles)
+
+
 @pytest.fixture(scope="module")
-def compiled(nvcc_tmp):
-    """Compiles everything concurrently once; maps file -> (rc, output, seconds)."""
-    tmp = nvcc_tmp
-    jobs = {}
-    for path in CU_FILES:
-        obj, keep = _object(tmp, path), _keep_dir(tmp, path)
-        os.makedirs(keep, exist_ok=True)
-        jobs[path] = [NVCC] + NVCC_FLAGS + ["--keep", "--keep-dir", keep, "-I", CSRC, "-c", path,
-                                            "-o", obj]
-    skipped = {}
-    for glue in GLUES:
-        glue_cmd, glue_skip = _glue_command(tmp, glue)
-        if glue_cmd is None:
-            skipped[glue] = glue_skip
-        else:
-            jobs[glue] = glue_cmd
-    workers = max(1, min(len(jobs), os.cpu_count() or 1))
-    results = {}
-    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {pool.submit(_run, cmd, ROOT): path for path, cmd in jobs.items()}
-        for fut in concurrent.futures.as_completed(futures):
-            results[futures[fut]] = fut.result()
-    for glue, why in skipped.items():
-        results[glue] = None, why, 0.0
-    for path, (rc, _, secs) in sorted(results.items()):
-        print(f"[compile] {os.path.relpath(path, ROOT)}: rc={rc} {secs:.1f} s", file=sys.stderr)
-    return results
+def compile_job():
+    return conftest.job("cuda_compile")
+
+
+@pytest.fixture(scope="module")
+def nvcc_tmp(compile_job):
+    return compile_job.tmp
+
+
+@pytest.fixture(scope="module")
+def compiled(compile_job):
+    """Every compile's result, file -> (rc, output, seconds)."""
+    return compile_job.wait()
 
 
 def _check(result, path):
