@@ -8,6 +8,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include <array>
 #include <cmath>
 #include <utility>
 #include <vector>
@@ -119,6 +120,21 @@ class PhaseLists {
     });
     double total = 0.0;
     for (double v : partial) total += v;
+    return total;
+  }
+
+  // K fixed-order sums at once (f returns a std::array<double, K> per chunk): one read of the
+  // lists for several reductions (samv_dots).
+  template <size_t K, class F>
+  std::array<double, K> sums(F&& f) {
+    const auto& cs = chunks();
+    std::vector<std::array<double, K>> partial(cs.size());
+    for_each_chunk(cs, total_, [&](int64_t i, const Chunk& c) {
+      dispatch(c, [&](const auto& v) { partial[i] = f(v); });
+    });
+    std::array<double, K> total{};
+    for (const auto& p : partial)
+      for (size_t k = 0; k < K; ++k) total[k] += p[k];
     return total;
   }
 

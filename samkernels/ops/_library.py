@@ -44,6 +44,8 @@ def generic_fake(op: OpSpec, name: str) -> Callable:
         device = _one_device(name, args + tuple(kwargs.values()))
         if op.result == "norm":
             return torch.empty((), dtype=torch.float64, device=device)
+        if op.result == "dots":
+            return torch.empty(3, dtype=torch.float64, device=device)
         return None
     fake.__name__ = f"fake_{name}"
     return fake

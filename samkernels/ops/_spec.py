@@ -47,12 +47,13 @@ class Arg:
 @dataclass(frozen=True)
 class OpSpec:
     name: str
-    family: str                  # sam | bsam | vi | ebisam | loss
+    family: str                  # sam | bsam | vi | ebisam | samv | loss
     args: Tuple[Arg, ...]
     returns: str                 # "()" or a schema return type
     reference: str               # "module:function" of the float64 executable spec (the
                                  # function the row is declared on)
-    # "norm": a 0-dim float64 norm (returned as given when passed in: sam_perturb_ & co.)
+    # "norm": a 0-dim float64 norm (returned as given when passed in: sam_perturb_ & co.);
+    # "dots": a float64 tensor of 3 dot products (samv_dots)
     result: Optional[str] = None
     doc: str = ""
     notes: Tuple[str, ...] = field(default_factory=tuple)

@@ -40,7 +40,7 @@ from torch import Tensor
 from samkernels._dtypes import opmath
 from samkernels.ops._library import op
 from samkernels.ops._spec import (BOOL, FLOAT, FOUND_INF, IDS_SEED_STEP, INT, INT_LIST, NOISED,
-                                  OPT_TENSOR, PERTURBED, UPDATED, Arg, L, floats)
+                                  OPT_TENSOR, PERTURBED, TENSOR, UPDATED, Arg, L, floats)
 
 # ---------------------------------------------------------------------------------------------
 # Counter-based noise: Philox4x32-10 (Salmon et al. 2011), the generator every backend shares.
@@ -398,3 +398,129 @@ def ebisam_perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Ten
         scale = rho / (1.0 - beta) / (grad_norm.to(w.dtype) + eps)
         p.copy_(torch.where(chosen, w + gg * scale, w))
     return grad_norm
+
+
+# ---------------------------------------------------------------------------------------------
+# SAM variants: GSAM (Zhuang et al. 2022), WSAM (Yue et al. 2023), LookSAM (Liu et al. 2022),
+# FriendlySAM (Li et al. 2024).  Three ops serve all four (docs/spec.md "SAM variants"):
+# samv_perturb_ (SAM's ascent that also keeps g0, or FriendlySAM's ascent on g0 - sigma m),
+# samv_dots (the three global dot products a direction needs, on the device) and
+# samv_restore_{sgd,adam}_ (restore + base step with d = c0 g + c1 s, the coefficients a
+# device tensor, plus a decoupled correction and an optional written combination).
+# ---------------------------------------------------------------------------------------------
+@op("samv", L("lhs", "grad"), L("rhs", "state"), Arg("shift", FLOAT), returns="Tensor",
+    result="dots")
+def samv_dots(lhs: Sequence[Tensor], rhs: Sequence[Tensor], shift: float) -> Tensor:
+    """[<u,u>, <u,b>, <b,b>] over all tensors, u = a - shift b (a = lhs, b = rhs): a float64
+    tensor of 3 on the lists' device, every product and sum in float64."""
+    total = torch.zeros(3, dtype=torch.float64, device=lhs[0].device if lhs else None)
+    for a, b in zip(lhs, rhs):
+        bb = b.double()
+        u = a.double() - shift * bb if shift != 0 else a.double()
+        total = total + torch.stack([(u * u).sum(), (u * bb).sum(), (bb * bb).sum()])
+    return total
+
+
+@op("samv", PERTURBED, L("saved", "state?", True), L("momenta", "state?", True),
+    Arg("norm", TENSOR), floats("rho", "eps"), Arg("adaptive", BOOL), floats("eta", "sigma", "lmbda"),
+    Arg("first", BOOL), FOUND_INF)
+def samv_perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
+                  saved: List[Tensor], momenta: List[Tensor], norm: Tensor, rho: float,
+                  eps: float, adaptive: bool, eta: float, sigma: float, lmbda: float,
+                  first: bool, found_inf: Optional[Tensor] = None) -> None:
+    """backup <- w;  w <- w + rho T^2 u / (norm + eps)  (T = |w| + eta with ``adaptive``, else 1).
+
+    u = g, and ``saved`` (when given) keeps g0 = g for the update (GSAM, WSAM, LookSAM).  With
+    ``momenta`` (FriendlySAM): u = g - sigma m and m <- lmbda m + (1 - lmbda) g, except on the
+    ``first`` step, where u = g and m <- g.  ``norm`` is ||T u|| over all groups (a 0-dim tensor
+    read on the device)."""
+    if skipped(found_inf):
+        return copy_all_(backups, params)
+    for i, (p, g, b) in enumerate(zip(params, grads, backups)):
+        b.copy_(p)
+        w, gg = p.to(opmath(p)), g.to(opmath(p))
+        u = gg
+        if saved:
+            saved[i].copy_(gg)
+        if momenta:
+            m = momenta[i].to(w.dtype)
+            if first:
+                momenta[i].copy_(gg)
+            else:
+                u = gg - sigma * m
+                momenta[i].copy_(lmbda * m + (1.0 - lmbda) * gg)
+        scale = rho / (norm.to(w.dtype) + eps)
+        if adaptive:
+            t = w.abs() + eta
+            u = u * (t * t)
+        p.copy_(w + u * scale)
+
+
+def _samv_mix(c: Tensor, g: Tensor, s: Tensor, j: int) -> Tensor:
+    return c[j] * g + c[j + 1] * s
+
+
+@op("samv", UPDATED, L("saved", "state"), L("momentum_bufs", "state?", True),
+    L("outs", "state?", True), Arg("coeffs", TENSOR), floats("lr", "momentum", "dampening"),
+    Arg("nesterov", BOOL), Arg("weight_decay", FLOAT), Arg("first", BOOL), FOUND_INF)
+def samv_restore_sgd_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
+                      saved: List[Tensor], momentum_bufs: List[Tensor], outs: List[Tensor],
+                      coeffs: Tensor, lr: float, momentum: float, dampening: float,
+                      nesterov: bool, weight_decay: float, first: bool,
+                      found_inf: Optional[Tensor] = None) -> None:
+    """w <- backup, then torch.optim.SGD's step with d = c0 g + c1 s (g = grads, s = saved), then
+    w <- w + (c2 g + c3 s); ``outs`` (when given) <- c4 g + c5 s.
+
+    ``coeffs`` = (c0, ..., c5), a float64 tensor of 6 on the parameters' device (computed there
+    from ``samv_dots``: no host sync), each rounded to the op-math dtype.  ``first`` as in
+    ``sam_restore_sgd_``."""
+    if skipped(found_inf):
+        return copy_all_(params, backups)
+    for i, (p, g, b, s) in enumerate(zip(params, grads, backups, saved)):
+        c = coeffs.to(opmath(p))
+        w, gg, ss = b.to(opmath(p), copy=True), g.to(opmath(p)), s.to(opmath(p))
+        d = _samv_mix(c, gg, ss, 0)
+        if weight_decay != 0:
+            d = d + weight_decay * w
+        if momentum != 0:
+            buf = d if first else momentum * momentum_bufs[i].to(d.dtype) + (1 - dampening) * d
+            momentum_bufs[i].copy_(buf)
+            d = d + momentum * buf if nesterov else buf
+        if outs:
+            outs[i].copy_(_samv_mix(c, gg, ss, 4))
+        p.copy_((w - lr * d) + _samv_mix(c, gg, ss, 2))
+
+
+@op("samv", UPDATED, L("saved", "state"), L("exp_avgs", "state", True),
+    L("exp_avg_sqs", "state", True), L("outs", "state?", True), Arg("coeffs", TENSOR),
+    Arg("step", INT), floats("lr", "beta1", "beta2", "eps", "weight_decay"), Arg("decoupled", BOOL),
+    FOUND_INF)
+def samv_restore_adam_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
+                       saved: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
+                       outs: List[Tensor], coeffs: Tensor, step: int, lr: float, beta1: float,
+                       beta2: float, eps: float, weight_decay: float, decoupled: bool,
+                       found_inf: Optional[Tensor] = None) -> None:
+    """w <- backup, then Adam (L2) / AdamW (decoupled decay) with d = c0 g + c1 s, then
+    w <- w + (c2 g + c3 s); ``outs`` (when given) <- c4 g + c5 s (see ``samv_restore_sgd_``);
+    ``step`` counts from 1."""
+    if skipped(found_inf):
+        return copy_all_(params, backups)
+    bc1, bc2_sqrt = 1 - beta1 ** step, (1 - beta2 ** step) ** 0.5
+    for i, (p, g, b, s, m, v) in enumerate(zip(params, grads, backups, saved, exp_avgs,
+                                               exp_avg_sqs)):
+        c = coeffs.to(opmath(p))
+        w, gg, ss = b.to(opmath(p), copy=True), g.to(opmath(p)), s.to(opmath(p))
+        d = _samv_mix(c, gg, ss, 0)
+        if weight_decay != 0:
+            if decoupled:
+                w = w * (1 - lr * weight_decay)
+            else:
+                d = d + weight_decay * w
+        m_new = beta1 * m.to(d.dtype) + (1 - beta1) * d
+        v_new = beta2 * v.to(d.dtype) + (1 - beta2) * d * d
+        m.copy_(m_new)
+        v.copy_(v_new)
+        if outs:
+            outs[i].copy_(_samv_mix(c, gg, ss, 4))
+        denom = v_new.sqrt() / bc2_sqrt + eps
+        p.copy_((w - (lr / bc1) * m_new / denom) + _samv_mix(c, gg, ss, 2))
