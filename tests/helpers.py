@@ -76,7 +76,7 @@ F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float1
 EMPTY = "empty"  # as a case's value for an optional list (role state?): pass it empty
 # state lists that may take either sign; the others (precisions, second moments, variances,
 # accumulators) hold positive values
-SIGNED_STATE = ("momentum_bufs", "exp_avgs", "momenta")
+SIGNED_STATE = ("momentum_bufs", "exp_avgs", "momenta", "saved", "outs")
 PARAM_DTYPE_ROLES = ("param", "grad", "backup")
 
 
@@ -117,9 +117,9 @@ def op_args(op, case: dict, spec, seed: int = 0, device="cpu") -> list:
 
     Tensor lists follow ``spec`` by role: param / grad / backup in the parameter's dtype, state in
     its opmath dtype; a written backup list starts as NaN (every element must be written); a list
-    set to ``EMPTY`` in ``case`` is empty.  ``param_ids`` defaults to ``param_ids(len(spec))``, an
-    optional tensor (a given norm) is a 0-dim float64 from its float value in ``case``, and every
-    other argument is taken from ``case``."""
+    set to ``EMPTY`` in ``case`` is empty.  ``param_ids`` defaults to ``param_ids(len(spec))``, a
+    tensor argument (a given norm, coefficients) is a float64 tensor of its value in ``case``,
+    and every other argument is taken from ``case``."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for a in op.args:
@@ -148,6 +148,8 @@ def op_args(op, case: dict, spec, seed: int = 0, device="cpu") -> list:
             out.append(param_ids(len(spec)))
         elif a.type == "Tensor?":
             out.append(None if v is None else torch.tensor(v, dtype=F64, device=device))
+        elif a.type == "Tensor":  # a norm or coefficients the op reads on the device
+            out.append(torch.tensor(v, dtype=F64, device=device))
         else:
             out.append(case[a.name])
     return out

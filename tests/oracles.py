@@ -461,6 +461,7 @@ BUILDERS: Dict[str, Callable] = {name: globals()[f"case_{name}"] for name in PAT
 
 # --- the argument values of every op (the contract, the AOT matrix, the GPU cases) ------------
 CASE_SEED = 0x0123456789ABCDEF  # > 2^32: both Philox key words matter
+SAMV_COEFFS = [1.25, -0.4, 0.003, -0.002, 1.0, -0.6]  # the samv restores' c0 .. c5
 # Each op: a base case and variants overriding it with the edge values that select another code
 # path (each bool both ways, each optional list empty, each optional norm None and given:
 # tests/test_contract.py checks it).  The base case gives every scalar argument and optional norm
@@ -510,6 +511,25 @@ CASES: Dict[str, List[dict]] = {
                              eps=1e-12),
                         dict(grad_norm=0.7), dict(beta=0.1, step=2 ** 32 - 1),
                         dict(grad_norm=1.0, eps=0.0)],
+    "samv_dots": [dict(shift=0.7), dict(shift=0.0)],
+    "samv_perturb_": [dict(norm=2.5, rho=0.05, eps=1e-12, adaptive=True, eta=0.01, sigma=1.0,
+                           lmbda=0.9, first=False),
+                      dict(adaptive=False, eta=0.0), dict(momenta=EMPTY),
+                      dict(saved=EMPTY, first=True, sigma=0.5),
+                      dict(saved=EMPTY, momenta=EMPTY, rho=0.0, adaptive=False)],
+    # d = 1.25 g - 0.4 s, w += 0.003 g - 0.002 s, out = g - 0.6 s
+    "samv_restore_sgd_": [dict(coeffs=SAMV_COEFFS, lr=0.1, momentum=0.9, dampening=0.0,
+                               nesterov=True, weight_decay=1e-2, first=False),
+                          dict(nesterov=False, weight_decay=0.0),
+                          dict(momentum=0.0, momentum_bufs=EMPTY, outs=EMPTY, nesterov=False),
+                          dict(first=True), dict(first=True, nesterov=False, outs=EMPTY),
+                          dict(nesterov=False, dampening=0.1, weight_decay=5e-4, outs=EMPTY)],
+    "samv_restore_adam_": [dict(coeffs=SAMV_COEFFS, step=3, lr=1e-2, beta1=0.9, beta2=0.999,
+                                eps=1e-8, weight_decay=5e-2, decoupled=True),
+                           dict(weight_decay=0.0, decoupled=False),
+                           dict(step=1, outs=EMPTY, decoupled=False),
+                           dict(weight_decay=1e-2, decoupled=False,
+                                coeffs=[0.0, 1.0, -0.03, 0.03, 0.0, 0.0])],
 }
 
 

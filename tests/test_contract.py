@@ -110,6 +110,12 @@ def check_against_reference(name, backend, spec, i=0, seed=0, **override):
 def check_return(op, args, got, want):
     """Norm ops: a 0-dim float64 on the parameters' device (the norm contract), the given norm
     itself when one was passed; the other ops return None."""
+    if op.result == "dots":  # samv_dots: three float64 sums on the lists' device
+        lead = args[0]
+        assert isinstance(got, torch.Tensor) and got.shape == (3,) and got.dtype == F64, got
+        assert got.device.type == (lead[0].device.type if lead else "cpu")
+        torch.testing.assert_close(got.cpu(), want.cpu(), rtol=1e-12, atol=1e-300)
+        return
     if op.result != "norm":
         assert got is None, f"{op.name} returned {got!r}"
         return
@@ -348,6 +354,8 @@ def test_opcheck_and_fake(name):
         out = getattr(torch.ops.samkernels, name)(*fake)
     if op.result == "norm":
         assert out.shape == () and out.dtype == F64
+    elif op.result == "dots":
+        assert out.shape == (3,) and out.dtype == F64
     else:
         assert out is None
 

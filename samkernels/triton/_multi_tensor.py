@@ -541,15 +541,20 @@ def launch(op: OpSpec, kernel, lists: Sequence[Optional[Sequence[torch.Tensor]]]
     (an empty optional list): the kernel gets the first present list's table there and must not
     touch it.  ``words`` are int32 arguments (``u32_words`` of a 64-bit seed),
     ``bits`` floats passed as the int64 bits of their doubles, ``options`` the op's constexprs.
-    ``norm``: a 0-dim norm the kernel reads on the device.  ``sums``: the kernel writes one
-    float64 partial per program; returns their sum, a 0-dim float64 (zero for no elements).
+    ``norm``: a 0-dim norm (or a short float64 tensor of coefficients) the kernel reads on the
+    device.  ``sums``: the kernel writes one float64 partial per program; returns their sum, a
+    0-dim float64 (zero for no elements); an int K > 1: K partials per program (slots
+    K pid .. K pid + K - 1), returned as a float64 tensor of K sums.
     The lists the table marks as written are copied back when a strided tensor had to be copied
     (``contiguous``); ``elementwise=False`` for the phases whose values depend on the logical
     element index (the noise)."""
     present = [i for i, lst in enumerate(lists) if lst is not None]
     used = [list(lists[i]) for i in present]
     if not used[0]:
-        return torch.zeros((), dtype=torch.float64) if sums else None
+        if not sums:
+            return None
+        return torch.zeros((), dtype=torch.float64) if int(sums) == 1 else \
+            torch.zeros(int(sums), dtype=torch.float64)
     if op.takes_ids and len(ids) != len(used[0]):
         raise ValueError(f"{op.name}: one param_id per parameter ({len(ids)} ids for "
                          f"{len(used[0])} parameters)")
@@ -565,9 +570,11 @@ def launch(op: OpSpec, kernel, lists: Sequence[Optional[Sequence[torch.Tensor]]]
             flag, options["HAS_FLAG"] = flag_arg(found_inf, plan)
             head.append(flag)
         if norm is not None:  # read on the device: no host sync
-            norm = norm.reshape(1).to(device, non_blocking=True)
-        if sums:  # one slot per program, summed below: deterministic, no atomics
-            partials = torch.empty(max(plan.n_chunks, 1), dtype=torch.float64, device=device)
+            norm = norm.reshape(-1).to(device, non_blocking=True)
+        width = int(sums)  # sums per program (samv_dots: 3)
+        if sums:  # width slots per program, summed below: deterministic, no atomics
+            partials = torch.empty(max(plan.n_chunks, 1) * width, dtype=torch.float64,
+                                   device=device)
             if plan.n_chunks == 0:
                 partials.zero_()
         for grp in plan.groups:
@@ -578,11 +585,13 @@ def launch(op: OpSpec, kernel, lists: Sequence[Optional[Sequence[torch.Tensor]]]
                 if norm is not None:
                     ptrs.append(norm)
                 if sums:
-                    ptrs.append(partials[grp.chunk_offset + lo:])
+                    ptrs.append(partials[(grp.chunk_offset + lo) * width:])
                 kernel[grid](*ptrs, *scalars, *dts, **options, **_launch_args(grp))
     # the second stage of a norm: torch's sum over the per-program partials, on the device and in
     # a fixed order for a given plan, so the norm is the same bits every call
-    return partials.sum() if sums else None
+    if not sums:
+        return None
+    return partials.sum() if width == 1 else partials.view(-1, width).sum(0)
 
 
 def norm_result(norm: torch.Tensor, given: Optional[torch.Tensor]) -> torch.Tensor:
