@@ -438,6 +438,156 @@ def case_ebisam_perturb_(dtype, path, gen):
     return Case(args, {"params": new, "backups": d(p), "return": norm})
 
 
+# --- SAM variants (docs/spec.md "SAM variants") -------------------------------------------------
+def case_samv_dots(dtype, path, gen):
+    """[<u,u>, <u,b>, <b,b>] with u = a - shift b, as dot products of the flattened lists."""
+    a, b = rand(gen, dtype), rand(gen, _state_dt(dtype))
+    shift = 0.7 if path == "shift" else 0.0
+    fa, fb = torch.cat([t.flatten() for t in d(a)]), torch.cat([t.flatten() for t in d(b)])
+    u = fa - shift * fb
+    return Case(dict(lhs=a, rhs=b, shift=shift),
+                {"return": [float(torch.dot(u, u)), float(torch.dot(u, fb)),
+                            float(torch.dot(fb, fb))]})
+
+
+SAMV_PERTURB_PATHS = ("keep", "asam-keep", "friendly", "friendly-first", "keep-finite",
+                      "friendly-skip")
+
+
+def case_samv_perturb_(dtype, path, gen):
+    """GSAM / WSAM / LookSAM: SAM's ascent e = rho T^2 g / (||T g|| + eps) with g0 = g kept;
+    FriendlySAM: e = rho u / (||u|| + eps), u = g - sigma m_old, m = lmbda m_old + (1 - lmbda) g
+    (first step: u = g, m = g)."""
+    p, g, b = rand(gen, dtype), rand(gen, dtype), rand(gen, dtype)
+    sdt = _state_dt(dtype)
+    friendly = path.startswith("friendly")
+    first = path == "friendly-first"
+    adaptive = path.startswith("asam")
+    rho, eps, eta, sigma, lmbda = 0.3, 1e-12, 0.01 if adaptive else 0.0, 0.8, 0.9
+    m = rand(gen, sdt) if friendly else []
+    saved = [] if friendly else [torch.full(shape, float("nan"), dtype=sdt) for shape in SHAPES]
+    w64, g64 = d(p), d(g)
+    if friendly and not first:
+        u = [gg - sigma * mm for gg, mm in zip(g64, d(m))]
+        m_new = [lmbda * mm + (1 - lmbda) * gg for gg, mm in zip(g64, d(m))]
+    else:
+        u = g64
+        m_new = g64
+    t = [(w.abs() + eta) if adaptive else torch.ones_like(w) for w in w64]
+    norm = math.sqrt(_sumsq([uu * tt for uu, tt in zip(u, t)]))
+    args = dict(params=p, grads=g, backups=b, saved=saved, momenta=m,
+                norm=torch.tensor(norm, dtype=F64), rho=rho, eps=eps, adaptive=adaptive, eta=eta,
+                sigma=sigma, lmbda=lmbda, first=first, found_inf=_flag(path))
+    if path.endswith("skip"):
+        out = _skipped_perturb(args, norm)
+        out.pop("return")
+        out["momenta"] = d(m)
+        return Case(args, out)
+    out = {"params": [w + rho * tt * tt * uu / (norm + eps) for w, uu, tt in zip(w64, u, t)],
+           "backups": w64}
+    if friendly:
+        out["momenta"] = m_new
+    else:
+        out["saved"] = g64
+    return Case(args, out, tol={"momenta": REL})
+
+
+# path: (coefficients as a function of lr, what they stand for)
+SAMV_COEFF_PATHS = {
+    # GSAM: d = g_p - alpha (g_0 - a g_p) = (1 + alpha a) g_p - alpha g_0 (alpha 0.3, a 0.7)
+    "gsam": lambda lr: [1.0 + 0.3 * 0.7, -0.3, 0.0, 0.0, 0.0, 0.0],
+    # WSAM, not decoupled: d = k g_p + (1 - k) g_0 (k = gamma / (1 - gamma), gamma 0.4)
+    "wsam": lambda lr: [2 / 3, 1 / 3, 0.0, 0.0, 0.0, 0.0],
+    # WSAM decoupled: the base step with g_0, then w <- w - lr k (g_p - g_0)
+    "wsam-decoupled": lambda lr: [0.0, 1.0, -lr * 2 / 3, lr * 2 / 3, 0.0, 0.0],
+    # LookSAM, a full step: d = g_p, g_v = g_p - c g_0 written (c 0.45)
+    "looksam-full": lambda lr: [1.0, 0.0, 0.0, 0.0, 1.0, -0.45],
+}
+
+
+def _samv_expect(path, g, s, lr):
+    c = SAMV_COEFF_PATHS[path.split("/")[0]](lr)
+    d_ = [c[0] * gg + c[1] * ss for gg, ss in zip(g, s)]
+    post = [c[2] * gg + c[3] * ss for gg, ss in zip(g, s)]
+    outs = [c[4] * gg + c[5] * ss for gg, ss in zip(g, s)] if c[4] or c[5] else None
+    return c, d_, post, outs
+
+
+SAMV_SGD_PATHS = ("gsam/momentum", "wsam/plain", "wsam-decoupled/momentum-wd",
+                  "looksam-full/nesterov-first", "gsam/momentum-finite", "wsam-decoupled/skip")
+
+
+def case_samv_restore_sgd_(dtype, path, gen):
+    """w <- backup, then torch.optim.SGD's step with the mixed direction, then the decoupled
+    correction; the written combination (LookSAM's g_v)."""
+    kind = path.split("/")[1]
+    mom, damp, nest, wd, first = {"momentum": (0.9, 0.1, False, 0.0, False),
+                                  "momentum-finite": (0.9, 0.1, False, 0.0, False),
+                                  "plain": (0.0, 0.0, False, 0.0, True),
+                                  "momentum-wd": (0.9, 0.0, False, 5e-4, False),
+                                  "nesterov-first": (0.9, 0.0, True, 1e-2, True),
+                                  "skip": (0.9, 0.0, False, 5e-4, False)}[kind]
+    p, g, b = rand(gen, dtype), rand(gen, dtype), rand(gen, dtype)
+    sdt = _state_dt(dtype)
+    s = rand(gen, sdt)
+    bufs = rand(gen, sdt) if mom else []
+    lr = 0.1
+    c, d_, post, outs = _samv_expect(path, d(g), d(s), lr)
+    out_lists = [torch.zeros(t, dtype=sdt) for t in SHAPES] if outs is not None else []
+    args = dict(params=p, grads=g, backups=b, saved=s, momentum_bufs=bufs, outs=out_lists,
+                coeffs=torch.tensor(c, dtype=F64), lr=lr, momentum=mom, dampening=damp,
+                nesterov=nest, weight_decay=wd, first=first, found_inf=_flag(path))
+    if path.endswith("skip"):
+        return Case(args, _skipped_update(args, ["momentum_bufs", "outs"]))
+    init = None if first or not mom else [{"momentum_buffer": t} for t in d(bufs)]
+    new, st = _torch_opt_step(lambda ws: torch.optim.SGD(ws, lr=lr, momentum=mom, dampening=damp,
+                                                         nesterov=nest, weight_decay=wd,
+                                                         foreach=False), d(b), d_, init)
+    expect = {"params": [w + x for w, x in zip(new, post)]}
+    if mom:
+        expect["momentum_bufs"] = [x["momentum_buffer"] for x in st]
+    if outs is not None:
+        expect["outs"] = outs
+    return Case(args, expect)
+
+
+SAMV_ADAM_PATHS = ("gsam/adam-l2", "wsam-decoupled/adamw", "looksam-full/adamw-step7",
+                   "wsam/adam-l2-finite", "gsam/adamw-skip")
+
+
+def case_samv_restore_adam_(dtype, path, gen):
+    """w <- backup, then torch.optim.Adam / AdamW with the mixed direction, then the decoupled
+    correction; the written combination."""
+    wd, decoupled, step = ADAM_PATHS[path.split("/")[1]]
+    p, g, b = rand(gen, dtype), rand(gen, dtype), rand(gen, dtype)
+    sdt = _state_dt(dtype)
+    s = rand(gen, sdt)
+    if step == 1:
+        m, v = ([torch.zeros(x, dtype=sdt) for x in SHAPES] for _ in range(2))
+    else:
+        m, v = rand(gen, sdt, -0.1, 0.1), rand(gen, sdt, 0.0, 1e-2)
+    lr, betas, eps = 1e-2, (0.9, 0.999), 1e-8
+    c, d_, post, outs = _samv_expect(path, d(g), d(s), lr)
+    out_lists = [torch.zeros(t, dtype=sdt) for t in SHAPES] if outs is not None else []
+    args = dict(params=p, grads=g, backups=b, saved=s, exp_avgs=m, exp_avg_sqs=v, outs=out_lists,
+                coeffs=torch.tensor(c, dtype=F64), step=step, lr=lr, beta1=betas[0],
+                beta2=betas[1], eps=eps, weight_decay=wd, decoupled=decoupled,
+                found_inf=_flag(path))
+    if path.endswith("skip"):
+        return Case(args, _skipped_update(args, ["exp_avgs", "exp_avg_sqs", "outs"]))
+    cls = torch.optim.AdamW if decoupled else torch.optim.Adam
+    init = [{"step": torch.tensor(float(step - 1)), "exp_avg": mm, "exp_avg_sq": vv}
+            for mm, vv in zip(d(m), d(v))]
+    new, st = _torch_opt_step(lambda ws: cls(ws, lr=lr, betas=betas, eps=eps, weight_decay=wd,
+                                             foreach=False), d(b), d_, init)
+    expect = {"params": [w + x for w, x in zip(new, post)],
+              "exp_avgs": [x["exp_avg"] for x in st], "exp_avg_sqs": [x["exp_avg_sq"] for x in st]}
+    if outs is not None:
+        expect["outs"] = outs
+    # exp_avg: the mix of two fp32 terms may cancel to ~1e-4 (absolute error ~ ulp of the terms)
+    return Case(args, expect, tol={"exp_avgs": dict(rtol=2e-6, atol=2e-7), "exp_avg_sqs": REL})
+
+
 _STEPS = [str(s) for s in GOLDEN_STEPS]
 # op -> its code paths (each a Case builder argument); every op of PHASES must be here
 PATHS: Dict[str, tuple] = {
@@ -455,6 +605,10 @@ PATHS: Dict[str, tuple] = {
     "vsam_sumsq": ("plain",),
     "vsam_perturb_": ("log", "linear", "log-finite", "log-skip"),
     "ebisam_perturb_": tuple(_STEPS) + ("finite", "skip"),
+    "samv_dots": ("plain", "shift"),
+    "samv_perturb_": SAMV_PERTURB_PATHS,
+    "samv_restore_sgd_": SAMV_SGD_PATHS,
+    "samv_restore_adam_": SAMV_ADAM_PATHS,
 }
 BUILDERS: Dict[str, Callable] = {name: globals()[f"case_{name}"] for name in PATHS}
 
