@@ -240,12 +240,12 @@ class SAM(TwoPassOptimizer):
         found_inf = self._found_inf(ps[0].device)
         if group["base"] == "sgd":
             if group["momentum"] == 0:
-                ops.sam_restore_sgd_(ps, grads, backups, [], group["lr"], 0.0, group["dampening"],
+                self._restore_sgd(ps, grads, backups, [], group["lr"], 0.0, group["dampening"],
                                      group["nesterov"], group["weight_decay"], False, found_inf)
                 return
             have = self._state_lists(ps, "momentum_buffer")
             if have is not None:  # every buffer exists (all steps after the first): one op
-                ops.sam_restore_sgd_(ps, grads, backups, have[0], group["lr"], group["momentum"],
+                self._restore_sgd(ps, grads, backups, have[0], group["lr"], group["momentum"],
                                      group["dampening"], group["nesterov"], group["weight_decay"],
                                      False, found_inf)
                 return
@@ -262,7 +262,7 @@ class SAM(TwoPassOptimizer):
                     if first:
                         self.state[p]["momentum_buffer"] = torch.zeros_like(p, dtype=opmath(p))
                 bufs = [self.state[p]["momentum_buffer"] for p in sel]
-                ops.sam_restore_sgd_(sel, [grads[i] for i in idx], [backups[i] for i in idx], bufs,
+                self._restore_sgd(sel, [grads[i] for i in idx], [backups[i] for i in idx], bufs,
                                      group["lr"], group["momentum"], group["dampening"],
                                      group["nesterov"], group["weight_decay"], first, found_inf)
             return
@@ -275,7 +275,7 @@ class SAM(TwoPassOptimizer):
             torch._foreach_add_(steps, 1.0)
             # all at the same count (CPU scalars, as in torch.optim: no device sync)
             if torch.equal(torch.stack(steps), steps[0].expand(len(steps))):
-                ops.sam_restore_adam_(ps, grads, backups, exp_avgs, exp_avg_sqs,
+                self._restore_adam(ps, grads, backups, exp_avgs, exp_avg_sqs,
                                       int(steps[0].item()),
                                       group["lr"], beta1, beta2, group["adam_eps"],
                                       group["weight_decay"], group["base"] == "adamw", found_inf)
@@ -293,11 +293,18 @@ class SAM(TwoPassOptimizer):
         beta1, beta2 = group["betas"]
         for step, idx in by_step.items():
             sel = [ps[i] for i in idx]
-            ops.sam_restore_adam_(sel, [grads[i] for i in idx], [backups[i] for i in idx],
+            self._restore_adam(sel, [grads[i] for i in idx], [backups[i] for i in idx],
                                   [self.state[p]["exp_avg"] for p in sel],
                                   [self.state[p]["exp_avg_sq"] for p in sel], step, group["lr"],
                                   beta1, beta2, group["adam_eps"], group["weight_decay"],
                                   group["base"] == "adamw", found_inf)
+
+    # the fused restore + base step of _base_update (the SAM variants add their lists here)
+    def _restore_sgd(self, *args) -> None:
+        ops.sam_restore_sgd_(*args)
+
+    def _restore_adam(self, *args) -> None:
+        ops.sam_restore_adam_(*args)
 
     # -- closure API -----------------------------------------------------------------------------
     def step(self, closure: Optional[Callable] = None, m: int = 1, *, scaler=None):
