@@ -476,19 +476,22 @@ def samv_restore_sgd_(params: List[Tensor], grads: List[Tensor], backups: List[T
     ``sam_restore_sgd_``."""
     if skipped(found_inf):
         return copy_all_(params, backups)
+    # The base step in torch.optim.SGD's calls (as sam_restore_sgd_): with d = g (c = 1, 0, 0,
+    # 0, ...) it is that step bit for bit.
     for i, (p, g, b, s) in enumerate(zip(params, grads, backups, saved)):
         c = coeffs.to(opmath(p))
         w, gg, ss = b.to(opmath(p), copy=True), g.to(opmath(p)), s.to(opmath(p))
         d = _samv_mix(c, gg, ss, 0)
         if weight_decay != 0:
-            d = d + weight_decay * w
+            d = d.add(w, alpha=weight_decay)
         if momentum != 0:
-            buf = d if first else momentum * momentum_bufs[i].to(d.dtype) + (1 - dampening) * d
+            buf = momentum_bufs[i].to(d.dtype, copy=True)
+            buf = d.clone() if first else buf.mul_(momentum).add_(d, alpha=1 - dampening)
             momentum_bufs[i].copy_(buf)
-            d = d + momentum * buf if nesterov else buf
+            d = d.add(buf, alpha=momentum) if nesterov else buf
         if outs:
             outs[i].copy_(_samv_mix(c, gg, ss, 4))
-        p.copy_((w - lr * d) + _samv_mix(c, gg, ss, 2))
+        p.copy_(w.add_(d, alpha=-lr).add_(_samv_mix(c, gg, ss, 2)))
 
 
 @op("samv", UPDATED, L("saved", "state"), L("exp_avgs", "state", True),
@@ -510,17 +513,17 @@ def samv_restore_adam_(params: List[Tensor], grads: List[Tensor], backups: List[
                                                exp_avg_sqs)):
         c = coeffs.to(opmath(p))
         w, gg, ss = b.to(opmath(p), copy=True), g.to(opmath(p)), s.to(opmath(p))
-        d = _samv_mix(c, gg, ss, 0)
+        d = _samv_mix(c, gg, ss, 0)  # then torch.optim.Adam/AdamW's calls (sam_restore_adam_)
         if weight_decay != 0:
             if decoupled:
-                w = w * (1 - lr * weight_decay)
+                w.mul_(1 - lr * weight_decay)
             else:
-                d = d + weight_decay * w
-        m_new = beta1 * m.to(d.dtype) + (1 - beta1) * d
-        v_new = beta2 * v.to(d.dtype) + (1 - beta2) * d * d
+                d = d.add(w, alpha=weight_decay)
+        m_new = m.to(d.dtype, copy=True).lerp_(d, 1 - beta1)
+        v_new = v.to(d.dtype, copy=True).mul_(beta2).addcmul_(d, d, value=1 - beta2)
         m.copy_(m_new)
         v.copy_(v_new)
         if outs:
             outs[i].copy_(_samv_mix(c, gg, ss, 4))
-        denom = v_new.sqrt() / bc2_sqrt + eps
-        p.copy_((w - (lr / bc1) * m_new / denom) + _samv_mix(c, gg, ss, 2))
+        denom = (v_new.sqrt() / bc2_sqrt).add_(eps)
+        p.copy_(w.addcdiv_(m_new, denom, value=-(lr / bc1)).add_(_samv_mix(c, gg, ss, 2)))

@@ -188,10 +188,14 @@ class _Variant(SAM):
         super()._base_update(group, ps)
 
     def _restore_sgd(self, ps, grads, backups, bufs, *rest) -> None:
+        if self._variant["mode"] == "plain":
+            return ops.sam_restore_sgd_(ps, grads, backups, bufs, *rest)
         s, outs = self._direction_lists(ps)
         ops.samv_restore_sgd_(ps, grads, backups, s, bufs, outs, self._variant["coeffs"], *rest)
 
     def _restore_adam(self, ps, grads, backups, exp_avgs, exp_avg_sqs, step, *rest) -> None:
+        if self._variant["mode"] == "plain":
+            return ops.sam_restore_adam_(ps, grads, backups, exp_avgs, exp_avg_sqs, step, *rest)
         s, outs = self._direction_lists(ps)
         ops.samv_restore_adam_(ps, grads, backups, s, exp_avgs, exp_avg_sqs, outs,
                                self._variant["coeffs"], step, *rest)
