@@ -178,14 +178,15 @@ def closure_for(opt, model, x, y):
 @pytest.mark.parametrize("base", list(BASES))
 @pytest.mark.parametrize("method", list(METHODS))
 def test_equals_the_paper_over_30_steps(method, base, backend):
-    """30 float64 steps of step(closure) == the paper's update written here, to rounding."""
-    if backend == "triton" and base not in ("sgd", "adam"):
+    """30 float64 steps of step(closure) == the paper's update written here, to rounding.  The
+    Triton interpreter (slow) runs 8 steps (LookSAM's full and reuse steps both) on SGD."""
+    if backend == "triton" and base != "sgd":
         pytest.skip("the interpreter is slow; the other bases run on reference and cpu")
     cls, kw, paper_step = METHODS[method]
     model = net()
     ours, paper, st = _ours(cls, model, base, **kw), _paper(model, base), {}
     with samkernels.use_backend(backend):
-        for t in range(STEPS):
+        for t in range(8 if backend == "triton" else STEPS):
             x, y = batch(t)
             ours.step(closure_for(ours, model, x, y))
             paper_step(paper, t, x, y, st)
