@@ -51,7 +51,7 @@ template <typename M>
 struct SamvMix {
   M c[6];
 
-  static SamvMix make(const double* coeffs) {
+  SK_HD static SamvMix make(const double* coeffs) {
     SamvMix m;
     for (int j = 0; j < 6; ++j) m.c[j] = static_cast<M>(coeffs[j]);
     return m;

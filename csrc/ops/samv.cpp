@@ -1,6 +1,7 @@
-// SAM-variant phases on the CPU (GSAM, WSAM, LookSAM, FriendlySAM; docs/spec.md "SAM variants";
-// rows and float64 references in samkernels/ops/reference.py).  Per-element maths: math/samv.h
-// (shared with CUDA).
+// SAM-variant phases (GSAM, WSAM, LookSAM, FriendlySAM; docs/spec.md "SAM variants"; rows and
+// float64 references in samkernels/ops/reference.py).  The family's torch-facing code: the CPU
+// kernels and, in CUDA builds, the glue to the launch functions of cuda/samv.cu.  Per-element
+// maths: math/samv.h (shared by both).
 //   samv_dots           [<u,u>, <u,b>, <b,b>], u = a - shift b, float64 (one read of both lists)
 //   samv_perturb_       backup <- w, w <- w + rho T^2 u / (norm + eps); keeps g0 / FriendlySAM's m
 //   samv_restore_sgd_   w <- backup, SGD step with d = c0 g + c1 s, then + c2 g + c3 s; out
@@ -9,11 +10,53 @@
 
 #include <array>
 #include <cmath>
+#include <vector>
 
 #include "cpu/multi_tensor.h"
 #include "math/samv.h"
+#ifdef SAMKERNELS_WITH_CUDA
+#include "cuda/glue.h"
+#endif
 
 namespace samkernels {
+namespace {
+
+// Each phase's tensor lists with their roles, in its launch function's list order: stated once
+// for the CPU kernels and the CUDA glue.
+std::vector<ListArg> samv_dots_lists(at::TensorList lhs, at::TensorList rhs) {
+  return {{"lhs", lhs, kP}, {"rhs", rhs, kS}};
+}
+
+std::vector<ListArg> samv_perturb_lists(at::TensorList params, at::TensorList grads,
+                                        at::TensorList backups, at::TensorList saved,
+                                        at::TensorList momenta) {
+  return {{"params", params, kP, W}, {"grads", grads, kP}, {"backups", backups, kP, W},
+          {"saved", saved, kS, W, Opt}, {"momenta", momenta, kS, W, Opt}};
+}
+
+std::vector<ListArg> samv_restore_sgd_lists(at::TensorList params, at::TensorList grads,
+                                            at::TensorList backups, at::TensorList saved,
+                                            at::TensorList momentum_bufs, at::TensorList outs,
+                                            double momentum) {
+  // reference: the buffers are only touched with momentum
+  return {{"params", params, kP, W}, {"grads", grads, kP}, {"backups", backups, kP},
+          {"saved", saved, kS},
+          {"momentum_bufs", momentum != 0.0 ? momentum_bufs : at::TensorList{}, kS, W,
+           /*optional=*/momentum == 0.0},
+          {"outs", outs, kS, W, Opt}};
+}
+
+std::vector<ListArg> samv_restore_adam_lists(at::TensorList params, at::TensorList grads,
+                                             at::TensorList backups, at::TensorList saved,
+                                             at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                                             at::TensorList outs) {
+  return {{"params", params, kP, W}, {"grads", grads, kP},        {"backups", backups, kP},
+          {"saved", saved, kS},       {"exp_avgs", exp_avgs, kS, W}, {"exp_avg_sqs", exp_avg_sqs, kS, W},
+          {"outs", outs, kS, W, Opt}};
+}
+
+}  // namespace
+
 namespace cpu {
 namespace {
 
@@ -38,7 +81,7 @@ std::array<double, 6> coeff_arg(const char* op, const at::Tensor& coeffs) {
 }
 
 at::Tensor samv_dots(at::TensorList lhs, at::TensorList rhs, double shift) {
-  PhaseLists pl("samv_dots", {{"lhs", lhs, kP}, {"rhs", rhs, kS}});
+  PhaseLists pl("samv_dots", samv_dots_lists(lhs, rhs));
   const auto s = pl.sums<3>([&](const auto& v) {
     SK_CHUNK_TYPES(v);
     const scalar_t* ap = v.param(0);
@@ -63,9 +106,7 @@ void samv_perturb(at::TensorList params, at::TensorList grads, at::TensorList ba
                   at::TensorList saved, at::TensorList momenta, const at::Tensor& norm, double rho,
                   double eps, bool adaptive, double eta, double sigma, double lmbda, bool first,
                   const c10::optional<at::Tensor>& found_inf) {
-  PhaseLists pl("samv_perturb_",
-                {{"params", params, kP, W}, {"grads", grads, kP}, {"backups", backups, kP, W},
-                 {"saved", saved, kS, W, Opt}, {"momenta", momenta, kS, W, Opt}},
+  PhaseLists pl("samv_perturb_", samv_perturb_lists(params, grads, backups, saved, momenta),
                 found_inf);
   const double n = scalar_arg("samv_perturb_", "norm", norm);
   if (pl.skip()) return copy_lists(backups, params);  // skip form: backup only, w stays
@@ -102,11 +143,8 @@ void samv_restore_sgd(at::TensorList params, at::TensorList grads, at::TensorLis
                       bool nesterov, double weight_decay, bool first,
                       const c10::optional<at::Tensor>& found_inf) {
   PhaseLists pl("samv_restore_sgd_",
-                {{"params", params, kP, W}, {"grads", grads, kP}, {"backups", backups, kP},
-                 {"saved", saved, kS},
-                 {"momentum_bufs", momentum != 0.0 ? momentum_bufs : at::TensorList{}, kS, W,
-                  /*optional=*/momentum == 0.0},
-                 {"outs", outs, kS, W, Opt}},
+                samv_restore_sgd_lists(params, grads, backups, saved, momentum_bufs, outs,
+                                       momentum),
                 found_inf);
   const auto c = coeff_arg("samv_restore_sgd_", coeffs);
   if (pl.skip()) return copy_lists(params, backups);
@@ -140,9 +178,8 @@ void samv_restore_adam(at::TensorList params, at::TensorList grads, at::TensorLi
                        double beta1, double beta2, double eps, double weight_decay,
                        bool decoupled, const c10::optional<at::Tensor>& found_inf) {
   PhaseLists pl("samv_restore_adam_",
-                {{"params", params, kP, W}, {"grads", grads, kP}, {"backups", backups, kP},
-                 {"saved", saved, kS}, {"exp_avgs", exp_avgs, kS, W},
-                 {"exp_avg_sqs", exp_avg_sqs, kS, W}, {"outs", outs, kS, W, Opt}},
+                samv_restore_adam_lists(params, grads, backups, saved, exp_avgs, exp_avg_sqs,
+                                        outs),
                 found_inf);
   check_adam_step("samv_restore_adam_", step);
   const auto c = coeff_arg("samv_restore_adam_", coeffs);
@@ -183,4 +220,136 @@ TORCH_LIBRARY_IMPL(samkernels, CPU, m) {
 }
 
 }  // namespace cpu
+
+#ifdef SAMKERNELS_WITH_CUDA
+namespace cuda {
+
+// Launch functions of cuda/samv.cu.
+
+// samv_dots stage 1.  Lists: 0 lhs (parameter dtype), 1 rhs (opmath).  Writes three float64
+// partials (u u, u b, b b; u = a - shift b) per block to partials[3 first_block ...],
+// 3 count_chunks(...) of them.
+cudaError_t launch_samv_dots_partials(const Group& g, double* partials, int64_t first_block,
+                                      double shift, cudaStream_t stream);
+
+// samv_dots stage 2: one block sums the n triples of partials in a fixed order into out[0..2].
+cudaError_t launch_samv_reduce3(const double* partials, int64_t n, double* out,
+                                cudaStream_t stream);
+
+// samv_perturb_ with the norm in device memory (*norm, float64).  Lists: 0 params, 1 grads,
+// 2 backups, 3 saved (nullptr: not kept), 4 momenta (nullptr: no FriendlySAM momentum).
+cudaError_t launch_samv_perturb(const Group& g, const double* norm, double rho, double eps,
+                                bool adaptive, double eta, double sigma, double lmbda, bool first,
+                                const float* found_inf, cudaStream_t stream);
+
+// samv_restore_sgd_ with the six coefficients in device memory (coeffs[0..5], float64).
+// Lists: 0 params, 1 grads, 2 backups, 3 saved, 4 momentum_bufs (nullptr when momentum == 0),
+// 5 outs (nullptr: none).
+cudaError_t launch_samv_restore_sgd(const Group& g, const double* coeffs, double lr,
+                                    double momentum, double dampening, bool nesterov,
+                                    double weight_decay, bool first, const float* found_inf,
+                                    cudaStream_t stream);
+
+// samv_restore_adam_ at Adam step `step` (>= 1).  Lists: 0 params, 1 grads, 2 backups, 3 saved,
+// 4 exp_avgs, 5 exp_avg_sqs, 6 outs (nullptr: none).
+cudaError_t launch_samv_restore_adam(const Group& g, const double* coeffs, int64_t step,
+                                     double lr, double beta1, double beta2, double eps,
+                                     double weight_decay, bool decoupled, const float* found_inf,
+                                     cudaStream_t stream);
+
+namespace {
+
+// A float64 tensor argument on the lists' device, `n` values (a norm, the coefficients).
+Tensor device_values(const char* op, const char* name, const Tensor& t, const PhaseLists& pl,
+                     int64_t n) {
+  TORCH_CHECK(t.numel() == n, op, ": ", name, " must hold ", n, n == 1 ? " value" : " values",
+              ", got shape ", t.sizes());
+  TORCH_CHECK(t.device() == pl.base()[0].device(), op, ": ", name, " is on ", t.device(),
+              " but the parameters are on ", pl.base()[0].device());
+  return t.reshape({n}).to(at::kDouble).contiguous();
+}
+
+Tensor samv_dots_cuda(TensorList lhs, TensorList rhs, double shift) {
+  PhaseLists pl("samkernels::samv_dots", samv_dots_lists(lhs, rhs));
+  if (pl.empty()) return at::zeros({3}, at::TensorOptions().dtype(at::kDouble).device(at::kCUDA));
+  const auto f64 = pl.base()[0].options().dtype(at::kDouble);
+  const int64_t n = pl.chunks();
+  Tensor partials = at::empty({3 * n}, f64);
+  Tensor out = at::empty({3}, f64);
+  int64_t first = 0;
+  for (const Group& g : pl.groups()) {
+    SK_CHECK_LAUNCH(launch_samv_dots_partials(g, partials.data_ptr<double>(), first, shift,
+                                              pl.stream));
+    first += count_chunks(g.numel, g.count);
+  }
+  SK_CHECK_LAUNCH(launch_samv_reduce3(partials.data_ptr<double>(), n, out.data_ptr<double>(),
+                                      pl.stream));
+  return out;
+}
+
+void samv_perturb_cuda(TensorList params, TensorList grads, TensorList backups, TensorList saved,
+                       TensorList momenta, const Tensor& norm, double rho, double eps,
+                       bool adaptive, double eta, double sigma, double lmbda, bool first,
+                       const std::optional<Tensor>& found_inf) {
+  const char* op = "samkernels::samv_perturb_";
+  PhaseLists pl(op, samv_perturb_lists(params, grads, backups, saved, momenta), false, found_inf);
+  if (pl.empty()) return;
+  const Tensor n = device_values(op, "norm", norm, pl, 1);
+  pl.run([&](const Group& g) {
+    return launch_samv_perturb(g, n.data_ptr<double>(), rho, eps, adaptive, eta, sigma, lmbda,
+                               first, pl.skip, pl.stream);
+  });
+}
+
+void samv_restore_sgd_cuda(TensorList params, TensorList grads, TensorList backups,
+                           TensorList saved, TensorList momentum_bufs, TensorList outs,
+                           const Tensor& coeffs, double lr, double momentum, double dampening,
+                           bool nesterov, double weight_decay, bool first,
+                           const std::optional<Tensor>& found_inf) {
+  const char* op = "samkernels::samv_restore_sgd_";
+  PhaseLists pl(op,
+                samv_restore_sgd_lists(params, grads, backups, saved, momentum_bufs, outs,
+                                       momentum),
+                false, found_inf);
+  if (pl.empty()) return;
+  const Tensor c = device_values(op, "coeffs", coeffs, pl, 6);
+  pl.run([&](const Group& g) {
+    return launch_samv_restore_sgd(g, c.data_ptr<double>(), lr, momentum, dampening, nesterov,
+                                   weight_decay, first, pl.skip, pl.stream);
+  });
+}
+
+void samv_restore_adam_cuda(TensorList params, TensorList grads, TensorList backups,
+                            TensorList saved, TensorList exp_avgs, TensorList exp_avg_sqs,
+                            TensorList outs, const Tensor& coeffs, int64_t step, double lr,
+                            double beta1, double beta2, double eps, double weight_decay,
+                            bool decoupled, const std::optional<Tensor>& found_inf) {
+  const char* op = "samkernels::samv_restore_adam_";
+  PhaseLists pl(op,
+                samv_restore_adam_lists(params, grads, backups, saved, exp_avgs, exp_avg_sqs,
+                                        outs),
+                false, found_inf);
+  check_adam_step(op, step);
+  TORCH_CHECK(std::pow(beta1, static_cast<double>(step)) != 1.0 &&
+                  std::pow(beta2, static_cast<double>(step)) != 1.0,
+              op, ": a bias correction 1 - beta**step is zero");
+  if (pl.empty()) return;
+  const Tensor c = device_values(op, "coeffs", coeffs, pl, 6);
+  pl.run([&](const Group& g) {
+    return launch_samv_restore_adam(g, c.data_ptr<double>(), step, lr, beta1, beta2, eps,
+                                    weight_decay, decoupled, pl.skip, pl.stream);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(samkernels, CUDA, m) {
+  m.impl("samv_dots", &samv_dots_cuda);
+  m.impl("samv_perturb_", &samv_perturb_cuda);
+  m.impl("samv_restore_sgd_", &samv_restore_sgd_cuda);
+  m.impl("samv_restore_adam_", &samv_restore_adam_cuda);
+}
+
+}  // namespace cuda
+#endif  // SAMKERNELS_WITH_CUDA
 }  // namespace samkernels
