@@ -276,12 +276,11 @@ class WSAM(_Variant):
 
     def _coeffs(self, group: dict, dots, device) -> Tensor:
         k = group["gamma"] / (1.0 - group["gamma"])
-        if group["decoupled"]:
-            lk = group["lr"] * k
-            values = (0.0, 1.0, -lk, lk, 0.0, 0.0)
-        else:
-            values = (k, 1.0 - k, 0.0, 0.0, 0.0, 0.0)
-        return self._const_coeffs(values, device)
+        if group["decoupled"]:  # (0, 1, 0, 0, 0, 0) + lr (0, 0, -k, k, 0, 0): no host copy per lr
+            return torch.add(self._const_coeffs((0.0, 1.0, 0.0, 0.0, 0.0, 0.0), device),
+                             self._const_coeffs((0.0, 0.0, -k, k, 0.0, 0.0), device),
+                             alpha=group["lr"])
+        return self._const_coeffs((k, 1.0 - k, 0.0, 0.0, 0.0, 0.0), device)
 
 
 class LookSAM(_Variant):
@@ -444,6 +443,7 @@ class FriendlySAM(_Variant):
         if not work:
             return
         keep = self.nonfinite != "unchecked" or self._skip_state["ascents"] > 0
+        copies: Dict[tuple, Tuple[List[Tensor], List[Tensor]]] = {}
         for _, ps, _ in work:
             for p in ps:
                 st = self.state[p]
@@ -456,10 +456,13 @@ class FriendlySAM(_Variant):
                     c = self._m_copies.get(p)
                     m = st["friendly_momentum"]
                     if c is None or c.shape != m.shape or c.dtype != m.dtype:
-                        self._m_copies[p] = m.clone()
-                    else:
-                        c.copy_(m)
+                        c = self._m_copies[p] = torch.empty_like(m)
+                    pair = copies.setdefault((m.device, m.dtype), ([], []))
+                    pair[0].append(c)
+                    pair[1].append(m)
                     self._m_saved["params"].append(p)
+        for dst, src in copies.values():  # one foreach copy per device and dtype
+            torch._foreach_copy_(dst, src)
         self._m_saved["on"] = True
 
     def _split_first(self, ps) -> List[Tuple[bool, List[int]]]:
