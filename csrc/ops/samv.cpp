@@ -10,6 +10,7 @@
 
 #include <array>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/multi_tensor.h"
@@ -80,6 +81,19 @@ std::array<double, 6> coeff_arg(const char* op, const at::Tensor& coeffs) {
   return out;
 }
 
+// f(std::bool_constant<a>{}, std::bool_constant<b>{}): the loops below branch at compile time
+// (a branch or an optional pointer inside them keeps the compiler from vectorising).
+template <class F>
+void with_flags(bool a, bool b, F&& f) {
+  if (a) {
+    if (b) f(std::true_type{}, std::true_type{});
+    else f(std::true_type{}, std::false_type{});
+  } else {
+    if (b) f(std::false_type{}, std::true_type{});
+    else f(std::false_type{}, std::false_type{});
+  }
+}
+
 at::Tensor samv_dots(at::TensorList lhs, at::TensorList rhs, double shift) {
   PhaseLists pl("samv_dots", samv_dots_lists(lhs, rhs));
   const auto s = pl.sums<3>([&](const auto& v) {
@@ -87,14 +101,26 @@ at::Tensor samv_dots(at::TensorList lhs, at::TensorList rhs, double shift) {
     const scalar_t* ap = v.param(0);
     const opmath_t* bp = v.state(1);
     double uu = 0.0, ub = 0.0, bb = 0.0;
+    if (shift != 0.0) {
 #pragma omp simd reduction(+ : uu, ub, bb)
-    for (int64_t i = v.begin; i < v.end; ++i) {
-      double x, y, z;
-      math::samv_dot_terms(static_cast<double>(ap[i]), static_cast<double>(bp[i]), shift, x, y,
-                           z);
-      uu += x;
-      ub += y;
-      bb += z;
+      for (int64_t i = v.begin; i < v.end; ++i) {
+        double x, y, z;
+        math::samv_dot_terms(static_cast<double>(ap[i]), static_cast<double>(bp[i]), shift, x,
+                             y, z);
+        uu += x;
+        ub += y;
+        bb += z;
+      }
+    } else {
+#pragma omp simd reduction(+ : uu, ub, bb)
+      for (int64_t i = v.begin; i < v.end; ++i) {
+        double x, y, z;
+        math::samv_dot_terms(static_cast<double>(ap[i]), static_cast<double>(bp[i]), 0.0, x, y,
+                             z);
+        uu += x;
+        ub += y;
+        bb += z;
+      }
     }
     return std::array<double, 3>{uu, ub, bb};
   });
@@ -120,19 +146,22 @@ void samv_perturb(at::TensorList params, at::TensorList grads, at::TensorList ba
     scalar_t* bp = v.param(2);
     opmath_t* sp = v.state(3);
     opmath_t* mp = v.state(4);
-    for (int64_t i = v.begin; i < v.end; ++i) {
-      const auto w = static_cast<opmath_t>(wp[i]);
-      const auto g = static_cast<opmath_t>(gp[i]);
-      bp[i] = wp[i];
-      if (sp != nullptr) sp[i] = g;
-      opmath_t u = g;
-      if (mp != nullptr) {
-        opmath_t m = mp[i];
-        u = maths.friendly(g, m);
-        mp[i] = m;
+    with_flags(sp != nullptr, mp != nullptr, [&](auto keep, auto friendly) {
+#pragma omp simd
+      for (int64_t i = v.begin; i < v.end; ++i) {
+        const auto w = static_cast<opmath_t>(wp[i]);
+        const auto g = static_cast<opmath_t>(gp[i]);
+        bp[i] = wp[i];
+        if constexpr (decltype(keep)::value) sp[i] = g;
+        opmath_t u = g;
+        if constexpr (decltype(friendly)::value) {
+          opmath_t m = mp[i];
+          u = maths.friendly(g, m);
+          mp[i] = m;
+        }
+        wp[i] = static_cast<scalar_t>(maths(w, u, scale));
       }
-      wp[i] = static_cast<scalar_t>(maths(w, u, scale));
-    }
+    });
   });
   pl.finish();
 }
@@ -159,15 +188,19 @@ void samv_restore_sgd(at::TensorList params, at::TensorList grads, at::TensorLis
     const opmath_t* sp = v.state(3);
     opmath_t* mp = v.state(4);
     opmath_t* op = v.state(5);
-    for (int64_t i = v.begin; i < v.end; ++i) {
-      const auto g = static_cast<opmath_t>(gp[i]);
-      const opmath_t s = sp[i];
-      opmath_t buf = mp != nullptr ? mp[i] : opmath_t(0);
-      const opmath_t w = maths(static_cast<opmath_t>(bp[i]), mix(0, g, s), buf);
-      if (mp != nullptr) mp[i] = buf;
-      if (op != nullptr) op[i] = mix(4, g, s);
-      wp[i] = static_cast<scalar_t>(w + mix(2, g, s));
-    }
+    with_flags(mp != nullptr, op != nullptr, [&](auto has_buf, auto has_out) {
+#pragma omp simd
+      for (int64_t i = v.begin; i < v.end; ++i) {
+        const auto g = static_cast<opmath_t>(gp[i]);
+        const opmath_t s = sp[i];
+        opmath_t buf = 0;
+        if constexpr (decltype(has_buf)::value) buf = mp[i];
+        const opmath_t w = maths(static_cast<opmath_t>(bp[i]), mix(0, g, s), buf);
+        if constexpr (decltype(has_buf)::value) mp[i] = buf;
+        if constexpr (decltype(has_out)::value) op[i] = mix(4, g, s);
+        wp[i] = static_cast<scalar_t>(w + mix(2, g, s));
+      }
+    });
   });
   pl.finish();
 }
@@ -196,16 +229,19 @@ void samv_restore_adam(at::TensorList params, at::TensorList grads, at::TensorLi
     opmath_t* mp = v.state(4);
     opmath_t* vp = v.state(5);
     opmath_t* op = v.state(6);
-    for (int64_t i = v.begin; i < v.end; ++i) {
-      const auto g = static_cast<opmath_t>(gp[i]);
-      const opmath_t s = sp[i];
-      opmath_t m = mp[i], q = vp[i];
-      const opmath_t w = maths(static_cast<opmath_t>(bp[i]), mix(0, g, s), m, q);
-      mp[i] = m;
-      vp[i] = q;
-      if (op != nullptr) op[i] = mix(4, g, s);
-      wp[i] = static_cast<scalar_t>(w + mix(2, g, s));
-    }
+    with_flags(op != nullptr, false, [&](auto has_out, auto) {
+#pragma omp simd
+      for (int64_t i = v.begin; i < v.end; ++i) {
+        const auto g = static_cast<opmath_t>(gp[i]);
+        const opmath_t s = sp[i];
+        opmath_t m = mp[i], q = vp[i];
+        const opmath_t w = maths(static_cast<opmath_t>(bp[i]), mix(0, g, s), m, q);
+        mp[i] = m;
+        vp[i] = q;
+        if constexpr (decltype(has_out)::value) op[i] = mix(4, g, s);
+        wp[i] = static_cast<scalar_t>(w + mix(2, g, s));
+      }
+    });
   });
   pl.finish();
 }
