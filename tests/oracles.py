@@ -510,6 +510,17 @@ CASES: Dict[str, List[dict]] = {
                              eps=1e-12),
                         dict(grad_norm=0.7), dict(beta=0.1, step=2 ** 32 - 1),
                         dict(grad_norm=1.0, eps=0.0)],
+    "ivon_noise_": [dict(seed=CASE_SEED, step=5, ess=50.0, weight_decay=1e-2),
+                    dict(seed=0, step=2 ** 40 + 3, weight_decay=0.0)],
+    # count 1 starts the running means, a later count updates them
+    "ivon_accumulate_": [dict(seed=CASE_SEED, step=6, ess=50.0, weight_decay=1e-2, count=3),
+                         dict(count=1, step=2 ** 33 + 1)],
+    # clip_radius inside the steps' range: some entries clipped, not all
+    "ivon_update_": [dict(seed=CASE_SEED, step=7, lr=0.05, ess=50.0, weight_decay=1e-2,
+                          beta1=0.9, beta2=0.99, clip_radius=0.5, bias_correction=0.271,
+                          count=2),
+                     dict(avg_grads=EMPTY, avg_nxgs=EMPTY, count=1),
+                     dict(clip_radius=float("inf"), bias_correction=1.0, step=2 ** 33 + 1)],
 }
 
 
