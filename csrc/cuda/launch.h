@@ -15,8 +15,9 @@ namespace cuda {
 
 // Elements per chunk; one thread block handles one chunk of one tensor (as apex / ATen).
 constexpr int64_t kChunkSize = 65536;
-// Most tensor lists one phase touches (bsam_update_: params, grads, backups, s, gm, accums).
-constexpr int kMaxLists = 6;
+// Most tensor lists one phase touches (ivon_update_: params, grads, backups, h, gm and the two
+// running means).
+constexpr int kMaxLists = 7;
 
 // Parameter dtype of one group.  State lists (momentum, exp_avg, precision, ...) are stored in the
 // op-math type: float64 for float64 parameters, float32 otherwise (reference.py `opmath`).
@@ -30,7 +31,7 @@ struct Group {
   ParamType param = ParamType::kFloat;
   int64_t count = 0;
   const int64_t* numel = nullptr;
-  void* const* lists[kMaxLists] = {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+  void* const* lists[kMaxLists] = {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
   const uint32_t* tags = nullptr;  // per tensor (bsam_noise_: param_ids), may be nullptr
 };
 

@@ -29,7 +29,7 @@ SK_HD M ivon_running_mean(M avg, M x, M count) {
   return avg + (x - avg) / count;
 }
 
-// ivon_update_ (lines 5-8) with gbar, nxg the means over the step's samples:
+// ivon_update_ (lines 4-8) with gbar, nxg the means over the step's samples:
 //   gm <- beta1 gm + (1 - beta1) gbar
 //   f = nxg (h + delta) lambda;  h <- beta2 h + (1 - beta2) f + (1 - beta2)^2 / 2 (h - f)^2 / (h + delta)
 //   m <- m - lr clip((gm / bc + delta m) / (h + delta), -c, c)

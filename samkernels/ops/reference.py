@@ -440,7 +440,7 @@ def ivon_accumulate_(params: List[Tensor], grads: List[Tensor], backups: List[Te
                      hessians: List[Tensor], avg_grads: List[Tensor], avg_nxgs: List[Tensor],
                      param_ids: List[int], seed: int, step: int, ess: float, weight_decay: float,
                      count: int, found_inf: Optional[Tensor] = None) -> None:
-    """Alg. 1 lines 3-4 for sample ``count`` of a step with more than one: with g the gradient at
+    """Alg. 1 lines 2-3 for sample ``count`` of a step with more than one: with g the gradient at
     theta = m + sigma z (z regenerated from (seed, step), the counter of its ``ivon_noise_``),
     running means over the samples (Welford; ``count`` = 1 starts them):
 
@@ -474,7 +474,7 @@ def ivon_update_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor
                  ess: float, weight_decay: float, beta1: float, beta2: float, clip_radius: float,
                  bias_correction: float, count: int,
                  found_inf: Optional[Tensor] = None) -> None:
-    """Alg. 1 lines 3-8 with the last sample's gradient g at theta = m + sigma z (z regenerated
+    """Alg. 1 lines 2-8 with the last sample's gradient g at theta = m + sigma z (z regenerated
     from (seed, step)), averaged into the running means of the earlier ``count - 1`` samples
     (``avg_grads``, ``avg_nxgs``; empty for one sample a step, ``count`` = 1):
 

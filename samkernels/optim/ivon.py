@@ -5,8 +5,8 @@ Posterior q(theta) = N(m, diag(sigma^2)), sigma^2 = 1 / (lambda (h + delta)); th
 mean m.  Per step ``mc_samples`` = S samples theta_k = m + sigma z_k, each a forward/backward, and
 three fused ops per parameter group:
   ``noise_step``       line 2:     theta = m + sigma z          (Philox noise from seed + counter)
-  ``accumulate_step``  lines 3-4:  running means of g and of g sigma z over samples 1 .. S-1; w <- m
-  ``second_step``      lines 3-8:  the last sample joins the means; momentum, Hessian and mean
+  ``accumulate_step``  lines 2-3:  running means of g and of g sigma z over samples 1 .. S-1; w <- m
+  ``second_step``      lines 2-8:  the last sample joins the means; momentum, Hessian and mean
                                    update; w <- m
 z is never stored: each gradient phase regenerates it from the counter of its sample.
 """
@@ -219,7 +219,7 @@ class IVON(PosteriorSampler, TwoPassOptimizer):
 
     @torch.no_grad()
     def accumulate_step(self, zero_grad: bool = False, *, scaler=None) -> None:
-        """Lines 3-4 for a sample before the last (mc_samples > 1): its g and g sigma z (z
+        """Lines 2-3 for a sample before the last (mc_samples > 1): its g and g sigma z (z
         regenerated) join the step's running means; w <- m.  inf/NaN gradients skip the whole
         step: back to the mean, later samples draw nothing and ``second_step`` finishes it."""
         self._check_sample("accumulate_step", last=False)
@@ -256,7 +256,7 @@ class IVON(PosteriorSampler, TwoPassOptimizer):
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False, *, scaler=None) -> None:
-        """Lines 3-8 with the last sample's gradient now in ``.grad``: momentum, Hessian and mean
+        """Lines 2-8 with the last sample's gradient now in ``.grad``: momentum, Hessian and mean
         update, w <- m.  A skipped step (inf/NaN in any sample) only restores the mean."""
         if self.skip_pending:
             self._abandon_step()
