@@ -121,8 +121,9 @@ def bench(workload, shape, mc, rounds, steps):
     rows = []
     for kind in kinds:
         ratio = [a / b for a, b in zip(ref, cpu[kind])]
-        rows.append(f"| {workload} | {shape} | {mc} | {kind} | {1e3 * statistics.median(cpu[kind]):.3f} "
-                    f"({1e3 * min(cpu[kind]):.3f}-{1e3 * max(cpu[kind]):.3f}) | "
+        ms = [1e3 * c for c in cpu[kind]]
+        rows.append(f"| {workload} | {shape} | {mc} | {kind} | {statistics.median(ms):.3f} "
+                    f"({min(ms):.3f}-{max(ms):.3f}) | "
                     f"{statistics.median(ratio):.2f} ({min(ratio):.2f}-{max(ratio):.2f}) |")
     return rows
 
@@ -134,8 +135,9 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, samkernels {samkernels.__version__}, ivon-opt "
-          f"{importlib.metadata.version('ivon-opt')}, {platform.processor() or platform.machine()}, "
+    peer = importlib.metadata.version("ivon-opt")
+    print(f"torch {torch.__version__}, samkernels {samkernels.__version__}, ivon-opt {peer}, "
+          f"{platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}; {args.rounds} "
           f"interleaved rounds of {args.steps} steps; load average before: "
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")

@@ -157,7 +157,8 @@ def test_equals_ivon_opt_over_50_steps(dtype, mc_samples, backend, monkeypatch):
     assert not torch.allclose(a[0].weight, net(dtype)[0].weight, rtol=0, atol=1e-3)
 
 
-@pytest.mark.parametrize("clip_radius,rescale_lr,debias", [(0.02, False, False), (1e-3, True, True)])
+@pytest.mark.parametrize("clip_radius,rescale_lr,debias",
+                         [(0.02, False, False), (1e-3, True, True)])
 def test_equals_ivon_opt_with_clipping_and_flags(clip_radius, rescale_lr, debias, monkeypatch):
     """clip_radius (small enough to clip), rescale_lr and debias off / on: still ivon-opt's run."""
     kw = dict(clip_radius=clip_radius, rescale_lr=rescale_lr, debias=debias)
@@ -195,7 +196,8 @@ def test_same_predictive_as_ivon_opt(dtype, monkeypatch):
 
 # --- optimizer conventions ---------------------------------------------------------------------
 def run(opt, model, t0, t1, dtype=F64, poison=None):
-    """Steps t0 .. t1-1 with step(closure); ``poison``: (step, sample) whose gradient gets an inf."""
+    """Steps t0 .. t1-1 with step(closure); ``poison``: (step, sample) whose gradient gets an
+    inf."""
     for t in range(t0, t1):
         x, y = batch(t, dtype)
         calls = []
@@ -423,8 +425,9 @@ def test_ops_reject_a_count_without_means(backend):
     """ivon_update_ with count > 1 and no running means (the earlier samples would be lost), or a
     count below 1: an error naming the argument on every backend."""
     p = [torch.zeros(3)]
-    args = lambda c, avg: (p, [torch.ones(3)], [torch.zeros(3)], [torch.ones(3)], [torch.zeros(3)],  # noqa
-                           avg, avg, [0], 1, 0, 0.1, 10.0, 0.0, 0.9, 0.99, math.inf, 1.0, c)
+    def args(count, avg):
+        return (p, [torch.ones(3)], [torch.zeros(3)], [torch.ones(3)], [torch.zeros(3)], avg, avg,
+                [0], 1, 0, 0.1, 10.0, 0.0, 0.9, 0.99, math.inf, 1.0, count)
     with pytest.raises((ValueError, RuntimeError), match="count=2 needs avg_grads"):
         samkernels.ops.ivon_update_(*args(2, []), backend=backend)
     with pytest.raises((ValueError, RuntimeError), match="count numbers the samples"):
