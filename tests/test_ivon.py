@@ -422,8 +422,9 @@ def test_errors_name_the_argument(kw, name):
 @pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=pytest.mark.skipif(
     not has_extension(), reason="samkernels._C is not built")), "triton"])
 def test_ops_reject_a_count_without_means(backend):
-    """ivon_update_ with count > 1 and no running means (the earlier samples would be lost), or a
-    count below 1: an error naming the argument on every backend."""
+    """ivon_update_ with count > 1 and no running means (the earlier samples would be lost), one
+    mean list without the other, or a count below 1: an error naming the argument on every
+    backend."""
     p = [torch.zeros(3)]
     def args(count, avg):
         return (p, [torch.ones(3)], [torch.zeros(3)], [torch.ones(3)], [torch.zeros(3)], avg, avg,
@@ -432,6 +433,10 @@ def test_ops_reject_a_count_without_means(backend):
         samkernels.ops.ivon_update_(*args(2, []), backend=backend)
     with pytest.raises((ValueError, RuntimeError), match="count numbers the samples"):
         samkernels.ops.ivon_update_(*args(0, []), backend=backend)
+    half = list(args(2, [torch.zeros(3)]))
+    half[6] = []  # avg_grads without avg_nxgs
+    with pytest.raises((ValueError, RuntimeError), match="avg_grads has 1 tensors but avg_nxgs"):
+        samkernels.ops.ivon_update_(*half, backend=backend)
     with pytest.raises((ValueError, RuntimeError), match="count numbers the samples"):
         samkernels.ops.ivon_accumulate_(p, [torch.ones(3)], [torch.zeros(3)], [torch.ones(3)],
                                         [torch.zeros(3)], [torch.zeros(3)], [0], 1, 0, 10.0, 0.0,

@@ -488,6 +488,9 @@ def ivon_update_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor
     ``lr`` is the step size as taken (the optimizer's lr times h0 + delta when it rescales), and
     ``bias_correction`` = 1 - beta1^t (or 1)."""
     _ivon_count_check("ivon_update_", count, bool(avg_grads) or not params)
+    if len(avg_grads) != len(avg_nxgs):
+        raise ValueError(f"ivon_update_: avg_grads has {len(avg_grads)} tensors but avg_nxgs has "
+                         f"{len(avg_nxgs)}")
     if skipped(found_inf):
         return copy_all_(params, backups)
     for i, (p, g, b, h, gm, pid) in enumerate(zip(params, grads, backups, hessians, momenta,

@@ -205,6 +205,9 @@ def ivon_update_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor
                  found_inf: Optional[Tensor] = None) -> None:
     averaged = len(avg_grads) > 0
     _check_count("ivon_update_", count, averaged or not params)
+    if len(avg_grads) != len(avg_nxgs):
+        raise ValueError(f"ivon_update_: avg_grads has {len(avg_grads)} tensors but avg_nxgs has "
+                         f"{len(avg_nxgs)}")
     # host scalars in double (1 - beta, (1 - beta2)^2 / 2), as the reference forms them
     mt.launch(OPS["ivon_update_"], _update_kernel,
               [params, grads, backups, hessians, momenta, avg_grads if averaged else None,
