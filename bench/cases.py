@@ -122,7 +122,7 @@ fused_bsam = _fused(lambda ps, nf: BSAM(ps, lr=1e-3, num_data=50_000, rho=0.01, 
 
 
 def _family():
-    from samkernels.optim import MFVI, BiSAM, EBiSAM, RandomSAM, VariationalSAM
+    from samkernels.optim import IVON, MFVI, BiSAM, EBiSAM, RandomSAM, VariationalSAM
     return {
         "bisam": _fused(lambda ps, nf: BiSAM(ps, lr=1e-3, rho=0.05, momentum=0.9, weight_decay=5e-4,
                                              nonfinite=nf),
@@ -138,6 +138,8 @@ def _family():
         "vsam": _fused(lambda ps, nf: VariationalSAM(ps, lr=1e-3, num_data=50_000, momentum=0.9,
                                                      nonfinite=nf),
                        ["first_step", "second_step"]),
+        "ivon": _fused(lambda ps, nf: IVON(ps, lr=0.1, ess=50_000, seed=0, nonfinite=nf),
+                       ["noise_step", "second_step"]),
     }
 
 
@@ -320,5 +322,8 @@ BYTES_PER_PHASE = {
     # VSAM: reduction (read g, var) 8 + perturb + var step (read w, g, var; write backup, w, var) 24;
     # restore/update 20
     "vsam": {"first_step": 32, "second_step": 20},
+    # IVON (one sample): noise (read w, h; write backup, w) 16 + update (read g, backup, h, gm;
+    # write w, h, gm) 28
+    "ivon": {"noise_step": 16, "second_step": 28},
 }
 BYTES_PER_ELEMENT = {algo: sum(ph.values()) for algo, ph in BYTES_PER_PHASE.items()}

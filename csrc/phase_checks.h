@@ -48,4 +48,12 @@ inline void check_adam_step(const char* op, int64_t step) {
   TORCH_CHECK(step >= 1, op, ": step counts from 1, got ", step);
 }
 
+// ivon_accumulate_ / ivon_update_: ``count`` numbers the samples of a step from 1; from the
+// second on, the running means of the earlier ones are needed.
+inline void check_ivon_count(const char* op, int64_t count, bool has_means) {
+  TORCH_CHECK(count >= 1, op, ": count numbers the samples of a step from 1, got ", count);
+  TORCH_CHECK(count == 1 || has_means, op, ": count=", count,
+              " needs avg_grads and avg_nxgs (the running means of the earlier samples)");
+}
+
 }  // namespace samkernels

@@ -76,7 +76,8 @@ F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float1
 EMPTY = "empty"  # as a case's value for an optional list (role state?): pass it empty
 # state lists that may take either sign; the others (precisions, second moments, variances,
 # accumulators) hold positive values
-SIGNED_STATE = ("momentum_bufs", "exp_avgs", "momenta", "saved", "outs")
+SIGNED_STATE = ("momentum_bufs", "exp_avgs", "momenta", "saved", "outs", "avg_grads",
+                "avg_nxgs")
 PARAM_DTYPE_ROLES = ("param", "grad", "backup")
 
 

@@ -172,6 +172,16 @@ MUTATIONS: List[Mutation] = [
          "if (pl.skip()) return;\n  pl.run([&](const auto& v) {\n"
          "    SK_CHUNK_TYPES(v);\n    const auto maths = math::BsamPerturb")],
         ["test_contract.py"], k="bsam_perturb_ and cpu"),
+    oracle_bug("ivon mean step divides by the old h (spec)", REF, "ivon_update_",
+               "/ (h_new + weight_decay),", "/ (hh + weight_decay),"),
+    oracle_bug("ivon Hessian estimate without delta (triton)", TRI + "ivon.py", "ivon_update_",
+               "f = nxg * hd * ess", "f = nxg * hh * ess"),
+    oracle_bug("ivon running mean over count - 1 (cpu)", "csrc/math/ivon.h", "ivon",
+               "return avg + (x - avg) / count;", "return avg + (x - avg) / (count - M(1));"),
+    Mutation("ivon samples of a step share one noise draw (optimizer)", [
+        ("samkernels/optim/ivon.py", 'step = self._sample["start"] + k\n',
+         'step = self._sample["start"]\n')],
+        ["test_ivon.py"], k="50_steps and reference and fp64-2"),
 ]
 
 

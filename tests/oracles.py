@@ -586,6 +586,96 @@ def case_samv_restore_adam_(dtype, path, gen):
         expect["outs"] = outs
     # exp_avg: the mix of two fp32 terms may cancel to ~1e-4 (absolute error ~ ulp of the terms)
     return Case(args, expect, tol={"exp_avgs": dict(rtol=2e-6, atol=2e-7), "exp_avg_sqs": REL})
+# --- IVON (docs/spec.md "IVON"; Shen et al. 2024, Alg. 1) ----------------------------------------
+# Written as the paper states it: sigma^2 = 1 / (lambda (h + delta)), theta = m + sigma z,
+# h_hat = g (theta - m) / sigma^2 averaged over the samples (plain means, not running ones).
+IVON = dict(ess=40.0, wd=1e-2, beta1=0.9, beta2=0.95, lr=0.05, bc=1 - 0.9 ** 3)
+
+
+def _ivon_sigma(h, ess, wd):
+    return [1.0 / torch.sqrt(ess * (x + wd)) for x in h]
+
+
+def case_ivon_noise_(dtype, path, gen):
+    """Line 2: backup <- m; w <- theta = m + sigma z, sigma = (lambda (h + delta))^-1/2; ``path``
+    is the noise step."""
+    step = int(path)
+    p, h = rand(gen, dtype), rand(gen, _state_dt(dtype), 0.1, 3.0)
+    b = [torch.zeros_like(t) for t in p]
+    k = IVON
+    z = [normals(SEED, step, pid, t.numel()).view(t.shape) for pid, t in zip(IDS, p)]
+    sig = _ivon_sigma(d(h), k["ess"], k["wd"])
+    args = dict(params=p, backups=b, hessians=h, param_ids=IDS, seed=SEED, step=step,
+                ess=k["ess"], weight_decay=k["wd"])
+    return Case(args, {"params": [w + s * zz for w, s, zz in zip(d(p), sig, z)], "backups": d(p)},
+                tol=NOISY)
+
+
+def _ivon_sample(step, p, g, h, ess, wd):
+    """One sample's (g, h_hat = g (theta - m) / sigma^2) with theta - m = sigma z."""
+    z = [normals(SEED, step, pid, t.numel()).view(t.shape) for pid, t in zip(IDS, p)]
+    sig = _ivon_sigma(h, ess, wd)
+    return [y * (s * zz) / s ** 2 for y, s, zz in zip(g, sig, z)]
+
+
+def case_ivon_accumulate_(dtype, path, gen):
+    """Sample ``count`` of a step: the running means of g and of g sigma z become the plain means
+    over the samples so far (the earlier ones given as their mean, times count - 1); w <- m."""
+    step = 2 ** 32 + 9
+    first = path == "first"
+    count = 1 if first else 3
+    p, g, b = rand(gen, dtype), rand(gen, dtype), rand(gen, dtype)
+    sdt = _state_dt(dtype)
+    h = rand(gen, sdt, 0.1, 3.0)
+    ag, an = rand(gen, sdt), rand(gen, sdt)
+    k = IVON
+    args = dict(params=p, grads=g, backups=b, hessians=h, avg_grads=ag, avg_nxgs=an,
+                param_ids=IDS, seed=SEED, step=step, ess=k["ess"], weight_decay=k["wd"],
+                count=count, found_inf=_flag(path))
+    if path.endswith("skip"):
+        return Case(args, _skipped_update(args, ["avg_grads", "avg_nxgs"]))
+    gg, hh = d(g), d(h)
+    hhat = _ivon_sample(step, p, gg, hh, k["ess"], k["wd"])
+    nxg = [x / (k["ess"] * (y + k["wd"])) for x, y in zip(hhat, hh)]  # g sigma z = h_hat sigma^2
+    mean = lambda old, new: [(o * (count - 1) + n) / count for o, n in zip(old, new)]  # noqa
+    return Case(args, {"params": d(b), "avg_grads": mean(d(ag), gg),
+                       "avg_nxgs": mean(d(an), nxg)}, tol=NOISY)
+
+
+def case_ivon_update_(dtype, path, gen):
+    """Lines 3-8: g and h_hat averaged over the step's samples (the last one here, the earlier
+    given as their means of g and g sigma z); gm <- beta1 gm + (1 - beta1) g;
+    h <- beta2 h + (1 - beta2) h_hat + (1 - beta2)^2 / 2 (h - h_hat)^2 / (h + delta);
+    m <- m - lr clip((gm / bc + delta m) / (h + delta), -c, c); w <- m."""
+    step = 2 ** 33 + 5
+    count = 1 if path == "one" else 2
+    p, g, b = rand(gen, dtype), rand(gen, dtype), rand(gen, dtype)
+    sdt = _state_dt(dtype)
+    h, gm = rand(gen, sdt, 0.1, 3.0), rand(gen, sdt)
+    ag, an = (rand(gen, sdt), rand(gen, sdt)) if count > 1 else ([], [])
+    k = IVON
+    clip = 0.3 if path == "clip" else math.inf
+    args = dict(params=p, grads=g, backups=b, hessians=h, momenta=gm, avg_grads=ag, avg_nxgs=an,
+                param_ids=IDS, seed=SEED, step=step, lr=k["lr"], ess=k["ess"],
+                weight_decay=k["wd"], beta1=k["beta1"], beta2=k["beta2"], clip_radius=clip,
+                bias_correction=k["bc"], count=count, found_inf=_flag(path))
+    if path.endswith("skip"):
+        return Case(args, _skipped_update(args, ["hessians", "momenta"]))
+    m, gg, hh, ess, wd = d(b), d(g), d(h), k["ess"], k["wd"]
+    hhat = _ivon_sample(step, p, gg, hh, ess, wd)
+    if count > 1:  # the earlier sample's h_hat = its g sigma z / sigma^2
+        hhat = [(x * ess * (y + wd) + n) / 2 for x, y, n in zip(d(an), hh, hhat)]
+        gg = [(a + y) / 2 for a, y in zip(d(ag), gg)]
+    mom = [k["beta1"] * q + (1 - k["beta1"]) * y for q, y in zip(d(gm), gg)]
+    b2 = k["beta2"]
+    h_new = [b2 * x + (1 - b2) * e + 0.5 * (1 - b2) ** 2 * (x - e) ** 2 / (x + wd)
+             for x, e in zip(hh, hhat)]
+    step_ = [torch.clamp((q / k["bc"] + wd * w) / (x + wd), -clip, clip)
+             for q, w, x in zip(mom, m, h_new)]
+    if path == "clip":
+        assert any(bool((s.abs() == clip).any()) for s in step_), "no entry clipped"
+    return Case(args, {"params": [w - k["lr"] * s for w, s in zip(m, step_)], "hessians": h_new,
+                       "momenta": mom}, tol=NOISY)
 
 
 _STEPS = [str(s) for s in GOLDEN_STEPS]
@@ -609,6 +699,9 @@ PATHS: Dict[str, tuple] = {
     "samv_perturb_": SAMV_PERTURB_PATHS,
     "samv_restore_sgd_": SAMV_SGD_PATHS,
     "samv_restore_adam_": SAMV_ADAM_PATHS,
+    "ivon_noise_": tuple(_STEPS),
+    "ivon_accumulate_": ("first", "third", "third-finite", "third-skip"),
+    "ivon_update_": ("one", "two", "clip", "two-finite", "two-skip"),
 }
 BUILDERS: Dict[str, Callable] = {name: globals()[f"case_{name}"] for name in PATHS}
 
@@ -684,6 +777,17 @@ CASES: Dict[str, List[dict]] = {
                            dict(step=1, outs=EMPTY, decoupled=False),
                            dict(weight_decay=1e-2, decoupled=False,
                                 coeffs=[0.0, 1.0, -0.03, 0.03, 0.0, 0.0])],
+    "ivon_noise_": [dict(seed=CASE_SEED, step=5, ess=50.0, weight_decay=1e-2),
+                    dict(seed=0, step=2 ** 40 + 3, weight_decay=0.0)],
+    # count 1 starts the running means, a later count updates them
+    "ivon_accumulate_": [dict(seed=CASE_SEED, step=6, ess=50.0, weight_decay=1e-2, count=3),
+                         dict(count=1, step=2 ** 33 + 1)],
+    # clip_radius inside the steps' range: some entries clipped, not all
+    "ivon_update_": [dict(seed=CASE_SEED, step=7, lr=0.05, ess=50.0, weight_decay=1e-2,
+                          beta1=0.9, beta2=0.99, clip_radius=0.5, bias_correction=0.271,
+                          count=2),
+                     dict(avg_grads=EMPTY, avg_nxgs=EMPTY, count=1),
+                     dict(clip_radius=float("inf"), bias_correction=1.0, step=2 ** 33 + 1)],
 }
 
 

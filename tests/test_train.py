@@ -52,7 +52,7 @@ def test_loss_goes_down(name):
     losses = r["history"]["train_loss"]
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[0], losses
-    if name in ("bsam", "mfvi", "vsam"):
+    if name in ("bsam", "mfvi", "vsam", "ivon"):
         pred = r["predictors"]["predictive"]
         assert pred["samples"] == 4 and math.isfinite(pred["metrics"]["nll"])
 

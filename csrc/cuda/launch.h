@@ -16,7 +16,7 @@ namespace cuda {
 // Elements per chunk; one thread block handles one chunk of one tensor (as apex / ATen).
 constexpr int64_t kChunkSize = 65536;
 // Most tensor lists one phase touches (samv_restore_adam_: params, grads, backups, saved,
-// exp_avgs, exp_avg_sqs, outs).
+// exp_avgs, exp_avg_sqs, outs; ivon_update_: params, grads, backups, h, gm, two running means).
 constexpr int kMaxLists = 7;
 
 // Parameter dtype of one group.  State lists (momentum, exp_avg, precision, ...) are stored in the

@@ -47,7 +47,7 @@ class Arg:
 @dataclass(frozen=True)
 class OpSpec:
     name: str
-    family: str                  # sam | bsam | vi | ebisam | samv | loss
+    family: str                  # sam | bsam | vi | ebisam | samv | ivon | loss
     args: Tuple[Arg, ...]
     returns: str                 # "()" or a schema return type
     reference: str               # "module:function" of the float64 executable spec (the

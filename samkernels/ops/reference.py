@@ -527,3 +527,113 @@ def samv_restore_adam_(params: List[Tensor], grads: List[Tensor], backups: List[
             outs[i].copy_(_samv_mix(c, gg, ss, 4))
         denom = (v_new.sqrt() / bc2_sqrt).add_(eps)
         p.copy_(w.addcdiv_(m_new, denom, value=-(lr / bc1)).add_(_samv_mix(c, gg, ss, 2)))
+# IVON (Shen et al. 2024, "Variational Learning is Effective for Large Deep Networks", Alg. 1;
+# docs/spec.md "IVON")
+# ---------------------------------------------------------------------------------------------
+def _ivon_noise(h: Tensor, z: Tensor, ess: float, weight_decay: float) -> Tensor:
+    """sigma z = z / sqrt(lambda (h + delta)): the noise of the posterior q = N(m, 1 / (lambda (h
+    + delta)))."""
+    return z / torch.sqrt(ess * (h + weight_decay))
+
+
+def _ivon_count_check(op_name: str, count: int, has_means: bool = True) -> None:
+    """``count`` numbers the samples of a step from 1; from the second on, the running means of
+    the earlier ones are needed (``has_means``: given, or no parameters at all)."""
+    if count < 1:
+        raise ValueError(f"{op_name}: count numbers the samples of a step from 1, got {count}")
+    if count > 1 and not has_means:
+        raise ValueError(f"{op_name}: count={count} needs avg_grads and avg_nxgs (the running "
+                         "means of the earlier samples)")
+
+
+@op("ivon", NOISED, L("hessians", "state"), IDS_SEED_STEP, floats("ess", "weight_decay"))
+def ivon_noise_(params: List[Tensor], backups: List[Tensor], hessians: List[Tensor],
+                param_ids: List[int], seed: int, step: int, ess: float,
+                weight_decay: float) -> None:
+    """Alg. 1 line 2: backup <- m;  w <- theta = m + z / sqrt(lambda (h + delta)),
+    z = philox_normal(seed, step, param_id)."""
+    for p, b, h, pid in zip(params, backups, hessians, param_ids):
+        b.copy_(p)
+        m = p.to(opmath(p))
+        z = philox_normal(seed, step, pid, p.numel(), p.device, m.dtype).view(p.shape)
+        p.copy_(m + _ivon_noise(h.to(m.dtype), z, ess, weight_decay))
+
+
+@op("ivon", UPDATED, L("hessians", "state"), L("avg_grads", "state", True),
+    L("avg_nxgs", "state", True), IDS_SEED_STEP, floats("ess", "weight_decay"),
+    Arg("count", INT), FOUND_INF)
+def ivon_accumulate_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
+                     hessians: List[Tensor], avg_grads: List[Tensor], avg_nxgs: List[Tensor],
+                     param_ids: List[int], seed: int, step: int, ess: float, weight_decay: float,
+                     count: int, found_inf: Optional[Tensor] = None) -> None:
+    """Alg. 1 lines 2-3 for sample ``count`` of a step with more than one: with g the gradient at
+    theta = m + sigma z (z regenerated from (seed, step), the counter of its ``ivon_noise_``),
+    running means over the samples (Welford; ``count`` = 1 starts them):
+
+      gbar <- gbar + (g - gbar) / count;   nxg <- nxg + (sigma z g - nxg) / count;   w <- m.
+    """
+    _ivon_count_check("ivon_accumulate_", count)
+    if skipped(found_inf):
+        return copy_all_(params, backups)
+    for p, g, b, h, ag, an, pid in zip(params, grads, backups, hessians, avg_grads, avg_nxgs,
+                                       param_ids):
+        gg = g.to(opmath(p))
+        z = philox_normal(seed, step, pid, p.numel(), p.device, gg.dtype).view(p.shape)
+        nxg = _ivon_noise(h.to(gg.dtype), z, ess, weight_decay) * gg
+        if count == 1:
+            ag.copy_(gg)
+            an.copy_(nxg)
+        else:
+            a0, n0 = ag.to(gg.dtype), an.to(gg.dtype)
+            ag.copy_(a0 + (gg - a0) / count)
+            an.copy_(n0 + (nxg - n0) / count)
+        p.copy_(b)
+
+
+@op("ivon", UPDATED, L("hessians", "state", True), L("momenta", "state", True),
+    L("avg_grads", "state?"), L("avg_nxgs", "state?"), IDS_SEED_STEP,
+    floats("lr", "ess", "weight_decay", "beta1", "beta2", "clip_radius", "bias_correction"),
+    Arg("count", INT), FOUND_INF)
+def ivon_update_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
+                 hessians: List[Tensor], momenta: List[Tensor], avg_grads: List[Tensor],
+                 avg_nxgs: List[Tensor], param_ids: List[int], seed: int, step: int, lr: float,
+                 ess: float, weight_decay: float, beta1: float, beta2: float, clip_radius: float,
+                 bias_correction: float, count: int,
+                 found_inf: Optional[Tensor] = None) -> None:
+    """Alg. 1 lines 2-8 with the last sample's gradient g at theta = m + sigma z (z regenerated
+    from (seed, step)), averaged into the running means of the earlier ``count - 1`` samples
+    (``avg_grads``, ``avg_nxgs``; empty for one sample a step, ``count`` = 1):
+
+      gbar = mean of g;  nxg = mean of sigma z g
+      gm <- beta1 gm + (1 - beta1) gbar
+      f  = nxg (h + delta) lambda                         (= mean of g z / sigma)
+      h  <- beta2 h + (1 - beta2) f + (1 - beta2)^2 / 2 (h - f)^2 / (h + delta)
+      m  <- m - lr clip((gm / bias_correction + delta m) / (h + delta), -clip_radius, clip_radius)
+      w  <- m.
+
+    ``lr`` is the step size as taken (the optimizer's lr times h0 + delta when it rescales), and
+    ``bias_correction`` = 1 - beta1^t (or 1)."""
+    _ivon_count_check("ivon_update_", count, bool(avg_grads) or not params)
+    if len(avg_grads) != len(avg_nxgs):
+        raise ValueError(f"ivon_update_: avg_grads has {len(avg_grads)} tensors but avg_nxgs has "
+                         f"{len(avg_nxgs)}")
+    if skipped(found_inf):
+        return copy_all_(params, backups)
+    for i, (p, g, b, h, gm, pid) in enumerate(zip(params, grads, backups, hessians, momenta,
+                                                  param_ids)):
+        m, gg, hh = b.to(opmath(p)), g.to(opmath(p)), h.to(opmath(p))
+        z = philox_normal(seed, step, pid, p.numel(), p.device, m.dtype).view(p.shape)
+        nxg = _ivon_noise(hh, z, ess, weight_decay) * gg
+        if avg_grads:
+            a0, n0 = avg_grads[i].to(m.dtype), avg_nxgs[i].to(m.dtype)
+            gg = a0 + (gg - a0) / count
+            nxg = n0 + (nxg - n0) / count
+        mom = beta1 * gm.to(m.dtype) + (1.0 - beta1) * gg
+        f = nxg * (hh + weight_decay) * ess
+        h_new = beta2 * hh + (1.0 - beta2) * f + \
+            (0.5 * (1.0 - beta2) ** 2) * (hh - f).square() / (hh + weight_decay)
+        step_ = torch.clamp((mom / bias_correction + weight_decay * m) / (h_new + weight_decay),
+                            -clip_radius, clip_radius)
+        gm.copy_(mom)
+        h.copy_(h_new)
+        p.copy_(m - lr * step_)

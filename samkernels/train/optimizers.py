@@ -51,6 +51,7 @@ class Entry:
     ascent_loss: bool = False              # first pass on optimizer.ascent_loss (BiSAM family)
     selection: bool = False                # second pass on a data selection (E-BiSAM's SDS)
     num_data: bool = False                 # constructor takes num_data (Bayesian methods)
+    ess: bool = False                      # constructor takes ess, the training-set size (IVON)
     seed: bool = False                     # constructor takes seed (noise of its own)
 
     def resolve(self) -> Tuple[type, Dict[str, Any]]:
@@ -109,6 +110,8 @@ REGISTRY: Dict[str, Entry] = {e.name: e for e in [
        defaults=dict(lr=0.1, momentum=0.9, rho=2.0)),
     _e("ebisam", "E-BiSAM", _SK, ["EBiSAM", "E_BiSAM"], passes=2, ascent_loss=True, selection=True,
        seed=True, defaults=dict(lr=0.1, momentum=0.9, rho=0.05, beta=0.5, sds_fraction=0.5)),
+    # IVON (Shen et al. 2024): ess = N, one posterior sample a step (mc_samples=1)
+    _e("ivon", "IVON", _SK, ["IVON"], ess=True, seed=True, defaults=dict(lr=0.1)),
 ]}
 ALIASES = {"sam-sgd": "sam", "samsgd": "sam", "samadam": "sam-adam", "b-sam": "bsam",
            "variationalsam": "vsam", "e-bisam": "ebisam", "a-bisam": "abisam",
@@ -130,7 +133,7 @@ def _constructor_keys(entry: Entry) -> Tuple[str, ...]:
     sig = inspect.signature(cls.__init__)
     names = [n for n, p in sig.parameters.items()
              if n not in ("self", "params") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    skip = set(fixed) | {"num_data", "seed"}
+    skip = set(fixed) | {"num_data", "seed"} | ({"ess"} if entry.ess else set())
     return tuple(n for n in names if n not in skip)
 
 
@@ -182,6 +185,8 @@ def build(entry: Entry, params: Iterable[torch.nn.Parameter], hp: Dict[str, Any]
     kwargs.update(fixed)
     if entry.num_data:
         kwargs["num_data"] = num_data
+    if entry.ess:
+        kwargs["ess"] = num_data
     if entry.seed:
         kwargs["seed"] = seed
     if "betas" in kwargs:

@@ -7,8 +7,8 @@ on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before t
 Each phase ``<name>`` is the op ``samkernels::triton_<name>``, defined from the table with the
 phase's own schema and generic fake (:mod:`samkernels.ops._library`), its implementation (CUDA,
 and CPU under the interpreter) the function ``<name>`` of the family's module (``sam``, ``bsam``,
-``vi``, ``ebisam``).  So ``torch.compile`` traces through a phase as one opaque, functionalised node
-instead of failing on the raw pointer tables.  Two things stay in the thin public function around
+``vi``, ``ebisam``, ``ivon``).  So ``torch.compile`` traces through a phase as one opaque,
+functionalised node instead of failing on the raw pointer tables.  Two things stay in the thin public function around
 the op, both derived from the table:
   * a phase returning its norm argument (``result == "norm"``: sam_perturb_, vsam_perturb_,
     ebisam_perturb_) returns the tensor it was given, as the reference does; an op may not return
@@ -20,7 +20,7 @@ the op, both derived from the table:
 
 ``found_inf`` (the gradient-consuming phases' optional last argument): a one-element tensor on the
 parameters' device; nonzero selects the op's skip form *in the kernels* (see sam / bsam / vi /
-ebisam), so passing it never syncs with the host.
+ebisam / ivon), so passing it never syncs with the host.
 """
 import ast
 import importlib

@@ -1,0 +1,258 @@
+// IVON phases (Shen et al. 2024, "Variational Learning is Effective for Large Deep Networks",
+// Alg. 1; docs/spec.md "IVON"; rows in samkernels/ops/reference.py).  The family's torch-facing
+// code: the CPU kernels and, in CUDA builds, the glue to the launch functions of cuda/ivon.cu.
+// Per-element maths: math/ivon.h (shared by both).  sigma z is never stored: the gradient phases
+// regenerate z from the (seed, step) of the sample's ivon_noise_.
+//   ivon_noise_       line 2:    backup <- m, w <- m + z / sqrt(lambda (h + delta))   (Philox)
+//   ivon_accumulate_  lines 2-3: running means of g and sigma z g over a step's samples, w <- m
+//   ivon_update_      lines 2-8: the last sample's g, momentum, Hessian and mean update, w <- m
+#include <torch/library.h>
+
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/multi_tensor.h"
+#include "cpu/normal_block.h"
+#include "math/ivon.h"
+#ifdef SAMKERNELS_WITH_CUDA
+#include "cuda/glue.h"
+#endif
+
+namespace samkernels {
+namespace {
+
+// Each phase's tensor lists with their roles, in its launch function's list order: stated once
+// for the CPU kernels and the CUDA glue.
+std::vector<ListArg> ivon_noise_lists(at::TensorList params, at::TensorList backups,
+                                      at::TensorList hessians) {
+  return {{"params", params, kP, W}, {"backups", backups, kP, W}, {"hessians", hessians, kS}};
+}
+
+std::vector<ListArg> ivon_accumulate_lists(at::TensorList params, at::TensorList grads,
+                                           at::TensorList backups, at::TensorList hessians,
+                                           at::TensorList avg_grads, at::TensorList avg_nxgs) {
+  return {{"params", params, kP, W},       {"grads", grads, kP},
+          {"backups", backups, kP},        {"hessians", hessians, kS},
+          {"avg_grads", avg_grads, kS, W}, {"avg_nxgs", avg_nxgs, kS, W}};
+}
+
+std::vector<ListArg> ivon_update_lists(at::TensorList params, at::TensorList grads,
+                                       at::TensorList backups, at::TensorList hessians,
+                                       at::TensorList momenta, at::TensorList avg_grads,
+                                       at::TensorList avg_nxgs) {
+  return {{"params", params, kP, W},
+          {"grads", grads, kP},
+          {"backups", backups, kP},
+          {"hessians", hessians, kS, W},
+          {"momenta", momenta, kS, W},
+          {"avg_grads", avg_grads, kS, false, Opt},
+          {"avg_nxgs", avg_nxgs, kS, false, Opt}};
+}
+
+// The two running means come together: both given or both empty.
+void check_ivon_means(const char* op, at::TensorList avg_grads, at::TensorList avg_nxgs) {
+  TORCH_CHECK(avg_grads.size() == avg_nxgs.size(), op, ": avg_grads has ", avg_grads.size(),
+              " tensors but avg_nxgs has ", avg_nxgs.size());
+}
+
+}  // namespace
+
+namespace cpu {
+namespace {
+
+void ivon_noise(at::TensorList params, at::TensorList backups, at::TensorList hessians,
+                at::IntArrayRef param_ids, int64_t seed, int64_t step, double ess,
+                double weight_decay) {
+  PhaseLists pl("ivon_noise_", ivon_noise_lists(params, backups, hessians), c10::nullopt,
+                param_ids, /*takes_ids=*/true);
+  pl.run([&](const auto& v) {
+    SK_CHUNK_TYPES(v);
+    noise_chunk(v, math::IvonNoise<opmath_t>::make(ess, weight_decay),
+                static_cast<uint64_t>(seed), static_cast<uint64_t>(step),
+                static_cast<uint32_t>(param_ids[v.tensor]));
+  });
+  pl.finish();
+}
+
+void ivon_accumulate(at::TensorList params, at::TensorList grads, at::TensorList backups,
+                     at::TensorList hessians, at::TensorList avg_grads, at::TensorList avg_nxgs,
+                     at::IntArrayRef param_ids, int64_t seed, int64_t step, double ess,
+                     double weight_decay, int64_t count,
+                     const c10::optional<at::Tensor>& found_inf) {
+  check_ivon_count("ivon_accumulate_", count, true);
+  PhaseLists pl("ivon_accumulate_",
+                ivon_accumulate_lists(params, grads, backups, hessians, avg_grads, avg_nxgs),
+                found_inf, param_ids, /*takes_ids=*/true);
+  if (pl.skip()) return copy_lists(params, backups);
+  pl.run([&](const auto& v) {
+    SK_CHUNK_TYPES(v);
+    const auto noise = math::IvonNoise<opmath_t>::make(ess, weight_decay);
+    const opmath_t n = static_cast<opmath_t>(count);
+    const bool first = count == 1;
+    scalar_t* wp = v.param(0);
+    const scalar_t* gp = v.param(1);
+    const scalar_t* bp = v.param(2);
+    const opmath_t* hp = v.state(3);
+    opmath_t* ap = v.state(4);
+    opmath_t* np = v.state(5);
+    // z: the noise of the ivon_noise_ call with the same (seed, step)
+    for_each_normal_run<opmath_t>(
+        static_cast<uint64_t>(seed), static_cast<uint64_t>(step),
+        static_cast<uint32_t>(param_ids[v.tensor]), v.begin, v.end,
+        [&](int64_t q, int len, const opmath_t* z) {
+          for (int k = 0; k < len; ++k) {
+            const int64_t i = q + k;
+            const opmath_t gi = static_cast<opmath_t>(gp[i]);
+            const opmath_t nxg = noise.sigma_z(hp[i], z[k]) * gi;
+            ap[i] = first ? gi : math::ivon_running_mean(ap[i], gi, n);
+            np[i] = first ? nxg : math::ivon_running_mean(np[i], nxg, n);
+            wp[i] = bp[i];  // back to the mean for the next sample
+          }
+        });
+  });
+  pl.finish();
+}
+
+void ivon_update(at::TensorList params, at::TensorList grads, at::TensorList backups,
+                 at::TensorList hessians, at::TensorList momenta, at::TensorList avg_grads,
+                 at::TensorList avg_nxgs, at::IntArrayRef param_ids, int64_t seed, int64_t step,
+                 double lr, double ess, double weight_decay, double beta1, double beta2,
+                 double clip_radius, double bias_correction, int64_t count,
+                 const c10::optional<at::Tensor>& found_inf) {
+  const bool averaged = !avg_grads.empty();
+  check_ivon_count("ivon_update_", count, averaged || params.empty());
+  check_ivon_means("ivon_update_", avg_grads, avg_nxgs);
+  PhaseLists pl("ivon_update_",
+                ivon_update_lists(params, grads, backups, hessians, momenta, avg_grads, avg_nxgs),
+                found_inf, param_ids, /*takes_ids=*/true);
+  if (pl.skip()) return copy_lists(params, backups);
+  pl.run([&](const auto& v) {
+    SK_CHUNK_TYPES(v);
+    const auto maths = math::IvonUpdate<opmath_t>::make(
+        lr, ess, weight_decay, beta1, beta2, clip_radius, bias_correction, count, averaged);
+    scalar_t* wp = v.param(0);
+    const scalar_t* gp = v.param(1);
+    const scalar_t* bp = v.param(2);
+    opmath_t* hp = v.state(3);
+    opmath_t* mp = v.state(4);
+    const opmath_t* ap = v.state(5);
+    const opmath_t* np = v.state(6);
+    for_each_normal_run<opmath_t>(
+        static_cast<uint64_t>(seed), static_cast<uint64_t>(step),
+        static_cast<uint32_t>(param_ids[v.tensor]), v.begin, v.end,
+        [&](int64_t q, int len, const opmath_t* z) {
+          for (int k = 0; k < len; ++k) {
+            const int64_t i = q + k;
+            const opmath_t m = static_cast<opmath_t>(bp[i]);
+            const opmath_t h = hp[i];
+            opmath_t gbar = static_cast<opmath_t>(gp[i]);
+            opmath_t nxg = maths.noise.sigma_z(h, z[k]) * gbar;
+            if (averaged) {
+              gbar = math::ivon_running_mean(ap[i], gbar, maths.count);
+              nxg = math::ivon_running_mean(np[i], nxg, maths.count);
+            }
+            const opmath_t gm = maths.momentum(mp[i], gbar);
+            const opmath_t h_new = maths.hessian(h, nxg);
+            mp[i] = gm;
+            hp[i] = h_new;
+            wp[i] = static_cast<scalar_t>(maths.mean(m, gm, h_new));
+          }
+        });
+  });
+  pl.finish();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(samkernels, CPU, m) {
+  m.impl("ivon_noise_", &ivon_noise);
+  m.impl("ivon_accumulate_", &ivon_accumulate);
+  m.impl("ivon_update_", &ivon_update);
+}
+
+}  // namespace cpu
+
+#ifdef SAMKERNELS_WITH_CUDA
+namespace cuda {
+
+// Launch functions of cuda/ivon.cu.  tags = param ids; z is the shared Philox normal of (seed,
+// step, param id, element).
+
+// ivon_noise_ (line 2): backup <- m, w <- m + z / sqrt(lambda (h + delta)).  Lists: 0 params,
+// 1 backups, 2 hessians.
+cudaError_t launch_ivon_noise(const Group& g, uint64_t seed, uint64_t step, double ess,
+                              double weight_decay, cudaStream_t stream);
+
+// ivon_accumulate_ (lines 2-3, sample `count` >= 1 of a step, z regenerated): running means of g
+// and sigma z g, w <- m.  Lists: 0 params, 1 grads, 2 backups, 3 hessians, 4 avg_grads,
+// 5 avg_nxgs.
+cudaError_t launch_ivon_accumulate(const Group& g, uint64_t seed, uint64_t step, double ess,
+                                   double weight_decay, int64_t count, const float* found_inf,
+                                   cudaStream_t stream);
+
+// ivon_update_ (lines 2-8, z regenerated).  Lists: 0 params, 1 grads, 2 backups, 3 hessians,
+// 4 momenta, 5 avg_grads, 6 avg_nxgs (5, 6 nullptr: one sample, count 1).
+cudaError_t launch_ivon_update(const Group& g, uint64_t seed, uint64_t step, double lr,
+                               double ess, double weight_decay, double beta1, double beta2,
+                               double clip_radius, double bias_correction, int64_t count,
+                               const float* found_inf, cudaStream_t stream);
+
+namespace {
+
+void ivon_noise_cuda(TensorList params, TensorList backups, TensorList hessians,
+                     at::IntArrayRef param_ids, int64_t seed, int64_t step, double ess,
+                     double weight_decay) {
+  PhaseLists pl("samkernels::ivon_noise_", ivon_noise_lists(params, backups, hessians),
+                /*logical_order=*/true, std::nullopt, param_ids, /*takes_ids=*/true);
+  pl.run([&](const Group& g) {
+    return launch_ivon_noise(g, static_cast<uint64_t>(seed), static_cast<uint64_t>(step), ess,
+                             weight_decay, pl.stream);
+  });
+}
+
+void ivon_accumulate_cuda(TensorList params, TensorList grads, TensorList backups,
+                          TensorList hessians, TensorList avg_grads, TensorList avg_nxgs,
+                          at::IntArrayRef param_ids, int64_t seed, int64_t step, double ess,
+                          double weight_decay, int64_t count,
+                          const std::optional<Tensor>& found_inf) {
+  check_ivon_count("samkernels::ivon_accumulate_", count, true);
+  // z is regenerated per element of the row-major order, as ivon_noise_ drew it
+  PhaseLists pl("samkernels::ivon_accumulate_",
+                ivon_accumulate_lists(params, grads, backups, hessians, avg_grads, avg_nxgs),
+                /*logical_order=*/true, found_inf, param_ids, /*takes_ids=*/true);
+  pl.run([&](const Group& g) {
+    return launch_ivon_accumulate(g, static_cast<uint64_t>(seed), static_cast<uint64_t>(step),
+                                  ess, weight_decay, count, pl.skip, pl.stream);
+  });
+}
+
+void ivon_update_cuda(TensorList params, TensorList grads, TensorList backups,
+                      TensorList hessians, TensorList momenta, TensorList avg_grads,
+                      TensorList avg_nxgs, at::IntArrayRef param_ids, int64_t seed, int64_t step,
+                      double lr, double ess, double weight_decay, double beta1, double beta2,
+                      double clip_radius, double bias_correction, int64_t count,
+                      const std::optional<Tensor>& found_inf) {
+  check_ivon_count("samkernels::ivon_update_", count, !avg_grads.empty() || params.empty());
+  check_ivon_means("samkernels::ivon_update_", avg_grads, avg_nxgs);
+  PhaseLists pl("samkernels::ivon_update_",
+                ivon_update_lists(params, grads, backups, hessians, momenta, avg_grads, avg_nxgs),
+                /*logical_order=*/true, found_inf, param_ids, /*takes_ids=*/true);
+  pl.run([&](const Group& g) {
+    return launch_ivon_update(g, static_cast<uint64_t>(seed), static_cast<uint64_t>(step), lr,
+                              ess, weight_decay, beta1, beta2, clip_radius, bias_correction,
+                              count, pl.skip, pl.stream);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(samkernels, CUDA, m) {
+  m.impl("ivon_noise_", &ivon_noise_cuda);
+  m.impl("ivon_accumulate_", &ivon_accumulate_cuda);
+  m.impl("ivon_update_", &ivon_update_cuda);
+}
+
+}  // namespace cuda
+#endif  // SAMKERNELS_WITH_CUDA
+}  // namespace samkernels
