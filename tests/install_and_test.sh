@@ -77,9 +77,10 @@ if [[ " $STACKS " == *" 2.13.0 "* ]]; then
   need_disk 3 "the torch 2.13.0 venv"
   log "torch 2.13.0: venv"
   rm -rf "$REPO/dist" "$REPO/build"
-  # ivon-opt: the reference IVON that tests/test_ivon.py checks samkernels.optim.IVON against
+  # the peers the tests compare with: ivon-opt (tests/test_ivon.py), pytorch_optimizer
+  # (tests/test_sam_variants.py)
   make_venv "$VENV" 2.13.0 pytest-benchmark triton mnist1d scikit-learn matplotlib tqdm \
-    lightning transformers accelerate ivon-opt==0.1.3
+    lightning transformers accelerate ivon-opt==0.1.3 pytorch_optimizer==4.1.0
   log "torch 2.13.0: build + install"
   build_and_install "$VENV" "$REPO/dist"
   log "torch 2.13.0: the whole suite"

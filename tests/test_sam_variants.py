@@ -267,7 +267,8 @@ def test_gsam_alpha_zero_is_sam_and_looksam_k1_is_sam():
 
 
 # --- pytorch_optimizer ---------------------------------------------------------------------------
-po = pytest.importorskip("pytorch_optimizer")
+# a test requirement (tests/install_and_test.sh installs it): missing, the module fails to import
+import pytorch_optimizer as po  # noqa: E402
 from pytorch_optimizer.optimizer import sam as po_sam  # noqa: E402
 
 
