@@ -524,3 +524,25 @@ def test_looksam_steps_alternate_and_take_one_pass_between():
         opt.step(closure)
     per_step = [[a for s, a in seen if s == t] for t in range(6)]
     assert per_step == [[True, False], [False], [False], [True, False], [False], [False]]
+
+
+def test_looksam_one_pass_steps_update_batchnorm_statistics():
+    """With ``freeze_bn``, BatchNorm keeps its running statistics in the pass at w + e only: the
+    one pass of a reuse step is at w itself and updates them, as a full step's first pass does."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Tanh(),
+                                torch.nn.Linear(6, 3))
+    opt = LookSAM(model.parameters(), lr=0.05, k=3, freeze_bn=model)
+    bn = model[1]
+    for t in range(3):  # one full step, then two reuse steps
+        x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+        before = bn.running_mean.clone()
+        passes = []
+
+        def closure(ascent):
+            passes.append(ascent)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+        opt.step(closure)
+        assert not torch.equal(bn.running_mean, before), t
+        assert passes == ([True, False] if t == 0 else [False])

@@ -89,9 +89,9 @@ def test_msharpness(name, monkeypatch):
     calls = []  # (batch rows, pass) of every closure call
     run_pass = engine.PassClosure.run
 
-    def counting(self, x, y, k):
+    def counting(self, x, y, k, *first):
         calls.append((x.shape[0], k))
-        return run_pass(self, x, y, k)
+        return run_pass(self, x, y, k, *first)
 
     monkeypatch.setattr(engine.PassClosure, "run", counting)
     cfg = tiny(optimizers=[name], epochs=2, keep_weights=True)

@@ -494,14 +494,18 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         first phase changed outside the gated ops (VSAM: its Sigma step)."""
 
     # -- closure driver ------------------------------------------------------------------------
-    def _run_pass(self, closure: Callable, ascent: bool, micro: Optional[int] = None):
+    def _run_pass(self, closure: Callable, ascent: bool, micro: Optional[int] = None,
+                  at_mean: bool = False):
         """Run one forward/backward pass.  A closure that takes an argument is told which pass this
         is (``ascent=True`` for the pass whose gradient builds the perturbation), so it can use a
         different loss there (BiSAM's ascent loss, or any user loss).  With m-sharpness the closure
         gets the micro-batch index first: ``closure(i)`` or ``closure(i, ascent)``.  Positional
-        parameters with a default are left alone unless named ``ascent`` (``_n_positional``)."""
+        parameters with a default are left alone unless named ``ascent`` (``_n_positional``).
+        ``at_mean``: a descent pass at the unperturbed weights (LookSAM's one-pass steps), whose
+        BatchNorm statistics update as in a first pass."""
         n = _n_positional(closure)
-        frozen = self.freeze_bn is not None and (not ascent or getattr(self, "freeze_bn_noisy", False))
+        frozen = self.freeze_bn is not None and not at_mean and (
+            not ascent or getattr(self, "freeze_bn_noisy", False))
         # DDP: the ascent pass keeps each rank's own gradient (m-sharpness across ranks)
         local = self.ddp_model is not None and ascent
         nothing = contextlib.nullcontext

@@ -378,7 +378,7 @@ class LookSAM(_Variant):
         if self.full_step_due:
             return self._two_passes(closure, scaler)
         with self._restore_on_error():
-            loss = self._run_pass(closure, ascent=False)
+            loss = self._run_pass(closure, ascent=False, at_mean=True)
             self.reuse_step(scaler=scaler)
         return loss
 

@@ -158,27 +158,32 @@ class PassClosure:
         micro-batch ``i`` of ``m`` (the batch split into ``m`` equal chunks)."""
         micro, ascent = ((None, None), (None, *args), args)[len(args)]
         k = self.calls if ascent is None else (0 if ascent else 1)
+        # a step's only pass at the weights themselves (LookSAM's one-pass steps call
+        # closure(False) first) counts as its first pass too: statistics, BatchNorm updates
+        first = k == 0 or self.calls == 0
         self.calls += 1
         if micro is None:
-            return self.run(self.x, self.y, k)
-        return self.run(self.x.chunk(self.m)[micro], self.y.chunk(self.m)[micro], k)
+            return self.run(self.x, self.y, k, first)
+        return self.run(self.x.chunk(self.m)[micro], self.y.chunk(self.m)[micro], k, first)
 
-    def run(self, x: Tensor, y: Tensor, k: int) -> Tensor:
-        """Pass ``k`` (0 = first) on the batch (x, y); returns the detached loss."""
+    def run(self, x: Tensor, y: Tensor, k: int, first: Optional[bool] = None) -> Tensor:
+        """Pass ``k`` (0 = first) on the batch (x, y); returns the detached loss.  ``first``
+        (default ``k == 0``): the pass whose loss and accuracy are recorded, BatchNorm not frozen."""
+        first = k == 0 if first is None else first
         self.sync()
         start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
-        frozen = self.freeze_bn(self.model) if (k > 0 and self.freeze_bn) else contextlib.nullcontext()
+        frozen = self.freeze_bn(self.model) if (not first and self.freeze_bn) else contextlib.nullcontext()
         with torch.enable_grad(), frozen:
             logits = self.model(x)
             loss = self.loss(k, logits, y)
             loss.backward()
-        if k == 0:
+        if first:
             with torch.no_grad():
-                first = torch.stack([self.criterion(logits, y) * y.numel(),
-                                     (logits.argmax(1) == y).sum().to(logits.dtype),
-                                     torch.tensor(float(y.numel()), device=logits.device)])
-            self.stats = first if self.stats is None else self.stats + first
+                row = torch.stack([self.criterion(logits, y) * y.numel(),
+                                   (logits.argmax(1) == y).sum().to(logits.dtype),
+                                   torch.tensor(float(y.numel()), device=logits.device)])
+            self.stats = row if self.stats is None else self.stats + row
         self.sync()
         self.seconds += time.perf_counter() - start
         return loss.detach()

@@ -110,6 +110,16 @@ REGISTRY: Dict[str, Entry] = {e.name: e for e in [
        defaults=dict(lr=0.1, momentum=0.9, rho=2.0)),
     _e("ebisam", "E-BiSAM", _SK, ["EBiSAM", "E_BiSAM"], passes=2, ascent_loss=True, selection=True,
        seed=True, defaults=dict(lr=0.1, momentum=0.9, rho=0.05, beta=0.5, sds_fraction=0.5)),
+    # the SAM variants on SGD with momentum, rho as SAM's and each method's own defaults
+    # (docs/spec.md "SAM variants"); not tuned for this trainer's data sets
+    _e("gsam", "GSAM", _SK, ["GSAM"], passes=2,
+       defaults=dict(lr=0.1, momentum=0.9, rho=0.05, alpha=0.4)),
+    _e("wsam", "WSAM", _SK, ["WSAM"], passes=2,
+       defaults=dict(lr=0.1, momentum=0.9, rho=0.05, gamma=0.9)),
+    _e("looksam", "LookSAM", _SK, ["LookSAM"], passes=2,
+       defaults=dict(lr=0.1, momentum=0.9, rho=0.05, k=5, alpha=0.7)),
+    _e("friendlysam", "FriendlySAM", _SK, ["FriendlySAM"], passes=2,
+       defaults=dict(lr=0.1, momentum=0.9, rho=0.05, sigma=1.0, lmbda=0.9)),
     # IVON (Shen et al. 2024): ess = N, one posterior sample a step (mc_samples=1)
     _e("ivon", "IVON", _SK, ["IVON"], ess=True, seed=True, defaults=dict(lr=0.1)),
 ]}
