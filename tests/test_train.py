@@ -479,3 +479,14 @@ def test_sweep_of_a_training_key_runs_every_optimizer_per_value():
                                                          ("sam", {"m": 2})]
     with pytest.raises(ConfigError, match="repeated"):
         resolve(tiny(optimizers=["sam"], sweep=("rho", [0.1, 0.1])))
+
+
+def test_variant_entries_take_sams_keywords():
+    """GSAM & co. pass **kwargs on to SAM: the trainer must still give them SAM's keywords
+    (momentum ...), besides their own, and none of the private base class's."""
+    from samkernels.train.optimizers import accepted_keys
+    for name, own in (("gsam", "alpha"), ("wsam", "gamma"), ("looksam", "k"),
+                      ("friendlysam", "lmbda")):
+        keys = accepted_keys(get_entry(name))
+        assert {"lr", "rho", "momentum", "nesterov", own} <= set(keys), (name, keys)
+        assert "extra" not in keys, keys

@@ -140,9 +140,19 @@ def _constructor_keys(entry: Entry) -> Tuple[str, ...]:
     """Keyword arguments of the constructor, minus params, the variant's fixed ones and those the
     trainer fills in."""
     cls, fixed = entry.resolve()
-    sig = inspect.signature(cls.__init__)
-    names = [n for n, p in sig.parameters.items()
-             if n not in ("self", "params") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    names = []
+    # a constructor that passes **kwargs on (GSAM & co. to SAM) also takes its parent's keywords;
+    # private intermediate classes only pass them through
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters
+        if not klass.__name__.startswith("_"):
+            names += [n for n, p in params.items() if n not in ("self", "params") + tuple(names)
+                      and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            break
     skip = set(fixed) | {"num_data", "seed"} | ({"ess"} if entry.ess else set())
     return tuple(n for n in names if n not in skip)
 
