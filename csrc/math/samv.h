@@ -15,17 +15,16 @@ namespace math {
 // (first step: u = g, m <- g); w <- w + rho T^2 u / (norm + eps), T = |w| + eta or 1.
 template <typename M>
 struct SamvPerturb {
-  M rho, eps, eta, sigma, lmbda, one_minus_lmbda;
-  bool adaptive, first;
+  SamPerturb<M> ascent;  // SAM's (ASAM's) step along u: math/sam.h
+  M sigma, lmbda, one_minus_lmbda;
+  bool first;
 
   static SamvPerturb make(double rho, double eps, bool adaptive, double eta, double sigma,
                           double lmbda, bool first) {
-    return {static_cast<M>(rho),   static_cast<M>(eps),   static_cast<M>(eta),
-            static_cast<M>(sigma), static_cast<M>(lmbda), static_cast<M>(1.0 - lmbda),
-            adaptive,              first};
+    return {SamPerturb<M>::make(rho, eps, adaptive, eta), static_cast<M>(sigma),
+            static_cast<M>(lmbda), static_cast<M>(1.0 - lmbda), first};
   }
-  // rho / (norm + eps), the norm rounded to M first (reference: norm.to(w.dtype) + eps)
-  SK_HD M scale(double norm) const { return rho / (static_cast<M>(norm) + eps); }
+  SK_HD M scale(double norm) const { return ascent.scale(norm); }
   // FriendlySAM's direction u from g and the momentum m (updated in place)
   SK_HD M friendly(M g, M& m) const {
     if (first) {
@@ -36,13 +35,7 @@ struct SamvPerturb {
     m = lmbda * m + one_minus_lmbda * g;
     return u;
   }
-  SK_HD M operator()(M w, M u, M scale) const {
-    if (adaptive) {
-      const M t = sk_abs(w) + eta;
-      u = u * (t * t);
-    }
-    return w + u * scale;
-  }
+  SK_HD M operator()(M w, M u, M scale) const { return ascent(w, u, scale); }
 };
 
 // The coefficients of samv_restore_{sgd,adam}_: d = c0 g + c1 s (the base step's direction),

@@ -160,6 +160,38 @@ def sam_perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor
     return grad_norm
 
 
+def _sgd_step_(w: Tensor, d: Tensor, bufs: List[Tensor], i: int, lr: float, momentum: float,
+               dampening: float, nesterov: bool, weight_decay: float, first: bool) -> Tensor:
+    """torch.optim.SGD's step on w (in place, returned) with gradient d, in SGD's own calls (so
+    that rho = 0 matches it bit for bit); ``bufs[i]``, the momentum buffer, is written."""
+    if weight_decay != 0:
+        d = d.add(w, alpha=weight_decay)
+    if momentum != 0:
+        buf = bufs[i].to(d.dtype, copy=True)
+        buf = d.clone() if first else buf.mul_(momentum).add_(d, alpha=1 - dampening)
+        bufs[i].copy_(buf)
+        d = d.add(buf, alpha=momentum) if nesterov else buf
+    return w.add_(d, alpha=-lr)
+
+
+def _adam_step_(w: Tensor, d: Tensor, m: Tensor, v: Tensor, lr: float, beta1: float, beta2: float,
+                eps: float, weight_decay: float, decoupled: bool, step: int) -> Tensor:
+    """torch.optim.Adam's (AdamW's when ``decoupled``) step on w (in place, returned) with gradient
+    d, in their single-tensor calls (so that rho = 0 matches them bit for bit); m, v written."""
+    bc1, bc2_sqrt = 1 - beta1 ** step, (1 - beta2 ** step) ** 0.5
+    if weight_decay != 0:
+        if decoupled:
+            w.mul_(1 - lr * weight_decay)
+        else:
+            d = d.add(w, alpha=weight_decay)
+    m_new = m.to(d.dtype, copy=True).lerp_(d, 1 - beta1)
+    v_new = v.to(d.dtype, copy=True).mul_(beta2).addcmul_(d, d, value=1 - beta2)
+    m.copy_(m_new)
+    v.copy_(v_new)
+    denom = (v_new.sqrt() / bc2_sqrt).add_(eps)
+    return w.addcdiv_(m_new, denom, value=-(lr / bc1))
+
+
 @op("sam", UPDATED, L("momentum_bufs", "state?", True), floats("lr", "momentum", "dampening"),
     Arg("nesterov", BOOL), Arg("weight_decay", FLOAT), Arg("first", BOOL), FOUND_INF)
 def sam_restore_sgd_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
@@ -171,17 +203,10 @@ def sam_restore_sgd_(params: List[Tensor], grads: List[Tensor], backups: List[Te
     ``first``: the momentum buffers are uninitialised and take d (as torch.optim.SGD does)."""
     if skipped(found_inf):
         return copy_all_(params, backups)
-    # Written with the same torch calls as torch.optim.SGD, so that rho = 0 matches it bit for bit.
     for i, (p, g, b) in enumerate(zip(params, grads, backups)):
         w, d = b.to(opmath(p), copy=True), g.to(opmath(p))
-        if weight_decay != 0:
-            d = d.add(w, alpha=weight_decay)
-        if momentum != 0:
-            buf = momentum_bufs[i].to(d.dtype, copy=True)
-            buf = d.clone() if first else buf.mul_(momentum).add_(d, alpha=1 - dampening)
-            momentum_bufs[i].copy_(buf)
-            d = d.add(buf, alpha=momentum) if nesterov else buf
-        p.copy_(w.add_(d, alpha=-lr))
+        p.copy_(_sgd_step_(w, d, momentum_bufs, i, lr, momentum, dampening, nesterov,
+                           weight_decay, first))
 
 
 @op("sam", UPDATED, L("exp_avgs", "state", True), L("exp_avg_sqs", "state", True), Arg("step", INT),
@@ -193,22 +218,9 @@ def sam_restore_adam_(params: List[Tensor], grads: List[Tensor], backups: List[T
     """w <- backup, then Adam (L2 decay) or AdamW (decoupled decay) with g_e; ``step`` counts from 1."""
     if skipped(found_inf):
         return copy_all_(params, backups)
-    # Written with the same torch calls as torch.optim.Adam/AdamW (single-tensor path), so that
-    # rho = 0 matches them bit for bit.
-    bc1, bc2_sqrt = 1 - beta1 ** step, (1 - beta2 ** step) ** 0.5
     for p, g, b, m, v in zip(params, grads, backups, exp_avgs, exp_avg_sqs):
         w, d = b.to(opmath(p), copy=True), g.to(opmath(p))
-        if weight_decay != 0:
-            if decoupled:
-                w.mul_(1 - lr * weight_decay)
-            else:
-                d = d.add(w, alpha=weight_decay)
-        m_new = m.to(d.dtype, copy=True).lerp_(d, 1 - beta1)
-        v_new = v.to(d.dtype, copy=True).mul_(beta2).addcmul_(d, d, value=1 - beta2)
-        m.copy_(m_new)
-        v.copy_(v_new)
-        denom = (v_new.sqrt() / bc2_sqrt).add_(eps)
-        p.copy_(w.addcdiv_(m_new, denom, value=-(lr / bc1)))
+        p.copy_(_adam_step_(w, d, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, step))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -481,17 +493,11 @@ def samv_restore_sgd_(params: List[Tensor], grads: List[Tensor], backups: List[T
     for i, (p, g, b, s) in enumerate(zip(params, grads, backups, saved)):
         c = coeffs.to(opmath(p))
         w, gg, ss = b.to(opmath(p), copy=True), g.to(opmath(p)), s.to(opmath(p))
-        d = _samv_mix(c, gg, ss, 0)
-        if weight_decay != 0:
-            d = d.add(w, alpha=weight_decay)
-        if momentum != 0:
-            buf = momentum_bufs[i].to(d.dtype, copy=True)
-            buf = d.clone() if first else buf.mul_(momentum).add_(d, alpha=1 - dampening)
-            momentum_bufs[i].copy_(buf)
-            d = d.add(buf, alpha=momentum) if nesterov else buf
+        w = _sgd_step_(w, _samv_mix(c, gg, ss, 0), momentum_bufs, i, lr, momentum, dampening,
+                       nesterov, weight_decay, first)
         if outs:
             outs[i].copy_(_samv_mix(c, gg, ss, 4))
-        p.copy_(w.add_(d, alpha=-lr).add_(_samv_mix(c, gg, ss, 2)))
+        p.copy_(w.add_(_samv_mix(c, gg, ss, 2)))
 
 
 @op("samv", UPDATED, L("saved", "state"), L("exp_avgs", "state", True),
@@ -508,25 +514,15 @@ def samv_restore_adam_(params: List[Tensor], grads: List[Tensor], backups: List[
     ``step`` counts from 1."""
     if skipped(found_inf):
         return copy_all_(params, backups)
-    bc1, bc2_sqrt = 1 - beta1 ** step, (1 - beta2 ** step) ** 0.5
     for i, (p, g, b, s, m, v) in enumerate(zip(params, grads, backups, saved, exp_avgs,
                                                exp_avg_sqs)):
         c = coeffs.to(opmath(p))
         w, gg, ss = b.to(opmath(p), copy=True), g.to(opmath(p)), s.to(opmath(p))
-        d = _samv_mix(c, gg, ss, 0)  # then torch.optim.Adam/AdamW's calls (sam_restore_adam_)
-        if weight_decay != 0:
-            if decoupled:
-                w.mul_(1 - lr * weight_decay)
-            else:
-                d = d.add(w, alpha=weight_decay)
-        m_new = m.to(d.dtype, copy=True).lerp_(d, 1 - beta1)
-        v_new = v.to(d.dtype, copy=True).mul_(beta2).addcmul_(d, d, value=1 - beta2)
-        m.copy_(m_new)
-        v.copy_(v_new)
+        w = _adam_step_(w, _samv_mix(c, gg, ss, 0), m, v, lr, beta1, beta2, eps, weight_decay,
+                        decoupled, step)
         if outs:
             outs[i].copy_(_samv_mix(c, gg, ss, 4))
-        denom = (v_new.sqrt() / bc2_sqrt).add_(eps)
-        p.copy_(w.addcdiv_(m_new, denom, value=-(lr / bc1)).add_(_samv_mix(c, gg, ss, 2)))
+        p.copy_(w.add_(_samv_mix(c, gg, ss, 2)))
 # IVON (Shen et al. 2024, "Variational Learning is Effective for Large Deep Networks", Alg. 1;
 # docs/spec.md "IVON")
 # ---------------------------------------------------------------------------------------------

@@ -118,17 +118,11 @@ def sam_perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor
 # sam_restore_sgd_: w <- backup, then torch.optim.SGD with g_e
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _sgd_body(base, n, ptrs, args, OPT: tl.constexpr, MATH: tl.constexpr, BLOCK: tl.constexpr,
-              MASKED: tl.constexpr):
-    p, g, b, buf = ptrs
-    lr, wd, momentum, one_minus_damp = args
-    WD: tl.constexpr = OPT[0]
-    MOMENTUM: tl.constexpr = OPT[1]
-    NESTEROV: tl.constexpr = OPT[2]
-    FIRST: tl.constexpr = OPT[3]
-    offs = base + tl.arange(0, BLOCK)
-    w = load(b, offs, n, MASKED).to(MATH)  # restore: w is the backup, the perturbed p is not read
-    d = load(g, offs, n, MASKED).to(MATH)
+def sgd_step(w, d, buf, offs, n, lr, wd, momentum, one_minus_damp, WD: tl.constexpr,
+             MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, FIRST: tl.constexpr,
+             MATH: tl.constexpr, MASKED: tl.constexpr):
+    """torch.optim.SGD's step from w with gradient d, the momentum buffer ``buf`` written: the
+    new w (also the base step of the SAM variants, triton/samv.py)."""
     if WD:
         d = d + wd * w
     if MOMENTUM:
@@ -141,7 +135,23 @@ def _sgd_body(base, n, ptrs, args, OPT: tl.constexpr, MATH: tl.constexpr, BLOCK:
             d = d + momentum * new
         else:
             d = new
-    store(p, offs, w - lr * d, n, MASKED)
+    return w - lr * d
+
+
+@triton.jit
+def _sgd_body(base, n, ptrs, args, OPT: tl.constexpr, MATH: tl.constexpr, BLOCK: tl.constexpr,
+              MASKED: tl.constexpr):
+    p, g, b, buf = ptrs
+    lr, wd, momentum, one_minus_damp = args
+    WD: tl.constexpr = OPT[0]
+    MOMENTUM: tl.constexpr = OPT[1]
+    NESTEROV: tl.constexpr = OPT[2]
+    FIRST: tl.constexpr = OPT[3]
+    offs = base + tl.arange(0, BLOCK)
+    w = load(b, offs, n, MASKED).to(MATH)  # restore: w is the backup, the perturbed p is not read
+    d = load(g, offs, n, MASKED).to(MATH)
+    store(p, offs, sgd_step(w, d, buf, offs, n, lr, wd, momentum, one_minus_damp, WD, MOMENTUM,
+                            NESTEROV, FIRST, MATH, MASKED), n, MASKED)
 
 
 @triton.jit(do_not_specialize=["lr_bits", "wd_bits", "mom_bits", "omd_bits"])
@@ -175,15 +185,11 @@ def sam_restore_sgd_(params: List[Tensor], grads: List[Tensor], backups: List[Te
 # sam_restore_adam_: w <- backup, then Adam (L2) / AdamW (decoupled) with g_e
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _adam_body(base, n, ptrs, args, OPT: tl.constexpr, MATH: tl.constexpr, BLOCK: tl.constexpr,
-               MASKED: tl.constexpr):
-    p, g, b, m, v = ptrs
-    step_size, beta1, one_minus_b1, beta2, one_minus_b2, sqrt_bc2, eps, wd, decay = args
-    WD: tl.constexpr = OPT[0]
-    DECOUPLED: tl.constexpr = OPT[1]
-    offs = base + tl.arange(0, BLOCK)
-    w = load(b, offs, n, MASKED).to(MATH)
-    d = load(g, offs, n, MASKED).to(MATH)
+def adam_step(w, d, m, v, offs, n, step_size, beta1, one_minus_b1, beta2, one_minus_b2, sqrt_bc2,
+              eps, wd, decay, WD: tl.constexpr, DECOUPLED: tl.constexpr, MATH: tl.constexpr,
+              MASKED: tl.constexpr):
+    """Adam's (AdamW's with DECOUPLED) step from w with gradient d, the moments m, v written:
+    the new w (also the base step of the SAM variants, triton/samv.py)."""
     if WD:
         if DECOUPLED:
             w = w * decay  # AdamW: w (1 - lr wd)
@@ -194,7 +200,22 @@ def _adam_body(base, n, ptrs, args, OPT: tl.constexpr, MATH: tl.constexpr, BLOCK
     store(m, offs, m_new, n, MASKED)
     store(v, offs, v_new, n, MASKED)
     denom = div(sqrt(v_new), sqrt_bc2) + eps
-    store(p, offs, w - div(step_size * m_new, denom), n, MASKED)
+    return w - div(step_size * m_new, denom)
+
+
+@triton.jit
+def _adam_body(base, n, ptrs, args, OPT: tl.constexpr, MATH: tl.constexpr, BLOCK: tl.constexpr,
+               MASKED: tl.constexpr):
+    p, g, b, m, v = ptrs
+    step_size, beta1, one_minus_b1, beta2, one_minus_b2, sqrt_bc2, eps, wd, decay = args
+    WD: tl.constexpr = OPT[0]
+    DECOUPLED: tl.constexpr = OPT[1]
+    offs = base + tl.arange(0, BLOCK)
+    w = load(b, offs, n, MASKED).to(MATH)
+    d = load(g, offs, n, MASKED).to(MATH)
+    store(p, offs, adam_step(w, d, m, v, offs, n, step_size, beta1, one_minus_b1, beta2,
+                             one_minus_b2, sqrt_bc2, eps, wd, decay, WD, DECOUPLED, MATH, MASKED),
+          n, MASKED)
 
 
 @triton.jit(do_not_specialize=["ss_bits", "b1_bits", "omb1_bits", "b2_bits", "omb2_bits",

@@ -21,8 +21,9 @@ import torch
 
 from samkernels.ops._spec import OPS
 from samkernels.triton import _multi_tensor as mt
+from samkernels.triton.sam import adam_step, sgd_step
 from samkernels.triton._multi_tensor import (chunk_apply, chunk_ptrs, div, fp_arg, fp_args, load,
-                                             load_flag, sqrt, store)
+                                             load_flag, store)
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,22 +181,11 @@ def _sgd_body(base, n, ptrs, args, OPT: tl.constexpr, MATH: tl.constexpr, BLOCK:
     w = load(b, offs, n, MASKED).to(MATH)
     gg = load(g, offs, n, MASKED).to(MATH)
     ss = load(s, offs, n, MASKED).to(MATH)
-    d = _mix(c, 0, gg, ss)
-    if WD:
-        d = d + wd * w
-    if MOMENTUM:
-        if FIRST:
-            new = d
-        else:
-            new = momentum * load(buf, offs, n, MASKED).to(MATH) + one_minus_damp * d
-        store(buf, offs, new, n, MASKED)
-        if NESTEROV:
-            d = d + momentum * new
-        else:
-            d = new
+    w = sgd_step(w, _mix(c, 0, gg, ss), buf, offs, n, lr, wd, momentum, one_minus_damp, WD,
+                 MOMENTUM, NESTEROV, FIRST, MATH, MASKED)  # triton/sam.py, d = c0 g + c1 s
     if HAS_OUT:
         store(out, offs, _mix(c, 4, gg, ss), n, MASKED)
-    store(p, offs, (w - lr * d) + _mix(c, 2, gg, ss), n, MASKED)
+    store(p, offs, w + _mix(c, 2, gg, ss), n, MASKED)
 
 
 @triton.jit(do_not_specialize=["lr_bits", "wd_bits", "mom_bits", "omd_bits"])
@@ -244,20 +234,12 @@ def _adam_body(base, n, ptrs, args, OPT: tl.constexpr, MATH: tl.constexpr, BLOCK
     w = load(b, offs, n, MASKED).to(MATH)
     gg = load(g, offs, n, MASKED).to(MATH)
     ss = load(s, offs, n, MASKED).to(MATH)
-    d = _mix(c, 0, gg, ss)
-    if WD:
-        if DECOUPLED:
-            w = w * decay
-        else:
-            d = d + wd * w
-    m_new = beta1 * load(m, offs, n, MASKED).to(MATH) + one_minus_b1 * d
-    v_new = beta2 * load(v, offs, n, MASKED).to(MATH) + one_minus_b2 * d * d
-    store(m, offs, m_new, n, MASKED)
-    store(v, offs, v_new, n, MASKED)
+    w = adam_step(w, _mix(c, 0, gg, ss), m, v, offs, n, step_size, beta1, one_minus_b1, beta2,
+                  one_minus_b2, sqrt_bc2, eps, wd, decay, WD, DECOUPLED, MATH,
+                  MASKED)  # triton/sam.py, d = c0 g + c1 s
     if HAS_OUT:
         store(out, offs, _mix(c, 4, gg, ss), n, MASKED)
-    denom = div(sqrt(v_new), sqrt_bc2) + eps
-    store(p, offs, (w - div(step_size * m_new, denom)) + _mix(c, 2, gg, ss), n, MASKED)
+    store(p, offs, w + _mix(c, 2, gg, ss), n, MASKED)
 
 
 @triton.jit(do_not_specialize=["ss_bits", "b1_bits", "omb1_bits", "b2_bits", "omb2_bits",
