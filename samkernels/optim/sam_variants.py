@@ -177,9 +177,6 @@ class _Variant(SAM):
         self._variant["dots"] = dots
         return dots
 
-    def _coeffs(self, group: dict, dots: Optional[Tensor], device) -> Tensor:
-        raise NotImplementedError
-
     def _base_update(self, group: dict, ps) -> None:
         if self._variant["mode"] == "plain":  # base_step: SAM's plain step
             return super()._base_update(group, ps)
