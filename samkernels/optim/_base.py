@@ -341,6 +341,18 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         self._perturbed.clear()
         return taken
 
+    @staticmethod
+    def _copy_back(moved: List[Tuple[List[Tensor], List[Tensor]]], among: set,
+                   outside: bool = False) -> None:
+        """Restore by copy the moved parameters that are in ``among`` (``outside``: that are not):
+        the ones no op put back, e.g. without a gradient in this pass or after an error.  (A set:
+        torch.compile compares list items with ==.  SAM and BSAM keep their own loops: under
+        torch.compile this call splits one more graph in their steps, tests/test_compile.py.)"""
+        for ps, bs in moved:
+            rest = [(p, b) for p, b in zip(ps, bs) if (p in among) != outside]
+            if rest:
+                torch._foreach_copy_([p for p, _ in rest], [b for _, b in rest])
+
     def _require_unperturbed(self, what: str) -> None:
         if self._perturbed:
             raise RuntimeError(f"{what}: the parameters are still perturbed from an earlier phase; "

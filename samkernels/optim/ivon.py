@@ -168,14 +168,6 @@ class IVON(PosteriorSampler, TwoPassOptimizer):
                 del self._have[p]
         return [(g, [p for p in ps if p in self._have]) for g, ps in grouped]
 
-    @staticmethod
-    def _restore_rest(moved, done: set) -> None:
-        """The moved parameters that no op restored go back to the mean."""
-        for ps, bs in moved:
-            rest = [(p, b) for p, b in zip(ps, bs) if p not in done]
-            if rest:
-                torch._foreach_copy_([p for p, _ in rest], [b for _, b in rest])
-
     # -- phases ----------------------------------------------------------------------------------
     @torch.no_grad()
     def noise_step(self) -> None:
@@ -250,7 +242,7 @@ class IVON(PosteriorSampler, TwoPassOptimizer):
                                      self._found_inf(ps[0].device))
                 done.update(ps)
         finally:  # the op put w <- m; anything else moved goes back too
-            self._restore_rest(moved, done)
+            self._copy_back(moved, done, outside=True)
         if zero_grad:
             self.zero_grad()
 
@@ -292,7 +284,7 @@ class IVON(PosteriorSampler, TwoPassOptimizer):
                                  bias_correction, k, self._found_inf(ps[0].device))
                 done.update(ps)
         finally:  # anything not updated (no gradient in some sample, or an error): back to m
-            self._restore_rest(moved, done)
+            self._copy_back(moved, done, outside=True)
         self._extra_state["step"] = t
         self._finish_step(skipped=False)
         if zero_grad:

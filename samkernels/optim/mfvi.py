@@ -184,10 +184,7 @@ class MFVI(GaussianPosterior, TwoPassOptimizer):
                                  self._found_inf(ps[0].device))
                 todo.difference_update(set(ps))
         finally:  # anything not updated (no gradient now, or an error) goes back to the mean
-            for ps, bs in perturbed:
-                rest = [(p, b) for p, b in zip(ps, bs) if p in todo]
-                if rest:
-                    torch._foreach_copy_([p for p, _ in rest], [b for _, b in rest])
+            self._copy_back(perturbed, todo)
         self._finish_step(skipped=False)
         if zero_grad:
             self.zero_grad()
