@@ -20,10 +20,16 @@ could not dispatch without a tensor): nothing changes, and a norm op returns its
 zero float64 norm.
 The per-tensor checks (each entry's dtype, size and device) stay in the backends, which read every
 tensor anyway.  A failed shared check raises :class:`OpArgumentError`.
+
+Sharded tensors (``DTensor``, e.g. the parameters of an FSDP2 ``fully_shard`` model): when the
+lead list holds DTensors, every list is replaced by its entries' local shards and the op runs on
+this rank's part only.  A returned norm or dot product is then this rank's contribution: the
+caller reduces it over the parameters' mesh (the optimizers do, one collective per pass).
 """
 from __future__ import annotations
 
 import linecache
+import sys
 from typing import Sequence
 
 import torch
@@ -91,6 +97,19 @@ def _check_devices(op: OpSpec, values: Sequence) -> None:
                                       f"{lead}[0] is on {device}")
 
 
+_PLAIN = (Tensor, torch.nn.Parameter)  # what the lead list usually holds: no DTensor test needed
+
+
+def _local_shards(lists: tuple) -> tuple:
+    """Each list with its DTensor entries replaced by their local shards (see the module
+    docstring).  Reached only when the lead list's first entry is not a plain tensor."""
+    dtensor = sys.modules.get("torch.distributed.tensor")  # none exists before it is imported
+    if dtensor is None:
+        return lists
+    cls = dtensor.DTensor
+    return tuple([t._local_tensor if isinstance(t, cls) else t for t in lst] for lst in lists)
+
+
 def _source(op: OpSpec) -> str:
     """The wrapper's Python source: real parameters (so calls bind at C speed, and
     ``inspect.signature`` / ``help`` show them), the O(1) checks inline, one dispatcher call."""
@@ -102,6 +121,9 @@ def _source(op: OpSpec) -> str:
     same += ["len(param_ids) != n"] if op.takes_ids else []
     body = [f"def {op.name}({params}, *, backend=None):",
             f"    n = len({lead})"]
+    lists = ", ".join(a.name for a in op.lists)
+    body += [f"    if n and type({lead}[0]) not in _PLAIN:  # DTensors: run on the local shards",
+             f"        {lists}, = _local_shards(({lists},))"]
     if same:
         body += [f"    if {' or '.join(same)}:",
                  f"        _lengths_error(PHASES[{op.name!r}], ({names},))"]

@@ -233,9 +233,9 @@ class EBiSAM(BiSAM):
         norm, eps = None, None
         if work and not self.normalize:  # Alg. 3 line 5 as printed: no normalisation
             norm, eps = torch.ones((), dtype=torch.float64, device=work[0][1][0].device), 0.0
-        elif len(work) > 1:  # ||grad Q|| spans every group, as SAM's norm
+        elif len(work) > 1 or (work and self._sharded):  # ||grad Q|| spans every group, as SAM's
             dev = work[0][1][0].device
-            sq = [ops.grad_sumsq(ps, gs, False, 0.0).to(dev) for _, ps, gs in work]
+            sq = self._over_shards([ops.grad_sumsq(ps, gs, False, 0.0).to(dev) for _, ps, gs in work])
             norm = torch.stack([s.double() for s in sq]).sum().sqrt()
         for group, ps, gs in work:
             backups = self._backups_for(ps)

@@ -22,7 +22,7 @@ from torch import Tensor
 from samkernels import ops
 from samkernels._dtypes import opmath
 from samkernels.optim._base import (TwoPassOptimizer, check_betas, check_nonneg, check_positive,
-                                    mean_loss)
+                                    foreach_copy_, mean_loss)
 from samkernels.optim.utils import PosteriorSampler, SeedLike, draw_seed
 
 
@@ -174,7 +174,7 @@ class IVON(PosteriorSampler, TwoPassOptimizer):
         for ps, bs in moved:
             rest = [(p, b) for p, b in zip(ps, bs) if p not in done]
             if rest:
-                torch._foreach_copy_([p for p, _ in rest], [b for _, b in rest])
+                foreach_copy_([p for p, _ in rest], [b for _, b in rest])
 
     # -- phases ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -303,6 +303,8 @@ class IVON(PosteriorSampler, TwoPassOptimizer):
         gradients zeroed between samples); returns the mean loss.  ``scaler``: a GradScaler whose
         ``scale(loss).backward()`` the closure calls (``scaler.update()`` after)."""
         if closure is None:
+            if self._checkpoint_init():  # torch.distributed.checkpoint creating the state
+                return None
             raise RuntimeError("IVON.step needs a closure (forward + backward at the sampled "
                                "weights); or call noise_step() / accumulate_step() / "
                                "second_step() yourself")

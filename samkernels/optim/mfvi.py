@@ -19,7 +19,8 @@ from torch import Tensor
 
 from samkernels import ops
 from samkernels._dtypes import opmath
-from samkernels.optim._base import TwoPassOptimizer, check_beta, check_nonneg, check_positive
+from samkernels.optim._base import (TwoPassOptimizer, check_beta, check_nonneg, check_positive,
+                                    foreach_copy_)
 from samkernels.optim.utils import PosteriorSampler, SeedLike, draw_seed
 
 
@@ -187,7 +188,7 @@ class MFVI(GaussianPosterior, TwoPassOptimizer):
             for ps, bs in perturbed:
                 rest = [(p, b) for p, b in zip(ps, bs) if p in todo]
                 if rest:
-                    torch._foreach_copy_([p for p, _ in rest], [b for _, b in rest])
+                    foreach_copy_([p for p, _ in rest], [b for _, b in rest])
         self._finish_step(skipped=False)
         if zero_grad:
             self.zero_grad()
@@ -201,6 +202,8 @@ class MFVI(GaussianPosterior, TwoPassOptimizer):
                              "no gradient-built perturbation) and its variance step needs each "
                              "sample's own g*z product; use m=1 (a larger batch averages more)")
         if closure is None:
+            if self._checkpoint_init():  # torch.distributed.checkpoint creating the state
+                return None
             raise RuntimeError("MFVI.step needs a closure (forward + backward at the sampled "
                                "weights); or call noise_step() / second_step() yourself")
         self.noise_step()

@@ -13,7 +13,7 @@ import torch
 from samkernels import ops
 from samkernels._dtypes import opmath
 from samkernels.optim._base import (TwoPassOptimizer, check_betas, check_choice, check_nonneg,
-                                    check_positive, warn_sgd_ranges)
+                                    check_positive, foreach_copy_, warn_sgd_ranges)
 
 _BASES = ("sgd", "adam", "adamw")
 # the hyper-parameters each base optimizer reads (and the only ones its groups carry)
@@ -147,10 +147,12 @@ class SAM(TwoPassOptimizer):
             self._skip_first_pass()
             work = []
         norm = None
-        if len(work) > 1 or on_device:  # the norm spans every group: one reduction op per group
+        # the norm spans every group (and every rank's shards): one reduction op per group
+        if len(work) > 1 or on_device or (work and self._sharded):
             dev = work[0][1][0].device
-            sq = [ops.grad_sumsq(ps, gs, g["adaptive"], g["eta"] if g["adaptive"] else 0.0).to(dev)
-                  for g, ps, gs in work]
+            sq = self._over_shards([ops.grad_sumsq(ps, gs, g["adaptive"],
+                                                   g["eta"] if g["adaptive"] else 0.0).to(dev)
+                                    for g, ps, gs in work])
             # one group: the very norm the op would take (same dtype, so the same rounding)
             norm = sq[0].sqrt() if len(sq) == 1 else \
                 torch.stack([s.double() for s in sq]).sum().sqrt()
@@ -203,7 +205,7 @@ class SAM(TwoPassOptimizer):
             for ps, bs in moved:
                 rest = [(p, b) for p, b in zip(ps, bs) if p in perturbed]
                 if rest:
-                    torch._foreach_copy_([p for p, _ in rest], [b for _, b in rest])
+                    foreach_copy_([p for p, _ in rest], [b for _, b in rest])
         self._perturbed.clear()
         self._finish_step(skipped=False)
         if zero_grad:
@@ -323,6 +325,8 @@ class SAM(TwoPassOptimizer):
         run the second pass.
         """
         if closure is None:
+            if self._checkpoint_init():  # torch.distributed.checkpoint creating the state
+                return None
             raise RuntimeError(f"{type(self).__name__}.step needs a closure (it evaluates the loss "
                                "twice); or call first_step() / second_step() yourself")
         if self._check_m(m) == 1:

@@ -1,0 +1,234 @@
+"""FSDP2 (``fully_shard``), 2 processes on gloo over loopback: every optimizer built the plain way
+on the sharded model's parameters takes the steps it takes on the unsharded model.
+
+FSDP2 shards every parameter along dim 0 (uneven here: 7 rows give 4 + 3) and reduce-scatters
+the gradients as the mean over the ranks.  Rank r trains on half r of the batch, so the mean of
+the two halves' mean gradients is the full batch's: the reference is one process on the whole
+batch (m = 1).  The ops run on the local shards; the norms, dot products and inf/NaN flags are
+reduced over the shards' group.  All runs share one spawn (one process group)."""
+import datetime
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from samkernels import optim as sk
+
+import conftest
+from test_distributed import _free_port, _wait_count
+
+WORLD, STEPS, BATCH = 2, 3, 16
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+
+def _two_groups(ps):
+    ps = list(ps)
+    return [{"params": ps[0::2]}, {"params": ps[1::2], "lr": 0.05}]
+
+
+MAKERS = {
+    "sam": lambda ps: sk.SAM(ps, lr=0.1, rho=0.1, momentum=0.9, weight_decay=1e-3),
+    "asam": lambda ps: sk.ASAM(ps, lr=0.1, rho=0.5, momentum=0.9),
+    "sam-adam": lambda ps: sk.SAM(ps, lr=0.01, rho=0.05, base="adam", weight_decay=1e-3),
+    "sam-adamw-groups": lambda ps: sk.SAM(_two_groups(ps), lr=0.01, rho=0.05, base="adamw",
+                                          weight_decay=1e-2),
+    "bisam": lambda ps: sk.BiSAM(ps, lr=0.1, rho=0.05, momentum=0.9),
+    "abisam": lambda ps: sk.BiSAM(ps, lr=0.1, rho=0.5, adaptive=True, eta=0.01),
+    "vsam": lambda ps: sk.VSAM(ps, lr=0.1, num_data=64, rho=0.05, momentum=0.9),
+    "gsam": lambda ps: sk.GSAM(ps, lr=0.1, rho=0.1, alpha=0.3, momentum=0.9),
+    "wsam": lambda ps: sk.WSAM(ps, lr=0.1, rho=0.1, gamma=0.8),
+    "looksam": lambda ps: sk.LookSAM(ps, lr=0.1, rho=0.1, k=2),
+    "friendlysam": lambda ps: sk.FriendlySAM(ps, lr=0.1, rho=0.1, sigma=1.0, lmbda=0.9),
+}
+
+# (optimizer, how the step is driven, step whose gradient rank 1 poisons or -1)
+CASES = {name: (name, "closure", -1) for name in MAKERS}
+CASES.update({"sam-phases": ("sam", "phases", -1),
+              "nan-sam": ("sam", "closure", 1),
+              "nan-sam-device": ("sam", "device", 1),
+              "nan-vsam": ("vsam", "closure", 1)})
+CHECKPOINTED = ("sam-adam", "vsam")  # resumed through torch.distributed.checkpoint
+
+
+def model_and_data():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(),
+                                torch.nn.Linear(7, 3)).double()
+    g = torch.Generator().manual_seed(1)
+    return (model, torch.randn(BATCH, 5, generator=g, dtype=torch.float64),
+            torch.randint(0, 3, (BATCH,), generator=g))
+
+
+def sharded_model():
+    from torch.distributed.fsdp import fully_shard
+    model, x, y = model_and_data()
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    return model, x, y
+
+
+def drive(opt, model, x, y, mode, steps, poison=lambda: None):
+    """``steps`` steps of ``opt`` on (x, y); ``poison()`` may spoil a gradient after a backward."""
+    def closure(ascent=False):
+        opt.zero_grad()
+        loss = (opt.ascent_loss(model(x), y) if ascent and isinstance(opt, sk.BiSAM)
+                else F.cross_entropy(model(x), y))
+        loss.backward()
+        poison()
+        return loss
+
+    for _ in range(steps):
+        if mode == "phases":
+            closure(True)
+            opt.first_step(zero_grad=True)
+            closure(False)
+            opt.second_step(zero_grad=True)
+        else:
+            opt.step(closure)
+
+
+def _run_case(rank, name, mode, poison_step):
+    model, x, y = sharded_model()
+    if mode == "device":
+        opt = sk.SAM(model.parameters(), lr=0.1, rho=0.1, momentum=0.9, weight_decay=1e-3,
+                     nonfinite="skip_on_device")
+    else:
+        opt = MAKERS[name](model.parameters())
+    half = BATCH // WORLD
+    xs, ys = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
+    skipped = []
+
+    def poison():
+        if rank == 1 and len(skipped) == poison_step:
+            model[0].weight.grad.to_local()[0, 0] = float("nan")  # one element of one shard
+
+    for _ in range(STEPS):
+        drive(opt, model, xs, ys, mode, 1, poison)
+        skipped.append(bool(opt.step_skipped))
+    return {"params": [p.full_tensor() for p in model.parameters()], "skipped": skipped}
+
+
+def _run_checkpointed(rank, name, out_dir):
+    """STEPS steps, save (model and optimizer, torch.distributed.checkpoint), a fresh model and
+    optimizer load it, STEPS more steps."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_state_dict, set_state_dict)
+    half = BATCH // WORLD
+    where = os.path.join(out_dir, f"dcp-{name}")
+    model, x, y = sharded_model()
+    xs, ys = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
+    opt = MAKERS[name](model.parameters())
+    drive(opt, model, xs, ys, "closure", STEPS)
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=where)
+    drive(opt, model, xs, ys, "closure", STEPS)
+    uninterrupted = [p.full_tensor() for p in model.parameters()]
+
+    model, _, _ = sharded_model()  # the initial weights: the checkpoint must bring the trained ones
+    opt = MAKERS[name](model.parameters())
+    msd, osd = get_state_dict(model, opt)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=where)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    drive(opt, model, xs, ys, "closure", STEPS)
+    return {"resumed": [p.full_tensor() for p in model.parameters()],
+            "uninterrupted": uninterrupted}
+
+
+def _worker(rank, port, out_dir):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    timeout = datetime.timedelta(seconds=60)
+    store = dist.TCPStore("127.0.0.1", port, WORLD, rank == 0, timeout=timeout)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD, timeout=timeout)
+    try:
+        for case, args in CASES.items():
+            torch.save(_run_case(rank, *args), os.path.join(out_dir, f"{case}-rank{rank}.pt"))
+        for name in CHECKPOINTED:
+            torch.save(_run_checkpointed(rank, name, out_dir),
+                       os.path.join(out_dir, f"dcp-{name}-rank{rank}.pt"))
+        dist.barrier()
+    finally:  # the shutdown handshake of test_distributed.py
+        store.add("finished", 1)
+        _wait_count(store, "finished")
+        dist.destroy_process_group()
+        store.add("left", 1)
+        if rank == 0:
+            _wait_count(store, "left")
+
+
+class _Spawn:
+    """Every case on WORLD ranks, one spawn, started at collection (conftest.background_job)."""
+
+    def __init__(self, workdir):
+        self.out = workdir
+        self.ctx = mp.start_processes(_worker, args=(_free_port(), str(workdir)), nprocs=WORLD,
+                                      join=False, start_method="spawn")
+
+    def wait(self):
+        while not self.ctx.join():
+            pass
+        names = list(CASES) + [f"dcp-{n}" for n in CHECKPOINTED]
+        return {case: [torch.load(self.out / f"{case}-rank{r}.pt", weights_only=False)
+                       for r in range(WORLD)] for case in names}
+
+    def kill(self):
+        for p in self.ctx.processes:
+            if p.is_alive():
+                p.kill()
+
+
+conftest.background_job("fsdp")(_Spawn)
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs():
+    return conftest.job("fsdp").wait()
+
+
+def unsharded(name, mode="closure", skip_step=None):
+    """The reference: one process, the whole batch, the step ``skip_step`` left out."""
+    model, x, y = model_and_data()
+    opt = MAKERS[name](model.parameters())
+    for t in range(STEPS):
+        if t != skip_step:
+            drive(opt, model, x, y, mode, 1)
+    return [p.detach() for p in model.parameters()]
+
+
+def _close(got, want):
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("case", [c for c, (_, _, poison) in CASES.items() if poison < 0])
+def test_fsdp_equals_unsharded_full_batch(fsdp_runs, case):
+    name, mode, _ = CASES[case]
+    want = unsharded(name, mode)
+    for r in fsdp_runs[case]:
+        assert r["skipped"] == [False] * STEPS
+        _close(r["params"], want)
+
+
+@pytest.mark.parametrize("case", [c for c, (_, _, poison) in CASES.items() if poison >= 0])
+def test_nan_in_one_shard_skips_the_step_everywhere(fsdp_runs, case):
+    name, _, poison = CASES[case]
+    want = unsharded(name, skip_step=poison)
+    for r in fsdp_runs[case]:
+        assert r["skipped"] == [t == poison for t in range(STEPS)]
+        _close(r["params"], want)
+
+
+@pytest.mark.parametrize("name", CHECKPOINTED)
+def test_distributed_checkpoint_resumes_exactly(fsdp_runs, name):
+    for r in fsdp_runs[f"dcp-{name}"]:
+        for a, b in zip(r["resumed"], r["uninterrupted"]):
+            assert torch.equal(a, b)
