@@ -6,6 +6,7 @@ the gradients as the mean over the ranks.  Rank r trains on half r of the batch,
 the two halves' mean gradients is the full batch's: the reference is one process on the whole
 batch (m = 1).  The ops run on the local shards; the norms, dot products and inf/NaN flags are
 reduced over the shards' group.  All runs share one spawn (one process group)."""
+import contextlib
 import datetime
 import os
 import time
@@ -17,6 +18,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from samkernels import optim as sk
+from samkernels import use_backend as sk_backend
 
 import conftest
 from test_distributed import _free_port, _wait_count
@@ -46,6 +48,16 @@ MAKERS = {
     "looksam": lambda ps: sk.LookSAM(ps, lr=0.1, rho=0.1, k=2),
     "friendlysam": lambda ps: sk.FriendlySAM(ps, lr=0.1, rho=0.1, sigma=1.0, lmbda=0.9),
 }
+# noise keyed by each element's index in the whole parameter: a shard draws the unsharded numbers
+NOISY = {
+    "bsam": lambda ps: sk.BSAM(ps, lr=0.1, num_data=64, rho=0.05, weight_decay=1e-3, seed=9),
+    "randomsam": lambda ps: sk.RandomSAM(ps, lr=0.1, rho=0.05, momentum=0.9, seed=5),
+    "mfvi": lambda ps: sk.MFVI(ps, lr=0.1, num_data=64, rho=0.05, seed=7),
+    "ivon": lambda ps: sk.IVON(ps, lr=0.1, ess=64, seed=3),
+    "ebisam": lambda ps: sk.EBiSAM(ps, lr=0.1, rho=0.05, beta=0.5, gamma=1.0, seed=4),
+}
+MAKERS.update(NOISY)
+POSTERIORS = ("bsam", "mfvi", "ivon")  # sampled_params, predictive (and posterior_variance)
 
 # (optimizer, how the step is driven, step whose gradient rank 1 poisons or -1)
 CASES = {name: (name, "closure", -1) for name in MAKERS}
@@ -53,7 +65,14 @@ CASES.update({"sam-phases": ("sam", "phases", -1),
               "nan-sam": ("sam", "closure", 1),
               "nan-sam-device": ("sam", "device", 1),
               "nan-vsam": ("vsam", "closure", 1)})
-CHECKPOINTED = ("sam-adam", "vsam")  # resumed through torch.distributed.checkpoint
+CASES.update({"nan-bsam": ("bsam", "closure", 1)})
+CHECKPOINTED = ("sam-adam", "vsam", "bsam", "mfvi")  # resumed through torch.distributed.checkpoint
+
+
+def backend(name):
+    """The backend a sharded run of optimizer ``name`` uses: the reference for the noisy ones
+    (the only one that draws a shard's numbers from its element offset so far)."""
+    return sk_backend("reference") if name in NOISY else contextlib.nullcontext()
 
 
 def model_and_data():
@@ -113,7 +132,21 @@ def _run_case(rank, name, mode, poison_step):
     for _ in range(STEPS):
         drive(opt, model, xs, ys, mode, 1, poison)
         skipped.append(bool(opt.step_skipped))
-    return {"params": [p.full_tensor() for p in model.parameters()], "skipped": skipped}
+    out = {"params": [p.full_tensor() for p in model.parameters()], "skipped": skipped}
+    if name in POSTERIORS and poison_step < 0:
+        out.update(posterior(opt, model, x))
+    return out
+
+
+def posterior(opt, model, x):
+    """A posterior draw's weights, the predictive on x (every rank: the whole x), the variances."""
+    with opt.sampled_params(generator=11):
+        drawn = [p.full_tensor() if hasattr(p, "full_tensor") else p.detach().clone()
+                 for p in model.parameters()]
+    pred = opt.predictive(model, x, samples=2, generator=3)
+    var = [v.full_tensor() if hasattr(v, "full_tensor") else v
+           for v in getattr(opt, "posterior_variance", lambda: [])()]
+    return {"drawn": drawn, "predictive": pred, "variance": var}
 
 
 def _run_checkpointed(rank, name, out_dir):
@@ -143,6 +176,21 @@ def _run_checkpointed(rank, name, out_dir):
             "uninterrupted": uninterrupted}
 
 
+def _fused_refuses_shards(rank):
+    """The message of a noise op on shards under the default (cpu) backend, which does not yet
+    draw from an element offset: an error, never other numbers."""
+    model, x, y = sharded_model()
+    opt = NOISY["bsam"](model.parameters())
+    before = [p.full_tensor() for p in model.parameters()]
+    try:
+        opt.noise_step()
+        message = None
+    except ValueError as exc:
+        message = str(exc)
+    return {"message": message, "restored": all(
+        torch.equal(a, p.full_tensor()) for a, p in zip(before, model.parameters()))}
+
+
 def _worker(rank, port, out_dir):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
@@ -151,10 +199,14 @@ def _worker(rank, port, out_dir):
     dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD, timeout=timeout)
     try:
         for case, args in CASES.items():
-            torch.save(_run_case(rank, *args), os.path.join(out_dir, f"{case}-rank{rank}.pt"))
+            with backend(args[0]):
+                out = _run_case(rank, *args)
+            torch.save(out, os.path.join(out_dir, f"{case}-rank{rank}.pt"))
         for name in CHECKPOINTED:
-            torch.save(_run_checkpointed(rank, name, out_dir),
-                       os.path.join(out_dir, f"dcp-{name}-rank{rank}.pt"))
+            with backend(name):
+                out = _run_checkpointed(rank, name, out_dir)
+            torch.save(out, os.path.join(out_dir, f"dcp-{name}-rank{rank}.pt"))
+        torch.save(_fused_refuses_shards(rank), os.path.join(out_dir, f"refused-rank{rank}.pt"))
         dist.barrier()
     finally:  # the shutdown handshake of test_distributed.py
         store.add("finished", 1)
@@ -176,7 +228,7 @@ class _Spawn:
     def wait(self):
         while not self.ctx.join():
             pass
-        names = list(CASES) + [f"dcp-{n}" for n in CHECKPOINTED]
+        names = list(CASES) + [f"dcp-{n}" for n in CHECKPOINTED] + ["refused"]
         return {case: [torch.load(self.out / f"{case}-rank{r}.pt", weights_only=False)
                        for r in range(WORLD)] for case in names}
 
@@ -194,14 +246,15 @@ def fsdp_runs():
     return conftest.job("fsdp").wait()
 
 
-def unsharded(name, mode="closure", skip_step=None):
-    """The reference: one process, the whole batch, the step ``skip_step`` left out."""
+def unsharded(name, mode="closure", skip_step=None, with_posterior=False):
+    """The reference: one process (default backend), the whole batch, ``skip_step`` left out."""
     model, x, y = model_and_data()
     opt = MAKERS[name](model.parameters())
     for t in range(STEPS):
         if t != skip_step:
             drive(opt, model, x, y, mode, 1)
-    return [p.detach() for p in model.parameters()]
+    params = [p.detach() for p in model.parameters()]
+    return (params, posterior(opt, model, x)) if with_posterior else params
 
 
 def _close(got, want):
@@ -218,6 +271,16 @@ def test_fsdp_equals_unsharded_full_batch(fsdp_runs, case):
         _close(r["params"], want)
 
 
+@pytest.mark.parametrize("name", POSTERIORS)
+def test_posterior_of_sharded_model(fsdp_runs, name):
+    """sampled_params draws the unsharded model's sample; predictive and the variances agree."""
+    _, want = unsharded(name, with_posterior=True)
+    for r in fsdp_runs[name]:
+        _close(r["drawn"], want["drawn"])
+        torch.testing.assert_close(r["predictive"], want["predictive"], rtol=1e-12, atol=1e-13)
+        _close(r["variance"], want["variance"])
+
+
 @pytest.mark.parametrize("case", [c for c, (_, _, poison) in CASES.items() if poison >= 0])
 def test_nan_in_one_shard_skips_the_step_everywhere(fsdp_runs, case):
     name, _, poison = CASES[case]
@@ -232,3 +295,29 @@ def test_distributed_checkpoint_resumes_exactly(fsdp_runs, name):
     for r in fsdp_runs[f"dcp-{name}"]:
         for a, b in zip(r["resumed"], r["uninterrupted"]):
             assert torch.equal(a, b)
+
+
+def test_fused_backend_refuses_shard_noise(fsdp_runs):
+    for r in fsdp_runs["refused"]:
+        assert r["message"] is not None and "reference backend only" in r["message"]
+        assert r["restored"]
+
+
+@pytest.mark.parametrize("start", [0, 1, 6, 2 ** 32 + 3])
+def test_reference_noise_from_an_element_offset(start):
+    """The ids' bits above the low 32 give the first element's index: a shard draws the same
+    numbers as the whole parameter (normals and E-BiSAM's uniforms)."""
+    from samkernels.ops import reference as R
+    seed, step, pid, n = 2 ** 40 + 17, 5, 3, 23
+    if start < 1000:
+        for draw in (R.philox_normal, R.philox_uniform):
+            whole = draw(seed, step, pid, start + n)
+            assert torch.equal(draw(seed, step, pid | (start << 32), n), whole[start:])
+    else:  # a large offset: the element counter's own words (i // 4 over 32 bits)
+        z = R.philox_normal(seed, step, pid | (start << 32), n)
+        i = torch.arange(start, start + n)
+        x = R.philox4x32(i >> 2 & 0xFFFFFFFF, torch.full_like(i, pid), torch.full_like(i, step),
+                         torch.zeros_like(i), seed & 0xFFFFFFFF, seed >> 32)
+        assert torch.equal(R._uniform(torch.stack(x).gather(0, (i & 3)[None])[0], torch.float64),
+                           R.philox_uniform(seed, step, pid | (start << 32), n))
+        assert z.shape == (n,) and torch.isfinite(z).all()

@@ -110,6 +110,39 @@ def _local_shards(lists: tuple) -> tuple:
     return tuple([t._local_tensor if isinstance(t, cls) else t for t in lst] for lst in lists)
 
 
+def _shard_ids(name: str, lead: Sequence[Tensor], param_ids: Sequence[int]):
+    """(param_ids with each DTensor shard's first element index above the low 32 bits, whether
+    some entry is a part of a larger parameter): the noise of a shard is the whole parameter's
+    (``_spec.IDS_SEED_STEP``).  A shard must be a contiguous range of the flattened parameter:
+    sharded along dim 0 only."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    out, any_offset = [], False
+    for i, (t, pid) in enumerate(zip(lead, param_ids)):
+        start = 0
+        if isinstance(t, DTensor) and t.numel():
+            if any(pl.is_shard() and pl.dim != 0 for pl in t.placements):
+                raise OpArgumentError(f"{name}: entry {i} is a DTensor sharded along a dimension "
+                                      f"other than 0 ({tuple(t.placements)}); its noise needs "
+                                      "shards that are contiguous ranges of the parameter")
+            _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh,
+                                                              t.placements)
+            start = offset[0] * (t.numel() // t.shape[0]) if t.dim() else 0
+            # every rank alike (rank 0's shards start at 0): the backend check must not differ
+            any_offset = any_offset or t._local_tensor.numel() != t.numel()
+        if start:
+            pid = (pid & 0xFFFFFFFF) | (start << 32)
+        out.append(pid)
+    return out, any_offset
+
+
+def _shard_backend_error(name: str) -> None:
+    raise OpArgumentError(f"{name}: the noise of DTensor shards (each drawing its part of the "
+                          "whole parameter's numbers, from its first element's index) is "
+                          "implemented by the reference backend only so far; run the step under "
+                          "samkernels.use_backend('reference')")
+
+
 def _source(op: OpSpec) -> str:
     """The wrapper's Python source: real parameters (so calls bind at C speed, and
     ``inspect.signature`` / ``help`` show them), the O(1) checks inline, one dispatcher call."""
@@ -122,8 +155,11 @@ def _source(op: OpSpec) -> str:
     body = [f"def {op.name}({params}, *, backend=None):",
             f"    n = len({lead})"]
     lists = ", ".join(a.name for a in op.lists)
-    body += [f"    if n and type({lead}[0]) not in _PLAIN:  # DTensors: run on the local shards",
-             f"        {lists}, = _local_shards(({lists},))"]
+    body += ["    offsets = False"] if op.takes_ids else []
+    body += [f"    if n and type({lead}[0]) not in _PLAIN:  # DTensors: run on the local shards"]
+    if op.takes_ids:
+        body += [f"        param_ids, offsets = _shard_ids({op.name!r}, {lead}, param_ids)"]
+    body += [f"        {lists}, = _local_shards(({lists},))"]
     if same:
         body += [f"    if {' or '.join(same)}:",
                  f"        _lengths_error(PHASES[{op.name!r}], ({names},))"]
@@ -141,6 +177,9 @@ def _source(op: OpSpec) -> str:
              # the kernels check every tensor's device; the spec does not
              f"    if n and impl is _SPEC[{op.name!r}]:",
              f"        _check_devices(PHASES[{op.name!r}], ({names},))"]
+    if op.takes_ids:
+        body += ["    elif offsets:",
+                 f"        _shard_backend_error({op.name!r})"]
     body.append(f"    return impl({names})" if op.returns != "()" else f"    impl({names})")
     return "\n".join(body) + "\n"
 

@@ -71,8 +71,11 @@ def philox4x32(c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor, k0: int, k1: int,
 
 def _philox_block(seed: int, step: int, param_id: int, numel: int, device):
     """(element index i, the four Philox words of i's block): counter (i // 4, param_id, step_lo,
-    step_hi), key = seed (both 64-bit values split into 32-bit words)."""
-    i = torch.arange(numel, dtype=torch.int64, device=device)
+    step_hi), key = seed (both 64-bit values split into 32-bit words).  The bits of ``param_id``
+    above the low 32 are the element index of the tensor's first element: a shard of a larger
+    parameter draws that parameter's numbers (see ``samkernels.ops._spec``, IDS_SEED_STEP)."""
+    start = param_id >> 32
+    i = torch.arange(start, start + numel, dtype=torch.int64, device=device)
     q = i >> 2
     full = lambda v: torch.full_like(q, v)  # noqa: E731
     x = philox4x32(q, full(param_id & _MASK32), full(step & _MASK32), full((step >> 32) & _MASK32),
