@@ -6,10 +6,10 @@ the gradients as the mean over the ranks.  Rank r trains on half r of the batch,
 the two halves' mean gradients is the full batch's: the reference is one process on the whole
 batch (m = 1).  The ops run on the local shards; the norms, dot products and inf/NaN flags are
 reduced over the shards' group.  All runs share one spawn (one process group)."""
-import contextlib
 import datetime
 import os
 import time
+import warnings
 
 import pytest
 import torch
@@ -68,11 +68,6 @@ CASES.update({"sam-phases": ("sam", "phases", -1),
 CASES.update({"nan-bsam": ("bsam", "closure", 1)})
 CHECKPOINTED = ("sam-adam", "vsam", "bsam", "mfvi")  # resumed through torch.distributed.checkpoint
 
-
-def backend(name):
-    """The backend a sharded run of optimizer ``name`` uses: the reference for the noisy ones
-    (the only one that draws a shard's numbers from its element offset so far)."""
-    return sk_backend("reference") if name in NOISY else contextlib.nullcontext()
 
 
 def model_and_data():
@@ -177,18 +172,24 @@ def _run_checkpointed(rank, name, out_dir):
 
 
 def _fused_refuses_shards(rank):
-    """The message of a noise op on shards under the default (cpu) backend, which does not yet
-    draw from an element offset: an error, never other numbers."""
+    """Noise on shards: the automatic choice runs it on the reference (one warning); a fused
+    backend asked for by name raises on every rank (rank 0's shards start at element 0 too)."""
     model, x, y = sharded_model()
     opt = NOISY["bsam"](model.parameters())
     before = [p.full_tensor() for p in model.parameters()]
     try:
-        opt.noise_step()
+        with sk_backend("cpu"):
+            opt.noise_step()
         message = None
     except ValueError as exc:
         message = str(exc)
-    return {"message": message, "restored": all(
-        torch.equal(a, p.full_tensor()) for a, p in zip(before, model.parameters()))}
+    restored = all(torch.equal(a, p.full_tensor()) for a, p in zip(before, model.parameters()))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.noise_step()
+    opt.restore()
+    return {"message": message, "restored": restored,
+            "warnings": [str(w.message) for w in caught if w.category is RuntimeWarning]}
 
 
 def _worker(rank, port, out_dir):
@@ -198,15 +199,13 @@ def _worker(rank, port, out_dir):
     store = dist.TCPStore("127.0.0.1", port, WORLD, rank == 0, timeout=timeout)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD, timeout=timeout)
     try:
-        for case, args in CASES.items():
-            with backend(args[0]):
-                out = _run_case(rank, *args)
-            torch.save(out, os.path.join(out_dir, f"{case}-rank{rank}.pt"))
-        for name in CHECKPOINTED:
-            with backend(name):
-                out = _run_checkpointed(rank, name, out_dir)
-            torch.save(out, os.path.join(out_dir, f"dcp-{name}-rank{rank}.pt"))
+        # first: the fallback warns once per op and process
         torch.save(_fused_refuses_shards(rank), os.path.join(out_dir, f"refused-rank{rank}.pt"))
+        for case, args in CASES.items():
+            torch.save(_run_case(rank, *args), os.path.join(out_dir, f"{case}-rank{rank}.pt"))
+        for name in CHECKPOINTED:
+            torch.save(_run_checkpointed(rank, name, out_dir),
+                       os.path.join(out_dir, f"dcp-{name}-rank{rank}.pt"))
         dist.barrier()
     finally:  # the shutdown handshake of test_distributed.py
         store.add("finished", 1)
@@ -297,27 +296,24 @@ def test_distributed_checkpoint_resumes_exactly(fsdp_runs, name):
             assert torch.equal(a, b)
 
 
-def test_fused_backend_refuses_shard_noise(fsdp_runs):
+def test_shard_noise_runs_on_the_reference(fsdp_runs):
     for r in fsdp_runs["refused"]:
         assert r["message"] is not None and "reference backend only" in r["message"]
         assert r["restored"]
+        assert any("runs on the reference backend" in w for w in r["warnings"])
 
 
-@pytest.mark.parametrize("start", [0, 1, 6, 2 ** 32 + 3])
-def test_reference_noise_from_an_element_offset(start):
-    """The ids' bits above the low 32 give the first element's index: a shard draws the same
-    numbers as the whole parameter (normals and E-BiSAM's uniforms)."""
+@pytest.mark.parametrize("start", [0, 1, 6, 2 ** 34 + 3])
+def test_reference_noise_from_a_shard_start(start):
+    """A ``ShardId`` draws the whole parameter's numbers from its start on (normals and E-BiSAM's
+    uniforms); its counter word is the id's low 32 bits, as a plain id's."""
     from samkernels.ops import reference as R
-    seed, step, pid, n = 2 ** 40 + 17, 5, 3, 23
-    if start < 1000:
-        for draw in (R.philox_normal, R.philox_uniform):
-            whole = draw(seed, step, pid, start + n)
-            assert torch.equal(draw(seed, step, pid | (start << 32), n), whole[start:])
-    else:  # a large offset: the element counter's own words (i // 4 over 32 bits)
-        z = R.philox_normal(seed, step, pid | (start << 32), n)
-        i = torch.arange(start, start + n)
-        x = R.philox4x32(i >> 2 & 0xFFFFFFFF, torch.full_like(i, pid), torch.full_like(i, step),
-                         torch.zeros_like(i), seed & 0xFFFFFFFF, seed >> 32)
-        assert torch.equal(R._uniform(torch.stack(x).gather(0, (i & 3)[None])[0], torch.float64),
-                           R.philox_uniform(seed, step, pid | (start << 32), n))
-        assert z.shape == (n,) and torch.isfinite(z).all()
+    seed, step, pid, n = 2 ** 40 + 17, 5, 2 ** 32 + 3, 23
+    for draw in (R.philox_normal, R.philox_uniform):
+        got = draw(seed, step, R.ShardId(pid, start), n)
+        if start < 1000:
+            assert torch.equal(got, draw(seed, step, pid, start + n)[start:])
+    i = torch.arange(start, start + n)  # far out: the counter's own words, i // 4 over 32 bits
+    x = R.philox4x32(i >> 2 & 0xFFFFFFFF, torch.full_like(i, 3), torch.full_like(i, step),
+                     torch.zeros_like(i), seed & 0xFFFFFFFF, seed >> 32)
+    assert torch.equal(R._uniform(torch.stack(x).gather(0, (i & 3)[None])[0], torch.float64), got)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import linecache
 import sys
+import warnings
 from typing import Sequence
 
 import torch
@@ -111,36 +112,46 @@ def _local_shards(lists: tuple) -> tuple:
 
 
 def _shard_ids(name: str, lead: Sequence[Tensor], param_ids: Sequence[int]):
-    """(param_ids with each DTensor shard's first element index above the low 32 bits, whether
-    some entry is a part of a larger parameter): the noise of a shard is the whole parameter's
-    (``_spec.IDS_SEED_STEP``).  A shard must be a contiguous range of the flattened parameter:
-    sharded along dim 0 only."""
+    """(param_ids with a ``reference.ShardId`` for each DTensor that is a part of a larger
+    parameter, whether there is one).  Its noise is the whole parameter's numbers from the
+    shard's first element on, so the shard must be a contiguous range of the flattened
+    parameter: sharded along dim 0 only."""
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-    out, any_offset = [], False
+    out, sharded = [], False
     for i, (t, pid) in enumerate(zip(lead, param_ids)):
-        start = 0
-        if isinstance(t, DTensor) and t.numel():
+        if isinstance(t, DTensor) and t._local_tensor.numel() != t.numel():
             if any(pl.is_shard() and pl.dim != 0 for pl in t.placements):
                 raise OpArgumentError(f"{name}: entry {i} is a DTensor sharded along a dimension "
                                       f"other than 0 ({tuple(t.placements)}); its noise needs "
                                       "shards that are contiguous ranges of the parameter")
             _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh,
                                                               t.placements)
-            start = offset[0] * (t.numel() // t.shape[0]) if t.dim() else 0
-            # every rank alike (rank 0's shards start at 0): the backend check must not differ
-            any_offset = any_offset or t._local_tensor.numel() != t.numel()
-        if start:
-            pid = (pid & 0xFFFFFFFF) | (start << 32)
+            pid = reference.ShardId(pid, offset[0] * (t.numel() // t.shape[0]))
+            sharded = True
         out.append(pid)
-    return out, any_offset
+    return out, sharded
 
 
-def _shard_backend_error(name: str) -> None:
-    raise OpArgumentError(f"{name}: the noise of DTensor shards (each drawing its part of the "
-                          "whole parameter's numbers, from its first element's index) is "
-                          "implemented by the reference backend only so far; run the step under "
-                          "samkernels.use_backend('reference')")
+def _shard_noise_impl(name: str, impl, backend):
+    """The implementation for noise on shards: the reference, the one backend that draws from a
+    first element other than 0 so far (``reference.ShardId``).  Under the automatic choice a
+    fused backend gives way to it with one warning; a backend asked for by name raises."""
+    if impl is _SPEC[name]:
+        return impl
+    if backend is not None or _dispatch.requested() != "auto":
+        raise OpArgumentError(f"{name}: the noise of DTensor shards (each drawing its part of the "
+                              "whole parameter's numbers) is implemented by the reference backend "
+                              "only so far; run with the automatic backend choice or 'reference'")
+    if name not in _warned_shards:
+        _warned_shards.add(name)
+        warnings.warn(f"samkernels: {name} on DTensor shards runs on the reference backend (the "
+                      "fused kernels do not yet draw a shard's part of a parameter's noise)",
+                      RuntimeWarning, stacklevel=3)
+    return _SPEC[name]
+
+
+_warned_shards: set = set()
 
 
 def _source(op: OpSpec) -> str:
@@ -155,10 +166,10 @@ def _source(op: OpSpec) -> str:
     body = [f"def {op.name}({params}, *, backend=None):",
             f"    n = len({lead})"]
     lists = ", ".join(a.name for a in op.lists)
-    body += ["    offsets = False"] if op.takes_ids else []
+    body += ["    sharded = False"] if op.takes_ids else []
     body += [f"    if n and type({lead}[0]) not in _PLAIN:  # DTensors: run on the local shards"]
     if op.takes_ids:
-        body += [f"        param_ids, offsets = _shard_ids({op.name!r}, {lead}, param_ids)"]
+        body += [f"        param_ids, sharded = _shard_ids({op.name!r}, {lead}, param_ids)"]
     body += [f"        {lists}, = _local_shards(({lists},))"]
     if same:
         body += [f"    if {' or '.join(same)}:",
@@ -173,13 +184,14 @@ def _source(op: OpSpec) -> str:
     # empty lists: nothing to run a kernel on (and no tensor to dispatch on): the reference's
     # result on every backend (no change; a norm op returns its norm argument, or a zero norm)
     pick = f"_dispatch.implementation({op.name!r}, "
-    body += [f"    impl = {pick}{lead}[0].device, backend) if n else {pick}_CPU, 'reference')",
+    body += [f"    impl = {pick}{lead}[0].device, backend) if n else {pick}_CPU, 'reference')"]
+    if op.takes_ids:
+        body += ["    if sharded:",
+                 f"        impl = _shard_noise_impl({op.name!r}, impl, backend)"]
+    body += [
              # the kernels check every tensor's device; the spec does not
              f"    if n and impl is _SPEC[{op.name!r}]:",
              f"        _check_devices(PHASES[{op.name!r}], ({names},))"]
-    if op.takes_ids:
-        body += ["    elif offsets:",
-                 f"        _shard_backend_error({op.name!r})"]
     body.append(f"    return impl({names})" if op.returns != "()" else f"    impl({names})")
     return "\n".join(body) + "\n"
 

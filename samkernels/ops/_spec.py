@@ -122,9 +122,4 @@ NOISED = (L("params", "param", True), L("backups", "backup", True))
 # the lists a gradient phase starts with: perturbing writes the backups, updating reads them
 PERTURBED = (L("params", "param", True), L("grads", "grad"), L("backups", "backup", True))
 UPDATED = (L("params", "param", True), L("grads", "grad"), L("backups", "backup"))
-# param_ids: one per tensor; the low 32 bits are the parameter's word of the Philox counter, the
-# bits above them the element index (in the parameter) of the tensor's first element: nonzero only
-# for a shard of a larger parameter (FSDP2), so that every shard draws the numbers of the whole
-# parameter.  The public wrappers fill them in for DTensor shards; the reference backend reads
-# them (the fused backends refuse nonzero ones).
 IDS_SEED_STEP = (Arg("param_ids", INT_LIST), Arg("seed", INT), Arg("step", INT))
