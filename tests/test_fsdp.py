@@ -184,11 +184,13 @@ def _fused_refuses_shards(rank):
     except ValueError as exc:
         message = str(exc)
     restored = all(torch.equal(a, p.full_tensor()) for a, p in zip(before, model.parameters()))
+    torch.manual_seed(100 + rank)  # the ranks' generators differ: a drawn seed is rank 0's
+    drawn = sk.MFVI(model.parameters(), lr=0.1, num_data=64).state_dict()["samkernels"]["seed"]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         opt.noise_step()
     opt.restore()
-    return {"message": message, "restored": restored,
+    return {"message": message, "restored": restored, "drawn_seed": drawn,
             "warnings": [str(w.message) for w in caught if w.category is RuntimeWarning]}
 
 
@@ -301,6 +303,7 @@ def test_shard_noise_runs_on_the_reference(fsdp_runs):
         assert r["message"] is not None and "reference backend only" in r["message"]
         assert r["restored"]
         assert any("runs on the reference backend" in w for w in r["warnings"])
+    assert fsdp_runs["refused"][0]["drawn_seed"] == fsdp_runs["refused"][1]["drawn_seed"]
 
 
 @pytest.mark.parametrize("start", [0, 1, 6, 2 ** 34 + 3])

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from samkernels import ops
 from samkernels.ops import _PLAIN, _local_shards
-from samkernels.optim.utils import bn_frozen
+from samkernels.optim.utils import bn_frozen, draw_seed
 
 NONFINITE_POLICIES = ("skip", "skip_on_device", "raise", "unchecked")
 
@@ -217,6 +217,20 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         self.ddp_model = ddp_model
 
     # -- DDP: m-sharpness across ranks -----------------------------------------------------------
+    def _shared_seed(self, seed) -> int:
+        """``draw_seed(seed)``, one value on every rank when the parameters are shards: a drawn
+        seed (``seed`` not an int) is rank 0's, broadcast over the shards' group, since every
+        shard must draw from the whole parameter's stream."""
+        value = draw_seed(seed)
+        if self._sharded and not isinstance(seed, int):
+            import torch.distributed as dist
+            group = self._reduce_group()
+            first = next(p for g in self.param_groups for p in g["params"])
+            t = torch.tensor([value], dtype=torch.int64, device=first.device)
+            dist.broadcast(t, src=dist.get_global_rank(group, 0), group=group)
+            value = int(t.item())
+        return value
+
     def _reduce_group(self):
         """The process group of ``_all_reduce``: ``ddp_model``'s, else the parameters' shards'."""
         if self.ddp_model is not None:

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from samkernels import ops
 from samkernels.optim._base import _n_positional, check_beta, check_positive
-from samkernels.optim.utils import SeedLike, draw_seed
+from samkernels.optim.utils import SeedLike
 from samkernels.optim.sam import SAM
 
 _PHIS = ("neglog", "tanh")
@@ -203,7 +203,7 @@ class EBiSAM(BiSAM):
         for g in self.param_groups:
             g.setdefault("beta", beta)
         self.gamma, self.normalize = float(gamma), bool(normalize)
-        self._extra_state.update(seed=draw_seed(seed), noise_step=0)
+        self._extra_state.update(seed=self._shared_seed(seed), noise_step=0)
         # the mask counter when this step's first mask was drawn (dicts: set in place)
         self._mask = {"start": 0, "open": False}
 

@@ -17,7 +17,7 @@ from samkernels import ops
 from samkernels._dtypes import opmath
 from samkernels.optim._base import (TwoPassOptimizer, check_betas, check_choice, check_nonneg,
                                     check_positive, foreach_copy_, mean_loss)
-from samkernels.optim.utils import PosteriorSampler, SeedLike, draw_seed
+from samkernels.optim.utils import PosteriorSampler, SeedLike
 
 
 class BSAM(PosteriorSampler, TwoPassOptimizer):
@@ -68,7 +68,7 @@ class BSAM(PosteriorSampler, TwoPassOptimizer):
         super().__init__(params, defaults)
         self._configure(freeze_bn, rho_schedule, nonfinite, ddp_model)
         self.freeze_bn_noisy = bool(freeze_bn_noisy)
-        self._extra_state.update(seed=draw_seed(seed), noise_step=0)
+        self._extra_state.update(seed=self._shared_seed(seed), noise_step=0)
         self._accum_bufs = {}  # transient sqrt(s)|g| sums (released order, m-sharpness), never saved
         self._accumulating = {"on": False}  # a dict, set in place (see TwoPassOptimizer on compile)
         self._accum_touched = {}  # parameters whose sum was started this step (an ordered set)

@@ -21,7 +21,7 @@ from samkernels import ops
 from samkernels._dtypes import opmath
 from samkernels.optim._base import (TwoPassOptimizer, check_beta, check_nonneg, check_positive,
                                     foreach_copy_)
-from samkernels.optim.utils import PosteriorSampler, SeedLike, draw_seed
+from samkernels.optim.utils import PosteriorSampler, SeedLike
 
 
 class GaussianPosterior(PosteriorSampler):
@@ -104,7 +104,7 @@ class MFVI(GaussianPosterior, TwoPassOptimizer):
         super().__init__(params, defaults)  # _check_group checks these, and every group's
         self._configure(freeze_bn, None, nonfinite)
         self.freeze_bn_noisy = bool(freeze_bn_noisy)
-        self._extra_state.update(seed=draw_seed(seed), noise_step=0)
+        self._extra_state.update(seed=self._shared_seed(seed), noise_step=0)
         self._noise = {"at": 0}  # counter of the noise now in the weights (a dict: set in place)
 
     def _check_group(self, group: dict) -> None:
