@@ -6,24 +6,21 @@ the gradients as the mean over the ranks.  Rank r trains on half r of the batch,
 the two halves' mean gradients is the full batch's: the reference is one process on the whole
 batch (m = 1).  The ops run on the local shards; the norms, dot products and inf/NaN flags are
 reduced over the shards' group.  All runs share one spawn (one process group)."""
-import datetime
 import os
-import time
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from samkernels import optim as sk
 from samkernels import use_backend as sk_backend
 
 import conftest
-from test_distributed import _free_port, _wait_count
+from test_distributed import WORLD, _Spawn, in_process_group
 
-WORLD, STEPS, BATCH = 2, 3, 16
+STEPS, BATCH = 3, 16
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -195,12 +192,7 @@ def _fused_refuses_shards(rank):
 
 
 def _worker(rank, port, out_dir):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    timeout = datetime.timedelta(seconds=60)
-    store = dist.TCPStore("127.0.0.1", port, WORLD, rank == 0, timeout=timeout)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD, timeout=timeout)
-    try:
+    def run():
         # first: the fallback warns once per op and process
         torch.save(_fused_refuses_shards(rank), os.path.join(out_dir, f"refused-rank{rank}.pt"))
         for case, args in CASES.items():
@@ -208,38 +200,15 @@ def _worker(rank, port, out_dir):
         for name in CHECKPOINTED:
             torch.save(_run_checkpointed(rank, name, out_dir),
                        os.path.join(out_dir, f"dcp-{name}-rank{rank}.pt"))
-        dist.barrier()
-    finally:  # the shutdown handshake of test_distributed.py
-        store.add("finished", 1)
-        _wait_count(store, "finished")
-        dist.destroy_process_group()
-        store.add("left", 1)
-        if rank == 0:
-            _wait_count(store, "left")
+    in_process_group(rank, port, run)
 
 
-class _Spawn:
+def _spawn(workdir):
     """Every case on WORLD ranks, one spawn, started at collection (conftest.background_job)."""
-
-    def __init__(self, workdir):
-        self.out = workdir
-        self.ctx = mp.start_processes(_worker, args=(_free_port(), str(workdir)), nprocs=WORLD,
-                                      join=False, start_method="spawn")
-
-    def wait(self):
-        while not self.ctx.join():
-            pass
-        names = list(CASES) + [f"dcp-{n}" for n in CHECKPOINTED] + ["refused"]
-        return {case: [torch.load(self.out / f"{case}-rank{r}.pt", weights_only=False)
-                       for r in range(WORLD)] for case in names}
-
-    def kill(self):
-        for p in self.ctx.processes:
-            if p.is_alive():
-                p.kill()
+    return _Spawn(workdir, _worker, list(CASES) + [f"dcp-{n}" for n in CHECKPOINTED] + ["refused"])
 
 
-conftest.background_job("fsdp")(_Spawn)
+conftest.background_job("fsdp")(_spawn)
 
 
 @pytest.fixture(scope="module")

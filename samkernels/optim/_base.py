@@ -99,6 +99,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, params, defaults):
+        self._layout = {"key": None, "group": None}  # see _check_sharding (add_param_group)
         super().__init__(params, defaults)
         self._backups: Dict[Tensor, Tensor] = {}
         self._perturbed: List[Tuple[List[Tensor], List[Tensor]]] = []  # (params, backups) now moved
@@ -172,7 +173,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         """Every parameter of the optimizer is laid out alike: all plain tensors, or all DTensors
         sharded over one process group (FSDP2's ``fully_shard``), so that each global quantity
         is one collective over that group.  Recorded for ``_sharded`` and ``_all_reduce``."""
-        layout = self.__dict__.setdefault("_layout", {"key": None, "group": None})
+        layout = self._layout
         for pi, p in enumerate(group["params"]):
             key, pg = _layout_of(p, f"param_groups[{gi}]['params'][{pi}]")
             if layout["key"] is None:
@@ -187,7 +188,8 @@ class TwoPassOptimizer(torch.optim.Optimizer):
     def _sharded(self) -> bool:
         """True when the parameters are DTensor shards (FSDP2): norms, dot products and inf/NaN
         flags of the local shards are reduced over their process group."""
-        return self.__dict__.get("_layout", {}).get("group") is not None
+        layout = getattr(self, "_layout", None)  # a copied optimizer (__getstate__) has none
+        return layout is not None and layout["group"] is not None
 
     def _over_shards(self, parts: List[Tensor]) -> List[Tensor]:
         """Per-list sums (0-dim squared norms, or ``samv_dots`` vectors) of this rank's shards ->
@@ -235,7 +237,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         """The process group of ``_all_reduce``: ``ddp_model``'s, else the parameters' shards'."""
         if self.ddp_model is not None:
             return self.ddp_model.process_group
-        return self.__dict__["_layout"]["group"]
+        return self._layout["group"]
 
     def _rank_world(self) -> Tuple[int, int]:
         """(rank, world size) of ``ddp_model``'s process group; (0, 1) without one."""
