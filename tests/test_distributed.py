@@ -3,7 +3,7 @@ pass runs under ``no_sync()``: rank r perturbs with the gradient of its own shar
 all-reduces.  That must equal one process running ``step(closure, m=2)`` with micro-batch r = rank
 r's shard (m-sharpness) — for bSAM including the noise (rank r draws micro-batch r's) and the
 precision (sqrt(s)|g| averaged over the ranks).  A bad gradient on one rank skips the step on all
-(with a GradScaler, every rank's scale backs off).  FSDP2 (fully_shard) is not supported: see README."""
+(with a GradScaler, every rank's scale backs off).  FSDP2 (fully_shard): tests/test_fsdp.py."""
 import datetime
 import os
 import socket
@@ -89,6 +89,13 @@ def _run_case(rank, name, mode, poison_step):
 
 
 def _worker(rank, port, out_dir):
+    in_process_group(rank, port, lambda: [
+        torch.save(_run_case(rank, *args), os.path.join(out_dir, f"{case}-rank{rank}.pt"))
+        for case, args in CASES.items()])
+
+
+def in_process_group(rank, port, run):
+    """``run()`` on rank ``rank`` of a WORLD-process gloo group (one thread per process)."""
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     timeout = datetime.timedelta(seconds=60)
@@ -96,8 +103,7 @@ def _worker(rank, port, out_dir):
     store = dist.TCPStore("127.0.0.1", port, WORLD, rank == 0, timeout=timeout)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD, timeout=timeout)
     try:
-        for case, args in CASES.items():
-            torch.save(_run_case(rank, *args), os.path.join(out_dir, f"{case}-rank{rank}.pt"))
+        run()
         dist.barrier()
     finally:
         # Shut down in lock step (gloo aborts when a peer closes its sockets mid-message): all
@@ -136,11 +142,12 @@ def single_process(name, skip_step=None):
 
 class _Spawn:
     """Every case of CASES on WORLD ranks, one spawn, started when collection selects this
-    module's tests (conftest.background_job): the ranks run while the other tests do."""
+    module's tests (conftest.background_job): the ranks run while the other tests do.  ``worker``
+    (rank, port, out_dir) saves "<case>-rank<r>.pt" for each of ``cases``."""
 
-    def __init__(self, workdir):
-        self.out = workdir
-        self.ctx = mp.start_processes(_worker, args=(_free_port(), str(workdir)), nprocs=WORLD,
+    def __init__(self, workdir, worker=_worker, cases=CASES):
+        self.out, self.cases = workdir, list(cases)
+        self.ctx = mp.start_processes(worker, args=(_free_port(), str(workdir)), nprocs=WORLD,
                                       join=False, start_method="spawn")
 
     def wait(self):
@@ -148,7 +155,7 @@ class _Spawn:
         while not self.ctx.join():
             pass
         return {case: [torch.load(self.out / f"{case}-rank{r}.pt", weights_only=False)
-                       for r in range(WORLD)] for case in CASES}
+                       for r in range(WORLD)] for case in self.cases}
 
     def kill(self):
         for p in self.ctx.processes:

@@ -10,11 +10,14 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
+#include <vector>
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
 
+#include "cpu/multi_tensor.h"
 #include "philox.h"
 
 namespace samkernels {
@@ -212,7 +215,7 @@ inline void for_each_normal_run(uint64_t seed, uint64_t step, uint32_t pid, int6
   }
 }
 
-// The noise phases (bsam_noise_, vi_noise_) on one chunk view `v` (cpu/multi_tensor.h): list 1
+// The noise phases (bsam_noise_, vi_noise_, ivon_noise_) on one chunk view `v` (cpu/multi_tensor.h): list 1
 // (backups) <- list 0 (params), then w <- maths(w, state, z), z the normals of parameter `pid`;
 // list 2 is the state the maths reads (precisions, variances), 0 where that list is absent.
 template <typename V, typename Maths>
@@ -232,6 +235,20 @@ inline void noise_chunk(const V& v, const Maths& maths, uint64_t seed, uint64_t 
                                     wp[q + k] = static_cast<scalar_t>(maths(w, s, z[k]));
                                   }
                                 });
+}
+
+// A noise phase's CPU kernel: `lists` as noise_chunk reads them, z keyed by (seed, step, param
+// id, element); the maths of each dtype is Maths<opmath_t>::make(args...).
+template <template <typename> class Maths, class... Args>
+void noise_phase(const char* op, std::vector<ListArg> lists, at::IntArrayRef param_ids,
+                 int64_t seed, int64_t step, const Args&... args) {
+  PhaseLists pl(op, std::move(lists), c10::nullopt, param_ids, /*takes_ids=*/true);
+  pl.run([&](const auto& v) {
+    SK_CHUNK_TYPES(v);
+    noise_chunk(v, Maths<opmath_t>::make(args...), static_cast<uint64_t>(seed),
+                static_cast<uint64_t>(step), static_cast<uint32_t>(param_ids[v.tensor]));
+  });
+  pl.finish();
 }
 
 }  // namespace cpu

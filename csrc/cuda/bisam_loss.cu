@@ -11,6 +11,7 @@
 // is always present: for mu <= 50 (float) the shift m is fixed at 0 (s in [1, K e^50], no running
 // max, one exp per element and no rescaling); larger mu keeps the usual online max, started at 0.
 #include "cuda/bisam_loss.h"
+#include "cuda/dtypes.cuh"
 #include "math/bisam_loss.h"
 
 #include <cuda_bf16.h>
@@ -272,23 +273,12 @@ cudaError_t launch_bisam_loss_fwd(const BiSAMLossArgs& args, cudaStream_t stream
   if (args.B <= 0 || args.K <= 0) return cudaSuccess;
   if (args.B > 0x7fffffffLL * (args.K <= kWarpRowMaxK ? kRowsPerWarpBlock : 1))
     return cudaErrorInvalidConfiguration;  // more rows than grid.x can hold
-  switch (args.dtype) {
-    case BiSAMDtype::kFloat:
-      launch_typed<float, float>(args, stream);
-      break;
-    case BiSAMDtype::kDouble:
-      launch_typed<double, double>(args, stream);
-      break;
-    case BiSAMDtype::kHalf:
-      launch_typed<__half, float>(args, stream);
-      break;
-    case BiSAMDtype::kBFloat16:
-      launch_typed<__nv_bfloat16, float>(args, stream);
-      break;
-    default:
-      return cudaErrorInvalidValue;
-  }
-  return cudaGetLastError();
+  const cudaError_t bad = dispatch_param(args.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    launch_typed<T, opmath_t<T>>(args, stream);  // accumulates in float, double for double
+    return cudaSuccess;
+  });
+  return bad != cudaSuccess ? bad : cudaGetLastError();
 }
 
 }  // namespace cuda

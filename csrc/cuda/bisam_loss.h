@@ -7,13 +7,13 @@
 
 #include <cuda_runtime_api.h>
 
+#include "cuda/launch.h"
+
 namespace samkernels {
 namespace cuda {
 
-enum class BiSAMDtype : int { kFloat = 0, kDouble = 1, kHalf = 2, kBFloat16 = 3 };
-
 struct BiSAMLossArgs {
-  BiSAMDtype dtype = BiSAMDtype::kFloat;  // of logits and grad
+  ParamType dtype = ParamType::kFloat;    // of logits and grad
   const void* logits = nullptr;           // B x K, column stride 1
   int64_t row_stride = 0;                 // of logits, in elements
   const int64_t* target = nullptr;        // B labels (ignore_index, or else in [0, K))

@@ -8,10 +8,6 @@ namespace samkernels {
 namespace cuda {
 namespace {
 
-// Line 1 (cuda/multi_tensor.cuh NoiseLists).
-template <typename M>
-using BsamNoiseLists = NoiseLists<math::BsamNoise<M>, M>;
-
 // Lines 3 and 5.  Lists: 0 params, 1 grads, 2 backups, 3 precisions, 4 accums (absent: line 5
 // runs here).
 template <typename M>
@@ -48,9 +44,7 @@ struct BsamUpdateLists : ListsOf<math::BsamUpdate<M>, 6, 3> {
 // ---------------------------------------------------------------------------------------------
 cudaError_t launch_bsam_noise(const Group& g, uint64_t seed, uint64_t step, double num_data,
                               cudaStream_t stream) {
-  return launch_phase<BsamNoiseLists>(g, /*read: params, precisions*/ 0x5u,
-                                      /*write: params, backups*/ 0x3u, SkipCopy{},
-                                      PhaseKeys{seed, step}, stream, num_data);
+  return launch_noise<math::BsamNoise>(g, seed, step, stream, num_data);  // line 1
 }
 
 cudaError_t launch_bsam_perturb(const Group& g, double rho, double beta2, double delta, double gamma,

@@ -275,6 +275,19 @@ Tensor phase_norm(const char* op, const char* name, const std::optional<Tensor>&
   return reduce(pl, /*take_sqrt=*/true, stage1);
 }
 
+// A noise phase's glue (bsam_noise_, vi_noise_, ivon_noise_): the lists in row-major order
+// (element i takes Philox number i of its parameter), the param ids as the tags, then
+// launch(group, seed, step, args..., stream) for every dtype group.
+template <class Launch, class... Args>
+void noise_phase(const char* op, std::vector<ListArg> lists, at::IntArrayRef param_ids,
+                 int64_t seed, int64_t step, Launch&& launch, const Args&... args) {
+  PhaseLists pl(op, std::move(lists), /*logical_order=*/true, std::nullopt, param_ids,
+                /*takes_ids=*/true);
+  pl.run([&](const Group& g) {
+    return launch(g, static_cast<uint64_t>(seed), static_cast<uint64_t>(step), args..., pl.stream);
+  });
+}
+
 // The group with its lists renumbered: list l of the result is list from[l] of g.
 inline Group remap_lists(const Group& g, std::initializer_list<int> from) {
   Group r = g;

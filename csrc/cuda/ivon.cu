@@ -9,10 +9,6 @@ namespace samkernels {
 namespace cuda {
 namespace {
 
-// Line 2 (cuda/multi_tensor.cuh NoiseLists): theta = m + z / sqrt(lambda (h + delta)).
-template <typename M>
-using IvonNoiseLists = NoiseLists<math::IvonNoise<M>, M>;
-
 // What ivon_accumulate_ needs besides the noise: the sample number.
 template <typename M>
 struct IvonAccumulate {
@@ -65,9 +61,8 @@ struct IvonUpdateLists : ListsOf<math::IvonUpdate<M>, 7, 3, Noise::kNormal> {
 // ---------------------------------------------------------------------------------------------
 cudaError_t launch_ivon_noise(const Group& g, uint64_t seed, uint64_t step, double ess,
                               double weight_decay, cudaStream_t stream) {
-  return launch_phase<IvonNoiseLists>(g, /*read: params, hessians*/ 0x5u,
-                                      /*write: params, backups*/ 0x3u, SkipCopy{},
-                                      PhaseKeys{seed, step}, stream, ess, weight_decay);
+  // line 2: theta = m + z / sqrt(lambda (h + delta))
+  return launch_noise<math::IvonNoise>(g, seed, step, stream, ess, weight_decay);
 }
 
 cudaError_t launch_ivon_accumulate(const Group& g, uint64_t seed, uint64_t step, double ess,

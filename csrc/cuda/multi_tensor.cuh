@@ -30,6 +30,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "cuda/dtypes.cuh"
 #include "cuda/launch.h"
 #include "math/common.h"
 #include "philox.h"
@@ -64,22 +65,6 @@ constexpr int kOpArgBytes = 256;       // kept beside the table for a phase's sc
 // ----------------------------------------------------------------------------------------------
 // Types and conversions.  Only the explicit intrinsics: torch builds with __CUDA_NO_HALF_*.
 // ----------------------------------------------------------------------------------------------
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
-template <typename P>
-struct OpMath {
-  using type = float;
-};
-template <>
-struct OpMath<double> {
-  using type = double;
-};
-template <typename P>
-using opmath_t = typename OpMath<P>::type;
-
 using math::sk_abs;  // the per-element maths' functions (math/common.h)
 using math::sk_sqrt;
 
@@ -426,22 +411,6 @@ cudaError_t apply(const Group& g, const Op& op, cudaStream_t stream, const SkipC
   return apply_sized<kSmallArgBytes>(g, op, skip, stream);
 }
 
-// Calls f(TypeTag<P>{}) for the group's parameter dtype.
-template <class F>
-cudaError_t dispatch_param(ParamType t, F&& f) {
-  switch (t) {
-    case ParamType::kFloat:
-      return f(TypeTag<float>{});
-    case ParamType::kDouble:
-      return f(TypeTag<double>{});
-    case ParamType::kHalf:
-      return f(TypeTag<__half>{});
-    case ParamType::kBFloat16:
-      return f(TypeTag<__nv_bfloat16>{});
-  }
-  return cudaErrorInvalidValue;
-}
-
 // ----------------------------------------------------------------------------------------------
 // One functor for every elementwise phase.  A phase is described by its `Lists<M>`, a ListsOf that
 // holds the phase's per-element maths (math/*.h, coefficients in opmath M) and binds it to the
@@ -512,15 +481,6 @@ struct PhaseOp {
   }
 };
 
-// The noise phases (bsam_noise_ line 1, vi_noise_): w <- maths(w, state, z), z the element's Philox
-// normal, with the backup taken first.  Lists: 0 params, 1 backups, 2 the state.
-template <class Maths, typename M>
-struct NoiseLists : ListsOf<Maths, 3, 2, Noise::kNormal> {
-  __device__ __forceinline__ void operator()(M (&x)[3], M, M z) const {
-    x[1] = x[0];  // exact copy of the mean
-    x[0] = this->maths(x[0], x[2], z);
-  }
-};
 // Runs the phase `Lists` over the group, its maths made by make(args...) in the group's opmath
 // type; read/write masks as in apply_kernel.
 template <template <typename> class Lists, class... Args>
@@ -539,12 +499,46 @@ cudaError_t launch_phase(const Group& g, unsigned read_mask, unsigned write_mask
   });
 }
 
+// The noise phases (bsam_noise_ line 1, vi_noise_, ivon_noise_): w <- maths(w, state, z), z the
+// element's Philox normal of (seed, step, tag, element), with the backup taken first.  Lists:
+// 0 params, 1 backups, 2 the state the maths reads (absent: 0, unread; vi_noise_'s fixed sigma).
+template <template <typename> class Maths>
+struct NoisePhase {
+  template <typename M>
+  struct Lists : ListsOf<Maths<M>, 3, 2, Noise::kNormal> {
+    __device__ __forceinline__ void operator()(M (&x)[3], M, M z) const {
+      x[1] = x[0];  // exact copy of the mean
+      x[0] = this->maths(x[0], x[2], z);
+    }
+  };
+};
+
+// Runs the noise phase of Maths<M>::make(args...) over the group.
+template <template <typename> class Maths, class... Args>
+cudaError_t launch_noise(const Group& g, uint64_t seed, uint64_t step, cudaStream_t stream,
+                         const Args&... args) {
+  const unsigned read = 0x1u | (g.lists[2] != nullptr ? 0x4u : 0u);  // params, [state]
+  return launch_phase<NoisePhase<Maths>::template Lists>(g, read, /*write: params, backups*/ 0x3u,
+                                                         SkipCopy{}, PhaseKeys{seed, step}, stream,
+                                                         args...);
+}
+
 // ----------------------------------------------------------------------------------------------
 // Norm partials: one float64 partial of sum_i term(a_i, b_i) per chunk (no atomics: each block owns
 // its slot; launch_reduce_partials then sums the slots in a fixed order).  Lists: 0 of storage
 // Term::A (read only when bit 0 of term.mask is set), 1 of Term::B.  The terms are formed in
 // opmath, the K of one group summed in opmath and added in float64.
 // ----------------------------------------------------------------------------------------------
+// The base of every Term: its storage types A, B and `mask` (bit l: list l is read); the term
+// adds a make(...) and __device__ M operator()(M a, M b) const.
+template <typename P, typename A_, typename B_>
+struct TermOf {
+  using M = opmath_t<P>;
+  using A = A_;
+  using B = B_;
+  unsigned mask;
+};
+
 template <typename P, class Term, class Tab>
 __global__ void __launch_bounds__(kBlockSize)
     partials_kernel(const SK_GRID_CONSTANT Tab tab, double* __restrict__ partials,

@@ -11,16 +11,13 @@ namespace {
 // grad_sumsq's summand (T g)^2, T = |w| + eta for ASAM.  Lists: 0 params (read only when
 // adaptive), 1 grads.
 template <typename P>
-struct SumsqTerm {
+struct SumsqTerm : TermOf<P, P, P> {
   using M = opmath_t<P>;
-  using A = P;
-  using B = P;
-  unsigned mask;
   M eta;
   bool adaptive;
 
   static SumsqTerm make(bool adaptive, double eta) {
-    return {adaptive ? 3u : 2u, static_cast<M>(eta), adaptive};
+    return {{adaptive ? 3u : 2u}, static_cast<M>(eta), adaptive};
   }
   __device__ __forceinline__ M operator()(M w, M g) const {
     const M t = adaptive ? math::asam_scaled(g, w, eta) : g;

@@ -32,53 +32,39 @@ __device__ __forceinline__ math::SamvMix<M> load_mix(const double* coeffs) {
   return math::SamvMix<M>::make(c);
 }
 
-template <typename M>
-struct SamvSgdMaths {
-  math::SgdRestore<M> base;
+// A restore of SAM's (math/sam.h: SgdRestore, AdamRestore) on the variant's gradient mix: the
+// base step from the backup with mix 0 of (g, saved), plus mix 2; `out` gets mix 4.
+template <class Base>
+struct MixedRestore {
+  Base base;
   const double* coeffs;
 
-  static SamvSgdMaths make(const double* coeffs, double lr, double momentum, double dampening,
-                           bool nesterov, double weight_decay, bool first) {
-    return {math::SgdRestore<M>::make(lr, momentum, dampening, nesterov, weight_decay, first),
-            coeffs};
+  template <class... Args>
+  static MixedRestore make(const double* coeffs, const Args&... args) {
+    return {Base::make(args...), coeffs};
+  }
+  template <typename M, class... State>
+  __device__ __forceinline__ M operator()(M backup, M g, M s, M& out, State&... state) const {
+    const math::SamvMix<M> mix = load_mix<M>(coeffs);
+    const M w = base(backup, mix(0, g, s), state...);
+    out = mix(4, g, s);
+    return w + mix(2, g, s);
   }
 };
 
 // Lists: 0 params (written), 1 grads, 2 backups, 3 saved, 4 momentum_bufs, 5 outs.
 template <typename M>
-struct SamvSgdLists : ListsOf<SamvSgdMaths<M>, 6, 3> {
+struct SamvSgdLists : ListsOf<MixedRestore<math::SgdRestore<M>>, 6, 3> {
   __device__ __forceinline__ void operator()(M (&x)[6], M, M) const {
-    const math::SamvMix<M> mix = load_mix<M>(this->maths.coeffs);
-    const M g = x[1], s = x[3];
-    M buf = x[4];
-    const M w = this->maths.base(x[2], mix(0, g, s), buf);
-    x[4] = buf;
-    x[5] = mix(4, g, s);
-    x[0] = w + mix(2, g, s);
-  }
-};
-
-template <typename M>
-struct SamvAdamMaths {
-  math::AdamRestore<M> base;
-  const double* coeffs;
-
-  static SamvAdamMaths make(const double* coeffs, int64_t step, double lr, double beta1,
-                            double beta2, double eps, double weight_decay, bool decoupled) {
-    return {math::AdamRestore<M>::make(step, lr, beta1, beta2, eps, weight_decay, decoupled),
-            coeffs};
+    x[0] = this->maths(x[2], x[1], x[3], x[5], x[4]);
   }
 };
 
 // Lists: 0 params (written), 1 grads, 2 backups, 3 saved, 4 exp_avgs, 5 exp_avg_sqs, 6 outs.
 template <typename M>
-struct SamvAdamLists : ListsOf<SamvAdamMaths<M>, 7, 3> {
+struct SamvAdamLists : ListsOf<MixedRestore<math::AdamRestore<M>>, 7, 3> {
   __device__ __forceinline__ void operator()(M (&x)[7], M, M) const {
-    const math::SamvMix<M> mix = load_mix<M>(this->maths.coeffs);
-    const M g = x[1], s = x[3];
-    const M w = this->maths.base(x[2], mix(0, g, s), x[4], x[5]);
-    x[6] = mix(4, g, s);
-    x[0] = w + mix(2, g, s);
+    x[0] = this->maths(x[2], x[1], x[3], x[6], x[4], x[5]);
   }
 };
 

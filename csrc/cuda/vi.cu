@@ -9,10 +9,6 @@ namespace samkernels {
 namespace cuda {
 namespace {
 
-// vi_noise_ (NoiseLists): lists 0 params, 1 backups, 2 variances (absent: the fixed sigma).
-template <typename M>
-using ViNoiseLists = NoiseLists<math::ViNoise<M>, M>;
-
 // mfvi_update_ with z regenerated as vi_noise_ drew it.  Lists: 0 params, 1 grads, 2 backups,
 // 3 variances, 4 momenta (absent: no momentum).
 template <typename M>
@@ -32,13 +28,10 @@ struct MfviUpdateLists : ListsOf<math::MfviUpdate<M>, 5, 3, Noise::kNormal> {
 
 // vsam_sumsq's summand Sigma g^2.  Lists: 0 grads (parameter dtype), 1 variances (opmath).
 template <typename P>
-struct SigmaSumsqTerm {
+struct SigmaSumsqTerm : TermOf<P, P, opmath_t<P>> {
   using M = opmath_t<P>;
-  using A = P;
-  using B = M;
-  unsigned mask;
 
-  static SigmaSumsqTerm make() { return {3u}; }
+  static SigmaSumsqTerm make() { return {{3u}}; }
   __device__ __forceinline__ M operator()(M g, M var) const { return math::sigma_gsq(g, var); }
 };
 
@@ -60,9 +53,8 @@ struct VsamPerturbLists : ListsOf<math::VsamPerturb<M>, 4, 3, Noise::kNone, /*Sc
 // ---------------------------------------------------------------------------------------------
 cudaError_t launch_vi_noise(const Group& g, uint64_t seed, uint64_t step, double sigma,
                             cudaStream_t stream) {
-  const unsigned read = 0x1u | (g.lists[2] != nullptr ? 0x4u : 0u);  // params, [variances]
-  return launch_phase<ViNoiseLists>(g, read, /*write: params, backups*/ 0x3u, SkipCopy{},
-                                    PhaseKeys{seed, step}, stream, sigma, g.lists[2] != nullptr);
+  // list 2 absent (no variances): the fixed sigma
+  return launch_noise<math::ViNoise>(g, seed, step, stream, sigma, g.lists[2] != nullptr);
 }
 
 cudaError_t launch_mfvi_update(const Group& g, uint64_t seed, uint64_t step, double lr,

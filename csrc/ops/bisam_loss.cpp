@@ -31,11 +31,9 @@
 #include <tuple>
 #include <vector>
 
-#ifdef SAMKERNELS_WITH_CUDA  // light c10 headers only (ATen/cuda/CUDAContext.h pulls in cuBLAS)
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-
+#ifdef SAMKERNELS_WITH_CUDA
 #include "cuda/bisam_loss.h"
+#include "cuda/glue.h"  // light c10 headers only
 #endif
 
 namespace samkernels {
@@ -270,6 +268,16 @@ void bisam_block_f64(const double* x, const double* xy, int64_t n, double mu, do
   }
 }
 
+// A row labelled ignore_index, like F.cross_entropy, contributes 0 and gets a zero gradient row
+// (grow, K entries, when the gradient is wanted): true after writing both.
+template <typename scalar_t, typename acc_t>
+inline bool ignored_row(int64_t y, int64_t ignore_index, acc_t& loss, scalar_t* grow, int64_t K) {
+  if (y != ignore_index) return false;
+  loss = acc_t(0);
+  if (grow != nullptr) std::fill(grow, grow + K, scalar_t(0));
+  return true;
+}
+
 // Rows [begin, end) of short rows, a block at a time (fixed shift only).
 template <typename scalar_t, typename acc_t>
 void bisam_rows_flat(const scalar_t* base, int64_t row_stride, const int64_t* target, acc_t* loss,
@@ -314,11 +322,7 @@ void bisam_rows_flat(const scalar_t* base, int64_t row_stride, const int64_t* ta
     for (int64_t i = b0; i < b1; ++i) {
       const int64_t y = target[i];
       scalar_t* grow = gbase != nullptr ? gbase + i * K : nullptr;
-      if (y == ignore_index) {  // like F.cross_entropy: contributes 0, gradient 0
-        loss[i] = acc_t(0);
-        if (grow != nullptr) std::fill(grow, grow + K, scalar_t(0));
-        continue;
-      }
+      if (ignored_row(y, ignore_index, loss[i], grow, K)) continue;
       const acc_t* er = e + (i - b0) * K;
       acc_t* dr = d + (i - b0) * K;
       acc_t s = 0;
@@ -370,11 +374,7 @@ void bisam_rows(const at::Tensor& logits, const int64_t* target, at::Tensor& los
     for (int64_t i = begin; i < end; ++i) {
       const int64_t y = target[i];
       scalar_t* grow = gbase != nullptr ? gbase + i * K : nullptr;
-      if (y == ignore_index) {  // like F.cross_entropy: contributes 0, gradient 0
-        loss[i] = acc_t(0);
-        if (grow != nullptr) std::fill(grow, grow + K, scalar_t(0));
-        continue;
-      }
+      if (ignored_row(y, ignore_index, loss[i], grow, K)) continue;
       const scalar_t* row = base + i * row_stride;
       const acc_t* x;
       acc_t* g;
@@ -581,36 +581,20 @@ std::tuple<at::Tensor, at::Tensor> bisam_loss_fwd_cuda(const at::Tensor& logits_
   check_bisam_loss_args(logits_in, target_in, mu, phi);
   TORCH_CHECK(logits_in.is_cuda() && target_in.device() == logits_in.device(),
               "bisam_loss (CUDA kernel): logits and target must be on the same CUDA device");
-  BiSAMDtype dtype = BiSAMDtype::kFloat;
-  switch (logits_in.scalar_type()) {
-    case at::kFloat:
-      dtype = BiSAMDtype::kFloat;
-      break;
-    case at::kDouble:
-      dtype = BiSAMDtype::kDouble;
-      break;
-    case at::kHalf:
-      dtype = BiSAMDtype::kHalf;
-      break;
-    case at::kBFloat16:
-      dtype = BiSAMDtype::kBFloat16;
-      break;
-    default:
-      TORCH_CHECK_TYPE(false, "bisam_loss: logits must be float32/float64/float16/bfloat16, got ",
-                       logits_in.scalar_type());
-  }
+  const at::ScalarType st = logits_in.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
+                   "bisam_loss: logits must be float32/float64/float16/bfloat16, got ", st);
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
   const at::Tensor target = target_in.contiguous();
   const int64_t B = logits.size(0), K = logits.size(1);
-  at::Tensor loss_rows = at::empty(
-      {B}, logits.options().dtype(dtype == BiSAMDtype::kDouble ? at::kDouble : at::kFloat));
+  at::Tensor loss_rows = at::empty({B}, logits.options().dtype(opmath(st)));
   at::Tensor grad = compute_grad ? at::empty({B, K}, logits.options())
                                  : at::empty({0}, logits.options());
   if (B == 0) return {loss_rows, grad};
 
   BiSAMLossArgs args;
-  args.dtype = dtype;
+  args.dtype = param_type(st);
   args.logits = logits.const_data_ptr();
   args.row_stride = logits.stride(0);
   args.target = target.const_data_ptr<int64_t>();
@@ -623,10 +607,7 @@ std::tuple<at::Tensor, at::Tensor> bisam_loss_fwd_cuda(const at::Tensor& logits_
   args.grad_scale = grad_scale;
   args.ignore_index = ignore_index;
   args.phi = static_cast<int>(phi);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(logits.device().index()).stream();
-  const cudaError_t err = launch_bisam_loss_fwd(args, stream);
-  TORCH_CHECK(err == cudaSuccess, "bisam_loss: CUDA kernel launch failed: ",
-              cudaGetErrorString(err));
+  SK_CHECK_LAUNCH(launch_bisam_loss_fwd(args, current_stream()));
   return {loss_rows, grad};
 }
 

@@ -52,14 +52,8 @@ namespace {
 
 void bsam_noise(at::TensorList params, at::TensorList backups, at::TensorList precisions,
                 at::IntArrayRef param_ids, int64_t seed, int64_t step, double num_data) {
-  PhaseLists pl("bsam_noise_", bsam_noise_lists(params, backups, precisions), c10::nullopt,
-                param_ids, /*takes_ids=*/true);
-  pl.run([&](const auto& v) {
-    SK_CHUNK_TYPES(v);
-    noise_chunk(v, math::BsamNoise<opmath_t>::make(num_data), static_cast<uint64_t>(seed),
-                static_cast<uint64_t>(step), static_cast<uint32_t>(param_ids[v.tensor]));
-  });
-  pl.finish();
+  noise_phase<math::BsamNoise>("bsam_noise_", bsam_noise_lists(params, backups, precisions),
+                               param_ids, seed, step, num_data);
 }
 
 void bsam_perturb(at::TensorList params, at::TensorList grads, at::TensorList backups,
@@ -161,12 +155,8 @@ namespace {
 
 void bsam_noise_cuda(TensorList params, TensorList backups, TensorList precisions,
                      at::IntArrayRef param_ids, int64_t seed, int64_t step, double num_data) {
-  PhaseLists pl("samkernels::bsam_noise_", bsam_noise_lists(params, backups, precisions),
-                /*logical_order=*/true, std::nullopt, param_ids, /*takes_ids=*/true);
-  pl.run([&](const Group& g) {
-    return launch_bsam_noise(g, static_cast<uint64_t>(seed), static_cast<uint64_t>(step), num_data,
-                             pl.stream);
-  });
+  noise_phase("samkernels::bsam_noise_", bsam_noise_lists(params, backups, precisions),
+              param_ids, seed, step, &launch_bsam_noise, num_data);
 }
 
 void bsam_perturb_cuda(TensorList params, TensorList grads, TensorList backups,

@@ -64,15 +64,8 @@ namespace {
 void ivon_noise(at::TensorList params, at::TensorList backups, at::TensorList hessians,
                 at::IntArrayRef param_ids, int64_t seed, int64_t step, double ess,
                 double weight_decay) {
-  PhaseLists pl("ivon_noise_", ivon_noise_lists(params, backups, hessians), c10::nullopt,
-                param_ids, /*takes_ids=*/true);
-  pl.run([&](const auto& v) {
-    SK_CHUNK_TYPES(v);
-    noise_chunk(v, math::IvonNoise<opmath_t>::make(ess, weight_decay),
-                static_cast<uint64_t>(seed), static_cast<uint64_t>(step),
-                static_cast<uint32_t>(param_ids[v.tensor]));
-  });
-  pl.finish();
+  noise_phase<math::IvonNoise>("ivon_noise_", ivon_noise_lists(params, backups, hessians),
+                               param_ids, seed, step, ess, weight_decay);
 }
 
 void ivon_accumulate(at::TensorList params, at::TensorList grads, at::TensorList backups,
@@ -203,12 +196,8 @@ namespace {
 void ivon_noise_cuda(TensorList params, TensorList backups, TensorList hessians,
                      at::IntArrayRef param_ids, int64_t seed, int64_t step, double ess,
                      double weight_decay) {
-  PhaseLists pl("samkernels::ivon_noise_", ivon_noise_lists(params, backups, hessians),
-                /*logical_order=*/true, std::nullopt, param_ids, /*takes_ids=*/true);
-  pl.run([&](const Group& g) {
-    return launch_ivon_noise(g, static_cast<uint64_t>(seed), static_cast<uint64_t>(step), ess,
-                             weight_decay, pl.stream);
-  });
+  noise_phase("samkernels::ivon_noise_", ivon_noise_lists(params, backups, hessians), param_ids,
+              seed, step, &launch_ivon_noise, ess, weight_decay);
 }
 
 void ivon_accumulate_cuda(TensorList params, TensorList grads, TensorList backups,

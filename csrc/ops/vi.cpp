@@ -56,14 +56,9 @@ namespace {
 void vi_noise(at::TensorList params, at::TensorList backups, at::TensorList variances,
               at::IntArrayRef param_ids, int64_t seed, int64_t step, double sigma) {
   const bool learned = !variances.empty();  // MFVI: std = sqrt(Sigma); RandomSAM: std = sigma0
-  PhaseLists pl("vi_noise_", vi_noise_lists(params, backups, variances), c10::nullopt, param_ids,
-                /*takes_ids=*/true);
-  pl.run([&](const auto& v) {  // without variances the state passed to the maths is 0, unread
-    SK_CHUNK_TYPES(v);
-    noise_chunk(v, math::ViNoise<opmath_t>::make(sigma, learned), static_cast<uint64_t>(seed),
-                static_cast<uint64_t>(step), static_cast<uint32_t>(param_ids[v.tensor]));
-  });
-  pl.finish();
+  // without variances the state passed to the maths is 0, unread
+  noise_phase<math::ViNoise>("vi_noise_", vi_noise_lists(params, backups, variances), param_ids,
+                             seed, step, sigma, learned);
 }
 
 void mfvi_update(at::TensorList params, at::TensorList grads, at::TensorList backups,
@@ -200,12 +195,8 @@ namespace {
 
 void vi_noise_cuda(TensorList params, TensorList backups, TensorList variances,
                    at::IntArrayRef param_ids, int64_t seed, int64_t step, double sigma) {
-  PhaseLists pl("samkernels::vi_noise_", vi_noise_lists(params, backups, variances),
-                /*logical_order=*/true, std::nullopt, param_ids, /*takes_ids=*/true);
-  pl.run([&](const Group& g) {
-    return launch_vi_noise(g, static_cast<uint64_t>(seed), static_cast<uint64_t>(step), sigma,
-                           pl.stream);
-  });
+  noise_phase("samkernels::vi_noise_", vi_noise_lists(params, backups, variances), param_ids,
+              seed, step, &launch_vi_noise, sigma);
 }
 
 void mfvi_update_cuda(TensorList params, TensorList grads, TensorList backups,

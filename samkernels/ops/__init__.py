@@ -20,10 +20,17 @@ could not dispatch without a tensor): nothing changes, and a norm op returns its
 zero float64 norm.
 The per-tensor checks (each entry's dtype, size and device) stay in the backends, which read every
 tensor anyway.  A failed shared check raises :class:`OpArgumentError`.
+
+Sharded tensors (``DTensor``, e.g. the parameters of an FSDP2 ``fully_shard`` model): when the
+lead list holds DTensors, every list is replaced by its entries' local shards and the op runs on
+this rank's part only.  A returned norm or dot product is then this rank's contribution: the
+caller reduces it over the parameters' mesh (the optimizers do, one collective per pass).
 """
 from __future__ import annotations
 
 import linecache
+import sys
+import warnings
 from typing import Sequence
 
 import torch
@@ -91,6 +98,62 @@ def _check_devices(op: OpSpec, values: Sequence) -> None:
                                       f"{lead}[0] is on {device}")
 
 
+_PLAIN = (Tensor, torch.nn.Parameter)  # what the lead list usually holds: no DTensor test needed
+
+
+def _local_shards(lists: tuple) -> tuple:
+    """Each list with its DTensor entries replaced by their local shards (see the module
+    docstring).  Reached only when the lead list's first entry is not a plain tensor."""
+    dtensor = sys.modules.get("torch.distributed.tensor")  # none exists before it is imported
+    if dtensor is None:
+        return lists
+    cls = dtensor.DTensor
+    return tuple([t._local_tensor if isinstance(t, cls) else t for t in lst] for lst in lists)
+
+
+def _shard_ids(name: str, lead: Sequence[Tensor], param_ids: Sequence[int]):
+    """(param_ids with a ``reference.ShardId`` for each DTensor that is a part of a larger
+    parameter, whether there is one).  Its noise is the whole parameter's numbers from the
+    shard's first element on, so the shard must be a contiguous range of the flattened
+    parameter: sharded along dim 0 only."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    out, sharded = [], False
+    for i, (t, pid) in enumerate(zip(lead, param_ids)):
+        if isinstance(t, DTensor) and t._local_tensor.numel() != t.numel():
+            if any(pl.is_shard() and pl.dim != 0 for pl in t.placements):
+                raise OpArgumentError(f"{name}: entry {i} is a DTensor sharded along a dimension "
+                                      f"other than 0 ({tuple(t.placements)}); its noise needs "
+                                      "shards that are contiguous ranges of the parameter")
+            _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh,
+                                                              t.placements)
+            pid = reference.ShardId(pid, offset[0] * (t.numel() // t.shape[0]))
+            sharded = True
+        out.append(pid)
+    return out, sharded
+
+
+def _shard_noise_impl(name: str, impl, backend):
+    """The implementation for noise on shards: the reference, the one backend that draws from a
+    first element other than 0 so far (``reference.ShardId``).  Under the automatic choice a
+    fused backend gives way to it with one warning; a backend asked for by name raises."""
+    if impl is _SPEC[name]:
+        return impl
+    if backend is not None or _dispatch.requested() != "auto":
+        raise OpArgumentError(f"{name}: the noise of DTensor shards (each drawing its part of the "
+                              "whole parameter's numbers) is implemented by the reference backend "
+                              "only so far; run with the automatic backend choice or 'reference'")
+    if name not in _warned_shards:
+        _warned_shards.add(name)
+        warnings.warn(f"samkernels: {name} on DTensor shards runs on the reference backend (the "
+                      "fused kernels do not yet draw a shard's part of a parameter's noise)",
+                      RuntimeWarning, stacklevel=3)
+    return _SPEC[name]
+
+
+_warned_shards: set = set()
+
+
 def _source(op: OpSpec) -> str:
     """The wrapper's Python source: real parameters (so calls bind at C speed, and
     ``inspect.signature`` / ``help`` show them), the O(1) checks inline, one dispatcher call."""
@@ -102,6 +165,12 @@ def _source(op: OpSpec) -> str:
     same += ["len(param_ids) != n"] if op.takes_ids else []
     body = [f"def {op.name}({params}, *, backend=None):",
             f"    n = len({lead})"]
+    lists = ", ".join(a.name for a in op.lists)
+    body += ["    sharded = False"] if op.takes_ids else []
+    body += [f"    if n and type({lead}[0]) not in _PLAIN:  # DTensors: run on the local shards"]
+    if op.takes_ids:
+        body += [f"        param_ids, sharded = _shard_ids({op.name!r}, {lead}, param_ids)"]
+    body += [f"        {lists}, = _local_shards(({lists},))"]
     if same:
         body += [f"    if {' or '.join(same)}:",
                  f"        _lengths_error(PHASES[{op.name!r}], ({names},))"]
@@ -115,7 +184,11 @@ def _source(op: OpSpec) -> str:
     # empty lists: nothing to run a kernel on (and no tensor to dispatch on): the reference's
     # result on every backend (no change; a norm op returns its norm argument, or a zero norm)
     pick = f"_dispatch.implementation({op.name!r}, "
-    body += [f"    impl = {pick}{lead}[0].device, backend) if n else {pick}_CPU, 'reference')",
+    body += [f"    impl = {pick}{lead}[0].device, backend) if n else {pick}_CPU, 'reference')"]
+    if op.takes_ids:
+        body += ["    if sharded:",
+                 f"        impl = _shard_noise_impl({op.name!r}, impl, backend)"]
+    body += [
              # the kernels check every tensor's device; the spec does not
              f"    if n and impl is _SPEC[{op.name!r}]:",
              f"        _check_devices(PHASES[{op.name!r}], ({names},))"]

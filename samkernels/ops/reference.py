@@ -71,13 +71,30 @@ def philox4x32(c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor, k0: int, k1: int,
 
 def _philox_block(seed: int, step: int, param_id: int, numel: int, device):
     """(element index i, the four Philox words of i's block): counter (i // 4, param_id, step_lo,
-    step_hi), key = seed (both 64-bit values split into 32-bit words)."""
-    i = torch.arange(numel, dtype=torch.int64, device=device)
-    q = i >> 2
+    step_hi), key = seed (both 64-bit values split into 32-bit words).  A ``ShardId`` counts i
+    from its ``start``: a shard of a larger parameter draws that parameter's numbers."""
+    start = getattr(param_id, "start", 0)
+    i = torch.arange(start, start + numel, dtype=torch.int64, device=device)
+    q = (i >> 2) & _MASK32  # the counter word is 32 bits (philox.h casts the quad index)
     full = lambda v: torch.full_like(q, v)  # noqa: E731
     x = philox4x32(q, full(param_id & _MASK32), full(step & _MASK32), full((step >> 32) & _MASK32),
                    seed & _MASK32, (seed >> 32) & _MASK32)
     return i, x
+
+
+class ShardId(int):
+    """A ``param_ids`` entry (an int: the parameter's id) for a shard of a larger parameter (a
+    DTensor's local part): ``start`` is the index, in the flattened parameter, of the shard's
+    first element.  Its noise is then the whole parameter's numbers from there on, so a sharded
+    run draws exactly what the unsharded one does.  The public wrappers pass them for DTensor
+    shards, to this backend only (the fused kernels number elements from 0)."""
+
+    start: int
+
+    def __new__(cls, param_id: int, start: int):
+        out = super().__new__(cls, param_id)
+        out.start = start
+        return out
 
 
 def _uniform(word: Tensor, dtype: torch.dtype) -> Tensor:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import sys
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -14,7 +15,8 @@ import torch
 from torch import Tensor
 
 from samkernels import ops
-from samkernels.optim.utils import bn_frozen
+from samkernels.ops import _PLAIN, _local_shards
+from samkernels.optim.utils import bn_frozen, draw_seed
 
 NONFINITE_POLICIES = ("skip", "skip_on_device", "raise", "unchecked")
 
@@ -97,6 +99,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, params, defaults):
+        self._layout = {"key": None, "group": None}  # see _check_sharding (add_param_group)
         super().__init__(params, defaults)
         self._backups: Dict[Tensor, Tensor] = {}
         self._perturbed: List[Tuple[List[Tensor], List[Tensor]]] = []  # (params, backups) now moved
@@ -150,6 +153,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
                 if p.device.type == "meta":
                     raise ValueError(f"{where} is on the meta device and holds no data; "
                                      "materialize the model (e.g. to_empty) first")
+            self._check_sharding(gi, group)
             try:
                 self._check_group(group)
             except ValueError as exc:
@@ -164,6 +168,38 @@ class TwoPassOptimizer(torch.optim.Optimizer):
     def _check_group(self, group: dict) -> None:
         """Subclasses: raise ValueError naming the hyper-parameter that is out of range."""
 
+    # -- FSDP2: parameters sharded as DTensors ----------------------------------------------------
+    def _check_sharding(self, gi: int, group: dict) -> None:
+        """Every parameter of the optimizer is laid out alike: all plain tensors, or all DTensors
+        sharded over one process group (FSDP2's ``fully_shard``), so that each global quantity
+        is one collective over that group.  Recorded for ``_sharded`` and ``_all_reduce``."""
+        layout = self._layout
+        for pi, p in enumerate(group["params"]):
+            key, pg = _layout_of(p, f"param_groups[{gi}]['params'][{pi}]")
+            if layout["key"] is None:
+                layout.update(key=key, group=pg)
+            elif key != layout["key"]:
+                raise ValueError(
+                    f"param_groups[{gi}]['params'][{pi}] is {_describe(key)} but the optimizer's "
+                    f"first parameter is {_describe(layout['key'])}; samkernels optimizers need "
+                    "all parameters laid out alike (with FSDP2, fully_shard the root module too)")
+
+    @property
+    def _sharded(self) -> bool:
+        """True when the parameters are DTensor shards (FSDP2): norms, dot products and inf/NaN
+        flags of the local shards are reduced over their process group."""
+        layout = getattr(self, "_layout", None)  # a copied optimizer (__getstate__) has none
+        return layout is not None and layout["group"] is not None
+
+    def _over_shards(self, parts: List[Tensor]) -> List[Tensor]:
+        """Per-list sums (0-dim squared norms, or ``samv_dots`` vectors) of this rank's shards ->
+        ``[their total over all ranks]``, one collective; unchanged when not sharded."""
+        if not self._sharded or not parts:
+            return parts
+        total = torch.stack(parts).sum(0)
+        self._all_reduce([total])
+        return [total]
+
     def _configure(self, freeze_bn, rho_schedule, nonfinite: str = "skip", ddp_model=None) -> None:
         if freeze_bn is not None and not isinstance(freeze_bn, torch.nn.Module):
             raise ValueError(f"freeze_bn must be the model (an nn.Module) or None, got "
@@ -176,10 +212,33 @@ class TwoPassOptimizer(torch.optim.Optimizer):
             raise ValueError("ddp_model must be the torch.nn.parallel.DistributedDataParallel "
                              f"model (it has no_sync() and process_group), got "
                              f"{type(ddp_model).__name__}")
+        if ddp_model is not None and self._sharded:
+            raise ValueError("ddp_model is for DistributedDataParallel models; these parameters "
+                             "are FSDP2 shards (DTensors), which need no ddp_model")
         self.freeze_bn, self.rho_schedule, self.nonfinite = freeze_bn, rho_schedule, nonfinite
         self.ddp_model = ddp_model
 
     # -- DDP: m-sharpness across ranks -----------------------------------------------------------
+    def _shared_seed(self, seed) -> int:
+        """``draw_seed(seed)``, one value on every rank when the parameters are shards: a drawn
+        seed (``seed`` not an int) is rank 0's, broadcast over the shards' group, since every
+        shard must draw from the whole parameter's stream."""
+        value = draw_seed(seed)
+        if self._sharded and not isinstance(seed, int):
+            import torch.distributed as dist
+            group = self._reduce_group()
+            first = next(p for g in self.param_groups for p in g["params"])
+            t = torch.tensor([value], dtype=torch.int64, device=first.device)
+            dist.broadcast(t, src=dist.get_global_rank(group, 0), group=group)
+            value = int(t.item())
+        return value
+
+    def _reduce_group(self):
+        """The process group of ``_all_reduce``: ``ddp_model``'s, else the parameters' shards'."""
+        if self.ddp_model is not None:
+            return self.ddp_model.process_group
+        return self._layout["group"]
+
     def _rank_world(self) -> Tuple[int, int]:
         """(rank, world size) of ``ddp_model``'s process group; (0, 1) without one."""
         if self.ddp_model is None:
@@ -189,12 +248,12 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         return dist.get_rank(group), dist.get_world_size(group)
 
     def _all_reduce(self, tensors: List[Tensor], op: str = "sum") -> None:
-        """In place over ``ddp_model``'s group, one collective for the whole list (flattened)."""
+        """In place over ``_reduce_group()``, one collective for the whole list (flattened)."""
         import torch.distributed as dist
         flat = torch.cat([t.reshape(-1) for t in tensors])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX,
-                        group=self.ddp_model.process_group)
-        torch._foreach_copy_(tensors, [v.view_as(t) for v, t in
+                        group=self._reduce_group())
+        foreach_copy_(tensors, [v.view_as(t) for v, t in
                                        zip(flat.split([t.numel() for t in tensors]), tensors)])
 
     def _rho(self, group: dict) -> float:
@@ -329,7 +388,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def _restore_weights(self) -> None:  # mid-step (m-sharpness): the step's flag stays
         for params, backups in self._perturbed:
-            torch._foreach_copy_(params, backups)
+            foreach_copy_(params, backups)
         self._perturbed.clear()
 
     def _mark_perturbed(self, params: List[Tensor], backups: List[Tensor]) -> None:
@@ -351,7 +410,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         for ps, bs in moved:
             rest = [(p, b) for p, b in zip(ps, bs) if (p in among) != outside]
             if rest:
-                torch._foreach_copy_([p for p, _ in rest], [b for _, b in rest])
+                foreach_copy_([p for p, _ in rest], [b for _, b in rest])
 
     def _require_unperturbed(self, what: str) -> None:
         if self._perturbed:
@@ -415,7 +474,8 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         first.  False: skip the step.  ``nonfinite="raise"`` raises instead, weights at the mean."""
         if not ps:
             return True
-        agree = ascent and self.ddp_model is not None  # first-pass gradients differ per rank
+        # first-pass gradients differ per rank (DDP); shards differ in every pass (FSDP2)
+        agree = (ascent and self.ddp_model is not None) or self._sharded
         if scaler is not None and scaler.is_enabled():
             # GradScaler unscales and checks once per optimizer per step, a SAM step has two passes
             # (2m with m-sharpness): each pass gets its own stand-in optimizer, all of whose checks
@@ -552,7 +612,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
                 lists[(g.device, g.dtype)][1].append(g)
                 self._grad_touched[p] = None
         for accs, grads in fresh.values():
-            torch._foreach_copy_(accs, grads)
+            foreach_copy_(accs, grads)
         for accs, grads in again.values():
             torch._foreach_add_(accs, grads)
 
@@ -575,7 +635,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
             if accs:
                 torch._foreach_mul_(accs, scale)
             if pairs:
-                torch._foreach_copy_([g for g, _ in pairs], [a for _, a in pairs])
+                foreach_copy_([g for g, _ in pairs], [a for _, a in pairs])
         self._grad_touched.clear()
 
     @staticmethod
@@ -630,15 +690,55 @@ class TwoPassOptimizer(torch.optim.Optimizer):
                 self._rollback_skipped_step()
             raise
 
+    # -- torch.distributed.checkpoint ------------------------------------------------------------
+    def _checkpoint_init(self) -> bool:
+        """True when ``step()`` came without a closure from torch.distributed.checkpoint, whose
+        ``get/set_optimizer_state_dict`` call it (every gradient zero, every lr 0) to create the
+        state the first step creates, so that an optimizer's state_dict has its entries before
+        any step.  That step is taken here, on those zero gradients at lr 0; the weights and the
+        optimizer-wide values (noise seed and counter) stay as they were.  False (nothing done)
+        for any other caller."""
+        frame = sys._getframe(1)
+        for _ in range(8):  # our step <- torch.optim's step wrappers <- _init_optim_state
+            frame = frame.f_back
+            if frame is None:
+                return False
+            if frame.f_code.co_name == "_init_optim_state" and \
+                    frame.f_globals.get("__name__") == "torch.distributed.checkpoint.state_dict":
+                break
+        else:
+            return False
+        grads = [(p, p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        weights = [p.detach().clone() for p, _ in grads]
+        extra = dict(self._extra_state)
+
+        def closure():  # each pass sees the zero gradients again
+            for p, g in grads:
+                p.grad = g
+
+        self.step(closure)
+        with torch.no_grad():
+            foreach_copy_([p for p, _ in grads], weights)
+        self._extra_state.clear()
+        self._extra_state.update(extra)
+        return True
+
     # -- state_dict: optimizer-wide values ride along under one key ------------------------------
     def state_dict(self):
         sd = super().state_dict()
         sd["samkernels"] = dict(self._extra_state, cls=type(self).__name__)
+        if sd["param_groups"]:  # torch.distributed.checkpoint keeps only state and param_groups
+            sd["param_groups"][0]["samkernels"] = dict(sd["samkernels"])
         return sd
 
     def load_state_dict(self, state_dict):
         state_dict = dict(state_dict)
         extra = state_dict.pop("samkernels", None)
+        groups = state_dict.get("param_groups", [])
+        if groups and "samkernels" in groups[0]:  # the copy in group 0 (see state_dict)
+            state_dict["param_groups"] = [dict(g) for g in groups]
+            in_group = state_dict["param_groups"][0].pop("samkernels")
+            extra = in_group if extra is None else extra
         if extra is not None and extra.get("cls") != type(self).__name__:
             raise ValueError(f"this state_dict was saved by {extra.get('cls')}, not "
                              f"{type(self).__name__}")
@@ -665,6 +765,38 @@ class TwoPassOptimizer(torch.optim.Optimizer):
                         mine[name] = v.to(device=ids[key].device, copy=True)
         if extra is not None:
             self._extra_state.update({k: v for k, v in extra.items() if k != "cls"})
+
+
+def foreach_copy_(dst: List[Tensor], src: List[Tensor]) -> None:
+    """``torch._foreach_copy_``, also on DTensors (FSDP2 shards, which have no sharding rule for
+    it): their local shards are copied."""
+    if dst and type(dst[0]) not in _PLAIN:
+        dst, src = _local_shards((dst, src))
+    torch._foreach_copy_(dst, src)
+
+
+def _layout_of(p: Tensor, where: str):
+    """(layout key, process group to reduce over) of parameter ``p``: ("plain",) / None for a
+    plain tensor, ("replicated",) / None for a DTensor that every rank holds whole, ("sharded",
+    ranks) / the group for a DTensor sharded over one mesh dimension."""
+    dtensor = sys.modules.get("torch.distributed.tensor")  # no DTensor exists before its import
+    if dtensor is None or not isinstance(p, dtensor.DTensor):
+        return ("plain",), None
+    dims = [d for d, pl in enumerate(p.placements) if pl.is_shard()]
+    if any(pl.is_partial() for pl in p.placements) or len(dims) > 1:
+        raise ValueError(f"{where} is a DTensor with placements {tuple(p.placements)}; samkernels "
+                         "optimizers support parameters sharded over one mesh dimension (FSDP2's "
+                         "fully_shard) or replicated")
+    if not dims:
+        return ("replicated",), None
+    import torch.distributed as dist
+    pg = p.device_mesh.get_group(dims[0])
+    return ("sharded", tuple(dist.get_process_group_ranks(pg))), pg
+
+
+def _describe(key: tuple) -> str:
+    return {"plain": "a plain tensor", "replicated": "a replicated DTensor"}.get(
+        key[0], f"a DTensor sharded over ranks {list(key[-1])}")
 
 
 class _ScalerGate:

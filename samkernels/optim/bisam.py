@@ -35,7 +35,7 @@ from torch import Tensor
 
 from samkernels import ops
 from samkernels.optim._base import _n_positional, check_beta, check_positive
-from samkernels.optim.utils import SeedLike, draw_seed
+from samkernels.optim.utils import SeedLike
 from samkernels.optim.sam import SAM
 
 _PHIS = ("neglog", "tanh")
@@ -203,7 +203,7 @@ class EBiSAM(BiSAM):
         for g in self.param_groups:
             g.setdefault("beta", beta)
         self.gamma, self.normalize = float(gamma), bool(normalize)
-        self._extra_state.update(seed=draw_seed(seed), noise_step=0)
+        self._extra_state.update(seed=self._shared_seed(seed), noise_step=0)
         # the mask counter when this step's first mask was drawn (dicts: set in place)
         self._mask = {"start": 0, "open": False}
 
@@ -233,9 +233,9 @@ class EBiSAM(BiSAM):
         norm, eps = None, None
         if work and not self.normalize:  # Alg. 3 line 5 as printed: no normalisation
             norm, eps = torch.ones((), dtype=torch.float64, device=work[0][1][0].device), 0.0
-        elif len(work) > 1:  # ||grad Q|| spans every group, as SAM's norm
+        elif len(work) > 1 or (work and self._sharded):  # ||grad Q|| spans every group, as SAM's
             dev = work[0][1][0].device
-            sq = [ops.grad_sumsq(ps, gs, False, 0.0).to(dev) for _, ps, gs in work]
+            sq = self._over_shards([ops.grad_sumsq(ps, gs, False, 0.0).to(dev) for _, ps, gs in work])
             norm = torch.stack([s.double() for s in sq]).sum().sqrt()
         for group, ps, gs in work:
             backups = self._backups_for(ps)

@@ -17,7 +17,7 @@ from samkernels import ops
 from samkernels._dtypes import opmath
 from samkernels.optim._base import (TwoPassOptimizer, check_betas, check_choice, check_nonneg,
                                     check_positive, mean_loss)
-from samkernels.optim.utils import PosteriorSampler, SeedLike, draw_seed
+from samkernels.optim.utils import PosteriorSampler, SeedLike
 
 
 class BSAM(PosteriorSampler, TwoPassOptimizer):
@@ -68,7 +68,7 @@ class BSAM(PosteriorSampler, TwoPassOptimizer):
         super().__init__(params, defaults)
         self._configure(freeze_bn, rho_schedule, nonfinite, ddp_model)
         self.freeze_bn_noisy = bool(freeze_bn_noisy)
-        self._extra_state.update(seed=draw_seed(seed), noise_step=0)
+        self._extra_state.update(seed=self._shared_seed(seed), noise_step=0)
         self._accum_bufs = {}  # transient sqrt(s)|g| sums (released order, m-sharpness), never saved
         self._accumulating = {"on": False}  # a dict, set in place (see TwoPassOptimizer on compile)
         self._accum_touched = {}  # parameters whose sum was started this step (an ordered set)
@@ -262,6 +262,8 @@ class BSAM(PosteriorSampler, TwoPassOptimizer):
         noise and perturbation; sqrt(s)|g| and g_eps are averaged over the micro-batches before
         lines 5-7.  Returns the mean first-pass loss.  ``scaler``: as in ``SAM.step``."""
         if closure is None:
+            if self._checkpoint_init():  # torch.distributed.checkpoint creating the state
+                return None
             raise RuntimeError("BSAM.step needs a closure (it evaluates the loss twice); or call "
                                "noise_step() / first_step() / second_step() yourself")
         if self._check_m(m) == 1:

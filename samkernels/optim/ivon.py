@@ -23,7 +23,7 @@ from samkernels import ops
 from samkernels._dtypes import opmath
 from samkernels.optim._base import (TwoPassOptimizer, check_betas, check_nonneg, check_positive,
                                     mean_loss)
-from samkernels.optim.utils import PosteriorSampler, SeedLike, draw_seed
+from samkernels.optim.utils import PosteriorSampler, SeedLike
 
 
 class IVON(PosteriorSampler, TwoPassOptimizer):
@@ -88,7 +88,7 @@ class IVON(PosteriorSampler, TwoPassOptimizer):
         self._configure(None, None, nonfinite)
         self.mc_samples, self.rescale_lr, self.debias = mc_samples, rescale_lr, debias
         # seed, the noise counter (one draw per sample) and t, the steps taken (for debias)
-        self._extra_state.update(seed=draw_seed(seed), noise_step=0, step=0)
+        self._extra_state.update(seed=self._shared_seed(seed), noise_step=0, step=0)
         # this step: samples drawn, the counter at its start and of the noise now in the weights,
         # the parameters with a gradient in every sample so far (mutated in place: see
         # TwoPassOptimizer on torch.compile)
@@ -295,6 +295,8 @@ class IVON(PosteriorSampler, TwoPassOptimizer):
         gradients zeroed between samples); returns the mean loss.  ``scaler``: a GradScaler whose
         ``scale(loss).backward()`` the closure calls (``scaler.update()`` after)."""
         if closure is None:
+            if self._checkpoint_init():  # torch.distributed.checkpoint creating the state
+                return None
             raise RuntimeError("IVON.step needs a closure (forward + backward at the sampled "
                                "weights); or call noise_step() / accumulate_step() / "
                                "second_step() yourself")

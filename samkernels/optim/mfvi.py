@@ -20,7 +20,7 @@ from torch import Tensor
 from samkernels import ops
 from samkernels._dtypes import opmath
 from samkernels.optim._base import TwoPassOptimizer, check_beta, check_nonneg, check_positive
-from samkernels.optim.utils import PosteriorSampler, SeedLike, draw_seed
+from samkernels.optim.utils import PosteriorSampler, SeedLike
 
 
 class GaussianPosterior(PosteriorSampler):
@@ -103,7 +103,7 @@ class MFVI(GaussianPosterior, TwoPassOptimizer):
         super().__init__(params, defaults)  # _check_group checks these, and every group's
         self._configure(freeze_bn, None, nonfinite)
         self.freeze_bn_noisy = bool(freeze_bn_noisy)
-        self._extra_state.update(seed=draw_seed(seed), noise_step=0)
+        self._extra_state.update(seed=self._shared_seed(seed), noise_step=0)
         self._noise = {"at": 0}  # counter of the noise now in the weights (a dict: set in place)
 
     def _check_group(self, group: dict) -> None:
@@ -198,6 +198,8 @@ class MFVI(GaussianPosterior, TwoPassOptimizer):
                              "no gradient-built perturbation) and its variance step needs each "
                              "sample's own g*z product; use m=1 (a larger batch averages more)")
         if closure is None:
+            if self._checkpoint_init():  # torch.distributed.checkpoint creating the state
+                return None
             raise RuntimeError("MFVI.step needs a closure (forward + backward at the sampled "
                                "weights); or call noise_step() / second_step() yourself")
         self.noise_step()

@@ -17,7 +17,7 @@ import torch
 from samkernels import ops
 from samkernels.optim._base import (TwoPassOptimizer, check_beta, check_choice, check_nonneg,
                                     mean_loss, warn_sgd_ranges)
-from samkernels.optim.utils import SeedLike, draw_seed
+from samkernels.optim.utils import SeedLike
 from samkernels.optim.sam import SAM
 
 PAPER_SIGMA = 5e-5  # App. D: the noise scale the paper settled on
@@ -175,7 +175,7 @@ class RandomSAM(TwoPassOptimizer):
         super().__init__(params, defaults)
         self._configure(freeze_bn, rho_schedule, nonfinite)
         self.freeze_bn_noisy = bool(freeze_bn_noisy)
-        self._extra_state.update(seed=draw_seed(seed), noise_step=0)
+        self._extra_state.update(seed=self._shared_seed(seed), noise_step=0)
         self._noise = {"at": 0}  # counter of the step's first noise draw (a dict: set in place)
         if unfused:
             # The inner optimizer is built on our group dicts and then shares our list of them:
@@ -276,6 +276,8 @@ class RandomSAM(TwoPassOptimizer):
         or ``closure(i, ascent)``; returns the mean loss.  ``scaler``: a GradScaler whose
         ``scale(loss).backward()`` the closure calls (one unscale of the averaged gradient)."""
         if closure is None:
+            if self._checkpoint_init():  # torch.distributed.checkpoint creating the state
+                return None
             raise RuntimeError("RandomSAM.step needs a closure (forward + backward at the "
                                "perturbed weights); or call noise_step() / second_step() yourself")
         if self._check_m(m) == 1:

@@ -147,10 +147,12 @@ class SAM(TwoPassOptimizer):
             self._skip_first_pass()
             work = []
         norm = None
-        if len(work) > 1 or on_device:  # the norm spans every group: one reduction op per group
+        # the norm spans every group (and every rank's shards): one reduction op per group
+        if len(work) > 1 or on_device or (work and self._sharded):
             dev = work[0][1][0].device
-            sq = [ops.grad_sumsq(ps, gs, g["adaptive"], g["eta"] if g["adaptive"] else 0.0).to(dev)
-                  for g, ps, gs in work]
+            sq = self._over_shards([ops.grad_sumsq(ps, gs, g["adaptive"],
+                                                   g["eta"] if g["adaptive"] else 0.0).to(dev)
+                                    for g, ps, gs in work])
             # one group: the very norm the op would take (same dtype, so the same rounding)
             norm = sq[0].sqrt() if len(sq) == 1 else \
                 torch.stack([s.double() for s in sq]).sum().sqrt()
@@ -323,6 +325,8 @@ class SAM(TwoPassOptimizer):
         run the second pass.
         """
         if closure is None:
+            if self._checkpoint_init():  # torch.distributed.checkpoint creating the state
+                return None
             raise RuntimeError(f"{type(self).__name__}.step needs a closure (it evaluates the loss "
                                "twice); or call first_step() / second_step() yourself")
         if self._check_m(m) == 1:

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from samkernels import ops
 from samkernels._dtypes import opmath
-from samkernels.optim._base import check_beta, check_nonneg
+from samkernels.optim._base import check_beta, check_nonneg, foreach_copy_
 from samkernels.optim.sam import SAM
 
 __all__ = ["GSAM", "WSAM", "LookSAM", "FriendlySAM"]
@@ -96,8 +96,9 @@ class _Variant(SAM):
     def _ascent_norm(self, work) -> Tensor:
         """||T g|| over every group (T = |w| + eta with ASAM, else 1), on the device."""
         dev = work[0][1][0].device
-        sq = [ops.grad_sumsq(ps, gs, g["adaptive"], g["eta"] if g["adaptive"] else 0.0).to(dev)
-              for g, ps, gs in work]
+        sq = self._over_shards([ops.grad_sumsq(ps, gs, g["adaptive"],
+                                               g["eta"] if g["adaptive"] else 0.0).to(dev)
+                                for g, ps, gs in work])
         return sq[0].sqrt() if len(sq) == 1 else torch.stack(sq).sum().sqrt()
 
     def _perturb(self, group: dict, ps, gs, backups, norm: Tensor) -> None:
@@ -171,8 +172,9 @@ class _Variant(SAM):
                     if id(p) not in had:
                         self._saved_buf(p).zero_()
         dev = grouped[0][1][0].device
-        parts = [ops.samv_dots([p.grad for p in ps], self._direction_lists(ps)[0], 0.0).to(dev)
-                 for _, ps in grouped]
+        parts = self._over_shards([ops.samv_dots([p.grad for p in ps],
+                                                 self._direction_lists(ps)[0], 0.0).to(dev)
+                                   for _, ps in grouped])
         dots = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
         self._variant["dots"] = dots
         return dots
@@ -368,6 +370,8 @@ class LookSAM(_Variant):
         """A full SAM step when ``full_step_due`` (``closure`` called twice), else one pass and
         ``reuse_step``.  Returns the (first) loss."""
         if closure is None:
+            if self._checkpoint_init():  # torch.distributed.checkpoint creating the state
+                return None
             raise RuntimeError("LookSAM.step needs a closure; or call first_step() / "
                                "second_step() / reuse_step() yourself")
         if self._check_m(m) != 1:
@@ -432,6 +436,7 @@ class FriendlySAM(_Variant):
                 else:
                     ms = [self.state[p]["friendly_momentum"] for p in sel]
                     sq.append(ops.samv_dots(gsel, ms, group["sigma"])[0].to(dev))
+        sq = self._over_shards(sq)
         return sq[0].sqrt() if len(sq) == 1 else torch.stack(sq).sum().sqrt()
 
     def _before_perturb(self, work) -> None:
@@ -459,7 +464,7 @@ class FriendlySAM(_Variant):
                     pair[1].append(m)
                     self._m_saved["params"].append(p)
         for dst, src in copies.values():  # one foreach copy per device and dtype
-            torch._foreach_copy_(dst, src)
+            foreach_copy_(dst, src)
         self._m_saved["on"] = True
 
     def _split_first(self, ps) -> List[Tuple[bool, List[int]]]:

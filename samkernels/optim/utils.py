@@ -99,7 +99,7 @@ class PosteriorSampler:
         """Load one model theta ~ q into the parameters; on exit the mean weights are copied back
         exactly.  ``generator``: int seed, torch.Generator or None."""
         self._require_unperturbed("sampled_params")
-        seed = draw_seed(generator)
+        seed = self._shared_seed(generator)  # sharded parameters: one seed on every rank
         try:
             with torch.no_grad():
                 for group, ps in self._grouped(with_grad=False):

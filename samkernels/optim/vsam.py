@@ -22,7 +22,8 @@ from torch import Tensor
 
 from samkernels import ops
 from samkernels._dtypes import opmath
-from samkernels.optim._base import TwoPassOptimizer, check_choice, check_nonneg, check_positive
+from samkernels.optim._base import (TwoPassOptimizer, check_choice, check_nonneg, check_positive,
+                                    foreach_copy_)
 from samkernels.optim.mfvi import GaussianPosterior
 from samkernels.optim.random_sam import (BASE_KEYS, FUSED_BASES, check_base_keywords,
                                          fill_base_keys)
@@ -188,9 +189,10 @@ class VariationalSAM(GaussianPosterior, TwoPassOptimizer):
             self._save_variances(work)  # a skip later in the step must find Sigma as it was
         dim = float(self._total_numel())
         norm = None
-        if len(work) > 1:  # eq. 2's g^T Sigma g spans every group: one reduction per group, summed
+        # eq. 2's g^T Sigma g spans every group (and shard): one reduction per group, summed
+        if len(work) > 1 or (work and self._sharded):
             dev = work[0][1][0].device
-            sq = [ops.vsam_sumsq(gs, vs).to(dev) for _, _, gs, vs in work]
+            sq = self._over_shards([ops.vsam_sumsq(gs, vs).to(dev) for _, _, gs, vs in work])
             norm = torch.stack(sq).sum().sqrt()
         for group, ps, gs, vs in work:
             backups = self._backups_for(ps)
@@ -249,10 +251,10 @@ class VariationalSAM(GaussianPosterior, TwoPassOptimizer):
                 lists[1].append(s)
                 self._var_count[p] = n + 1
             if fresh[0]:
-                torch._foreach_copy_(fresh[0], fresh[1])
+                foreach_copy_(fresh[0], fresh[1])
             if again[0]:
                 torch._foreach_add_(again[0], again[1])
-            torch._foreach_copy_(vs, copies)
+            foreach_copy_(vs, copies)
 
     @torch.no_grad()
     def _set_averaged_variance(self) -> None:
@@ -271,7 +273,7 @@ class VariationalSAM(GaussianPosterior, TwoPassOptimizer):
                 torch._foreach_mul_(accs, torch._foreach_clamp_min(vs, _TINY))
             else:
                 torch._foreach_clamp_min_(accs, group["min_var"])
-            torch._foreach_copy_(vs, accs)
+            foreach_copy_(vs, accs)
         self._var_count.clear()
 
     @torch.no_grad()
@@ -305,6 +307,8 @@ class VariationalSAM(GaussianPosterior, TwoPassOptimizer):
         clamping each one first would not be the averaged step.  Returns the mean first-pass loss.
         An exception (or a skip) leaves Sigma as before the step."""
         if closure is None:
+            if self._checkpoint_init():  # torch.distributed.checkpoint creating the state
+                return None
             raise RuntimeError("VariationalSAM.step needs a closure (it evaluates the loss twice); "
                                "or call first_step() / second_step() yourself")
         if self._check_m(m) == 1:
