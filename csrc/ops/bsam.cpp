@@ -21,11 +21,9 @@
 namespace samkernels {
 namespace {
 
-// Each phase's tensor lists with their roles, in its launch function's list order: stated once
-// for the CPU kernels and the CUDA glue.
 std::vector<ListArg> bsam_noise_lists(at::TensorList params, at::TensorList backups,
                                       at::TensorList precisions) {
-  return {{"params", params, kP, W}, {"backups", backups, kP, W}, {"precisions", precisions, kS}};
+  return noise_lists(params, backups, {"precisions", precisions, kS});
 }
 
 // accumulate (accums not empty): line 5 waits for bsam_update_, the sharpness goes to accums
@@ -55,6 +53,7 @@ void bsam_noise(at::TensorList params, at::TensorList backups, at::TensorList pr
   noise_phase<math::BsamNoise>("bsam_noise_", bsam_noise_lists(params, backups, precisions),
                                param_ids, seed, step, num_data);
 }
+TORCH_LIBRARY_IMPL(samkernels, CPU, m) { m.impl("bsam_noise_", &bsam_noise); }
 
 void bsam_perturb(at::TensorList params, at::TensorList grads, at::TensorList backups,
                   at::TensorList precisions, at::TensorList accums, double rho, double beta2,
@@ -82,6 +81,7 @@ void bsam_perturb(at::TensorList params, at::TensorList grads, at::TensorList ba
   });
   pl.finish();
 }
+TORCH_LIBRARY_IMPL(samkernels, CPU, m) { m.impl("bsam_perturb_", &bsam_perturb); }
 
 void bsam_update(at::TensorList params, at::TensorList grads, at::TensorList backups,
                  at::TensorList precisions, at::TensorList momenta, at::TensorList accums,
@@ -119,14 +119,9 @@ void bsam_update(at::TensorList params, at::TensorList grads, at::TensorList bac
   });
   pl.finish();
 }
+TORCH_LIBRARY_IMPL(samkernels, CPU, m) { m.impl("bsam_update_", &bsam_update); }
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(samkernels, CPU, m) {
-  m.impl("bsam_noise_", &bsam_noise);
-  m.impl("bsam_perturb_", &bsam_perturb);
-  m.impl("bsam_update_", &bsam_update);
-}
 
 }  // namespace cpu
 
@@ -158,6 +153,7 @@ void bsam_noise_cuda(TensorList params, TensorList backups, TensorList precision
   noise_phase("samkernels::bsam_noise_", bsam_noise_lists(params, backups, precisions),
               param_ids, seed, step, &launch_bsam_noise, num_data);
 }
+TORCH_LIBRARY_IMPL(samkernels, CUDA, m) { m.impl("bsam_noise_", &bsam_noise_cuda); }
 
 void bsam_perturb_cuda(TensorList params, TensorList grads, TensorList backups,
                        TensorList precisions, TensorList accums, double rho, double beta2,
@@ -170,6 +166,7 @@ void bsam_perturb_cuda(TensorList params, TensorList grads, TensorList backups,
     return launch_bsam_perturb(g, rho, beta2, delta, gamma, pl.skip, pl.stream);
   });
 }
+TORCH_LIBRARY_IMPL(samkernels, CUDA, m) { m.impl("bsam_perturb_", &bsam_perturb_cuda); }
 
 void bsam_update_cuda(TensorList params, TensorList grads, TensorList backups,
                       TensorList precisions, TensorList momenta, TensorList accums, double lr,
@@ -186,14 +183,9 @@ void bsam_update_cuda(TensorList params, TensorList grads, TensorList backups,
                               pl.skip, pl.stream);
   });
 }
+TORCH_LIBRARY_IMPL(samkernels, CUDA, m) { m.impl("bsam_update_", &bsam_update_cuda); }
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(samkernels, CUDA, m) {
-  m.impl("bsam_noise_", &bsam_noise_cuda);
-  m.impl("bsam_perturb_", &bsam_perturb_cuda);
-  m.impl("bsam_update_", &bsam_update_cuda);
-}
 
 }  // namespace cuda
 #endif  // SAMKERNELS_WITH_CUDA

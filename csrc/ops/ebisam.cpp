@@ -21,8 +21,6 @@
 namespace samkernels {
 namespace {
 
-// The phase's tensor lists with their roles, in its launch function's list order: stated once for
-// the CPU kernel and the CUDA glue.
 std::vector<ListArg> ebisam_perturb_lists(at::TensorList params, at::TensorList grads,
                                           at::TensorList backups) {
   return {{"params", params, kP, W}, {"grads", grads, kP}, {"backups", backups, kP, W}};

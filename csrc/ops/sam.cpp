@@ -17,8 +17,6 @@
 namespace samkernels {
 namespace {
 
-// Each phase's tensor lists with their roles, in its launch function's list order: stated once
-// for the CPU kernels and the CUDA glue.
 std::vector<ListArg> grad_sumsq_lists(at::TensorList params, at::TensorList grads) {
   // params are read only for ASAM (T = |w| + eta), but checked against the grads either way (same
   // contract as every phase: a grad of the wrong size or dtype is an error naming it)
@@ -55,6 +53,7 @@ at::Tensor grad_sumsq(at::TensorList params, at::TensorList grads, bool adaptive
   PhaseLists pl("grad_sumsq", grad_sumsq_lists(params, grads));
   return norm_tensor(pl.sum([&](const auto& v) { return chunk_sumsq(v, 0, 1, adaptive, eta); }));
 }
+TORCH_LIBRARY_IMPL(samkernels, CPU, m) { m.impl("grad_sumsq", &grad_sumsq); }
 
 at::Tensor sam_perturb(at::TensorList params, at::TensorList grads, at::TensorList backups,
                        const c10::optional<at::Tensor>& grad_norm, double rho, double eps,
@@ -84,6 +83,7 @@ at::Tensor sam_perturb(at::TensorList params, at::TensorList grads, at::TensorLi
   pl.finish();
   return norm_tensor(norm);
 }
+TORCH_LIBRARY_IMPL(samkernels, CPU, m) { m.impl("sam_perturb_", &sam_perturb); }
 
 void sam_restore_sgd(at::TensorList params, at::TensorList grads, at::TensorList backups,
                      at::TensorList momentum_bufs, double lr, double momentum, double dampening,
@@ -117,6 +117,7 @@ void sam_restore_sgd(at::TensorList params, at::TensorList grads, at::TensorList
   });
   pl.finish();
 }
+TORCH_LIBRARY_IMPL(samkernels, CPU, m) { m.impl("sam_restore_sgd_", &sam_restore_sgd); }
 
 void sam_restore_adam(at::TensorList params, at::TensorList grads, at::TensorList backups,
                       at::TensorList exp_avgs, at::TensorList exp_avg_sqs, int64_t step, double lr,
@@ -145,15 +146,9 @@ void sam_restore_adam(at::TensorList params, at::TensorList grads, at::TensorLis
   });
   pl.finish();
 }
+TORCH_LIBRARY_IMPL(samkernels, CPU, m) { m.impl("sam_restore_adam_", &sam_restore_adam); }
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(samkernels, CPU, m) {
-  m.impl("grad_sumsq", &grad_sumsq);
-  m.impl("sam_perturb_", &sam_perturb);
-  m.impl("sam_restore_sgd_", &sam_restore_sgd);
-  m.impl("sam_restore_adam_", &sam_restore_adam);
-}
 
 }  // namespace cpu
 
@@ -189,6 +184,7 @@ Tensor grad_sumsq_cuda(TensorList params, TensorList grads, bool adaptive, doubl
     return launch_grad_sumsq_partials(g, parts, first, adaptive, eta, pl.stream);
   });
 }
+TORCH_LIBRARY_IMPL(samkernels, CUDA, m) { m.impl("grad_sumsq", &grad_sumsq_cuda); }
 
 Tensor sam_perturb_cuda(TensorList params, TensorList grads, TensorList backups,
                         const std::optional<Tensor>& grad_norm, double rho, double eps,
@@ -206,6 +202,7 @@ Tensor sam_perturb_cuda(TensorList params, TensorList grads, TensorList backups,
   });
   return norm;
 }
+TORCH_LIBRARY_IMPL(samkernels, CUDA, m) { m.impl("sam_perturb_", &sam_perturb_cuda); }
 
 void sam_restore_sgd_cuda(TensorList params, TensorList grads, TensorList backups,
                           TensorList momentum_bufs, double lr, double momentum, double dampening,
@@ -219,6 +216,7 @@ void sam_restore_sgd_cuda(TensorList params, TensorList grads, TensorList backup
                                   pl.skip, pl.stream);
   });
 }
+TORCH_LIBRARY_IMPL(samkernels, CUDA, m) { m.impl("sam_restore_sgd_", &sam_restore_sgd_cuda); }
 
 void sam_restore_adam_cuda(TensorList params, TensorList grads, TensorList backups,
                            TensorList exp_avgs, TensorList exp_avg_sqs, int64_t step, double lr,
@@ -236,15 +234,9 @@ void sam_restore_adam_cuda(TensorList params, TensorList grads, TensorList backu
                                    pl.stream);
   });
 }
+TORCH_LIBRARY_IMPL(samkernels, CUDA, m) { m.impl("sam_restore_adam_", &sam_restore_adam_cuda); }
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(samkernels, CUDA, m) {
-  m.impl("grad_sumsq", &grad_sumsq_cuda);
-  m.impl("sam_perturb_", &sam_perturb_cuda);
-  m.impl("sam_restore_sgd_", &sam_restore_sgd_cuda);
-  m.impl("sam_restore_adam_", &sam_restore_adam_cuda);
-}
 
 }  // namespace cuda
 #endif  // SAMKERNELS_WITH_CUDA

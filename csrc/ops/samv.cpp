@@ -22,8 +22,6 @@
 namespace samkernels {
 namespace {
 
-// Each phase's tensor lists with their roles, in its launch function's list order: stated once
-// for the CPU kernels and the CUDA glue.
 std::vector<ListArg> samv_dots_lists(at::TensorList lhs, at::TensorList rhs) {
   return {{"lhs", lhs, kP}, {"rhs", rhs, kS}};
 }
@@ -127,6 +125,7 @@ at::Tensor samv_dots(at::TensorList lhs, at::TensorList rhs, double shift) {
   return at::tensor(std::vector<double>{s[0], s[1], s[2]},
                     at::TensorOptions().dtype(at::kDouble));
 }
+TORCH_LIBRARY_IMPL(samkernels, CPU, m) { m.impl("samv_dots", &samv_dots); }
 
 void samv_perturb(at::TensorList params, at::TensorList grads, at::TensorList backups,
                   at::TensorList saved, at::TensorList momenta, const at::Tensor& norm, double rho,
@@ -165,6 +164,7 @@ void samv_perturb(at::TensorList params, at::TensorList grads, at::TensorList ba
   });
   pl.finish();
 }
+TORCH_LIBRARY_IMPL(samkernels, CPU, m) { m.impl("samv_perturb_", &samv_perturb); }
 
 void samv_restore_sgd(at::TensorList params, at::TensorList grads, at::TensorList backups,
                       at::TensorList saved, at::TensorList momentum_bufs, at::TensorList outs,
@@ -204,6 +204,7 @@ void samv_restore_sgd(at::TensorList params, at::TensorList grads, at::TensorLis
   });
   pl.finish();
 }
+TORCH_LIBRARY_IMPL(samkernels, CPU, m) { m.impl("samv_restore_sgd_", &samv_restore_sgd); }
 
 void samv_restore_adam(at::TensorList params, at::TensorList grads, at::TensorList backups,
                        at::TensorList saved, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
@@ -245,15 +246,9 @@ void samv_restore_adam(at::TensorList params, at::TensorList grads, at::TensorLi
   });
   pl.finish();
 }
+TORCH_LIBRARY_IMPL(samkernels, CPU, m) { m.impl("samv_restore_adam_", &samv_restore_adam); }
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(samkernels, CPU, m) {
-  m.impl("samv_dots", &samv_dots);
-  m.impl("samv_perturb_", &samv_perturb);
-  m.impl("samv_restore_sgd_", &samv_restore_sgd);
-  m.impl("samv_restore_adam_", &samv_restore_adam);
-}
 
 }  // namespace cpu
 
@@ -322,6 +317,7 @@ Tensor samv_dots_cuda(TensorList lhs, TensorList rhs, double shift) {
                                       pl.stream));
   return out;
 }
+TORCH_LIBRARY_IMPL(samkernels, CUDA, m) { m.impl("samv_dots", &samv_dots_cuda); }
 
 void samv_perturb_cuda(TensorList params, TensorList grads, TensorList backups, TensorList saved,
                        TensorList momenta, const Tensor& norm, double rho, double eps,
@@ -336,6 +332,7 @@ void samv_perturb_cuda(TensorList params, TensorList grads, TensorList backups, 
                                first, pl.skip, pl.stream);
   });
 }
+TORCH_LIBRARY_IMPL(samkernels, CUDA, m) { m.impl("samv_perturb_", &samv_perturb_cuda); }
 
 void samv_restore_sgd_cuda(TensorList params, TensorList grads, TensorList backups,
                            TensorList saved, TensorList momentum_bufs, TensorList outs,
@@ -354,6 +351,7 @@ void samv_restore_sgd_cuda(TensorList params, TensorList grads, TensorList backu
                                    weight_decay, first, pl.skip, pl.stream);
   });
 }
+TORCH_LIBRARY_IMPL(samkernels, CUDA, m) { m.impl("samv_restore_sgd_", &samv_restore_sgd_cuda); }
 
 void samv_restore_adam_cuda(TensorList params, TensorList grads, TensorList backups,
                             TensorList saved, TensorList exp_avgs, TensorList exp_avg_sqs,
@@ -376,15 +374,9 @@ void samv_restore_adam_cuda(TensorList params, TensorList grads, TensorList back
                                     weight_decay, decoupled, pl.skip, pl.stream);
   });
 }
+TORCH_LIBRARY_IMPL(samkernels, CUDA, m) { m.impl("samv_restore_adam_", &samv_restore_adam_cuda); }
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(samkernels, CUDA, m) {
-  m.impl("samv_dots", &samv_dots_cuda);
-  m.impl("samv_perturb_", &samv_perturb_cuda);
-  m.impl("samv_restore_sgd_", &samv_restore_sgd_cuda);
-  m.impl("samv_restore_adam_", &samv_restore_adam_cuda);
-}
 
 }  // namespace cuda
 #endif  // SAMKERNELS_WITH_CUDA
