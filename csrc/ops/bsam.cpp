@@ -66,14 +66,12 @@ void bsam_perturb(at::TensorList params, at::TensorList grads, at::TensorList ba
   pl.run([&](const auto& v) {
     SK_CHUNK_TYPES(v);
     const auto maths = math::BsamPerturb<opmath_t>::make(rho, beta2, delta, gamma, accumulate);
-    scalar_t* wp = v.param(0);
-    const scalar_t* gp = v.param(1);
-    const scalar_t* bp = v.param(2);
+    const auto p = gradient_lists(v);
     opmath_t* sp = v.state(3);
     opmath_t* ap = v.state(4);
     for (int64_t i = v.begin; i < v.end; ++i) {
-      const opmath_t gi = static_cast<opmath_t>(gp[i]), si = sp[i];
-      wp[i] = static_cast<scalar_t>(maths(static_cast<opmath_t>(bp[i]), gi, si));  // line 3
+      const opmath_t gi = static_cast<opmath_t>(p.g[i]), si = sp[i];
+      p.w[i] = static_cast<scalar_t>(maths(static_cast<opmath_t>(p.b[i]), gi, si));  // line 3
       const opmath_t h = math::BsamPrecision<opmath_t>::sharpness(si, gi);
       if (accumulate) ap[i] = ap[i] + h;  // line 5 deferred to the update
       else sp[i] = maths.line5(si, h);    // line 5
@@ -98,23 +96,21 @@ void bsam_update(at::TensorList params, at::TensorList grads, at::TensorList bac
     SK_CHUNK_TYPES(v);
     const auto maths = math::BsamUpdate<opmath_t>::make(lr, beta1, beta2, delta, gamma,
                                                         accum_scale, released_order, accumulate);
-    scalar_t* wp = v.param(0);
-    const scalar_t* gp = v.param(1);
-    const scalar_t* bp = v.param(2);
+    const auto p = gradient_lists(v);
     opmath_t* sp = v.state(3);
     opmath_t* mp = v.state(4);
     const opmath_t* ap = v.state(5);
     for (int64_t i = v.begin; i < v.end; ++i) {
-      const opmath_t omega = static_cast<opmath_t>(bp[i]);
+      const opmath_t omega = static_cast<opmath_t>(p.b[i]);
       const opmath_t s_old = sp[i];
       opmath_t s_new = s_old;
       if (accumulate) {
         s_new = maths.precision(s_old, ap[i]);  // line 5 (m-sharpness average)
         sp[i] = s_new;
       }
-      const opmath_t gm = maths.momentum(mp[i], static_cast<opmath_t>(gp[i]), omega);  // line 6
+      const opmath_t gm = maths.momentum(mp[i], static_cast<opmath_t>(p.g[i]), omega);  // line 6
       mp[i] = gm;
-      wp[i] = static_cast<scalar_t>(maths.mean(omega, gm, s_old, s_new));  // line 7
+      p.w[i] = static_cast<scalar_t>(maths.mean(omega, gm, s_old, s_new));  // line 7
     }
   });
   pl.finish();

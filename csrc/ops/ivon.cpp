@@ -82,19 +82,17 @@ void ivon_accumulate(at::TensorList params, at::TensorList grads, at::TensorList
     const auto noise = math::IvonNoise<opmath_t>::make(ess, weight_decay);
     const opmath_t n = static_cast<opmath_t>(count);
     const bool first = count == 1;
-    scalar_t* wp = v.param(0);
-    const scalar_t* gp = v.param(1);
-    const scalar_t* bp = v.param(2);
+    const auto p = gradient_lists(v);
     const opmath_t* hp = v.state(3);
     opmath_t* ap = v.state(4);
     opmath_t* np = v.state(5);
     // z: the noise of the ivon_noise_ call with the same (seed, step)
     for_each_normal(v, seed, step, param_ids, [&](int64_t i, opmath_t z) {
-      const opmath_t gi = static_cast<opmath_t>(gp[i]);
+      const opmath_t gi = static_cast<opmath_t>(p.g[i]);
       const opmath_t nxg = noise.sigma_z(hp[i], z) * gi;
       ap[i] = first ? gi : math::ivon_running_mean(ap[i], gi, n);
       np[i] = first ? nxg : math::ivon_running_mean(np[i], nxg, n);
-      wp[i] = bp[i];  // back to the mean for the next sample
+      p.w[i] = p.b[i];  // back to the mean for the next sample
     });
   });
   pl.finish();
@@ -118,17 +116,15 @@ void ivon_update(at::TensorList params, at::TensorList grads, at::TensorList bac
     SK_CHUNK_TYPES(v);
     const auto maths = math::IvonUpdate<opmath_t>::make(
         lr, ess, weight_decay, beta1, beta2, clip_radius, bias_correction, count, averaged);
-    scalar_t* wp = v.param(0);
-    const scalar_t* gp = v.param(1);
-    const scalar_t* bp = v.param(2);
+    const auto p = gradient_lists(v);
     opmath_t* hp = v.state(3);
     opmath_t* mp = v.state(4);
     const opmath_t* ap = v.state(5);
     const opmath_t* np = v.state(6);
     for_each_normal(v, seed, step, param_ids, [&](int64_t i, opmath_t z) {
-      const opmath_t m = static_cast<opmath_t>(bp[i]);
+      const opmath_t m = static_cast<opmath_t>(p.b[i]);
       const opmath_t h = hp[i];
-      opmath_t gbar = static_cast<opmath_t>(gp[i]);
+      opmath_t gbar = static_cast<opmath_t>(p.g[i]);
       opmath_t nxg = maths.noise.sigma_z(h, z) * gbar;
       if (averaged) {
         gbar = math::ivon_running_mean(ap[i], gbar, maths.count);
@@ -138,7 +134,7 @@ void ivon_update(at::TensorList params, at::TensorList grads, at::TensorList bac
       const opmath_t h_new = maths.hessian(h, nxg);
       mp[i] = gm;
       hp[i] = h_new;
-      wp[i] = static_cast<scalar_t>(maths.mean(m, gm, h_new));
+      p.w[i] = static_cast<scalar_t>(maths.mean(m, gm, h_new));
     });
   });
   pl.finish();

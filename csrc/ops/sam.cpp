@@ -71,13 +71,11 @@ at::Tensor sam_perturb(at::TensorList params, at::TensorList grads, at::TensorLi
     SK_CHUNK_TYPES(v);
     const auto maths = math::SamPerturb<opmath_t>::make(rho, eps, adaptive, eta);
     const auto scale = maths.scale(norm);
-    scalar_t* wp = v.param(0);
-    const scalar_t* gp = v.param(1);
-    scalar_t* bp = v.param(2);
+    const auto p = gradient_lists(v);
     for (int64_t i = v.begin; i < v.end; ++i) {
-      const auto w = static_cast<opmath_t>(wp[i]);
-      bp[i] = wp[i];
-      wp[i] = static_cast<scalar_t>(maths(w, static_cast<opmath_t>(gp[i]), scale));
+      const auto w = static_cast<opmath_t>(p.w[i]);
+      p.b[i] = p.w[i];
+      p.w[i] = static_cast<scalar_t>(maths(w, static_cast<opmath_t>(p.g[i]), scale));
     }
   });
   pl.finish();
@@ -96,22 +94,20 @@ void sam_restore_sgd(at::TensorList params, at::TensorList grads, at::TensorList
     SK_CHUNK_TYPES(v);
     const auto maths =
         math::SgdRestore<opmath_t>::make(lr, momentum, dampening, nesterov, weight_decay, first);
-    scalar_t* wp = v.param(0);
-    const scalar_t* gp = v.param(1);
-    const scalar_t* bp = v.param(2);
+    const auto p = gradient_lists(v);
     opmath_t* mp = v.state(3);
     if (mp == nullptr) {
       for (int64_t i = v.begin; i < v.end; ++i) {
         opmath_t unused = 0;
-        wp[i] = static_cast<scalar_t>(
-            maths(static_cast<opmath_t>(bp[i]), static_cast<opmath_t>(gp[i]), unused));
+        p.w[i] = static_cast<scalar_t>(
+            maths(static_cast<opmath_t>(p.b[i]), static_cast<opmath_t>(p.g[i]), unused));
       }
       return;
     }
     for (int64_t i = v.begin; i < v.end; ++i) {  // restore: w from the copy of the mean weights
       opmath_t buf = mp[i];
-      wp[i] = static_cast<scalar_t>(
-          maths(static_cast<opmath_t>(bp[i]), static_cast<opmath_t>(gp[i]), buf));
+      p.w[i] = static_cast<scalar_t>(
+          maths(static_cast<opmath_t>(p.b[i]), static_cast<opmath_t>(p.g[i]), buf));
       mp[i] = buf;
     }
   });
@@ -131,15 +127,13 @@ void sam_restore_adam(at::TensorList params, at::TensorList grads, at::TensorLis
     SK_CHUNK_TYPES(v);
     const auto maths = math::AdamRestore<opmath_t>::make(step, lr, beta1, beta2, eps,
                                                          weight_decay, decoupled);
-    scalar_t* wp = v.param(0);
-    const scalar_t* gp = v.param(1);
-    const scalar_t* bp = v.param(2);
+    const auto p = gradient_lists(v);
     opmath_t* mp = v.state(3);
     opmath_t* vp = v.state(4);
     for (int64_t i = v.begin; i < v.end; ++i) {
       opmath_t m = mp[i], s = vp[i];
-      wp[i] = static_cast<scalar_t>(
-          maths(static_cast<opmath_t>(bp[i]), static_cast<opmath_t>(gp[i]), m, s));
+      p.w[i] = static_cast<scalar_t>(
+          maths(static_cast<opmath_t>(p.b[i]), static_cast<opmath_t>(p.g[i]), m, s));
       mp[i] = m;
       vp[i] = s;
     }

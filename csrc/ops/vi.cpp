@@ -71,22 +71,20 @@ void mfvi_update(at::TensorList params, at::TensorList grads, at::TensorList bac
     SK_CHUNK_TYPES(v);
     const auto maths = math::MfviUpdate<opmath_t>::make(lr, var_lr, momentum, prior_var, num_data,
                                                         use_momentum);
-    scalar_t* wp = v.param(0);
-    const scalar_t* gp = v.param(1);
-    const scalar_t* bp = v.param(2);
+    const auto p = gradient_lists(v);
     opmath_t* vp = v.state(3);
     opmath_t* mp = v.state(4);
     // z: the noise of the vi_noise_ call with the same (seed, step)
     for_each_normal(v, seed, step, param_ids, [&](int64_t i, opmath_t z) {
-      const opmath_t mu = static_cast<opmath_t>(bp[i]);
-      const opmath_t gi = static_cast<opmath_t>(gp[i]);
+      const opmath_t mu = static_cast<opmath_t>(p.b[i]);
+      const opmath_t gi = static_cast<opmath_t>(p.g[i]);
       opmath_t d = maths.direction(mu, gi);
       if (use_momentum) {
         d = maths.with_momentum(mp[i], d);
         mp[i] = d;
       }
       vp[i] = maths.variance(vp[i], gi, z);
-      wp[i] = static_cast<scalar_t>(maths.mean(mu, d));
+      p.w[i] = static_cast<scalar_t>(maths.mean(mu, d));
     });
   });
   pl.finish();
@@ -129,16 +127,14 @@ at::Tensor vsam_perturb(at::TensorList params, at::TensorList grads, at::TensorL
     const auto maths = math::VsamPerturb<opmath_t>::make(dim, eps, var_lr, prior_var, num_data,
                                                          log_step, min_var);
     const opmath_t inv = maths.scale(norm);
-    scalar_t* wp = v.param(0);
-    const scalar_t* gp = v.param(1);
-    scalar_t* bp = v.param(2);
+    const auto p = gradient_lists(v);
     opmath_t* vp = v.state(3);
     for (int64_t i = v.begin; i < v.end; ++i) {
-      const opmath_t mu = static_cast<opmath_t>(wp[i]);
-      const opmath_t gi = static_cast<opmath_t>(gp[i]);
+      const opmath_t mu = static_cast<opmath_t>(p.w[i]);
+      const opmath_t gi = static_cast<opmath_t>(p.g[i]);
       const opmath_t var = vp[i];
-      bp[i] = wp[i];
-      wp[i] = static_cast<scalar_t>(maths.perturbed(mu, gi, var, inv));  // eq. 2
+      p.b[i] = p.w[i];
+      p.w[i] = static_cast<scalar_t>(maths.perturbed(mu, gi, var, inv));  // eq. 2
       vp[i] = maths.variance(var, gi, inv);                                // eq. 42 / line 7
     }
   });
