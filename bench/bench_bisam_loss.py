@@ -35,7 +35,6 @@ import os
 import random
 import statistics
 import sys
-import time
 
 import pytest
 import torch
@@ -48,6 +47,9 @@ except ImportError:
     import samkernels  # noqa: E402
 from samkernels import _dispatch  # noqa: E402
 from samkernels.ops.bisam_loss import bisam_loss, bisam_loss_reference  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/: the shared timer and options
+from report import add_output_options, time_once  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SIZES = [(128, 10), (128, 100), (8192, 1000), (4096, 32000), (1024, 128000)]
@@ -110,20 +112,6 @@ def _step(loss_fn, logits, target):
     return step
 
 
-def _time_once(step) -> float:
-    """Seconds of one round: CUDA events on the GPU, wall clock (after a sync) on the CPU."""
-    if DEVICE == "cuda":
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        step()
-        b.record()
-        b.synchronize()
-        return a.elapsed_time(b) / 1e3
-    t0 = time.perf_counter()
-    step()
-    return time.perf_counter() - t0
-
-
 def bytes_moved(B, K, dtype) -> int:
     """Logits read + gradient written + int64 labels read."""
     return 2 * B * K * torch.empty((), dtype=dtype).element_size() + 8 * B
@@ -141,7 +129,7 @@ def copy_bandwidth(numel: int = 64 * 2 ** 20, rounds: int = 20) -> float:
     src = torch.randn(numel, device=DEVICE)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    t = statistics.median(_time_once(lambda: dst.copy_(src)) for _ in range(rounds))
+    t = statistics.median(time_once(lambda: dst.copy_(src)) for _ in range(rounds))
     del src, dst
     return 2 * 4 * numel / t
 
@@ -189,7 +177,7 @@ def measure(sizes, dtypes, impls, rounds=None, out=print, progress=None):
             for r in range(warmup + n):
                 rng.shuffle(order)  # no implementation always runs right after the same other one
                 for i in order:
-                    t = _time_once(steps[i])
+                    t = time_once(steps[i])
                     if r >= warmup:
                         times[i].append(t)
             for i in live:
@@ -253,8 +241,7 @@ def main(argv=None):
                     help="rounds per implementation (default by size and device)")
     ap.add_argument("--dry-run", action="store_true",
                     help="toy sizes, 2 rounds; on CPU tensors also the interpreted triton kernel")
-    ap.add_argument("--md", default=None, help="also write the markdown table here")
-    ap.add_argument("--json", default=None, help="also write every number here")
+    add_output_options(ap)
     args = ap.parse_args(argv)
     if args.sizes:
         sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes.split(",")]

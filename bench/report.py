@@ -33,7 +33,7 @@ import cases  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _once(fn) -> float:
+def time_once(fn) -> float:
     """Seconds of one fn() call: CUDA events on the GPU, wall clock on the CPU."""
     if DEVICE == "cuda":
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -60,11 +60,11 @@ def timed(fn, repeat: int) -> float:
     """Median seconds of fn() over ``repeat`` runs (one warm-up; fewer runs for slow steps).
     ``repeat`` 1 (the dry run): the run that sizes the others is the measurement."""
     fn()
-    first = _once(fn)
+    first = time_once(fn)
     if repeat == 1:
         return first
     n = _runs(first, repeat)
-    return statistics.median(_once(fn) for _ in range(n))
+    return statistics.median(time_once(fn) for _ in range(n))
 
 
 def timed_phases(phases, repeat: int) -> dict:
@@ -76,7 +76,7 @@ def timed_phases(phases, repeat: int) -> dict:
     out = {name: [] for name, _ in phases}
     for _ in range(repeat):
         for name, fn in phases:
-            out[name].append(_once(fn))
+            out[name].append(time_once(fn))
     return {name: statistics.median(ts) for name, ts in out.items()}
 
 
@@ -253,6 +253,12 @@ def markdown(header, rows, phase_rows, target_rows) -> str:
     return "\n".join(out) + "\n"
 
 
+def add_output_options(ap: argparse.ArgumentParser) -> None:
+    """--md and --json, the files a report is also written to (also bench_bisam_loss.py's)."""
+    ap.add_argument("--md", default=None, help="also write the markdown table(s) here")
+    ap.add_argument("--json", default=None, help="also write every number here")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=None, help="comma list of cases.SHAPES names")
@@ -264,8 +270,7 @@ def main(argv=None):
     ap.add_argument("--no-phases", action="store_true", help="skip the per-phase table of the fused steps")
     ap.add_argument("--dry-run", action="store_true",
                     help="toy shape sets, one timed run (it checks the tables, not the times)")
-    ap.add_argument("--md", default=None, help="also write the markdown tables here")
-    ap.add_argument("--json", default=None, help="also write every number here")
+    add_output_options(ap)
     args = ap.parse_args(argv)
 
     if args.shapes:

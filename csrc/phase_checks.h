@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <vector>
 
 namespace samkernels {
 
@@ -12,8 +13,9 @@ namespace samkernels {
 // optimizer state (float32, float64 for float64 params).  An optional list may be empty (absent).
 enum class Role { kParam, kState };
 
-// One tensor list of a phase call.  csrc/ops/<family>.cpp states each phase's lists once, in the
-// order of its CUDA launch function's lists; both devices' PhaseLists take them.
+// One tensor list of a phase call.  csrc/ops/<family>.cpp states each phase's lists once (a
+// function <op>_lists), in the order of its CUDA launch function's lists, for the CPU kernel and
+// the CUDA glue: both devices' PhaseLists take them.
 struct ListArg {
   const char* name;
   at::TensorList list;
@@ -26,6 +28,13 @@ constexpr Role kP = Role::kParam;
 constexpr Role kS = Role::kState;
 constexpr bool W = true;    // written
 constexpr bool Opt = true;  // optional (may be empty)
+
+// The lists of a noise phase (the op table's NOISED lists, then the state its maths reads):
+// params and backups written, in this order for the CPU kernel and the launch function.
+inline std::vector<ListArg> noise_lists(at::TensorList params, at::TensorList backups,
+                                        ListArg state) {
+  return {{"params", params, kP, W}, {"backups", backups, kP, W}, state};
+}
 
 inline void check_ids(const char* op, at::IntArrayRef param_ids, size_t n_params) {
   TORCH_CHECK(param_ids.size() == n_params, op, ": param_ids has ", param_ids.size(),

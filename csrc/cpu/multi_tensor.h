@@ -63,6 +63,20 @@ struct ChunkView {
   }
 };
 
+// Lists 0, 1, 2 of a gradient phase (the op table's PERTURBED / UPDATED lists: params, grads,
+// backups) in a chunk view, typed: w[i], g[i], b[i].
+template <typename S>
+struct GradientLists {
+  S* w;
+  const S* g;
+  S* b;
+};
+
+template <class V>
+GradientLists<typename V::scalar_t> gradient_lists(const V& v) {
+  return {v.param(0), v.param(1), v.param(2)};
+}
+
 // scalar_t and opmath_t of the ChunkView `v` (in the body of a PhaseLists::run; a body may use
 // only one of them).
 #define SK_CHUNK_TYPES(v)                                                               \

@@ -21,11 +21,9 @@
 namespace samkernels {
 namespace {
 
-// Each phase's tensor lists with their roles, in its launch function's list order: stated once
-// for the CPU kernels and the CUDA glue.
 std::vector<ListArg> bsam_noise_lists(at::TensorList params, at::TensorList backups,
                                       at::TensorList precisions) {
-  return {{"params", params, kP, W}, {"backups", backups, kP, W}, {"precisions", precisions, kS}};
+  return noise_lists(params, backups, {"precisions", precisions, kS});
 }
 
 // accumulate (accums not empty): line 5 waits for bsam_update_, the sharpness goes to accums
@@ -55,6 +53,7 @@ void bsam_noise(at::TensorList params, at::TensorList backups, at::TensorList pr
   noise_phase<math::BsamNoise>("bsam_noise_", bsam_noise_lists(params, backups, precisions),
                                param_ids, seed, step, num_data);
 }
+TORCH_LIBRARY_IMPL(samkernels, CPU, m) { m.impl("bsam_noise_", &bsam_noise); }
 
 void bsam_perturb(at::TensorList params, at::TensorList grads, at::TensorList backups,
                   at::TensorList precisions, at::TensorList accums, double rho, double beta2,
@@ -67,14 +66,12 @@ void bsam_perturb(at::TensorList params, at::TensorList grads, at::TensorList ba
   pl.run([&](const auto& v) {
     SK_CHUNK_TYPES(v);
     const auto maths = math::BsamPerturb<opmath_t>::make(rho, beta2, delta, gamma, accumulate);
-    scalar_t* wp = v.param(0);
-    const scalar_t* gp = v.param(1);
-    const scalar_t* bp = v.param(2);
+    const auto p = gradient_lists(v);
     opmath_t* sp = v.state(3);
     opmath_t* ap = v.state(4);
     for (int64_t i = v.begin; i < v.end; ++i) {
-      const opmath_t gi = static_cast<opmath_t>(gp[i]), si = sp[i];
-      wp[i] = static_cast<scalar_t>(maths(static_cast<opmath_t>(bp[i]), gi, si));  // line 3
+      const opmath_t gi = static_cast<opmath_t>(p.g[i]), si = sp[i];
+      p.w[i] = static_cast<scalar_t>(maths(static_cast<opmath_t>(p.b[i]), gi, si));  // line 3
       const opmath_t h = math::BsamPrecision<opmath_t>::sharpness(si, gi);
       if (accumulate) ap[i] = ap[i] + h;  // line 5 deferred to the update
       else sp[i] = maths.line5(si, h);    // line 5
@@ -82,6 +79,7 @@ void bsam_perturb(at::TensorList params, at::TensorList grads, at::TensorList ba
   });
   pl.finish();
 }
+TORCH_LIBRARY_IMPL(samkernels, CPU, m) { m.impl("bsam_perturb_", &bsam_perturb); }
 
 void bsam_update(at::TensorList params, at::TensorList grads, at::TensorList backups,
                  at::TensorList precisions, at::TensorList momenta, at::TensorList accums,
@@ -98,35 +96,28 @@ void bsam_update(at::TensorList params, at::TensorList grads, at::TensorList bac
     SK_CHUNK_TYPES(v);
     const auto maths = math::BsamUpdate<opmath_t>::make(lr, beta1, beta2, delta, gamma,
                                                         accum_scale, released_order, accumulate);
-    scalar_t* wp = v.param(0);
-    const scalar_t* gp = v.param(1);
-    const scalar_t* bp = v.param(2);
+    const auto p = gradient_lists(v);
     opmath_t* sp = v.state(3);
     opmath_t* mp = v.state(4);
     const opmath_t* ap = v.state(5);
     for (int64_t i = v.begin; i < v.end; ++i) {
-      const opmath_t omega = static_cast<opmath_t>(bp[i]);
+      const opmath_t omega = static_cast<opmath_t>(p.b[i]);
       const opmath_t s_old = sp[i];
       opmath_t s_new = s_old;
       if (accumulate) {
         s_new = maths.precision(s_old, ap[i]);  // line 5 (m-sharpness average)
         sp[i] = s_new;
       }
-      const opmath_t gm = maths.momentum(mp[i], static_cast<opmath_t>(gp[i]), omega);  // line 6
+      const opmath_t gm = maths.momentum(mp[i], static_cast<opmath_t>(p.g[i]), omega);  // line 6
       mp[i] = gm;
-      wp[i] = static_cast<scalar_t>(maths.mean(omega, gm, s_old, s_new));  // line 7
+      p.w[i] = static_cast<scalar_t>(maths.mean(omega, gm, s_old, s_new));  // line 7
     }
   });
   pl.finish();
 }
+TORCH_LIBRARY_IMPL(samkernels, CPU, m) { m.impl("bsam_update_", &bsam_update); }
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(samkernels, CPU, m) {
-  m.impl("bsam_noise_", &bsam_noise);
-  m.impl("bsam_perturb_", &bsam_perturb);
-  m.impl("bsam_update_", &bsam_update);
-}
 
 }  // namespace cpu
 
@@ -158,6 +149,7 @@ void bsam_noise_cuda(TensorList params, TensorList backups, TensorList precision
   noise_phase("samkernels::bsam_noise_", bsam_noise_lists(params, backups, precisions),
               param_ids, seed, step, &launch_bsam_noise, num_data);
 }
+TORCH_LIBRARY_IMPL(samkernels, CUDA, m) { m.impl("bsam_noise_", &bsam_noise_cuda); }
 
 void bsam_perturb_cuda(TensorList params, TensorList grads, TensorList backups,
                        TensorList precisions, TensorList accums, double rho, double beta2,
@@ -170,6 +162,7 @@ void bsam_perturb_cuda(TensorList params, TensorList grads, TensorList backups,
     return launch_bsam_perturb(g, rho, beta2, delta, gamma, pl.skip, pl.stream);
   });
 }
+TORCH_LIBRARY_IMPL(samkernels, CUDA, m) { m.impl("bsam_perturb_", &bsam_perturb_cuda); }
 
 void bsam_update_cuda(TensorList params, TensorList grads, TensorList backups,
                       TensorList precisions, TensorList momenta, TensorList accums, double lr,
@@ -186,14 +179,9 @@ void bsam_update_cuda(TensorList params, TensorList grads, TensorList backups,
                               pl.skip, pl.stream);
   });
 }
+TORCH_LIBRARY_IMPL(samkernels, CUDA, m) { m.impl("bsam_update_", &bsam_update_cuda); }
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(samkernels, CUDA, m) {
-  m.impl("bsam_noise_", &bsam_noise_cuda);
-  m.impl("bsam_perturb_", &bsam_perturb_cuda);
-  m.impl("bsam_update_", &bsam_update_cuda);
-}
 
 }  // namespace cuda
 #endif  // SAMKERNELS_WITH_CUDA

@@ -21,8 +21,6 @@
 namespace samkernels {
 namespace {
 
-// The phase's tensor lists with their roles, in its launch function's list order: stated once for
-// the CPU kernel and the CUDA glue.
 std::vector<ListArg> ebisam_perturb_lists(at::TensorList params, at::TensorList grads,
                                           at::TensorList backups) {
   return {{"params", params, kP, W}, {"grads", grads, kP}, {"backups", backups, kP, W}};
@@ -52,17 +50,15 @@ at::Tensor ebisam_perturb(at::TensorList params, at::TensorList grads, at::Tenso
     SK_CHUNK_TYPES(v);
     const auto maths = math::EbisamPerturb<opmath_t>::make(rho, beta, eps);
     const opmath_t scale = maths.scale(norm);
-    scalar_t* wp = v.param(0);
-    const scalar_t* gp = v.param(1);
-    scalar_t* bp = v.param(2);
+    const auto p = gradient_lists(v);
     const uint32_t pid = static_cast<uint32_t>(param_ids[v.tensor]);
     // u[k]: uniform of element q + k; runs of a vectorised block (fp32) or of one quad (fp64)
     const auto run = [&](int64_t q, int64_t stop, const opmath_t* u) {
       for (int64_t i = q; i < stop; ++i) {
-        bp[i] = wp[i];
+        p.b[i] = p.w[i];
         if (maths.chosen(u[i - q]))  // elements not chosen are not rewritten
-          wp[i] = static_cast<scalar_t>(maths.perturbed(static_cast<opmath_t>(wp[i]),
-                                                        static_cast<opmath_t>(gp[i]), scale));
+          p.w[i] = static_cast<scalar_t>(maths.perturbed(static_cast<opmath_t>(p.w[i]),
+                                                         static_cast<opmath_t>(p.g[i]), scale));
       }
     };
     if constexpr (std::is_same<opmath_t, float>::value) {

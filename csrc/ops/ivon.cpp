@@ -22,11 +22,9 @@
 namespace samkernels {
 namespace {
 
-// Each phase's tensor lists with their roles, in its launch function's list order: stated once
-// for the CPU kernels and the CUDA glue.
 std::vector<ListArg> ivon_noise_lists(at::TensorList params, at::TensorList backups,
                                       at::TensorList hessians) {
-  return {{"params", params, kP, W}, {"backups", backups, kP, W}, {"hessians", hessians, kS}};
+  return noise_lists(params, backups, {"hessians", hessians, kS});
 }
 
 std::vector<ListArg> ivon_accumulate_lists(at::TensorList params, at::TensorList grads,
@@ -67,6 +65,7 @@ void ivon_noise(at::TensorList params, at::TensorList backups, at::TensorList he
   noise_phase<math::IvonNoise>("ivon_noise_", ivon_noise_lists(params, backups, hessians),
                                param_ids, seed, step, ess, weight_decay);
 }
+TORCH_LIBRARY_IMPL(samkernels, CPU, m) { m.impl("ivon_noise_", &ivon_noise); }
 
 void ivon_accumulate(at::TensorList params, at::TensorList grads, at::TensorList backups,
                      at::TensorList hessians, at::TensorList avg_grads, at::TensorList avg_nxgs,
@@ -83,29 +82,22 @@ void ivon_accumulate(at::TensorList params, at::TensorList grads, at::TensorList
     const auto noise = math::IvonNoise<opmath_t>::make(ess, weight_decay);
     const opmath_t n = static_cast<opmath_t>(count);
     const bool first = count == 1;
-    scalar_t* wp = v.param(0);
-    const scalar_t* gp = v.param(1);
-    const scalar_t* bp = v.param(2);
+    const auto p = gradient_lists(v);
     const opmath_t* hp = v.state(3);
     opmath_t* ap = v.state(4);
     opmath_t* np = v.state(5);
     // z: the noise of the ivon_noise_ call with the same (seed, step)
-    for_each_normal_run<opmath_t>(
-        static_cast<uint64_t>(seed), static_cast<uint64_t>(step),
-        static_cast<uint32_t>(param_ids[v.tensor]), v.begin, v.end,
-        [&](int64_t q, int len, const opmath_t* z) {
-          for (int k = 0; k < len; ++k) {
-            const int64_t i = q + k;
-            const opmath_t gi = static_cast<opmath_t>(gp[i]);
-            const opmath_t nxg = noise.sigma_z(hp[i], z[k]) * gi;
-            ap[i] = first ? gi : math::ivon_running_mean(ap[i], gi, n);
-            np[i] = first ? nxg : math::ivon_running_mean(np[i], nxg, n);
-            wp[i] = bp[i];  // back to the mean for the next sample
-          }
-        });
+    for_each_normal(v, seed, step, param_ids, [&](int64_t i, opmath_t z) {
+      const opmath_t gi = static_cast<opmath_t>(p.g[i]);
+      const opmath_t nxg = noise.sigma_z(hp[i], z) * gi;
+      ap[i] = first ? gi : math::ivon_running_mean(ap[i], gi, n);
+      np[i] = first ? nxg : math::ivon_running_mean(np[i], nxg, n);
+      p.w[i] = p.b[i];  // back to the mean for the next sample
+    });
   });
   pl.finish();
 }
+TORCH_LIBRARY_IMPL(samkernels, CPU, m) { m.impl("ivon_accumulate_", &ivon_accumulate); }
 
 void ivon_update(at::TensorList params, at::TensorList grads, at::TensorList backups,
                  at::TensorList hessians, at::TensorList momenta, at::TensorList avg_grads,
@@ -124,45 +116,32 @@ void ivon_update(at::TensorList params, at::TensorList grads, at::TensorList bac
     SK_CHUNK_TYPES(v);
     const auto maths = math::IvonUpdate<opmath_t>::make(
         lr, ess, weight_decay, beta1, beta2, clip_radius, bias_correction, count, averaged);
-    scalar_t* wp = v.param(0);
-    const scalar_t* gp = v.param(1);
-    const scalar_t* bp = v.param(2);
+    const auto p = gradient_lists(v);
     opmath_t* hp = v.state(3);
     opmath_t* mp = v.state(4);
     const opmath_t* ap = v.state(5);
     const opmath_t* np = v.state(6);
-    for_each_normal_run<opmath_t>(
-        static_cast<uint64_t>(seed), static_cast<uint64_t>(step),
-        static_cast<uint32_t>(param_ids[v.tensor]), v.begin, v.end,
-        [&](int64_t q, int len, const opmath_t* z) {
-          for (int k = 0; k < len; ++k) {
-            const int64_t i = q + k;
-            const opmath_t m = static_cast<opmath_t>(bp[i]);
-            const opmath_t h = hp[i];
-            opmath_t gbar = static_cast<opmath_t>(gp[i]);
-            opmath_t nxg = maths.noise.sigma_z(h, z[k]) * gbar;
-            if (averaged) {
-              gbar = math::ivon_running_mean(ap[i], gbar, maths.count);
-              nxg = math::ivon_running_mean(np[i], nxg, maths.count);
-            }
-            const opmath_t gm = maths.momentum(mp[i], gbar);
-            const opmath_t h_new = maths.hessian(h, nxg);
-            mp[i] = gm;
-            hp[i] = h_new;
-            wp[i] = static_cast<scalar_t>(maths.mean(m, gm, h_new));
-          }
-        });
+    for_each_normal(v, seed, step, param_ids, [&](int64_t i, opmath_t z) {
+      const opmath_t m = static_cast<opmath_t>(p.b[i]);
+      const opmath_t h = hp[i];
+      opmath_t gbar = static_cast<opmath_t>(p.g[i]);
+      opmath_t nxg = maths.noise.sigma_z(h, z) * gbar;
+      if (averaged) {
+        gbar = math::ivon_running_mean(ap[i], gbar, maths.count);
+        nxg = math::ivon_running_mean(np[i], nxg, maths.count);
+      }
+      const opmath_t gm = maths.momentum(mp[i], gbar);
+      const opmath_t h_new = maths.hessian(h, nxg);
+      mp[i] = gm;
+      hp[i] = h_new;
+      p.w[i] = static_cast<scalar_t>(maths.mean(m, gm, h_new));
+    });
   });
   pl.finish();
 }
+TORCH_LIBRARY_IMPL(samkernels, CPU, m) { m.impl("ivon_update_", &ivon_update); }
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(samkernels, CPU, m) {
-  m.impl("ivon_noise_", &ivon_noise);
-  m.impl("ivon_accumulate_", &ivon_accumulate);
-  m.impl("ivon_update_", &ivon_update);
-}
 
 }  // namespace cpu
 
@@ -199,6 +178,7 @@ void ivon_noise_cuda(TensorList params, TensorList backups, TensorList hessians,
   noise_phase("samkernels::ivon_noise_", ivon_noise_lists(params, backups, hessians), param_ids,
               seed, step, &launch_ivon_noise, ess, weight_decay);
 }
+TORCH_LIBRARY_IMPL(samkernels, CUDA, m) { m.impl("ivon_noise_", &ivon_noise_cuda); }
 
 void ivon_accumulate_cuda(TensorList params, TensorList grads, TensorList backups,
                           TensorList hessians, TensorList avg_grads, TensorList avg_nxgs,
@@ -215,6 +195,7 @@ void ivon_accumulate_cuda(TensorList params, TensorList grads, TensorList backup
                                   ess, weight_decay, count, pl.skip, pl.stream);
   });
 }
+TORCH_LIBRARY_IMPL(samkernels, CUDA, m) { m.impl("ivon_accumulate_", &ivon_accumulate_cuda); }
 
 void ivon_update_cuda(TensorList params, TensorList grads, TensorList backups,
                       TensorList hessians, TensorList momenta, TensorList avg_grads,
@@ -233,14 +214,9 @@ void ivon_update_cuda(TensorList params, TensorList grads, TensorList backups,
                               count, pl.skip, pl.stream);
   });
 }
+TORCH_LIBRARY_IMPL(samkernels, CUDA, m) { m.impl("ivon_update_", &ivon_update_cuda); }
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(samkernels, CUDA, m) {
-  m.impl("ivon_noise_", &ivon_noise_cuda);
-  m.impl("ivon_accumulate_", &ivon_accumulate_cuda);
-  m.impl("ivon_update_", &ivon_update_cuda);
-}
 
 }  // namespace cuda
 #endif  // SAMKERNELS_WITH_CUDA

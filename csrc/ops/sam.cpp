@@ -17,8 +17,6 @@
 namespace samkernels {
 namespace {
 
-// Each phase's tensor lists with their roles, in its launch function's list order: stated once
-// for the CPU kernels and the CUDA glue.
 std::vector<ListArg> grad_sumsq_lists(at::TensorList params, at::TensorList grads) {
   // params are read only for ASAM (T = |w| + eta), but checked against the grads either way (same
   // contract as every phase: a grad of the wrong size or dtype is an error naming it)
@@ -55,6 +53,7 @@ at::Tensor grad_sumsq(at::TensorList params, at::TensorList grads, bool adaptive
   PhaseLists pl("grad_sumsq", grad_sumsq_lists(params, grads));
   return norm_tensor(pl.sum([&](const auto& v) { return chunk_sumsq(v, 0, 1, adaptive, eta); }));
 }
+TORCH_LIBRARY_IMPL(samkernels, CPU, m) { m.impl("grad_sumsq", &grad_sumsq); }
 
 at::Tensor sam_perturb(at::TensorList params, at::TensorList grads, at::TensorList backups,
                        const c10::optional<at::Tensor>& grad_norm, double rho, double eps,
@@ -72,18 +71,17 @@ at::Tensor sam_perturb(at::TensorList params, at::TensorList grads, at::TensorLi
     SK_CHUNK_TYPES(v);
     const auto maths = math::SamPerturb<opmath_t>::make(rho, eps, adaptive, eta);
     const auto scale = maths.scale(norm);
-    scalar_t* wp = v.param(0);
-    const scalar_t* gp = v.param(1);
-    scalar_t* bp = v.param(2);
+    const auto p = gradient_lists(v);
     for (int64_t i = v.begin; i < v.end; ++i) {
-      const auto w = static_cast<opmath_t>(wp[i]);
-      bp[i] = wp[i];
-      wp[i] = static_cast<scalar_t>(maths(w, static_cast<opmath_t>(gp[i]), scale));
+      const auto w = static_cast<opmath_t>(p.w[i]);
+      p.b[i] = p.w[i];
+      p.w[i] = static_cast<scalar_t>(maths(w, static_cast<opmath_t>(p.g[i]), scale));
     }
   });
   pl.finish();
   return norm_tensor(norm);
 }
+TORCH_LIBRARY_IMPL(samkernels, CPU, m) { m.impl("sam_perturb_", &sam_perturb); }
 
 void sam_restore_sgd(at::TensorList params, at::TensorList grads, at::TensorList backups,
                      at::TensorList momentum_bufs, double lr, double momentum, double dampening,
@@ -96,27 +94,26 @@ void sam_restore_sgd(at::TensorList params, at::TensorList grads, at::TensorList
     SK_CHUNK_TYPES(v);
     const auto maths =
         math::SgdRestore<opmath_t>::make(lr, momentum, dampening, nesterov, weight_decay, first);
-    scalar_t* wp = v.param(0);
-    const scalar_t* gp = v.param(1);
-    const scalar_t* bp = v.param(2);
+    const auto p = gradient_lists(v);
     opmath_t* mp = v.state(3);
     if (mp == nullptr) {
       for (int64_t i = v.begin; i < v.end; ++i) {
         opmath_t unused = 0;
-        wp[i] = static_cast<scalar_t>(
-            maths(static_cast<opmath_t>(bp[i]), static_cast<opmath_t>(gp[i]), unused));
+        p.w[i] = static_cast<scalar_t>(
+            maths(static_cast<opmath_t>(p.b[i]), static_cast<opmath_t>(p.g[i]), unused));
       }
       return;
     }
     for (int64_t i = v.begin; i < v.end; ++i) {  // restore: w from the copy of the mean weights
       opmath_t buf = mp[i];
-      wp[i] = static_cast<scalar_t>(
-          maths(static_cast<opmath_t>(bp[i]), static_cast<opmath_t>(gp[i]), buf));
+      p.w[i] = static_cast<scalar_t>(
+          maths(static_cast<opmath_t>(p.b[i]), static_cast<opmath_t>(p.g[i]), buf));
       mp[i] = buf;
     }
   });
   pl.finish();
 }
+TORCH_LIBRARY_IMPL(samkernels, CPU, m) { m.impl("sam_restore_sgd_", &sam_restore_sgd); }
 
 void sam_restore_adam(at::TensorList params, at::TensorList grads, at::TensorList backups,
                       at::TensorList exp_avgs, at::TensorList exp_avg_sqs, int64_t step, double lr,
@@ -130,30 +127,22 @@ void sam_restore_adam(at::TensorList params, at::TensorList grads, at::TensorLis
     SK_CHUNK_TYPES(v);
     const auto maths = math::AdamRestore<opmath_t>::make(step, lr, beta1, beta2, eps,
                                                          weight_decay, decoupled);
-    scalar_t* wp = v.param(0);
-    const scalar_t* gp = v.param(1);
-    const scalar_t* bp = v.param(2);
+    const auto p = gradient_lists(v);
     opmath_t* mp = v.state(3);
     opmath_t* vp = v.state(4);
     for (int64_t i = v.begin; i < v.end; ++i) {
       opmath_t m = mp[i], s = vp[i];
-      wp[i] = static_cast<scalar_t>(
-          maths(static_cast<opmath_t>(bp[i]), static_cast<opmath_t>(gp[i]), m, s));
+      p.w[i] = static_cast<scalar_t>(
+          maths(static_cast<opmath_t>(p.b[i]), static_cast<opmath_t>(p.g[i]), m, s));
       mp[i] = m;
       vp[i] = s;
     }
   });
   pl.finish();
 }
+TORCH_LIBRARY_IMPL(samkernels, CPU, m) { m.impl("sam_restore_adam_", &sam_restore_adam); }
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(samkernels, CPU, m) {
-  m.impl("grad_sumsq", &grad_sumsq);
-  m.impl("sam_perturb_", &sam_perturb);
-  m.impl("sam_restore_sgd_", &sam_restore_sgd);
-  m.impl("sam_restore_adam_", &sam_restore_adam);
-}
 
 }  // namespace cpu
 
@@ -189,6 +178,7 @@ Tensor grad_sumsq_cuda(TensorList params, TensorList grads, bool adaptive, doubl
     return launch_grad_sumsq_partials(g, parts, first, adaptive, eta, pl.stream);
   });
 }
+TORCH_LIBRARY_IMPL(samkernels, CUDA, m) { m.impl("grad_sumsq", &grad_sumsq_cuda); }
 
 Tensor sam_perturb_cuda(TensorList params, TensorList grads, TensorList backups,
                         const std::optional<Tensor>& grad_norm, double rho, double eps,
@@ -206,6 +196,7 @@ Tensor sam_perturb_cuda(TensorList params, TensorList grads, TensorList backups,
   });
   return norm;
 }
+TORCH_LIBRARY_IMPL(samkernels, CUDA, m) { m.impl("sam_perturb_", &sam_perturb_cuda); }
 
 void sam_restore_sgd_cuda(TensorList params, TensorList grads, TensorList backups,
                           TensorList momentum_bufs, double lr, double momentum, double dampening,
@@ -219,6 +210,7 @@ void sam_restore_sgd_cuda(TensorList params, TensorList grads, TensorList backup
                                   pl.skip, pl.stream);
   });
 }
+TORCH_LIBRARY_IMPL(samkernels, CUDA, m) { m.impl("sam_restore_sgd_", &sam_restore_sgd_cuda); }
 
 void sam_restore_adam_cuda(TensorList params, TensorList grads, TensorList backups,
                            TensorList exp_avgs, TensorList exp_avg_sqs, int64_t step, double lr,
@@ -236,15 +228,9 @@ void sam_restore_adam_cuda(TensorList params, TensorList grads, TensorList backu
                                    pl.stream);
   });
 }
+TORCH_LIBRARY_IMPL(samkernels, CUDA, m) { m.impl("sam_restore_adam_", &sam_restore_adam_cuda); }
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(samkernels, CUDA, m) {
-  m.impl("grad_sumsq", &grad_sumsq_cuda);
-  m.impl("sam_perturb_", &sam_perturb_cuda);
-  m.impl("sam_restore_sgd_", &sam_restore_sgd_cuda);
-  m.impl("sam_restore_adam_", &sam_restore_adam_cuda);
-}
 
 }  // namespace cuda
 #endif  // SAMKERNELS_WITH_CUDA

@@ -22,8 +22,6 @@
 namespace samkernels {
 namespace {
 
-// Each phase's tensor lists with their roles, in its launch function's list order: stated once
-// for the CPU kernels and the CUDA glue.
 std::vector<ListArg> samv_dots_lists(at::TensorList lhs, at::TensorList rhs) {
   return {{"lhs", lhs, kP}, {"rhs", rhs, kS}};
 }
@@ -127,6 +125,7 @@ at::Tensor samv_dots(at::TensorList lhs, at::TensorList rhs, double shift) {
   return at::tensor(std::vector<double>{s[0], s[1], s[2]},
                     at::TensorOptions().dtype(at::kDouble));
 }
+TORCH_LIBRARY_IMPL(samkernels, CPU, m) { m.impl("samv_dots", &samv_dots); }
 
 void samv_perturb(at::TensorList params, at::TensorList grads, at::TensorList backups,
                   at::TensorList saved, at::TensorList momenta, const at::Tensor& norm, double rho,
@@ -141,17 +140,15 @@ void samv_perturb(at::TensorList params, at::TensorList grads, at::TensorList ba
     const auto maths =
         math::SamvPerturb<opmath_t>::make(rho, eps, adaptive, eta, sigma, lmbda, first);
     const opmath_t scale = maths.scale(n);
-    scalar_t* wp = v.param(0);
-    const scalar_t* gp = v.param(1);
-    scalar_t* bp = v.param(2);
+    const auto p = gradient_lists(v);
     opmath_t* sp = v.state(3);
     opmath_t* mp = v.state(4);
     with_flags(sp != nullptr, mp != nullptr, [&](auto keep, auto friendly) {
 #pragma omp simd
       for (int64_t i = v.begin; i < v.end; ++i) {
-        const auto w = static_cast<opmath_t>(wp[i]);
-        const auto g = static_cast<opmath_t>(gp[i]);
-        bp[i] = wp[i];
+        const auto w = static_cast<opmath_t>(p.w[i]);
+        const auto g = static_cast<opmath_t>(p.g[i]);
+        p.b[i] = p.w[i];
         if constexpr (decltype(keep)::value) sp[i] = g;
         opmath_t u = g;
         if constexpr (decltype(friendly)::value) {
@@ -159,12 +156,13 @@ void samv_perturb(at::TensorList params, at::TensorList grads, at::TensorList ba
           u = maths.friendly(g, m);
           mp[i] = m;
         }
-        wp[i] = static_cast<scalar_t>(maths(w, u, scale));
+        p.w[i] = static_cast<scalar_t>(maths(w, u, scale));
       }
     });
   });
   pl.finish();
 }
+TORCH_LIBRARY_IMPL(samkernels, CPU, m) { m.impl("samv_perturb_", &samv_perturb); }
 
 void samv_restore_sgd(at::TensorList params, at::TensorList grads, at::TensorList backups,
                       at::TensorList saved, at::TensorList momentum_bufs, at::TensorList outs,
@@ -182,28 +180,27 @@ void samv_restore_sgd(at::TensorList params, at::TensorList grads, at::TensorLis
     const auto maths =
         math::SgdRestore<opmath_t>::make(lr, momentum, dampening, nesterov, weight_decay, first);
     const auto mix = math::SamvMix<opmath_t>::make(c.data());
-    scalar_t* wp = v.param(0);
-    const scalar_t* gp = v.param(1);
-    const scalar_t* bp = v.param(2);
+    const auto p = gradient_lists(v);
     const opmath_t* sp = v.state(3);
     opmath_t* mp = v.state(4);
     opmath_t* op = v.state(5);
     with_flags(mp != nullptr, op != nullptr, [&](auto has_buf, auto has_out) {
 #pragma omp simd
       for (int64_t i = v.begin; i < v.end; ++i) {
-        const auto g = static_cast<opmath_t>(gp[i]);
+        const auto g = static_cast<opmath_t>(p.g[i]);
         const opmath_t s = sp[i];
         opmath_t buf = 0;
         if constexpr (decltype(has_buf)::value) buf = mp[i];
-        const opmath_t w = maths(static_cast<opmath_t>(bp[i]), mix(0, g, s), buf);
+        const opmath_t w = maths(static_cast<opmath_t>(p.b[i]), mix(0, g, s), buf);
         if constexpr (decltype(has_buf)::value) mp[i] = buf;
         if constexpr (decltype(has_out)::value) op[i] = mix(4, g, s);
-        wp[i] = static_cast<scalar_t>(w + mix(2, g, s));
+        p.w[i] = static_cast<scalar_t>(w + mix(2, g, s));
       }
     });
   });
   pl.finish();
 }
+TORCH_LIBRARY_IMPL(samkernels, CPU, m) { m.impl("samv_restore_sgd_", &samv_restore_sgd); }
 
 void samv_restore_adam(at::TensorList params, at::TensorList grads, at::TensorList backups,
                        at::TensorList saved, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
@@ -222,9 +219,7 @@ void samv_restore_adam(at::TensorList params, at::TensorList grads, at::TensorLi
     const auto maths = math::AdamRestore<opmath_t>::make(step, lr, beta1, beta2, eps,
                                                          weight_decay, decoupled);
     const auto mix = math::SamvMix<opmath_t>::make(c.data());
-    scalar_t* wp = v.param(0);
-    const scalar_t* gp = v.param(1);
-    const scalar_t* bp = v.param(2);
+    const auto p = gradient_lists(v);
     const opmath_t* sp = v.state(3);
     opmath_t* mp = v.state(4);
     opmath_t* vp = v.state(5);
@@ -232,28 +227,22 @@ void samv_restore_adam(at::TensorList params, at::TensorList grads, at::TensorLi
     with_flags(op != nullptr, false, [&](auto has_out, auto) {
 #pragma omp simd
       for (int64_t i = v.begin; i < v.end; ++i) {
-        const auto g = static_cast<opmath_t>(gp[i]);
+        const auto g = static_cast<opmath_t>(p.g[i]);
         const opmath_t s = sp[i];
         opmath_t m = mp[i], q = vp[i];
-        const opmath_t w = maths(static_cast<opmath_t>(bp[i]), mix(0, g, s), m, q);
+        const opmath_t w = maths(static_cast<opmath_t>(p.b[i]), mix(0, g, s), m, q);
         mp[i] = m;
         vp[i] = q;
         if constexpr (decltype(has_out)::value) op[i] = mix(4, g, s);
-        wp[i] = static_cast<scalar_t>(w + mix(2, g, s));
+        p.w[i] = static_cast<scalar_t>(w + mix(2, g, s));
       }
     });
   });
   pl.finish();
 }
+TORCH_LIBRARY_IMPL(samkernels, CPU, m) { m.impl("samv_restore_adam_", &samv_restore_adam); }
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(samkernels, CPU, m) {
-  m.impl("samv_dots", &samv_dots);
-  m.impl("samv_perturb_", &samv_perturb);
-  m.impl("samv_restore_sgd_", &samv_restore_sgd);
-  m.impl("samv_restore_adam_", &samv_restore_adam);
-}
 
 }  // namespace cpu
 
@@ -322,6 +311,7 @@ Tensor samv_dots_cuda(TensorList lhs, TensorList rhs, double shift) {
                                       pl.stream));
   return out;
 }
+TORCH_LIBRARY_IMPL(samkernels, CUDA, m) { m.impl("samv_dots", &samv_dots_cuda); }
 
 void samv_perturb_cuda(TensorList params, TensorList grads, TensorList backups, TensorList saved,
                        TensorList momenta, const Tensor& norm, double rho, double eps,
@@ -336,6 +326,7 @@ void samv_perturb_cuda(TensorList params, TensorList grads, TensorList backups, 
                                first, pl.skip, pl.stream);
   });
 }
+TORCH_LIBRARY_IMPL(samkernels, CUDA, m) { m.impl("samv_perturb_", &samv_perturb_cuda); }
 
 void samv_restore_sgd_cuda(TensorList params, TensorList grads, TensorList backups,
                            TensorList saved, TensorList momentum_bufs, TensorList outs,
@@ -354,6 +345,7 @@ void samv_restore_sgd_cuda(TensorList params, TensorList grads, TensorList backu
                                    weight_decay, first, pl.skip, pl.stream);
   });
 }
+TORCH_LIBRARY_IMPL(samkernels, CUDA, m) { m.impl("samv_restore_sgd_", &samv_restore_sgd_cuda); }
 
 void samv_restore_adam_cuda(TensorList params, TensorList grads, TensorList backups,
                             TensorList saved, TensorList exp_avgs, TensorList exp_avg_sqs,
@@ -376,15 +368,9 @@ void samv_restore_adam_cuda(TensorList params, TensorList grads, TensorList back
                                     weight_decay, decoupled, pl.skip, pl.stream);
   });
 }
+TORCH_LIBRARY_IMPL(samkernels, CUDA, m) { m.impl("samv_restore_adam_", &samv_restore_adam_cuda); }
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(samkernels, CUDA, m) {
-  m.impl("samv_dots", &samv_dots_cuda);
-  m.impl("samv_perturb_", &samv_perturb_cuda);
-  m.impl("samv_restore_sgd_", &samv_restore_sgd_cuda);
-  m.impl("samv_restore_adam_", &samv_restore_adam_cuda);
-}
 
 }  // namespace cuda
 #endif  // SAMKERNELS_WITH_CUDA

@@ -23,12 +23,9 @@
 namespace samkernels {
 namespace {
 
-// Each phase's tensor lists with their roles, in its launch function's list order: stated once
-// for the CPU kernels and the CUDA glue.
 std::vector<ListArg> vi_noise_lists(at::TensorList params, at::TensorList backups,
                                     at::TensorList variances) {
-  return {{"params", params, kP, W}, {"backups", backups, kP, W},
-          {"variances", variances, kS, false, Opt}};
+  return noise_lists(params, backups, {"variances", variances, kS, false, Opt});
 }
 
 std::vector<ListArg> mfvi_update_lists(at::TensorList params, at::TensorList grads,
@@ -60,6 +57,7 @@ void vi_noise(at::TensorList params, at::TensorList backups, at::TensorList vari
   noise_phase<math::ViNoise>("vi_noise_", vi_noise_lists(params, backups, variances), param_ids,
                              seed, step, sigma, learned);
 }
+TORCH_LIBRARY_IMPL(samkernels, CPU, m) { m.impl("vi_noise_", &vi_noise); }
 
 void mfvi_update(at::TensorList params, at::TensorList grads, at::TensorList backups,
                  at::TensorList variances, at::TensorList momenta, at::IntArrayRef param_ids,
@@ -73,32 +71,25 @@ void mfvi_update(at::TensorList params, at::TensorList grads, at::TensorList bac
     SK_CHUNK_TYPES(v);
     const auto maths = math::MfviUpdate<opmath_t>::make(lr, var_lr, momentum, prior_var, num_data,
                                                         use_momentum);
-    scalar_t* wp = v.param(0);
-    const scalar_t* gp = v.param(1);
-    const scalar_t* bp = v.param(2);
+    const auto p = gradient_lists(v);
     opmath_t* vp = v.state(3);
     opmath_t* mp = v.state(4);
     // z: the noise of the vi_noise_ call with the same (seed, step)
-    for_each_normal_run<opmath_t>(
-        static_cast<uint64_t>(seed), static_cast<uint64_t>(step),
-        static_cast<uint32_t>(param_ids[v.tensor]), v.begin, v.end,
-        [&](int64_t q, int len, const opmath_t* z) {
-          for (int k = 0; k < len; ++k) {
-            const int64_t i = q + k;
-            const opmath_t mu = static_cast<opmath_t>(bp[i]);
-            const opmath_t gi = static_cast<opmath_t>(gp[i]);
-            opmath_t d = maths.direction(mu, gi);
-            if (use_momentum) {
-              d = maths.with_momentum(mp[i], d);
-              mp[i] = d;
-            }
-            vp[i] = maths.variance(vp[i], gi, z[k]);
-            wp[i] = static_cast<scalar_t>(maths.mean(mu, d));
-          }
-        });
+    for_each_normal(v, seed, step, param_ids, [&](int64_t i, opmath_t z) {
+      const opmath_t mu = static_cast<opmath_t>(p.b[i]);
+      const opmath_t gi = static_cast<opmath_t>(p.g[i]);
+      opmath_t d = maths.direction(mu, gi);
+      if (use_momentum) {
+        d = maths.with_momentum(mp[i], d);
+        mp[i] = d;
+      }
+      vp[i] = maths.variance(vp[i], gi, z);
+      p.w[i] = static_cast<scalar_t>(maths.mean(mu, d));
+    });
   });
   pl.finish();
 }
+TORCH_LIBRARY_IMPL(samkernels, CPU, m) { m.impl("mfvi_update_", &mfvi_update); }
 
 // sum Sigma g^2 over the lists g_list, v_list of a phase, in float64.
 double weighted_sumsq(PhaseLists& pl, int g_list, int v_list) {
@@ -116,6 +107,7 @@ at::Tensor vsam_sumsq(at::TensorList grads, at::TensorList variances) {
   PhaseLists pl("vsam_sumsq", vsam_sumsq_lists(grads, variances));
   return norm_tensor(weighted_sumsq(pl, 0, 1));
 }
+TORCH_LIBRARY_IMPL(samkernels, CPU, m) { m.impl("vsam_sumsq", &vsam_sumsq); }
 
 at::Tensor vsam_perturb(at::TensorList params, at::TensorList grads, at::TensorList backups,
                         at::TensorList variances, const c10::optional<at::Tensor>& sigma_norm,
@@ -135,31 +127,23 @@ at::Tensor vsam_perturb(at::TensorList params, at::TensorList grads, at::TensorL
     const auto maths = math::VsamPerturb<opmath_t>::make(dim, eps, var_lr, prior_var, num_data,
                                                          log_step, min_var);
     const opmath_t inv = maths.scale(norm);
-    scalar_t* wp = v.param(0);
-    const scalar_t* gp = v.param(1);
-    scalar_t* bp = v.param(2);
+    const auto p = gradient_lists(v);
     opmath_t* vp = v.state(3);
     for (int64_t i = v.begin; i < v.end; ++i) {
-      const opmath_t mu = static_cast<opmath_t>(wp[i]);
-      const opmath_t gi = static_cast<opmath_t>(gp[i]);
+      const opmath_t mu = static_cast<opmath_t>(p.w[i]);
+      const opmath_t gi = static_cast<opmath_t>(p.g[i]);
       const opmath_t var = vp[i];
-      bp[i] = wp[i];
-      wp[i] = static_cast<scalar_t>(maths.perturbed(mu, gi, var, inv));  // eq. 2
+      p.b[i] = p.w[i];
+      p.w[i] = static_cast<scalar_t>(maths.perturbed(mu, gi, var, inv));  // eq. 2
       vp[i] = maths.variance(var, gi, inv);                                // eq. 42 / line 7
     }
   });
   pl.finish();
   return norm_tensor(norm);
 }
+TORCH_LIBRARY_IMPL(samkernels, CPU, m) { m.impl("vsam_perturb_", &vsam_perturb); }
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(samkernels, CPU, m) {
-  m.impl("vi_noise_", &vi_noise);
-  m.impl("mfvi_update_", &mfvi_update);
-  m.impl("vsam_sumsq", &vsam_sumsq);
-  m.impl("vsam_perturb_", &vsam_perturb);
-}
 
 }  // namespace cpu
 
@@ -198,6 +182,7 @@ void vi_noise_cuda(TensorList params, TensorList backups, TensorList variances,
   noise_phase("samkernels::vi_noise_", vi_noise_lists(params, backups, variances), param_ids,
               seed, step, &launch_vi_noise, sigma);
 }
+TORCH_LIBRARY_IMPL(samkernels, CUDA, m) { m.impl("vi_noise_", &vi_noise_cuda); }
 
 void mfvi_update_cuda(TensorList params, TensorList grads, TensorList backups,
                       TensorList variances, TensorList momenta, at::IntArrayRef param_ids,
@@ -212,6 +197,7 @@ void mfvi_update_cuda(TensorList params, TensorList grads, TensorList backups,
                               var_lr, momentum, prior_var, num_data, pl.skip, pl.stream);
   });
 }
+TORCH_LIBRARY_IMPL(samkernels, CUDA, m) { m.impl("mfvi_update_", &mfvi_update_cuda); }
 
 Tensor vsam_sumsq_cuda(TensorList grads, TensorList variances) {
   PhaseLists pl("samkernels::vsam_sumsq", vsam_sumsq_lists(grads, variances));
@@ -220,6 +206,7 @@ Tensor vsam_sumsq_cuda(TensorList grads, TensorList variances) {
     return launch_vsam_sumsq_partials(g, parts, first, pl.stream);
   });
 }
+TORCH_LIBRARY_IMPL(samkernels, CUDA, m) { m.impl("vsam_sumsq", &vsam_sumsq_cuda); }
 
 Tensor vsam_perturb_cuda(TensorList params, TensorList grads, TensorList backups,
                          TensorList variances, const std::optional<Tensor>& sigma_norm,
@@ -240,15 +227,9 @@ Tensor vsam_perturb_cuda(TensorList params, TensorList grads, TensorList backups
   });
   return norm;
 }
+TORCH_LIBRARY_IMPL(samkernels, CUDA, m) { m.impl("vsam_perturb_", &vsam_perturb_cuda); }
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(samkernels, CUDA, m) {
-  m.impl("vi_noise_", &vi_noise_cuda);
-  m.impl("mfvi_update_", &mfvi_update_cuda);
-  m.impl("vsam_sumsq", &vsam_sumsq_cuda);
-  m.impl("vsam_perturb_", &vsam_perturb_cuda);
-}
 
 }  // namespace cuda
 #endif  // SAMKERNELS_WITH_CUDA

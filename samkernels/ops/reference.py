@@ -549,14 +549,24 @@ def _ivon_noise(h: Tensor, z: Tensor, ess: float, weight_decay: float) -> Tensor
     return z / torch.sqrt(ess * (h + weight_decay))
 
 
-def _ivon_count_check(op_name: str, count: int, has_means: bool = True) -> None:
+def check_ivon_count(op_name: str, count: int, has_means: bool = True) -> None:
     """``count`` numbers the samples of a step from 1; from the second on, the running means of
-    the earlier ones are needed (``has_means``: given, or no parameters at all)."""
+    the earlier ones are needed (``has_means``: given, or no parameters at all).  Also the Triton
+    backend's check (the C++ one: csrc/phase_checks.h)."""
     if count < 1:
         raise ValueError(f"{op_name}: count numbers the samples of a step from 1, got {count}")
     if count > 1 and not has_means:
         raise ValueError(f"{op_name}: count={count} needs avg_grads and avg_nxgs (the running "
                          "means of the earlier samples)")
+
+
+def check_ivon_update(params: List[Tensor], avg_grads: List[Tensor], avg_nxgs: List[Tensor],
+                      count: int) -> None:
+    """ivon_update_'s checks: ``count`` as above, the two running means given together."""
+    check_ivon_count("ivon_update_", count, bool(avg_grads) or not params)
+    if len(avg_grads) != len(avg_nxgs):
+        raise ValueError(f"ivon_update_: avg_grads has {len(avg_grads)} tensors but avg_nxgs has "
+                         f"{len(avg_nxgs)}")
 
 
 @op("ivon", NOISED, L("hessians", "state"), IDS_SEED_STEP, floats("ess", "weight_decay"))
@@ -585,7 +595,7 @@ def ivon_accumulate_(params: List[Tensor], grads: List[Tensor], backups: List[Te
 
       gbar <- gbar + (g - gbar) / count;   nxg <- nxg + (sigma z g - nxg) / count;   w <- m.
     """
-    _ivon_count_check("ivon_accumulate_", count)
+    check_ivon_count("ivon_accumulate_", count)
     if skipped(found_inf):
         return copy_all_(params, backups)
     for p, g, b, h, ag, an, pid in zip(params, grads, backups, hessians, avg_grads, avg_nxgs,
@@ -626,10 +636,7 @@ def ivon_update_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor
 
     ``lr`` is the step size as taken (the optimizer's lr times h0 + delta when it rescales), and
     ``bias_correction`` = 1 - beta1^t (or 1)."""
-    _ivon_count_check("ivon_update_", count, bool(avg_grads) or not params)
-    if len(avg_grads) != len(avg_nxgs):
-        raise ValueError(f"ivon_update_: avg_grads has {len(avg_grads)} tensors but avg_nxgs has "
-                         f"{len(avg_nxgs)}")
+    check_ivon_update(params, avg_grads, avg_nxgs, count)
     if skipped(found_inf):
         return copy_all_(params, backups)
     for i, (p, g, b, h, gm, pid) in enumerate(zip(params, grads, backups, hessians, momenta,

@@ -16,28 +16,19 @@ element index, so every IVON phase sees non-contiguous tensors as row-major copi
 found_inf (the optimizer's non-finite-gradient flag, a one-element device tensor), read by each
 program, never by the host: when nonzero, ivon_accumulate_ and ivon_update_ only copy w <- backup
 (running means, h and gm untouched).
-"""
-from typing import List, Optional
 
+The launchers take their op's arguments in the row's order (types and defaults: the rows in
+``samkernels/ops/reference.py``) and make the reference's argument checks (``check_ivon_*``).
+"""
 import triton
 import triton.language as tl
-from torch import Tensor
 
 from samkernels.ops._spec import OPS
+from samkernels.ops.reference import check_ivon_count, check_ivon_update
 from samkernels.triton import _multi_tensor as mt
 from samkernels.triton._multi_tensor import (chunk_apply, chunk_ptrs, div, fp_arg, fp_args, load,
                                              load_flag, load_one, sqrt, store)
 from samkernels.triton._philox import normal_tile, param_key
-
-
-def _check_count(op: str, count: int, has_means: bool) -> None:
-    """As the reference: ``count`` numbers the samples of a step from 1; from the second on the
-    running means of the earlier ones are needed."""
-    if count < 1:
-        raise ValueError(f"{op}: count numbers the samples of a step from 1, got {count}")
-    if count > 1 and not has_means:
-        raise ValueError(f"{op}: count={count} needs avg_grads and avg_nxgs (the running means of "
-                         "the earlier samples)")
 
 
 @triton.jit
@@ -75,9 +66,7 @@ def _noise_kernel(work, numel, ids, p_tab, b_tab, h_tab, seed_lo: tl.int32, seed
     chunk_apply(_noise_body, start, n, ptrs, args, (), False, None, MATH, BLOCK, CHUNK, False)
 
 
-def ivon_noise_(params: List[Tensor], backups: List[Tensor], hessians: List[Tensor],
-                param_ids: List[int], seed: int, step: int, ess: float,
-                weight_decay: float) -> None:
+def ivon_noise_(params, backups, hessians, param_ids, seed, step, ess, weight_decay):
     mt.launch(OPS["ivon_noise_"], _noise_kernel, [params, backups, hessians], ids=param_ids,
               words=(*mt.u32_words(seed), *mt.u32_words(step)), bits=(ess, weight_decay),
               elementwise=False)
@@ -127,11 +116,9 @@ def _accumulate_kernel(work, numel, ids, flag, p_tab, g_tab, b_tab, h_tab, a_tab
                 (2, 0), MATH, BLOCK, CHUNK, False)
 
 
-def ivon_accumulate_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
-                     hessians: List[Tensor], avg_grads: List[Tensor], avg_nxgs: List[Tensor],
-                     param_ids: List[int], seed: int, step: int, ess: float, weight_decay: float,
-                     count: int, found_inf: Optional[Tensor] = None) -> None:
-    _check_count("ivon_accumulate_", count, True)
+def ivon_accumulate_(params, grads, backups, hessians, avg_grads, avg_nxgs, param_ids, seed, step,
+                     ess, weight_decay, count, found_inf=None):
+    check_ivon_count("ivon_accumulate_", count)
     mt.launch(OPS["ivon_accumulate_"], _accumulate_kernel,
               [params, grads, backups, hessians, avg_grads, avg_nxgs], ids=param_ids,
               words=(*mt.u32_words(seed), *mt.u32_words(step)),
@@ -197,17 +184,11 @@ def _update_kernel(work, numel, ids, flag, p_tab, g_tab, b_tab, h_tab, m_tab, a_
                 (2, 0), MATH, BLOCK, CHUNK, False)
 
 
-def ivon_update_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
-                 hessians: List[Tensor], momenta: List[Tensor], avg_grads: List[Tensor],
-                 avg_nxgs: List[Tensor], param_ids: List[int], seed: int, step: int, lr: float,
-                 ess: float, weight_decay: float, beta1: float, beta2: float, clip_radius: float,
-                 bias_correction: float, count: int,
-                 found_inf: Optional[Tensor] = None) -> None:
+def ivon_update_(params, grads, backups, hessians, momenta, avg_grads, avg_nxgs, param_ids, seed,
+                 step, lr, ess, weight_decay, beta1, beta2, clip_radius, bias_correction, count,
+                 found_inf=None):
+    check_ivon_update(params, avg_grads, avg_nxgs, count)
     averaged = len(avg_grads) > 0
-    _check_count("ivon_update_", count, averaged or not params)
-    if len(avg_grads) != len(avg_nxgs):
-        raise ValueError(f"ivon_update_: avg_grads has {len(avg_grads)} tensors but avg_nxgs has "
-                         f"{len(avg_nxgs)}")
     # host scalars in double (1 - beta, (1 - beta2)^2 / 2), as the reference forms them
     mt.launch(OPS["ivon_update_"], _update_kernel,
               [params, grads, backups, hessians, momenta, avg_grads if averaged else None,

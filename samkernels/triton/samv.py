@@ -164,6 +164,23 @@ def _load_coeffs(coef, MATH: tl.constexpr):
             tl.load(coef + 3).to(MATH), tl.load(coef + 4).to(MATH), tl.load(coef + 5).to(MATH))
 
 
+@triton.jit
+def _restore_inputs(base, b, g, s, n, MATH: tl.constexpr, BLOCK: tl.constexpr,
+                    MASKED: tl.constexpr):
+    """What both restores start from: the offsets, the mean weights and the mix's g and saved."""
+    offs = base + tl.arange(0, BLOCK)
+    w = load(b, offs, n, MASKED).to(MATH)
+    return offs, w, load(g, offs, n, MASKED).to(MATH), load(s, offs, n, MASKED).to(MATH)
+
+
+@triton.jit
+def _restore_outputs(p, out, w, c, gg, ss, offs, n, HAS_OUT: tl.constexpr, MASKED: tl.constexpr):
+    """How both restores end, after the base step w: w + c2 g + c3 s, [out = c4 g + c5 s]."""
+    if HAS_OUT:
+        store(out, offs, _mix(c, 4, gg, ss), n, MASKED)
+    store(p, offs, w + _mix(c, 2, gg, ss), n, MASKED)
+
+
 # --------------------------------------------------------------------------------------------
 # samv_restore_sgd_: w <- backup, SGD with d = c0 g + c1 s, w += c2 g + c3 s, out = c4 g + c5 s
 # --------------------------------------------------------------------------------------------
@@ -177,15 +194,10 @@ def _sgd_body(base, n, ptrs, args, OPT: tl.constexpr, MATH: tl.constexpr, BLOCK:
     NESTEROV: tl.constexpr = OPT[2]
     FIRST: tl.constexpr = OPT[3]
     HAS_OUT: tl.constexpr = OPT[4]
-    offs = base + tl.arange(0, BLOCK)
-    w = load(b, offs, n, MASKED).to(MATH)
-    gg = load(g, offs, n, MASKED).to(MATH)
-    ss = load(s, offs, n, MASKED).to(MATH)
+    offs, w, gg, ss = _restore_inputs(base, b, g, s, n, MATH, BLOCK, MASKED)
     w = sgd_step(w, _mix(c, 0, gg, ss), buf, offs, n, lr, wd, momentum, one_minus_damp, WD,
                  MOMENTUM, NESTEROV, FIRST, MATH, MASKED)  # triton/sam.py, d = c0 g + c1 s
-    if HAS_OUT:
-        store(out, offs, _mix(c, 4, gg, ss), n, MASKED)
-    store(p, offs, w + _mix(c, 2, gg, ss), n, MASKED)
+    _restore_outputs(p, out, w, c, gg, ss, offs, n, HAS_OUT, MASKED)
 
 
 @triton.jit(do_not_specialize=["lr_bits", "wd_bits", "mom_bits", "omd_bits"])
@@ -230,16 +242,11 @@ def _adam_body(base, n, ptrs, args, OPT: tl.constexpr, MATH: tl.constexpr, BLOCK
     WD: tl.constexpr = OPT[0]
     DECOUPLED: tl.constexpr = OPT[1]
     HAS_OUT: tl.constexpr = OPT[2]
-    offs = base + tl.arange(0, BLOCK)
-    w = load(b, offs, n, MASKED).to(MATH)
-    gg = load(g, offs, n, MASKED).to(MATH)
-    ss = load(s, offs, n, MASKED).to(MATH)
+    offs, w, gg, ss = _restore_inputs(base, b, g, s, n, MATH, BLOCK, MASKED)
     w = adam_step(w, _mix(c, 0, gg, ss), m, v, offs, n, step_size, beta1, one_minus_b1, beta2,
                   one_minus_b2, sqrt_bc2, eps, wd, decay, WD, DECOUPLED, MATH,
                   MASKED)  # triton/sam.py, d = c0 g + c1 s
-    if HAS_OUT:
-        store(out, offs, _mix(c, 4, gg, ss), n, MASKED)
-    store(p, offs, w + _mix(c, 2, gg, ss), n, MASKED)
+    _restore_outputs(p, out, w, c, gg, ss, offs, n, HAS_OUT, MASKED)
 
 
 @triton.jit(do_not_specialize=["ss_bits", "b1_bits", "omb1_bits", "b2_bits", "omb2_bits",
