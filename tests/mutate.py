@@ -145,9 +145,8 @@ MUTATIONS: List[Mutation] = [
     oracle_bug("adamw weight decay missing (spec)", REF, "sam_restore_adam_",
                "w.mul_(1 - lr * weight_decay)", "w.mul_(1.0)"),
     oracle_bug("sgd skip does not restore (spec)", REF, "sam_restore_sgd_",
-               "return copy_all_(params, backups)\n    # Written with the same torch calls as "
-               "torch.optim.SGD",
-               "return\n    # Written with the same torch calls as torch.optim.SGD"),
+               "return copy_all_(params, backups)\n    for i, (p, g, b) in enumerate(",
+               "return\n    for i, (p, g, b) in enumerate("),
     oracle_bug("bsam noise without N (spec)", REF, "bsam_noise_",
                "torch.sqrt(num_data * s.to(w.dtype))", "torch.sqrt(s.to(w.dtype))"),
     oracle_bug("bsam released order swapped (cpu)", CPU_BSAM, "bsam_update_",
