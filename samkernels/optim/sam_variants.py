@@ -19,7 +19,7 @@ from torch import Tensor
 from samkernels import ops
 from samkernels._dtypes import opmath
 from samkernels.optim._base import check_beta, check_nonneg
-from samkernels.optim.sam import SAM
+from samkernels.optim.sam import SAM, _sam_norm
 
 __all__ = ["GSAM", "WSAM", "LookSAM", "FriendlySAM"]
 
@@ -95,10 +95,7 @@ class _Variant(SAM):
     # -- first pass ------------------------------------------------------------------------------
     def _ascent_norm(self, work) -> Tensor:
         """||T g|| over every group (T = |w| + eta with ASAM, else 1), on the device."""
-        dev = work[0][1][0].device
-        sq = [ops.grad_sumsq(ps, gs, g["adaptive"], g["eta"] if g["adaptive"] else 0.0).to(dev)
-              for g, ps, gs in work]
-        return sq[0].sqrt() if len(sq) == 1 else torch.stack(sq).sum().sqrt()
+        return _sam_norm(work)
 
     def _perturb(self, group: dict, ps, gs, backups, norm: Tensor) -> None:
         ops.samv_perturb_(ps, gs, backups, self._saved_for(ps), [], norm, self._rho(group),
@@ -115,16 +112,11 @@ class _Variant(SAM):
         self._skip_state["pending"] = False
         self._begin_step()
         self._variant.update(mode="full", kept=None)
-        on_device = bool(work) and self._checks_on_device(scaler)
-        if not on_device and not self._grads_ok(True, [p for _, ps, _ in work for p in ps], scaler):
+        ok, norm = self._checked_norm([p for _, ps, _ in work for p in ps], scaler,
+                                      lambda: self._ascent_norm(work), True)
+        if not ok:  # the norm's own reduction was the inf/NaN check (_checked_norm)
             self._skip_first_pass()
             work = []
-        norm = self._ascent_norm(work) if work else None
-        if on_device:  # the norm's own reduction is the inf/NaN check
-            flag = (~torch.isfinite(norm)).float().reshape(1)
-            if self.ddp_model is not None:
-                self._all_reduce([flag], "max")
-            self._add_found(flag)
         self._before_perturb(work)
         for group, ps, gs in work:
             backups = self._backups_for(ps)

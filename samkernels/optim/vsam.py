@@ -33,6 +33,14 @@ from samkernels.optim.sam import SAM
 _TINY = torch.finfo(torch.float32).tiny
 
 
+def _sigma_norm(work) -> Tensor:
+    """sqrt(g^T Sigma g) over every (group, params, grads, variances) of ``work``, on the first
+    parameter's device.  One group: the very norm ``vsam_perturb_`` would take."""
+    dev = work[0][1][0].device
+    sq = [ops.vsam_sumsq(gs, vs).to(dev) for _, _, gs, vs in work]
+    return sq[0].sqrt() if len(sq) == 1 else torch.stack(sq).sum().sqrt()
+
+
 class VariationalSAM(GaussianPosterior, TwoPassOptimizer):
     r"""VSAM: SAM with a learned diagonal perturbation covariance.
 
@@ -181,17 +189,16 @@ class VariationalSAM(GaussianPosterior, TwoPassOptimizer):
         work = [(g, ps, [p.grad for p in ps], self._variances(g, ps)) for g, ps in self._grouped()]
         self._skip_state["pending"] = False
         self._begin_step()
-        if not self._grads_ok(True, [p for _, ps, _, _ in work for p in ps], scaler):
+        # eq. 2's g^T Sigma g spans every group (one reduction per group, summed); it is also the
+        # inf/NaN check (_checked_norm)
+        ok, norm = self._checked_norm([p for _, ps, _, _ in work for p in ps], scaler,
+                                      lambda: _sigma_norm(work), len(work) > 1)
+        if not ok:
             self._skip_first_pass()
             work = []
         if work and (multi or scaler is not None or self.nonfinite != "unchecked"):
             self._save_variances(work)  # a skip later in the step must find Sigma as it was
         dim = float(self._total_numel())
-        norm = None
-        if len(work) > 1:  # eq. 2's g^T Sigma g spans every group: one reduction per group, summed
-            dev = work[0][1][0].device
-            sq = [ops.vsam_sumsq(gs, vs).to(dev) for _, _, gs, vs in work]
-            norm = torch.stack(sq).sum().sqrt()
         for group, ps, gs, vs in work:
             backups = self._backups_for(ps)
             # m-sharpness, linear step: no clamp per micro-batch; the mean is clamped (second_step)
