@@ -5,8 +5,10 @@ the optimizer-wide state (noise seed and counter) in ``state_dict``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import math
+import operator
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -296,7 +298,11 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         with a gradient (checked dense and real); otherwise all that require grad."""
         out, real = [], _REAL_FLOATS
         for gi, group in enumerate(self.param_groups):
-            ps: List[Tensor] = []
+            ps = _all_usable(group["params"], with_grad)
+            if ps is not None:  # the usual step: every parameter, no per-tensor Python
+                out.extend((group, part) for part in _by_device(ps))
+                continue
+            ps = []
             for pi, p in enumerate(group["params"]):
                 if with_grad:
                     g = p.grad
@@ -709,14 +715,35 @@ class _ScalerGate:
         self.finite = True
 
 
+# Per-tensor tests as C-level passes (map of an attribute getter): on thousands of small tensors
+# a Python loop's per-tensor bytecode costs more than the fused kernels themselves.
+_GRAD, _DEVICE = operator.attrgetter("grad"), operator.attrgetter("device")
+_DTYPE, _SPARSE = operator.attrgetter("dtype"), operator.attrgetter("is_sparse")
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
+_IS_NONE = functools.partial(operator.is_, None)
+
+
+def _all_usable(params: List[Tensor], with_grad: bool) -> Optional[List[Tensor]]:
+    """``params`` (a new list) when ``_grouped`` keeps every one of them: each has a dense
+    gradient and a real floating dtype (``with_grad``), or requires grad.  None otherwise: the
+    per-tensor loop then decides, and words the error."""
+    if not with_grad:
+        return list(params) if all(map(_REQUIRES_GRAD, params)) else None
+    grads = list(map(_GRAD, params))
+    if any(map(_IS_NONE, grads)) or any(map(_SPARSE, grads)) or \
+            not _REAL_FLOATS.issuperset(map(_DTYPE, params)):
+        return None
+    return list(params)
+
+
 def _by_device(ts: List[Tensor]) -> List[List[Tensor]]:
     """``ts`` split by device, in order of first appearance.  The usual case, one device, is
     tested by comparing devices: hashing a torch.device per tensor (a dict keyed by device) costs
     ~0.6 us, ten times the comparison, which adds up on thousands of small tensors."""
     if not ts:
         return []
-    first = ts[0].device
-    if all(t.device == first for t in ts):
+    devices = list(map(_DEVICE, ts))
+    if devices.count(devices[0]) == len(devices):
         return [ts]
     by_dev: Dict[torch.device, List[Tensor]] = {}
     for t in ts:

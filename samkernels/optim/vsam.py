@@ -144,6 +144,9 @@ class VariationalSAM(GaussianPosterior, TwoPassOptimizer):
             g["weight_decay"] = 1.0 / (g["num_data"] * g["prior_var"])
 
     def _variances(self, group: dict, ps: List[Tensor]) -> List[Tensor]:
+        have = self._state_lists(ps, "variance")
+        if have is not None:  # every step after the first: the memoised list
+            return have[0]
         out = []
         for p in ps:
             st = self.state[p]
@@ -221,16 +224,24 @@ class VariationalSAM(GaussianPosterior, TwoPassOptimizer):
         m-sharpness, as the pre-step Sigma every micro-batch starts from."""
         saved = set(self._var_now)
         for _, ps, _, vs in work:
+            if not saved:  # the step's first save (always, without m-sharpness): one foreach copy
+                copies = self._memo("var_copies", ps,
+                                    lambda: [self._var_copy_buf(p, v) for p, v in zip(ps, vs)])
+                torch._foreach_copy_(copies, vs)
+                self._var_now.extend(ps)
+                continue
             for p, v in zip(ps, vs):
-                if p in saved:
-                    continue
-                c = self._var_copies.get(p)
-                if c is None or c.shape != v.shape or c.dtype != v.dtype:
-                    self._var_copies[p] = v.clone()
-                else:
-                    c.copy_(v)
-                self._var_now.append(p)
+                if p not in saved:
+                    self._var_copy_buf(p, v).copy_(v)
+                    self._var_now.append(p)
         self._var_saved["on"] = True
+
+    def _var_copy_buf(self, p: Tensor, v: Tensor) -> Tensor:
+        """The buffer that keeps ``p``'s Sigma before its step (made or remade to fit ``v``)."""
+        c = self._var_copies.get(p)
+        if c is None or c.shape != v.shape or c.dtype != v.dtype:
+            c = self._var_copies[p] = torch.empty_like(v)
+        return c
 
     @torch.no_grad()
     def _add_variance_step(self, work) -> None:
