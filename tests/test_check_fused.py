@@ -245,3 +245,65 @@ def test_every_backend(backend):
     with samkernels.use_backend(backend):
         test_finite_steps_equal_unchecked("sam", "skip")
         test_one_bad_tensor_among_many_skips_the_step("vsam", "skip", "ascent", float("nan"))
+
+
+@pytest.mark.parametrize("nonfinite", CHECKED + ("unchecked",))
+@pytest.mark.parametrize("name", ["sam", "gsam", "looksam", "wsam", "friendlysam"])
+def test_descent_check_reads_the_gradients_once(monkeypatch, name, nonfinite):
+    """The second pass: GSAM's and LookSAM's update reduces <g, g> over every group (samv_dots,
+    one per group), which is then also the check (no grad_sumsq); the others, whose update takes
+    no norm, check with one grad_sumsq per device (none when unchecked)."""
+    ps = _params()
+    opt = MAKERS[name](_groups(ps, 2), nonfinite=nonfinite)
+    rec = Recorder(monkeypatch)
+    for step in range(3):  # LookSAM (k = 2): full, reuse, full
+        _set_grads(ps, 90 + step)
+        if name == "looksam" and not opt.full_step_due:
+            rec.clear()
+            opt.reuse_step()
+        else:
+            opt.first_step()
+            _set_grads(ps, 95 + step)
+            rec.clear()
+            opt.second_step()
+        assert not opt.step_skipped
+        if name in ("gsam", "looksam"):
+            assert rec.reductions == ["samv_dots", "samv_dots"]
+        else:
+            assert rec.reductions == ([] if nonfinite == "unchecked" else ["grad_sumsq"])
+
+
+@pytest.mark.parametrize("nonfinite", CHECKED)
+@pytest.mark.parametrize("name", ["gsam", "looksam"])
+def test_reuse_step_with_a_bad_tensor_is_skipped(name, nonfinite):
+    """LookSAM's one-pass step and GSAM's descent with NaN in one tensor: skipped (or raised,
+    naming it), weights and state unchanged."""
+    ps = _params()
+    opt = MAKERS[name](ps, nonfinite=nonfinite)
+    for step in range(1 if name == "looksam" else 2):  # LookSAM (k = 2): then a reuse step
+        _set_grads(ps, 100 + step)
+        opt.first_step()
+        _set_grads(ps, 110 + step)
+        opt.second_step()
+    snap = _snapshot(ps, opt)
+    _set_grads(ps, 120)
+    if name == "looksam":
+        assert not opt.full_step_due
+        phase = opt.reuse_step
+    else:
+        opt.first_step()
+        _set_grads(ps, 121)
+        phase = opt.second_step
+    ps[11].grad[0, 0] = float("nan")
+    if nonfinite == "raise":
+        with pytest.raises(NonFiniteGradientError, match=r"\['params'\]\[11\]"):
+            phase()
+    else:
+        phase()
+    assert opt.step_skipped
+    weights, states = snap
+    assert all(torch.equal(w, p) for w, p in zip(weights, ps))
+    for st, p in zip(states, ps):
+        for k, v in st.items():
+            if torch.is_tensor(v) and not (nonfinite == "skip_on_device" and k == "step"):
+                assert torch.equal(v, opt.state[p][k]), k

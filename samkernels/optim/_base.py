@@ -442,6 +442,11 @@ class TwoPassOptimizer(torch.optim.Optimizer):
             self._all_reduce([flag], "max")
         return self._flag_ok(flag, ascent)
 
+    def _descent_ok(self, grouped: List[Tuple[dict, List[Tensor]]], scaler) -> bool:
+        """``_grads_ok`` of the second pass for the ``_grouped()`` lists; an update that reduces
+        the gradients anyway checks that reduction instead (the SAM variants)."""
+        return self._grads_ok(False, [p for _, ps in grouped for p in ps], scaler)
+
     def _flag_ok(self, flag: Tensor, ascent: bool) -> bool:
         """The policy's decision on a pass's inf/NaN flag (agreed over the ranks where needed):
         skip_on_device adds it to the step's device flag; skip and raise read it once."""

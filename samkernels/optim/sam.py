@@ -178,8 +178,7 @@ class SAM(TwoPassOptimizer):
         perturbation."""
         self._require_begun("first_step")
         grouped = self._grouped()
-        if self.skip_pending or not self._grads_ok(False, [p for _, ps in grouped for p in ps],
-                                                   scaler):
+        if self.skip_pending or not self._descent_ok(grouped, scaler):
             self._abandon_step()
             if zero_grad:
                 self.zero_grad()
