@@ -731,7 +731,10 @@ _IS_NONE = functools.partial(operator.is_, None)
 def _all_usable(params: List[Tensor], with_grad: bool) -> Optional[List[Tensor]]:
     """``params`` (a new list) when ``_grouped`` keeps every one of them: each has a dense
     gradient and a real floating dtype (``with_grad``), or requires grad.  None otherwise: the
-    per-tensor loop then decides, and words the error."""
+    per-tensor loop then decides, and words the error.  Under torch.compile: None (dynamo traces
+    the plain loop)."""
+    if torch.compiler.is_compiling():
+        return None
     if not with_grad:
         return list(params) if all(map(_REQUIRES_GRAD, params)) else None
     grads = list(map(_GRAD, params))
@@ -747,9 +750,10 @@ def _by_device(ts: List[Tensor]) -> List[List[Tensor]]:
     ~0.6 us, ten times the comparison, which adds up on thousands of small tensors."""
     if not ts:
         return []
-    devices = list(map(_DEVICE, ts))
-    if devices.count(devices[0]) == len(devices):
-        return [ts]
+    if not torch.compiler.is_compiling():  # (dynamo traces the plain dict below)
+        devices = list(map(_DEVICE, ts))
+        if devices.count(devices[0]) == len(devices):
+            return [ts]
     by_dev: Dict[torch.device, List[Tensor]] = {}
     for t in ts:
         by_dev.setdefault(t.device, []).append(t)
