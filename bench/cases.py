@@ -5,6 +5,7 @@ the same between the passes, so only the optimizer's own work is timed.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Dict, List, Tuple
 
 import torch
@@ -93,7 +94,8 @@ def _fused(make, phases):
     phases in order: ``build(params, backend, nonfinite=NONFINITE)``.
 
     The returned ``step()`` runs the whole step; ``step.phases`` lists ``(name, call)`` so report.py
-    can time and count launches of each phase on its own (phases must run in this order)."""
+    can time and count launches of each phase on its own (phases must run in this order);
+    ``step.optimizer`` is the optimizer."""
     def build(params, backend: str, nonfinite: str = None):
         opt = make(params, nonfinite or NONFINITE)
         calls = [(ph, getattr(opt, ph)) for ph in phases]
@@ -109,6 +111,7 @@ def _fused(make, phases):
                 for _, call in calls:
                     call()
         step.phases = [(ph, run(call)) for ph, call in calls]
+        step.optimizer = opt
         return step
     return build
 
@@ -143,23 +146,111 @@ def _family():
     }
 
 
-# --- the common SAM code style: a Python loop over tensors ---------------------------------------
-def loop_sam(params):
-    """davda54/sam style: per-tensor norms stacked, per-tensor perturb, restore, torch SGD step."""
-    base = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=5e-4, foreach=False)
+# --- baselines in plain PyTorch: a per-tensor Python loop, and torch._foreach_* ----------------
+# Each uses the hyper-parameters of the fused build above and the maths of
+# samkernels/ops/reference.py.  SAM, RandomSAM and E-BiSAM perturb, restore and take torch's SGD
+# step; the noise of the randomised ones is torch's (``noise=None``) or given: ``noise(step)``, the
+# per-tensor normals of step ``step`` (0, 1, ...), so a test can hand them the fused optimizer's.
+def _loop_perturbed(params, perturbation, **sgd):
+    """A perturb / restore / ``torch.optim.SGD`` step, tensor by tensor (davda54/sam style).
+    ``perturbation()`` runs once per step and returns ``e(i, p)``, the perturbation of tensor i."""
+    base = torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=False, **sgd)
     old = {}
 
     @torch.no_grad()
     def step():
-        norm = torch.norm(torch.stack([p.grad.norm(p=2) for p in params]), p=2)
-        scale = 0.05 / (norm + 1e-12)
-        for p in params:
+        e = perturbation()
+        for i, p in enumerate(params):
             old[p] = p.data.clone()
-            p.add_(p.grad * scale)
+            p.add_(e(i, p))
         for p in params:
             p.data.copy_(old[p])
         base.step()
     return step
+
+
+def _foreach_perturbed(params, perturbation, **sgd):
+    """The same step in ``torch._foreach_*`` ops: ``perturbation()`` returns the list of e."""
+    base = torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=True, **sgd)
+    backups = [torch.empty_like(p) for p in params]
+
+    @torch.no_grad()
+    def step():
+        e = perturbation()
+        torch._foreach_copy_(backups, params)
+        torch._foreach_add_(params, e)
+        torch._foreach_copy_(params, backups)
+        base.step()
+    return step
+
+
+def _loop_norm(params):
+    return torch.norm(torch.stack([p.grad.norm(p=2) for p in params]), p=2)
+
+
+def _foreach_norm(grads):
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
+def _noise_source(params, noise):
+    """``draw()`` -> this step's normals (torch.randn_like, or ``noise(step)``)."""
+    counter = [0]
+
+    def draw():
+        counter[0] += 1
+        if noise is None:
+            return [torch.randn_like(p) for p in params]
+        return noise(counter[0] - 1)
+    return draw
+
+
+def loop_sam(params):
+    """davda54/sam style: per-tensor norms stacked, per-tensor perturb, restore, torch SGD step."""
+    def perturbation():
+        scale = 0.05 / (_loop_norm(params) + 1e-12)
+        return lambda i, p: p.grad * scale
+    return _loop_perturbed(params, perturbation, weight_decay=5e-4)
+
+
+def foreach_sam(params):
+    grads = [p.grad for p in params]
+    return _foreach_perturbed(
+        params, lambda: torch._foreach_mul(grads, 0.05 / (_foreach_norm(grads) + 1e-12)),
+        weight_decay=5e-4)
+
+
+def loop_randomsam(params, noise=None):
+    draw = _noise_source(params, noise)
+
+    def perturbation():
+        z = draw()
+        return lambda i, p: z[i] * 5e-5
+    return _loop_perturbed(params, perturbation)
+
+
+def foreach_randomsam(params, noise=None):
+    """RandomSAM in plain PyTorch: normals per tensor, foreach perturb/restore, foreach SGD."""
+    draw = _noise_source(params, noise)
+    return _foreach_perturbed(params, lambda: torch._foreach_mul(draw(), 5e-5))
+
+
+def loop_ebisam(params):
+    def perturbation():
+        scale = 0.05 / 0.5 / (_loop_norm(params) + 1e-12)
+        return lambda i, p: p.grad * (torch.rand_like(p) < 0.5) * scale
+    return _loop_perturbed(params, perturbation)
+
+
+def foreach_ebisam(params):
+    """E-BiSAM's stochastic weight perturbation in plain PyTorch: global norm, a Bernoulli(beta)
+    mask per tensor (torch.rand), masked perturb by rho/(1-beta), restore, foreach SGD."""
+    grads = [p.grad for p in params]
+
+    def perturbation():
+        masks = [(torch.rand_like(p) < 0.5).to(p.dtype) for p in params]
+        return torch._foreach_mul(torch._foreach_mul(grads, masks),
+                                  0.05 / 0.5 / (_foreach_norm(grads) + 1e-12))
+    return _foreach_perturbed(params, perturbation)
 
 
 def loop_bsam(params):
@@ -182,22 +273,6 @@ def loop_bsam(params):
             s, m = st[p]
             m.mul_(b1).add_((1 - b1) * (p.grad + delta * mean[p]))
             p.copy_(mean[p] - lr * m / s)
-    return step
-
-
-# --- plain-PyTorch multi-tensor version (torch._foreach_*) ----------------------------------------
-def foreach_sam(params):
-    base = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=5e-4, foreach=True)
-    grads = [p.grad for p in params]
-    backups = [torch.empty_like(p) for p in params]
-
-    @torch.no_grad()
-    def step():
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        torch._foreach_copy_(backups, params)
-        torch._foreach_add_(params, torch._foreach_mul(grads, 0.05 / (norm + 1e-12)))
-        torch._foreach_copy_(params, backups)
-        base.step()
     return step
 
 
@@ -227,68 +302,110 @@ def foreach_bsam(params):
     return step
 
 
-def foreach_randomsam(params):
-    """RandomSAM in plain PyTorch: torch.randn per tensor, foreach perturb/restore, foreach SGD."""
-    base = torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=True)
-    backups = [torch.empty_like(p) for p in params]
+# MFVI and VSAM as built above: N = 50,000, prior_var 1, var_lr 0.01, Sigma_0 = rho^2 / p with
+# rho = 0.05 (p: the parameter count), the variance step on log Sigma.  ``step.variances`` is Sigma.
+_VI = dict(N=50_000.0, prior_var=1.0, var_lr=0.01, rho=0.05, lr=1e-3)
+
+
+def _variances(params):
+    v0 = _VI["rho"] ** 2 / sum(p.numel() for p in params)
+    return [torch.full_like(p, v0) for p in params]
+
+
+def loop_mfvi(params, noise=None):
+    """MFVI (ops.reference.vi_noise_, mfvi_update_; momentum 0) tensor by tensor."""
+    N, prior, var_lr, lr = _VI["N"], _VI["prior_var"], _VI["var_lr"], _VI["lr"]
+    var = _variances(params)
+    draw = _noise_source(params, noise)
 
     @torch.no_grad()
     def step():
-        torch._foreach_copy_(backups, params)
-        torch._foreach_add_(params, [torch.randn_like(p) for p in params], alpha=5e-5)
-        torch._foreach_copy_(params, backups)
-        base.step()
+        z = draw()
+        mean = []
+        for p, v, zi in zip(params, var, z):  # theta = mu + sqrt(Sigma) z
+            mean.append(p.data.clone())
+            p.add_(v.sqrt() * zi)
+        for p, v, zi, mu in zip(params, var, z, mean):
+            d = p.grad + mu / (N * prior)
+            du = 0.5 * p.grad * zi * v.sqrt() + (v / prior - 1.0) / (2.0 * N)
+            v.mul_(torch.exp(-var_lr * du))
+            p.copy_(mu - lr * d)
+    step.variances = var
     return step
 
 
-def loop_randomsam(params):
-    base = torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=False)
-    old = {}
-
-    @torch.no_grad()
-    def step():
-        for p in params:
-            old[p] = p.data.clone()
-            p.add_(torch.randn_like(p) * 5e-5)
-        for p in params:
-            p.data.copy_(old[p])
-        base.step()
-    return step
-
-
-def foreach_ebisam(params):
-    """E-BiSAM's stochastic weight perturbation in plain PyTorch: global norm, a Bernoulli(beta)
-    mask per tensor (torch.rand), masked perturb by rho/(1-beta), restore, foreach SGD."""
-    base = torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=True)
+def foreach_mfvi(params, noise=None):
+    """MFVI in ``torch._foreach_*`` ops (z kept from the noise to the update)."""
+    N, prior, var_lr, lr = _VI["N"], _VI["prior_var"], _VI["var_lr"], _VI["lr"]
     grads = [p.grad for p in params]
-    backups = [torch.empty_like(p) for p in params]
+    var = _variances(params)
+    mean = [torch.empty_like(p) for p in params]
+    draw = _noise_source(params, noise)
 
     @torch.no_grad()
     def step():
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        torch._foreach_copy_(backups, params)
-        masks = [(torch.rand_like(p) < 0.5).to(p.dtype) for p in params]
-        e = torch._foreach_mul(torch._foreach_mul(grads, masks), 0.05 / 0.5 / (norm + 1e-12))
-        torch._foreach_add_(params, e)
-        torch._foreach_copy_(params, backups)
-        base.step()
+        z = draw()
+        torch._foreach_copy_(mean, params)
+        std = torch._foreach_sqrt(var)
+        torch._foreach_addcmul_(params, std, z)
+        d = torch._foreach_add(grads, mean, alpha=1.0 / (N * prior))
+        du = torch._foreach_mul(torch._foreach_mul(grads, z), std)
+        torch._foreach_mul_(du, 0.5)
+        torch._foreach_add_(du, torch._foreach_add(torch._foreach_div(var, prior), -1.0),
+                            alpha=1.0 / (2.0 * N))
+        torch._foreach_mul_(du, -var_lr)
+        torch._foreach_exp_(du)
+        torch._foreach_mul_(var, du)
+        torch._foreach_copy_(params, mean)
+        torch._foreach_add_(params, d, alpha=-lr)
+    step.variances = var
     return step
 
 
-def loop_ebisam(params):
-    base = torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=False)
-    old = {}
+def loop_vsam(params):
+    """VSAM (ops.reference.vsam_perturb_, log step; then SAM's restore and torch's SGD with
+    momentum 0.9 and weight decay 1/(N prior_var)) tensor by tensor."""
+    N, prior, var_lr = _VI["N"], _VI["prior_var"], _VI["var_lr"]
+    var = _variances(params)
+    sq = math.sqrt(sum(p.numel() for p in params))
 
-    @torch.no_grad()
-    def step():
-        norm = torch.norm(torch.stack([p.grad.norm(p=2) for p in params]), p=2)
-        scale = 0.05 / 0.5 / (norm + 1e-12)
-        for p in params:
-            old[p] = p.data.clone()
-            p.add_(p.grad * (torch.rand_like(p) < 0.5) * scale)
-        for p in params:
-            p.data.copy_(old[p])
-        base.step()
+    def perturbation():
+        norm = torch.stack([(v * p.grad * p.grad).sum() for p, v in zip(params, var)]).sum().sqrt()
+        inv = 1.0 / (norm + 1e-12)
+
+        def e(i, p):
+            v, g = var[i], p.grad
+            out = sq * v * g * inv
+            du = 0.5 * sq * v * g * g * inv + v / (2.0 * N * prior) - 0.5 / N
+            v.mul_(torch.exp(-var_lr * du))
+            return out
+        return e
+    step = _loop_perturbed(params, perturbation, weight_decay=1.0 / (N * prior))
+    step.variances = var
+    return step
+
+
+def foreach_vsam(params):
+    """VSAM in ``torch._foreach_*`` ops (as loop_vsam)."""
+    N, prior, var_lr = _VI["N"], _VI["prior_var"], _VI["var_lr"]
+    grads = [p.grad for p in params]
+    var = _variances(params)
+    sq = math.sqrt(sum(p.numel() for p in params))
+
+    def perturbation():
+        vg = torch._foreach_mul(var, grads)
+        norm = torch.stack([t.sum() for t in torch._foreach_mul(vg, grads)]).sum().sqrt()
+        inv = 1.0 / (norm + 1e-12)
+        e = torch._foreach_mul(vg, sq * inv)
+        du = torch._foreach_mul(torch._foreach_mul(e, grads), 0.5)
+        torch._foreach_add_(du, torch._foreach_mul(var, 1.0 / (2.0 * N * prior)))
+        torch._foreach_add_(du, -0.5 / N)
+        torch._foreach_mul_(du, -var_lr)
+        torch._foreach_exp_(du)
+        torch._foreach_mul_(var, du)
+        return e
+    step = _foreach_perturbed(params, perturbation, weight_decay=1.0 / (N * prior))
+    step.variances = var
     return step
 
 
@@ -302,6 +419,8 @@ IMPLS.update({name: {"fused": build} for name, build in _family().items()})
 IMPLS["bisam"].update(foreach=foreach_sam, loop=loop_sam)
 IMPLS["randomsam"].update(foreach=foreach_randomsam, loop=loop_randomsam)
 IMPLS["ebisam"].update(foreach=foreach_ebisam, loop=loop_ebisam)
+IMPLS["mfvi"].update(foreach=foreach_mfvi, loop=loop_mfvi)
+IMPLS["vsam"].update(foreach=foreach_vsam, loop=loop_vsam)
 
 # Bytes each element of the parameter list must move in each phase (fp32), for the bandwidth floor.
 # A phase's floor is its own traffic; a step's floor is the sum over its phases.

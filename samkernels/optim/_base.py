@@ -5,8 +5,10 @@ the optimizer-wide state (noise seed and counter) in ``state_dict``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import math
+import operator
 import sys
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -355,7 +357,11 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         with a gradient (checked dense and real); otherwise all that require grad."""
         out, real = [], _REAL_FLOATS
         for gi, group in enumerate(self.param_groups):
-            by_device: Dict[torch.device, List[Tensor]] = {}
+            ps = _all_usable(group["params"], with_grad)
+            if ps is not None:  # the usual step: every parameter, no per-tensor Python
+                out.extend((group, part) for part in _by_device(ps))
+                continue
+            ps = []
             for pi, p in enumerate(group["params"]):
                 if with_grad:
                     g = p.grad
@@ -367,8 +373,8 @@ class TwoPassOptimizer(torch.optim.Optimizer):
                         self._check_grad(gi, pi, p)
                 elif not p.requires_grad:
                     continue
-                by_device.setdefault(p.device, []).append(p)
-            out.extend((group, ps) for ps in by_device.values())
+                ps.append(p)
+            out.extend((group, part) for part in _by_device(ps))
         return out
 
     # -- restore -------------------------------------------------------------------------------
@@ -506,6 +512,16 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         flag = _nonfinite_flag([p.grad for p in ps])
         if agree:
             self._all_reduce([flag], "max")
+        return self._flag_ok(flag, ascent)
+
+    def _descent_ok(self, grouped: List[Tuple[dict, List[Tensor]]], scaler) -> bool:
+        """``_grads_ok`` of the second pass for the ``_grouped()`` lists; an update that reduces
+        the gradients anyway checks that reduction instead (the SAM variants)."""
+        return self._grads_ok(False, [p for _, ps in grouped for p in ps], scaler)
+
+    def _flag_ok(self, flag: Tensor, ascent: bool) -> bool:
+        """The policy's decision on a pass's inf/NaN flag (agreed over the ranks where needed):
+        skip_on_device adds it to the step's device flag; skip and raise read it once."""
         if self.nonfinite == "skip_on_device":
             self._add_found(flag)
             return True
@@ -524,9 +540,42 @@ class TwoPassOptimizer(torch.optim.Optimizer):
                 "'skip' skips such steps instead; with mixed precision use a GradScaler)")
         return False
 
-    def _checks_on_device(self, scaler) -> bool:
-        return self.nonfinite == "skip_on_device" and not (scaler is not None
-                                                           and scaler.is_enabled())
+    def _checked_norm(self, ps: List[Tensor], scaler, norm_of: Optional[Callable[[], Tensor]],
+                      need_norm: bool) -> Tuple[bool, Optional[Tensor]]:
+        """The ascent pass's inf/NaN check and its norm ``norm_of()`` (a 0-dim float64 tensor over
+        every group) with one read of the gradients: ``(ok, norm)``; ``ok`` False: skip the step
+        (``norm`` None).  ``need_norm`` False: the pass needs no norm from here (one group: its
+        op takes the norm itself), so without a check none is taken.
+
+        Under skip, raise and skip_on_device the norm is the check: its squares are summed in
+        float64, where no finite fp32/bf16/fp16 value can overflow (a square is < 2^256, a sum
+        of < 2^63 of them < 2^319 < float64's 2^1024), and an inf/NaN gradient makes its term
+        inf or NaN (0 * inf is NaN), so the norm is finite exactly when the gradients are.  (A
+        non-finite weight under ASAM, Sigma under VSAM or float64 overflow can make it
+        non-finite too; skip and raise then take the exact flag of ``_grads_ok``, a second read
+        only on that rare path.)  With a GradScaler, or no norm (``norm_of`` None), the check
+        is ``_grads_ok``'s own read."""
+        if norm_of is None or not ps or self.nonfinite == "unchecked" or (
+                scaler is not None and scaler.is_enabled()):
+            if not self._grads_ok(True, ps, scaler):
+                return False, None
+            return True, (norm_of() if need_norm and norm_of is not None and ps else None)
+        norm = norm_of()
+        flag = (~torch.isfinite(norm)).float().reshape(1)
+        agree = self.ddp_model is not None  # first-pass gradients differ per rank
+        if agree:
+            self._all_reduce([flag], "max")
+        if self.nonfinite != "skip_on_device":
+            if not bool(flag):  # the one host read of the usual step
+                return True, norm
+            # a rank saw a non-finite norm: every rank takes the exact flag (same collectives;
+            # a sharded norm is already global, but the exact flag is of this rank's shards)
+            flag = _nonfinite_flag([p.grad for p in ps])
+            if agree or self._sharded:
+                self._all_reduce([flag], "max")
+        if not self._flag_ok(flag, True):
+            return False, None
+        return True, norm
 
     def _add_found(self, flag: Tensor) -> None:
         """skip_on_device, no host read: the flags of every pass of this step are summed on the
@@ -816,6 +865,46 @@ class _ScalerGate:
         self.finite = True
 
 
+# Per-tensor tests as C-level passes (map of an attribute getter): on thousands of small tensors
+# a Python loop's per-tensor bytecode costs more than the fused kernels themselves.
+_GRAD, _DEVICE = operator.attrgetter("grad"), operator.attrgetter("device")
+_DTYPE, _SPARSE = operator.attrgetter("dtype"), operator.attrgetter("is_sparse")
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
+_IS_NONE = functools.partial(operator.is_, None)
+
+
+def _all_usable(params: List[Tensor], with_grad: bool) -> Optional[List[Tensor]]:
+    """``params`` (a new list) when ``_grouped`` keeps every one of them: each has a dense
+    gradient and a real floating dtype (``with_grad``), or requires grad.  None otherwise: the
+    per-tensor loop then decides, and words the error.  Under torch.compile: None (dynamo traces
+    the plain loop)."""
+    if torch.compiler.is_compiling():
+        return None
+    if not with_grad:
+        return list(params) if all(map(_REQUIRES_GRAD, params)) else None
+    grads = list(map(_GRAD, params))
+    if any(map(_IS_NONE, grads)) or any(map(_SPARSE, grads)) or \
+            not _REAL_FLOATS.issuperset(map(_DTYPE, params)):
+        return None
+    return list(params)
+
+
+def _by_device(ts: List[Tensor]) -> List[List[Tensor]]:
+    """``ts`` split by device, in order of first appearance.  The usual case, one device, is
+    tested by comparing devices: hashing a torch.device per tensor (a dict keyed by device) costs
+    ~0.6 us, ten times the comparison, which adds up on thousands of small tensors."""
+    if not ts:
+        return []
+    if not torch.compiler.is_compiling():  # (dynamo traces the plain dict below)
+        devices = list(map(_DEVICE, ts))
+        if devices.count(devices[0]) == len(devices):
+            return [ts]
+    by_dev: Dict[torch.device, List[Tensor]] = {}
+    for t in ts:
+        by_dev.setdefault(t.device, []).append(t)
+    return list(by_dev.values())
+
+
 @torch.no_grad()
 def _nonfinite_flag(grads: List[Tensor]) -> Tensor:
     """A one-element float32 tensor on the first gradient's device: > 0 iff some entry is inf/NaN.
@@ -824,12 +913,9 @@ def _nonfinite_flag(grads: List[Tensor]) -> Tensor:
     so finite fp32/bf16/fp16 gradients can never overflow it); nothing is read back here.  (PyTorch's
     ``_amp_foreach_non_finite_check_and_unscale_`` does the same job but is ~20x slower on the CPU.)
     """
-    by_dev: Dict[torch.device, List[Tensor]] = {}
-    for g in grads:
-        by_dev.setdefault(g.device, []).append(g)
     first = grads[0].device
     flags = [(~torch.isfinite(ops.grad_sumsq(gs, gs, False, 0.0))).float().reshape(1).to(first)
-             for gs in by_dev.values()]
+             for gs in _by_device(grads)]
     return flags[0] if len(flags) == 1 else torch.stack(flags).sum(0)
 
 

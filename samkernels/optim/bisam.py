@@ -36,7 +36,7 @@ from torch import Tensor
 from samkernels import ops
 from samkernels.optim._base import _n_positional, check_beta, check_positive
 from samkernels.optim.utils import SeedLike
-from samkernels.optim.sam import SAM
+from samkernels.optim.sam import SAM, _sam_norm
 
 _PHIS = ("neglog", "tanh")
 _DEFAULT_MU = {"neglog": 1.5, "tanh": 10.0}  # the paper's CIFAR settings (Sec. 4.1)
@@ -226,17 +226,18 @@ class EBiSAM(BiSAM):
             self._mask.update(start=self._extra_state["noise_step"], open=True)
         self._skip_state["pending"] = False
         self._begin_step()
-        if not self._grads_ok(True, [p for _, ps, _ in work for p in ps], scaler):
+        # ||grad Q|| spans every group, as SAM's norm, and is the inf/NaN check (_checked_norm);
+        # Alg. 3 line 5 as printed (normalize=False) takes no norm: the check reads g itself
+        ok, norm = self._checked_norm([p for _, ps, _ in work for p in ps], scaler,
+                                      (lambda: _sam_norm(work, self._over_shards))
+                                      if self.normalize else None, len(work) > 1 or self._sharded)
+        if not ok:
             self._skip_first_pass()
             work = []
         seed, step = self._extra_state["seed"], self._extra_state["noise_step"]
-        norm, eps = None, None
+        eps = None
         if work and not self.normalize:  # Alg. 3 line 5 as printed: no normalisation
             norm, eps = torch.ones((), dtype=torch.float64, device=work[0][1][0].device), 0.0
-        elif len(work) > 1 or (work and self._sharded):  # ||grad Q|| spans every group, as SAM's
-            dev = work[0][1][0].device
-            sq = self._over_shards([ops.grad_sumsq(ps, gs, False, 0.0).to(dev) for _, ps, gs in work])
-            norm = torch.stack([s.double() for s in sq]).sum().sqrt()
         for group, ps, gs in work:
             backups = self._backups_for(ps)
             n = ops.ebisam_perturb_(ps, gs, backups, self._param_ids_for(ps),

@@ -40,6 +40,17 @@ def _check_base_keys(d: dict) -> None:
         raise ValueError("nesterov=True needs momentum > 0 and dampening = 0")
 
 
+def _sam_norm(work, over_shards) -> torch.Tensor:
+    """||T g|| over every (group, params, grads) of ``work`` (T = |w| + eta with ASAM, else 1)
+    and every rank's shards (``over_shards``: the optimizer's ``_over_shards``), on the first
+    parameter's device.  One group, unsharded: the very norm ``sam_perturb_`` would take (same
+    dtype, so the same rounding)."""
+    dev = work[0][1][0].device
+    sq = over_shards([ops.grad_sumsq(ps, gs, g["adaptive"], g["eta"] if g["adaptive"] else 0.0)
+                      .to(dev) for g, ps, gs in work])
+    return sq[0].sqrt() if len(sq) == 1 else torch.stack([s.double() for s in sq]).sum().sqrt()
+
+
 class SAM(TwoPassOptimizer):
     r"""Sharpness-aware minimisation.
 
@@ -142,25 +153,13 @@ class SAM(TwoPassOptimizer):
         work = [(g, ps, [p.grad for p in ps]) for g, ps in self._grouped()]
         self._skip_state["pending"] = False
         self._begin_step()
-        on_device = work and self._checks_on_device(scaler)
-        if not on_device and not self._grads_ok(True, [p for _, ps, _ in work for p in ps], scaler):
+        # the norm spans every group (one reduction op per group); it is also the inf/NaN check
+        ok, norm = self._checked_norm([p for _, ps, _ in work for p in ps], scaler,
+                                      lambda: _sam_norm(work, self._over_shards),
+                                      len(work) > 1 or self._sharded)
+        if not ok:
             self._skip_first_pass()
             work = []
-        norm = None
-        # the norm spans every group (and every rank's shards): one reduction op per group
-        if len(work) > 1 or on_device or (work and self._sharded):
-            dev = work[0][1][0].device
-            sq = self._over_shards([ops.grad_sumsq(ps, gs, g["adaptive"],
-                                                   g["eta"] if g["adaptive"] else 0.0).to(dev)
-                                    for g, ps, gs in work])
-            # one group: the very norm the op would take (same dtype, so the same rounding)
-            norm = sq[0].sqrt() if len(sq) == 1 else \
-                torch.stack([s.double() for s in sq]).sum().sqrt()
-        if on_device:  # the norm's own reduction is the inf/NaN check: no second read of g
-            flag = (~torch.isfinite(norm)).float().reshape(1)
-            if self.ddp_model is not None:  # ranks perturb with their own g: agree on the skip
-                self._all_reduce([flag], "max")
-            self._add_found(flag)
         for group, ps, gs in work:
             backups = self._backups_for(ps)
             n = ops.sam_perturb_(ps, gs, backups, None if norm is None else norm.to(ps[0].device),
@@ -181,8 +180,7 @@ class SAM(TwoPassOptimizer):
         perturbation."""
         self._require_begun("first_step")
         grouped = self._grouped()
-        if self.skip_pending or not self._grads_ok(False, [p for _, ps in grouped for p in ps],
-                                                   scaler):
+        if self.skip_pending or not self._descent_ok(grouped, scaler):
             self._abandon_step()
             if zero_grad:
                 self.zero_grad()

@@ -18,8 +18,8 @@ from torch import Tensor
 
 from samkernels import ops
 from samkernels._dtypes import opmath
-from samkernels.optim._base import check_beta, check_nonneg, foreach_copy_
-from samkernels.optim.sam import SAM
+from samkernels.optim._base import _nonfinite_flag, check_beta, check_nonneg, foreach_copy_
+from samkernels.optim.sam import SAM, _sam_norm
 
 __all__ = ["GSAM", "WSAM", "LookSAM", "FriendlySAM"]
 
@@ -95,11 +95,7 @@ class _Variant(SAM):
     # -- first pass ------------------------------------------------------------------------------
     def _ascent_norm(self, work) -> Tensor:
         """||T g|| over every group (T = |w| + eta with ASAM, else 1), on the device."""
-        dev = work[0][1][0].device
-        sq = self._over_shards([ops.grad_sumsq(ps, gs, g["adaptive"],
-                                               g["eta"] if g["adaptive"] else 0.0).to(dev)
-                                for g, ps, gs in work])
-        return sq[0].sqrt() if len(sq) == 1 else torch.stack(sq).sum().sqrt()
+        return _sam_norm(work, self._over_shards)
 
     def _perturb(self, group: dict, ps, gs, backups, norm: Tensor) -> None:
         ops.samv_perturb_(ps, gs, backups, self._saved_for(ps), [], norm, self._rho(group),
@@ -116,16 +112,11 @@ class _Variant(SAM):
         self._skip_state["pending"] = False
         self._begin_step()
         self._variant.update(mode="full", kept=None)
-        on_device = bool(work) and self._checks_on_device(scaler)
-        if not on_device and not self._grads_ok(True, [p for _, ps, _ in work for p in ps], scaler):
+        ok, norm = self._checked_norm([p for _, ps, _ in work for p in ps], scaler,
+                                      lambda: self._ascent_norm(work), True)
+        if not ok:  # the norm's own reduction was the inf/NaN check (_checked_norm)
             self._skip_first_pass()
             work = []
-        norm = self._ascent_norm(work) if work else None
-        if on_device:  # the norm's own reduction is the inf/NaN check
-            flag = (~torch.isfinite(norm)).float().reshape(1)
-            if self.ddp_model is not None:
-                self._all_reduce([flag], "max")
-            self._add_found(flag)
         self._before_perturb(work)
         for group, ps, gs in work:
             backups = self._backups_for(ps)
@@ -178,6 +169,19 @@ class _Variant(SAM):
         dots = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
         self._variant["dots"] = dots
         return dots
+
+    def _descent_ok(self, grouped, scaler) -> bool:
+        """GSAM's and LookSAM's directions take <g, g> over every group (``samv_dots``, kept for
+        the update): under the checked policies that sum of squares is the second pass's
+        inf/NaN check, as the ascent's norm is the first's (``_checked_norm``).  A non-finite
+        sum with finite gradients (float64 overflow) takes the exact flag under skip and raise."""
+        if not self._NEEDS_DOTS or self._variant["mode"] == "plain" or not grouped or \
+                self.nonfinite == "unchecked" or (scaler is not None and scaler.is_enabled()):
+            return super()._descent_ok(grouped, scaler)
+        flag = (~torch.isfinite(self._step_dots(grouped)[0])).float().reshape(1)
+        if self.nonfinite != "skip_on_device" and bool(flag):
+            flag = _nonfinite_flag([p.grad for _, ps in grouped for p in ps])
+        return self._flag_ok(flag, False)
 
     def _base_update(self, group: dict, ps) -> None:
         if self._variant["mode"] == "plain":  # base_step: SAM's plain step

@@ -34,6 +34,15 @@ from samkernels.optim.sam import SAM
 _TINY = torch.finfo(torch.float32).tiny
 
 
+def _sigma_norm(work, over_shards) -> Tensor:
+    """sqrt(g^T Sigma g) over every (group, params, grads, variances) of ``work`` and every
+    rank's shards (``over_shards``), on the first parameter's device.  One group, unsharded: the
+    very norm ``vsam_perturb_`` would take."""
+    dev = work[0][1][0].device
+    sq = over_shards([ops.vsam_sumsq(gs, vs).to(dev) for _, _, gs, vs in work])
+    return sq[0].sqrt() if len(sq) == 1 else torch.stack(sq).sum().sqrt()
+
+
 class VariationalSAM(GaussianPosterior, TwoPassOptimizer):
     r"""VSAM: SAM with a learned diagonal perturbation covariance.
 
@@ -137,6 +146,9 @@ class VariationalSAM(GaussianPosterior, TwoPassOptimizer):
             g["weight_decay"] = 1.0 / (g["num_data"] * g["prior_var"])
 
     def _variances(self, group: dict, ps: List[Tensor]) -> List[Tensor]:
+        have = self._state_lists(ps, "variance")
+        if have is not None:  # every step after the first: the memoised list
+            return have[0]
         out = []
         for p in ps:
             st = self.state[p]
@@ -182,18 +194,17 @@ class VariationalSAM(GaussianPosterior, TwoPassOptimizer):
         work = [(g, ps, [p.grad for p in ps], self._variances(g, ps)) for g, ps in self._grouped()]
         self._skip_state["pending"] = False
         self._begin_step()
-        if not self._grads_ok(True, [p for _, ps, _, _ in work for p in ps], scaler):
+        # eq. 2's g^T Sigma g spans every group (one reduction per group, summed); it is also the
+        # inf/NaN check (_checked_norm)
+        ok, norm = self._checked_norm([p for _, ps, _, _ in work for p in ps], scaler,
+                                      lambda: _sigma_norm(work, self._over_shards),
+                                      len(work) > 1 or self._sharded)
+        if not ok:
             self._skip_first_pass()
             work = []
         if work and (multi or scaler is not None or self.nonfinite != "unchecked"):
             self._save_variances(work)  # a skip later in the step must find Sigma as it was
         dim = float(self._total_numel())
-        norm = None
-        # eq. 2's g^T Sigma g spans every group (and shard): one reduction per group, summed
-        if len(work) > 1 or (work and self._sharded):
-            dev = work[0][1][0].device
-            sq = self._over_shards([ops.vsam_sumsq(gs, vs).to(dev) for _, _, gs, vs in work])
-            norm = torch.stack(sq).sum().sqrt()
         for group, ps, gs, vs in work:
             backups = self._backups_for(ps)
             # m-sharpness, linear step: no clamp per micro-batch; the mean is clamped (second_step)
@@ -216,16 +227,24 @@ class VariationalSAM(GaussianPosterior, TwoPassOptimizer):
         m-sharpness, as the pre-step Sigma every micro-batch starts from."""
         saved = set(self._var_now)
         for _, ps, _, vs in work:
+            if not saved:  # the step's first save (always, without m-sharpness): one foreach copy
+                copies = self._memo("var_copies", ps,
+                                    lambda: [self._var_copy_buf(p, v) for p, v in zip(ps, vs)])
+                foreach_copy_(copies, vs)
+                self._var_now.extend(ps)
+                continue
             for p, v in zip(ps, vs):
-                if p in saved:
-                    continue
-                c = self._var_copies.get(p)
-                if c is None or c.shape != v.shape or c.dtype != v.dtype:
-                    self._var_copies[p] = v.clone()
-                else:
-                    c.copy_(v)
-                self._var_now.append(p)
+                if p not in saved:
+                    self._var_copy_buf(p, v).copy_(v)
+                    self._var_now.append(p)
         self._var_saved["on"] = True
+
+    def _var_copy_buf(self, p: Tensor, v: Tensor) -> Tensor:
+        """The buffer that keeps ``p``'s Sigma before its step (made or remade to fit ``v``)."""
+        c = self._var_copies.get(p)
+        if c is None or c.shape != v.shape or c.dtype != v.dtype:
+            c = self._var_copies[p] = torch.empty_like(v)
+        return c
 
     @torch.no_grad()
     def _add_variance_step(self, work) -> None:
