@@ -1,6 +1,7 @@
 """Random test inputs and comparisons shared by the op and optimizer tests."""
 from __future__ import annotations
 
+import contextlib
 from typing import List, Sequence
 
 import torch
@@ -41,6 +42,17 @@ def state_like(ts, gen):
         dt = torch.float64 if t.dtype == torch.float64 else torch.float32
         out.append(torch.randn(t.shape, generator=gen, dtype=torch.float64).to(dt))
     return out
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    """torch's intra-op threads set to ``n`` inside the block (tests/conftest.py runs with one)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def f64(ts):

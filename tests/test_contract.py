@@ -24,7 +24,8 @@ from samkernels.ops import reference as R
 from samkernels.ops._spec import PHASES
 
 from conftest import has_extension
-from helpers import (BF16, EMPTY, F16, F32, F64, clone_args, f64_args, op_args, same_bits, tol)
+from helpers import (BF16, EMPTY, F16, F32, F64, clone_args, f64_args, op_args, same_bits, threads,
+                     tol)
 from oracles import CASE_SEED, CASES, case
 
 # --- backends -------------------------------------------------------------------------------
@@ -167,8 +168,10 @@ def test_matches_reference(name, i, backend):
 @pytest.mark.parametrize("lists", ["big", "tiny"])
 @pytest.mark.parametrize("name", list(PHASES))
 def test_long_lists(name, lists, backend):
-    """The base case on a list for the threads and on hundreds of tiny tensors."""
-    check_against_reference(name, backend, LISTS[lists], seed=1)
+    """The base case on a list for the threads (two of them: the suite runs with one) and on
+    hundreds of tiny tensors."""
+    with threads(2):
+        check_against_reference(name, backend, LISTS[lists], seed=1)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
