@@ -9,7 +9,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 # One intra-op thread, here and in the subprocesses the tests start: the tensors are tiny, the
 # other core runs the background jobs below, and OpenMP's spinning workers on a busy core made the
 # small steps several times slower (tests/test_ivon.py: 74 -> 18 CPU seconds).  The CPU kernels'
-# threaded path keeps its own test (tests/test_contract.py ``test_long_lists``, with threads()).
+# threaded path keeps its own test (tests/test_contract.py ``test_long_lists``, with two threads).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import ctypes  # noqa: E402

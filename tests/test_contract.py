@@ -24,8 +24,7 @@ from samkernels.ops import reference as R
 from samkernels.ops._spec import PHASES
 
 from conftest import has_extension
-from helpers import (BF16, EMPTY, F16, F32, F64, clone_args, f64_args, op_args, same_bits, threads,
-                     tol)
+from helpers import (BF16, EMPTY, F16, F32, F64, clone_args, f64_args, op_args, same_bits, tol)
 from oracles import CASE_SEED, CASES, case
 
 # --- backends -------------------------------------------------------------------------------
@@ -164,14 +163,21 @@ def test_matches_reference(name, i, backend):
 # The reference loops over the tensors in Python: long lists test nothing new there.  Triton's
 # launch splitting and chunking: tests/test_triton_plans.py, with the interpreter's chunks made
 # small (its programs are too slow for long lists).
+@pytest.fixture
+def two_threads():
+    """The CPU kernels' threaded path (tests/conftest.py runs the suite with one thread)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("backend", [b for b in COMPILED if b.values[0] != "triton"])
 @pytest.mark.parametrize("lists", ["big", "tiny"])
 @pytest.mark.parametrize("name", list(PHASES))
-def test_long_lists(name, lists, backend):
-    """The base case on a list for the threads (two of them: the suite runs with one) and on
-    hundreds of tiny tensors."""
-    with threads(2):
-        check_against_reference(name, backend, LISTS[lists], seed=1)
+def test_long_lists(name, lists, backend, two_threads):
+    """The base case on a list for the threads and on hundreds of tiny tensors."""
+    check_against_reference(name, backend, LISTS[lists], seed=1)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
