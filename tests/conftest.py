@@ -31,11 +31,13 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 def _interpreter_builtins_looked_up_once():
     """Triton's interpreter patches triton.language before every launch and before every call of
     a @triton.jit helper inside a kernel, each time walking all members of five modules and
-    classes with inspect.getmembers: most of the interpreter's time on these small tensors.  Which
-    of their members are builtins never changes, so the walk runs once per module or class; every
-    call still patches exactly the members the original would (tests/test_triton_plans.py
+    classes with inspect.getmembers: most of the interpreter's time on these small tensors.  The
+    names of their builtins are looked up once, here, before any launch has patched anything;
+    every call still patches exactly the members the original would: those of these names that
+    are builtins at the time (tests/test_triton_plans.py
     ``test_interpreter_patches_the_same_builtins`` checks it)."""
     try:
+        import triton.language as tl
         from triton.language import core as tl_core
         from triton.runtime import interpreter
     except ImportError:  # no triton: its tests skip
@@ -43,11 +45,13 @@ def _interpreter_builtins_looked_up_once():
     original = getattr(interpreter, "_patch_builtin", None)
     if original is None or getattr(original, "looked_up_once", False):
         return
-    names = {}
+    pkgs = [tl, tl.tensor, tl.math, tl_core, getattr(tl_core, "tensor_descriptor_base", None)]
+    names = {pkg: [n for n, m in inspect.getmembers(pkg) if tl_core.is_builtin(m)]
+             for pkg in pkgs if pkg is not None}
 
     def _patch_builtin(pkg, builder, scope):
         if pkg not in names:
-            names[pkg] = [n for n, m in inspect.getmembers(pkg) if tl_core.is_builtin(m)]
+            return original(pkg, builder, scope)
         for name in names[pkg]:
             member = getattr(pkg, name)
             if tl_core.is_builtin(member):
