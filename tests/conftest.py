@@ -6,6 +6,11 @@ decorates a kernel), so it is set here, at collection time, for every test modul
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# One intra-op thread, here and in the subprocesses the tests start: the tensors are tiny, the
+# other core runs the background jobs below, and OpenMP's spinning workers on a busy core made the
+# small steps several times slower (tests/test_ivon.py: 74 -> 18 CPU seconds).  The CPU kernels'
+# threaded path keeps its own test (tests/test_contract.py ``test_long_lists``, with two threads).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import ctypes  # noqa: E402
 import inspect  # noqa: E402
@@ -19,6 +24,46 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import samkernels  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def _interpreter_builtins_looked_up_once():
+    """Triton's interpreter patches triton.language before every launch and before every call of
+    a @triton.jit helper inside a kernel, each time walking all members of five modules and
+    classes with inspect.getmembers: most of the interpreter's time on these small tensors.  The
+    names of their builtins are looked up once, here, before any launch has patched anything;
+    every call still patches exactly the members the original would: those of these names that
+    are builtins at the time (tests/test_triton_plans.py
+    ``test_interpreter_patches_the_same_builtins`` checks it)."""
+    try:
+        import triton.language as tl
+        from triton.language import core as tl_core
+        from triton.runtime import interpreter
+    except ImportError:  # no triton: its tests skip
+        return
+    original = getattr(interpreter, "_patch_builtin", None)
+    if original is None or getattr(original, "looked_up_once", False):
+        return
+    pkgs = [tl, tl.tensor, tl.math, tl_core, getattr(tl_core, "tensor_descriptor_base", None)]
+    names = {pkg: [n for n, m in inspect.getmembers(pkg) if tl_core.is_builtin(m)]
+             for pkg in pkgs if pkg is not None}
+
+    def _patch_builtin(pkg, builder, scope):
+        if pkg not in names:
+            return original(pkg, builder, scope)
+        for name in names[pkg]:
+            member = getattr(pkg, name)
+            if tl_core.is_builtin(member):
+                interpreter._patch_attr(pkg, name, member, builder, scope)
+
+    _patch_builtin.looked_up_once = True
+    _patch_builtin.original = original
+    interpreter._patch_builtin = _patch_builtin
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _interpreter_builtins_looked_up_once()
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

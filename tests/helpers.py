@@ -1,9 +1,15 @@
 """Random test inputs and comparisons shared by the op and optimizer tests."""
 from __future__ import annotations
 
+import copy
+import io
 from typing import List, Sequence
 
+import pytest
 import torch
+import torch.nn.functional as F
+
+import samkernels
 
 
 def tol(dtype: torch.dtype):
@@ -65,6 +71,127 @@ def data(dtype=torch.float64, n=32, seed=1):
     """n random inputs for ``mlp`` (drawn in float64, then cast) and labels in 0..2."""
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 6, generator=g, dtype=torch.float64).to(dtype), torch.randint(0, 3, (n,), generator=g)
+
+
+def closure_for(opt, model, x, y, ascent_arg=False):
+    """step(closure)'s closure: zero the gradients, the cross-entropy of ``model(x)``, backward,
+    the loss.  ``ascent_arg``: it takes the pass flag ``closure(ascent)`` (and ignores it), the
+    other form the optimizers accept."""
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    return (lambda ascent: closure()) if ascent_arg else closure
+
+
+def train(make_opt, backend, steps, dtype=torch.float64, model=None, opt=None,
+          closure=closure_for):
+    """``steps`` steps of ``opt.step(closure(opt, model, x, y))`` on ``data(dtype)`` under
+    ``backend``, from ``mlp(dtype)`` and ``make_opt(its parameters)`` unless given: (model,
+    optimizer, the losses)."""
+    model = mlp(dtype) if model is None else model
+    opt = make_opt(model.parameters()) if opt is None else opt
+    x, y = data(dtype)
+    losses = []
+    with samkernels.use_backend(backend):
+        for _ in range(steps):
+            losses.append(opt.step(closure(opt, model, x, y)).item())
+    return model, opt, losses
+
+
+class Boom(RuntimeError):
+    """A failure inside a closure (out of memory, simulated)."""
+
+
+def assert_same_state(before: dict, after: dict):
+    """Two optimizer state_dicts: the same per-parameter state bit for bit, the same samkernels
+    entry (step and noise counters)."""
+    assert ("samkernels" in after) == ("samkernels" in before)
+    assert after.get("samkernels") == before.get("samkernels")
+    for i, st in before["state"].items():
+        for k, v in st.items():
+            assert torch.equal(torch.as_tensor(after["state"][i][k]), torch.as_tensor(v)), (i, k)
+
+
+def snapshot(model, opt):
+    """Deep copies of the model's and the optimizer's state_dicts."""
+    return copy.deepcopy((model.state_dict(), opt.state_dict()))
+
+
+def assert_unchanged(before, model, opt):
+    """The weights and the optimizer state as in ``before`` (a ``snapshot``), not perturbed."""
+    for k, v in before[0].items():
+        assert torch.equal(model.state_dict()[k], v), k
+    assert_same_state(before[1], opt.state_dict())
+    assert not opt.is_perturbed
+
+
+def assert_exception_restores(opt, model, closure, backend, clean_steps=1):
+    """``clean_steps`` steps of ``step(closure)`` (the state exists), then a step whose closure
+    raises Boom: it propagates, and weights and optimizer state are as before that step."""
+    with samkernels.use_backend(backend):
+        for _ in range(clean_steps):
+            opt.step(closure)
+        before = snapshot(model, opt)
+        with pytest.raises(Boom):
+            opt.step(closure)
+    assert_unchanged(before, model, opt)
+
+
+def assert_posterior_api(model, opt, samples):
+    """sampled_params draws other weights and puts the mean back; predictive(model, x) gives one
+    row of probabilities per input, the same again for the same generator, the mean weights
+    untouched; samples=0 is an error."""
+    mean = [p.detach().clone() for p in model.parameters()]
+    with opt.sampled_params(generator=0):
+        sample = [p.detach().clone() for p in model.parameters()]
+    assert all(not torch.equal(a, b) for a, b in zip(sample, mean))
+    assert all(torch.equal(p.detach(), m) for p, m in zip(model.parameters(), mean))
+    x, _ = data()
+    probs = opt.predictive(model, x, samples=samples, generator=1)
+    assert probs.shape == (x.shape[0], 3)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(x.shape[0], dtype=probs.dtype))
+    assert torch.equal(probs, opt.predictive(model, x, samples=samples, generator=1))
+    assert all(torch.equal(p.detach(), m) for p, m in zip(model.parameters(), mean))
+    with pytest.raises(ValueError, match="samples"):
+        opt.predictive(model, x, samples=0)
+
+
+def assert_cpu_follows_reference(make_opt, train):
+    """``train(make_opt, backend)`` on the reference and the fused CPU backend: it trains, and the
+    float64 weights agree to 1e-10.  Returns the reference's model."""
+    m_ref, _, l_ref = train(make_opt, "reference")
+    m_cpu, _, _ = train(make_opt, "cpu")
+    assert l_ref[-1] < l_ref[0]  # it trains
+    for a, b in zip(m_ref.parameters(), m_cpu.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+    return m_ref
+
+
+def assert_resume_is_exact(make_opt, train, weights_only=False, loaded=lambda opt: None):
+    """``train(make_opt, "auto", steps=3)``, a checkpoint of the model's and optimizer's
+    state_dicts (through torch.save / torch.load), and a straight 6-step run; a fresh model with
+    other initial weights and a fresh optimizer load the checkpoint (``loaded(optimizer)`` checks
+    it then) and take 3 steps: the straight run's last 3 losses and its weights, bit for bit.
+    Returns the checkpoint as loaded."""
+    model, opt, _ = train(make_opt, "auto", steps=3)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    m_straight, _, straight = train(make_opt, "auto", steps=6)
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=weights_only)
+    model2 = mlp(seed=5)
+    model2.load_state_dict(ck["model"])
+    opt2 = make_opt(model2.parameters())
+    opt2.load_state_dict(ck["opt"])
+    loaded(opt2)
+    _, _, resumed = train(make_opt, "auto", steps=3, model=model2, opt=opt2)
+    assert resumed == straight[3:]
+    for a, b in zip(m_straight.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+    return ck
 
 
 # --- inputs of any op of the op table (samkernels/ops/_spec.py) --------------------------------

@@ -163,10 +163,19 @@ def test_matches_reference(name, i, backend):
 # The reference loops over the tensors in Python: long lists test nothing new there.  Triton's
 # launch splitting and chunking: tests/test_triton_plans.py, with the interpreter's chunks made
 # small (its programs are too slow for long lists).
+@pytest.fixture
+def two_threads():
+    """The CPU kernels' threaded path (tests/conftest.py runs the suite with one thread)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("backend", [b for b in COMPILED if b.values[0] != "triton"])
 @pytest.mark.parametrize("lists", ["big", "tiny"])
 @pytest.mark.parametrize("name", list(PHASES))
-def test_long_lists(name, lists, backend):
+def test_long_lists(name, lists, backend, two_threads):
     """The base case on a list for the threads and on hundreds of tiny tensors."""
     check_against_reference(name, backend, LISTS[lists], seed=1)
 

@@ -12,6 +12,8 @@ from samkernels import BSAM, SAM
 from samkernels.ops import reference as ref
 from samkernels.optim import bn_frozen, rho_proportional_to_lr
 
+from helpers import closure_for
+
 
 def net(seed=0, dtype=torch.float64):
     torch.manual_seed(seed)
@@ -150,12 +152,7 @@ def test_bn_statistics_are_those_of_one_clean_forward(make):
     with torch.no_grad():
         clean(x)  # what one forward at the mean weights does to the running statistics
 
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
+    closure = closure_for(opt, model, x, y)
     if isinstance(opt, BSAM):  # the noisy pass is frozen too: stats must not move at all
         opt.step(closure)
         assert torch.equal(model.bn.running_mean, torch.zeros(8))
@@ -190,12 +187,7 @@ def test_lr_scheduler_and_rho_schedule():
     opt = SAM(model.parameters(), lr=0.1, rho=0.2, momentum=0.9, rho_schedule=spy)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4)
 
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
+    closure = closure_for(opt, model, x, y)
     lrs = []
     for _ in range(4):
         lrs.append(opt.param_groups[0]["lr"])

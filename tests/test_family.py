@@ -2,7 +2,6 @@
 fused CPU backend against the reference backend, the update rules against autograd, argument
 errors, exception safety, state_dict resume, E-BiSAM's mask and data selection, the posterior API."""
 import copy
-import io
 import math
 
 import pytest
@@ -19,37 +18,21 @@ from samkernels.optim.vsam import VariationalSAM
 
 from conftest import needs_ext
 import helpers
-from helpers import mlp
+from helpers import (Boom, assert_cpu_follows_reference, assert_exception_restores,
+                     assert_posterior_api, assert_resume_is_exact, assert_unchanged, data, mlp,
+                     snapshot)
 
-N = 32
-
-
-def data(dtype=torch.float64, n=N, seed=1):
-    return helpers.data(dtype, n, seed)
+N = 32  # helpers.data's batch, the num_data of the Bayesian optimizers
 
 
 def make_closure(opt, model, x, y):
     if isinstance(opt, BiSAM):
         return opt.closure(model, x, y)  # Q on the ascent pass, cross-entropy on the other
-
-    def closure(ascent):
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss.detach()
-
-    return closure
+    return helpers.closure_for(opt, model, x, y, ascent_arg=True)
 
 
 def train(make_opt, backend, steps=30, dtype=torch.float64, model=None, opt=None):
-    model = mlp(dtype) if model is None else model
-    opt = make_opt(model.parameters()) if opt is None else opt
-    x, y = data(dtype)
-    losses = []
-    with samkernels.use_backend(backend):
-        for _ in range(steps):
-            losses.append(opt.step(make_closure(opt, model, x, y)).item())
-    return model, opt, losses
+    return helpers.train(make_opt, backend, steps, dtype, model, opt, closure=make_closure)
 
 
 OPTIMIZERS = {
@@ -78,11 +61,7 @@ ONE_PASS = ("randomsam", "mfvi")
 @needs_ext
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_trajectory_cpu_matches_reference(name):
-    m_ref, _, l_ref = train(OPTIMIZERS[name], "reference")
-    m_cpu, _, l_cpu = train(OPTIMIZERS[name], "cpu")
-    assert l_ref[-1] < l_ref[0]  # it trains
-    for a, b in zip(m_ref.parameters(), m_cpu.parameters()):
-        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+    assert_cpu_follows_reference(OPTIMIZERS[name], train)
 
 
 # --- the update rules against autograd --------------------------------------------------------
@@ -342,8 +321,19 @@ def test_step_without_closure_explains():
 
 
 # --- exception safety and resume ------------------------------------------------------------------
-class Boom(RuntimeError):
-    pass
+def after_each_pass(opt, model, then):
+    """make_closure's closure on data(), calling ``then(passes so far, ascent)`` after each pass."""
+    x, y = data()
+    inner = make_closure(opt, model, x, y)
+    calls = []
+
+    def closure(ascent):
+        calls.append(ascent)
+        out = inner(ascent)
+        then(len(calls), ascent)
+        return out
+
+    return closure
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_ext)])
@@ -352,27 +342,14 @@ class Boom(RuntimeError):
 def test_exception_in_a_pass_restores_the_weights(backend, name, fail_at):
     model = mlp()
     opt = OPTIMIZERS[name](model.parameters())
-    x, y = data()
-    inner = make_closure(opt, model, x, y)
-    calls = []
 
-    def closure(ascent):
-        calls.append(ascent)
-        out = inner(ascent)
-        if len(calls) > 2 and ascent == (fail_at == 1):
+    def fail(n, ascent):
+        if n > 2 and ascent == (fail_at == 1):
             raise Boom("out of memory (simulated)")
-        return out
 
-    with samkernels.use_backend(backend):
-        opt.step(closure)
-        if name.startswith(ONE_PASS):  # one pass per step: two clean steps
-            opt.step(closure)
-        before = copy.deepcopy(model.state_dict())
-        with pytest.raises(Boom):
-            opt.step(closure)
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, before[k]), k
-    assert not opt.is_perturbed
+    # one pass per step (RandomSAM, MFVI): two clean steps
+    assert_exception_restores(opt, model, after_each_pass(opt, model, fail), backend,
+                              clean_steps=2 if name.startswith(ONE_PASS) else 1)
 
 
 @pytest.mark.parametrize("name,fail_at", [(n, f) for n in OPTIMIZERS for f in (1, 2)
@@ -381,27 +358,17 @@ def test_nonfinite_pass_skips_the_whole_step(name, fail_at):
     """nonfinite="skip": weights, state and noise counter stay as they were, so the next clean
     step is the step an uninterrupted run takes."""
     model, opt, _ = train(OPTIMIZERS[name], "auto", steps=2)
-    x, y = data()
-    inner = make_closure(opt, model, x, y)
-    calls = []
 
-    def poisoned(ascent):
-        calls.append(ascent)
-        out = inner(ascent)
-        if len(calls) == fail_at:
+    def poison(n, ascent):
+        if n == fail_at:
             next(model.parameters()).grad[0, 0] = float("nan")
-        return out
 
-    before = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    poisoned = after_each_pass(opt, model, poison)
+
+    before = snapshot(model, opt)
     opt.step(poisoned)
-    assert opt.step_skipped and not opt.is_perturbed
-    after = (model.state_dict(), opt.state_dict())
-    for k, v in before[0].items():
-        assert torch.equal(after[0][k], v), k
-    assert after[1]["samkernels"] == before[1]["samkernels"]
-    for i, st in before[1]["state"].items():
-        for k, v in st.items():
-            assert torch.equal(after[1]["state"][i][k], v), (i, k)
+    assert opt.step_skipped
+    assert_unchanged(before, model, opt)
     _, _, straight = train(OPTIMIZERS[name], "auto", steps=3)
     _, _, resumed = train(None, "auto", steps=1, model=model, opt=opt)
     assert resumed == straight[2:]
@@ -409,21 +376,7 @@ def test_nonfinite_pass_skips_the_whole_step(name, fail_at):
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_state_dict_resume_is_exact(name):
-    make = OPTIMIZERS[name]
-    model, opt, _ = train(make, "auto", steps=3)
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-    m_straight, _, straight = train(make, "auto", steps=6)
-    buf.seek(0)
-    ck = torch.load(buf, weights_only=False)
-    model2 = mlp(seed=5)
-    model2.load_state_dict(ck["model"])
-    opt2 = make(model2.parameters())
-    opt2.load_state_dict(ck["opt"])
-    _, _, resumed = train(make, "auto", steps=3, model=model2, opt=opt2)
-    assert resumed == straight[3:]
-    for a, b in zip(m_straight.parameters(), model2.parameters()):
-        assert torch.equal(a, b)
+    assert_resume_is_exact(OPTIMIZERS[name], train)
 
 
 # --- posterior ---------------------------------------------------------------------------------
@@ -433,18 +386,7 @@ def test_posterior_variance_positive_and_api(name):
     var = opt.posterior_variance()
     assert len(var) == 4 and all(v is not None and (v > 0).all() and torch.isfinite(v).all()
                                  for v in var)
-    mean = [p.detach().clone() for p in model.parameters()]
-    with opt.sampled_params(generator=0):
-        sample = [p.detach().clone() for p in model.parameters()]
-    assert all(not torch.equal(a, b) for a, b in zip(sample, mean))
-    assert all(torch.equal(p.detach(), m) for p, m in zip(model.parameters(), mean))
-    x, _ = data()
-    probs = opt.predictive(model, x, samples=3, generator=1)
-    assert probs.shape == (N, 3)
-    torch.testing.assert_close(probs.sum(-1), torch.ones(N, dtype=probs.dtype))
-    assert torch.equal(probs, opt.predictive(model, x, samples=3, generator=1))
-    with pytest.raises(ValueError, match="samples"):
-        opt.predictive(model, x, samples=0)
+    assert_posterior_api(model, opt, samples=3)
 
 
 @pytest.mark.parametrize("make", [lambda ps: BiSAM(ps, lr=0.1, momentum=0.9),
@@ -739,14 +681,7 @@ def _train_with(make, steps=8, scheduler=None, seed=0):
     model = mlp(seed=seed)
     opt = make(model.parameters())
     sched = scheduler(opt) if scheduler is not None else None
-    x, y = data()
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
+    closure = helpers.closure_for(opt, model, *data())
     for _ in range(steps):
         opt.step(closure)
         if sched is not None:
@@ -777,24 +712,12 @@ def test_randomsam_torch_base_at_sigma_0_is_that_optimizer(forward):
 def test_randomsam_torch_base_resume_is_exact():
     """state_dict() carries the inner optimizer's state ("base_optimizer") and the noise counter;
     a fresh RandomSAM loading it continues bit for bit, and the groups stay shared."""
-    make = OPTIMIZERS["randomsam_rmsprop"]
-    model, opt, _ = train(make, "auto", steps=3)
-    sd = opt.state_dict()
+    def groups_shared(opt):
+        assert opt._inner.param_groups is opt.param_groups
+
+    sd = assert_resume_is_exact(OPTIMIZERS["randomsam_rmsprop"], train, weights_only=True,
+                                loaded=groups_shared)["opt"]
     assert sd["base_optimizer"]["state"] and "square_avg" in sd["base_optimizer"]["state"][0]
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": sd}, buf)
-    m_straight, _, straight = train(make, "auto", steps=6)
-    buf.seek(0)
-    ck = torch.load(buf, weights_only=True)
-    model2 = mlp(seed=5)
-    model2.load_state_dict(ck["model"])
-    opt2 = make(model2.parameters())
-    opt2.load_state_dict(ck["opt"])
-    assert opt2._inner.param_groups is opt2.param_groups
-    _, _, resumed = train(make, "auto", steps=3, model=model2, opt=opt2)
-    assert resumed == straight[3:]
-    for a, b in zip(m_straight.parameters(), model2.parameters()):
-        assert torch.equal(a, b)
     with pytest.raises(ValueError, match="base"):
         OPTIMIZERS["randomsam"](mlp().parameters()).load_state_dict(sd)
 

@@ -29,16 +29,6 @@ needs_cpu_scaler = pytest.mark.skipif(
     reason="torch.amp.GradScaler('cpu') needs torch >= 2.3")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared, loaded machine OpenMP's
-    spinning workers make these hundreds of small steps several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 ADAM_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq"})
 MOMENTUM_KEYS = frozenset({"momentum_buffer"})
 

@@ -448,6 +448,21 @@ def test_found_inf_cuda_matches_triton(case, flag):
         pytest.skip(f"triton backend without found_inf for {name}: {exc}")
 
 
+def _warmed_up_and_captured(step, warm_ups=1):
+    """``step()`` ``warm_ups`` times on a side stream (allocations, Triton compiles: outside the
+    capture), then captured: the CUDA graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warm_ups):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph
+
+
 def test_found_inf_graph_replay_decides_on_the_device():
     # One captured step; the flag's value at replay time picks the form (the host never reads it).
     specs = [s for s in SPECS if s[1] == "contig"]
@@ -466,16 +481,9 @@ def test_found_inf_graph_replay_decides_on_the_device():
         for t, t0 in zip(p + v + mom, p0 + v0 + mom0):
             t.copy_(t0)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside the capture
-        step()
-    torch.cuda.current_stream().wait_stream(side)
+    # the warm-up is the eager step (a capture runs nothing: every replay resets first)
+    graph = _warmed_up_and_captured(step)
     eager_p, eager_v = [t.clone() for t in p], [t.clone() for t in v]
-    reset()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
     for value in (0.0, 1.0, 0.0):
         reset()
         flag.fill_(value)
@@ -497,15 +505,8 @@ def test_cuda_graph_capture():
         run_cuda("sam_perturb_", p, g, b, None, 0.05, 1e-12, True, 0.01)
         run_cuda("sam_restore_sgd_", p, g, b, buf, 0.1, 0.9, 0.0, False, 5e-4, False)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside the capture
-        step()
-    torch.cuda.current_stream().wait_stream(side)
+    graph = _warmed_up_and_captured(step)  # the warm-up is the eager step
     eager_p, eager_buf = [t.clone() for t in p], [t.clone() for t in buf]
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
     for _ in range(2):  # replays start from the same state and give the eager result
         for t, t0 in zip(p + buf, p0 + buf0):
             t.copy_(t0)
@@ -612,17 +613,10 @@ def test_sam_step_in_a_cuda_graph(backend):
         o.first_step()
         o.second_step()
     with samkernels.use_backend(backend):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up: momentum buffers, backups, Triton compilation
-            for _ in range(2):
-                step(opt)
-        torch.cuda.current_stream().wait_stream(side)
+        # warm-up: momentum buffers, backups, Triton compilation
+        graph = _warmed_up_and_captured(lambda: step(opt), warm_ups=2)
         for _ in range(2):
             step(eager)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step(opt)
         for _ in range(3):
             graph.replay()
             step(eager)

@@ -71,6 +71,18 @@ def peer(model, mc_samples, **kw):
                          mc_samples=mc_samples, **h)
 
 
+_NORMALS = {}
+
+
+def _philox_normal(seed, counter, pid, n):
+    """R.philox_normal (pure Python, slow), computed once per argument tuple: the tests draw the
+    same noise on every backend and dtype."""
+    key = (seed, counter, pid, n)
+    if key not in _NORMALS:
+        _NORMALS[key] = R.philox_normal(seed, counter, pid, n)
+    return _NORMALS[key]
+
+
 class InjectedRandn:
     """Replaces torch.randn while ivon-opt samples: call j of a sample returns group j's noise,
     the Philox normals of (seed, counter, parameter id) of the group's parameters, concatenated
@@ -86,9 +98,9 @@ class InjectedRandn:
         for g in self.groups:
             zs = []
             for p in g["params"]:
-                zs.append(R.philox_normal(seed, counter, pid, p.numel()))
+                zs.append(_philox_normal(seed, counter, pid, p.numel()))
                 pid += 1
-            self.queue.append(torch.cat(zs))
+            self.queue.append(torch.cat(zs))  # a new tensor: the cached normals stay
 
     def __call__(self, *args, **kw):
         if not self.queue:  # not ivon-opt sampling

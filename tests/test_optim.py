@@ -1,8 +1,6 @@
 """SAM / ASAM / BSAM end to end: trajectories of the fused CPU backend against the reference
 backend, the bSAM worked example of docs/spec.md, noise statistics and reproducibility, argument errors,
 exception safety, and the posterior API."""
-import copy
-import io
 
 import pytest
 import torch
@@ -13,25 +11,13 @@ from samkernels import ASAM, BSAM, SAM
 from samkernels.optim import MFVI
 
 from conftest import needs_ext
-from helpers import data, mlp
+import helpers
+from helpers import (Boom, assert_cpu_follows_reference, assert_exception_restores,
+                     assert_posterior_api, assert_resume_is_exact, data, mlp)
 
 
-def train(make_opt, backend, steps=50, dtype=torch.float64):
-    model = mlp(dtype)
-    opt = make_opt(model.parameters())
-    x, y = data(dtype)
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
-    losses = []
-    with samkernels.use_backend(backend):
-        for _ in range(steps):
-            losses.append(opt.step(closure).item())
-    return model, opt, losses
+def train(make_opt, backend, steps=50, dtype=torch.float64, model=None, opt=None):
+    return helpers.train(make_opt, backend, steps, dtype, model, opt)
 
 
 OPTIMIZERS = {
@@ -49,11 +35,7 @@ OPTIMIZERS = {
 @needs_ext
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_trajectory_cpu_matches_reference(name):
-    m_ref, _, l_ref = train(OPTIMIZERS[name], "reference")
-    m_cpu, _, l_cpu = train(OPTIMIZERS[name], "cpu")
-    assert l_ref[-1] < l_ref[0]  # it trains
-    for a, b in zip(m_ref.parameters(), m_cpu.parameters()):
-        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+    m_ref = assert_cpu_follows_reference(OPTIMIZERS[name], train)
     # float32 parameters on the fused path follow the float64 reference closely too
     m32, _, _ = train(OPTIMIZERS[name], "cpu", dtype=torch.float32)
     for a, b in zip(m_ref.parameters(), m32.parameters()):
@@ -179,10 +161,6 @@ def test_sparse_gradient_is_rejected(make):
     assert torch.equal(emb.weight.detach(), before)
 
 
-class Boom(RuntimeError):
-    pass
-
-
 @pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_ext)])
 @pytest.mark.parametrize("name", ["sam_sgd", "sam_adam", "asam", "bsam"])
 @pytest.mark.parametrize("fail_at", [1, 2])
@@ -201,22 +179,9 @@ def test_exception_in_a_pass_restores_the_weights(backend, name, fail_at):
             raise Boom("out of memory (simulated)")
         return loss
 
-    with samkernels.use_backend(backend):
-        opt.step(closure)  # a clean step first, so momentum/precision state exists
-        before = copy.deepcopy(model.state_dict())
-        state_before = copy.deepcopy(opt.state_dict())
-        with pytest.raises(Boom):
-            opt.step(closure)
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, before[k]), k
-    assert not opt.is_perturbed
     # The optimizer state is untouched too (default nonfinite="skip": bSAM's line 5 waits for the
     # update, Adam's step count is taken at the update), and so is bSAM's noise counter.
-    after = opt.state_dict()
-    for i, st in state_before["state"].items():
-        for k, v in st.items():
-            assert torch.equal(torch.as_tensor(after["state"][i][k]), torch.as_tensor(v)), (i, k)
-    assert after.get("samkernels") == state_before.get("samkernels")  # bSAM's noise counter too
+    assert_exception_restores(opt, model, closure, backend)
 
 
 @needs_ext
@@ -240,28 +205,7 @@ def test_multi_group_norm_spans_all_groups():
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_state_dict_resume_is_exact(name):
-    make = OPTIMIZERS[name]
-    model, opt, _ = train(make, "auto", steps=3)
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-    _, _, straight = train(make, "auto", steps=6)
-
-    buf.seek(0)
-    ck = torch.load(buf, weights_only=False)
-    model2 = mlp()
-    model2.load_state_dict(ck["model"])
-    opt2 = make(model2.parameters())
-    opt2.load_state_dict(ck["opt"])
-    x, y = data()
-
-    def closure():
-        opt2.zero_grad()
-        loss = F.cross_entropy(model2(x), y)
-        loss.backward()
-        return loss
-
-    resumed = [opt2.step(closure).item() for _ in range(3)]
-    assert resumed == straight[3:]
+    ck = assert_resume_is_exact(OPTIMIZERS[name], train)
     assert all("backup" not in k for st in ck["opt"]["state"].values() for k in st)
 
 
@@ -305,23 +249,10 @@ def test_bf16_parameters_keep_fp32_state(cls, key):
 
 def test_posterior_api():
     model, opt, _ = train(OPTIMIZERS["bsam"], "auto", steps=3)
-    mean = [p.detach().clone() for p in model.parameters()]
     var = opt.posterior_variance()
     for v, p in zip(var, model.parameters()):
         torch.testing.assert_close(v, 1.0 / (32 * opt.state[p]["precision"]))
-    with opt.sampled_params(generator=0):
-        sample = [p.detach().clone() for p in model.parameters()]
-    assert all(not torch.equal(a, b) for a, b in zip(sample, mean))
-    assert all(torch.equal(p.detach(), m) for p, m in zip(model.parameters(), mean))
-    x, _ = data()
-    probs = opt.predictive(model, x, samples=4, generator=1)
-    assert probs.shape == (32, 3)
-    torch.testing.assert_close(probs.sum(-1), torch.ones(32, dtype=probs.dtype))
-    again = opt.predictive(model, x, samples=4, generator=1)
-    assert torch.equal(probs, again)
-    assert all(torch.equal(p.detach(), m) for p, m in zip(model.parameters(), mean))
-    with pytest.raises(ValueError, match="samples"):
-        opt.predictive(model, x, samples=0)
+    assert_posterior_api(model, opt, samples=4)
 
 
 def test_predictive_averages_softmax_over_posterior_samples():
@@ -378,12 +309,7 @@ def test_bsam_seed_from_a_generator_is_reproducible():
         opt = BSAM(model.parameters(), lr=0.1, num_data=32, rho=0.01, seed=seed)
         x, y = data()
         for _ in range(3):
-            def closure():
-                opt.zero_grad()
-                loss = F.cross_entropy(model(x), y)
-                loss.backward()
-                return loss
-            opt.step(closure)
+            opt.step(helpers.closure_for(opt, model, x, y))
         return [p.detach().clone() for p in model.parameters()]
 
     a = run(torch.Generator().manual_seed(4))

@@ -19,6 +19,7 @@ import samkernels
 from samkernels.optim import GSAM, WSAM, FriendlySAM, LookSAM, rho_proportional_to_lr
 
 from conftest import has_extension
+from helpers import closure_for
 
 F64 = torch.float64
 TRITON = samkernels._dispatch.triton_usable(torch.device("cpu"))
@@ -163,15 +164,6 @@ METHODS = {
     "friendlysam": (FriendlySAM, dict(rho=0.1, sigma=0.9, lmbda=0.6),
                     lambda p, t, x, y, st: paper_friendly(p, t, x, y, 0.1, 0.9, 0.6, st, 1e-12)),
 }
-
-
-def closure_for(opt, model, x, y):
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss.detach()
-    return closure
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

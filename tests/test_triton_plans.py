@@ -247,3 +247,35 @@ def test_every_launch_is_guarded_and_binds_no_float(launches):
         assert guarded, f"{mod}.{name} launched outside mt.device_guard"
         floats = {a: t for a, t in types.items() if _is_float_type(t)}
         assert not floats, f"{mod}.{name}: float arguments {floats} (pass mt.f64_bits)"
+
+
+def test_interpreter_patches_the_same_builtins():
+    """conftest.py looks triton.language's builtins up once for the interpreter: its
+    _patch_builtin patches the same members with the same builtins as Triton's own, on a clean
+    triton.language (a launch) and on a patched one (a @triton.jit helper called in a kernel)."""
+    import triton.language as tl
+    from triton.runtime import interpreter as ti
+    fast = ti._patch_builtin
+    assert getattr(fast, "looked_up_once", False), "conftest.py did not install it"
+    pkgs = (tl, tl.tensor, tl.math, tl.core, tl.core.tensor_descriptor_base)
+
+    def changes(patch, pkg):
+        scope = ti._LangPatchScope()
+        patch(pkg, ti.interpreter_builder, scope)
+        # (where, what it replaced, the builtin the replacement calls)
+        out = [(obj, name, original, (getattr(obj, name).__kwdefaults__ or {}).get("member"))
+               for obj, name, original in scope._changes]
+        scope.restore()
+        return out
+
+    for pkg in pkgs:
+        got, want = changes(fast, pkg), changes(fast.original, pkg)
+        assert want and all(m is not None for *_, m in want) and got == want, pkg
+    outer = ti._LangPatchScope()  # as inside a launch
+    try:
+        for pkg in pkgs:
+            fast.original(pkg, ti.interpreter_builder, outer)
+        for pkg in pkgs:
+            assert changes(fast, pkg) == changes(fast.original, pkg), pkg
+    finally:
+        outer.restore()
