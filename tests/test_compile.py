@@ -115,8 +115,11 @@ def _step_fn(name, mode, bad):
 
 # (graphs, breaks) of a steady-state step, torch 2.13; README "torch.compile" lists them.  The
 # configurations without an entry are compiled from their first step (state creation included).
-DOCUMENTED = {("sam_sgd", "closure"): (5, 4), ("bsam", "phases"): (6, 5),
-              ("bsam_unchecked", "phases"): (4, 3), ("sam_sgd_device", "closure"): (3, 2),
+# SAM's first_step runs outside dynamo (the frame around it breaks inside a context manager), so
+# dynamo compiles its helpers' frames one by one: the ascent norm that is also the inf/NaN check
+# (_checked_norm) is one such graph, where it was eager code before (5 -> 6, 3 -> 5).
+DOCUMENTED = {("sam_sgd", "closure"): (6, 5), ("bsam", "phases"): (6, 5),
+              ("bsam_unchecked", "phases"): (4, 3), ("sam_sgd_device", "closure"): (5, 4),
               ("bsam_device", "phases"): (4, 3)}
 CONFIGS = list(DOCUMENTED) + [("sam_adam", "phases"), ("bsam", "closure")]
 NAN_AT = 3  # the step whose gradients get a NaN (not under nonfinite="unchecked")
