@@ -237,29 +237,45 @@ inline at::Tensor norm_tensor(double v) {
   return at::scalar_tensor(v, at::TensorOptions().dtype(at::kDouble));
 }
 
+// Sum of term(i) over [begin, end) in float64, in kSumLanes partial sums (lane j takes the i
+// with (i - begin) % kSumLanes == j) added in a fixed order at the end.  One accumulator is a
+// chain of dependent additions that keeps a reduction below memory bandwidth (~1.3x slower on
+// 9.5M fp32 values, one thread); independent lanes overlap.  The order depends only on the
+// chunk, so a sum still does not depend on the thread count.
+constexpr int kSumLanes = 8;
+template <class Term>
+inline double lane_sum(int64_t begin, int64_t end, const Term& term) {
+  double lane[kSumLanes] = {};
+  int64_t i = begin;
+  for (; i + kSumLanes <= end; i += kSumLanes) {
+#pragma omp simd
+    for (int j = 0; j < kSumLanes; ++j) lane[j] += term(i + j);
+  }
+  for (int j = 0; i < end; ++i, ++j) lane[j] += term(i);
+  double acc = 0.0;
+  for (int j = 0; j < kSumLanes; ++j) acc += lane[j];
+  return acc;
+}
+
 // Sum over one chunk of (T g)^2 in float64, T = |w| + eta (ASAM) or 1 (SAM); lists w_list, g_list
-// of the view.  The partial of grad_sumsq and of the norms the perturb phases take.
+// of the view.  The partial of grad_sumsq and of the norms the perturb phases take (and so the
+// inf/NaN check of the passes whose norm is the check).
 template <class V>
 double chunk_sumsq(const V& v, int w_list, int g_list, bool adaptive, double eta) {
   using scalar_t = typename V::scalar_t;
   const scalar_t* gp = v.param(g_list);
-  double acc = 0.0;
   if (adaptive) {
     const scalar_t* wp = v.param(w_list);
-#pragma omp simd reduction(+ : acc)
-    for (int64_t i = v.begin; i < v.end; ++i) {
+    return lane_sum(v.begin, v.end, [&](int64_t i) {
       const double tg =
           math::asam_scaled(static_cast<double>(gp[i]), static_cast<double>(wp[i]), eta);
-      acc += tg * tg;
-    }
-  } else {
-#pragma omp simd reduction(+ : acc)
-    for (int64_t i = v.begin; i < v.end; ++i) {
-      const double x = static_cast<double>(gp[i]);
-      acc += x * x;
-    }
+      return tg * tg;
+    });
   }
-  return acc;
+  return lane_sum(v.begin, v.end, [&](int64_t i) {
+    const double x = static_cast<double>(gp[i]);
+    return x * x;
+  });
 }
 
 }  // namespace cpu
