@@ -28,7 +28,7 @@ export PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 # the compiled ops, the optimizers, torch.compile and Triton).
 CUDA_STACK_TESTS="test_contract.py test_oracles.py test_triton_plans.py test_optim.py test_compile.py
   test_dispatch.py test_bisam_loss.py test_nonfinite_device.py test_norm_contract.py
-  test_triton_aot.py test_precision.py"
+  test_triton_aot.py test_precision.py test_check_fused.py test_fsdp.py"
 COMMON_PKGS=(numpy pytest hypothesis "setuptools>=64" wheel ninja)
 SECONDS=0
 
