@@ -181,6 +181,8 @@ class _Variant(SAM):
         flag = (~torch.isfinite(self._step_dots(grouped)[0])).float().reshape(1)
         if self.nonfinite != "skip_on_device" and bool(flag):
             flag = _nonfinite_flag([p.grad for _, ps in grouped for p in ps])
+            if self._sharded:  # the dots were global, this exact flag is of this rank's shards
+                self._all_reduce([flag], "max")
         return self._flag_ok(flag, False)
 
     def _base_update(self, group: dict, ps) -> None:
