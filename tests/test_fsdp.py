@@ -63,6 +63,8 @@ CASES.update({"sam-phases": ("sam", "phases", -1),
               "nan-sam-device": ("sam", "device", 1),
               "nan-vsam": ("vsam", "closure", 1)})
 CASES.update({"nan-bsam": ("bsam", "closure", 1)})
+# a parameter with a gradient in the first pass and none in the second: restored from its backup
+CASES.update({"dropgrad-sam": ("sam", "dropgrad", -1), "dropgrad-bsam": ("bsam", "dropgrad", -1)})
 CHECKPOINTED = ("sam-adam", "vsam", "bsam", "mfvi")  # resumed through torch.distributed.checkpoint
 
 
@@ -93,6 +95,8 @@ def drive(opt, model, x, y, mode, steps, poison=lambda: None):
         loss = (opt.ascent_loss(model(x), y) if ascent and isinstance(opt, sk.BiSAM)
                 else F.cross_entropy(model(x), y))
         loss.backward()
+        if mode == "dropgrad" and not ascent:
+            model[2].bias.grad = None
         poison()
         return loss
 

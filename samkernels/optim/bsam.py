@@ -16,7 +16,7 @@ from torch import Tensor
 from samkernels import ops
 from samkernels._dtypes import opmath
 from samkernels.optim._base import (TwoPassOptimizer, check_betas, check_choice, check_nonneg,
-                                    check_positive, mean_loss)
+                                    check_positive, foreach_copy_, mean_loss)
 from samkernels.optim.utils import PosteriorSampler, SeedLike
 
 
@@ -158,7 +158,9 @@ class BSAM(PosteriorSampler, TwoPassOptimizer):
         for params, backups in ([] if same else noisy):  # no gradient: back to the mean
             rest = [(p, b) for p, b in zip(params, backups) if p not in with_grad]
             if rest:
-                torch._foreach_copy_([p for p, _ in rest], [b for _, b in rest])
+                # FSDP2 shards: DTensor has no _foreach_copy_ rule (inline: torch.compile)
+                (foreach_copy_ if self._sharded else torch._foreach_copy_)(
+                    [p for p, _ in rest], [b for _, b in rest])
         noised = set() if same else {p for ps, _ in noisy for p in ps}
         for group, ps in grouped:
             if not same:
@@ -245,11 +247,15 @@ class BSAM(PosteriorSampler, TwoPassOptimizer):
             if same:
                 flat = [(p, b) for ps, bs in perturbed for p, b in zip(ps, bs)][done:]
                 if flat:
-                    torch._foreach_copy_([p for p, _ in flat], [b for _, b in flat])
+                    # FSDP2 shards: DTensor has no _foreach_copy_ rule (inline: torch.compile)
+                    (foreach_copy_ if self._sharded else torch._foreach_copy_)(
+                        [p for p, _ in flat], [b for _, b in flat])
             for ps, bs in perturbed:
                 rest = [(p, b) for p, b in zip(ps, bs) if p in todo]
                 if rest:
-                    torch._foreach_copy_([p for p, _ in rest], [b for _, b in rest])
+                    # FSDP2 shards: DTensor has no _foreach_copy_ rule (inline: torch.compile)
+                    (foreach_copy_ if self._sharded else torch._foreach_copy_)(
+                        [p for p, _ in rest], [b for _, b in rest])
         self._finish_step(skipped=False)
         if zero_grad:
             self.zero_grad()

@@ -13,7 +13,7 @@ import torch
 from samkernels import ops
 from samkernels._dtypes import opmath
 from samkernels.optim._base import (TwoPassOptimizer, check_betas, check_choice, check_nonneg,
-                                    check_positive, warn_sgd_ranges)
+                                    check_positive, foreach_copy_, warn_sgd_ranges)
 
 _BASES = ("sgd", "adam", "adamw")
 # the hyper-parameters each base optimizer reads (and the only ones its groups carry)
@@ -203,7 +203,9 @@ class SAM(TwoPassOptimizer):
             for ps, bs in moved:
                 rest = [(p, b) for p, b in zip(ps, bs) if p in perturbed]
                 if rest:
-                    torch._foreach_copy_([p for p, _ in rest], [b for _, b in rest])
+                    # FSDP2 shards: DTensor has no _foreach_copy_ rule (inline: torch.compile)
+                    (foreach_copy_ if self._sharded else torch._foreach_copy_)(
+                        [p for p, _ in rest], [b for _, b in rest])
         self._perturbed.clear()
         self._finish_step(skipped=False)
         if zero_grad:
