@@ -541,11 +541,12 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         return False
 
     def _checked_norm(self, ps: List[Tensor], scaler, norm_of: Optional[Callable[[], Tensor]],
-                      need_norm: bool) -> Tuple[bool, Optional[Tensor]]:
-        """The ascent pass's inf/NaN check and its norm ``norm_of()`` (a 0-dim float64 tensor over
-        every group) with one read of the gradients: ``(ok, norm)``; ``ok`` False: skip the step
-        (``norm`` None).  ``need_norm`` False: the pass needs no norm from here (one group: its
-        op takes the norm itself), so without a check none is taken.
+                      need_norm: bool, ascent: bool = True) -> Tuple[bool, Optional[Tensor]]:
+        """A pass's inf/NaN check and its norm ``norm_of()`` (a 0-dim float64 tensor over every
+        group and shard) with one read of the gradients: ``(ok, norm)``; ``ok`` False: skip the
+        step (``norm`` None).  ``need_norm`` False: the pass needs no norm from here (one group:
+        its op takes the norm itself), so without a check none is taken.  The ascent pass's norm,
+        or (``ascent`` False) a second pass's reduction of g (GSAM's and LookSAM's <g, g>).
 
         Under skip, raise and skip_on_device the norm is the check: its squares are summed in
         float64, where no finite fp32/bf16/fp16 value can overflow (a square is < 2^256, a sum
@@ -557,12 +558,12 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         is ``_grads_ok``'s own read."""
         if norm_of is None or not ps or self.nonfinite == "unchecked" or (
                 scaler is not None and scaler.is_enabled()):
-            if not self._grads_ok(True, ps, scaler):
+            if not self._grads_ok(ascent, ps, scaler):
                 return False, None
             return True, (norm_of() if need_norm and norm_of is not None and ps else None)
         norm = norm_of()
         flag = (~torch.isfinite(norm)).float().reshape(1)
-        agree = self.ddp_model is not None  # first-pass gradients differ per rank
+        agree = ascent and self.ddp_model is not None  # first-pass gradients differ per rank
         if agree:
             self._all_reduce([flag], "max")
         if self.nonfinite != "skip_on_device":
@@ -573,7 +574,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
             flag = _nonfinite_flag([p.grad for p in ps])
             if agree or self._sharded:
                 self._all_reduce([flag], "max")
-        if not self._flag_ok(flag, True):
+        if not self._flag_ok(flag, ascent):
             return False, None
         return True, norm
 

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from samkernels import ops
 from samkernels._dtypes import opmath
-from samkernels.optim._base import _nonfinite_flag, check_beta, check_nonneg, foreach_copy_
+from samkernels.optim._base import check_beta, check_nonneg, foreach_copy_
 from samkernels.optim.sam import SAM, _sam_norm
 
 __all__ = ["GSAM", "WSAM", "LookSAM", "FriendlySAM"]
@@ -173,17 +173,13 @@ class _Variant(SAM):
     def _descent_ok(self, grouped, scaler) -> bool:
         """GSAM's and LookSAM's directions take <g, g> over every group (``samv_dots``, kept for
         the update): under the checked policies that sum of squares is the second pass's
-        inf/NaN check, as the ascent's norm is the first's (``_checked_norm``).  A non-finite
-        sum with finite gradients (float64 overflow) takes the exact flag under skip and raise."""
-        if not self._NEEDS_DOTS or self._variant["mode"] == "plain" or not grouped or \
-                self.nonfinite == "unchecked" or (scaler is not None and scaler.is_enabled()):
+        inf/NaN check, as the ascent's norm is the first's (``_checked_norm``, which also takes
+        the exact flag for a non-finite sum of finite gradients, float64 overflow)."""
+        if not self._NEEDS_DOTS or self._variant["mode"] == "plain" or not grouped:
             return super()._descent_ok(grouped, scaler)
-        flag = (~torch.isfinite(self._step_dots(grouped)[0])).float().reshape(1)
-        if self.nonfinite != "skip_on_device" and bool(flag):
-            flag = _nonfinite_flag([p.grad for _, ps in grouped for p in ps])
-            if self._sharded:  # the dots were global, this exact flag is of this rank's shards
-                self._all_reduce([flag], "max")
-        return self._flag_ok(flag, False)
+        ok, _ = self._checked_norm([p for _, ps in grouped for p in ps], scaler,
+                                   lambda: self._step_dots(grouped)[0], False, ascent=False)
+        return ok
 
     def _base_update(self, group: dict, ps) -> None:
         if self._variant["mode"] == "plain":  # base_step: SAM's plain step
