@@ -4,6 +4,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -55,6 +56,34 @@ inline void check_ebisam_beta(const char* op, double beta) {
 
 inline void check_adam_step(const char* op, int64_t step) {
   TORCH_CHECK(step >= 1, op, ": step counts from 1, got ", step);
+}
+
+// The CUDA glue's Adam checks, when the step is known on the host.
+inline void check_adam_bias_corrections(const char* op, int64_t step, double beta1, double beta2) {
+  check_adam_step(op, step);
+  TORCH_CHECK(std::pow(beta1, static_cast<double>(step)) != 1.0 &&
+                  std::pow(beta2, static_cast<double>(step)) != 1.0,
+              op, ": a bias correction 1 - beta**step is zero");
+}
+
+// DEVICE_STEP (samkernels/ops/_spec.py): the ops that take a `step` also take `device_step`, None
+// or a one-element int64 tensor on the parameters' device, and use step + its value.  The CPU
+// kernels read it (host memory); the CUDA kernels read it on the device, so the host cannot check
+// what depends on the value there (Adam's step >= 1): the capturable optimizers guarantee it.
+inline bool has_device_step(const c10::optional<at::Tensor>& device_step) {
+  return device_step.has_value() && device_step->defined();
+}
+
+inline void check_device_step(const char* op, const c10::optional<at::Tensor>& device_step,
+                              at::TensorList base) {
+  if (!has_device_step(device_step)) return;
+  const at::Tensor& s = *device_step;
+  TORCH_CHECK(s.scalar_type() == at::kLong && s.numel() == 1, op,
+              ": device_step must be a one-element int64 tensor, got ", s.scalar_type(),
+              " of shape ", s.sizes());
+  if (!base.empty())
+    TORCH_CHECK(s.device() == base[0].device(), op, ": device_step is on ", s.device(),
+                " but params[0] is on ", base[0].device());
 }
 
 // ivon_accumulate_ / ivon_update_: ``count`` numbers the samples of a step from 1; from the

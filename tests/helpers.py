@@ -241,7 +241,8 @@ def param_ids(n: int) -> List[int]:
 
 
 def op_args(op, case: dict, spec, seed: int = 0, device="cpu") -> list:
-    """The positional arguments of ``op`` (an OpSpec) in table order, without ``found_inf``.
+    """The positional arguments of ``op`` (an OpSpec) in table order, without the trailing
+    ``found_inf`` and ``device_step`` (tests pass those by name or position).
 
     Tensor lists follow ``spec`` by role: param / grad / backup in the parameter's dtype, state in
     its opmath dtype; a written backup list starts as NaN (every element must be written); a list
@@ -251,7 +252,7 @@ def op_args(op, case: dict, spec, seed: int = 0, device="cpu") -> list:
     gen = torch.Generator().manual_seed(seed)
     out = []
     for a in op.args:
-        if a.name == "found_inf":
+        if a.name in ("found_inf", "device_step"):
             continue
         v = case.get(a.name)
         if a.type == "Tensor[]":

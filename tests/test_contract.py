@@ -60,6 +60,10 @@ LISTS = {
 }
 
 
+# the optional tensors every op of a kind takes last (not per-op values: their own tests below)
+TRAILING = ("found_inf", "device_step")
+
+
 # --- running an op ----------------------------------------------------------------------------
 def _reference(op):
     module, fn = op.reference.split(":")
@@ -137,7 +141,7 @@ def test_cases_cover_the_table():
     for name, op in PHASES.items():
         scalars = {a.name for a in op.args
                    if a.type not in ("Tensor[]", "Tensor?", "int[]")} | \
-            {a.name for a in op.args if a.type == "Tensor?" and a.name != "found_inf"}
+            {a.name for a in op.args if a.type == "Tensor?" and a.name not in TRAILING}
         assert set(CASES[name][0]) == scalars, name
         for v in CASES[name]:
             assert set(v) <= set(op.arg_names), (name, v)
@@ -148,7 +152,7 @@ def test_cases_cover_the_table():
         for a in op.args:
             if a.type == "bool":
                 assert seen(a.name) == {"True", "False"}, (name, a.name)
-            if a.type == "Tensor?" and a.name != "found_inf":
+            if a.type == "Tensor?" and a.name not in TRAILING:
                 assert "None" in seen(a.name) and len(seen(a.name)) > 1, (name, a.name)
 
 
@@ -367,6 +371,81 @@ def test_opcheck_and_fake(name):
         assert out.shape == (3,) and out.dtype == F64
     else:
         assert out is None
+
+
+# --- device_step: the counters of the capturable optimizers, read on the device ------------------
+STEPPED = [n for n, op in PHASES.items() if op.takes_device_step]
+# (host step, device step): the device value is added; the high Philox step word is crossed
+SPLITS = [(0, 5), (3, 4), (1, 2**32 - 2), (7, 2**33)]
+
+
+def test_device_step_is_taken_by_every_op_with_a_step():
+    """Exactly the ops with a ``step`` take ``device_step``, last, and it defaults to None."""
+    for name, op in PHASES.items():
+        assert op.takes_device_step == ("step" in op.arg_names), name
+        if op.takes_device_step:
+            assert op.args[-1].name == "device_step" and op.args[-1].default == "None", name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("split", SPLITS, ids=[f"{a}+{b}" for a, b in SPLITS])
+@pytest.mark.parametrize("name", STEPPED)
+def test_device_step_adds_to_step(name, split, backend):
+    """``step=a, device_step=tensor(b)`` is, bit for bit, the op at ``step=a+b`` (every dtype and
+    layout, both Philox step words); the counter is read, never written."""
+    op = PHASES[name]
+    device = DEVICE.get(backend, "cpu")
+    host, on_device = split
+    fn = getattr(ops, name)
+    want = op_args(op, {**case(name), "step": host + on_device}, HARD, 8, device)
+    got = op_args(op, {**case(name), "step": host}, HARD, 8, device)
+    counter = torch.tensor(on_device, dtype=torch.int64, device=device)
+    out_want = fn(*want, backend=backend)
+    if op.takes_found_inf:
+        out_got = fn(*got, None, counter, backend=backend)
+    else:
+        out_got = fn(*got, counter, backend=backend)
+    assert counter.item() == on_device
+    for a, x, y in zip(op.args, want, got):
+        if _is_list(x):
+            for j, (s, t) in enumerate(zip(x, y)):
+                assert same_bits(s, t), f"{name} {a.name}[{j}]"
+    if out_want is not None:
+        assert same_bits(out_want, out_got)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["float", "two", "device", "list"])
+@pytest.mark.parametrize("name", STEPPED)
+def test_device_step_errors(name, kind, backend):
+    """A device_step that is not a one-element int64 tensor on the parameters' device is an error
+    naming it, before anything is written."""
+    op = PHASES[name]
+    device = DEVICE.get(backend, "cpu")
+    args = op_args(op, case(name), [((3,), F32), ((2, 2), F64)], 4, device)
+    before = clone_args(args)
+    bad = {"float": torch.zeros((), device=device),
+           "two": torch.zeros(2, dtype=torch.int64, device=device),
+           "device": torch.zeros((), dtype=torch.int64, device="meta"),
+           "list": [1]}[kind]
+    extra = [None, bad] if op.takes_found_inf else [bad]
+    with pytest.raises((TypeError, ops.OpArgumentError), match="device_step"):
+        getattr(ops, name)(*args, *extra, backend=backend)
+    for x, b in zip(args, before):
+        if _is_list(x):
+            assert all(same_bits(s, t) for s, t in zip(x, b))
+
+
+@pytest.mark.skipif(not has_extension(), reason="samkernels._C is not built")
+@pytest.mark.parametrize("name", STEPPED)
+def test_device_step_opcheck(name):
+    """torch.library.opcheck of the compiled op with a device_step."""
+    op = PHASES[name]
+    args = op_args(op, case(name), [((3,), F32), ((2, 2), F64)], 6)
+    args += ([None] if op.takes_found_inf else []) + [torch.tensor(2, dtype=torch.int64)]
+    torch.library.opcheck(getattr(torch.ops.samkernels, name).default, args,
+                          test_utils=("test_schema", "test_autograd_registration",
+                                      "test_faketensor"))
 
 
 # --- op-specific properties ---------------------------------------------------------------------

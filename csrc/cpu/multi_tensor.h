@@ -83,6 +83,14 @@ GradientLists<typename V::scalar_t> gradient_lists(const V& v) {
   using scalar_t [[maybe_unused]] = typename std::decay_t<decltype(v)>::scalar_t;       \
   using opmath_t [[maybe_unused]] = typename std::decay_t<decltype(v)>::opmath_t
 
+// The step of an op that takes `device_step` (phase_checks.h): step + its value, which on the CPU
+// is host memory.
+inline int64_t at_step(const char* op, int64_t step,
+                       const c10::optional<at::Tensor>& device_step, at::TensorList base) {
+  check_device_step(op, device_step, base);
+  return has_device_step(device_step) ? step + device_step->item<int64_t>() : step;
+}
+
 // The tensor lists of one phase call.  The base list (the first one present: params, or grads for
 // the sums) decides the dtypes; every other present list must match it one to one (CPU, strided,
 // same numel, dtype by role).  Working copies are made on first use (not at all when the skip

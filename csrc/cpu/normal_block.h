@@ -252,8 +252,10 @@ inline void noise_chunk(const V& v, const Maths& maths, int64_t seed, int64_t st
 // id, element); the maths of each dtype is Maths<opmath_t>::make(args...).
 template <template <typename> class Maths, class... Args>
 void noise_phase(const char* op, std::vector<ListArg> lists, at::IntArrayRef param_ids,
-                 int64_t seed, int64_t step, const Args&... args) {
+                 int64_t seed, int64_t step, const c10::optional<at::Tensor>& device_step,
+                 const Args&... args) {
   PhaseLists pl(op, std::move(lists), c10::nullopt, param_ids, /*takes_ids=*/true);
+  step = at_step(op, step, device_step, pl.base());
   pl.run([&](const auto& v) {
     SK_CHUNK_TYPES(v);
     noise_chunk(v, Maths<opmath_t>::make(args...), seed, step, param_ids);

@@ -79,6 +79,15 @@ inline const float* found_inf_ptr(const char* op, const std::optional<Tensor>& f
   return f.data_ptr<float>();
 }
 
+// The `device_step` contract (phase_checks.h): None -> nullptr; else the address of the int64
+// the kernels add to `step` on the device.  The host never reads it.
+inline const int64_t* device_step_ptr(const char* op, const std::optional<Tensor>& device_step,
+                                      TensorList base) {
+  if (!has_device_step(device_step)) return nullptr;
+  check_device_step(op, device_step, base);
+  return device_step->data_ptr<int64_t>();
+}
+
 // The tensor lists of one phase call, in its launch function's list order.  The base list (the
 // first one present: params, or grads for the sums) decides device and dtype groups; every other
 // present list must match it one to one: same device and numel, dtype by role; written lists must
@@ -277,14 +286,17 @@ Tensor phase_norm(const char* op, const char* name, const std::optional<Tensor>&
 
 // A noise phase's glue (bsam_noise_, vi_noise_, ivon_noise_): the lists in row-major order
 // (element i takes Philox number i of its parameter), the param ids as the tags, then
-// launch(group, seed, step, args..., stream) for every dtype group.
+// launch(group, seed, step, device step, args..., stream) for every dtype group.
 template <class Launch, class... Args>
 void noise_phase(const char* op, std::vector<ListArg> lists, at::IntArrayRef param_ids,
-                 int64_t seed, int64_t step, Launch&& launch, const Args&... args) {
+                 int64_t seed, int64_t step, const std::optional<Tensor>& device_step,
+                 Launch&& launch, const Args&... args) {
   PhaseLists pl(op, std::move(lists), /*logical_order=*/true, std::nullopt, param_ids,
                 /*takes_ids=*/true);
+  const int64_t* at = device_step_ptr(op, device_step, pl.base());
   pl.run([&](const Group& g) {
-    return launch(g, static_cast<uint64_t>(seed), static_cast<uint64_t>(step), args..., pl.stream);
+    return launch(g, static_cast<uint64_t>(seed), static_cast<uint64_t>(step), at, args...,
+                  pl.stream);
   });
 }
 

@@ -49,9 +49,10 @@ namespace cpu {
 namespace {
 
 void bsam_noise(at::TensorList params, at::TensorList backups, at::TensorList precisions,
-                at::IntArrayRef param_ids, int64_t seed, int64_t step, double num_data) {
+                at::IntArrayRef param_ids, int64_t seed, int64_t step, double num_data,
+                const c10::optional<at::Tensor>& device_step) {
   noise_phase<math::BsamNoise>("bsam_noise_", bsam_noise_lists(params, backups, precisions),
-                               param_ids, seed, step, num_data);
+                               param_ids, seed, step, device_step, num_data);
 }
 TORCH_LIBRARY_IMPL(samkernels, CPU, m) { m.impl("bsam_noise_", &bsam_noise); }
 
@@ -128,8 +129,8 @@ namespace cuda {
 
 // bsam_noise_ (docs/spec.md bSAM line 1).  Lists: 0 params, 1 backups, 2 precisions;
 // tags = param ids.
-cudaError_t launch_bsam_noise(const Group& g, uint64_t seed, uint64_t step, double num_data,
-                              cudaStream_t stream);
+cudaError_t launch_bsam_noise(const Group& g, uint64_t seed, uint64_t step,
+                              const int64_t* device_step, double num_data, cudaStream_t stream);
 
 // bsam_perturb_ (docs/spec.md bSAM lines 3 and 5).  Lists: 0 params, 1 grads, 2 backups,
 // 3 precisions, 4 accums (nullptr: no accumulation, line 5 runs here).
@@ -145,9 +146,10 @@ cudaError_t launch_bsam_update(const Group& g, double lr, double beta1, double b
 namespace {
 
 void bsam_noise_cuda(TensorList params, TensorList backups, TensorList precisions,
-                     at::IntArrayRef param_ids, int64_t seed, int64_t step, double num_data) {
+                     at::IntArrayRef param_ids, int64_t seed, int64_t step, double num_data,
+                     const std::optional<Tensor>& device_step) {
   noise_phase("samkernels::bsam_noise_", bsam_noise_lists(params, backups, precisions),
-              param_ids, seed, step, &launch_bsam_noise, num_data);
+              param_ids, seed, step, device_step, &launch_bsam_noise, num_data);
 }
 TORCH_LIBRARY_IMPL(samkernels, CUDA, m) { m.impl("bsam_noise_", &bsam_noise_cuda); }
 

@@ -34,9 +34,11 @@ namespace {
 at::Tensor ebisam_perturb(at::TensorList params, at::TensorList grads, at::TensorList backups,
                           at::IntArrayRef param_ids, const c10::optional<at::Tensor>& grad_norm,
                           int64_t seed, int64_t step, double rho, double beta, double eps,
-                          const c10::optional<at::Tensor>& found_inf) {
+                          const c10::optional<at::Tensor>& found_inf,
+                          const c10::optional<at::Tensor>& device_step) {
   PhaseLists pl("ebisam_perturb_", ebisam_perturb_lists(params, grads, backups), found_inf,
                 param_ids, /*takes_ids=*/true);
+  step = at_step("ebisam_perturb_", step, device_step, params);
   check_ebisam_beta("ebisam_perturb_", beta);
   const double norm =
       grad_norm.has_value()
@@ -94,7 +96,7 @@ namespace cuda {
 // i is perturbed iff the Philox uniform of word i & 3 of block (i >> 2, pid, step) is < beta.
 // Lists: 0 params, 1 grads, 2 backups; tags = param ids.  Defined in cuda/ebisam.cu.
 cudaError_t launch_ebisam_perturb(const Group& g, const double* norm, uint64_t seed, uint64_t step,
-                                  double rho, double beta, double eps, const float* found_inf,
+                                  const int64_t* device_step, double rho, double beta, double eps, const float* found_inf,
                                   cudaStream_t stream);
 
 namespace {
@@ -102,12 +104,14 @@ namespace {
 Tensor ebisam_perturb_cuda(TensorList params, TensorList grads, TensorList backups,
                            at::IntArrayRef param_ids, const std::optional<Tensor>& grad_norm,
                            int64_t seed, int64_t step, double rho, double beta, double eps,
-                           const std::optional<Tensor>& found_inf) {
+                           const std::optional<Tensor>& found_inf,
+                           const std::optional<Tensor>& device_step) {
   const char* op = "samkernels::ebisam_perturb_";
   // the mask of element i is Philox number i of the row-major order
   PhaseLists pl(op, ebisam_perturb_lists(params, grads, backups), /*logical_order=*/true,
                 found_inf, param_ids, /*takes_ids=*/true);
   check_ebisam_beta(op, beta);
+  const int64_t* at = device_step_ptr(op, device_step, params);
   // ||g|| over all coordinates, masked or not (grad_sumsq's stage 1: lists 0 params, 1 grads)
   const Tensor norm = phase_norm(op, "grad_norm", grad_norm, pl,
                                  [&](double* parts, const Group& g, int64_t first) {
@@ -116,7 +120,8 @@ Tensor ebisam_perturb_cuda(TensorList params, TensorList grads, TensorList backu
                                  });
   pl.run([&](const Group& g) {
     return launch_ebisam_perturb(g, norm.data_ptr<double>(), static_cast<uint64_t>(seed),
-                                 static_cast<uint64_t>(step), rho, beta, eps, pl.skip, pl.stream);
+                                 static_cast<uint64_t>(step), at, rho, beta, eps, pl.skip,
+                                 pl.stream);
   });
   return norm;
 }

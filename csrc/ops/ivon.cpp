@@ -61,9 +61,9 @@ namespace {
 
 void ivon_noise(at::TensorList params, at::TensorList backups, at::TensorList hessians,
                 at::IntArrayRef param_ids, int64_t seed, int64_t step, double ess,
-                double weight_decay) {
+                double weight_decay, const c10::optional<at::Tensor>& device_step) {
   noise_phase<math::IvonNoise>("ivon_noise_", ivon_noise_lists(params, backups, hessians),
-                               param_ids, seed, step, ess, weight_decay);
+                               param_ids, seed, step, device_step, ess, weight_decay);
 }
 TORCH_LIBRARY_IMPL(samkernels, CPU, m) { m.impl("ivon_noise_", &ivon_noise); }
 
@@ -71,11 +71,13 @@ void ivon_accumulate(at::TensorList params, at::TensorList grads, at::TensorList
                      at::TensorList hessians, at::TensorList avg_grads, at::TensorList avg_nxgs,
                      at::IntArrayRef param_ids, int64_t seed, int64_t step, double ess,
                      double weight_decay, int64_t count,
-                     const c10::optional<at::Tensor>& found_inf) {
+                     const c10::optional<at::Tensor>& found_inf,
+                     const c10::optional<at::Tensor>& device_step) {
   check_ivon_count("ivon_accumulate_", count, true);
   PhaseLists pl("ivon_accumulate_",
                 ivon_accumulate_lists(params, grads, backups, hessians, avg_grads, avg_nxgs),
                 found_inf, param_ids, /*takes_ids=*/true);
+  step = at_step("ivon_accumulate_", step, device_step, params);
   if (pl.skip()) return copy_lists(params, backups);
   pl.run([&](const auto& v) {
     SK_CHUNK_TYPES(v);
@@ -104,13 +106,15 @@ void ivon_update(at::TensorList params, at::TensorList grads, at::TensorList bac
                  at::TensorList avg_nxgs, at::IntArrayRef param_ids, int64_t seed, int64_t step,
                  double lr, double ess, double weight_decay, double beta1, double beta2,
                  double clip_radius, double bias_correction, int64_t count,
-                 const c10::optional<at::Tensor>& found_inf) {
+                 const c10::optional<at::Tensor>& found_inf,
+                 const c10::optional<at::Tensor>& device_step) {
   const bool averaged = !avg_grads.empty();
   check_ivon_count("ivon_update_", count, averaged || params.empty());
   check_ivon_means("ivon_update_", avg_grads, avg_nxgs);
   PhaseLists pl("ivon_update_",
                 ivon_update_lists(params, grads, backups, hessians, momenta, avg_grads, avg_nxgs),
                 found_inf, param_ids, /*takes_ids=*/true);
+  step = at_step("ivon_update_", step, device_step, params);
   if (pl.skip()) return copy_lists(params, backups);
   pl.run([&](const auto& v) {
     SK_CHUNK_TYPES(v);
@@ -153,19 +157,22 @@ namespace cuda {
 
 // ivon_noise_ (line 2): backup <- m, w <- m + z / sqrt(lambda (h + delta)).  Lists: 0 params,
 // 1 backups, 2 hessians.
-cudaError_t launch_ivon_noise(const Group& g, uint64_t seed, uint64_t step, double ess,
-                              double weight_decay, cudaStream_t stream);
+cudaError_t launch_ivon_noise(const Group& g, uint64_t seed, uint64_t step,
+                              const int64_t* device_step, double ess, double weight_decay,
+                              cudaStream_t stream);
 
 // ivon_accumulate_ (lines 2-3, sample `count` >= 1 of a step, z regenerated): running means of g
 // and sigma z g, w <- m.  Lists: 0 params, 1 grads, 2 backups, 3 hessians, 4 avg_grads,
 // 5 avg_nxgs.
-cudaError_t launch_ivon_accumulate(const Group& g, uint64_t seed, uint64_t step, double ess,
+cudaError_t launch_ivon_accumulate(const Group& g, uint64_t seed, uint64_t step,
+                                   const int64_t* device_step, double ess,
                                    double weight_decay, int64_t count, const float* found_inf,
                                    cudaStream_t stream);
 
 // ivon_update_ (lines 2-8, z regenerated).  Lists: 0 params, 1 grads, 2 backups, 3 hessians,
 // 4 momenta, 5 avg_grads, 6 avg_nxgs (5, 6 nullptr: one sample, count 1).
-cudaError_t launch_ivon_update(const Group& g, uint64_t seed, uint64_t step, double lr,
+cudaError_t launch_ivon_update(const Group& g, uint64_t seed, uint64_t step,
+                               const int64_t* device_step, double lr,
                                double ess, double weight_decay, double beta1, double beta2,
                                double clip_radius, double bias_correction, int64_t count,
                                const float* found_inf, cudaStream_t stream);
@@ -174,9 +181,9 @@ namespace {
 
 void ivon_noise_cuda(TensorList params, TensorList backups, TensorList hessians,
                      at::IntArrayRef param_ids, int64_t seed, int64_t step, double ess,
-                     double weight_decay) {
+                     double weight_decay, const std::optional<Tensor>& device_step) {
   noise_phase("samkernels::ivon_noise_", ivon_noise_lists(params, backups, hessians), param_ids,
-              seed, step, &launch_ivon_noise, ess, weight_decay);
+              seed, step, device_step, &launch_ivon_noise, ess, weight_decay);
 }
 TORCH_LIBRARY_IMPL(samkernels, CUDA, m) { m.impl("ivon_noise_", &ivon_noise_cuda); }
 
@@ -184,14 +191,16 @@ void ivon_accumulate_cuda(TensorList params, TensorList grads, TensorList backup
                           TensorList hessians, TensorList avg_grads, TensorList avg_nxgs,
                           at::IntArrayRef param_ids, int64_t seed, int64_t step, double ess,
                           double weight_decay, int64_t count,
-                          const std::optional<Tensor>& found_inf) {
+                          const std::optional<Tensor>& found_inf,
+                          const std::optional<Tensor>& device_step) {
   check_ivon_count("samkernels::ivon_accumulate_", count, true);
   // z is regenerated per element of the row-major order, as ivon_noise_ drew it
   PhaseLists pl("samkernels::ivon_accumulate_",
                 ivon_accumulate_lists(params, grads, backups, hessians, avg_grads, avg_nxgs),
                 /*logical_order=*/true, found_inf, param_ids, /*takes_ids=*/true);
+  const int64_t* at = device_step_ptr("samkernels::ivon_accumulate_", device_step, params);
   pl.run([&](const Group& g) {
-    return launch_ivon_accumulate(g, static_cast<uint64_t>(seed), static_cast<uint64_t>(step),
+    return launch_ivon_accumulate(g, static_cast<uint64_t>(seed), static_cast<uint64_t>(step), at,
                                   ess, weight_decay, count, pl.skip, pl.stream);
   });
 }
@@ -202,14 +211,16 @@ void ivon_update_cuda(TensorList params, TensorList grads, TensorList backups,
                       TensorList avg_nxgs, at::IntArrayRef param_ids, int64_t seed, int64_t step,
                       double lr, double ess, double weight_decay, double beta1, double beta2,
                       double clip_radius, double bias_correction, int64_t count,
-                      const std::optional<Tensor>& found_inf) {
+                      const std::optional<Tensor>& found_inf,
+                      const std::optional<Tensor>& device_step) {
   check_ivon_count("samkernels::ivon_update_", count, !avg_grads.empty() || params.empty());
   check_ivon_means("samkernels::ivon_update_", avg_grads, avg_nxgs);
   PhaseLists pl("samkernels::ivon_update_",
                 ivon_update_lists(params, grads, backups, hessians, momenta, avg_grads, avg_nxgs),
                 /*logical_order=*/true, found_inf, param_ids, /*takes_ids=*/true);
+  const int64_t* at = device_step_ptr("samkernels::ivon_update_", device_step, params);
   pl.run([&](const Group& g) {
-    return launch_ivon_update(g, static_cast<uint64_t>(seed), static_cast<uint64_t>(step), lr,
+    return launch_ivon_update(g, static_cast<uint64_t>(seed), static_cast<uint64_t>(step), at, lr,
                               ess, weight_decay, beta1, beta2, clip_radius, bias_correction,
                               count, pl.skip, pl.stream);
   });

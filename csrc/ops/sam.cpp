@@ -118,9 +118,11 @@ TORCH_LIBRARY_IMPL(samkernels, CPU, m) { m.impl("sam_restore_sgd_", &sam_restore
 void sam_restore_adam(at::TensorList params, at::TensorList grads, at::TensorList backups,
                       at::TensorList exp_avgs, at::TensorList exp_avg_sqs, int64_t step, double lr,
                       double beta1, double beta2, double eps, double weight_decay, bool decoupled,
-                      const c10::optional<at::Tensor>& found_inf) {
+                      const c10::optional<at::Tensor>& found_inf,
+                      const c10::optional<at::Tensor>& device_step) {
   PhaseLists pl("sam_restore_adam_",
                 sam_restore_adam_lists(params, grads, backups, exp_avgs, exp_avg_sqs), found_inf);
+  step = at_step("sam_restore_adam_", step, device_step, params);
   check_adam_step("sam_restore_adam_", step);
   if (pl.skip()) return copy_lists(params, backups);
   pl.run([&](const auto& v) {
@@ -163,9 +165,10 @@ cudaError_t launch_sam_restore_sgd(const Group& g, double lr, double momentum, d
                                    bool nesterov, double weight_decay, bool first,
                                    const float* found_inf, cudaStream_t stream);
 
-// sam_restore_adam_ at Adam step `step` (>= 1; bias corrections in double, math/sam.h).
-// Lists: 0 params, 1 grads, 2 backups, 3 exp_avgs, 4 exp_avg_sqs.
-cudaError_t launch_sam_restore_adam(const Group& g, int64_t step, double lr, double beta1,
+// sam_restore_adam_ at Adam step `step` (>= 1; bias corrections in double, math/sam.h), plus
+// *device_step when not nullptr.  Lists: 0 params, 1 grads, 2 backups, 3 exp_avgs, 4 exp_avg_sqs.
+cudaError_t launch_sam_restore_adam(const Group& g, int64_t step, const int64_t* device_step,
+                                    double lr, double beta1,
                                     double beta2, double eps, double weight_decay, bool decoupled,
                                     const float* found_inf, cudaStream_t stream);
 
@@ -215,17 +218,16 @@ TORCH_LIBRARY_IMPL(samkernels, CUDA, m) { m.impl("sam_restore_sgd_", &sam_restor
 void sam_restore_adam_cuda(TensorList params, TensorList grads, TensorList backups,
                            TensorList exp_avgs, TensorList exp_avg_sqs, int64_t step, double lr,
                            double beta1, double beta2, double eps, double weight_decay,
-                           bool decoupled, const std::optional<Tensor>& found_inf) {
+                           bool decoupled, const std::optional<Tensor>& found_inf,
+                           const std::optional<Tensor>& device_step) {
   const char* op = "samkernels::sam_restore_adam_";
   PhaseLists pl(op, sam_restore_adam_lists(params, grads, backups, exp_avgs, exp_avg_sqs), false,
                 found_inf);
-  check_adam_step(op, step);
-  TORCH_CHECK(std::pow(beta1, static_cast<double>(step)) != 1.0 &&
-                  std::pow(beta2, static_cast<double>(step)) != 1.0,
-              op, ": a bias correction 1 - beta**step is zero");
+  const int64_t* at = device_step_ptr(op, device_step, params);
+  if (at == nullptr) check_adam_bias_corrections(op, step, beta1, beta2);
   pl.run([&](const Group& g) {
-    return launch_sam_restore_adam(g, step, lr, beta1, beta2, eps, weight_decay, decoupled, pl.skip,
-                                   pl.stream);
+    return launch_sam_restore_adam(g, step, at, lr, beta1, beta2, eps, weight_decay, decoupled,
+                                   pl.skip, pl.stream);
   });
 }
 TORCH_LIBRARY_IMPL(samkernels, CUDA, m) { m.impl("sam_restore_adam_", &sam_restore_adam_cuda); }

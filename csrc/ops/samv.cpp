@@ -206,11 +206,13 @@ void samv_restore_adam(at::TensorList params, at::TensorList grads, at::TensorLi
                        at::TensorList saved, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                        at::TensorList outs, const at::Tensor& coeffs, int64_t step, double lr,
                        double beta1, double beta2, double eps, double weight_decay,
-                       bool decoupled, const c10::optional<at::Tensor>& found_inf) {
+                       bool decoupled, const c10::optional<at::Tensor>& found_inf,
+                       const c10::optional<at::Tensor>& device_step) {
   PhaseLists pl("samv_restore_adam_",
                 samv_restore_adam_lists(params, grads, backups, saved, exp_avgs, exp_avg_sqs,
                                         outs),
                 found_inf);
+  step = at_step("samv_restore_adam_", step, device_step, params);
   check_adam_step("samv_restore_adam_", step);
   const auto c = coeff_arg("samv_restore_adam_", coeffs);
   if (pl.skip()) return copy_lists(params, backups);
@@ -275,10 +277,10 @@ cudaError_t launch_samv_restore_sgd(const Group& g, const double* coeffs, double
                                     double weight_decay, bool first, const float* found_inf,
                                     cudaStream_t stream);
 
-// samv_restore_adam_ at Adam step `step` (>= 1).  Lists: 0 params, 1 grads, 2 backups, 3 saved,
-// 4 exp_avgs, 5 exp_avg_sqs, 6 outs (nullptr: none).
+// samv_restore_adam_ at Adam step `step` (>= 1), plus *device_step when not nullptr.  Lists:
+// 0 params, 1 grads, 2 backups, 3 saved, 4 exp_avgs, 5 exp_avg_sqs, 6 outs (nullptr: none).
 cudaError_t launch_samv_restore_adam(const Group& g, const double* coeffs, int64_t step,
-                                     double lr, double beta1, double beta2, double eps,
+                                     const int64_t* device_step, double lr, double beta1, double beta2, double eps,
                                      double weight_decay, bool decoupled, const float* found_inf,
                                      cudaStream_t stream);
 
@@ -351,20 +353,19 @@ void samv_restore_adam_cuda(TensorList params, TensorList grads, TensorList back
                             TensorList saved, TensorList exp_avgs, TensorList exp_avg_sqs,
                             TensorList outs, const Tensor& coeffs, int64_t step, double lr,
                             double beta1, double beta2, double eps, double weight_decay,
-                            bool decoupled, const std::optional<Tensor>& found_inf) {
+                            bool decoupled, const std::optional<Tensor>& found_inf,
+                            const std::optional<Tensor>& device_step) {
   const char* op = "samkernels::samv_restore_adam_";
   PhaseLists pl(op,
                 samv_restore_adam_lists(params, grads, backups, saved, exp_avgs, exp_avg_sqs,
                                         outs),
                 false, found_inf);
-  check_adam_step(op, step);
-  TORCH_CHECK(std::pow(beta1, static_cast<double>(step)) != 1.0 &&
-                  std::pow(beta2, static_cast<double>(step)) != 1.0,
-              op, ": a bias correction 1 - beta**step is zero");
+  const int64_t* at = device_step_ptr(op, device_step, params);
+  if (at == nullptr) check_adam_bias_corrections(op, step, beta1, beta2);
   if (pl.empty()) return;
   const Tensor c = device_values(op, "coeffs", coeffs, pl, 6);
   pl.run([&](const Group& g) {
-    return launch_samv_restore_adam(g, c.data_ptr<double>(), step, lr, beta1, beta2, eps,
+    return launch_samv_restore_adam(g, c.data_ptr<double>(), step, at, lr, beta1, beta2, eps,
                                     weight_decay, decoupled, pl.skip, pl.stream);
   });
 }

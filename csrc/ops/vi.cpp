@@ -51,21 +51,24 @@ namespace cpu {
 namespace {
 
 void vi_noise(at::TensorList params, at::TensorList backups, at::TensorList variances,
-              at::IntArrayRef param_ids, int64_t seed, int64_t step, double sigma) {
+              at::IntArrayRef param_ids, int64_t seed, int64_t step, double sigma,
+              const c10::optional<at::Tensor>& device_step) {
   const bool learned = !variances.empty();  // MFVI: std = sqrt(Sigma); RandomSAM: std = sigma0
   // without variances the state passed to the maths is 0, unread
   noise_phase<math::ViNoise>("vi_noise_", vi_noise_lists(params, backups, variances), param_ids,
-                             seed, step, sigma, learned);
+                             seed, step, device_step, sigma, learned);
 }
 TORCH_LIBRARY_IMPL(samkernels, CPU, m) { m.impl("vi_noise_", &vi_noise); }
 
 void mfvi_update(at::TensorList params, at::TensorList grads, at::TensorList backups,
                  at::TensorList variances, at::TensorList momenta, at::IntArrayRef param_ids,
                  int64_t seed, int64_t step, double lr, double var_lr, double momentum,
-                 double prior_var, double num_data, const c10::optional<at::Tensor>& found_inf) {
+                 double prior_var, double num_data, const c10::optional<at::Tensor>& found_inf,
+                 const c10::optional<at::Tensor>& device_step) {
   const bool use_momentum = !momenta.empty();
   PhaseLists pl("mfvi_update_", mfvi_update_lists(params, grads, backups, variances, momenta),
                 found_inf, param_ids, /*takes_ids=*/true);
+  step = at_step("mfvi_update_", step, device_step, params);
   if (pl.skip()) return copy_lists(params, backups);
   pl.run([&](const auto& v) {
     SK_CHUNK_TYPES(v);
@@ -155,12 +158,13 @@ namespace cuda {
 // vi_noise_ (RandomSAM Alg. 1 / MFVI Alg. 2 line 3): backup <- mu, w <- mu + std z, z the shared
 // Philox normals (as bsam_noise_); std = sqrt(Sigma), or `sigma` when list 2 is absent.
 // Lists: 0 params, 1 backups, 2 variances (nullptr: fixed sigma); tags = param ids.
-cudaError_t launch_vi_noise(const Group& g, uint64_t seed, uint64_t step, double sigma,
-                            cudaStream_t stream);
+cudaError_t launch_vi_noise(const Group& g, uint64_t seed, uint64_t step,
+                            const int64_t* device_step, double sigma, cudaStream_t stream);
 
 // mfvi_update_ (MFVI Alg. 2 lines 4-5, z regenerated from (seed, step)).  Lists: 0 params,
 // 1 grads, 2 backups, 3 variances, 4 momenta (nullptr: no momentum); tags = param ids.
-cudaError_t launch_mfvi_update(const Group& g, uint64_t seed, uint64_t step, double lr,
+cudaError_t launch_mfvi_update(const Group& g, uint64_t seed, uint64_t step,
+                               const int64_t* device_step, double lr,
                                double var_lr, double momentum, double prior_var, double num_data,
                                const float* found_inf, cudaStream_t stream);
 
@@ -178,22 +182,25 @@ cudaError_t launch_vsam_perturb(const Group& g, const double* norm, double dim, 
 namespace {
 
 void vi_noise_cuda(TensorList params, TensorList backups, TensorList variances,
-                   at::IntArrayRef param_ids, int64_t seed, int64_t step, double sigma) {
+                   at::IntArrayRef param_ids, int64_t seed, int64_t step, double sigma,
+                   const std::optional<Tensor>& device_step) {
   noise_phase("samkernels::vi_noise_", vi_noise_lists(params, backups, variances), param_ids,
-              seed, step, &launch_vi_noise, sigma);
+              seed, step, device_step, &launch_vi_noise, sigma);
 }
 TORCH_LIBRARY_IMPL(samkernels, CUDA, m) { m.impl("vi_noise_", &vi_noise_cuda); }
 
 void mfvi_update_cuda(TensorList params, TensorList grads, TensorList backups,
                       TensorList variances, TensorList momenta, at::IntArrayRef param_ids,
                       int64_t seed, int64_t step, double lr, double var_lr, double momentum,
-                      double prior_var, double num_data, const std::optional<Tensor>& found_inf) {
+                      double prior_var, double num_data, const std::optional<Tensor>& found_inf,
+                      const std::optional<Tensor>& device_step) {
   // z is regenerated per element of the row-major order, as vi_noise_ drew it
   PhaseLists pl("samkernels::mfvi_update_",
                 mfvi_update_lists(params, grads, backups, variances, momenta),
                 /*logical_order=*/true, found_inf, param_ids, /*takes_ids=*/true);
+  const int64_t* at = device_step_ptr("samkernels::mfvi_update_", device_step, params);
   pl.run([&](const Group& g) {
-    return launch_mfvi_update(g, static_cast<uint64_t>(seed), static_cast<uint64_t>(step), lr,
+    return launch_mfvi_update(g, static_cast<uint64_t>(seed), static_cast<uint64_t>(step), at, lr,
                               var_lr, momentum, prior_var, num_data, pl.skip, pl.stream);
   });
 }

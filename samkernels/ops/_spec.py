@@ -83,6 +83,10 @@ class OpSpec:
         return "found_inf" in self.arg_names
 
     @property
+    def takes_device_step(self) -> bool:
+        return "device_step" in self.arg_names
+
+    @property
     def multi_tensor(self) -> bool:
         return self.family != "loss"
 
@@ -123,3 +127,9 @@ NOISED = (L("params", "param", True), L("backups", "backup", True))
 PERTURBED = (L("params", "param", True), L("grads", "grad"), L("backups", "backup", True))
 UPDATED = (L("params", "param", True), L("grads", "grad"), L("backups", "backup"))
 IDS_SEED_STEP = (Arg("param_ids", INT_LIST), Arg("seed", INT), Arg("step", INT))
+# Every op that takes a ``step`` (a Philox noise counter, or Adam's step) also takes the last
+# argument ``device_step``: None, or a one-element int64 tensor on the parameters' device.  The op
+# then uses step + device_step, read by the kernel on the device (no host sync): the capturable
+# optimizers keep their counters there, so a step captured in a CUDA graph replays with the
+# counter's current value (the host ``step`` carries what is fixed per call, e.g. the micro-batch).
+DEVICE_STEP = Arg("device_step", OPT_TENSOR, default="None")

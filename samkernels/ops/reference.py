@@ -39,8 +39,16 @@ from torch import Tensor
 
 from samkernels._dtypes import opmath
 from samkernels.ops._library import op
-from samkernels.ops._spec import (BOOL, FLOAT, FOUND_INF, IDS_SEED_STEP, INT, INT_LIST, NOISED,
-                                  OPT_TENSOR, PERTURBED, TENSOR, UPDATED, Arg, L, floats)
+from samkernels.ops._spec import (BOOL, DEVICE_STEP, FLOAT, FOUND_INF, IDS_SEED_STEP, INT,
+                                  INT_LIST, NOISED, OPT_TENSOR, PERTURBED, TENSOR, UPDATED, Arg, L,
+                                  floats)
+
+
+def at_step(step: int, device_step: Optional[Tensor]) -> int:
+    """The step an op uses: ``step``, plus the value of ``device_step`` when given (the device
+    counter of a capturable optimizer; the compiled kernels read it on the device)."""
+    return step if device_step is None else step + int(device_step.reshape(()).item())
+
 
 # ---------------------------------------------------------------------------------------------
 # Counter-based noise: Philox4x32-10 (Salmon et al. 2011), the generator every backend shares.
@@ -227,12 +235,15 @@ def sam_restore_sgd_(params: List[Tensor], grads: List[Tensor], backups: List[Te
 
 
 @op("sam", UPDATED, L("exp_avgs", "state", True), L("exp_avg_sqs", "state", True), Arg("step", INT),
-    floats("lr", "beta1", "beta2", "eps", "weight_decay"), Arg("decoupled", BOOL), FOUND_INF)
+    floats("lr", "beta1", "beta2", "eps", "weight_decay"), Arg("decoupled", BOOL), FOUND_INF,
+    DEVICE_STEP)
 def sam_restore_adam_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
                       exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor], step: int, lr: float,
                       beta1: float, beta2: float, eps: float, weight_decay: float,
-                      decoupled: bool, found_inf: Optional[Tensor] = None) -> None:
+                      decoupled: bool, found_inf: Optional[Tensor] = None,
+                      device_step: Optional[Tensor] = None) -> None:
     """w <- backup, then Adam (L2 decay) or AdamW (decoupled decay) with g_e; ``step`` counts from 1."""
+    step = at_step(step, device_step)
     if skipped(found_inf):
         return copy_all_(params, backups)
     for p, g, b, m, v in zip(params, grads, backups, exp_avgs, exp_avg_sqs):
@@ -243,10 +254,12 @@ def sam_restore_adam_(params: List[Tensor], grads: List[Tensor], backups: List[T
 # ---------------------------------------------------------------------------------------------
 # bSAM (Algorithm 1; docs/spec.md lines 1-7)
 # ---------------------------------------------------------------------------------------------
-@op("bsam", NOISED, L("precisions", "state"), IDS_SEED_STEP, Arg("num_data", FLOAT))
+@op("bsam", NOISED, L("precisions", "state"), IDS_SEED_STEP, Arg("num_data", FLOAT), DEVICE_STEP)
 def bsam_noise_(params: List[Tensor], backups: List[Tensor], precisions: List[Tensor],
-                param_ids: List[int], seed: int, step: int, num_data: float) -> None:
+                param_ids: List[int], seed: int, step: int, num_data: float,
+                device_step: Optional[Tensor] = None) -> None:
     """Line 1: backup <- omega;  w <- theta = omega + z / sqrt(N s),  z = philox_normal(...)."""
+    step = at_step(step, device_step)
     for p, b, s, pid in zip(params, backups, precisions, param_ids):
         b.copy_(p)
         w = p.to(opmath(p))
@@ -309,13 +322,15 @@ def bsam_update_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor
 # ---------------------------------------------------------------------------------------------
 # RandomSAM (Alg. 1) and MFVI (Alg. 2)
 # ---------------------------------------------------------------------------------------------
-@op("vi", NOISED, L("variances", "state?"), IDS_SEED_STEP, Arg("sigma", FLOAT))
+@op("vi", NOISED, L("variances", "state?"), IDS_SEED_STEP, Arg("sigma", FLOAT), DEVICE_STEP)
 def vi_noise_(params: List[Tensor], backups: List[Tensor], variances: List[Tensor],
-              param_ids: List[int], seed: int, step: int, sigma: float) -> None:
+              param_ids: List[int], seed: int, step: int, sigma: float,
+              device_step: Optional[Tensor] = None) -> None:
     """backup <- mu;  w <- mu + std * z,  z = philox_normal(seed, step, param_id).
 
     std = sqrt(Sigma) with ``variances`` (MFVI, Alg. 2 line 3), else the fixed ``sigma``
     (RandomSAM, Alg. 1 line 3: sigma0)."""
+    step = at_step(step, device_step)
     for i, (p, b, pid) in enumerate(zip(params, backups, param_ids)):
         b.copy_(p)
         w = p.to(opmath(p))
@@ -325,11 +340,12 @@ def vi_noise_(params: List[Tensor], backups: List[Tensor], variances: List[Tenso
 
 
 @op("vi", UPDATED, L("variances", "state", True), L("momenta", "state?", True), IDS_SEED_STEP,
-    floats("lr", "var_lr", "momentum", "prior_var", "num_data"), FOUND_INF)
+    floats("lr", "var_lr", "momentum", "prior_var", "num_data"), FOUND_INF, DEVICE_STEP)
 def mfvi_update_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
                  variances: List[Tensor], momenta: List[Tensor], param_ids: List[int], seed: int,
                  step: int, lr: float, var_lr: float, momentum: float, prior_var: float,
-                 num_data: float, found_inf: Optional[Tensor] = None) -> None:
+                 num_data: float, found_inf: Optional[Tensor] = None,
+                 device_step: Optional[Tensor] = None) -> None:
     """Alg. 2 lines 4-5 with g = grads taken at theta = mu + sqrt(Sigma) z (z regenerated from
     (seed, step), the counter of the ``vi_noise_`` call), loss E L + KL[q || N(0, prior_var I)] / N:
 
@@ -338,6 +354,7 @@ def mfvi_update_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor
       dL/du = g z sqrt(Sigma) / 2 + (Sigma / prior_var - 1) / (2N)  (u = log Sigma; eq. 39)
       Sigma <- Sigma * exp(-var_lr * dL/du);  w <- mu.
     """
+    step = at_step(step, device_step)
     if skipped(found_inf):
         return copy_all_(params, backups)
     for i, (p, g, b, v, pid) in enumerate(zip(params, grads, backups, variances, param_ids)):
@@ -405,15 +422,18 @@ def vsam_perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Tenso
 # E-BiSAM (Alg. 3 of the BiSAM paper): stochastic weight perturbation
 # ---------------------------------------------------------------------------------------------
 @op("ebisam", PERTURBED, Arg("param_ids", INT_LIST), Arg("grad_norm", OPT_TENSOR), Arg("seed", INT),
-    Arg("step", INT), floats("rho", "beta", "eps"), FOUND_INF, returns="Tensor", result="norm")
+    Arg("step", INT), floats("rho", "beta", "eps"), FOUND_INF, DEVICE_STEP, returns="Tensor",
+    result="norm")
 def ebisam_perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
                   param_ids: List[int], grad_norm: Optional[Tensor], seed: int, step: int,
-                  rho: float, beta: float, eps: float, found_inf: Optional[Tensor] = None) -> Tensor:
+                  rho: float, beta: float, eps: float, found_inf: Optional[Tensor] = None,
+                  device_step: Optional[Tensor] = None) -> Tensor:
     """Alg. 3 lines 3-7: coordinate i is perturbed iff u_i < beta (u = philox_uniform(seed, step,
     param_id), the mask is never stored): e_i = rho / (1 - beta) * g_i / (||g|| + eps), else 0.
     backup <- w, w <- w + e.  ``||g||`` is over all coordinates, masked or not (None computes it
     from this list; the optimizer passes 1 with eps = 0 for the unnormalised e of Alg. 3 line 5).
     Returns the norm."""
+    step = at_step(step, device_step)
     if grad_norm is None:
         grad_norm = torch.stack([g.double().square().sum() for g in grads]).sum().sqrt() \
             if grads else torch.zeros((), dtype=torch.float64)
@@ -520,15 +540,17 @@ def samv_restore_sgd_(params: List[Tensor], grads: List[Tensor], backups: List[T
 @op("samv", UPDATED, L("saved", "state"), L("exp_avgs", "state", True),
     L("exp_avg_sqs", "state", True), L("outs", "state?", True), Arg("coeffs", TENSOR),
     Arg("step", INT), floats("lr", "beta1", "beta2", "eps", "weight_decay"), Arg("decoupled", BOOL),
-    FOUND_INF)
+    FOUND_INF, DEVICE_STEP)
 def samv_restore_adam_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
                        saved: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
                        outs: List[Tensor], coeffs: Tensor, step: int, lr: float, beta1: float,
                        beta2: float, eps: float, weight_decay: float, decoupled: bool,
-                       found_inf: Optional[Tensor] = None) -> None:
+                       found_inf: Optional[Tensor] = None,
+                       device_step: Optional[Tensor] = None) -> None:
     """w <- backup, then Adam (L2) / AdamW (decoupled decay) with d = c0 g + c1 s, then
     w <- w + (c2 g + c3 s); ``outs`` (when given) <- c4 g + c5 s (see ``samv_restore_sgd_``);
     ``step`` counts from 1."""
+    step = at_step(step, device_step)
     if skipped(found_inf):
         return copy_all_(params, backups)
     for i, (p, g, b, s, m, v) in enumerate(zip(params, grads, backups, saved, exp_avgs,
@@ -569,12 +591,14 @@ def check_ivon_update(params: List[Tensor], avg_grads: List[Tensor], avg_nxgs: L
                          f"{len(avg_nxgs)}")
 
 
-@op("ivon", NOISED, L("hessians", "state"), IDS_SEED_STEP, floats("ess", "weight_decay"))
+@op("ivon", NOISED, L("hessians", "state"), IDS_SEED_STEP, floats("ess", "weight_decay"),
+    DEVICE_STEP)
 def ivon_noise_(params: List[Tensor], backups: List[Tensor], hessians: List[Tensor],
                 param_ids: List[int], seed: int, step: int, ess: float,
-                weight_decay: float) -> None:
+                weight_decay: float, device_step: Optional[Tensor] = None) -> None:
     """Alg. 1 line 2: backup <- m;  w <- theta = m + z / sqrt(lambda (h + delta)),
     z = philox_normal(seed, step, param_id)."""
+    step = at_step(step, device_step)
     for p, b, h, pid in zip(params, backups, hessians, param_ids):
         b.copy_(p)
         m = p.to(opmath(p))
@@ -584,17 +608,19 @@ def ivon_noise_(params: List[Tensor], backups: List[Tensor], hessians: List[Tens
 
 @op("ivon", UPDATED, L("hessians", "state"), L("avg_grads", "state", True),
     L("avg_nxgs", "state", True), IDS_SEED_STEP, floats("ess", "weight_decay"),
-    Arg("count", INT), FOUND_INF)
+    Arg("count", INT), FOUND_INF, DEVICE_STEP)
 def ivon_accumulate_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
                      hessians: List[Tensor], avg_grads: List[Tensor], avg_nxgs: List[Tensor],
                      param_ids: List[int], seed: int, step: int, ess: float, weight_decay: float,
-                     count: int, found_inf: Optional[Tensor] = None) -> None:
+                     count: int, found_inf: Optional[Tensor] = None,
+                     device_step: Optional[Tensor] = None) -> None:
     """Alg. 1 lines 2-3 for sample ``count`` of a step with more than one: with g the gradient at
     theta = m + sigma z (z regenerated from (seed, step), the counter of its ``ivon_noise_``),
     running means over the samples (Welford; ``count`` = 1 starts them):
 
       gbar <- gbar + (g - gbar) / count;   nxg <- nxg + (sigma z g - nxg) / count;   w <- m.
     """
+    step = at_step(step, device_step)
     check_ivon_count("ivon_accumulate_", count)
     if skipped(found_inf):
         return copy_all_(params, backups)
@@ -616,13 +642,13 @@ def ivon_accumulate_(params: List[Tensor], grads: List[Tensor], backups: List[Te
 @op("ivon", UPDATED, L("hessians", "state", True), L("momenta", "state", True),
     L("avg_grads", "state?"), L("avg_nxgs", "state?"), IDS_SEED_STEP,
     floats("lr", "ess", "weight_decay", "beta1", "beta2", "clip_radius", "bias_correction"),
-    Arg("count", INT), FOUND_INF)
+    Arg("count", INT), FOUND_INF, DEVICE_STEP)
 def ivon_update_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
                  hessians: List[Tensor], momenta: List[Tensor], avg_grads: List[Tensor],
                  avg_nxgs: List[Tensor], param_ids: List[int], seed: int, step: int, lr: float,
                  ess: float, weight_decay: float, beta1: float, beta2: float, clip_radius: float,
                  bias_correction: float, count: int,
-                 found_inf: Optional[Tensor] = None) -> None:
+                 found_inf: Optional[Tensor] = None, device_step: Optional[Tensor] = None) -> None:
     """Alg. 1 lines 2-8 with the last sample's gradient g at theta = m + sigma z (z regenerated
     from (seed, step)), averaged into the running means of the earlier ``count - 1`` samples
     (``avg_grads``, ``avg_nxgs``; empty for one sample a step, ``count`` = 1):
@@ -636,6 +662,7 @@ def ivon_update_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor
 
     ``lr`` is the step size as taken (the optimizer's lr times h0 + delta when it rescales), and
     ``bias_correction`` = 1 - beta1^t (or 1)."""
+    step = at_step(step, device_step)
     check_ivon_update(params, avg_grads, avg_nxgs, count)
     if skipped(found_inf):
         return copy_all_(params, backups)
