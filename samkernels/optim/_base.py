@@ -116,6 +116,12 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         self.rho_schedule: Optional[Callable[[dict], float]] = None
         self.nonfinite = "skip"
         self.ddp_model: Optional[torch.nn.Module] = None
+        self.capturable = False
+        # capturable: the counters of _extra_state as 0-dim int64 tensors on the parameters'
+        # device (see _counter_args), and how far each moved in the step in progress; otherwise
+        # the host value each had when the step began (what an abandoned step goes back to)
+        self._counters: Dict[str, Tensor] = {}
+        self._counter_marks: Dict[str, int] = {}
         # transient: a skip decided in the first pass and waiting for second_step, the last step's
         # outcome (a bool, or the device flag under "skip_on_device"), how many GradScaler
         # stand-ins the ascent passes of this step used, and this step's device flag ("found")
@@ -202,7 +208,8 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         self._all_reduce([total])
         return [total]
 
-    def _configure(self, freeze_bn, rho_schedule, nonfinite: str = "skip", ddp_model=None) -> None:
+    def _configure(self, freeze_bn, rho_schedule, nonfinite: str = "skip", ddp_model=None,
+                   capturable: bool = False) -> None:
         if freeze_bn is not None and not isinstance(freeze_bn, torch.nn.Module):
             raise ValueError(f"freeze_bn must be the model (an nn.Module) or None, got "
                              f"{type(freeze_bn).__name__}")
@@ -217,8 +224,77 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         if ddp_model is not None and self._sharded:
             raise ValueError("ddp_model is for DistributedDataParallel models; these parameters "
                              "are FSDP2 shards (DTensors), which need no ddp_model")
+        if capturable:
+            self._check_capturable(nonfinite)
         self.freeze_bn, self.rho_schedule, self.nonfinite = freeze_bn, rho_schedule, nonfinite
         self.ddp_model = ddp_model
+        self.capturable = bool(capturable)
+
+    # -- capturable: counters on the device --------------------------------------------------------
+    def _check_capturable(self, nonfinite: str) -> None:
+        """``capturable=True`` needs a step without host syncs and its counters on one device."""
+        if nonfinite not in ("skip_on_device", "unchecked"):
+            raise ValueError(f"capturable=True needs nonfinite='skip_on_device' or 'unchecked', got "
+                             f"{nonfinite!r}: the other policies read the inf/NaN flag on the "
+                             "host, which a step replayed from a CUDA graph cannot do")
+        devices = sorted({str(p.device) for g in self.param_groups for p in g["params"]})
+        if len(devices) > 1:
+            raise ValueError(f"capturable=True needs every parameter on one device (the step "
+                             f"counters live there), got {', '.join(devices)}")
+
+    def _counter_args(self, name: str, offset: int = 0) -> Tuple[int, Optional[Tensor]]:
+        """``(step, device_step)`` of an op at counter ``name`` + ``offset``: the host value plus
+        the offset and None; or, with ``capturable=True``, the offset and the counter's 0-dim
+        int64 tensor on the parameters' device (made from the host value on first use), which the
+        kernel adds on the device: a captured step replays with the counter's current value."""
+        if not self.capturable:
+            return self._extra_state[name] + offset, None
+        c = self._counters.get(name)
+        if c is None:
+            device = next(p.device for g in self.param_groups for p in g["params"])
+            c = self._counters[name] = torch.tensor(self._extra_state[name], dtype=torch.int64,
+                                                    device=device)
+        return offset, c
+
+    def _mark_counter(self, name: str) -> None:
+        """A step starts drawing from counter ``name``: what ``_rewind_counter`` goes back to."""
+        self._counter_marks[name] = 0 if self.capturable else self._extra_state[name]
+
+    def _advance_counter(self, name: str, k: int) -> None:
+        """Counter ``name`` += k: on the host, or (capturable) on the device."""
+        if self.capturable:
+            self._counter_args(name)[1].add_(k)
+            self._counter_marks[name] = self._counter_marks.get(name, 0) + k
+        else:
+            self._extra_state[name] += k
+
+    def _rewind_counter(self, name: str) -> None:
+        """Counter ``name`` back to where ``_mark_counter`` left it (an abandoned or skipped step
+        draws nothing)."""
+        mark = self._counter_marks.get(name)
+        if mark is None:
+            return
+        if self.capturable:
+            if mark and name in self._counters:
+                self._counters[name].sub_(mark)
+            self._counter_marks[name] = 0
+        else:
+            self._extra_state[name] = mark
+
+    def _counter_values(self) -> Dict[str, int]:
+        """The optimizer-wide values with the device counters read back (a host sync, for
+        checkpoints)."""
+        extra = dict(self._extra_state)
+        extra.update({name: int(c.item()) for name, c in self._counters.items()})
+        return extra
+
+    def _set_counter_values(self, extra: Dict[str, int]) -> None:
+        """``_extra_state`` <- ``extra``, and the device counters filled in place (a graph that
+        captured them keeps reading the same tensors)."""
+        self._extra_state.update(extra)
+        for name, c in self._counters.items():
+            if name in extra:
+                c.fill_(extra[name])
 
     # -- DDP: m-sharpness across ranks -----------------------------------------------------------
     def _shared_seed(self, seed) -> int:
@@ -478,6 +554,10 @@ class TwoPassOptimizer(torch.optim.Optimizer):
     def _grads_ok(self, ascent: bool, ps: List[Tensor], scaler) -> bool:
         """May a phase use the gradients of ``ps``?  With a GradScaler they are unscaled in place
         first.  False: skip the step.  ``nonfinite="raise"`` raises instead, weights at the mean."""
+        if self.capturable and scaler is not None and scaler.is_enabled():
+            raise ValueError(f"{type(self).__name__}: scaler= with capturable=True: a GradScaler "
+                             "decides on the host whether the gradients are finite; use "
+                             "nonfinite='skip_on_device' with a fixed loss scale instead")
         if not ps:
             return True
         # first-pass gradients differ per rank (DDP); shards differ in every pass (FSDP2)
@@ -760,7 +840,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
             return False
         grads = [(p, p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None]
         weights = [p.detach().clone() for p, _ in grads]
-        extra = dict(self._extra_state)
+        extra = self._counter_values()
 
         def closure():  # each pass sees the zero gradients again
             for p, g in grads:
@@ -770,13 +850,13 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         with torch.no_grad():
             foreach_copy_([p for p, _ in grads], weights)
         self._extra_state.clear()
-        self._extra_state.update(extra)
+        self._set_counter_values(extra)
         return True
 
     # -- state_dict: optimizer-wide values ride along under one key ------------------------------
     def state_dict(self):
         sd = super().state_dict()
-        sd["samkernels"] = dict(self._extra_state, cls=type(self).__name__)
+        sd["samkernels"] = dict(self._counter_values(), cls=type(self).__name__)
         if sd["param_groups"]:  # torch.distributed.checkpoint keeps only state and param_groups
             sd["param_groups"][0]["samkernels"] = dict(sd["samkernels"])
         return sd
@@ -814,7 +894,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
                     if torch.is_tensor(v) and name in mine and mine[name].dtype != v.dtype:
                         mine[name] = v.to(device=ids[key].device, copy=True)
         if extra is not None:
-            self._extra_state.update({k: v for k, v in extra.items() if k != "cls"})
+            self._set_counter_values({k: v for k, v in extra.items() if k != "cls"})
 
 
 def foreach_copy_(dst: List[Tensor], src: List[Tensor]) -> None:

@@ -82,7 +82,7 @@ class BiSAM(SAM):
                  eta: float = 0.0, perturb_eps: float = 1e-12,
                  freeze_bn: Optional[torch.nn.Module] = None,
                  rho_schedule: Optional[Callable[[dict], float]] = None, nonfinite: str = "skip",
-                 ddp_model: Optional[torch.nn.Module] = None):
+                 ddp_model: Optional[torch.nn.Module] = None, capturable: bool = False):
         if not isinstance(phi, str) or phi.lower() not in _PHIS:
             raise ValueError(f"phi must be one of {list(_PHIS)}, got {phi!r}")
         phi = phi.lower()
@@ -94,7 +94,7 @@ class BiSAM(SAM):
                          nesterov=nesterov, weight_decay=weight_decay, betas=betas,
                          adam_eps=adam_eps, adaptive=adaptive, eta=eta, perturb_eps=perturb_eps,
                          freeze_bn=freeze_bn, rho_schedule=rho_schedule, nonfinite=nonfinite,
-                         ddp_model=ddp_model)
+                         ddp_model=ddp_model, capturable=capturable)
         self.phi, self.mu, self.alpha = phi, float(mu), float(alpha)
 
     # -- the two losses --------------------------------------------------------------------------
@@ -188,7 +188,8 @@ class EBiSAM(BiSAM):
                  betas: Tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8,
                  perturb_eps: float = 1e-12, freeze_bn: Optional[torch.nn.Module] = None,
                  rho_schedule: Optional[Callable[[dict], float]] = None, nonfinite: str = "skip",
-                 ddp_model: Optional[torch.nn.Module] = None, adaptive: bool = False):
+                 ddp_model: Optional[torch.nn.Module] = None, adaptive: bool = False,
+                 capturable: bool = False):
         if adaptive:  # SWP masks SAM's e; the paper's Alg. 3 has no adaptive variant
             raise ValueError("adaptive=True is not supported by EBiSAM (use BiSAM(adaptive=True))")
         check_beta("beta", beta)
@@ -198,21 +199,23 @@ class EBiSAM(BiSAM):
                          dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
                          betas=betas, adam_eps=adam_eps, perturb_eps=perturb_eps,
                          freeze_bn=freeze_bn, rho_schedule=rho_schedule, nonfinite=nonfinite,
-                         ddp_model=ddp_model)
+                         ddp_model=ddp_model, capturable=capturable)
         self.defaults["beta"] = beta
         for g in self.param_groups:
             g.setdefault("beta", beta)
         self.gamma, self.normalize = float(gamma), bool(normalize)
         self._extra_state.update(seed=self._shared_seed(seed), noise_step=0)
-        # the mask counter when this step's first mask was drawn (dicts: set in place)
-        self._mask = {"start": 0, "open": False}
+        # whether a step's masks are being drawn (the counter is marked at its first; a dict: set
+        # in place)
+        self._mask = {"open": False}
 
     def _rollback_skipped_step(self) -> None:  # the next step draws the skipped step's masks
-        self._extra_state["noise_step"] = self._mask["start"]
+        self._rewind_counter("noise_step")
         self._mask["open"] = False
 
     def _start_base_step(self) -> None:  # no mask drawn: a skipped base step leaves the counter
-        self._mask.update(start=self._extra_state["noise_step"], open=False)
+        self._mark_counter("noise_step")
+        self._mask["open"] = False
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False, *, scaler=None) -> Optional[Tensor]:
@@ -223,7 +226,8 @@ class EBiSAM(BiSAM):
         self._require_unperturbed("first_step")
         work = [(g, ps, [p.grad for p in ps]) for g, ps in self._grouped()]
         if not self._mask["open"]:
-            self._mask.update(start=self._extra_state["noise_step"], open=True)
+            self._mark_counter("noise_step")
+            self._mask["open"] = True
         self._skip_state["pending"] = False
         self._begin_step()
         # ||grad Q|| spans every group, as SAM's norm, and is the inf/NaN check (_checked_norm);
@@ -234,7 +238,8 @@ class EBiSAM(BiSAM):
         if not ok:
             self._skip_first_pass()
             work = []
-        seed, step = self._extra_state["seed"], self._extra_state["noise_step"]
+        seed = self._extra_state["seed"]
+        step, at = self._counter_args("noise_step")
         eps = None
         if work and not self.normalize:  # Alg. 3 line 5 as printed: no normalisation
             norm, eps = torch.ones((), dtype=torch.float64, device=work[0][1][0].device), 0.0
@@ -244,11 +249,11 @@ class EBiSAM(BiSAM):
                                     None if norm is None else norm.to(ps[0].device), seed, step,
                                     self._rho(group), group["beta"],
                                     group["perturb_eps"] if eps is None else eps,
-                                    self._found_inf(ps[0].device))
+                                    self._found_inf(ps[0].device), at)
             self._mark_perturbed(ps, backups)
             norm = n if norm is None else norm
         if work:
-            self._extra_state["noise_step"] = step + 1
+            self._advance_counter("noise_step", 1)
         if zero_grad:
             self.zero_grad()
         return norm

@@ -62,17 +62,16 @@ class BSAM(PosteriorSampler, TwoPassOptimizer):
                  update_order: str = "paper", freeze_bn: Optional[torch.nn.Module] = None,
                  freeze_bn_noisy: bool = False,
                  rho_schedule: Optional[Callable[[dict], float]] = None, nonfinite: str = "skip",
-                 ddp_model: Optional[torch.nn.Module] = None):
+                 ddp_model: Optional[torch.nn.Module] = None, capturable: bool = False):
         defaults = dict(lr=lr, num_data=num_data, rho=rho, betas=betas, weight_decay=weight_decay,
                         gamma=gamma, init_precision=init_precision, update_order=update_order)
         super().__init__(params, defaults)
-        self._configure(freeze_bn, rho_schedule, nonfinite, ddp_model)
+        self._configure(freeze_bn, rho_schedule, nonfinite, ddp_model, capturable)
         self.freeze_bn_noisy = bool(freeze_bn_noisy)
         self._extra_state.update(seed=self._shared_seed(seed), noise_step=0)
         self._accum_bufs = {}  # transient sqrt(s)|g| sums (released order, m-sharpness), never saved
         self._accumulating = {"on": False}  # a dict, set in place (see TwoPassOptimizer on compile)
         self._accum_touched = {}  # parameters whose sum was started this step (an ordered set)
-        self._noise_start = {"value": 0}  # the counter when this step's first noise was drawn
 
     def _check_group(self, group: dict) -> None:
         for key in ("lr", "rho", "weight_decay", "gamma"):
@@ -122,19 +121,20 @@ class BSAM(PosteriorSampler, TwoPassOptimizer):
         self._require_unperturbed("noise_step")
         micro = _micro or 0
         if micro == 0:
-            self._noise_start["value"] = self._extra_state["noise_step"]
-        start = self._noise_start["value"]
+            self._mark_counter("noise_step")
         rank, world = self._rank_world()
-        seed, step = self._extra_state["seed"], start + rank * _m + micro
+        seed = self._extra_state["seed"]
+        step, at = self._counter_args("noise_step", rank * _m + micro)
         for group, ps in self._grouped(with_grad=False):
             backups, precisions, _ = self._lists(group, ps)
             ops.bsam_noise_(ps, backups, precisions, self._param_ids_for(ps), seed, step,
-                            group["num_data"])
+                            group["num_data"], at)
             self._mark_perturbed(ps, backups)
-        self._extra_state["noise_step"] = start + world * _m if micro == _m - 1 else start
+        if micro == _m - 1:
+            self._advance_counter("noise_step", world * _m)
 
     def _rollback_skipped_step(self) -> None:
-        self._extra_state["noise_step"] = self._noise_start["value"]
+        self._rewind_counter("noise_step")
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False, *, scaler=None,

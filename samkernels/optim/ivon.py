@@ -76,7 +76,8 @@ class IVON(PosteriorSampler, TwoPassOptimizer):
     def __init__(self, params, lr: float, ess: float, hess_init: float = 1.0, *,
                  betas: Tuple[float, float] = (0.9, 0.99999), weight_decay: float = 1e-4,
                  mc_samples: int = 1, clip_radius: float = math.inf, rescale_lr: bool = True,
-                 debias: bool = True, seed: SeedLike = None, nonfinite: str = "skip"):
+                 debias: bool = True, seed: SeedLike = None, nonfinite: str = "skip",
+                 capturable: bool = False):
         if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
             raise ValueError(f"mc_samples must be an int >= 1, got {mc_samples!r}")
         for name, flag in (("rescale_lr", rescale_lr), ("debias", debias)):
@@ -85,14 +86,17 @@ class IVON(PosteriorSampler, TwoPassOptimizer):
         defaults = dict(lr=lr, ess=ess, hess_init=hess_init, betas=betas,
                         weight_decay=weight_decay, clip_radius=clip_radius)
         super().__init__(params, defaults)  # _check_group checks these, and every group's
-        self._configure(None, None, nonfinite)
+        if capturable and debias:
+            raise ValueError("IVON: capturable=True needs debias=False for now (the bias correction "
+                             "1 - beta1^t is a host value of the ivon_update_ op)")
+        self._configure(None, None, nonfinite, capturable=capturable)
         self.mc_samples, self.rescale_lr, self.debias = mc_samples, rescale_lr, debias
         # seed, the noise counter (one draw per sample) and t, the steps taken (for debias)
         self._extra_state.update(seed=self._shared_seed(seed), noise_step=0, step=0)
-        # this step: samples drawn, the counter at its start and of the noise now in the weights,
-        # the parameters with a gradient in every sample so far (mutated in place: see
-        # TwoPassOptimizer on torch.compile)
-        self._sample = {"k": 0, "start": 0, "at": 0}
+        # this step: samples drawn (sample k draws at the noise counter, which then moves on: the
+        # gradient phases regenerate its noise at counter - 1), the parameters with a gradient in
+        # every sample so far (mutated in place: see TwoPassOptimizer on torch.compile)
+        self._sample = {"k": 0}
         self._have: dict = {}
         self._avg_bufs = {}  # transient running means (g, g sigma z) per parameter, never saved
 
@@ -146,11 +150,11 @@ class IVON(PosteriorSampler, TwoPassOptimizer):
         again by the next step)."""
         super().restore()
         if self._sample["k"]:
-            self._extra_state["noise_step"] = self._sample["start"]
+            self._rewind_counter("noise_step")
             self._end_samples()
 
     def _rollback_skipped_step(self) -> None:  # the next step draws the skipped step's noise
-        self._extra_state["noise_step"] = self._sample["start"]
+        self._rewind_counter("noise_step")
 
     def _finish_step(self, skipped: bool) -> None:
         super()._finish_step(skipped)
@@ -180,18 +184,18 @@ class IVON(PosteriorSampler, TwoPassOptimizer):
             raise RuntimeError(f"IVON.noise_step: all mc_samples={self.mc_samples} samples of this "
                                "step are drawn; run the backward and call second_step()")
         if k == 0:
-            self._sample["start"] = self._extra_state["noise_step"]
+            self._mark_counter("noise_step")
             self._begin_step()
-        step = self._sample["start"] + k
         if not self.skip_pending:  # a skipped step only counts its samples
             seed = self._extra_state["seed"]
+            step, at = self._counter_args("noise_step")
             for group, ps in self._grouped(with_grad=False):
                 backups, hessians, _ = self._lists(group, ps)
                 ops.ivon_noise_(ps, backups, hessians, self._param_ids_for(ps), seed, step,
-                                group["ess"], group["weight_decay"])
+                                group["ess"], group["weight_decay"], at)
                 self._mark_perturbed(ps, backups)
-        self._sample.update(k=k + 1, at=step)
-        self._extra_state["noise_step"] = step + 1
+        self._sample["k"] = k + 1
+        self._advance_counter("noise_step", 1)
 
     def _check_sample(self, what: str, last: bool) -> None:
         k, s = self._sample["k"], self.mc_samples
@@ -230,6 +234,7 @@ class IVON(PosteriorSampler, TwoPassOptimizer):
         moved = self._take_perturbed()
         done: set = set()
         seed = self._extra_state["seed"]
+        step, at = self._counter_args("noise_step", -1)  # this sample's draw (counter - 1)
         try:
             for group, ps in self._with_grad(grouped, first=k == 1):
                 if not ps:
@@ -237,9 +242,9 @@ class IVON(PosteriorSampler, TwoPassOptimizer):
                 backups, hessians, _ = self._lists(group, ps)
                 avg_grads, avg_nxgs = self._avgs(ps)
                 ops.ivon_accumulate_(ps, [p.grad for p in ps], backups, hessians, avg_grads,
-                                     avg_nxgs, self._param_ids_for(ps), seed, self._sample["at"],
+                                     avg_nxgs, self._param_ids_for(ps), seed, step,
                                      group["ess"], group["weight_decay"], k,
-                                     self._found_inf(ps[0].device))
+                                     self._found_inf(ps[0].device), at)
                 done.update(ps)
         finally:  # the op put w <- m; anything else moved goes back too
             self._copy_back(moved, done, outside=True)
@@ -267,7 +272,8 @@ class IVON(PosteriorSampler, TwoPassOptimizer):
         k = self._sample["k"]
         moved = self._take_perturbed()
         done: set = set()
-        seed, t = self._extra_state["seed"], self._extra_state["step"] + 1
+        seed, t = self._extra_state["seed"], self._extra_state["step"] + 1  # t: host (debias)
+        step, at = self._counter_args("noise_step", -1)  # the last sample's draw
         try:
             for group, ps in self._with_grad(grouped, first=k == 1):
                 if not ps:
@@ -279,13 +285,13 @@ class IVON(PosteriorSampler, TwoPassOptimizer):
                 backups, hessians, momenta = self._lists(group, ps)
                 avg_grads, avg_nxgs = self._avgs(ps) if k > 1 else ([], [])
                 ops.ivon_update_(ps, [p.grad for p in ps], backups, hessians, momenta, avg_grads,
-                                 avg_nxgs, self._param_ids_for(ps), seed, self._sample["at"], lr,
+                                 avg_nxgs, self._param_ids_for(ps), seed, step, lr,
                                  group["ess"], wd, beta1, beta2, group["clip_radius"],
-                                 bias_correction, k, self._found_inf(ps[0].device))
+                                 bias_correction, k, self._found_inf(ps[0].device), at)
                 done.update(ps)
         finally:  # anything not updated (no gradient in some sample, or an error): back to m
             self._copy_back(moved, done, outside=True)
-        self._extra_state["step"] = t
+        self._advance_counter("step", 1)
         self._finish_step(skipped=False)
         if zero_grad:
             self.zero_grad()

@@ -97,14 +97,13 @@ class MFVI(GaussianPosterior, TwoPassOptimizer):
                  var_lr: float = 0.01, prior_var: float = 1.0, init_var: Optional[float] = None,
                  momentum: float = 0.0, seed: SeedLike = None,
                  freeze_bn: Optional[torch.nn.Module] = None, freeze_bn_noisy: bool = False,
-                 nonfinite: str = "skip"):
+                 nonfinite: str = "skip", capturable: bool = False):
         defaults = dict(lr=lr, num_data=num_data, rho=rho, var_lr=var_lr,
                         prior_var=prior_var, init_var=init_var, momentum=momentum)
         super().__init__(params, defaults)  # _check_group checks these, and every group's
-        self._configure(freeze_bn, None, nonfinite)
+        self._configure(freeze_bn, None, nonfinite, capturable=capturable)
         self.freeze_bn_noisy = bool(freeze_bn_noisy)
         self._extra_state.update(seed=self._shared_seed(seed), noise_step=0)
-        self._noise = {"at": 0}  # counter of the noise now in the weights (a dict: set in place)
 
     def _check_group(self, group: dict) -> None:
         check_nonneg("lr", group["lr"])
@@ -143,17 +142,18 @@ class MFVI(GaussianPosterior, TwoPassOptimizer):
     def noise_step(self) -> None:
         """Alg. 2 line 3: theta = mu + Sigma^1/2 z into the parameters (mu kept in a backup)."""
         self._require_unperturbed("noise_step")
-        seed, step = self._extra_state["seed"], self._extra_state["noise_step"]
+        self._mark_counter("noise_step")
+        seed = self._extra_state["seed"]
+        step, at = self._counter_args("noise_step")
         for group, ps in self._grouped(with_grad=False):
             backups = self._backups_for(ps)
             ops.vi_noise_(ps, backups, self._variances(group, ps),
-                          self._param_ids_for(ps), seed, step, 0.0)
+                          self._param_ids_for(ps), seed, step, 0.0, at)
             self._mark_perturbed(ps, backups)
-        self._noise["at"] = step
-        self._extra_state["noise_step"] = step + 1
+        self._advance_counter("noise_step", 1)
 
     def _rollback_skipped_step(self) -> None:  # the next step draws the skipped step's noise
-        self._extra_state["noise_step"] = self._noise["at"]
+        self._rewind_counter("noise_step")
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False, *, scaler=None) -> None:
@@ -171,6 +171,7 @@ class MFVI(GaussianPosterior, TwoPassOptimizer):
         perturbed = self._take_perturbed()
         todo = {p for ps, _ in perturbed for p in ps}
         seed = self._extra_state["seed"]
+        step, at = self._counter_args("noise_step", -1)  # the draw of noise_step (counter - 1)
         try:
             for group, ps in grouped:
                 ps = [p for p in ps if p in todo]
@@ -178,10 +179,10 @@ class MFVI(GaussianPosterior, TwoPassOptimizer):
                     continue
                 ops.mfvi_update_(ps, [p.grad for p in ps], self._backups_for(ps),
                                  self._variances(group, ps), self._momenta(group, ps),
-                                 self._param_ids_for(ps), seed, self._noise["at"],
+                                 self._param_ids_for(ps), seed, step,
                                  group["lr"], group["var_lr"], group["momentum"],
                                  group["prior_var"], group["num_data"],
-                                 self._found_inf(ps[0].device))
+                                 self._found_inf(ps[0].device), at)
                 todo.difference_update(set(ps))
         finally:  # anything not updated (no gradient now, or an error) goes back to the mean
             self._copy_back(perturbed, todo)

@@ -131,7 +131,7 @@ class RandomSAM(TwoPassOptimizer):
                  seed: SeedLike = None, freeze_bn: Optional[torch.nn.Module] = None,
                  freeze_bn_noisy: bool = False,
                  rho_schedule: Optional[Callable[[dict], float]] = None, nonfinite: str = "skip",
-                 base_kwargs: Optional[dict] = None, **kwargs):
+                 capturable: bool = False, base_kwargs: Optional[dict] = None, **kwargs):
         if sigma is not None and rho is not None:
             raise ValueError("give sigma or rho, not both (sigma = rho / sqrt(p))")
         if sigma is None and rho is None:
@@ -173,10 +173,9 @@ class RandomSAM(TwoPassOptimizer):
             defaults["base"] = base
             defaults.update({k: given.get(k, BASE_DEFAULTS[k]) for k in BASE_KEYS[base]})
         super().__init__(params, defaults)
-        self._configure(freeze_bn, rho_schedule, nonfinite)
+        self._configure(freeze_bn, rho_schedule, nonfinite, capturable=capturable)
         self.freeze_bn_noisy = bool(freeze_bn_noisy)
         self._extra_state.update(seed=self._shared_seed(seed), noise_step=0)
-        self._noise = {"at": 0}  # counter of the step's first noise draw (a dict: set in place)
         if unfused:
             # The inner optimizer is built on our group dicts and then shares our list of them:
             # torch's add_param_group fills its defaults into the dicts in place, an LR scheduler
@@ -222,19 +221,20 @@ class RandomSAM(TwoPassOptimizer):
         self._require_unperturbed("noise_step")
         micro = _micro or 0
         if micro == 0:
-            self._noise["at"] = self._extra_state["noise_step"]
+            self._mark_counter("noise_step")
         self._begin_step()
-        start = self._noise["at"]
-        seed, step = self._extra_state["seed"], start + micro
+        seed = self._extra_state["seed"]
+        step, at = self._counter_args("noise_step", micro)
         for group, ps in self._grouped(with_grad=False):
             backups = self._backups_for(ps)
             ops.vi_noise_(ps, backups, [], self._param_ids_for(ps), seed, step,
-                          self.noise_scale(group))
+                          self.noise_scale(group), at)
             self._mark_perturbed(ps, backups)
-        self._extra_state["noise_step"] = start + _m if micro == _m - 1 else start
+        if micro == _m - 1:
+            self._advance_counter("noise_step", _m)
 
     def _rollback_skipped_step(self) -> None:  # the next step draws the skipped step's noise
-        self._extra_state["noise_step"] = self._noise["at"]
+        self._rewind_counter("noise_step")
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False, *, scaler=None) -> None:
@@ -268,7 +268,7 @@ class RandomSAM(TwoPassOptimizer):
         SAM.base_step(self, zero_grad, scaler=scaler)
 
     def _start_base_step(self) -> None:  # no noise drawn: a skip rolls the counter back to here
-        self._noise["at"] = self._extra_state["noise_step"]
+        self._mark_counter("noise_step")
 
     def step(self, closure: Optional[Callable] = None, m: int = 1, *, scaler=None):
         """One RandomSAM step: the closure runs once at mu + sigma0 z; returns its loss.

@@ -116,7 +116,7 @@ class SAM(TwoPassOptimizer):
                  adam_eps: float = 1e-8, adaptive: bool = False, eta: float = 0.01,
                  perturb_eps: float = 1e-12, freeze_bn: Optional[torch.nn.Module] = None,
                  rho_schedule: Optional[Callable[[dict], float]] = None, nonfinite: str = "skip",
-                 ddp_model: Optional[torch.nn.Module] = None):
+                 ddp_model: Optional[torch.nn.Module] = None, capturable: bool = False):
         # Only the chosen base's keys go into defaults and groups: torch's OneCycleLR/CyclicLR
         # cycle betas[0] whenever "betas" is in defaults, so an SGD-based optimizer carrying an
         # unused betas would have its momentum cycling silently do nothing.  The other base's
@@ -129,7 +129,7 @@ class SAM(TwoPassOptimizer):
                         eta=eta, perturb_eps=perturb_eps)
         defaults.update({k: spare[k] for k in _BASE_KEYS.get(base, ())})
         super().__init__(params, defaults)
-        self._configure(freeze_bn, rho_schedule, nonfinite, ddp_model)
+        self._configure(freeze_bn, rho_schedule, nonfinite, ddp_model, capturable)
 
     def _check_group(self, group: dict) -> None:
         for key in ("lr", "rho", "weight_decay", "eta"):
@@ -270,6 +270,8 @@ class SAM(TwoPassOptimizer):
             return
         # Adam / AdamW: one op per distinct step count (normally exactly one)
         beta1, beta2 = group["betas"]
+        if self.capturable:
+            return self._capturable_adam(group, ps, grads, backups, found_inf)
         have = None if torch.compiler.is_compiling() else \
             self._state_lists(ps, "step", "exp_avg", "exp_avg_sq")
         if have is not None:  # all state exists (eager): count the steps with one foreach op
@@ -300,6 +302,34 @@ class SAM(TwoPassOptimizer):
                                   [self.state[p]["exp_avg_sq"] for p in sel], step, group["lr"],
                                   beta1, beta2, group["adam_eps"], group["weight_decay"],
                                   group["base"] == "adamw", found_inf)
+
+    def _capturable_adam(self, group: dict, ps, grads, backups, found_inf) -> None:
+        """Adam / AdamW with ``capturable=True``: each parameter's step count is a float32 tensor
+        on its device (as in torch.optim's capturable Adam), advanced there; the op adds the
+        first one on the device (``device_step``), so the parameters of a group step together."""
+        if len(ps) != len(group["params"]):
+            raise RuntimeError(
+                f"{type(self).__name__}: with capturable=True and an Adam base every parameter of "
+                f"a group needs a gradient at every step (their step counts advance together on "
+                f"the device); {len(group['params']) - len(ps)} of this group's parameters have "
+                "none now")
+        have = self._state_lists(ps, "step", "exp_avg", "exp_avg_sq")
+        if have is None or have[0][0].device != ps[0].device:
+            for p in ps:
+                st = self.state[p]
+                if "step" not in st:
+                    st["step"] = torch.tensor(0.0)
+                    st["exp_avg"] = torch.zeros_like(p, dtype=opmath(p))
+                    st["exp_avg_sq"] = torch.zeros_like(p, dtype=opmath(p))
+                st["step"] = st["step"].to(p.device, torch.float32)  # loaded on the CPU
+            self._memos.clear()
+            have = self._state_lists(ps, "step", "exp_avg", "exp_avg_sq")
+        steps, exp_avgs, exp_avg_sqs = have
+        torch._foreach_add_(steps, 1.0)
+        beta1, beta2 = group["betas"]
+        self._restore_adam(ps, grads, backups, exp_avgs, exp_avg_sqs, 0, group["lr"], beta1,
+                           beta2, group["adam_eps"], group["weight_decay"],
+                           group["base"] == "adamw", found_inf, steps[0].to(torch.int64))
 
     # the fused restore + base step of _base_update (the SAM variants add their lists here)
     def _restore_sgd(self, *args) -> None:

@@ -312,6 +312,9 @@ class LookSAM(_Variant):
     def __init__(self, params, lr: float, rho: float = 0.1, base: str = "sgd", *, k: int = 10,
                  alpha: float = 0.7, **kwargs):
         _check_int("k", k)
+        if kwargs.get("capturable"):
+            raise ValueError("LookSAM: capturable=True is not supported: whether a step is a full "
+                             "SAM step or a one-pass step (every k steps) is decided on the host")
         super().__init__(params, lr, rho, base, dict(alpha=alpha), **kwargs)
         self.k = k
         self._extra_state.setdefault("looksam_step", 0)

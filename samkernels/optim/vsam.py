@@ -104,7 +104,8 @@ class VariationalSAM(GaussianPosterior, TwoPassOptimizer):
                  weight_decay: Optional[float] = None, betas: Tuple[float, float] = (0.9, 0.999),
                  adam_eps: float = 1e-8, var_lr: float = 0.01, prior_var: float = 1.0,
                  var_step: str = "log", min_var: float = 1e-12, perturb_eps: float = 1e-12,
-                 freeze_bn: Optional[torch.nn.Module] = None, nonfinite: str = "skip"):
+                 freeze_bn: Optional[torch.nn.Module] = None, nonfinite: str = "skip",
+                 capturable: bool = False):
         check_choice("base", base, FUSED_BASES)
         spare = dict(momentum=momentum, dampening=dampening, nesterov=nesterov,
                      weight_decay=weight_decay, betas=betas, adam_eps=adam_eps)
@@ -117,7 +118,7 @@ class VariationalSAM(GaussianPosterior, TwoPassOptimizer):
                         perturb_eps=perturb_eps)
         defaults.update({k: spare[k] for k in BASE_KEYS[base]})
         super().__init__(params, defaults)
-        self._configure(freeze_bn, None, nonfinite)
+        self._configure(freeze_bn, None, nonfinite, capturable=capturable)
         self._var_saved = {"on": False}  # Sigma copied before its step (see _rollback_skipped_step)
         self._var_copies: Dict[Tensor, Tensor] = {}  # transient buffers, reused across steps
         self._var_now: List[Tensor] = []  # the parameters whose Sigma this step copied
