@@ -44,9 +44,10 @@ COUNTERS = ("step",)
 
 
 class Run:
-    def __init__(self, name, nonfinite="skip_on_device", dtype=torch.float32):
+    def __init__(self, name, nonfinite="skip_on_device", dtype=torch.float32, makers=MAKERS,
+                 **kw):
         self.model = helpers.mlp(dtype)
-        self.opt = MAKERS[name](self.model.parameters(), nonfinite=nonfinite)
+        self.opt = makers[name](self.model.parameters(), nonfinite=nonfinite, **kw)
         self.x, self.y = helpers.data(dtype, N, 1)
         self.poison = None  # (index of the pass within the step, value)
         self.calls = 0

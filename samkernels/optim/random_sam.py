@@ -122,6 +122,7 @@ class RandomSAM(TwoPassOptimizer):
 
     _base_update = SAM._base_update  # the fused restore-and-update phase is SAM's
     _restore_sgd, _restore_adam = SAM._restore_sgd, SAM._restore_adam
+    _capturable_adam = SAM._capturable_adam
 
     def __init__(self, params, lr: float, sigma: Optional[float] = None,
                  rho: Optional[float] = None, base="sgd", *, momentum: Optional[float] = None,

@@ -91,6 +91,7 @@ class VariationalSAM(GaussianPosterior, TwoPassOptimizer):
 
     _base_update = SAM._base_update
     _restore_sgd, _restore_adam = SAM._restore_sgd, SAM._restore_adam
+    _capturable_adam = SAM._capturable_adam
     base_step = SAM.base_step  # the mean takes the base step at mu; Sigma does not move
 
     def _start_base_step(self) -> None:
