@@ -223,3 +223,21 @@ def test_adam_needs_every_parameter_of_a_group_each_step():
     m[0](torch.randn(4, 3)).sum().backward()
     with pytest.raises(RuntimeError, match="every parameter of a group needs a gradient"):
         opt.second_step()
+
+
+def test_loading_mixed_step_counts_is_refused():
+    """A host run where one parameter missed a step has two Adam step counts in a group, which a
+    capturable optimizer cannot keep apart: loading it is an error naming the group."""
+    m = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    host = samkernels.SAM(m.parameters(), lr=0.1, base="adam")
+    x = torch.randn(4, 3)
+    for i in range(2):
+        out = m(x).sum() if i else m[0](x).sum()  # step 0: m[1] has no gradient
+        out.backward()
+        host.first_step(zero_grad=True)
+        (m(x).sum() if i else m[0](x).sum()).backward()
+        host.second_step(zero_grad=True)
+    cap = samkernels.SAM(m.parameters(), lr=0.1, base="adam", nonfinite="skip_on_device",
+                         capturable=True)
+    with pytest.raises(ValueError, match=r"param_groups\[0\].*Adam steps \[1.0, 2.0\]"):
+        cap.load_state_dict(host.state_dict())

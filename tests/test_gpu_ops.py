@@ -625,6 +625,51 @@ def test_sam_step_in_a_cuda_graph(backend):
         assert torch.equal(p, q)
 
 
+_CAPTURABLE = {  # capturable=True: counters on the device (tests/test_capturable.py on the CPU)
+    "sam_adam": ("SAM", dict(lr=1e-3, base="adam"), ["first_step", "second_step"]),
+    "gsam_adam": ("GSAM", dict(lr=1e-3, base="adam"), ["first_step", "second_step"]),
+    "vsam_adam": ("VariationalSAM", dict(lr=1e-3, num_data=1000, base="adam"),
+                  ["first_step", "second_step"]),
+    "bsam": ("BSAM", dict(lr=0.1, num_data=1000, seed=1), ["noise_step", "first_step",
+                                                            "second_step"]),
+    "randomsam_adam": ("RandomSAM", dict(lr=1e-3, sigma=0.05, base="adam", seed=2),
+                       ["noise_step", "second_step"]),
+    "mfvi": ("MFVI", dict(lr=0.1, num_data=1000, seed=3), ["noise_step", "second_step"]),
+    "ebisam": ("EBiSAM", dict(lr=0.1, seed=4), ["first_step", "second_step"]),
+    "ivon": ("IVON", dict(lr=0.1, ess=1000, debias=False, seed=5), ["noise_step", "second_step"]),
+}
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("name", list(_CAPTURABLE))
+def test_capturable_step_replays(backend, name):
+    """capturable=True: a whole step captured once and replayed three times equals three eager
+    steps bit for bit, noise counters and Adam's step count included (they advance on the
+    device, so each replay draws new noise and takes the next bias correction)."""
+    import samkernels.optim as optim
+    if backend == "triton":
+        _skip_unless_triton_on_cuda()
+    cls, kw, phases = _CAPTURABLE[name]
+    kw = dict(kw, nonfinite="skip_on_device", capturable=True)
+    eager_model, model = _gpu_model_and_grads(), _gpu_model_and_grads()
+    eager, opt = (getattr(optim, cls)(m.parameters(), **kw) for m in (eager_model, model))
+
+    def step(o):
+        for ph in phases:
+            getattr(o, ph)()
+    with samkernels.use_backend(backend):
+        graph = _warmed_up_and_captured(lambda: step(opt), warm_ups=2)
+        for _ in range(3):  # the two warm-ups and the capture ran
+            step(eager)
+        for _ in range(3):
+            graph.replay()
+            step(eager)
+        torch.cuda.synchronize()
+    for p, q in zip(model.parameters(), eager_model.parameters()):
+        assert torch.equal(p, q), name
+    assert opt.state_dict()["samkernels"] == eager.state_dict()["samkernels"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Noise tails: 2^25 elements, u0 near 1 (fast-math __logf made such normals 0, wrong or NaN)
 # ---------------------------------------------------------------------------------------------

@@ -895,6 +895,18 @@ class TwoPassOptimizer(torch.optim.Optimizer):
                         mine[name] = v.to(device=ids[key].device, copy=True)
         if extra is not None:
             self._set_counter_values({k: v for k, v in extra.items() if k != "cls"})
+        if self.capturable:
+            self._check_one_step_count()
+
+    def _check_one_step_count(self) -> None:
+        """capturable: the Adam step counts of a group advance together on the device, so a
+        loaded state must have one count per group."""
+        for gi, g in enumerate(self.param_groups):
+            counts = sorted({float(self.state[p]["step"]) for p in g["params"]
+                             if p in self.state and "step" in self.state[p]})
+            if len(counts) > 1:
+                raise ValueError(f"param_groups[{gi}]: the state_dict's parameters are at Adam "
+                                 f"steps {counts}; capturable=True needs one step count per group")
 
 
 def foreach_copy_(dst: List[Tensor], src: List[Tensor]) -> None:

@@ -50,6 +50,8 @@ class BSAM(PosteriorSampler, TwoPassOptimizer):
             one process (see ``noise_step``), and sqrt(s)|g| is averaged over the ranks (one
             all-reduce of a parameter-sized buffer) before line 5, so every rank keeps the same
             precision.
+        capturable: the noise counter on the device, as for ``SAM``: ``noise_step()`` +
+            ``first_step()`` + ``second_step()`` can be captured in one CUDA graph.
 
     ``step(closure)`` calls the closure twice (at theta, then at omega + eps) and returns the first
     loss.  Explicit phases: ``noise_step(); backward; first_step(); backward; second_step()``.

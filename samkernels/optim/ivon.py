@@ -49,6 +49,9 @@ class IVON(PosteriorSampler, TwoPassOptimizer):
             for ``SAM``.  A skipped step (inf/NaN gradients in any sample) leaves weights, Hessian,
             momentum, the step count ``t`` and the noise counter as they were.  Under
             ``"skip_on_device"`` the host cannot know, so ``t`` and the noise counter advance.
+        capturable: the noise counter and ``t`` on the device, as for ``SAM``; needs
+            ``debias=False`` for now (the bias correction ``1 - beta1^t`` is a host argument of
+            the fused update).
 
     Per step, with g_k the gradient at theta_k = m + sigma z_k and means over the S samples::
 

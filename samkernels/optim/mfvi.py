@@ -65,6 +65,7 @@ class MFVI(GaussianPosterior, TwoPassOptimizer):
         nonfinite: ``"skip"`` (default), ``"skip_on_device"``, ``"raise"`` or ``"unchecked"``,
             as for ``SAM``.  A skipped
             step leaves weights, variances, momentum and the noise counter as they were.
+        capturable: the noise counter on the device, as for ``SAM``.
 
     Per step, the gradient of the sampled theta gives (u = log Sigma)::
 

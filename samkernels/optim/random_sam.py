@@ -103,6 +103,8 @@ class RandomSAM(TwoPassOptimizer):
             ``torch.optim`` step cannot be skipped on the device), ``"raise"`` or
             ``"unchecked"``, as for ``SAM``.  A skipped step leaves weights, state and the noise
             counter as they were.
+        capturable: the noise counter (and a fused Adam base's step) on the device, as for
+            ``SAM``; a ``torch.optim`` base must be made capturable itself (``base_kwargs``).
         base_kwargs: keyword arguments of a ``torch.optim`` base (not allowed with a fused one).
 
     ``step(closure)`` calls the closure once, at mu + sigma0 z (a closure that takes an argument

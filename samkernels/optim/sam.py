@@ -89,6 +89,14 @@ class SAM(TwoPassOptimizer):
             runs under ``no_sync()``, each rank perturbing with its own gradient — m-sharpness
             with m = world size (see ``TwoPassOptimizer``).  None (default): both passes
             all-reduce, SAM on the global batch.
+        capturable: keep the counters the kernels read on the parameters' device, advanced there
+            (Adam's per-parameter step, a float32 tensor as in torch.optim's capturable Adam;
+            the noise / mask counters of BSAM, RandomSAM, MFVI, EBiSAM, IVON), so that a whole
+            step (``first_step()`` + ``second_step()``) can be captured once in a CUDA graph and
+            replayed.  The same steps as ``capturable=False``, bit for bit.  Needs
+            ``nonfinite="skip_on_device"`` or ``"unchecked"``, no GradScaler, every parameter on
+            one device and, with an Adam base, a gradient for every parameter of a group at
+            every step (README "CUDA graphs").
 
     The norm ``||g||`` is taken over all parameters of all groups, on the device.
 

@@ -76,6 +76,7 @@ class VariationalSAM(GaussianPosterior, TwoPassOptimizer):
             as for ``SAM``.  A skipped
             step leaves weights, Sigma and the base optimizer's state as they were (while checking,
             Sigma is copied before its step, to be put back if the second pass is skipped).
+        capturable: a fused Adam base's step on the device, as for ``SAM``.
 
     eq. 42 gives (diagonal Sigma, g from the first pass)::
 
