@@ -10,7 +10,8 @@
 #   build  the extension for this GPU's architecture only, in a copy of the checkout
 #          (python setup.py build_ext --inplace: no network, no pip; TORCH_CUDA_ARCH_LIST from
 #          torch.cuda.get_device_capability, MAX_JOBS = cores, SAMKERNELS_CUDA=1)
-#   tests  tests/test_gpu_ops.py (+ tests/test_norm_contract.py if present), TRITON_INTERPRET=0
+#   tests  tests/test_gpu_ops.py (+ tests/test_norm_contract.py, tests/test_contract.py on a GPU),
+#          TRITON_INTERPRET=0
 #   tune   samkernels.tune_backend(): CUDA vs Triton kernels on this GPU
 #   steps  bench/report.py: GPT-2-small, ResNet-50, 2,000 tiny tensors; fused CUDA / Triton
 #          (nonfinite skip_on_device and unchecked), foreach, loop; copy-bandwidth floor;
@@ -176,6 +177,8 @@ stage_tests() {
   cd "$TESTROOT/tests"
   files="test_gpu_ops.py"
   if [ "$HAS_CUDA" = 1 ] && [ -f test_norm_contract.py ]; then files="$files test_norm_contract.py"; fi
+  # the op contract (device_step, skip forms, hard inputs) on the cuda backend too
+  if [ "$HAS_CUDA" = 1 ] && [ -f test_contract.py ]; then files="$files test_contract.py"; fi
   extra=""
   if "$PY" -c "import pytest_timeout" 2>/dev/null; then extra="--timeout=150"; fi
   # on a GPU: several workers (Triton compilations and float64 references are CPU-bound)
