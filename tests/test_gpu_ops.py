@@ -290,20 +290,24 @@ def test_sam_perturb_norm_dtype_and_rho_zero():
 
 
 def _no_sync_calls(device, specs=SPECS) -> list:
-    """(op, arguments, found_inf) of every case of every op, built beforehand: each gated op with
-    no flag, a zero flag and a set one (the kernels read it, never the host); a given norm also
-    as float32."""
+    """(op, arguments, keyword arguments) of every case of every op, built beforehand: each gated
+    op with no flag, a zero flag and a set one, each op with a step also with a device_step (the
+    kernels read both, never the host); a given norm also as float32."""
     calls = []
     for case, (name, _) in CASES.items():
         _, args = build(case, specs, MIXED, device)
-        flags = [None]
-        if PHASES[name].takes_found_inf:
-            flags += [torch.zeros((), device=device), torch.ones(1, device=device)]
-        calls += [(name, args, f) for f in flags]
-        given = [k for k, a in enumerate(PHASES[name].args)
-                 if a.type == "Tensor?" and a.name != "found_inf" and args[k] is not None]
+        op = PHASES[name]
+        extras = [{}]
+        if op.takes_found_inf:
+            extras += [{"found_inf": torch.zeros((), device=device)},
+                       {"found_inf": torch.ones(1, device=device)}]
+        if op.takes_device_step:
+            extras.append({"device_step": torch.tensor(3, dtype=torch.int64, device=device)})
+        calls += [(name, args, kw) for kw in extras]
+        given = [k for k, a in enumerate(op.args) if a.type == "Tensor?" and
+                 a.name not in ("found_inf", "device_step") and args[k] is not None]
         for k in given:
-            calls.append((name, args[:k] + [args[k].float()] + args[k + 1:], None))
+            calls.append((name, args[:k] + [args[k].float()] + args[k + 1:], {}))
     return calls
 
 
@@ -312,8 +316,8 @@ def test_no_host_sync():
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for name, args, flag in calls:
-            run_cuda(name, *args, **({} if flag is None else {"found_inf": flag}))
+        for name, args, kw in calls:
+            run_cuda(name, *args, **kw)
     finally:
         torch.cuda.set_sync_debug_mode(0)
 
