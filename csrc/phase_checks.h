@@ -75,15 +75,25 @@ inline bool has_device_step(const c10::optional<at::Tensor>& device_step) {
 }
 
 inline void check_device_step(const char* op, const c10::optional<at::Tensor>& device_step,
-                              at::TensorList base) {
+                              at::TensorList base, const char* name = "device_step") {
   if (!has_device_step(device_step)) return;
   const at::Tensor& s = *device_step;
-  TORCH_CHECK(s.scalar_type() == at::kLong && s.numel() == 1, op,
-              ": device_step must be a one-element int64 tensor, got ", s.scalar_type(),
-              " of shape ", s.sizes());
+  TORCH_CHECK(s.scalar_type() == at::kLong && s.numel() == 1, op, ": ", name,
+              " must be a one-element int64 tensor, got ", s.scalar_type(), " of shape ",
+              s.sizes());
   if (!base.empty())
-    TORCH_CHECK(s.device() == base[0].device(), op, ": device_step is on ", s.device(),
+    TORCH_CHECK(s.device() == base[0].device(), op, ": ", name, " is on ", s.device(),
                 " but params[0] is on ", base[0].device());
+}
+
+// ivon_update_'s bias correction: 1 - beta1^t in double, t from `debias_step` when given (on the
+// CPU: host memory), else the `bias_correction` argument.
+inline double ivon_bias_correction(const char* op, double bias_correction, double beta1,
+                                   const c10::optional<at::Tensor>& debias_step,
+                                   at::TensorList base) {
+  if (!has_device_step(debias_step)) return bias_correction;
+  check_device_step(op, debias_step, base, "debias_step");
+  return 1.0 - std::pow(beta1, static_cast<double>(debias_step->item<int64_t>()));
 }
 
 // ivon_accumulate_ / ivon_update_: ``count`` numbers the samples of a step from 1; from the

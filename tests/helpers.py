@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import samkernels
+from samkernels.ops._spec import STEP_TENSORS
 
 
 def tol(dtype: torch.dtype):
@@ -242,7 +243,7 @@ def param_ids(n: int) -> List[int]:
 
 def op_args(op, case: dict, spec, seed: int = 0, device="cpu") -> list:
     """The positional arguments of ``op`` (an OpSpec) in table order, without the trailing
-    ``found_inf`` and ``device_step`` (tests pass those by name or position).
+    ``found_inf``, ``device_step`` and ``debias_step`` (tests pass those by name or position).
 
     Tensor lists follow ``spec`` by role: param / grad / backup in the parameter's dtype, state in
     its opmath dtype; a written backup list starts as NaN (every element must be written); a list
@@ -252,7 +253,7 @@ def op_args(op, case: dict, spec, seed: int = 0, device="cpu") -> list:
     gen = torch.Generator().manual_seed(seed)
     out = []
     for a in op.args:
-        if a.name in ("found_inf", "device_step"):
+        if a.name == "found_inf" or a.name in STEP_TENSORS:
             continue
         v = case.get(a.name)
         if a.type == "Tensor[]":

@@ -2,7 +2,7 @@
 ``second_step()`` (bSAM: with ``noise_step()``) can be captured once in a CUDA graph and replayed.
 
 The counters the kernels read (the noise / mask counter of bSAM, RandomSAM, MFVI, E-BiSAM and
-IVON, Adam's per-parameter step) are int64 / float32 tensors on the parameters' device, advanced
+IVON, IVON's step count t, Adam's per-parameter step) are int64 / float32 tensors on the parameters' device, advanced
 there and passed to the ops as ``device_step``.  Checked here on every CPU backend (reference,
 cpu, Triton's interpreter): the trajectory equals the host counters' bit for bit, inf/NaN steps
 included; nothing in a step reads a tensor on the host (a dispatch mode that fails on every
@@ -36,7 +36,8 @@ CAPTURABLE.update({
                                                             seed=5, **kw),
     "vsam_adam": lambda ps, **kw: VariationalSAM(ps, lr=1e-2, num_data=N, rho=0.05,
                                                             base="adam", **kw),
-    "ivon": lambda ps, **kw: IVON(ps, lr=0.1, ess=N, mc_samples=2, debias=False, seed=6, **kw),
+    "ivon": lambda ps, **kw: IVON(ps, lr=0.1, ess=N, mc_samples=2, seed=6, **kw),
+    "ivon_nodebias": lambda ps, **kw: IVON(ps, lr=0.1, ess=N, debias=False, seed=7, **kw),
 })
 BACKENDS = ["reference", "cpu", "triton"]
 
@@ -130,6 +131,8 @@ def test_counters_live_on_the_device(name):
     if draws is not None:
         assert extra["noise_step"] == draws and isinstance(extra["noise_step"], int)
         assert int(opt._counters["noise_step"]) == draws
+    if name == "ivon":  # t, the steps taken (its bias correction)
+        assert extra["step"] == 2 and int(opt._counters["step"]) == 2
     for st in opt.state.values():
         if "step" in st:
             assert st["step"].dtype == torch.float32 and float(st["step"]) == 2.0
@@ -198,8 +201,6 @@ def test_needs_a_device_side_policy(nonfinite):
 def test_refused_where_the_host_decides():
     with pytest.raises(ValueError, match="LookSAM: capturable=True"):
         LookSAM(_model().parameters(), lr=0.1, nonfinite="skip_on_device", capturable=True)
-    with pytest.raises(ValueError, match="debias=False"):
-        IVON(_model().parameters(), lr=0.1, ess=10, nonfinite="skip_on_device", capturable=True)
 
 
 def test_grad_scaler_is_refused():

@@ -21,7 +21,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from samkernels import _dispatch, ops
 from samkernels.ops import reference as R
-from samkernels.ops._spec import PHASES
+from samkernels.ops._spec import PHASES, STEP_TENSORS
 
 from conftest import has_extension
 from helpers import (BF16, EMPTY, F16, F32, F64, clone_args, f64_args, op_args, same_bits, tol)
@@ -61,7 +61,7 @@ LISTS = {
 
 
 # the optional tensors every op of a kind takes last (not per-op values: their own tests below)
-TRAILING = ("found_inf", "device_step")
+TRAILING = ("found_inf",) + STEP_TENSORS
 
 
 # --- running an op ----------------------------------------------------------------------------
@@ -380,11 +380,34 @@ SPLITS = [(0, 5), (3, 4), (1, 2**32 - 2), (7, 2**33)]
 
 
 def test_device_step_is_taken_by_every_op_with_a_step():
-    """Exactly the ops with a ``step`` take ``device_step``, last, and it defaults to None."""
+    """Exactly the ops with a ``step`` take ``device_step``, right after ``found_inf`` (or last),
+    defaulting to None."""
     for name, op in PHASES.items():
         assert op.takes_device_step == ("step" in op.arg_names), name
         if op.takes_device_step:
-            assert op.args[-1].name == "device_step" and op.args[-1].default == "None", name
+            k = op.arg_names.index("device_step")
+            assert op.args[k].default == "None", name
+            assert op.args[k - 1].name == "found_inf" if op.takes_found_inf else k == len(op.args) - 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("t", [1, 7, 1000])
+def test_debias_step_forms_the_bias_correction(t, backend):
+    """ivon_update_ with ``debias_step=tensor(t)`` is, bit for bit, the op given
+    ``bias_correction = 1 - beta1**t`` (Python's float power, as IVON's host path)."""
+    name = "ivon_update_"
+    op = PHASES[name]
+    device = DEVICE.get(backend, "cpu")
+    values = case(name)
+    want = op_args(op, {**values, "bias_correction": 1.0 - values["beta1"] ** t}, HARD, 9, device)
+    got = op_args(op, {**values, "bias_correction": 0.5}, HARD, 9, device)  # ignored
+    fn = getattr(ops, name)
+    fn(*want, backend=backend)
+    fn(*got, None, None, torch.tensor(t, dtype=torch.int64, device=device), backend=backend)
+    for a, x, y in zip(op.args, want, got):
+        if _is_list(x):
+            for j, (s, u) in enumerate(zip(x, y)):
+                assert same_bits(s, u), f"{a.name}[{j}]"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -414,12 +437,15 @@ def test_device_step_adds_to_step(name, split, backend):
         assert same_bits(out_want, out_got)
 
 
+STEP_TENSOR_ARGS = [(n, t) for n, op in PHASES.items() for t in op.step_tensors]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["float", "two", "device", "list"])
-@pytest.mark.parametrize("name", STEPPED)
-def test_device_step_errors(name, kind, backend):
-    """A device_step that is not a one-element int64 tensor on the parameters' device is an error
-    naming it, before anything is written."""
+@pytest.mark.parametrize("name,arg", STEP_TENSOR_ARGS, ids=[f"{n}-{t}" for n, t in STEP_TENSOR_ARGS])
+def test_device_step_errors(name, arg, kind, backend):
+    """A device_step (debias_step) that is not a one-element int64 tensor on the parameters'
+    device is an error naming it, before anything is written."""
     op = PHASES[name]
     device = DEVICE.get(backend, "cpu")
     args = op_args(op, case(name), [((3,), F32), ((2, 2), F64)], 4, device)
@@ -428,9 +454,8 @@ def test_device_step_errors(name, kind, backend):
            "two": torch.zeros(2, dtype=torch.int64, device=device),
            "device": torch.zeros((), dtype=torch.int64, device="meta"),
            "list": [1]}[kind]
-    extra = [None, bad] if op.takes_found_inf else [bad]
-    with pytest.raises((TypeError, ops.OpArgumentError), match="device_step"):
-        getattr(ops, name)(*args, *extra, backend=backend)
+    with pytest.raises((TypeError, ops.OpArgumentError), match=arg):
+        getattr(ops, name)(*args, **{arg: bad}, backend=backend)
     for x, b in zip(args, before):
         if _is_list(x):
             assert all(same_bits(s, t) for s, t in zip(x, b))

@@ -27,7 +27,7 @@ import torch
 import samkernels
 from samkernels import _dispatch
 from samkernels.ops import reference
-from samkernels.ops._spec import PHASES
+from samkernels.ops._spec import PHASES, STEP_TENSORS
 
 from helpers import EMPTY, hard_tensor, op_args, param_ids
 from helpers import same_bits as _same_bits
@@ -292,7 +292,7 @@ def test_sam_perturb_norm_dtype_and_rho_zero():
 def _no_sync_calls(device, specs=SPECS) -> list:
     """(op, arguments, keyword arguments) of every case of every op, built beforehand: each gated
     op with no flag, a zero flag and a set one, each op with a step also with a device_step (the
-    kernels read both, never the host); a given norm also as float32."""
+    kernels read them, never the host); a given norm also as float32."""
     calls = []
     for case, (name, _) in CASES.items():
         _, args = build(case, specs, MIXED, device)
@@ -301,11 +301,11 @@ def _no_sync_calls(device, specs=SPECS) -> list:
         if op.takes_found_inf:
             extras += [{"found_inf": torch.zeros((), device=device)},
                        {"found_inf": torch.ones(1, device=device)}]
-        if op.takes_device_step:
-            extras.append({"device_step": torch.tensor(3, dtype=torch.int64, device=device)})
+        for t in op.step_tensors:  # device_step, debias_step
+            extras.append({t: torch.tensor(3, dtype=torch.int64, device=device)})
         calls += [(name, args, kw) for kw in extras]
         given = [k for k, a in enumerate(op.args) if a.type == "Tensor?" and
-                 a.name not in ("found_inf", "device_step") and args[k] is not None]
+                 a.name != "found_inf" and a.name not in STEP_TENSORS and args[k] is not None]
         for k in given:
             calls.append((name, args[:k] + [args[k].float()] + args[k + 1:], {}))
     return calls
@@ -640,7 +640,7 @@ _CAPTURABLE = {  # capturable=True: counters on the device (tests/test_capturabl
                        ["noise_step", "second_step"]),
     "mfvi": ("MFVI", dict(lr=0.1, num_data=1000, seed=3), ["noise_step", "second_step"]),
     "ebisam": ("EBiSAM", dict(lr=0.1, seed=4), ["first_step", "second_step"]),
-    "ivon": ("IVON", dict(lr=0.1, ess=1000, debias=False, seed=5), ["noise_step", "second_step"]),
+    "ivon": ("IVON", dict(lr=0.1, ess=1000, seed=5), ["noise_step", "second_step"]),
 }
 
 

@@ -82,9 +82,9 @@ inline const float* found_inf_ptr(const char* op, const std::optional<Tensor>& f
 // The `device_step` contract (phase_checks.h): None -> nullptr; else the address of the int64
 // the kernels add to `step` on the device.  The host never reads it.
 inline const int64_t* device_step_ptr(const char* op, const std::optional<Tensor>& device_step,
-                                      TensorList base) {
+                                      TensorList base, const char* name = "device_step") {
   if (!has_device_step(device_step)) return nullptr;
-  check_device_step(op, device_step, base);
+  check_device_step(op, device_step, base, name);
   return device_step->data_ptr<int64_t>();
 }
 

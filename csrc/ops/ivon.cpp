@@ -107,7 +107,8 @@ void ivon_update(at::TensorList params, at::TensorList grads, at::TensorList bac
                  double lr, double ess, double weight_decay, double beta1, double beta2,
                  double clip_radius, double bias_correction, int64_t count,
                  const c10::optional<at::Tensor>& found_inf,
-                 const c10::optional<at::Tensor>& device_step) {
+                 const c10::optional<at::Tensor>& device_step,
+                 const c10::optional<at::Tensor>& debias_step) {
   const bool averaged = !avg_grads.empty();
   check_ivon_count("ivon_update_", count, averaged || params.empty());
   check_ivon_means("ivon_update_", avg_grads, avg_nxgs);
@@ -115,6 +116,7 @@ void ivon_update(at::TensorList params, at::TensorList grads, at::TensorList bac
                 ivon_update_lists(params, grads, backups, hessians, momenta, avg_grads, avg_nxgs),
                 found_inf, param_ids, /*takes_ids=*/true);
   step = at_step("ivon_update_", step, device_step, params);
+  bias_correction = ivon_bias_correction("ivon_update_", bias_correction, beta1, debias_step, params);
   if (pl.skip()) return copy_lists(params, backups);
   pl.run([&](const auto& v) {
     SK_CHUNK_TYPES(v);
@@ -170,11 +172,13 @@ cudaError_t launch_ivon_accumulate(const Group& g, uint64_t seed, uint64_t step,
                                    cudaStream_t stream);
 
 // ivon_update_ (lines 2-8, z regenerated).  Lists: 0 params, 1 grads, 2 backups, 3 hessians,
-// 4 momenta, 5 avg_grads, 6 avg_nxgs (5, 6 nullptr: one sample, count 1).
+// 4 momenta, 5 avg_grads, 6 avg_nxgs (5, 6 nullptr: one sample, count 1).  With `debias_step`
+// (not nullptr) the kernels form bias_correction = 1 - beta1^t from the int64 t it points to.
 cudaError_t launch_ivon_update(const Group& g, uint64_t seed, uint64_t step,
                                const int64_t* device_step, double lr,
                                double ess, double weight_decay, double beta1, double beta2,
-                               double clip_radius, double bias_correction, int64_t count,
+                               double clip_radius, double bias_correction,
+                               const int64_t* debias_step, int64_t count,
                                const float* found_inf, cudaStream_t stream);
 
 namespace {
@@ -212,17 +216,20 @@ void ivon_update_cuda(TensorList params, TensorList grads, TensorList backups,
                       double lr, double ess, double weight_decay, double beta1, double beta2,
                       double clip_radius, double bias_correction, int64_t count,
                       const std::optional<Tensor>& found_inf,
-                      const std::optional<Tensor>& device_step) {
+                      const std::optional<Tensor>& device_step,
+                      const std::optional<Tensor>& debias_step) {
   check_ivon_count("samkernels::ivon_update_", count, !avg_grads.empty() || params.empty());
   check_ivon_means("samkernels::ivon_update_", avg_grads, avg_nxgs);
   PhaseLists pl("samkernels::ivon_update_",
                 ivon_update_lists(params, grads, backups, hessians, momenta, avg_grads, avg_nxgs),
                 /*logical_order=*/true, found_inf, param_ids, /*takes_ids=*/true);
   const int64_t* at = device_step_ptr("samkernels::ivon_update_", device_step, params);
+  const int64_t* debias_at =
+      device_step_ptr("samkernels::ivon_update_", debias_step, params, "debias_step");
   pl.run([&](const Group& g) {
     return launch_ivon_update(g, static_cast<uint64_t>(seed), static_cast<uint64_t>(step), at, lr,
                               ess, weight_decay, beta1, beta2, clip_radius, bias_correction,
-                              count, pl.skip, pl.stream);
+                              debias_at, count, pl.skip, pl.stream);
   });
 }
 TORCH_LIBRARY_IMPL(samkernels, CUDA, m) { m.impl("ivon_update_", &ivon_update_cuda); }

@@ -15,8 +15,8 @@ The shared checks come from the argument roles, and each costs O(1) per call (ne
   * a flag that needs a list is not set without it (``bsam_update_``: ``released_order`` needs
     ``accums``);
   * ``found_inf`` is None or a one-element tensor on the parameters' device;
-  * ``device_step`` (the ops that take a ``step``) is None or a one-element int64 tensor on the
-    parameters' device.
+  * ``device_step`` (the ops that take a ``step``) and ``debias_step`` (``ivon_update_``) are
+    None or one-element int64 tensors on the parameters' device.
 Empty lists run the reference on every backend (there is nothing to launch, and a compiled op
 could not dispatch without a tensor): nothing changes, and a norm op returns its norm argument or a
 zero float64 norm.
@@ -87,16 +87,15 @@ def _found_inf_error(name: str, found_inf, lead: Sequence[Tensor]) -> None:
                               f"are on {lead[0].device}")
 
 
-def _device_step_error(name: str, device_step, lead: Sequence[Tensor]) -> None:
-    if not isinstance(device_step, Tensor):
-        raise TypeError(f"{name}: device_step must be None or a tensor, got "
-                        f"{type(device_step).__name__}")
-    if device_step.numel() != 1 or device_step.dtype != torch.int64:
-        raise OpArgumentError(f"{name}: device_step must be a one-element int64 tensor, got "
-                              f"{device_step.dtype} of shape {list(device_step.shape)}")
-    if lead and device_step.device != lead[0].device:
-        raise OpArgumentError(f"{name}: device_step is on {device_step.device} but the "
-                              f"parameters are on {lead[0].device}")
+def _step_tensor_error(name: str, arg: str, t, lead: Sequence[Tensor]) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: {arg} must be None or a tensor, got {type(t).__name__}")
+    if t.numel() != 1 or t.dtype != torch.int64:
+        raise OpArgumentError(f"{name}: {arg} must be a one-element int64 tensor, got "
+                              f"{t.dtype} of shape {list(t.shape)}")
+    if lead and t.device != lead[0].device:
+        raise OpArgumentError(f"{name}: {arg} is on {t.device} but the parameters are on "
+                              f"{lead[0].device}")
 
 
 def _check_devices(op: OpSpec, values: Sequence) -> None:
@@ -195,11 +194,11 @@ def _source(op: OpSpec) -> str:
         body += ["    if found_inf is not None and (not isinstance(found_inf, Tensor) or "
                  f"found_inf.numel() != 1 or (n and found_inf.device != {lead}[0].device)):",
                  f"        _found_inf_error({op.name!r}, found_inf, {lead})"]
-    if op.takes_device_step:
-        body += ["    if device_step is not None and (not isinstance(device_step, Tensor) or "
-                 "device_step.numel() != 1 or device_step.dtype != _INT64 or "
-                 f"(n and device_step.device != {lead}[0].device)):",
-                 f"        _device_step_error({op.name!r}, device_step, {lead})"]
+    for t in op.step_tensors:
+        body += [f"    if {t} is not None and (not isinstance({t}, Tensor) or "
+                 f"{t}.numel() != 1 or {t}.dtype != _INT64 or "
+                 f"(n and {t}.device != {lead}[0].device)):",
+                 f"        _step_tensor_error({op.name!r}, {t!r}, {t}, {lead})"]
     # empty lists: nothing to run a kernel on (and no tensor to dispatch on): the reference's
     # result on every backend (no change; a norm op returns its norm argument, or a zero norm)
     pick = f"_dispatch.implementation({op.name!r}, "

@@ -87,6 +87,11 @@ class OpSpec:
         return "device_step" in self.arg_names
 
     @property
+    def step_tensors(self) -> Tuple[str, ...]:
+        """The step tensors this op takes (``device_step``, ``debias_step``), in order."""
+        return tuple(n for n in self.arg_names if n in ("device_step", "debias_step"))
+
+    @property
     def multi_tensor(self) -> bool:
         return self.family != "loss"
 
@@ -133,3 +138,8 @@ IDS_SEED_STEP = (Arg("param_ids", INT_LIST), Arg("seed", INT), Arg("step", INT))
 # optimizers keep their counters there, so a step captured in a CUDA graph replays with the
 # counter's current value (the host ``step`` carries what is fixed per call, e.g. the micro-batch).
 DEVICE_STEP = Arg("device_step", OPT_TENSOR, default="None")
+# ivon_update_'s step count t for its bias correction, on the device in the same way: when given,
+# bias_correction = 1 - beta1^t is formed by the kernel from it (capturable IVON with debias).
+DEBIAS_STEP = Arg("debias_step", OPT_TENSOR, default="None")
+# the int64 step tensors an op may take (each None or one int64 element on the params' device)
+STEP_TENSORS = ("device_step", "debias_step")

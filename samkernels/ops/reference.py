@@ -39,9 +39,9 @@ from torch import Tensor
 
 from samkernels._dtypes import opmath
 from samkernels.ops._library import op
-from samkernels.ops._spec import (BOOL, DEVICE_STEP, FLOAT, FOUND_INF, IDS_SEED_STEP, INT,
-                                  INT_LIST, NOISED, OPT_TENSOR, PERTURBED, TENSOR, UPDATED, Arg, L,
-                                  floats)
+from samkernels.ops._spec import (BOOL, DEBIAS_STEP, DEVICE_STEP, FLOAT, FOUND_INF, IDS_SEED_STEP,
+                                  INT, INT_LIST, NOISED, OPT_TENSOR, PERTURBED, TENSOR, UPDATED, Arg,
+                                  L, floats)
 
 
 def at_step(step: int, device_step: Optional[Tensor]) -> int:
@@ -642,13 +642,14 @@ def ivon_accumulate_(params: List[Tensor], grads: List[Tensor], backups: List[Te
 @op("ivon", UPDATED, L("hessians", "state", True), L("momenta", "state", True),
     L("avg_grads", "state?"), L("avg_nxgs", "state?"), IDS_SEED_STEP,
     floats("lr", "ess", "weight_decay", "beta1", "beta2", "clip_radius", "bias_correction"),
-    Arg("count", INT), FOUND_INF, DEVICE_STEP)
+    Arg("count", INT), FOUND_INF, DEVICE_STEP, DEBIAS_STEP)
 def ivon_update_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
                  hessians: List[Tensor], momenta: List[Tensor], avg_grads: List[Tensor],
                  avg_nxgs: List[Tensor], param_ids: List[int], seed: int, step: int, lr: float,
                  ess: float, weight_decay: float, beta1: float, beta2: float, clip_radius: float,
                  bias_correction: float, count: int,
-                 found_inf: Optional[Tensor] = None, device_step: Optional[Tensor] = None) -> None:
+                 found_inf: Optional[Tensor] = None, device_step: Optional[Tensor] = None,
+                 debias_step: Optional[Tensor] = None) -> None:
     """Alg. 1 lines 2-8 with the last sample's gradient g at theta = m + sigma z (z regenerated
     from (seed, step)), averaged into the running means of the earlier ``count - 1`` samples
     (``avg_grads``, ``avg_nxgs``; empty for one sample a step, ``count`` = 1):
@@ -661,8 +662,11 @@ def ivon_update_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor
       w  <- m.
 
     ``lr`` is the step size as taken (the optimizer's lr times h0 + delta when it rescales), and
-    ``bias_correction`` = 1 - beta1^t (or 1)."""
+    ``bias_correction`` = 1 - beta1^t (or 1); with ``debias_step`` (t on the device) the op
+    forms 1 - beta1^t itself."""
     step = at_step(step, device_step)
+    if debias_step is not None:
+        bias_correction = 1.0 - math.pow(beta1, float(at_step(0, debias_step)))
     check_ivon_update(params, avg_grads, avg_nxgs, count)
     if skipped(found_inf):
         return copy_all_(params, backups)

@@ -49,9 +49,8 @@ class IVON(PosteriorSampler, TwoPassOptimizer):
             for ``SAM``.  A skipped step (inf/NaN gradients in any sample) leaves weights, Hessian,
             momentum, the step count ``t`` and the noise counter as they were.  Under
             ``"skip_on_device"`` the host cannot know, so ``t`` and the noise counter advance.
-        capturable: the noise counter and ``t`` on the device, as for ``SAM``; needs
-            ``debias=False`` for now (the bias correction ``1 - beta1^t`` is a host argument of
-            the fused update).
+        capturable: the noise counter and ``t`` on the device, as for ``SAM`` (the fused update
+            forms the bias correction ``1 - beta1^t`` from ``t`` there).
 
     Per step, with g_k the gradient at theta_k = m + sigma z_k and means over the S samples::
 
@@ -89,9 +88,6 @@ class IVON(PosteriorSampler, TwoPassOptimizer):
         defaults = dict(lr=lr, ess=ess, hess_init=hess_init, betas=betas,
                         weight_decay=weight_decay, clip_radius=clip_radius)
         super().__init__(params, defaults)  # _check_group checks these, and every group's
-        if capturable and debias:
-            raise ValueError("IVON: capturable=True needs debias=False for now (the bias correction "
-                             "1 - beta1^t is a host value of the ivon_update_ op)")
         self._configure(None, None, nonfinite, capturable=capturable)
         self.mc_samples, self.rescale_lr, self.debias = mc_samples, rescale_lr, debias
         # seed, the noise counter (one draw per sample) and t, the steps taken (for debias)
@@ -153,11 +149,12 @@ class IVON(PosteriorSampler, TwoPassOptimizer):
         again by the next step)."""
         super().restore()
         if self._sample["k"]:
-            self._rewind_counter("noise_step")
+            self._rollback_skipped_step()
             self._end_samples()
 
     def _rollback_skipped_step(self) -> None:  # the next step draws the skipped step's noise
         self._rewind_counter("noise_step")
+        self._rewind_counter("step")
 
     def _finish_step(self, skipped: bool) -> None:
         super()._finish_step(skipped)
@@ -188,6 +185,7 @@ class IVON(PosteriorSampler, TwoPassOptimizer):
                                "step are drawn; run the backward and call second_step()")
         if k == 0:
             self._mark_counter("noise_step")
+            self._mark_counter("step")
             self._begin_step()
         if not self.skip_pending:  # a skipped step only counts its samples
             seed = self._extra_state["seed"]
@@ -275,8 +273,10 @@ class IVON(PosteriorSampler, TwoPassOptimizer):
         k = self._sample["k"]
         moved = self._take_perturbed()
         done: set = set()
-        seed, t = self._extra_state["seed"], self._extra_state["step"] + 1  # t: host (debias)
+        seed = self._extra_state["seed"]
         step, at = self._counter_args("noise_step", -1)  # the last sample's draw
+        self._advance_counter("step", 1)  # t: this step's number, for the bias correction
+        t, debias_step = self._counter_args("step") if self.debias else (0, None)
         try:
             for group, ps in self._with_grad(grouped, first=k == 1):
                 if not ps:
@@ -284,17 +284,19 @@ class IVON(PosteriorSampler, TwoPassOptimizer):
                 beta1, beta2 = group["betas"]
                 wd = group["weight_decay"]
                 lr = group["lr"] * (group["hess_init"] + wd) if self.rescale_lr else group["lr"]
-                bias_correction = 1.0 - math.pow(beta1, float(t)) if self.debias else 1.0
+                # capturable: the op forms 1 - beta1^t from t on the device (debias_step)
+                bias_correction = 1.0 - math.pow(beta1, float(t)) if self.debias and \
+                    debias_step is None else 1.0
                 backups, hessians, momenta = self._lists(group, ps)
                 avg_grads, avg_nxgs = self._avgs(ps) if k > 1 else ([], [])
                 ops.ivon_update_(ps, [p.grad for p in ps], backups, hessians, momenta, avg_grads,
                                  avg_nxgs, self._param_ids_for(ps), seed, step, lr,
                                  group["ess"], wd, beta1, beta2, group["clip_radius"],
-                                 bias_correction, k, self._found_inf(ps[0].device), at)
+                                 bias_correction, k, self._found_inf(ps[0].device), at,
+                                 debias_step)
                 done.update(ps)
         finally:  # anything not updated (no gradient in some sample, or an error): back to m
             self._copy_back(moved, done, outside=True)
-        self._advance_counter("step", 1)
         self._finish_step(skipped=False)
         if zero_grad:
             self.zero_grad()
