@@ -631,6 +631,11 @@ def test_sam_step_in_a_cuda_graph(backend):
 
 _CAPTURABLE = {  # capturable=True: counters on the device (tests/test_capturable.py on the CPU)
     "sam_adam": ("SAM", dict(lr=1e-3, base="adam"), ["first_step", "second_step"]),
+    "asam_adamw": ("ASAM", dict(lr=1e-3, base="adamw", weight_decay=1e-2),
+                   ["first_step", "second_step"]),
+    "bisam_adam": ("BiSAM", dict(lr=1e-3, base="adam"), ["first_step", "second_step"]),
+    "wsam_adam": ("WSAM", dict(lr=1e-3, base="adam"), ["first_step", "second_step"]),
+    "friendlysam_adam": ("FriendlySAM", dict(lr=1e-3, base="adam"), ["first_step", "second_step"]),
     "gsam_adam": ("GSAM", dict(lr=1e-3, base="adam"), ["first_step", "second_step"]),
     "vsam_adam": ("VariationalSAM", dict(lr=1e-3, num_data=1000, base="adam"),
                   ["first_step", "second_step"]),
