@@ -76,6 +76,11 @@ MAKERS = {
     "sam_sgd_device": lambda ps: SAM(ps, lr=0.1, rho=0.05, momentum=0.9, weight_decay=1e-3,
                                      nonfinite="skip_on_device"),
     "bsam_device": lambda ps: BSAM(ps, lr=0.1, num_data=32, seed=1, nonfinite="skip_on_device"),
+    # counters on the device (tests/test_capturable.py): the ops take them as device_step
+    "sam_adam_capturable": lambda ps: SAM(ps, lr=1e-2, rho=0.05, base="adam",
+                                          nonfinite="skip_on_device", capturable=True),
+    "bsam_capturable": lambda ps: BSAM(ps, lr=0.1, num_data=32, seed=1,
+                                       nonfinite="skip_on_device", capturable=True),
 }
 
 
@@ -121,7 +126,8 @@ def _step_fn(name, mode, bad):
 DOCUMENTED = {("sam_sgd", "closure"): (6, 5), ("bsam", "phases"): (6, 5),
               ("bsam_unchecked", "phases"): (4, 3), ("sam_sgd_device", "closure"): (5, 4),
               ("bsam_device", "phases"): (4, 3)}
-CONFIGS = list(DOCUMENTED) + [("sam_adam", "phases"), ("bsam", "closure")]
+CONFIGS = list(DOCUMENTED) + [("sam_adam", "phases"), ("bsam", "closure"),
+                              ("sam_adam_capturable", "phases"), ("bsam_capturable", "phases")]
 NAN_AT = 3  # the step whose gradients get a NaN (not under nonfinite="unchecked")
 
 
@@ -151,7 +157,7 @@ def test_compiled_step_follows_eager(name, mode):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
     assert opt.state_dict().get("samkernels") == eager_opt.state_dict().get("samkernels")
     if isinstance(opt, BSAM):  # a step skipped on the host hands its noise to the next one
-        rolled_back = checks_nan and not name.endswith("device")
+        rolled_back = checks_nan and opt.nonfinite != "skip_on_device"
         assert opt.state_dict()["samkernels"]["noise_step"] == steady + 6 - rolled_back
 
 
