@@ -28,7 +28,8 @@ cudaError_t launch_ebisam_perturb(const Group& g, const double* norm, uint64_t s
   return launch_phase<EbisamPerturbLists>(g, /*read: params, grads*/ 0x3u,
                                           /*write: params, backups*/ 0x5u,
                                           SkipCopy{found_inf, /*src=params*/ 0, /*dst=backups*/ 2},
-                                          PhaseKeys{seed, step, norm, device_step}, stream, rho, beta, eps);
+                                          PhaseKeys{seed, step, norm, device_step}, stream, rho,
+                                          beta, eps);
 }
 
 }  // namespace cuda
