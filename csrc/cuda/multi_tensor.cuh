@@ -435,6 +435,10 @@ struct ListsOf {
   static constexpr bool kStepped = N != Noise::kNone;
   Maths maths;
 
+  // Host: whether the maths reads a counter of its own from device memory (ivon_update_'s
+  // debias_step), which at_step then reads.
+  bool reads_device() const { return false; }
+  // Once per thread in the kernel that reads counters (PhaseOp<..., true>): the maths at step t.
   __device__ __forceinline__ void at_step(uint64_t) {}
 };
 
@@ -447,11 +451,11 @@ struct PhaseKeys {
   const int64_t* device_step = nullptr;
 };
 
-// DeviceStep: the kernel reads *keys.device_step.  A separate kernel, so that a call without a
-// device counter keeps its code: a step held in registers rather than read from the parameter bank
-// costs registers (ptxas, sm_90: bSAM's fp32 noise 32 -> 37, 4 -> 3 blocks per SM; its fp16 one
-// spills).
-template <typename P_, template <typename> class Lists, bool DeviceStep = false>
+// OnDevice: the kernel reads counters from device memory (*keys.device_step when given, and what
+// the lists' at_step reads).  A separate kernel, so that a call without them keeps its code: a
+// step held in registers rather than read from the parameter bank costs registers (ptxas, sm_90:
+// bSAM's fp32 noise 32 -> 37, 4 -> 3 blocks per SM; its fp16 one spills).
+template <typename P_, template <typename> class Lists, bool OnDevice = false>
 struct PhaseOp {
   using P = P_;
   using M = opmath_t<P>;
@@ -472,8 +476,9 @@ struct PhaseOp {
   __device__ __forceinline__ Prepared prepare() const {
     Prepared p{lists, M(0), keys.step};
     if constexpr (L::kScaled) p.scale = lists.maths.scale(*keys.norm);
-    if constexpr (DeviceStep) {
-      p.step += static_cast<uint64_t>(*keys.device_step);  // int64 addition, two's complement
+    if constexpr (OnDevice) {
+      if (keys.device_step != nullptr)  // int64 addition, two's complement
+        p.step += static_cast<uint64_t>(*keys.device_step);
       p.lists.at_step(p.step);
     }
     return p;
@@ -497,7 +502,7 @@ struct PhaseOp {
 #pragma unroll
         for (int l = 0; l < kDepth; ++l) x[l] = r[l][4 * q + j];
         // without a device step the lists are the kernel parameter's: no copy in registers
-        (DeviceStep ? p.lists : lists)(x, p.scale, noise[j]);
+        (OnDevice ? p.lists : lists)(x, p.scale, noise[j]);
 #pragma unroll
         for (int l = 0; l < kDepth; ++l) r[l][4 * q + j] = x[l];
       }
@@ -514,19 +519,19 @@ cudaError_t launch_phase(const Group& g, unsigned read_mask, unsigned write_mask
   return dispatch_param(g.param, [&](auto tag) {
     using P = typename decltype(tag)::type;
     using L = Lists<opmath_t<P>>;
-    auto run = [&](auto op) {
-      op.read_mask = read_mask;
-      op.write_mask = write_mask;
-      op.keys = keys;
-      op.lists.maths = L::maths_type::make(args...);
-      return apply(g, op, stream, skip);
-    };
+    PhaseOp<P, Lists> op;
+    op.read_mask = read_mask;
+    op.write_mask = write_mask;
+    op.keys = keys;
+    op.lists.maths = L::maths_type::make(args...);
     if constexpr (L::kStepped) {
-      if (keys.device_step != nullptr) return run(PhaseOp<P, Lists, true>{});
+      if (keys.device_step != nullptr || op.lists.reads_device())
+        return apply(g, PhaseOp<P, Lists, true>{read_mask, write_mask, keys, op.lists}, stream,
+                     skip);
     } else if (keys.device_step != nullptr) {
       return cudaErrorInvalidValue;  // a phase without a step
     }
-    return run(PhaseOp<P, Lists>{});
+    return apply(g, op, stream, skip);
   });
 }
 

@@ -1,7 +1,7 @@
 // SAM / ASAM phases on CUDA (docs/spec.md "SAM family"; rows in samkernels/ops/reference.py): the
 // per-element maths of math/sam.h bound to each phase's lists.  Torch-free: the glue
 // (ops/sam.cpp) passes raw pointers.
-#include "cuda/adam.cuh"
+#include "cuda/bias_correction.cuh"
 #include "cuda/multi_tensor.cuh"
 #include "math/sam.h"
 

@@ -2,7 +2,7 @@
 // rows in samkernels/ops/reference.py): the per-element maths of math/samv.h bound to each phase's
 // lists.  Torch-free: the glue (ops/samv.cpp) passes raw pointers.  The norm and the restores'
 // six coefficients are float64 device memory, read by the kernels: no host sync.
-#include "cuda/adam.cuh"
+#include "cuda/bias_correction.cuh"
 #include "cuda/multi_tensor.cuh"
 #include "math/samv.h"
 
@@ -33,9 +33,9 @@ __device__ __forceinline__ math::SamvMix<M> load_mix(const double* coeffs) {
   return math::SamvMix<M>::make(c);
 }
 
-// A restore of SAM's (math/sam.h: SgdRestore; cuda/adam.cuh: AdamAtStep) on the variant's
-// gradient mix: the base step from the backup with mix 0 of (g, saved), plus mix 2; `out` gets
-// mix 4.
+// A restore of SAM's (math/sam.h: SgdRestore; cuda/bias_correction.cuh: AdamAtStep) on the
+// variant's gradient mix: the base step from the backup with mix 0 of (g, saved), plus mix 2;
+// `out` gets mix 4.
 template <class Base>
 struct MixedRestore {
   Base base;

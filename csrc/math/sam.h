@@ -67,7 +67,7 @@ struct SgdRestore {
 // perturbed gradient g.  Bias corrections in double, as the reference: step_size =
 // lr / (1 - beta1^t), sqrt_bc2 = sqrt(1 - beta2^t); 1 - beta in double, then rounded (1 - beta2
 // formed from an fp32-rounded beta2 is 1.3e-5 off).  make() forms them on the host; a step read on
-// the device gets them there (cuda/adam.cuh), through the same set_bias_corrections.
+// the device gets them there (cuda/bias_correction.cuh), through the same set_bias_corrections.
 template <typename M>
 struct AdamRestore {
   M beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay, step_size, sqrt_bc2;

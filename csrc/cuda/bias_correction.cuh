@@ -1,8 +1,9 @@
-// The Adam restores' bias corrections at a step read on the device (PhaseKeys::device_step: the
-// counter of a capturable optimizer, unknown to the host when a CUDA graph replays).  Torch-free.
+// Bias corrections 1 - beta^t at a step read on the device (the counter of a capturable optimizer,
+// unknown to the host when a CUDA graph replays): the Adam restores' (PhaseKeys::device_step) and
+// ivon_update_'s (its debias_step).  Torch-free.
 //
-// The host forms 1 - beta^t as 1.0 - std::pow(beta, double(t)) (math/sam.h, as the reference's
-// `1 - beta ** step`).  CUDA's pow is only within 2 ulp, so the device forms beta^t by squaring in
+// The host forms 1 - beta^t as 1.0 - std::pow(beta, double(t)) (math/sam.h, phase_checks.h; the
+// reference: `1 - beta ** step`).  CUDA's pow is only within 2 ulp, so the device forms beta^t by squaring in
 // double-double instead: relative error below about t 2^-104 before the one rounding to double,
 // i.e. correctly rounded for any step a run reaches.  That is std::pow's value except where libm
 // itself misrounds (glibc's pow is within 0.52 ulp): for betas 0.9, 0.95, 0.98, 0.99, 0.999 and
@@ -12,6 +13,7 @@
 #include <cstdint>
 
 #include "cuda/multi_tensor.cuh"
+#include "math/ivon.h"
 #include "math/sam.h"
 
 namespace samkernels {
@@ -28,7 +30,7 @@ __device__ __forceinline__ void dd_mul(double& h, double& l, double bh, double b
 }
 
 // 1.0 - std::pow(beta, double(t)), bit for bit where that pow is correctly rounded (see above).
-__device__ __forceinline__ double bias_correction(double beta, int64_t t) {
+__device__ __forceinline__ double one_minus_power(double beta, int64_t t) {
   const double e = static_cast<double>(t);  // the exponent the host's pow gets
   if (!(fabs(beta) < 1.0) || !(e >= 0.0)) return 1.0 - pow(beta, e);  // beyond Adam's range
   uint64_t n = static_cast<uint64_t>(e);
@@ -58,9 +60,30 @@ struct AdamAtStep {
   }
   __device__ __forceinline__ void at_step(uint64_t t) {
     const auto s = static_cast<int64_t>(t);
-    adam.set_bias_corrections(lr, bias_correction(beta1, s), bias_correction(beta2, s));
+    adam.set_bias_corrections(lr, one_minus_power(beta1, s), one_minus_power(beta2, s));
   }
   __device__ __forceinline__ M operator()(M w, M g, M& m, M& v) const { return adam(w, g, m, v); }
+};
+
+// math::IvonUpdate whose bias correction 1 - beta1^t is formed on the device from t = *debias_step
+// when that is given (else make()'s `bias_correction` stands).
+template <typename M>
+struct IvonUpdateAt {
+  math::IvonUpdate<M> update;
+  double beta1;
+  const int64_t* debias_step;
+
+  static IvonUpdateAt make(const int64_t* debias_step, double lr, double ess, double weight_decay,
+                           double beta1, double beta2, double clip_radius, double bias_correction,
+                           int64_t count, bool averaged) {
+    return {math::IvonUpdate<M>::make(lr, ess, weight_decay, beta1, beta2, clip_radius,
+                                      bias_correction, count, averaged),
+            beta1, debias_step};
+  }
+  __device__ __forceinline__ void at_debias_step() {
+    if (debias_step != nullptr)
+      update.bias_correction = static_cast<M>(one_minus_power(beta1, *debias_step));
+  }
 };
 
 }  // namespace cuda
