@@ -29,7 +29,7 @@ from samkernels import _dispatch
 from samkernels.ops import reference
 from samkernels.ops._spec import PHASES, STEP_TENSORS
 
-from helpers import EMPTY, hard_tensor, op_args, param_ids
+from helpers import EMPTY, clone_args, hard_tensor, op_args, param_ids
 from helpers import same_bits as _same_bits
 from oracles import CASES as ARG_CASES
 from oracles import case as case_values
@@ -518,6 +518,29 @@ def test_cuda_graph_capture():
         torch.cuda.synchronize()
         for x, y in zip(p + buf, eager_p + eager_buf):
             assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("name", ["bsam_noise_", "sam_restore_adam_"])
+def test_device_step_graph_replay(name):
+    """One op call with ``device_step=counter`` captured in a CUDA graph: after ``counter += k``
+    a replay is, bit for bit, the eager op at ``step + counter`` (the last one crosses Philox's high
+    step word; Adam forms its bias corrections on the device)."""
+    _, start = build(f"{name}-0", [s for s in SPECS if s[1] in ("contig", "offset")], MIXED, "cuda")
+    at = PHASES[name].arg_names.index("step")
+    args, counter = clone_args(start), torch.zeros((), dtype=torch.int64, device="cuda")
+    graph = _warmed_up_and_captured(lambda: run_cuda(name, *args, device_step=counter))
+    for k in (1, 6, 2 ** 32 - 1):
+        counter += k
+        for (_, xs), (_, ys) in zip(_tensor_lists(args), _tensor_lists(start)):
+            for x, y in zip(xs, ys):
+                x.copy_(y)
+        graph.replay()
+        want = clone_args(start)
+        want[at] += int(counter.item())
+        run_cuda(name, *want)
+        torch.cuda.synchronize()
+        for (i, xs), (_, ys) in zip(_tensor_lists(args), _tensor_lists(want)):
+            assert all(_same_bits(x, y) for x, y in zip(xs, ys)), (name, i, counter.item())
 
 
 def test_argument_errors():

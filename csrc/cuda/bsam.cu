@@ -42,9 +42,9 @@ struct BsamUpdateLists : ListsOf<math::BsamUpdate<M>, 6, 3> {
 // ---------------------------------------------------------------------------------------------
 // Launch functions (declared in ops/bsam.cpp).
 // ---------------------------------------------------------------------------------------------
-cudaError_t launch_bsam_noise(const Group& g, uint64_t seed, uint64_t step, double num_data,
-                              cudaStream_t stream) {
-  return launch_noise<math::BsamNoise>(g, seed, step, stream, num_data);  // line 1
+cudaError_t launch_bsam_noise(const Group& g, uint64_t seed, uint64_t step,
+                              const int64_t* device_step, double num_data, cudaStream_t stream) {
+  return launch_noise<math::BsamNoise>(g, seed, step, device_step, stream, num_data);  // line 1
 }
 
 cudaError_t launch_bsam_perturb(const Group& g, double rho, double beta2, double delta, double gamma,

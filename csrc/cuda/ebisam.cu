@@ -23,12 +23,13 @@ struct EbisamPerturbLists
 }  // namespace
 
 cudaError_t launch_ebisam_perturb(const Group& g, const double* norm, uint64_t seed, uint64_t step,
-                                  double rho, double beta, double eps, const float* found_inf,
-                                  cudaStream_t stream) {
+                                  const int64_t* device_step, double rho, double beta, double eps,
+                                  const float* found_inf, cudaStream_t stream) {
   return launch_phase<EbisamPerturbLists>(g, /*read: params, grads*/ 0x3u,
                                           /*write: params, backups*/ 0x5u,
                                           SkipCopy{found_inf, /*src=params*/ 0, /*dst=backups*/ 2},
-                                          PhaseKeys{seed, step, norm}, stream, rho, beta, eps);
+                                          PhaseKeys{seed, step, norm, device_step}, stream, rho,
+                                          beta, eps);
 }
 
 }  // namespace cuda

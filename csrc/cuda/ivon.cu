@@ -2,6 +2,7 @@
 // samkernels/ops/reference.py): the per-element maths of math/ivon.h bound to each phase's lists.
 // z is regenerated from the (seed, step) of the sample's ivon_noise_, never stored.
 // Torch-free: the glue (ops/ivon.cpp) passes raw pointers.
+#include "cuda/bias_correction.cuh"
 #include "cuda/multi_tensor.cuh"
 #include "math/ivon.h"
 
@@ -38,9 +39,11 @@ struct IvonAccumulateLists : ListsOf<IvonAccumulate<M>, 6, 3, Noise::kNormal> {
 // Lines 2-8 with the last sample.  Lists: 0 params, 1 grads, 2 backups, 3 hessians, 4 momenta,
 // 5 avg_grads, 6 avg_nxgs (5, 6 absent: one sample a step).
 template <typename M>
-struct IvonUpdateLists : ListsOf<math::IvonUpdate<M>, 7, 3, Noise::kNormal> {
+struct IvonUpdateLists : ListsOf<IvonUpdateAt<M>, 7, 3, Noise::kNormal> {
+  bool reads_device() const { return this->maths.debias_step != nullptr; }
+  __device__ __forceinline__ void at_step(uint64_t) { this->maths.at_debias_step(); }
   __device__ __forceinline__ void operator()(M (&x)[7], M, M z) const {
-    const auto& m = this->maths;
+    const auto& m = this->maths.update;
     const M mean = x[2], h = x[3];
     M gbar = x[1];
     M nxg = m.noise.sigma_z(h, z) * gbar;
@@ -59,34 +62,37 @@ struct IvonUpdateLists : ListsOf<math::IvonUpdate<M>, 7, 3, Noise::kNormal> {
 // ---------------------------------------------------------------------------------------------
 // Launch functions (declared in ops/ivon.cpp).
 // ---------------------------------------------------------------------------------------------
-cudaError_t launch_ivon_noise(const Group& g, uint64_t seed, uint64_t step, double ess,
-                              double weight_decay, cudaStream_t stream) {
+cudaError_t launch_ivon_noise(const Group& g, uint64_t seed, uint64_t step,
+                              const int64_t* device_step, double ess, double weight_decay,
+                              cudaStream_t stream) {
   // line 2: theta = m + z / sqrt(lambda (h + delta))
-  return launch_noise<math::IvonNoise>(g, seed, step, stream, ess, weight_decay);
+  return launch_noise<math::IvonNoise>(g, seed, step, device_step, stream, ess, weight_decay);
 }
 
-cudaError_t launch_ivon_accumulate(const Group& g, uint64_t seed, uint64_t step, double ess,
-                                   double weight_decay, int64_t count, const float* found_inf,
-                                   cudaStream_t stream) {
+cudaError_t launch_ivon_accumulate(const Group& g, uint64_t seed, uint64_t step,
+                                   const int64_t* device_step, double ess, double weight_decay,
+                                   int64_t count, const float* found_inf, cudaStream_t stream) {
   // count 1 writes the means without reading them
   const unsigned read = 0xEu | (count == 1 ? 0u : 0x30u);  // grads, backups, h, [means]
   return launch_phase<IvonAccumulateLists>(g, read, /*write: params, means*/ 0x31u,
                                            SkipCopy{found_inf, /*src=backups*/ 2, /*dst=params*/ 0},
-                                           PhaseKeys{seed, step}, stream, ess, weight_decay,
-                                           count);
+                                           PhaseKeys{seed, step, nullptr, device_step}, stream,
+                                           ess, weight_decay, count);
 }
 
-cudaError_t launch_ivon_update(const Group& g, uint64_t seed, uint64_t step, double lr,
-                               double ess, double weight_decay, double beta1, double beta2,
-                               double clip_radius, double bias_correction, int64_t count,
-                               const float* found_inf, cudaStream_t stream) {
+cudaError_t launch_ivon_update(const Group& g, uint64_t seed, uint64_t step,
+                               const int64_t* device_step, double lr, double ess,
+                               double weight_decay, double beta1, double beta2,
+                               double clip_radius, double bias_correction,
+                               const int64_t* debias_step, int64_t count, const float* found_inf,
+                               cudaStream_t stream) {
   const bool averaged = g.lists[5] != nullptr;
   const unsigned read = 0x1Eu | (averaged ? 0x60u : 0u);  // grads, backups, h, gm, [means]
   return launch_phase<IvonUpdateLists>(g, read, /*write: params, h, gm*/ 0x19u,
                                        SkipCopy{found_inf, /*src=backups*/ 2, /*dst=params*/ 0},
-                                       PhaseKeys{seed, step}, stream, lr, ess, weight_decay,
-                                       beta1, beta2, clip_radius, bias_correction, count,
-                                       averaged);
+                                       PhaseKeys{seed, step, nullptr, device_step}, stream,
+                                       debias_step, lr, ess, weight_decay, beta1, beta2,
+                                       clip_radius, bias_correction, count, averaged);
 }
 
 }  // namespace cuda

@@ -291,10 +291,10 @@ __device__ __forceinline__ bool skip_requested(const SkipCopy& skip) {
 //   using P (parameter dtype), M (opmath); kDepth, kParamLists, kGroup;
 //   unsigned read_mask, write_mask (bit l: list l is read / written; runtime so that absent or
 //   unused lists cost no traffic);
-//   __device__ M prepare() const                      (once per thread, e.g. a scale from device
+//   __device__ Prepared prepare() const               (once per thread, e.g. a scale from device
 //                                                       memory; keeps the load out of the loop)
 //   __device__ void operator()(M (&r)[kDepth][kGroup], int cnt, int64_t idx, uint32_t tag,
-//                              M prepared) const
+//                              const Prepared& prepared) const
 // which updates the registers of one group in place (idx = index of the group's first element in
 // its tensor, a multiple of kGroup).  Each element of each list is read and written at most once.
 // With `skip` set (see SkipCopy) the block copies list skip.src onto skip.dst instead.
@@ -316,7 +316,7 @@ __global__ void __launch_bounds__(kBlockSize)
 #pragma unroll
   for (int l = 0; l < D; ++l) base[l] = tab.addr[l][c.tensor];
   const uint32_t tag = tab.tag[c.tensor];
-  const M prepared = op.prepare();
+  const auto prepared = op.prepare();
   for (int off = static_cast<int>(threadIdx.x) * K; off < c.n; off += kBlockSize * K) {
     const int cnt = c.n - off < K ? c.n - off : K;
     const bool vec = aligned && cnt == K;
@@ -430,17 +430,32 @@ struct ListsOf {
   static constexpr int kLists = Lists, kParamLists = ParamLists;
   static constexpr Noise kNoise = N;
   static constexpr bool kScaled = Scaled;
+  // Whether the phase takes a step (PhaseKeys::device_step may be given): the noise phases; the
+  // Adam restores set it too, with an at_step that forms their coefficients at step t.
+  static constexpr bool kStepped = N != Noise::kNone;
   Maths maths;
+
+  // Host: whether the maths reads a counter of its own from device memory (ivon_update_'s
+  // debias_step), which at_step then reads.
+  bool reads_device() const { return false; }
+  // Once per thread in the kernel that reads counters (PhaseOp<..., true>): the maths at step t.
+  __device__ __forceinline__ void at_step(uint64_t) {}
 };
 
-// What a phase launch takes besides its maths: the Philox key of the noise phases and the norm
-// of the Scaled ones.
+// What a phase launch takes besides its maths: the Philox key of the noise phases, the norm of
+// the Scaled ones, and the device counter of a capturable optimizer (nullptr: none), which the
+// kernels add to `step` (its value is known on the device only: a CUDA graph replays it).
 struct PhaseKeys {
   uint64_t seed = 0, step = 0;
   const double* norm = nullptr;
+  const int64_t* device_step = nullptr;
 };
 
-template <typename P_, template <typename> class Lists>
+// OnDevice: the kernel reads counters from device memory (*keys.device_step when given, and what
+// the lists' at_step reads).  A separate kernel, so that a call without them keeps its code: a
+// step held in registers rather than read from the parameter bank costs registers (ptxas, sm_90:
+// bSAM's fp32 noise 32 -> 37, 4 -> 3 blocks per SM; its fp16 one spills).
+template <typename P_, template <typename> class Lists, bool OnDevice = false>
 struct PhaseOp {
   using P = P_;
   using M = opmath_t<P>;
@@ -451,29 +466,43 @@ struct PhaseOp {
   PhaseKeys keys;
   L lists;
 
-  __device__ __forceinline__ M prepare() const {
-    if constexpr (L::kScaled) return lists.maths.scale(*keys.norm);
-    return M(0);
+  // What a thread forms once, before its loop: the step (plus the device counter, read here),
+  // the Scaled phases' scale, and the lists with their maths at that step (L::at_step).
+  struct Prepared {
+    L lists;
+    M scale;
+    uint64_t step;
+  };
+  __device__ __forceinline__ Prepared prepare() const {
+    Prepared p{lists, M(0), keys.step};
+    if constexpr (L::kScaled) p.scale = lists.maths.scale(*keys.norm);
+    if constexpr (OnDevice) {
+      if (keys.device_step != nullptr)  // int64 addition, two's complement
+        p.step += static_cast<uint64_t>(*keys.device_step);
+      p.lists.at_step(p.step);
+    }
+    return p;
   }
 
   // A group starts at a multiple of kGroup, so it covers kGroup / 4 whole Philox blocks: element
   // idx + 4q + j takes lane j of block (idx >> 2) + q.
   __device__ __forceinline__ void operator()(M (&r)[kDepth][kGroup], int, int64_t idx,
-                                             uint32_t pid, M scale) const {
+                                             uint32_t pid, const Prepared& p) const {
 #pragma unroll
     for (int q = 0; q < kGroup / 4; ++q) {
       M noise[4] = {M(0), M(0), M(0), M(0)};
       const uint64_t quad = static_cast<uint64_t>(idx >> 2) + q;
       if constexpr (L::kNoise == Noise::kNormal)
-        philox_normal4<M>(keys.seed, keys.step, pid, quad, noise);
+        philox_normal4<M>(keys.seed, p.step, pid, quad, noise);
       if constexpr (L::kNoise == Noise::kUniform)
-        philox_uniform4<M>(keys.seed, keys.step, pid, quad, noise);
+        philox_uniform4<M>(keys.seed, p.step, pid, quad, noise);
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         M x[kDepth];
 #pragma unroll
         for (int l = 0; l < kDepth; ++l) x[l] = r[l][4 * q + j];
-        lists(x, scale, noise[j]);
+        // without a device step the lists are the kernel parameter's: no copy in registers
+        (OnDevice ? p.lists : lists)(x, p.scale, noise[j]);
 #pragma unroll
         for (int l = 0; l < kDepth; ++l) r[l][4 * q + j] = x[l];
       }
@@ -495,6 +524,13 @@ cudaError_t launch_phase(const Group& g, unsigned read_mask, unsigned write_mask
     op.write_mask = write_mask;
     op.keys = keys;
     op.lists.maths = L::maths_type::make(args...);
+    if constexpr (L::kStepped) {
+      if (keys.device_step != nullptr || op.lists.reads_device())
+        return apply(g, PhaseOp<P, Lists, true>{read_mask, write_mask, keys, op.lists}, stream,
+                     skip);
+    } else if (keys.device_step != nullptr) {
+      return cudaErrorInvalidValue;  // a phase without a step
+    }
     return apply(g, op, stream, skip);
   });
 }
@@ -513,14 +549,15 @@ struct NoisePhase {
   };
 };
 
-// Runs the noise phase of Maths<M>::make(args...) over the group.
+// Runs the noise phase of Maths<M>::make(args...) over the group, at step + *device_step
+// (device_step nullptr: at step).
 template <template <typename> class Maths, class... Args>
-cudaError_t launch_noise(const Group& g, uint64_t seed, uint64_t step, cudaStream_t stream,
-                         const Args&... args) {
+cudaError_t launch_noise(const Group& g, uint64_t seed, uint64_t step, const int64_t* device_step,
+                         cudaStream_t stream, const Args&... args) {
   const unsigned read = 0x1u | (g.lists[2] != nullptr ? 0x4u : 0u);  // params, [state]
-  return launch_phase<NoisePhase<Maths>::template Lists>(g, read, /*write: params, backups*/ 0x3u,
-                                                         SkipCopy{}, PhaseKeys{seed, step}, stream,
-                                                         args...);
+  return launch_phase<NoisePhase<Maths>::template Lists>(
+      g, read, /*write: params, backups*/ 0x3u, SkipCopy{},
+      PhaseKeys{seed, step, nullptr, device_step}, stream, args...);
 }
 
 // ----------------------------------------------------------------------------------------------

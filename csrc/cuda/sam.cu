@@ -1,6 +1,7 @@
 // SAM / ASAM phases on CUDA (docs/spec.md "SAM family"; rows in samkernels/ops/reference.py): the
 // per-element maths of math/sam.h bound to each phase's lists.  Torch-free: the glue
 // (ops/sam.cpp) passes raw pointers.
+#include "cuda/bias_correction.cuh"
 #include "cuda/multi_tensor.cuh"
 #include "math/sam.h"
 
@@ -44,7 +45,9 @@ struct SgdLists : ListsOf<math::SgdRestore<M>, 4, 3> {
 
 // Lists: 0 params, 1 grads, 2 backups, 3 exp_avgs, 4 exp_avg_sqs.
 template <typename M>
-struct AdamLists : ListsOf<math::AdamRestore<M>, 5, 3> {
+struct AdamLists : ListsOf<AdamAtStep<M>, 5, 3> {
+  static constexpr bool kStepped = true;
+  __device__ __forceinline__ void at_step(uint64_t t) { this->maths.at_step(t); }
   __device__ __forceinline__ void operator()(M (&x)[5], M, M) const {
     x[0] = this->maths(x[2], x[1], x[3], x[4]);
   }
@@ -98,14 +101,15 @@ cudaError_t launch_sam_restore_sgd(const Group& g, double lr, double momentum, d
                                 weight_decay, first);
 }
 
-cudaError_t launch_sam_restore_adam(const Group& g, int64_t step, double lr, double beta1,
-                                    double beta2, double eps, double weight_decay, bool decoupled,
-                                    const float* found_inf, cudaStream_t stream) {
+cudaError_t launch_sam_restore_adam(const Group& g, int64_t step, const int64_t* device_step,
+                                    double lr, double beta1, double beta2, double eps,
+                                    double weight_decay, bool decoupled, const float* found_inf,
+                                    cudaStream_t stream) {
   return launch_phase<AdamLists>(g, /*read: grads, backups, exp_avgs, exp_avg_sqs*/ 0x1Eu,
                                  /*write: params, exp_avgs, exp_avg_sqs*/ 0x19u,
                                  SkipCopy{found_inf, /*src=backups*/ 2, /*dst=params*/ 0},
-                                 PhaseKeys{}, stream, step, lr, beta1, beta2, eps, weight_decay,
-                                 decoupled);
+                                 PhaseKeys{0, static_cast<uint64_t>(step), nullptr, device_step},
+                                 stream, step, lr, beta1, beta2, eps, weight_decay, decoupled);
 }
 
 }  // namespace cuda

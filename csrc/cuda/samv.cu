@@ -2,6 +2,7 @@
 // rows in samkernels/ops/reference.py): the per-element maths of math/samv.h bound to each phase's
 // lists.  Torch-free: the glue (ops/samv.cpp) passes raw pointers.  The norm and the restores'
 // six coefficients are float64 device memory, read by the kernels: no host sync.
+#include "cuda/bias_correction.cuh"
 #include "cuda/multi_tensor.cuh"
 #include "math/samv.h"
 
@@ -32,8 +33,9 @@ __device__ __forceinline__ math::SamvMix<M> load_mix(const double* coeffs) {
   return math::SamvMix<M>::make(c);
 }
 
-// A restore of SAM's (math/sam.h: SgdRestore, AdamRestore) on the variant's gradient mix: the
-// base step from the backup with mix 0 of (g, saved), plus mix 2; `out` gets mix 4.
+// A restore of SAM's (math/sam.h: SgdRestore; cuda/bias_correction.cuh: AdamAtStep) on the
+// variant's gradient mix: the base step from the backup with mix 0 of (g, saved), plus mix 2;
+// `out` gets mix 4.
 template <class Base>
 struct MixedRestore {
   Base base;
@@ -62,7 +64,9 @@ struct SamvSgdLists : ListsOf<MixedRestore<math::SgdRestore<M>>, 6, 3> {
 
 // Lists: 0 params (written), 1 grads, 2 backups, 3 saved, 4 exp_avgs, 5 exp_avg_sqs, 6 outs.
 template <typename M>
-struct SamvAdamLists : ListsOf<MixedRestore<math::AdamRestore<M>>, 7, 3> {
+struct SamvAdamLists : ListsOf<MixedRestore<AdamAtStep<M>>, 7, 3> {
+  static constexpr bool kStepped = true;
+  __device__ __forceinline__ void at_step(uint64_t t) { this->maths.base.at_step(t); }
   __device__ __forceinline__ void operator()(M (&x)[7], M, M) const {
     x[0] = this->maths(x[2], x[1], x[3], x[6], x[4], x[5]);
   }
@@ -193,15 +197,17 @@ cudaError_t launch_samv_restore_sgd(const Group& g, const double* coeffs, double
 }
 
 cudaError_t launch_samv_restore_adam(const Group& g, const double* coeffs, int64_t step,
-                                     double lr, double beta1, double beta2, double eps,
-                                     double weight_decay, bool decoupled, const float* found_inf,
-                                     cudaStream_t stream) {
+                                     const int64_t* device_step, double lr, double beta1,
+                                     double beta2, double eps, double weight_decay, bool decoupled,
+                                     const float* found_inf, cudaStream_t stream) {
   return launch_phase<SamvAdamLists>(g, /*read: grads, backups, saved, exp_avgs, exp_avg_sqs*/ 0x3Eu,
                                      /*write: params, exp_avgs, exp_avg_sqs, [outs]*/
                                      0x31u | present(g, 6),
                                      SkipCopy{found_inf, /*src=backups*/ 2, /*dst=params*/ 0},
-                                     PhaseKeys{}, stream, coeffs, step, lr, beta1, beta2, eps,
-                                     weight_decay, decoupled);
+                                     PhaseKeys{0, static_cast<uint64_t>(step), nullptr,
+                                               device_step},
+                                     stream, coeffs, step, lr, beta1, beta2, eps, weight_decay,
+                                     decoupled);
 }
 
 }  // namespace cuda

@@ -51,21 +51,23 @@ struct VsamPerturbLists : ListsOf<math::VsamPerturb<M>, 4, 3, Noise::kNone, /*Sc
 // ---------------------------------------------------------------------------------------------
 // Launch functions (declared in ops/vi.cpp).
 // ---------------------------------------------------------------------------------------------
-cudaError_t launch_vi_noise(const Group& g, uint64_t seed, uint64_t step, double sigma,
-                            cudaStream_t stream) {
+cudaError_t launch_vi_noise(const Group& g, uint64_t seed, uint64_t step,
+                            const int64_t* device_step, double sigma, cudaStream_t stream) {
   // list 2 absent (no variances): the fixed sigma
-  return launch_noise<math::ViNoise>(g, seed, step, stream, sigma, g.lists[2] != nullptr);
+  return launch_noise<math::ViNoise>(g, seed, step, device_step, stream, sigma,
+                                     g.lists[2] != nullptr);
 }
 
-cudaError_t launch_mfvi_update(const Group& g, uint64_t seed, uint64_t step, double lr,
-                               double var_lr, double momentum, double prior_var, double num_data,
+cudaError_t launch_mfvi_update(const Group& g, uint64_t seed, uint64_t step,
+                               const int64_t* device_step, double lr, double var_lr,
+                               double momentum, double prior_var, double num_data,
                                const float* found_inf, cudaStream_t stream) {
   const unsigned m = g.lists[4] != nullptr ? 0x10u : 0u;  // [momenta]
   return launch_phase<MfviUpdateLists>(g, /*grads, backups, variances*/ 0xEu | m,
                                        /*params, variances*/ 0x9u | m,
                                        SkipCopy{found_inf, /*src=backups*/ 2, /*dst=params*/ 0},
-                                       PhaseKeys{seed, step}, stream, lr, var_lr, momentum,
-                                       prior_var, num_data, m != 0u);
+                                       PhaseKeys{seed, step, nullptr, device_step}, stream, lr,
+                                       var_lr, momentum, prior_var, num_data, m != 0u);
 }
 
 cudaError_t launch_vsam_sumsq_partials(const Group& g, double* partials, int64_t first_block,

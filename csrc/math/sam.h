@@ -64,9 +64,10 @@ struct SgdRestore {
 };
 
 // sam_restore_adam_: w <- backup, then Adam (L2 in the gradient) or AdamW (decoupled) with the
-// perturbed gradient g.  Bias corrections in double on the host, as the reference: step_size =
+// perturbed gradient g.  Bias corrections in double, as the reference: step_size =
 // lr / (1 - beta1^t), sqrt_bc2 = sqrt(1 - beta2^t); 1 - beta in double, then rounded (1 - beta2
-// formed from an fp32-rounded beta2 is 1.3e-5 off).
+// formed from an fp32-rounded beta2 is 1.3e-5 off).  make() forms them on the host; a step read on
+// the device gets them there (cuda/bias_correction.cuh), through the same set_bias_corrections.
 template <typename M>
 struct AdamRestore {
   M beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay, step_size, sqrt_bc2;
@@ -74,14 +75,20 @@ struct AdamRestore {
 
   static AdamRestore make(int64_t step, double lr, double beta1, double beta2, double eps,
                           double weight_decay, bool decoupled) {
-    const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
-    const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
-    return {static_cast<M>(beta1),           static_cast<M>(1.0 - beta1),
-            static_cast<M>(beta2),           static_cast<M>(1.0 - beta2),
-            static_cast<M>(eps),             static_cast<M>(weight_decay),
-            static_cast<M>(1.0 - lr * weight_decay), static_cast<M>(lr / bc1),
-            static_cast<M>(std::sqrt(bc2)),  weight_decay != 0.0,
-            decoupled};
+    AdamRestore a{static_cast<M>(beta1),       static_cast<M>(1.0 - beta1),
+                  static_cast<M>(beta2),       static_cast<M>(1.0 - beta2),
+                  static_cast<M>(eps),         static_cast<M>(weight_decay),
+                  static_cast<M>(1.0 - lr * weight_decay), M(0),
+                  M(0),                        weight_decay != 0.0,
+                  decoupled};
+    a.set_bias_corrections(lr, 1.0 - std::pow(beta1, static_cast<double>(step)),
+                           1.0 - std::pow(beta2, static_cast<double>(step)));
+    return a;
+  }
+  // step_size and sqrt_bc2 from bc1 = 1 - beta1^t and bc2 = 1 - beta2^t, each rounded once to M.
+  SK_HD void set_bias_corrections(double lr, double bc1, double bc2) {
+    step_size = static_cast<M>(lr / bc1);
+    sqrt_bc2 = static_cast<M>(sk_sqrt(bc2));
   }
   // Returns the new w; m, v are exp_avg and exp_avg_sq, updated in place.
   SK_HD M operator()(M w, M g, M& m, M& v) const {
