@@ -261,7 +261,8 @@ def _interpreted_pow(x, y):
     with np.errstate(all="ignore"):
         out = np.array([np.float64(u) ** np.float64(v) for u, v in zip(a.flat, b.flat)],
                        dtype=np.float64).reshape(a.shape)
-    return tl.core.tensor(TensorHandle(out, tl.float64), x.type)
+    return tl.core.tensor(TensorHandle(out, tl.float64),
+                          x.type if x.handle.data.shape == a.shape else y.type)
 
 
 if INTERPRET:
