@@ -89,20 +89,20 @@ def _counter():
 
 def _launch(name, values, spec, flag, counter=False):
     """Op ``name`` of the table through samkernels.triton on ``spec``'s lists, every other
-    argument from ``values`` (a case of tests/oracles.py), found_inf when the op takes it, and a
-    device_step (``_counter``) when ``counter``."""
+    argument from ``values`` (a case of tests/oracles.py), found_inf when the op takes it, and
+    its step tensors (device_step, debias_step: ``_counter``) when ``counter``."""
     op = PHASES[name]
     args = op_args(op, values, spec)
     args += [_flag(flag)] if op.takes_found_inf else []
-    getattr(T, name)(*args, *([_counter()] if counter else []))
+    getattr(T, name)(*args, *([_counter() for _ in op.step_tensors] if counter else []))
 
 
 def drive_multi_tensor():
     """Every multi-tensor op of the table (tests/oracles.py CASES): the base case, which selects
     the most code, in every dtype case, with and without the device skip flag in the common ones
     (the flag's skip branch comes on top of the normal one); each variant (another code path) in
-    fp32, with the flag; the base case on a misaligned tensor; the base case with a device step
-    counter where the op takes one (the same kernels: no configuration of its own)."""
+    fp32, with the flag; the base case on a misaligned tensor; the base case with step counters
+    where the op takes them (the same kernels: no configuration of their own)."""
     for name, op in PHASES.items():
         if not op.multi_tensor:
             continue

@@ -19,8 +19,8 @@ Every multi-tensor kernel is written on one skeleton; a phase module supplies on
 maths (a *body*) and the scalars it derives on the device.  The kernel template:
 
     @triton.jit(do_not_specialize=[<every word and bits argument>],
-                [do_not_specialize_on_alignment=["device_step"]])
-    def _x_kernel(work, numel, [ids,] [flag,] [device_step,] <one table per list>,
+                [do_not_specialize_on_alignment=[<every step tensor>]])
+    def _x_kernel(work, numel, [ids,] [flag,] [<step tensors>,] <one table per list>,
                   [norm | partials,] <int32 words ...>, <int64 float bits ...>,
                   <one X_DT per list>, <options ...>, [HAS_FLAG,] ALIGNED, MATH, BLOCK, CHUNK):
         t, start, n, ptrs = chunk_ptrs(work, numel, (<tables>), (<X_DTs>), ALIGNED)
@@ -30,8 +30,9 @@ maths (a *body*) and the scalars it derives on the device.  The kernel template:
 
 The host side is ``launch(op, kernel, lists, ...)``, which passes exactly that argument list: the
 lists in the op table's order (:mod:`samkernels.ops._spec`), ``ids`` where the op takes parameter
-ids, ``flag`` / ``HAS_FLAG`` where it takes ``found_inf`` and ``device_step`` where it takes one
-(always a pointer: ``step_arg``; the kernel adds its value to the host step, ``at_step``).
+ids, ``flag`` / ``HAS_FLAG`` where it takes ``found_inf`` and a pointer for each step tensor it
+takes (``OpSpec.step_tensors``: ``device_step``, which the kernel adds to the host step,
+``at_step``; ``ivon_update_``'s ``debias_step``), given or not (``step_arg``).
 ``body(base, n, ptrs, args, OPT, MATH, BLOCK, MASKED)`` handles the BLOCK elements from ``base``
 (``MASKED``: of the last, partial chunk of a tensor); it reads its options as ``X: tl.constexpr =
 OPT[i]`` (an unpacking ``X, = OPT`` would make them run-time values, and a branch on them a
@@ -224,21 +225,20 @@ def flag_arg(found_inf: Optional[torch.Tensor], plan: "Plan"):
     return flag, True
 
 
-def step_arg(op: OpSpec, device_step: Optional[torch.Tensor], plan: "Plan") -> torch.Tensor:
-    """The pointer argument of a phase's ``device_step``: the tensor itself, or the plan's zero.
+def step_arg(op: OpSpec, name: str, t: Optional[torch.Tensor], plan: "Plan") -> torch.Tensor:
+    """The pointer argument of a phase's step tensor ``name`` (``device_step``, ``debias_step``):
+    the tensor ``t`` itself, or the plan's zero.
 
     Without a device counter the kernels still load one (a zero in the plan's device buffer, built
     with it, never inside a capture): one kernel variant for both, so the host step and the device
     step run the same code and give the same bits.  The kernels read 8 bytes there, so the
     tensor is checked even if the shared wrapper did."""
-    if device_step is None:
+    if t is None:
         return plan.zero
-    if device_step.dtype != torch.int64 or device_step.numel() != 1 or \
-            device_step.device != plan.device:
-        raise ValueError(f"{op.name}: device_step must be a one-element int64 tensor on "
-                         f"{plan.device}, got {device_step.dtype} of shape "
-                         f"{list(device_step.shape)} on {device_step.device}")
-    return device_step
+    if t.dtype != torch.int64 or t.numel() != 1 or t.device != plan.device:
+        raise ValueError(f"{op.name}: {name} must be a one-element int64 tensor on "
+                         f"{plan.device}, got {t.dtype} of shape {list(t.shape)} on {t.device}")
+    return t
 
 
 @triton.jit
@@ -588,7 +588,7 @@ def _launch_args(group: Group):
 def launch(op: OpSpec, kernel, lists: Sequence[Optional[Sequence[torch.Tensor]]], *,
            words: Sequence[int] = (), bits: Sequence[float] = (),
            ids: Optional[Sequence[int]] = None, found_inf: Optional[torch.Tensor] = None,
-           device_step: Optional[torch.Tensor] = None, norm: Optional[torch.Tensor] = None,
+           steps: Sequence[Optional[torch.Tensor]] = (), norm: Optional[torch.Tensor] = None,
            sums: bool = False, elementwise: bool = True, **options) -> Optional[torch.Tensor]:
     """Run ``kernel`` (see the kernel template above) over the tensor lists of phase ``op``.
 
@@ -596,6 +596,7 @@ def launch(op: OpSpec, kernel, lists: Sequence[Optional[Sequence[torch.Tensor]]]
     (an empty optional list): the kernel gets the first present list's table there and must not
     touch it.  ``words`` are int32 arguments (``u32_words`` of a 64-bit seed or step),
     ``bits`` floats passed as the int64 bits of their doubles, ``options`` the op's constexprs.
+    ``steps``: the op's step tensors (``OpSpec.step_tensors``), each None or given.
     ``norm``: a 0-dim norm (or a short float64 tensor of coefficients) the kernel reads on the
     device.  ``sums``: the kernel writes one float64 partial per program; returns their sum, a
     0-dim float64 (zero for no elements); an int K > 1: K partials per program (slots
@@ -624,8 +625,8 @@ def launch(op: OpSpec, kernel, lists: Sequence[Optional[Sequence[torch.Tensor]]]
         if op.takes_found_inf:
             flag, options["HAS_FLAG"] = flag_arg(found_inf, plan)
             head.append(flag)
-        if op.takes_device_step:
-            head.append(step_arg(op, device_step, plan))
+        assert len(steps) == len(op.step_tensors), (op.name, op.step_tensors)
+        head += [step_arg(op, name, t, plan) for name, t in zip(op.step_tensors, steps)]
         if norm is not None:  # read on the device: no host sync
             norm = norm.reshape(-1).to(device, non_blocking=True)
         width = int(sums)  # sums per program (samv_dots: 3)

@@ -61,7 +61,7 @@ def bsam_noise_(params: List[Tensor], backups: List[Tensor], precisions: List[Te
     # element i's noise is defined in logical (row-major) order: copy, never flatten, strided views
     mt.launch(OPS["bsam_noise_"], _noise_kernel, [params, backups, precisions], ids=param_ids,
               words=(*mt.u32_words(seed), *mt.u32_words(step)), bits=(num_data,),
-              device_step=device_step, elementwise=False)
+              steps=(device_step,), elementwise=False)
 
 
 # --------------------------------------------------------------------------------------------

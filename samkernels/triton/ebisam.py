@@ -76,6 +76,6 @@ def ebisam_perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Ten
     norm = grad_sumsq(grads, grads, False, 0.0).sqrt() if grad_norm is None else grad_norm
     mt.launch(OPS["ebisam_perturb_"], _ebisam_kernel, [params, grads, backups], ids=param_ids,
               words=(*mt.u32_words(seed), *mt.u32_words(step), uniforms_below(beta)),
-              bits=(rho / (1.0 - beta), eps), found_inf=found_inf, device_step=device_step,
+              bits=(rho / (1.0 - beta), eps), found_inf=found_inf, steps=(device_step,),
               norm=norm, elementwise=False)
     return mt.norm_result(norm, grad_norm)

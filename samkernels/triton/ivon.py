@@ -29,6 +29,7 @@ from samkernels.triton import _multi_tensor as mt
 from samkernels.triton._multi_tensor import (chunk_apply, chunk_ptrs, div, fp_arg, fp_args, load,
                                              load_flag, load_one, sqrt, store)
 from samkernels.triton._philox import normal_tile, param_key, step_words
+from samkernels.triton.sam import one_minus_pow
 
 
 @triton.jit
@@ -71,7 +72,7 @@ def ivon_noise_(params, backups, hessians, param_ids, seed, step, ess, weight_de
                 device_step=None):
     mt.launch(OPS["ivon_noise_"], _noise_kernel, [params, backups, hessians], ids=param_ids,
               words=(*mt.u32_words(seed), *mt.u32_words(step)), bits=(ess, weight_decay),
-              device_step=device_step, elementwise=False)
+              steps=(device_step,), elementwise=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,7 +128,7 @@ def ivon_accumulate_(params, grads, backups, hessians, avg_grads, avg_nxgs, para
               [params, grads, backups, hessians, avg_grads, avg_nxgs], ids=param_ids,
               words=(*mt.u32_words(seed), *mt.u32_words(step)),
               bits=(ess, weight_decay, float(count)), found_inf=found_inf,
-              device_step=device_step, elementwise=False, FIRST=count == 1)
+              steps=(device_step,), elementwise=False, FIRST=count == 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,12 +168,11 @@ def _update_body(base, n, ptrs, args, OPT: tl.constexpr, MATH: tl.constexpr, BLO
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step_lo", "step_hi", "lr_bits", "ess_bits",
                                "wd_bits", "b1_bits", "omb1_bits", "b2_bits", "omb2_bits",
-                               "hsq_bits", "clip_bits", "bc_bits", "count_bits"],
-            do_not_specialize_on_alignment=["device_step"])
-def _update_kernel(work, numel, ids, flag, device_step, p_tab, g_tab, b_tab, h_tab, m_tab, a_tab,
-                   x_tab,
-                   seed_lo: tl.int32, seed_hi: tl.int32, step_lo: tl.int32, step_hi: tl.int32,
-                   lr_bits: tl.int64, ess_bits: tl.int64, wd_bits: tl.int64, b1_bits: tl.int64,
+                               "hsq_bits", "clip_bits", "bc_bits", "count_bits", "debiased"],
+            do_not_specialize_on_alignment=["device_step", "debias_step"])
+def _update_kernel(work, numel, ids, flag, device_step, debias_step, p_tab, g_tab, b_tab, h_tab,
+                   m_tab, a_tab, x_tab, seed_lo: tl.int32, seed_hi: tl.int32, step_lo: tl.int32,
+                   step_hi: tl.int32, debiased: tl.int32, lr_bits: tl.int64, ess_bits: tl.int64, wd_bits: tl.int64, b1_bits: tl.int64,
                    omb1_bits: tl.int64, b2_bits: tl.int64, omb2_bits: tl.int64,
                    hsq_bits: tl.int64, clip_bits: tl.int64, bc_bits: tl.int64,
                    count_bits: tl.int64, P_DT: tl.constexpr, G_DT: tl.constexpr,
@@ -182,9 +182,14 @@ def _update_kernel(work, numel, ids, flag, device_step, p_tab, g_tab, b_tab, h_t
                    BLOCK: tl.constexpr, CHUNK: tl.constexpr):
     t, start, n, ptrs = chunk_ptrs(work, numel, (p_tab, g_tab, b_tab, h_tab, m_tab, a_tab, x_tab),
                                    (P_DT, G_DT, B_DT, H_DT, M_DT, A_DT, X_DT), ALIGNED)
+    # the host's bias correction, or 1 - beta1^t from t = *debias_step (``debiased``): one
+    # kernel for both, the choice a run-time select
+    bc = tl.where(debiased != 0,
+                  one_minus_pow(b1_bits, tl.load(debias_step).to(tl.float64)).to(MATH),
+                  fp_arg(bc_bits, MATH))
     args = (param_key(ids, t), seed_lo, seed_hi) + step_words(step_lo, step_hi, device_step) + \
         fp_args((lr_bits, ess_bits, wd_bits, b1_bits, omb1_bits, b2_bits, omb2_bits, hsq_bits,
-                 clip_bits, bc_bits, count_bits), MATH)
+                 clip_bits), MATH) + (bc, fp_arg(count_bits, MATH))
     # found_inf: w <- m, h and gm stay
     chunk_apply(_update_body, start, n, ptrs, args, (AVERAGED,), load_flag(flag, HAS_FLAG),
                 (2, 0), MATH, BLOCK, CHUNK, False)
@@ -192,15 +197,15 @@ def _update_kernel(work, numel, ids, flag, device_step, p_tab, g_tab, b_tab, h_t
 
 def ivon_update_(params, grads, backups, hessians, momenta, avg_grads, avg_nxgs, param_ids, seed,
                  step, lr, ess, weight_decay, beta1, beta2, clip_radius, bias_correction, count,
-                 found_inf=None, device_step=None):
+                 found_inf=None, device_step=None, debias_step=None):
     check_ivon_update(params, avg_grads, avg_nxgs, count)
     averaged = len(avg_grads) > 0
     # host scalars in double (1 - beta, (1 - beta2)^2 / 2), as the reference forms them
     mt.launch(OPS["ivon_update_"], _update_kernel,
               [params, grads, backups, hessians, momenta, avg_grads if averaged else None,
                avg_nxgs if averaged else None], ids=param_ids,
-              words=(*mt.u32_words(seed), *mt.u32_words(step)),
+              words=(*mt.u32_words(seed), *mt.u32_words(step), int(debias_step is not None)),
               bits=(lr, ess, weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2,
                     0.5 * (1.0 - beta2) ** 2, clip_radius, bias_correction, float(count)),
-              found_inf=found_inf, device_step=device_step, elementwise=False,
+              found_inf=found_inf, steps=(device_step, debias_step), elementwise=False,
               AVERAGED=averaged)

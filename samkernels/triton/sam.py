@@ -203,14 +203,19 @@ def adam_step(w, d, m, v, offs, n, step_size, beta1, one_minus_b1, beta2, one_mi
 
 
 @triton.jit
+def one_minus_pow(beta_bits, t):
+    """1 - beta^t in double, ``t`` a float64 step: C's pow, as the reference forms it on the host
+    (the interpreter's ``pow64`` is libm's, so the bits are Python's ``beta ** t``)."""
+    return 1.0 - pow64(fp_arg(beta_bits, tl.float64), t)
+
+
+@triton.jit
 def adam_scalars(lr_bits, b1_bits, b2_bits, step_lo, step_hi, device_step, MATH: tl.constexpr):
     """(lr / (1 - beta1^t), sqrt(1 - beta2^t)) at t = step + *device_step (``at_step``), in
-    double and then rounded to MATH, as the reference forms them on the host (C's pow; the
-    interpreter's ``pow64`` is libm's, so the bits are Python's ``beta ** t``)."""
+    double and then rounded to MATH, as the reference forms them on the host."""
     t = at_step(step_lo, step_hi, device_step).to(tl.int64, bitcast=True).to(tl.float64)
-    lr, beta1, beta2 = fp_args((lr_bits, b1_bits, b2_bits), tl.float64)
-    step_size = lr / (1.0 - pow64(beta1, t))  # fp64 `/` and sqrt are IEEE-rounded
-    return step_size.to(MATH), sqrt(1.0 - pow64(beta2, t)).to(MATH)
+    step_size = fp_arg(lr_bits, tl.float64) / one_minus_pow(b1_bits, t)  # fp64 `/`: IEEE
+    return step_size.to(MATH), sqrt(one_minus_pow(b2_bits, t)).to(MATH)
 
 
 @triton.jit
@@ -261,5 +266,5 @@ def sam_restore_adam_(params: List[Tensor], grads: List[Tensor], backups: List[T
               [params, grads, backups, exp_avgs, exp_avg_sqs], words=mt.u32_words(step),
               bits=(lr, beta1, 1 - beta1, beta2, 1 - beta2, eps, weight_decay,
                     1 - lr * weight_decay),
-              found_inf=found_inf, device_step=device_step, WD=weight_decay != 0,
+              found_inf=found_inf, steps=(device_step,), WD=weight_decay != 0,
               DECOUPLED=bool(decoupled))

@@ -286,6 +286,6 @@ def samv_restore_adam_(params: List[Tensor], grads: List[Tensor], backups: List[
               words=mt.u32_words(step),
               bits=(lr, beta1, 1 - beta1, beta2, 1 - beta2, eps, weight_decay,
                     1 - lr * weight_decay),
-              found_inf=found_inf, device_step=device_step,
+              found_inf=found_inf, steps=(device_step,),
               norm=_coeffs("samv_restore_adam_", coeffs, params), WD=weight_decay != 0,
               DECOUPLED=bool(decoupled), HAS_OUT=bool(outs))

@@ -74,7 +74,7 @@ def vi_noise_(params: List[Tensor], backups: List[Tensor], variances: List[Tenso
     # element i's noise is defined in logical (row-major) order: copy, never flatten, strided views
     mt.launch(OPS["vi_noise_"], _noise_kernel, [params, backups, variances or None],
               ids=param_ids, words=(*mt.u32_words(seed), *mt.u32_words(step)), bits=(sigma,),
-              device_step=device_step, elementwise=False, LEARNED=len(variances) > 0)
+              steps=(device_step,), elementwise=False, LEARNED=len(variances) > 0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,7 +133,7 @@ def mfvi_update_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor
               [params, grads, backups, variances, momenta or None],
               ids=param_ids, words=(*mt.u32_words(seed), *mt.u32_words(step)),
               bits=(lr, var_lr, momentum, num_data * prior_var, prior_var, 2.0 * num_data),
-              found_inf=found_inf, device_step=device_step, elementwise=False,
+              found_inf=found_inf, steps=(device_step,), elementwise=False,
               MOMENTUM=len(momenta) > 0)
 
 
