@@ -172,7 +172,8 @@ def _update_body(base, n, ptrs, args, OPT: tl.constexpr, MATH: tl.constexpr, BLO
             do_not_specialize_on_alignment=["device_step", "debias_step"])
 def _update_kernel(work, numel, ids, flag, device_step, debias_step, p_tab, g_tab, b_tab, h_tab,
                    m_tab, a_tab, x_tab, seed_lo: tl.int32, seed_hi: tl.int32, step_lo: tl.int32,
-                   step_hi: tl.int32, debiased: tl.int32, lr_bits: tl.int64, ess_bits: tl.int64, wd_bits: tl.int64, b1_bits: tl.int64,
+                   step_hi: tl.int32, debiased: tl.int32, lr_bits: tl.int64,
+                   ess_bits: tl.int64, wd_bits: tl.int64, b1_bits: tl.int64,
                    omb1_bits: tl.int64, b2_bits: tl.int64, omb2_bits: tl.int64,
                    hsq_bits: tl.int64, clip_bits: tl.int64, bc_bits: tl.int64,
                    count_bits: tl.int64, P_DT: tl.constexpr, G_DT: tl.constexpr,
