@@ -13,6 +13,7 @@ import inspect
 import math
 import os
 import pkgutil
+from fractions import Fraction
 
 import pytest
 import torch
@@ -195,10 +196,13 @@ def _adam_scalars_kernel(out, steps, step_lo, step_hi, lr_bits, b1_bits, b2_bits
 @pytest.mark.parametrize("betas", [(0.9, 0.999), (0.95, 0.98), (0.5, 0.75), (0.0, 0.9999)])
 def test_adam_bias_corrections_are_the_hosts(betas):
     """The Adam kernels form lr / (1 - beta1^t) and sqrt(1 - beta2^t) from the step on the
-    device: in the interpreter they are bit for bit Python's double ``beta ** t`` formulas (the
-    host computation they replace), rounded to fp32 for fp32 groups; t = host + device step."""
+    device, t = host + device step: in the interpreter bit for bit Python's double ``beta ** t``
+    formulas (the host computation they replace), rounded to fp32 for fp32 groups."""
     lr, (beta1, beta2) = 0.003, betas
-    steps = list(range(1, 41)) + [100, 1000, 12345, 2**31 + 5, 2**40 + 3, 2**53 + 1]
+    steps = list(range(1, 41)) + [100, 482, 494, 503, 1000, 2904, 12345, 2**31 + 5, 2**40 + 3,
+                                  2**53 + 1]
+    want64 = torch.tensor([[lr / (1 - beta1 ** t), math.sqrt(1 - beta2 ** t)] for t in steps],
+                          dtype=F64).view(-1)
     for host in (0, 2**32 + 1):
         counters = torch.tensor([t - host for t in steps], dtype=torch.int64)
         for math_dt, dt in ((triton.language.float64, F64), (triton.language.float32, F32)):
@@ -206,9 +210,31 @@ def test_adam_bias_corrections_are_the_hosts(betas):
             _adam_scalars_kernel[(len(steps),)](out, counters, *mt.u32_words(host),
                                                 *map(mt.f64_bits, (lr, beta1, beta2)),
                                                 MATH=math_dt)
-            want = torch.tensor([[lr / (1 - beta1 ** t), math.sqrt(1 - beta2 ** t)]
-                                 for t in steps], dtype=F64).to(dt).to(F64).view(-1)
-            assert same_bits(out, want), (host, dt)
+            assert same_bits(out, want64.to(dt).to(F64)), (host, dt)
+
+
+@triton.jit
+def _one_minus_power_kernel(out, betas, steps):
+    i = triton.language.program_id(0)
+    triton.language.store(out + i, mt.one_minus_power(triton.language.load(betas + i),
+                                                      triton.language.load(steps + i)))
+
+
+def test_one_minus_power_is_correctly_rounded():
+    """The GPU's bias corrections (``one_minus_power``, double-double squaring): 1 - beta^t with
+    beta^t rounded once, against exact rational arithmetic -- also at steps where glibc's pow
+    misrounds (beta 0.9999 at 494, 0.99 at 503, 0.95 at 482, 0.999 at 2904), where it differs
+    from Python's ``beta ** t`` by design.  A negative step counts as 0."""
+    cases = [(b, t) for b in (0.9, 0.999, 0.9999, 0.5, 0.0, 0.123456789)
+             for t in (0, 1, 2, 3, 7, 40, 1000, 4097)]
+    cases += [(0.9999, 494), (0.99, 503), (0.95, 482), (0.999, 2904), (0.9, 2**40 + 3),
+              (0.9999, 2**53 + 1), (0.9, -5)]
+    betas = torch.tensor([b for b, _ in cases], dtype=F64)
+    steps = torch.tensor([t for _, t in cases], dtype=torch.int64)
+    out = torch.zeros(len(cases), dtype=F64)
+    _one_minus_power_kernel[(len(cases),)](out, betas, steps)
+    want = [1.0 - (float(Fraction(b) ** max(t, 0)) if t <= 5000 else 0.0) for b, t in cases]
+    assert out.tolist() == want
 
 
 def test_torch_compile_traces_the_custom_ops():

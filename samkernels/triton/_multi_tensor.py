@@ -251,25 +251,53 @@ def at_step(step_lo, step_hi, device_step):
     return host + tl.load(device_step).to(tl.uint64, bitcast=True)
 
 
-def _interpreted_pow(x, y):
-    """``libdevice.pow`` for the interpreter, which has no libdevice: C's pow of each element
-    (numpy's scalar power calls libm's pow, as Python's ``float ** int`` does after converting
-    the int), so the in-kernel Adam bias corrections have the host's bits there."""
+@triton.jit
+def _dd_mul(h, l, bh, bl):
+    """(h, l) (bh, bl) in double-double: Dekker's product by fma, renormalised so that h is the
+    double nearest h + l."""
+    p = h * bh
+    e = tl.fma(h, bh, -p) + (h * bl + l * bh)  # h bh = p + fma(h, bh, -p) exactly
+    hi = p + e
+    return hi, e - (hi - p)
+
+
+@triton.jit
+def one_minus_power(beta, t):
+    """1 - beta^t in double for a float64 ``beta`` and an int64 step ``t`` >= 0 (a step counts
+    from 1; a negative one is taken as 0), beta^t the power rounded to double: Python's
+    ``1 - beta ** t`` wherever libm's pow is correctly rounded (glibc's is within 0.52 ulp).
+
+    By squaring in double-double (relative error below about t 2^-104 before the one rounding),
+    as the CUDA backend (csrc/cuda/bias_correction.cuh): a GPU's pow is only within 2 ulp."""
+    e = t.to(tl.float64)  # the exponent the host's pow gets
+    n = tl.where(e >= 0.0, e, 0.0).to(tl.uint64)
+    zero = beta * 0.0
+    rh, rl, bh, bl = zero + 1.0, zero, beta, zero  # the result; beta^(2^k)
+    while n != 0:
+        if (n & 1) != 0:
+            rh, rl = _dd_mul(rh, rl, bh, bl)
+        n = n >> 1
+        bh, bl = _dd_mul(bh, bl, bh, bl)
+    return 1.0 - rh
+
+
+def _libm_one_minus_power(beta, t):
+    """``bias_correction`` under the interpreter: 1 - libm's pow (numpy's scalar power), i.e.
+    Python's ``1 - beta ** t`` bit for bit, so the ops keep the host path's bits there."""
     import numpy as np
     from triton.runtime.interpreter import TensorHandle
-    a, b = np.broadcast_arrays(x.handle.data, y.handle.data)
-    with np.errstate(all="ignore"):
-        out = np.array([np.float64(u) ** np.float64(v) for u, v in zip(a.flat, b.flat)],
-                       dtype=np.float64).reshape(a.shape)
+    b, n = np.broadcast_arrays(beta.handle.data, t.handle.data)
+    out = np.array([1.0 - np.float64(u) ** np.float64(v) for u, v in zip(b.flat, n.flat)],
+                   dtype=np.float64).reshape(b.shape)
     return tl.core.tensor(TensorHandle(out, tl.float64),
-                          x.type if x.handle.data.shape == a.shape else y.type)
+                          beta.type if beta.handle.data.shape == b.shape else t.type)
 
 
-if INTERPRET:
-    pow64 = _interpreted_pow
-else:
-    from triton.language.extra import libdevice
-    pow64 = libdevice.pow  # fp64 ** fp64 (CUDA's pow, as the CUDA backend's std::pow)
+# 1 - beta^t (float64 beta, int64 t) for the bias corrections the kernels form from a step: on a
+# GPU ``one_minus_power`` (correctly rounded, as the CUDA backend); the interpreter has the host's
+# libm at hand and uses it, so that the host path keeps its bits where libm misrounds (glibc's pow,
+# on about 1 step in 2000), and tests run ``one_minus_power`` itself (tests/test_triton_plans.py)
+bias_correction = _libm_one_minus_power if INTERPRET else one_minus_power
 
 
 @triton.jit

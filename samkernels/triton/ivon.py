@@ -29,7 +29,6 @@ from samkernels.triton import _multi_tensor as mt
 from samkernels.triton._multi_tensor import (chunk_apply, chunk_ptrs, div, fp_arg, fp_args, load,
                                              load_flag, load_one, sqrt, store)
 from samkernels.triton._philox import normal_tile, param_key, step_words
-from samkernels.triton.sam import one_minus_pow
 
 
 @triton.jit
@@ -186,7 +185,7 @@ def _update_kernel(work, numel, ids, flag, device_step, debias_step, p_tab, g_ta
     # the host's bias correction, or 1 - beta1^t from t = *debias_step (``debiased``): one
     # kernel for both, the choice a run-time select
     bc = tl.where(debiased != 0,
-                  one_minus_pow(b1_bits, tl.load(debias_step).to(tl.float64)).to(MATH),
+                  mt.bias_correction(fp_arg(b1_bits, tl.float64), tl.load(debias_step)).to(MATH),
                   fp_arg(bc_bits, MATH))
     args = (param_key(ids, t), seed_lo, seed_hi) + step_words(step_lo, step_hi, device_step) + \
         fp_args((lr_bits, ess_bits, wd_bits, b1_bits, omb1_bits, b2_bits, omb2_bits, hsq_bits,

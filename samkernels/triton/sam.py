@@ -24,7 +24,7 @@ from torch import Tensor
 from samkernels.ops._spec import OPS
 from samkernels.triton import _multi_tensor as mt
 from samkernels.triton._multi_tensor import (at_step, chunk_apply, chunk_ptrs, chunk_sum, div,
-                                             fp_arg, fp_args, load, load_flag, pow64, sqrt, store)
+                                             fp_arg, fp_args, load, load_flag, sqrt, store)
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,19 +203,13 @@ def adam_step(w, d, m, v, offs, n, step_size, beta1, one_minus_b1, beta2, one_mi
 
 
 @triton.jit
-def one_minus_pow(beta_bits, t):
-    """1 - beta^t in double, ``t`` a float64 step: C's pow, as the reference forms it on the host
-    (the interpreter's ``pow64`` is libm's, so the bits are Python's ``beta ** t``)."""
-    return 1.0 - pow64(fp_arg(beta_bits, tl.float64), t)
-
-
-@triton.jit
 def adam_scalars(lr_bits, b1_bits, b2_bits, step_lo, step_hi, device_step, MATH: tl.constexpr):
     """(lr / (1 - beta1^t), sqrt(1 - beta2^t)) at t = step + *device_step (``at_step``), in
     double and then rounded to MATH, as the reference forms them on the host."""
-    t = at_step(step_lo, step_hi, device_step).to(tl.int64, bitcast=True).to(tl.float64)
-    step_size = fp_arg(lr_bits, tl.float64) / one_minus_pow(b1_bits, t)  # fp64 `/`: IEEE
-    return step_size.to(MATH), sqrt(one_minus_pow(b2_bits, t)).to(MATH)
+    t = at_step(step_lo, step_hi, device_step).to(tl.int64, bitcast=True)
+    lr, beta1, beta2 = fp_args((lr_bits, b1_bits, b2_bits), tl.float64)
+    step_size = lr / mt.bias_correction(beta1, t)  # fp64 `/` and sqrt: IEEE-rounded
+    return step_size.to(MATH), sqrt(mt.bias_correction(beta2, t)).to(MATH)
 
 
 @triton.jit
