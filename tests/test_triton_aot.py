@@ -81,19 +81,28 @@ def _flag(on):
     return torch.zeros(1) if on else None
 
 
-def _launch(name, values, spec, flag):
+def _counter():
+    """A device step counter 8 bytes into its storage: the kernels load it without an alignment
+    specialisation, so it compiles nothing that the plan's own zero (aligned) did not."""
+    return torch.full((3,), 2, dtype=torch.int64)[1:2]
+
+
+def _launch(name, values, spec, flag, counter=False):
     """Op ``name`` of the table through samkernels.triton on ``spec``'s lists, every other
-    argument from ``values`` (a case of tests/oracles.py), found_inf when the op takes it."""
+    argument from ``values`` (a case of tests/oracles.py), found_inf when the op takes it, and
+    its step tensors (device_step, debias_step: ``_counter``) when ``counter``."""
     op = PHASES[name]
     args = op_args(op, values, spec)
-    getattr(T, name)(*args, *([_flag(flag)] if op.takes_found_inf else []))
+    args += [_flag(flag)] if op.takes_found_inf else []
+    getattr(T, name)(*args, *([_counter() for _ in op.step_tensors] if counter else []))
 
 
 def drive_multi_tensor():
     """Every multi-tensor op of the table (tests/oracles.py CASES): the base case, which selects
     the most code, in every dtype case, with and without the device skip flag in the common ones
     (the flag's skip branch comes on top of the normal one); each variant (another code path) in
-    fp32, with the flag; the base case on a misaligned tensor."""
+    fp32, with the flag; the base case on a misaligned tensor; the base case with step counters
+    where the op takes them (the same kernels: no configuration of their own)."""
     for name, op in PHASES.items():
         if not op.multi_tensor:
             continue
@@ -104,6 +113,8 @@ def drive_multi_tensor():
         for i in range(1, len(CASES[name])):
             _launch(name, case(name, i), DTYPE_CASES["fp32"], flags[0])
         _launch(name, case(name), MISALIGNED, flags[0])
+        if op.takes_device_step:
+            _launch(name, case(name), DTYPE_CASES["fp32"], flags[0], counter=True)
 
 
 def drive_philox_probe():

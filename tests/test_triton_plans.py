@@ -10,8 +10,10 @@ tensor or several launches per group lower the module constants with monkeypatch
 import contextlib
 import importlib
 import inspect
+import math
 import os
 import pkgutil
+from fractions import Fraction
 
 import pytest
 import torch
@@ -22,6 +24,7 @@ import samkernels.triton as T  # noqa: E402
 from samkernels.ops._spec import PHASES  # noqa: E402
 from samkernels.ops import reference as R  # noqa: E402
 from samkernels.triton import _multi_tensor as mt  # noqa: E402
+from samkernels.triton.sam import adam_scalars  # noqa: E402
 
 from helpers import (BF16, F16, F32, F64, clone_args, f64_args, hard_tensor, op_args,  # noqa: E402
                      same_bits, tol)
@@ -121,6 +124,117 @@ def test_no_plan_is_built_inside_a_graph_capture(monkeypatch):
     assert mt._captured[id(plan)] is plan
     mt.clear_cache()
     assert mt._captured[id(plan)] is plan  # still alive for the graph
+
+
+# --- device_step: read by the kernels at every call, never part of a plan ------------------------
+def _stepped_runner(name, spec, seed):
+    """run(step, device_step) -> the op's tensor lists after a call on the SAME tensors (restored
+    in place before each call, so every call hits one plan)."""
+    op = PHASES[name]
+    args = op_args(op, {**case(name), "step": 1}, spec, seed)
+    init = clone_args(args)
+    lists = [i for i, a in enumerate(args) if isinstance(a, list) and a
+             and isinstance(a[0], torch.Tensor)]
+    at = op.arg_names.index("step")
+
+    def run(step, device_step):
+        for i in lists:
+            for t, v in zip(args[i], init[i]):
+                t.copy_(v)
+        args[at] = step
+        getattr(T, name)(*args, *([None] if op.takes_found_inf else []), device_step)
+        return [t.clone() for i in lists for t in args[i]]
+    return run
+
+
+def _same(xs, ys):
+    return all(same_bits(x, y) for x, y in zip(xs, ys))
+
+
+@pytest.mark.parametrize("name", ["bsam_noise_", "mfvi_update_", "sam_restore_adam_"])
+def test_device_step_is_read_at_each_call_and_not_planned(monkeypatch, name):
+    """The counter is a kernel argument, not a table entry: another counter tensor reuses the plan
+    (inside a capture too, simulated), and a counter advanced in place is read anew at the next
+    call -- what a replayed CUDA graph sees.  A call without one reads the plan's zero."""
+    mt.clear_cache()
+    run = _stepped_runner(name, [((5,), F32), ((3, 4), BF16), ((9,), F64)], 22)
+    want = run(7, None)
+    plans = dict(mt._cache)
+    counter = torch.tensor(3, dtype=torch.int64)
+    assert _same(run(4, counter), want)
+    counter.add_(2)  # advanced on the device between two replays
+    assert _same(run(2, counter), want)
+    assert not _same(run(4, counter), want)
+    monkeypatch.setattr(mt, "_capturing", lambda device: True)
+    assert _same(run(1, torch.full((1,), 6, dtype=torch.int64)), want)
+    assert dict(mt._cache) == plans and all(p.zero.tolist() == [0] for p in plans.values())
+    assert counter.item() == 5  # read, never written
+
+
+@pytest.mark.parametrize("name", ["vi_noise_", "ebisam_perturb_"])
+@pytest.mark.parametrize("split", [(2**64 - 1, 2), (-3, 10), (5, -2), (2**63 - 1, 2**63 - 1)],
+                         ids=["wraps", "negative-host", "negative-device", "int64-overflow"])
+def test_device_step_sum_wraps_like_the_host_step(name, split):
+    """The kernels add the counter to the host step in 64-bit arithmetic: the Philox step words
+    are those of the low 64 bits of the integer sum, as for the host step (``_i64``)."""
+    host, on_device = split
+    run = _stepped_runner(name, [((5,), F32), ((3, 4), BF16)], 23)
+    assert _same(run(host, torch.tensor(on_device, dtype=torch.int64)),
+                 run(host + on_device, None))
+
+
+@triton.jit
+def _adam_scalars_kernel(out, steps, step_lo, step_hi, lr_bits, b1_bits, b2_bits,
+                         MATH: triton.language.constexpr):
+    i = triton.language.program_id(0)
+    step_size, sqrt_bc2 = adam_scalars(lr_bits, b1_bits, b2_bits, step_lo, step_hi, steps + i,
+                                       MATH)
+    triton.language.store(out + 2 * i, step_size.to(triton.language.float64))
+    triton.language.store(out + 2 * i + 1, sqrt_bc2.to(triton.language.float64))
+
+
+@pytest.mark.parametrize("betas", [(0.9, 0.999), (0.95, 0.98), (0.5, 0.75), (0.0, 0.9999)])
+def test_adam_bias_corrections_are_the_hosts(betas):
+    """The Adam kernels form lr / (1 - beta1^t) and sqrt(1 - beta2^t) from the step on the
+    device, t = host + device step: in the interpreter bit for bit Python's double ``beta ** t``
+    formulas (the host computation they replace), rounded to fp32 for fp32 groups."""
+    lr, (beta1, beta2) = 0.003, betas
+    steps = list(range(1, 41)) + [100, 482, 494, 503, 1000, 2904, 12345, 2**31 + 5, 2**40 + 3,
+                                  2**53 + 1]
+    want64 = torch.tensor([[lr / (1 - beta1 ** t), math.sqrt(1 - beta2 ** t)] for t in steps],
+                          dtype=F64).view(-1)
+    for host in (0, 2**32 + 1):
+        counters = torch.tensor([t - host for t in steps], dtype=torch.int64)
+        for math_dt, dt in ((triton.language.float64, F64), (triton.language.float32, F32)):
+            out = torch.zeros(2 * len(steps), dtype=F64)
+            _adam_scalars_kernel[(len(steps),)](out, counters, *mt.u32_words(host),
+                                                *map(mt.f64_bits, (lr, beta1, beta2)),
+                                                MATH=math_dt)
+            assert same_bits(out, want64.to(dt).to(F64)), (host, dt)
+
+
+@triton.jit
+def _one_minus_power_kernel(out, betas, steps):
+    i = triton.language.program_id(0)
+    triton.language.store(out + i, mt.one_minus_power(triton.language.load(betas + i),
+                                                      triton.language.load(steps + i)))
+
+
+def test_one_minus_power_is_correctly_rounded():
+    """The GPU's bias corrections (``one_minus_power``, double-double squaring): 1 - beta^t with
+    beta^t rounded once, against exact rational arithmetic -- also at steps where glibc's pow
+    misrounds (beta 0.9999 at 494, 0.99 at 503, 0.95 at 482, 0.999 at 2904), where it differs
+    from Python's ``beta ** t`` by design.  A negative step counts as 0."""
+    cases = [(b, t) for b in (0.9, 0.999, 0.9999, 0.5, 0.0, 0.123456789)
+             for t in (0, 1, 2, 3, 7, 40, 1000, 4097)]
+    cases += [(0.9999, 494), (0.99, 503), (0.95, 482), (0.999, 2904), (0.9, 2**40 + 3),
+              (0.9999, 2**53 + 1), (0.9, -5)]
+    betas = torch.tensor([b for b, _ in cases], dtype=F64)
+    steps = torch.tensor([t for _, t in cases], dtype=torch.int64)
+    out = torch.zeros(len(cases), dtype=F64)
+    _one_minus_power_kernel[(len(cases),)](out, betas, steps)
+    want = [1.0 - (float(Fraction(b) ** max(t, 0)) if t <= 5000 else 0.0) for b, t in cases]
+    assert out.tolist() == want
 
 
 def test_torch_compile_traces_the_custom_ops():

@@ -21,6 +21,12 @@ the op, both derived from the table:
 ``found_inf`` (the gradient-consuming phases' optional last argument): a one-element tensor on the
 parameters' device; nonzero selects the op's skip form *in the kernels* (see sam / bsam / vi /
 ebisam / ivon), so passing it never syncs with the host.
+
+``device_step`` (the last argument of the phases with a ``step``): None or a one-element int64
+tensor on the parameters' device.  Every program loads it and uses step + its value (mod 2^64:
+the Philox words, Adam's bias corrections), so a captured step replays with the counter's current
+value; without it the kernels load a zero of the launch plan (``_multi_tensor.step_arg``): the
+same kernels, hence the same bits, for a host step and a device step.
 """
 import ast
 import importlib

@@ -18,10 +18,11 @@ parameters does no host->device traffic at all, and nothing in a phase syncs wit
 Every multi-tensor kernel is written on one skeleton; a phase module supplies only its per-element
 maths (a *body*) and the scalars it derives on the device.  The kernel template:
 
-    @triton.jit(do_not_specialize=[<every word and bits argument>])
-    def _x_kernel(work, numel, [ids,] [flag,] <one table per list>, [norm | partials,]
-                  <int32 words ...>, <int64 float bits ...>, <one X_DT per list>, <options ...>,
-                  [HAS_FLAG,] ALIGNED, MATH, BLOCK, CHUNK):
+    @triton.jit(do_not_specialize=[<every word and bits argument>],
+                [do_not_specialize_on_alignment=[<every step tensor>]])
+    def _x_kernel(work, numel, [ids,] [flag,] [<step tensors>,] <one table per list>,
+                  [norm | partials,] <int32 words ...>, <int64 float bits ...>,
+                  <one X_DT per list>, <options ...>, [HAS_FLAG,] ALIGNED, MATH, BLOCK, CHUNK):
         t, start, n, ptrs = chunk_ptrs(work, numel, (<tables>), (<X_DTs>), ALIGNED)
         <scalars: fp_arg(bits, MATH), the norm read on the device, the parameter id ...>
         chunk_apply(_x_body, start, n, ptrs, (<scalars>), (<options>),
@@ -29,12 +30,15 @@ maths (a *body*) and the scalars it derives on the device.  The kernel template:
 
 The host side is ``launch(op, kernel, lists, ...)``, which passes exactly that argument list: the
 lists in the op table's order (:mod:`samkernels.ops._spec`), ``ids`` where the op takes parameter
-ids and ``flag`` / ``HAS_FLAG`` where it takes ``found_inf``.  ``body(base, n, ptrs, args, OPT,
-MATH, BLOCK, MASKED)`` handles the BLOCK elements from ``base`` (``MASKED``: of the last, partial
-chunk of a tensor); it reads its options as ``X: tl.constexpr = OPT[i]`` (an unpacking
-``X, = OPT`` would make them run-time values, and a branch on them a run-time branch).  A phase without ``found_inf`` passes ``False, None`` as skip and copy; the
-Philox phases pass ``UNROLL=False``; the norm kernels use ``chunk_sum`` instead, whose bodies
-return the float64 terms to add, and store its result in their ``partials`` slot.
+ids, ``flag`` / ``HAS_FLAG`` where it takes ``found_inf`` and a pointer for each step tensor it
+takes (``OpSpec.step_tensors``: ``device_step``, which the kernel adds to the host step,
+``at_step``; ``ivon_update_``'s ``debias_step``), given or not (``step_arg``).
+``body(base, n, ptrs, args, OPT, MATH, BLOCK, MASKED)`` handles the BLOCK elements from ``base``
+(``MASKED``: of the last, partial chunk of a tensor); it reads its options as ``X: tl.constexpr =
+OPT[i]`` (an unpacking ``X, = OPT`` would make them run-time values, and a branch on them a
+run-time branch).  A phase without ``found_inf`` passes ``False, None`` as skip and copy; the
+Philox phases pass ``UNROLL=False``; the norm kernels use ``chunk_sum`` instead, whose bodies return
+the float64 terms to add, and store its result in their ``partials`` slot.
 """
 from __future__ import annotations
 
@@ -221,6 +225,81 @@ def flag_arg(found_inf: Optional[torch.Tensor], plan: "Plan"):
     return flag, True
 
 
+def step_arg(op: OpSpec, name: str, t: Optional[torch.Tensor], plan: "Plan") -> torch.Tensor:
+    """The pointer argument of a phase's step tensor ``name`` (``device_step``, ``debias_step``):
+    the tensor ``t`` itself, or the plan's zero.
+
+    Without a device counter the kernels still load one (a zero in the plan's device buffer, built
+    with it, never inside a capture): one kernel variant for both, so the host step and the device
+    step run the same code and give the same bits.  The kernels read 8 bytes there, so the
+    tensor is checked even if the shared wrapper did."""
+    if t is None:
+        return plan.zero
+    if t.dtype != torch.int64 or t.numel() != 1 or t.device != plan.device:
+        raise ValueError(f"{op.name}: {name} must be a one-element int64 tensor on "
+                         f"{plan.device}, got {t.dtype} of shape {list(t.shape)} on {t.device}")
+    return t
+
+
+@triton.jit
+def at_step(step_lo, step_hi, device_step):
+    """The step an op uses: the host's 64-bit ``step`` (its two 32-bit words, ``u32_words``) plus
+    the int64 at ``device_step``, as a uint64 that wraps mod 2^64 (the low 64 bits of the
+    reference's integer sum; the Philox words and Adam's step come from it)."""
+    host = ((step_hi.to(tl.uint32, bitcast=True).to(tl.uint64) << 32)
+            | step_lo.to(tl.uint32, bitcast=True).to(tl.uint64))
+    return host + tl.load(device_step).to(tl.uint64, bitcast=True)
+
+
+@triton.jit
+def _dd_mul(h, l, bh, bl):
+    """(h, l) (bh, bl) in double-double: Dekker's product by fma, renormalised so that h is the
+    double nearest h + l."""
+    p = h * bh
+    e = tl.fma(h, bh, -p) + (h * bl + l * bh)  # h bh = p + fma(h, bh, -p) exactly
+    hi = p + e
+    return hi, e - (hi - p)
+
+
+@triton.jit
+def one_minus_power(beta, t):
+    """1 - beta^t in double for a float64 ``beta`` and an int64 step ``t`` >= 0 (a step counts
+    from 1; a negative one is taken as 0), beta^t the power rounded to double: Python's
+    ``1 - beta ** t`` wherever libm's pow is correctly rounded (glibc's is within 0.52 ulp).
+
+    By squaring in double-double (relative error below about t 2^-104 before the one rounding),
+    as the CUDA backend (csrc/cuda/bias_correction.cuh): a GPU's pow is only within 2 ulp."""
+    e = t.to(tl.float64)  # the exponent the host's pow gets
+    n = tl.where(e >= 0.0, e, 0.0).to(tl.uint64)
+    zero = beta * 0.0
+    rh, rl, bh, bl = zero + 1.0, zero, beta, zero  # the result; beta^(2^k)
+    while n != 0:
+        if (n & 1) != 0:
+            rh, rl = _dd_mul(rh, rl, bh, bl)
+        n = n >> 1
+        bh, bl = _dd_mul(bh, bl, bh, bl)
+    return 1.0 - rh
+
+
+def _libm_one_minus_power(beta, t):
+    """``bias_correction`` under the interpreter: 1 - libm's pow (numpy's scalar power), i.e.
+    Python's ``1 - beta ** t`` bit for bit, so the ops keep the host path's bits there."""
+    import numpy as np
+    from triton.runtime.interpreter import TensorHandle
+    b, n = np.broadcast_arrays(beta.handle.data, t.handle.data)
+    out = np.array([1.0 - np.float64(u) ** np.float64(v) for u, v in zip(b.flat, n.flat)],
+                   dtype=np.float64).reshape(b.shape)
+    return tl.core.tensor(TensorHandle(out, tl.float64),
+                          beta.type if beta.handle.data.shape == b.shape else t.type)
+
+
+# 1 - beta^t (float64 beta, int64 t) for the bias corrections the kernels form from a step: on a
+# GPU ``one_minus_power`` (correctly rounded, as the CUDA backend); the interpreter has the host's
+# libm at hand and uses it, so that the host path keeps its bits where libm misrounds (glibc's pow,
+# on about 1 step in 2000), and tests run ``one_minus_power`` itself (tests/test_triton_plans.py)
+bias_correction = _libm_one_minus_power if INTERPRET else one_minus_power
+
+
 @triton.jit
 def load_flag(flag, HAS_FLAG: tl.constexpr):
     """found_inf != 0 (NaN counts as set).  Without a flag a constant false: the compiler drops
@@ -317,7 +396,8 @@ class Group:
 
 class Plan:
     # host: the pinned host buffer the device tables were copied from (None off CUDA).
-    __slots__ = ("groups", "n_chunks", "device", "buffer", "host")
+    # zero: a one-element int64 zero in the device buffer, the device step of calls without one.
+    __slots__ = ("groups", "n_chunks", "device", "buffer", "host", "zero")
 
 
 _cache: "OrderedDict[tuple, Plan]" = OrderedDict()
@@ -342,7 +422,9 @@ def _build(lists: Sequence[Sequence[torch.Tensor]], ids: Optional[Sequence[int]]
     for i in range(n_tensors):
         signature.setdefault(tuple(lst[i].dtype for lst in lists), []).append(i)
 
-    host: List[int] = []  # every table of every group in one int64 buffer: one copy to the device
+    # every table of every group in one int64 buffer (one copy to the device), after a zero
+    # (Plan.zero) padded to two slots so that every table stays 16-byte aligned
+    host: List[int] = [0, 0]
     layout = []
     total_chunks = 0
     for dtypes, members in signature.items():
@@ -369,7 +451,7 @@ def _build(lists: Sequence[Sequence[torch.Tensor]], ids: Optional[Sequence[int]]
         layout.append((dtypes, tp, aligned, seg, n_chunks, total_chunks))
         total_chunks += n_chunks
 
-    buf = torch.tensor(host if host else [0], dtype=torch.int64)
+    buf = torch.tensor(host, dtype=torch.int64)
     source = None
     if device.type == "cuda":
         # Pinned + non_blocking, so even a cache miss does not block the host (plans are never
@@ -381,6 +463,7 @@ def _build(lists: Sequence[Sequence[torch.Tensor]], ids: Optional[Sequence[int]]
 
     plan = Plan()
     plan.device, plan.buffer, plan.n_chunks, plan.groups = device, buf, total_chunks, []
+    plan.zero = buf[:1]
     # The asynchronous copy reads `source` after this returns: the plan keeps it alive (and never
     # writes it), so the host allocator cannot hand the memory to anyone else while it may be read.
     plan.host = source
@@ -533,14 +616,15 @@ def _launch_args(group: Group):
 def launch(op: OpSpec, kernel, lists: Sequence[Optional[Sequence[torch.Tensor]]], *,
            words: Sequence[int] = (), bits: Sequence[float] = (),
            ids: Optional[Sequence[int]] = None, found_inf: Optional[torch.Tensor] = None,
-           norm: Optional[torch.Tensor] = None, sums: bool = False, elementwise: bool = True,
-           **options) -> Optional[torch.Tensor]:
+           steps: Sequence[Optional[torch.Tensor]] = (), norm: Optional[torch.Tensor] = None,
+           sums: bool = False, elementwise: bool = True, **options) -> Optional[torch.Tensor]:
     """Run ``kernel`` (see the kernel template above) over the tensor lists of phase ``op``.
 
     ``lists`` are the op's tensor lists in the table's order, None for one the call leaves out
     (an empty optional list): the kernel gets the first present list's table there and must not
-    touch it.  ``words`` are int32 arguments (``u32_words`` of a 64-bit seed),
+    touch it.  ``words`` are int32 arguments (``u32_words`` of a 64-bit seed or step),
     ``bits`` floats passed as the int64 bits of their doubles, ``options`` the op's constexprs.
+    ``steps``: the op's step tensors (``OpSpec.step_tensors``), each None or given.
     ``norm``: a 0-dim norm (or a short float64 tensor of coefficients) the kernel reads on the
     device.  ``sums``: the kernel writes one float64 partial per program; returns their sum, a
     0-dim float64 (zero for no elements); an int K > 1: K partials per program (slots
@@ -569,6 +653,8 @@ def launch(op: OpSpec, kernel, lists: Sequence[Optional[Sequence[torch.Tensor]]]
         if op.takes_found_inf:
             flag, options["HAS_FLAG"] = flag_arg(found_inf, plan)
             head.append(flag)
+        assert len(steps) == len(op.step_tensors), (op.name, op.step_tensors)
+        head += [step_arg(op, name, t, plan) for name, t in zip(op.step_tensors, steps)]
         if norm is not None:  # read on the device: no host sync
             norm = norm.reshape(-1).to(device, non_blocking=True)
         width = int(sums)  # sums per program (samv_dots: 3)

@@ -7,7 +7,9 @@ u = ((x >> 9) + 1/2) 2^-23 and its normal comes from Box-Muller over the block's
 A kernel computes one Philox block per *quad* of elements (a [BLOCK/4, 4] tile, ``quad_tile``),
 not one per element, so the generator costs ~1/4 of the naive version.  bSAM's and the MFVI
 family's normals (``normal_tile``) and E-BiSAM's uniforms (``philox_words`` + ``pick_lane``) are
-the same stream.
+the same stream.  ``step`` is the op's step plus its ``device_step`` (zero without one), added
+once per program on the device (``step_words``), so a captured op replays with the counter's
+current value.
 """
 import math
 
@@ -24,12 +26,21 @@ def philox_words(quad, pid, seed_lo, seed_hi, step_lo, step_hi):
     """The four Philox4x32-10 words of block ``quad`` (uint32 tensor) of parameter ``pid``.
 
     tl.philox splits its 64-bit seed into the key (lo, hi) = (k0, k1), as philox.h does; the
-    32-bit word arguments arrive as int32 and are reinterpreted here."""
+    32-bit word arguments arrive as int32 (or uint32, ``step_words``) and are reinterpreted
+    here."""
     seed = ((seed_hi.to(tl.uint32, bitcast=True).to(tl.uint64) << 32)
             | seed_lo.to(tl.uint32, bitcast=True).to(tl.uint64))
     zero = quad * 0  # full-size counters, so every output word is a full tensor
     return tl.philox(seed, quad, zero + pid, zero + step_lo.to(tl.uint32, bitcast=True),
                      zero + step_hi.to(tl.uint32, bitcast=True))
+
+
+@triton.jit
+def step_words(step_lo, step_hi, device_step):
+    """The Philox step words (lo, hi), uint32, of step + *device_step mod 2^64 (``at_step``):
+    the counter words 2 and 3 of every block an op draws."""
+    step = mt.at_step(step_lo, step_hi, device_step)
+    return step.to(tl.uint32), (step >> 32).to(tl.uint32)
 
 
 @triton.jit

@@ -23,7 +23,7 @@ from samkernels.ops._spec import OPS
 from samkernels.triton import _multi_tensor as mt
 from samkernels.triton._multi_tensor import (chunk_apply, chunk_ptrs, div, fp_arg, fp_args, load,
                                              load_flag, load_one, sqrt, store)
-from samkernels.triton._philox import normal_tile, param_key
+from samkernels.triton._philox import normal_tile, param_key, step_words
 
 
 # --------------------------------------------------------------------------------------------
@@ -41,24 +41,27 @@ def _noise_body(base, n, ptrs, args, OPT: tl.constexpr, MATH: tl.constexpr, BLOC
     store(p, offs, w_raw.to(MATH) + div(z, sqrt(num_data * ss)), n, MASKED)  # sigma2 = 1/(N s)
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step_lo", "step_hi", "nd_bits"])
-def _noise_kernel(work, numel, ids, p_tab, b_tab, s_tab, seed_lo: tl.int32, seed_hi: tl.int32,
-                  step_lo: tl.int32, step_hi: tl.int32, nd_bits: tl.int64,
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step_lo", "step_hi", "nd_bits"],
+            do_not_specialize_on_alignment=["device_step"])
+def _noise_kernel(work, numel, ids, device_step, p_tab, b_tab, s_tab, seed_lo: tl.int32,
+                  seed_hi: tl.int32, step_lo: tl.int32, step_hi: tl.int32, nd_bits: tl.int64,
                   P_DT: tl.constexpr, B_DT: tl.constexpr, S_DT: tl.constexpr,
                   ALIGNED: tl.constexpr, MATH: tl.constexpr, BLOCK: tl.constexpr,
                   CHUNK: tl.constexpr):
     t, start, n, ptrs = chunk_ptrs(work, numel, (p_tab, b_tab, s_tab), (P_DT, B_DT, S_DT),
                                    ALIGNED)
-    args = (param_key(ids, t), seed_lo, seed_hi, step_lo, step_hi, fp_arg(nd_bits, MATH))
+    args = (param_key(ids, t), seed_lo, seed_hi) + step_words(step_lo, step_hi, device_step) + (
+        fp_arg(nd_bits, MATH),)
     chunk_apply(_noise_body, start, n, ptrs, args, (), False, None, MATH, BLOCK, CHUNK, False)
 
 
 def bsam_noise_(params: List[Tensor], backups: List[Tensor], precisions: List[Tensor],
-                param_ids: List[int], seed: int, step: int, num_data: float) -> None:
+                param_ids: List[int], seed: int, step: int, num_data: float,
+                device_step: Optional[Tensor] = None) -> None:
     # element i's noise is defined in logical (row-major) order: copy, never flatten, strided views
     mt.launch(OPS["bsam_noise_"], _noise_kernel, [params, backups, precisions], ids=param_ids,
               words=(*mt.u32_words(seed), *mt.u32_words(step)), bits=(num_data,),
-              elementwise=False)
+              steps=(device_step,), elementwise=False)
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ from samkernels.ops._spec import OPS
 from samkernels.triton import _multi_tensor as mt
 from samkernels.triton._multi_tensor import (chunk_apply, chunk_ptrs, div, fp_args, load,
                                              load_flag, store)
-from samkernels.triton._philox import param_key, philox_words, pick_lane, quad_tile, uniforms_below
+from samkernels.triton._philox import (param_key, philox_words, pick_lane, quad_tile, step_words,
+                                       uniforms_below)
 from samkernels.triton.sam import grad_sumsq
 
 
@@ -45,10 +46,11 @@ def _ebisam_body(base, n, ptrs, args, OPT: tl.constexpr, MATH: tl.constexpr,
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step_lo", "step_hi", "n_below",
-                               "rs_bits", "eps_bits"])
-def _ebisam_kernel(work, numel, ids, flag, p_tab, g_tab, b_tab, norm, seed_lo: tl.int32,
-                   seed_hi: tl.int32, step_lo: tl.int32, step_hi: tl.int32, n_below: tl.int32,
-                   rs_bits: tl.int64, eps_bits: tl.int64,
+                               "rs_bits", "eps_bits"],
+            do_not_specialize_on_alignment=["device_step"])
+def _ebisam_kernel(work, numel, ids, flag, device_step, p_tab, g_tab, b_tab, norm,
+                   seed_lo: tl.int32, seed_hi: tl.int32, step_lo: tl.int32, step_hi: tl.int32,
+                   n_below: tl.int32, rs_bits: tl.int64, eps_bits: tl.int64,
                    P_DT: tl.constexpr, G_DT: tl.constexpr, B_DT: tl.constexpr,
                    HAS_FLAG: tl.constexpr, ALIGNED: tl.constexpr, MATH: tl.constexpr,
                    BLOCK: tl.constexpr, CHUNK: tl.constexpr):
@@ -57,8 +59,8 @@ def _ebisam_kernel(work, numel, ids, flag, p_tab, g_tab, b_tab, norm, seed_lo: t
     rho_scaled, eps = fp_args((rs_bits, eps_bits), MATH)
     # rho / (1 - beta) / (||g|| + eps), the norm read on the device
     scale = div(rho_scaled, tl.load(norm).to(MATH) + eps)
-    args = (param_key(ids, t), seed_lo, seed_hi, step_lo, step_hi,
-            n_below.to(tl.uint32, bitcast=True), scale)
+    args = (param_key(ids, t), seed_lo, seed_hi) + step_words(step_lo, step_hi, device_step) + (
+        n_below.to(tl.uint32, bitcast=True), scale)
     # found_inf: backup <- w only, w stays unperturbed
     chunk_apply(_ebisam_body, start, n, ptrs, args, (), load_flag(flag, HAS_FLAG), (0, 2), MATH,
                 BLOCK, CHUNK, False)
@@ -66,13 +68,14 @@ def _ebisam_kernel(work, numel, ids, flag, p_tab, g_tab, b_tab, norm, seed_lo: t
 
 def ebisam_perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
                     param_ids: List[int], grad_norm: Optional[Tensor], seed: int, step: int,
-                    rho: float, beta: float, eps: float,
-                    found_inf: Optional[Tensor] = None) -> Tensor:
+                    rho: float, beta: float, eps: float, found_inf: Optional[Tensor] = None,
+                    device_step: Optional[Tensor] = None) -> Tensor:
     if not 0.0 <= beta < 1.0:
         raise ValueError(f"ebisam_perturb_: beta must be in [0, 1), got {beta}")
     # no norm given: ||g|| on the device, float64
     norm = grad_sumsq(grads, grads, False, 0.0).sqrt() if grad_norm is None else grad_norm
     mt.launch(OPS["ebisam_perturb_"], _ebisam_kernel, [params, grads, backups], ids=param_ids,
               words=(*mt.u32_words(seed), *mt.u32_words(step), uniforms_below(beta)),
-              bits=(rho / (1.0 - beta), eps), found_inf=found_inf, norm=norm, elementwise=False)
+              bits=(rho / (1.0 - beta), eps), found_inf=found_inf, steps=(device_step,),
+              norm=norm, elementwise=False)
     return mt.norm_result(norm, grad_norm)

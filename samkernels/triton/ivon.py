@@ -28,7 +28,7 @@ from samkernels.ops.reference import check_ivon_count, check_ivon_update
 from samkernels.triton import _multi_tensor as mt
 from samkernels.triton._multi_tensor import (chunk_apply, chunk_ptrs, div, fp_arg, fp_args, load,
                                              load_flag, load_one, sqrt, store)
-from samkernels.triton._philox import normal_tile, param_key
+from samkernels.triton._philox import normal_tile, param_key, step_words
 
 
 @triton.jit
@@ -53,23 +53,25 @@ def _noise_body(base, n, ptrs, args, OPT: tl.constexpr, MATH: tl.constexpr, BLOC
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step_lo", "step_hi", "ess_bits",
-                               "wd_bits"])
-def _noise_kernel(work, numel, ids, p_tab, b_tab, h_tab, seed_lo: tl.int32, seed_hi: tl.int32,
-                  step_lo: tl.int32, step_hi: tl.int32, ess_bits: tl.int64, wd_bits: tl.int64,
+                               "wd_bits"], do_not_specialize_on_alignment=["device_step"])
+def _noise_kernel(work, numel, ids, device_step, p_tab, b_tab, h_tab, seed_lo: tl.int32,
+                  seed_hi: tl.int32, step_lo: tl.int32, step_hi: tl.int32, ess_bits: tl.int64,
+                  wd_bits: tl.int64,
                   P_DT: tl.constexpr, B_DT: tl.constexpr, H_DT: tl.constexpr,
                   ALIGNED: tl.constexpr, MATH: tl.constexpr, BLOCK: tl.constexpr,
                   CHUNK: tl.constexpr):
     t, start, n, ptrs = chunk_ptrs(work, numel, (p_tab, b_tab, h_tab), (P_DT, B_DT, H_DT),
                                    ALIGNED)
-    args = (param_key(ids, t), seed_lo, seed_hi, step_lo, step_hi) + fp_args(
-        (ess_bits, wd_bits), MATH)
+    args = (param_key(ids, t), seed_lo, seed_hi) + step_words(step_lo, step_hi, device_step) + \
+        fp_args((ess_bits, wd_bits), MATH)
     chunk_apply(_noise_body, start, n, ptrs, args, (), False, None, MATH, BLOCK, CHUNK, False)
 
 
-def ivon_noise_(params, backups, hessians, param_ids, seed, step, ess, weight_decay):
+def ivon_noise_(params, backups, hessians, param_ids, seed, step, ess, weight_decay,
+                device_step=None):
     mt.launch(OPS["ivon_noise_"], _noise_kernel, [params, backups, hessians], ids=param_ids,
               words=(*mt.u32_words(seed), *mt.u32_words(step)), bits=(ess, weight_decay),
-              elementwise=False)
+              steps=(device_step,), elementwise=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,8 +100,10 @@ def _accumulate_body(base, n, ptrs, args, OPT: tl.constexpr, MATH: tl.constexpr,
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step_lo", "step_hi", "ess_bits",
-                               "wd_bits", "count_bits"])
-def _accumulate_kernel(work, numel, ids, flag, p_tab, g_tab, b_tab, h_tab, a_tab, x_tab,
+                               "wd_bits", "count_bits"],
+            do_not_specialize_on_alignment=["device_step"])
+def _accumulate_kernel(work, numel, ids, flag, device_step, p_tab, g_tab, b_tab, h_tab, a_tab,
+                       x_tab,
                        seed_lo: tl.int32, seed_hi: tl.int32, step_lo: tl.int32,
                        step_hi: tl.int32, ess_bits: tl.int64, wd_bits: tl.int64,
                        count_bits: tl.int64, P_DT: tl.constexpr, G_DT: tl.constexpr,
@@ -109,21 +113,21 @@ def _accumulate_kernel(work, numel, ids, flag, p_tab, g_tab, b_tab, h_tab, a_tab
                        CHUNK: tl.constexpr):
     t, start, n, ptrs = chunk_ptrs(work, numel, (p_tab, g_tab, b_tab, h_tab, a_tab, x_tab),
                                    (P_DT, G_DT, B_DT, H_DT, A_DT, X_DT), ALIGNED)
-    args = (param_key(ids, t), seed_lo, seed_hi, step_lo, step_hi) + fp_args(
-        (ess_bits, wd_bits, count_bits), MATH)
+    args = (param_key(ids, t), seed_lo, seed_hi) + step_words(step_lo, step_hi, device_step) + \
+        fp_args((ess_bits, wd_bits, count_bits), MATH)
     # found_inf: w <- m, the means stay
     chunk_apply(_accumulate_body, start, n, ptrs, args, (FIRST,), load_flag(flag, HAS_FLAG),
                 (2, 0), MATH, BLOCK, CHUNK, False)
 
 
 def ivon_accumulate_(params, grads, backups, hessians, avg_grads, avg_nxgs, param_ids, seed, step,
-                     ess, weight_decay, count, found_inf=None):
+                     ess, weight_decay, count, found_inf=None, device_step=None):
     check_ivon_count("ivon_accumulate_", count)
     mt.launch(OPS["ivon_accumulate_"], _accumulate_kernel,
               [params, grads, backups, hessians, avg_grads, avg_nxgs], ids=param_ids,
               words=(*mt.u32_words(seed), *mt.u32_words(step)),
-              bits=(ess, weight_decay, float(count)), found_inf=found_inf, elementwise=False,
-              FIRST=count == 1)
+              bits=(ess, weight_decay, float(count)), found_inf=found_inf,
+              steps=(device_step,), elementwise=False, FIRST=count == 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,10 +167,12 @@ def _update_body(base, n, ptrs, args, OPT: tl.constexpr, MATH: tl.constexpr, BLO
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step_lo", "step_hi", "lr_bits", "ess_bits",
                                "wd_bits", "b1_bits", "omb1_bits", "b2_bits", "omb2_bits",
-                               "hsq_bits", "clip_bits", "bc_bits", "count_bits"])
-def _update_kernel(work, numel, ids, flag, p_tab, g_tab, b_tab, h_tab, m_tab, a_tab, x_tab,
-                   seed_lo: tl.int32, seed_hi: tl.int32, step_lo: tl.int32, step_hi: tl.int32,
-                   lr_bits: tl.int64, ess_bits: tl.int64, wd_bits: tl.int64, b1_bits: tl.int64,
+                               "hsq_bits", "clip_bits", "bc_bits", "count_bits", "debiased"],
+            do_not_specialize_on_alignment=["device_step", "debias_step"])
+def _update_kernel(work, numel, ids, flag, device_step, debias_step, p_tab, g_tab, b_tab, h_tab,
+                   m_tab, a_tab, x_tab, seed_lo: tl.int32, seed_hi: tl.int32, step_lo: tl.int32,
+                   step_hi: tl.int32, debiased: tl.int32, lr_bits: tl.int64,
+                   ess_bits: tl.int64, wd_bits: tl.int64, b1_bits: tl.int64,
                    omb1_bits: tl.int64, b2_bits: tl.int64, omb2_bits: tl.int64,
                    hsq_bits: tl.int64, clip_bits: tl.int64, bc_bits: tl.int64,
                    count_bits: tl.int64, P_DT: tl.constexpr, G_DT: tl.constexpr,
@@ -176,9 +182,14 @@ def _update_kernel(work, numel, ids, flag, p_tab, g_tab, b_tab, h_tab, m_tab, a_
                    BLOCK: tl.constexpr, CHUNK: tl.constexpr):
     t, start, n, ptrs = chunk_ptrs(work, numel, (p_tab, g_tab, b_tab, h_tab, m_tab, a_tab, x_tab),
                                    (P_DT, G_DT, B_DT, H_DT, M_DT, A_DT, X_DT), ALIGNED)
-    args = (param_key(ids, t), seed_lo, seed_hi, step_lo, step_hi) + fp_args(
-        (lr_bits, ess_bits, wd_bits, b1_bits, omb1_bits, b2_bits, omb2_bits, hsq_bits, clip_bits,
-         bc_bits, count_bits), MATH)
+    # the host's bias correction, or 1 - beta1^t from t = *debias_step (``debiased``): one
+    # kernel for both, the choice a run-time select
+    bc = tl.where(debiased != 0,
+                  mt.bias_correction(fp_arg(b1_bits, tl.float64), tl.load(debias_step)).to(MATH),
+                  fp_arg(bc_bits, MATH))
+    args = (param_key(ids, t), seed_lo, seed_hi) + step_words(step_lo, step_hi, device_step) + \
+        fp_args((lr_bits, ess_bits, wd_bits, b1_bits, omb1_bits, b2_bits, omb2_bits, hsq_bits,
+                 clip_bits), MATH) + (bc, fp_arg(count_bits, MATH))
     # found_inf: w <- m, h and gm stay
     chunk_apply(_update_body, start, n, ptrs, args, (AVERAGED,), load_flag(flag, HAS_FLAG),
                 (2, 0), MATH, BLOCK, CHUNK, False)
@@ -186,14 +197,15 @@ def _update_kernel(work, numel, ids, flag, p_tab, g_tab, b_tab, h_tab, m_tab, a_
 
 def ivon_update_(params, grads, backups, hessians, momenta, avg_grads, avg_nxgs, param_ids, seed,
                  step, lr, ess, weight_decay, beta1, beta2, clip_radius, bias_correction, count,
-                 found_inf=None):
+                 found_inf=None, device_step=None, debias_step=None):
     check_ivon_update(params, avg_grads, avg_nxgs, count)
     averaged = len(avg_grads) > 0
     # host scalars in double (1 - beta, (1 - beta2)^2 / 2), as the reference forms them
     mt.launch(OPS["ivon_update_"], _update_kernel,
               [params, grads, backups, hessians, momenta, avg_grads if averaged else None,
                avg_nxgs if averaged else None], ids=param_ids,
-              words=(*mt.u32_words(seed), *mt.u32_words(step)),
+              words=(*mt.u32_words(seed), *mt.u32_words(step), int(debias_step is not None)),
               bits=(lr, ess, weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2,
                     0.5 * (1.0 - beta2) ** 2, clip_radius, bias_correction, float(count)),
-              found_inf=found_inf, elementwise=False, AVERAGED=averaged)
+              found_inf=found_inf, steps=(device_step, debias_step), elementwise=False,
+              AVERAGED=averaged)

@@ -15,7 +15,6 @@ loads it and, when it is nonzero, runs the *skip form* instead -- sam_perturb_ o
 backup <- w (w untouched), the restores only copy w <- backup (state untouched).  The decision is
 taken on the device: the host never reads the flag.
 """
-import math
 from typing import List, Optional
 
 import triton
@@ -24,8 +23,8 @@ from torch import Tensor
 
 from samkernels.ops._spec import OPS
 from samkernels.triton import _multi_tensor as mt
-from samkernels.triton._multi_tensor import (chunk_apply, chunk_ptrs, chunk_sum, div, fp_arg,
-                                             fp_args, load, load_flag, sqrt, store)
+from samkernels.triton._multi_tensor import (at_step, chunk_apply, chunk_ptrs, chunk_sum, div,
+                                             fp_arg, fp_args, load, load_flag, sqrt, store)
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,6 +203,16 @@ def adam_step(w, d, m, v, offs, n, step_size, beta1, one_minus_b1, beta2, one_mi
 
 
 @triton.jit
+def adam_scalars(lr_bits, b1_bits, b2_bits, step_lo, step_hi, device_step, MATH: tl.constexpr):
+    """(lr / (1 - beta1^t), sqrt(1 - beta2^t)) at t = step + *device_step (``at_step``), in
+    double and then rounded to MATH, as the reference forms them on the host."""
+    t = at_step(step_lo, step_hi, device_step).to(tl.int64, bitcast=True)
+    lr, beta1, beta2 = fp_args((lr_bits, b1_bits, b2_bits), tl.float64)
+    step_size = lr / mt.bias_correction(beta1, t)  # fp64 `/` and sqrt: IEEE-rounded
+    return step_size.to(MATH), sqrt(mt.bias_correction(beta2, t)).to(MATH)
+
+
+@triton.jit
 def _adam_body(base, n, ptrs, args, OPT: tl.constexpr, MATH: tl.constexpr, BLOCK: tl.constexpr,
                MASKED: tl.constexpr):
     p, g, b, m, v = ptrs
@@ -218,20 +227,24 @@ def _adam_body(base, n, ptrs, args, OPT: tl.constexpr, MATH: tl.constexpr, BLOCK
           n, MASKED)
 
 
-@triton.jit(do_not_specialize=["ss_bits", "b1_bits", "omb1_bits", "b2_bits", "omb2_bits",
-                               "sbc2_bits", "eps_bits", "wd_bits", "decay_bits"])
-def _adam_kernel(work, numel, flag, p_tab, g_tab, b_tab, m_tab, v_tab, ss_bits: tl.int64,
-                 b1_bits: tl.int64, omb1_bits: tl.int64, b2_bits: tl.int64, omb2_bits: tl.int64,
-                 sbc2_bits: tl.int64, eps_bits: tl.int64, wd_bits: tl.int64,
-                 decay_bits: tl.int64,
+@triton.jit(do_not_specialize=["step_lo", "step_hi", "lr_bits", "b1_bits", "omb1_bits",
+                               "b2_bits", "omb2_bits", "eps_bits", "wd_bits", "decay_bits"],
+            do_not_specialize_on_alignment=["device_step"])
+def _adam_kernel(work, numel, flag, device_step, p_tab, g_tab, b_tab, m_tab, v_tab,
+                 step_lo: tl.int32, step_hi: tl.int32, lr_bits: tl.int64, b1_bits: tl.int64,
+                 omb1_bits: tl.int64, b2_bits: tl.int64, omb2_bits: tl.int64,
+                 eps_bits: tl.int64, wd_bits: tl.int64, decay_bits: tl.int64,
                  P_DT: tl.constexpr, G_DT: tl.constexpr, B_DT: tl.constexpr, M_DT: tl.constexpr,
                  V_DT: tl.constexpr, WD: tl.constexpr, DECOUPLED: tl.constexpr,
                  HAS_FLAG: tl.constexpr, ALIGNED: tl.constexpr, MATH: tl.constexpr,
                  BLOCK: tl.constexpr, CHUNK: tl.constexpr):
     _, start, n, ptrs = chunk_ptrs(work, numel, (p_tab, g_tab, b_tab, m_tab, v_tab),
                                    (P_DT, G_DT, B_DT, M_DT, V_DT), ALIGNED)
-    args = fp_args((ss_bits, b1_bits, omb1_bits, b2_bits, omb2_bits, sbc2_bits, eps_bits,
-                    wd_bits, decay_bits), MATH)
+    step_size, sqrt_bc2 = adam_scalars(lr_bits, b1_bits, b2_bits, step_lo, step_hi, device_step,
+                                       MATH)
+    b1, omb1, b2, omb2, eps, wd, decay = fp_args((b1_bits, omb1_bits, b2_bits, omb2_bits,
+                                                  eps_bits, wd_bits, decay_bits), MATH)
+    args = (step_size, b1, omb1, b2, omb2, sqrt_bc2, eps, wd, decay)
     # found_inf: w <- backup, the moments stay
     chunk_apply(_adam_body, start, n, ptrs, args, (WD, DECOUPLED), load_flag(flag, HAS_FLAG),
                 (2, 0), MATH, BLOCK, CHUNK, True)
@@ -240,11 +253,12 @@ def _adam_kernel(work, numel, flag, p_tab, g_tab, b_tab, m_tab, v_tab, ss_bits: 
 def sam_restore_adam_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
                       exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor], step: int, lr: float,
                       beta1: float, beta2: float, eps: float, weight_decay: float,
-                      decoupled: bool, found_inf: Optional[Tensor] = None) -> None:
-    # host scalars in double, as reference.py computes them
-    bc1, bc2 = 1 - beta1 ** step, 1 - beta2 ** step
+                      decoupled: bool, found_inf: Optional[Tensor] = None,
+                      device_step: Optional[Tensor] = None) -> None:
+    # the bias corrections depend on the step, which may live on the device: adam_scalars
     mt.launch(OPS["sam_restore_adam_"], _adam_kernel,
-              [params, grads, backups, exp_avgs, exp_avg_sqs],
-              bits=(lr / bc1, beta1, 1 - beta1, beta2, 1 - beta2, math.sqrt(bc2), eps,
-                    weight_decay, 1 - lr * weight_decay),
-              found_inf=found_inf, WD=weight_decay != 0, DECOUPLED=bool(decoupled))
+              [params, grads, backups, exp_avgs, exp_avg_sqs], words=mt.u32_words(step),
+              bits=(lr, beta1, 1 - beta1, beta2, 1 - beta2, eps, weight_decay,
+                    1 - lr * weight_decay),
+              found_inf=found_inf, steps=(device_step,), WD=weight_decay != 0,
+              DECOUPLED=bool(decoupled))

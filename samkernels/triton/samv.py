@@ -12,7 +12,6 @@ sync.  found_inf selects the skip form on the device, as in ``sam``.
 """
 from typing import List, Optional
 
-import math
 
 import triton
 import triton.language as tl
@@ -21,7 +20,7 @@ import torch
 
 from samkernels.ops._spec import OPS
 from samkernels.triton import _multi_tensor as mt
-from samkernels.triton.sam import adam_step, sgd_step
+from samkernels.triton.sam import adam_scalars, adam_step, sgd_step
 from samkernels.triton._multi_tensor import (chunk_apply, chunk_ptrs, div, fp_arg, fp_args, load,
                                              load_flag, store)
 
@@ -249,12 +248,13 @@ def _adam_body(base, n, ptrs, args, OPT: tl.constexpr, MATH: tl.constexpr, BLOCK
     _restore_outputs(p, out, w, c, gg, ss, offs, n, HAS_OUT, MASKED)
 
 
-@triton.jit(do_not_specialize=["ss_bits", "b1_bits", "omb1_bits", "b2_bits", "omb2_bits",
-                               "sbc2_bits", "eps_bits", "wd_bits", "decay_bits"])
-def _adam_kernel(work, numel, flag, p_tab, g_tab, b_tab, s_tab, m_tab, v_tab, o_tab, coef,
-                 ss_bits: tl.int64, b1_bits: tl.int64, omb1_bits: tl.int64, b2_bits: tl.int64,
-                 omb2_bits: tl.int64, sbc2_bits: tl.int64, eps_bits: tl.int64,
-                 wd_bits: tl.int64, decay_bits: tl.int64,
+@triton.jit(do_not_specialize=["step_lo", "step_hi", "lr_bits", "b1_bits", "omb1_bits",
+                               "b2_bits", "omb2_bits", "eps_bits", "wd_bits", "decay_bits"],
+            do_not_specialize_on_alignment=["device_step"])
+def _adam_kernel(work, numel, flag, device_step, p_tab, g_tab, b_tab, s_tab, m_tab, v_tab, o_tab,
+                 coef, step_lo: tl.int32, step_hi: tl.int32, lr_bits: tl.int64,
+                 b1_bits: tl.int64, omb1_bits: tl.int64, b2_bits: tl.int64, omb2_bits: tl.int64,
+                 eps_bits: tl.int64, wd_bits: tl.int64, decay_bits: tl.int64,
                  P_DT: tl.constexpr, G_DT: tl.constexpr, B_DT: tl.constexpr, S_DT: tl.constexpr,
                  M_DT: tl.constexpr, V_DT: tl.constexpr, O_DT: tl.constexpr, WD: tl.constexpr,
                  DECOUPLED: tl.constexpr, HAS_OUT: tl.constexpr, HAS_FLAG: tl.constexpr,
@@ -262,8 +262,11 @@ def _adam_kernel(work, numel, flag, p_tab, g_tab, b_tab, s_tab, m_tab, v_tab, o_
                  CHUNK: tl.constexpr):
     _, start, n, ptrs = chunk_ptrs(work, numel, (p_tab, g_tab, b_tab, s_tab, m_tab, v_tab, o_tab),
                                    (P_DT, G_DT, B_DT, S_DT, M_DT, V_DT, O_DT), ALIGNED)
-    args = fp_args((ss_bits, b1_bits, omb1_bits, b2_bits, omb2_bits, sbc2_bits, eps_bits,
-                    wd_bits, decay_bits), MATH) + (_load_coeffs(coef, MATH),)
+    step_size, sqrt_bc2 = adam_scalars(lr_bits, b1_bits, b2_bits, step_lo, step_hi, device_step,
+                                       MATH)
+    b1, omb1, b2, omb2, eps, wd, decay = fp_args((b1_bits, omb1_bits, b2_bits, omb2_bits,
+                                                  eps_bits, wd_bits, decay_bits), MATH)
+    args = (step_size, b1, omb1, b2, omb2, sqrt_bc2, eps, wd, decay, _load_coeffs(coef, MATH))
     # found_inf: w <- backup, the moments and outs stay
     chunk_apply(_adam_body, start, n, ptrs, args, (WD, DECOUPLED, HAS_OUT),
                 load_flag(flag, HAS_FLAG), (2, 0), MATH, BLOCK, CHUNK, True)
@@ -273,13 +276,16 @@ def samv_restore_adam_(params: List[Tensor], grads: List[Tensor], backups: List[
                        saved: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
                        outs: List[Tensor], coeffs: Tensor, step: int, lr: float, beta1: float,
                        beta2: float, eps: float, weight_decay: float, decoupled: bool,
-                       found_inf: Optional[Tensor] = None) -> None:
-    if step < 1:
+                       found_inf: Optional[Tensor] = None,
+                       device_step: Optional[Tensor] = None) -> None:
+    # a step on the device cannot be checked here: the capturable optimizers count from 1
+    if step < 1 and device_step is None:
         raise ValueError(f"samv_restore_adam_: step counts from 1, got {step}")
-    bc1, bc2 = 1 - beta1 ** step, 1 - beta2 ** step  # host scalars in double, as the reference
     mt.launch(OPS["samv_restore_adam_"], _adam_kernel,
               [params, grads, backups, saved, exp_avgs, exp_avg_sqs, outs or None],
-              bits=(lr / bc1, beta1, 1 - beta1, beta2, 1 - beta2, math.sqrt(bc2), eps,
-                    weight_decay, 1 - lr * weight_decay),
-              found_inf=found_inf, norm=_coeffs("samv_restore_adam_", coeffs, params),
-              WD=weight_decay != 0, DECOUPLED=bool(decoupled), HAS_OUT=bool(outs))
+              words=mt.u32_words(step),
+              bits=(lr, beta1, 1 - beta1, beta2, 1 - beta2, eps, weight_decay,
+                    1 - lr * weight_decay),
+              found_inf=found_inf, steps=(device_step,),
+              norm=_coeffs("samv_restore_adam_", coeffs, params), WD=weight_decay != 0,
+              DECOUPLED=bool(decoupled), HAS_OUT=bool(outs))

@@ -31,7 +31,7 @@ from samkernels.ops._spec import OPS
 from samkernels.triton import _multi_tensor as mt
 from samkernels.triton._multi_tensor import (chunk_apply, chunk_ptrs, chunk_sum, div, fp_arg,
                                              fp_args, load, load_flag, load_one, sqrt, store)
-from samkernels.triton._philox import normal_tile, param_key
+from samkernels.triton._philox import normal_tile, param_key, step_words
 
 
 # --------------------------------------------------------------------------------------------
@@ -53,25 +53,28 @@ def _noise_body(base, n, ptrs, args, OPT: tl.constexpr, MATH: tl.constexpr, BLOC
     store(p, offs, w_raw.to(MATH) + std * z, n, MASKED)
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step_lo", "step_hi", "sigma_bits"])
-def _noise_kernel(work, numel, ids, p_tab, b_tab, v_tab, seed_lo: tl.int32, seed_hi: tl.int32,
-                  step_lo: tl.int32, step_hi: tl.int32, sigma_bits: tl.int64,
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step_lo", "step_hi", "sigma_bits"],
+            do_not_specialize_on_alignment=["device_step"])
+def _noise_kernel(work, numel, ids, device_step, p_tab, b_tab, v_tab, seed_lo: tl.int32,
+                  seed_hi: tl.int32, step_lo: tl.int32, step_hi: tl.int32, sigma_bits: tl.int64,
                   P_DT: tl.constexpr, B_DT: tl.constexpr, V_DT: tl.constexpr,
                   LEARNED: tl.constexpr, ALIGNED: tl.constexpr, MATH: tl.constexpr,
                   BLOCK: tl.constexpr, CHUNK: tl.constexpr):
     t, start, n, ptrs = chunk_ptrs(work, numel, (p_tab, b_tab, v_tab), (P_DT, B_DT, V_DT),
                                    ALIGNED)
-    args = (param_key(ids, t), seed_lo, seed_hi, step_lo, step_hi, fp_arg(sigma_bits, MATH))
+    args = (param_key(ids, t), seed_lo, seed_hi) + step_words(step_lo, step_hi, device_step) + (
+        fp_arg(sigma_bits, MATH),)
     chunk_apply(_noise_body, start, n, ptrs, args, (LEARNED,), False, None, MATH, BLOCK, CHUNK,
                 False)
 
 
 def vi_noise_(params: List[Tensor], backups: List[Tensor], variances: List[Tensor],
-              param_ids: List[int], seed: int, step: int, sigma: float) -> None:
+              param_ids: List[int], seed: int, step: int, sigma: float,
+              device_step: Optional[Tensor] = None) -> None:
     # element i's noise is defined in logical (row-major) order: copy, never flatten, strided views
     mt.launch(OPS["vi_noise_"], _noise_kernel, [params, backups, variances or None],
               ids=param_ids, words=(*mt.u32_words(seed), *mt.u32_words(step)), bits=(sigma,),
-              elementwise=False, LEARNED=len(variances) > 0)
+              steps=(device_step,), elementwise=False, LEARNED=len(variances) > 0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,9 +103,11 @@ def _mfvi_body(base, n, ptrs, args, OPT: tl.constexpr, MATH: tl.constexpr, BLOCK
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step_lo", "step_hi", "lr_bits",
-                               "vlr_bits", "mom_bits", "np_bits", "prior_bits", "twon_bits"])
-def _mfvi_kernel(work, numel, ids, flag, p_tab, g_tab, b_tab, v_tab, m_tab, seed_lo: tl.int32,
-                 seed_hi: tl.int32, step_lo: tl.int32, step_hi: tl.int32, lr_bits: tl.int64,
+                               "vlr_bits", "mom_bits", "np_bits", "prior_bits", "twon_bits"],
+            do_not_specialize_on_alignment=["device_step"])
+def _mfvi_kernel(work, numel, ids, flag, device_step, p_tab, g_tab, b_tab, v_tab, m_tab,
+                 seed_lo: tl.int32, seed_hi: tl.int32, step_lo: tl.int32, step_hi: tl.int32,
+                 lr_bits: tl.int64,
                  vlr_bits: tl.int64, mom_bits: tl.int64, np_bits: tl.int64,
                  prior_bits: tl.int64, twon_bits: tl.int64,
                  P_DT: tl.constexpr, G_DT: tl.constexpr, B_DT: tl.constexpr, V_DT: tl.constexpr,
@@ -111,8 +116,8 @@ def _mfvi_kernel(work, numel, ids, flag, p_tab, g_tab, b_tab, v_tab, m_tab, seed
                  CHUNK: tl.constexpr):
     t, start, n, ptrs = chunk_ptrs(work, numel, (p_tab, g_tab, b_tab, v_tab, m_tab),
                                    (P_DT, G_DT, B_DT, V_DT, M_DT), ALIGNED)
-    args = (param_key(ids, t), seed_lo, seed_hi, step_lo, step_hi) + fp_args(
-        (lr_bits, vlr_bits, mom_bits, np_bits, prior_bits, twon_bits), MATH)
+    args = (param_key(ids, t), seed_lo, seed_hi) + step_words(step_lo, step_hi, device_step) + \
+        fp_args((lr_bits, vlr_bits, mom_bits, np_bits, prior_bits, twon_bits), MATH)
     # found_inf: w <- mu, Sigma and momenta stay
     chunk_apply(_mfvi_body, start, n, ptrs, args, (MOMENTUM,), load_flag(flag, HAS_FLAG), (2, 0),
                 MATH, BLOCK, CHUNK, False)
@@ -121,13 +126,15 @@ def _mfvi_kernel(work, numel, ids, flag, p_tab, g_tab, b_tab, v_tab, m_tab, seed
 def mfvi_update_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
                  variances: List[Tensor], momenta: List[Tensor], param_ids: List[int], seed: int,
                  step: int, lr: float, var_lr: float, momentum: float, prior_var: float,
-                 num_data: float, found_inf: Optional[Tensor] = None) -> None:
+                 num_data: float, found_inf: Optional[Tensor] = None,
+                 device_step: Optional[Tensor] = None) -> None:
     # z is defined in logical order (as in vi_noise_): row-major copies of strided tensors
     mt.launch(OPS["mfvi_update_"], _mfvi_kernel,
               [params, grads, backups, variances, momenta or None],
               ids=param_ids, words=(*mt.u32_words(seed), *mt.u32_words(step)),
               bits=(lr, var_lr, momentum, num_data * prior_var, prior_var, 2.0 * num_data),
-              found_inf=found_inf, elementwise=False, MOMENTUM=len(momenta) > 0)
+              found_inf=found_inf, steps=(device_step,), elementwise=False,
+              MOMENTUM=len(momenta) > 0)
 
 
 # --------------------------------------------------------------------------------------------
