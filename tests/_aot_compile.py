@@ -2,7 +2,7 @@
 
     python tests/_aot_compile.py CONFIGS.json RESULTS.json
 
-CONFIGS.json: {"configs": [launch dicts of tests/triton_launches.py], "archs": [90, 80],
+CONFIGS.json: {"configs": [launch dicts of tests/triton_launches.py], "tasks": [[index, arch]],
 "processes": 2, "interpreter_sizes": {"BLOCK": b, "CHUNK": c}}.  Runs WITHOUT TRITON_INTERPRET
 (the kernels must be real JITFunctions; no GPU is needed: ``triton.compile`` with an explicit
 ``GPUTarget`` only runs the compiler and its bundled ptxas).  The interpreter's multi-tensor
@@ -88,7 +88,7 @@ def _compile(task):
 def main(cfg_path, out_path):
     with open(cfg_path) as f:
         _JOB.update(json.load(f))
-    tasks = [(i, a) for i in range(len(_JOB["configs"])) for a in _JOB["archs"]]
+    tasks = [tuple(t) for t in _JOB["tasks"]]
     procs = max(1, min(int(_JOB.get("processes", 2)), len(tasks)))
     t0 = time.perf_counter()
     if procs == 1:

@@ -5,8 +5,9 @@
 #
 #   torch 2.13.0 (CPU build)            the whole suite, Triton's interpreter (Triton 3.9), the CUDA
 #                                       sources compiled with nvcc, every Triton kernel compiled
-#                                       ahead of time for sm_80/sm_90, the GPU-session dry run, the
-#                                       Lightning / Transformers / Accelerate integrations
+#                                       ahead of time for sm_90 (each kernel for sm_80 too), the
+#                                       GPU-session dry run, the Lightning / Transformers /
+#                                       Accelerate integrations
 #   torch 2.11.0+cu130 (Triton 3.6)     the GPU machines' stack: wheel built WITH the CUDA kernels
 #   torch 2.14.1+cu130 (Triton 3.8)     (sm_90), imported, then the ops, optimizer, compile,
 #                                       Triton-interpreter and ahead-of-time compile tests
