@@ -242,3 +242,4 @@ def test_loading_mixed_step_counts_is_refused():
                          capturable=True)
     with pytest.raises(ValueError, match=r"param_groups\[0\].*Adam steps \[1.0, 2.0\]"):
         cap.load_state_dict(host.state_dict())
+

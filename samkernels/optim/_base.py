@@ -162,6 +162,8 @@ class TwoPassOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"{where} is on the meta device and holds no data; "
                                      "materialize the model (e.g. to_empty) first")
             self._check_sharding(gi, group)
+            if getattr(self, "capturable", False):  # a group added later: same device
+                self._check_capturable(self.nonfinite)
             try:
                 self._check_group(group)
             except ValueError as exc:
