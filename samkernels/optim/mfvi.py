@@ -164,7 +164,7 @@ class MFVI(GaussianPosterior, TwoPassOptimizer):
         if not self._perturbed:
             raise RuntimeError("MFVI.second_step: call noise_step() and run the backward first")
         grouped = self._grouped()
-        if not self._grads_ok(False, [p for _, ps in grouped for p in ps], scaler):
+        if not self._grads_ok(False, self._flat(grouped), scaler):
             self._abandon_step()
             if zero_grad:
                 self.zero_grad()
@@ -178,7 +178,7 @@ class MFVI(GaussianPosterior, TwoPassOptimizer):
                 ps = [p for p in ps if p in todo]
                 if not ps:
                     continue
-                ops.mfvi_update_(ps, [p.grad for p in ps], self._backups_for(ps),
+                ops.mfvi_update_(ps, self._grads(ps), self._backups_for(ps),
                                  self._variances(group, ps), self._momenta(group, ps),
                                  self._param_ids_for(ps), seed, step,
                                  group["lr"], group["var_lr"], group["momentum"],
