@@ -453,7 +453,11 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         if torch.compiler.is_compiling() or layout is None or layout["key"] != ("plain",):
             return self._grouped_now(with_grad)
         plan = self._plans.get(with_grad)
-        grads = plan.check(self.param_groups) if plan is not None else None
+        # the data addresses once per step (the first phase after a step ended or was
+        # abandoned): a parameter's device or dtype cannot change inside a step, whose backups
+        # were taken from the weights as they were
+        epoch = self._skip_state.get("epoch", 0)
+        grads = None if plan is None else plan.check(self.param_groups, plan.epoch != epoch)
         if grads is None:  # no plan yet, or it changed: per-tensor checks, then a new plan
             out = self._grouped_now(with_grad)
             try:
@@ -467,9 +471,10 @@ class TwoPassOptimizer(torch.optim.Optimizer):
             self._plans[with_grad] = plan
             for lst in plan.lists():
                 self._plan_lists[id(lst)] = lst
-            grads = plan.check(self.param_groups)
+            grads = plan.check(self.param_groups, False)
             if grads is None:
                 return out
+        plan.epoch = epoch
         self._fresh_grads.clear()
         if with_grad:  # this call's gradients, for _grads and _grads_flag
             for part, gs in zip(plan.parts, grads):
@@ -534,6 +539,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         self._skip_state["found"] = None
         self._skip_state["begun"] = False
         self._fresh_grads.clear()
+        self._skip_state["epoch"] = self._skip_state.get("epoch", 0) + 1  # (see _grouped)
 
     @torch.no_grad()
     def _restore_weights(self) -> None:  # mid-step (m-sharpness): the step's flag stays
@@ -763,6 +769,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
 
     def _finish_step(self, skipped: bool) -> None:
         self._fresh_grads.clear()  # (see _grads)
+        self._skip_state["epoch"] = self._skip_state.get("epoch", 0) + 1  # (see _grouped)
         self._skip_state["stepped"] = True  # LR schedulers: a step happened (see _opt_called)
         self._skip_state["begun"] = False
         found = self._skip_state["found"]
@@ -1078,6 +1085,7 @@ class _Plan:
         self.group_parts = [[ps for g, ps in out if g is group] for group in groups]
         self.whole = [len(gp) == 1 and len(gp[0]) == n and all(k)
                       for gp, n, k in zip(self.group_parts, self.lengths, self.kept)]
+        self.epoch = None  # the step epoch of the last check of the addresses (see _grouped)
 
     def lists(self) -> List[list]:
         return self.parts + [self.flat]
@@ -1087,9 +1095,9 @@ class _Plan:
             return tuple(map(_IS_NOT_NONE, map(_GRAD, ps)))
         return tuple(map(_REQUIRES_GRAD, ps))
 
-    def check(self, groups: list) -> Optional[List[List[Tensor]]]:
+    def check(self, groups: list, addresses: bool) -> Optional[List[List[Tensor]]]:
         """The gradients of every part (``with_grad``; else empty lists) when the plan still
-        holds for ``groups``, else None."""
+        holds for ``groups`` (``addresses``: the data addresses too), else None."""
         if groups is not self.groups or len(groups) != len(self.group_ids):
             return None
         out = []
@@ -1113,7 +1121,7 @@ class _Plan:
                 return None
             else:
                 out.extend([] for _ in self.group_parts[gi])
-            if tuple(map(_DATA_PTR, ps)) != self.addresses[gi]:
+            if addresses and tuple(map(_DATA_PTR, ps)) != self.addresses[gi]:
                 return None  # a parameter moved (device, dtype, storage)
         return out
 
