@@ -393,17 +393,32 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         """The backups of ``ps`` (``_backup`` of each), memoised per parameter list."""
         return self._memo("backups", ps, lambda: [self._backup(p) for p in ps])
 
-    @staticmethod
-    def _moved_are_grouped(moved: List[Tuple[List[Tensor], List[Tensor]]],
+    def _moved_are_grouped(self, moved: List[Tuple[List[Tensor], List[Tensor]]],
                            grouped: List[Tuple[dict, List[Tensor]]]) -> bool:
         """True when the parameters a phase moved (``moved``: (params, backups) pairs) are exactly,
         in order, those ``_grouped`` returns now: the usual step, where a phase needs no per-tensor
-        set bookkeeping.  Eager only (False under torch.compile, which takes the general path)."""
+        set bookkeeping.  Eager only (False under torch.compile, which takes the general path).
+        O(1) when both are lists of the current plans (the answer for a pair of plans is kept)."""
         if torch.compiler.is_compiling():
             return False
         if len(moved) == len(grouped) and all(m[0] is g[1] for m, g in zip(moved, grouped)):
             return True  # the very lists of the step's plan
-        return [id(p) for ps, _ in moved for p in ps] == [id(p) for _, ps in grouped for p in ps]
+        by_plan = self._plan_of([m[0] for m in moved]), self._plan_of([g[1] for g in grouped])
+        if None not in by_plan:
+            hit = self._memos.get(("moved_are_grouped",) + tuple(map(id, by_plan)))
+            if hit is not None:
+                return hit[1]
+        same = [id(p) for ps, _ in moved for p in ps] == [id(p) for _, ps in grouped for p in ps]
+        if None not in by_plan:  # (the entry holds both plans: their ids stay theirs)
+            self._memos[("moved_are_grouped",) + tuple(map(id, by_plan))] = (by_plan, same)
+        return same
+
+    def _plan_of(self, parts: List[List[Tensor]]) -> Optional["_Plan"]:
+        """The current plan whose parts are exactly ``parts``, or None."""
+        for plan in self._plans.values():
+            if len(plan.parts) == len(parts) and all(a is b for a, b in zip(plan.parts, parts)):
+                return plan
+        return None
 
     def _param_ids_for(self, ps: List[Tensor]) -> List[int]:
         """The noise counter's parameter words of ``ps`` (``_param_id`` of each), memoised."""
