@@ -472,6 +472,10 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         # abandoned): a parameter's device or dtype cannot change inside a step, whose backups
         # were taken from the weights as they were
         epoch = self._skip_state.get("epoch", 0)
+        other = self._plans.get(not with_grad)
+        if plan is not None and plan.epoch != epoch and other is not None and \
+                other.epoch == epoch and plan.same_addresses(other):
+            plan.epoch = epoch  # the other plan's check of this step read these very addresses
         grads = None if plan is None else plan.check(self.param_groups, plan.epoch != epoch)
         if grads is None:  # no plan yet, or it changed: per-tensor checks, then a new plan
             out = self._grouped_now(with_grad)
@@ -486,6 +490,8 @@ class TwoPassOptimizer(torch.optim.Optimizer):
             self._plans[with_grad] = plan
             for lst in plan.lists():
                 self._plan_lists[id(lst)] = lst
+            if other is not None:
+                plan.share_addresses(other)
             grads = plan.check(self.param_groups, False)
             if grads is None:
                 return out
@@ -1105,6 +1111,22 @@ class _Plan:
 
     def lists(self) -> List[list]:
         return self.parts + [self.flat]
+
+    def share_addresses(self, other: "_Plan") -> None:
+        """Take ``other``'s address tuples where they are equal to this plan's (same parameter
+        lists), so that ``same_addresses`` compares them by identity."""
+        if self._same_lists(other):
+            self.addresses = [o if o == a else a for o, a in zip(other.addresses, self.addresses)]
+
+    def same_addresses(self, other: "_Plan") -> bool:
+        """True when ``other`` was built from the same parameter lists with the same data
+        addresses (a check of ``other`` then also checks this plan's)."""
+        return self._same_lists(other) and \
+            all(a is b for a, b in zip(self.addresses, other.addresses))
+
+    def _same_lists(self, other: "_Plan") -> bool:
+        return other.groups is self.groups and len(other.param_lists) == len(self.param_lists) \
+            and all(a is b for a, b in zip(other.param_lists, self.param_lists))
 
     def _mask(self, ps: List[Tensor]) -> tuple:
         if self.with_grad:
