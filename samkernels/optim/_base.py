@@ -459,7 +459,8 @@ class TwoPassOptimizer(torch.optim.Optimizer):
 
         The grouping is the step's plan, cached (eager, plain tensors): each call checks it with a
         few C-level passes (the gradients fetched, which are None, sparse; which require grad;
-        each parameter's data address, which moves with its device, dtype or storage) and hands
+        once per step, each parameter's data address, which moves with its device, dtype or
+        storage) and hands
         out the same list objects while nothing changed, so that the lists derived from them
         (``_memo``, ``_flat``, ``_moved_are_grouped``) cost O(1) per step.  Any change (a
         gradient appearing or disappearing, ``p.data = ...``, ``module.to(...)``,
