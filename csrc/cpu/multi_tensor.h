@@ -49,7 +49,7 @@ template <typename S>
 struct ChunkView {
   using scalar_t = S;
   using opmath_t = at::opmath_type<S>;
-  const std::vector<std::vector<at::Tensor>>* work;
+  const std::vector<std::vector<void*>>* data;  // per list, per tensor: the working data
   int64_t tensor, begin, end;
 
   scalar_t* param(int l) const { return ptr<scalar_t>(l); }  // nullptr for an absent list
@@ -58,8 +58,8 @@ struct ChunkView {
  private:
   template <typename T>
   T* ptr(int l) const {
-    const auto& w = (*work)[l];
-    return w.empty() ? nullptr : w[tensor].data_ptr<T>();
+    const auto& w = (*data)[l];
+    return w.empty() ? nullptr : static_cast<T*>(w[tensor]);
   }
 };
 
@@ -161,10 +161,8 @@ class PhaseLists {
   }
 
   void finish() {
-    for (size_t l = 0; l < args_.size(); ++l)
-      if (args_[l].written && !work_[l].empty())
-        for (size_t i = 0; i < work_[l].size(); ++i)
-          if (!work_[l][i].is_same(args_[l].list[i])) args_[l].list[i].copy_(work_[l][i]);
+    for (const Copy& c : copies_)
+      if (args_[c.list].written) args_[c.list].list[c.tensor].copy_(c.dense);
   }
 
  private:
@@ -172,9 +170,9 @@ class PhaseLists {
 
   template <class F>
   void dispatch(const Chunk& c, F&& f) const {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, work_[base_][c.tensor].scalar_type(),
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtypes_[c.tensor],
                                     "samkernels_cpu_phase", [&] {
-                                      f(ChunkView<scalar_t>{&work_, c.tensor, c.begin, c.end});
+                                      f(ChunkView<scalar_t>{&data_, c.tensor, c.begin, c.end});
                                     });
   }
 
@@ -208,28 +206,51 @@ class PhaseLists {
     }
   }
 
+  // The working data of every tensor: its own, or (strided) a contiguous copy that finish()
+  // writes back.  Raw addresses, read once per tensor: no tensor handle per chunk and list (on
+  // thousands of tiny tensors the per-tensor bookkeeping is the whole cost of a phase).
   void densify() {
-    if (!work_.empty()) return;
-    work_.resize(args_.size());
+    if (densified_) return;
+    densified_ = true;
+    data_.resize(args_.size());
     for (size_t l = 0; l < args_.size(); ++l) {
       if (!present(l)) continue;
-      work_[l].reserve(args_[l].list.size());
-      for (const auto& t : args_[l].list)
-        work_[l].push_back(t.is_contiguous() ? t : t.contiguous());
+      const at::TensorList list = args_[l].list;
+      auto& d = data_[l];
+      d.resize(list.size());
+      for (size_t i = 0; i < list.size(); ++i) {
+        if (list[i].is_contiguous()) {
+          d[i] = list[i].data_ptr();
+        } else {
+          copies_.push_back({l, i, list[i].contiguous()});
+          d[i] = copies_.back().dense.data_ptr();
+        }
+      }
     }
-    const auto& ref = work_[base_];
+    const at::TensorList ref = args_[base_].list;
+    dtypes_.resize(ref.size());
+    chunks_.reserve(ref.size());
     for (int64_t t = 0; t < static_cast<int64_t>(ref.size()); ++t) {
       const int64_t n = ref[t].numel();
+      dtypes_[t] = ref[t].scalar_type();
       total_ += n;
       for (int64_t b = 0; b < n; b += kChunk) chunks_.push_back({t, b, std::min(n, b + kChunk)});
     }
   }
 
+  struct Copy {  // a contiguous working copy of args_[list].list[tensor]
+    size_t list, tensor;
+    at::Tensor dense;
+  };
+
   const char* op_;
   std::vector<ListArg> args_;
   c10::optional<at::Tensor> found_inf_;
   size_t base_ = 0;
-  std::vector<std::vector<at::Tensor>> work_;  // per list; empty for an absent list
+  bool densified_ = false;
+  std::vector<std::vector<void*>> data_;  // per list; empty for an absent list
+  std::vector<Copy> copies_;              // the strided tensors' working copies
+  std::vector<at::ScalarType> dtypes_;    // per tensor of the base list
   std::vector<Chunk> chunks_;
   int64_t total_ = 0;
 };

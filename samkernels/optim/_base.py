@@ -129,6 +129,11 @@ class TwoPassOptimizer(torch.optim.Optimizer):
                             "begun": False}
         self._scaler_gates: Dict[tuple, _ScalerGate] = {}
         self._memos: Dict[tuple, tuple] = {}  # see _memo
+        # the step's plan (see _grouped): per with_grad, the cached grouping, the list objects it
+        # hands out (id -> list), and the gradients its last validation fetched (id -> (ps, gs))
+        self._plans: Dict[bool, _Plan] = {}
+        self._plan_lists: Dict[int, list] = {}
+        self._fresh_grads: Dict[int, Tuple[List[Tensor], List[Tensor]]] = {}
 
     # torch's LR schedulers warn "lr_scheduler.step() before optimizer.step()" unless
     # ``_opt_called`` is set, which their wrapper of ``step`` does; explicit phases never call
@@ -372,7 +377,9 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         runs every time."""
         if torch.compiler.is_compiling():
             return build()
-        key = (kind, tuple(map(id, ps)))
+        # a list of the step's plan (never mutated) is its own key: no per-tensor key
+        planned = self._plan_lists.get(id(ps)) is ps
+        key = (kind, id(ps)) if planned else (kind, tuple(map(id, ps)))
         hit = self._memos.get(key)
         if hit is not None:
             return hit[1]
@@ -381,21 +388,39 @@ class TwoPassOptimizer(torch.optim.Optimizer):
             return None
         if len(self._memos) >= 256:  # parameter lists that keep changing: do not grow without end
             self._memos.clear()
-        self._memos[key] = (list(ps), value)
+        self._memos[key] = (ps if planned else list(ps), value, _cpp_refs(value))
         return value
 
     def _backups_for(self, ps: List[Tensor]) -> List[Tensor]:
         """The backups of ``ps`` (``_backup`` of each), memoised per parameter list."""
         return self._memo("backups", ps, lambda: [self._backup(p) for p in ps])
 
-    @staticmethod
-    def _moved_are_grouped(moved: List[Tuple[List[Tensor], List[Tensor]]],
+    def _moved_are_grouped(self, moved: List[Tuple[List[Tensor], List[Tensor]]],
                            grouped: List[Tuple[dict, List[Tensor]]]) -> bool:
         """True when the parameters a phase moved (``moved``: (params, backups) pairs) are exactly,
         in order, those ``_grouped`` returns now: the usual step, where a phase needs no per-tensor
-        set bookkeeping.  Eager only (False under torch.compile, which takes the general path)."""
-        return not torch.compiler.is_compiling() and \
-            [id(p) for ps, _ in moved for p in ps] == [id(p) for _, ps in grouped for p in ps]
+        set bookkeeping.  Eager only (False under torch.compile, which takes the general path).
+        O(1) when both are lists of the current plans (the answer for a pair of plans is kept)."""
+        if torch.compiler.is_compiling():
+            return False
+        if len(moved) == len(grouped) and all(m[0] is g[1] for m, g in zip(moved, grouped)):
+            return True  # the very lists of the step's plan
+        by_plan = self._plan_of([m[0] for m in moved]), self._plan_of([g[1] for g in grouped])
+        if None not in by_plan:
+            hit = self._memos.get(("moved_are_grouped",) + tuple(map(id, by_plan)))
+            if hit is not None:
+                return hit[1]
+        same = [id(p) for ps, _ in moved for p in ps] == [id(p) for _, ps in grouped for p in ps]
+        if None not in by_plan:  # (the entry holds both plans: their ids stay theirs)
+            self._memos[("moved_are_grouped",) + tuple(map(id, by_plan))] = (by_plan, same)
+        return same
+
+    def _plan_of(self, parts: List[List[Tensor]]) -> Optional["_Plan"]:
+        """The current plan whose parts are exactly ``parts``, or None."""
+        for plan in self._plans.values():
+            if len(plan.parts) == len(parts) and all(a is b for a, b in zip(plan.parts, parts)):
+                return plan
+        return None
 
     def _param_ids_for(self, ps: List[Tensor]) -> List[int]:
         """The noise counter's parameter words of ``ps`` (``_param_id`` of each), memoised."""
@@ -432,7 +457,56 @@ class TwoPassOptimizer(torch.optim.Optimizer):
 
     def _grouped(self, with_grad: bool = True) -> List[Tuple[dict, List[Tensor]]]:
         """Per (group, device): the parameters to work on, in group order.  ``with_grad`` keeps those
-        with a gradient (checked dense and real); otherwise all that require grad."""
+        with a gradient (checked dense and real); otherwise all that require grad.
+
+        The grouping is the step's plan, cached (eager, plain tensors): each call checks it with a
+        few C-level passes (the gradients fetched, which are None, sparse; which require grad;
+        once per step, each parameter's data address, which moves with its device, dtype or
+        storage) and hands
+        out the same list objects while nothing changed, so that the lists derived from them
+        (``_memo``, ``_flat``, ``_moved_are_grouped``) cost O(1) per step.  Any change (a
+        gradient appearing or disappearing, ``p.data = ...``, ``module.to(...)``,
+        ``add_param_group``, ``load_state_dict``) rebuilds it with the per-tensor checks."""
+        layout = getattr(self, "_layout", None)  # (none in a copied optimizer)
+        if torch.compiler.is_compiling() or layout is None or layout["key"] != ("plain",):
+            return self._grouped_now(with_grad)
+        plan = self._plans.get(with_grad)
+        # the data addresses once per step (the first phase after a step ended or was
+        # abandoned): a parameter's device or dtype cannot change inside a step, whose backups
+        # were taken from the weights as they were
+        epoch = self._skip_state.get("epoch", 0)
+        other = self._plans.get(not with_grad)
+        if plan is not None and plan.epoch != epoch and other is not None and \
+                other.epoch == epoch and plan.same_addresses(other):
+            plan.epoch = epoch  # the other plan's check of this step read these very addresses
+        grads = None if plan is None else plan.check(self.param_groups, plan.epoch != epoch)
+        if grads is None:  # no plan yet, or it changed: per-tensor checks, then a new plan
+            out = self._grouped_now(with_grad)
+            try:
+                plan = _Plan(self.param_groups, out, with_grad)
+            except RuntimeError:  # a parameter without a data address (no plan then)
+                return out
+            old = self._plans.get(with_grad)
+            if old is not None:
+                for lst in old.lists():
+                    self._plan_lists.pop(id(lst), None)
+            self._plans[with_grad] = plan
+            for lst in plan.lists():
+                self._plan_lists[id(lst)] = lst
+            if other is not None:
+                plan.share_addresses(other)
+            grads = plan.check(self.param_groups, False)
+            if grads is None:
+                return out
+        plan.epoch = epoch
+        self._fresh_grads.clear()
+        if with_grad:  # this call's gradients, for _grads and _grads_flag
+            for part, gs in zip(plan.parts, grads):
+                self._fresh_grads[id(part)] = (part, gs)
+        return list(plan.out)
+
+    def _grouped_now(self, with_grad: bool = True) -> List[Tuple[dict, List[Tensor]]]:
+        """``_grouped`` without the plan: every parameter checked now."""
         out, real = [], _REAL_FLOATS
         for gi, group in enumerate(self.param_groups):
             ps = _all_usable(group["params"], with_grad)
@@ -455,6 +529,26 @@ class TwoPassOptimizer(torch.optim.Optimizer):
             out.extend((group, part) for part in _by_device(ps))
         return out
 
+    def _grads(self, ps: List[Tensor]) -> List[Tensor]:
+        """``[p.grad for p in ps]``: for a list of this phase's plan, the gradients its check
+        fetched (the phase calls ``_grouped()`` first; nothing replaces a gradient within it).
+        Handed over once: the optimizer holds no gradient past its use (a gradient freed by
+        ``zero_grad`` must not stay alive through the next backward)."""
+        if torch.compiler.is_compiling():
+            return [p.grad for p in ps]
+        hit = self._fresh_grads.pop(id(ps), None)
+        return hit[1] if hit is not None and hit[0] is ps else list(map(_GRAD, ps))
+
+    def _flat(self, items) -> List[Tensor]:
+        """The parameters of ``items`` (``(group, ps, ...)`` tuples, e.g. ``_grouped()``) in one
+        list: the plan's own flat list when they are its parts."""
+        plan = self._plans.get(True)
+        if plan is not None and not torch.compiler.is_compiling() and \
+                len(items) == len(plan.parts) and \
+                all(it[1] is part for it, part in zip(items, plan.parts)):
+            return plan.flat
+        return [p for it in items for p in it[1]]
+
     # -- restore -------------------------------------------------------------------------------
     @property
     def is_perturbed(self) -> bool:
@@ -468,6 +562,8 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         self._restore_weights()
         self._skip_state["found"] = None
         self._skip_state["begun"] = False
+        self._fresh_grads.clear()
+        self._skip_state["epoch"] = self._skip_state.get("epoch", 0) + 1  # (see _grouped)
 
     @torch.no_grad()
     def _restore_weights(self) -> None:  # mid-step (m-sharpness): the step's flag stays
@@ -477,6 +573,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
 
     def _mark_perturbed(self, params: List[Tensor], backups: List[Tensor]) -> None:
         self._perturbed.append((params, backups))
+        self._fresh_grads.pop(id(params), None)  # (see _grads)
 
     def _take_perturbed(self) -> List[Tuple[List[Tensor], List[Tensor]]]:
         """The (params, backups) now moved, handed over: ``self._perturbed`` is emptied in place."""
@@ -591,7 +688,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
             return not bool(flag)
         if self.nonfinite == "unchecked":
             return True
-        flag = _nonfinite_flag([p.grad for p in ps])
+        flag = self._grads_flag(ps)
         if agree:
             self._all_reduce([flag], "max")
         return self._flag_ok(flag, ascent)
@@ -599,7 +696,22 @@ class TwoPassOptimizer(torch.optim.Optimizer):
     def _descent_ok(self, grouped: List[Tuple[dict, List[Tensor]]], scaler) -> bool:
         """``_grads_ok`` of the second pass for the ``_grouped()`` lists; an update that reduces
         the gradients anyway checks that reduction instead (the SAM variants)."""
-        return self._grads_ok(False, [p for _, ps in grouped for p in ps], scaler)
+        return self._grads_ok(False, self._flat(grouped), scaler)
+
+    def _grads_flag(self, ps: List[Tensor]) -> Tensor:
+        """``_nonfinite_flag`` of the gradients of ``ps``; for the plan's flat list, from the
+        gradients its check fetched, already split by device."""
+        plan = self._plans.get(True)
+        if plan is not None and ps is plan.flat and not torch.compiler.is_compiling():
+            fresh = [self._fresh_grads.get(id(part)) for part in plan.parts]
+            if all(f is not None and f[0] is part for f, part in zip(fresh, plan.parts)):
+                if len(fresh) == 1:
+                    return _nonfinite_flag(None, [fresh[0][1]])
+                by_device = [[] for _ in range(max(plan.part_device) + 1)]  # one check per device
+                for f, d in zip(fresh, plan.part_device):
+                    by_device[d].extend(f[1])
+                return _nonfinite_flag(None, by_device)
+        return _nonfinite_flag([p.grad for p in ps])
 
     def _flag_ok(self, flag: Tensor, ascent: bool) -> bool:
         """The policy's decision on a pass's inf/NaN flag (agreed over the ranks where needed):
@@ -653,7 +765,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
                 return True, norm
             # a rank saw a non-finite norm: every rank takes the exact flag (same collectives;
             # a sharded norm is already global, but the exact flag is of this rank's shards)
-            flag = _nonfinite_flag([p.grad for p in ps])
+            flag = self._grads_flag(ps)
             if agree or self._sharded:
                 self._all_reduce([flag], "max")
         if not self._flag_ok(flag, ascent):
@@ -680,6 +792,8 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         self._finish_step(skipped=True)
 
     def _finish_step(self, skipped: bool) -> None:
+        self._fresh_grads.clear()  # (see _grads)
+        self._skip_state["epoch"] = self._skip_state.get("epoch", 0) + 1  # (see _grouped)
         self._skip_state["stepped"] = True  # LR schedulers: a step happened (see _opt_called)
         self._skip_state["begun"] = False
         found = self._skip_state["found"]
@@ -967,6 +1081,109 @@ _DTYPE, _SPARSE = operator.attrgetter("dtype"), operator.attrgetter("is_sparse")
 _REQUIRES_GRAD = operator.attrgetter("requires_grad")
 _IS_NONE = functools.partial(operator.is_, None)
 
+_IS_NOT_NONE = functools.partial(operator.is_not, None)
+# the method itself, not methodcaller's name lookup and bound method per tensor (half the cost)
+_DATA_PTR = getattr(torch._C, "TensorBase", Tensor).data_ptr
+
+
+class _Plan:
+    """The cached grouping of ``TwoPassOptimizer._grouped``: ``out`` its (group, part) pairs,
+    ``parts`` the part lists, ``flat`` all of them in one list, and what it was built from (the
+    groups and their parameter lists, which parameters were kept, every parameter's data
+    address).  ``check`` tells whether it still holds."""
+
+    def __init__(self, groups: list, out: List[Tuple[dict, List[Tensor]]], with_grad: bool):
+        self.with_grad = with_grad
+        self.groups = groups
+        self.group_ids = [id(g) for g in groups]
+        self.param_lists = [g["params"] for g in groups]
+        self.lengths = [len(ps) for ps in self.param_lists]
+        self.out = out
+        self.parts = [ps for _, ps in out]
+        self.flat = [p for ps in self.parts for p in ps]
+        devices = [ps[0].device for ps in self.parts]  # each part's device, numbered
+        self.part_device = [devices.index(d) for d in devices]
+        # per group: the kept mask (gradient present / requires grad) and the data addresses
+        self.kept = [self._mask(ps) for ps in self.param_lists]
+        self.addresses = [tuple(map(_DATA_PTR, ps)) for ps in self.param_lists]
+        # per group: its parts, and whether they are the whole group in one list
+        self.group_parts = [[ps for g, ps in out if g is group] for group in groups]
+        self.whole = [len(gp) == 1 and len(gp[0]) == n and all(k)
+                      for gp, n, k in zip(self.group_parts, self.lengths, self.kept)]
+        self.epoch = None  # the step epoch of the last check of the addresses (see _grouped)
+
+    def lists(self) -> List[list]:
+        return self.parts + [self.flat]
+
+    def share_addresses(self, other: "_Plan") -> None:
+        """Take ``other``'s address tuples where they are equal to this plan's (same parameter
+        lists), so that ``same_addresses`` compares them by identity."""
+        if self._same_lists(other):
+            self.addresses = [o if o == a else a for o, a in zip(other.addresses, self.addresses)]
+
+    def same_addresses(self, other: "_Plan") -> bool:
+        """True when ``other`` was built from the same parameter lists with the same data
+        addresses (a check of ``other`` then also checks this plan's)."""
+        return self._same_lists(other) and \
+            all(a is b for a, b in zip(self.addresses, other.addresses))
+
+    def _same_lists(self, other: "_Plan") -> bool:
+        return other.groups is self.groups and len(other.param_lists) == len(self.param_lists) \
+            and all(a is b for a, b in zip(other.param_lists, self.param_lists))
+
+    def _mask(self, ps: List[Tensor]) -> tuple:
+        if self.with_grad:
+            return tuple(map(_IS_NOT_NONE, map(_GRAD, ps)))
+        return tuple(map(_REQUIRES_GRAD, ps))
+
+    def check(self, groups: list, addresses: bool) -> Optional[List[List[Tensor]]]:
+        """The gradients of every part (``with_grad``; else empty lists) when the plan still
+        holds for ``groups`` (``addresses``: the data addresses too), else None."""
+        if groups is not self.groups or len(groups) != len(self.group_ids):
+            return None
+        out = []
+        for gi, group in enumerate(groups):
+            ps = group["params"]
+            if id(group) != self.group_ids[gi] or ps is not self.param_lists[gi] or \
+                    len(ps) != self.lengths[gi]:
+                return None
+            if self.with_grad:
+                grads = list(map(_GRAD, ps))
+                if tuple(map(_IS_NOT_NONE, grads)) != self.kept[gi]:
+                    return None
+                if self.whole[gi]:
+                    got = [grads]
+                else:
+                    got = [list(map(_GRAD, part)) for part in self.group_parts[gi]]
+                if any(any(map(_SPARSE, gs)) for gs in got):
+                    return None  # the per-tensor path words the error
+                out.extend(got)
+            elif tuple(map(_REQUIRES_GRAD, ps)) != self.kept[gi]:
+                return None
+            else:
+                out.extend([] for _ in self.group_parts[gi])
+            if addresses and tuple(map(_DATA_PTR, ps)) != self.addresses[gi]:
+                return None  # a parameter moved (device, dtype, storage)
+        return out
+
+
+def _cpp_refs(value) -> Any:
+    """A C++-side reference to each plain tensor of ``value`` (a list of tensors, or a tuple of
+    such lists), held beside a memoised value.  A tensor referenced only from Python has a C++
+    use count of 1; an op call takes and drops a reference with the GIL released, and going back
+    to 1 then takes the GIL to release the Python object, once per tensor and list (~0.1 us,
+    as much as the rest of a CPU op on a tiny tensor).  Held here, the count never returns to 1
+    during a call.  (Optimizer-owned tensors only: a parameter must keep a use count of 1 for
+    ``torch.utils.swap_tensors``.)  None when there is nothing to hold."""
+    lists = value if isinstance(value, tuple) else (value,)
+    ts = [t for lst in lists if isinstance(lst, list) for t in lst if type(t) is Tensor]
+    if not ts or _ScriptList is None:
+        return None
+    return _ScriptList(ts)
+
+
+_ScriptList = getattr(torch._C, "ScriptList", None)
+
 
 def _all_usable(params: List[Tensor], with_grad: bool) -> Optional[List[Tensor]]:
     """``params`` (a new list) when ``_grouped`` keeps every one of them: each has a dense
@@ -1001,16 +1218,17 @@ def _by_device(ts: List[Tensor]) -> List[List[Tensor]]:
 
 
 @torch.no_grad()
-def _nonfinite_flag(grads: List[Tensor]) -> Tensor:
+def _nonfinite_flag(grads: Optional[List[Tensor]], by_device=None) -> Tensor:
     """A one-element float32 tensor on the first gradient's device: > 0 iff some entry is inf/NaN.
 
     One fused multi-tensor reduction per device (our ``grad_sumsq``: squares summed in float64,
     so finite fp32/bf16/fp16 gradients can never overflow it); nothing is read back here.  (PyTorch's
     ``_amp_foreach_non_finite_check_and_unscale_`` does the same job but is ~20x slower on the CPU.)
     """
-    first = grads[0].device
+    by_device = _by_device(grads) if by_device is None else by_device  # (or given: the plan's)
+    first = by_device[0][0].device
     flags = [(~torch.isfinite(ops.grad_sumsq(gs, gs, False, 0.0))).float().reshape(1).to(first)
-             for gs in _by_device(grads)]
+             for gs in by_device]
     return flags[0] if len(flags) == 1 else torch.stack(flags).sum(0)
 
 

@@ -224,7 +224,7 @@ class EBiSAM(BiSAM):
         gradients are not finite and the step is skipped (``skip_pending``).  Each call draws a
         new mask (counter + 1; with m-sharpness one per micro-batch)."""
         self._require_unperturbed("first_step")
-        work = [(g, ps, [p.grad for p in ps]) for g, ps in self._grouped()]
+        work = [(g, ps, self._grads(ps)) for g, ps in self._grouped()]
         if not self._mask["open"]:
             self._mark_counter("noise_step")
             self._mask["open"] = True
@@ -232,7 +232,7 @@ class EBiSAM(BiSAM):
         self._begin_step()
         # ||grad Q|| spans every group, as SAM's norm, and is the inf/NaN check (_checked_norm);
         # Alg. 3 line 5 as printed (normalize=False) takes no norm: the check reads g itself
-        ok, norm = self._checked_norm([p for _, ps, _ in work for p in ps], scaler,
+        ok, norm = self._checked_norm(self._flat(work), scaler,
                                       (lambda: _sam_norm(work, self._over_shards))
                                       if self.normalize else None, len(work) > 1 or self._sharded)
         if not ok:

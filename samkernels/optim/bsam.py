@@ -147,7 +147,7 @@ class BSAM(PosteriorSampler, TwoPassOptimizer):
             raise RuntimeError("BSAM.first_step: call noise_step() and run the noisy backward first")
         grouped = self._grouped()  # validates the gradients before anything moves
         self._skip_state["pending"] = False
-        if not self._grads_ok(True, [p for _, ps in grouped for p in ps], scaler):
+        if not self._grads_ok(True, self._flat(grouped), scaler):
             self._skip_first_pass()
             if zero_grad:
                 self.zero_grad()
@@ -171,7 +171,7 @@ class BSAM(PosteriorSampler, TwoPassOptimizer):
                 continue
             backups, precisions, _ = self._lists(group, ps)
             accums = self._accums(group, ps, _micro, defer)
-            ops.bsam_perturb_(ps, [p.grad for p in ps], backups, precisions, accums, self._rho(group),
+            ops.bsam_perturb_(ps, self._grads(ps), backups, precisions, accums, self._rho(group),
                               group["betas"][1], group["weight_decay"], group["gamma"],
                               self._found_inf(ps[0].device))
             self._mark_perturbed(ps, backups)
@@ -211,7 +211,7 @@ class BSAM(PosteriorSampler, TwoPassOptimizer):
         step (inf/NaN in either pass) only restores omega."""
         grouped = self._grouped()
         if self.skip_pending or (self._perturbed and not self._grads_ok(
-                False, [p for _, ps in grouped for p in ps], scaler)):
+                False, self._flat(grouped), scaler)):
             self._abandon_step()
             if zero_grad:
                 self.zero_grad()
@@ -237,7 +237,7 @@ class BSAM(PosteriorSampler, TwoPassOptimizer):
                 if accums and world > 1:
                     self._all_reduce(accums)  # sqrt(s)|g| summed over the ranks, / W below
                 beta1, beta2 = group["betas"]
-                ops.bsam_update_(ps, [p.grad for p in ps], backups, precisions, momenta, accums,
+                ops.bsam_update_(ps, self._grads(ps), backups, precisions, momenta, accums,
                                  group["lr"], beta1, beta2, group["weight_decay"], group["gamma"],
                                  _accum_scale / world, group["update_order"] == "released",
                                  self._found_inf(ps[0].device))

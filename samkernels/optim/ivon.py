@@ -225,7 +225,7 @@ class IVON(PosteriorSampler, TwoPassOptimizer):
                 self.zero_grad()
             return
         grouped = self._grouped()
-        if not self._grads_ok(True, [p for _, ps in grouped for p in ps], scaler):
+        if not self._grads_ok(True, self._flat(grouped), scaler):
             self._restore_weights()
             self._skip_state["pending"] = True
             if zero_grad:
@@ -242,7 +242,7 @@ class IVON(PosteriorSampler, TwoPassOptimizer):
                     continue
                 backups, hessians, _ = self._lists(group, ps)
                 avg_grads, avg_nxgs = self._avgs(ps)
-                ops.ivon_accumulate_(ps, [p.grad for p in ps], backups, hessians, avg_grads,
+                ops.ivon_accumulate_(ps, self._grads(ps), backups, hessians, avg_grads,
                                      avg_nxgs, self._param_ids_for(ps), seed, step,
                                      group["ess"], group["weight_decay"], k,
                                      self._found_inf(ps[0].device), at)
@@ -265,7 +265,7 @@ class IVON(PosteriorSampler, TwoPassOptimizer):
         if not self._perturbed:
             raise RuntimeError("IVON.second_step: call noise_step() and run the backward first")
         grouped = self._grouped()
-        if not self._grads_ok(False, [p for _, ps in grouped for p in ps], scaler):
+        if not self._grads_ok(False, self._flat(grouped), scaler):
             self._abandon_step()
             if zero_grad:
                 self.zero_grad()
@@ -289,7 +289,7 @@ class IVON(PosteriorSampler, TwoPassOptimizer):
                     debias_step is None else 1.0
                 backups, hessians, momenta = self._lists(group, ps)
                 avg_grads, avg_nxgs = self._avgs(ps) if k > 1 else ([], [])
-                ops.ivon_update_(ps, [p.grad for p in ps], backups, hessians, momenta, avg_grads,
+                ops.ivon_update_(ps, self._grads(ps), backups, hessians, momenta, avg_grads,
                                  avg_nxgs, self._param_ids_for(ps), seed, step, lr,
                                  group["ess"], wd, beta1, beta2, group["clip_radius"],
                                  bias_correction, k, self._found_inf(ps[0].device), at,

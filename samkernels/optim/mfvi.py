@@ -121,6 +121,9 @@ class MFVI(GaussianPosterior, TwoPassOptimizer):
 
     # -- state -----------------------------------------------------------------------------------
     def _variances(self, group: dict, ps: List[Tensor]) -> List[Tensor]:
+        have = self._state_lists(ps, "variance")  # every step after the first: memoised
+        if have is not None:
+            return have[0]
         out = []
         for p in ps:
             st = self.state[p]
@@ -164,29 +167,39 @@ class MFVI(GaussianPosterior, TwoPassOptimizer):
         if not self._perturbed:
             raise RuntimeError("MFVI.second_step: call noise_step() and run the backward first")
         grouped = self._grouped()
-        if not self._grads_ok(False, [p for _, ps in grouped for p in ps], scaler):
+        if not self._grads_ok(False, self._flat(grouped), scaler):
             self._abandon_step()
             if zero_grad:
                 self.zero_grad()
             return
         perturbed = self._take_perturbed()
-        todo = {p for ps, _ in perturbed for p in ps}
+        # the usual step (every noised parameter has a gradient, same lists): no per-tensor sets
+        same = self._moved_are_grouped(perturbed, grouped)
+        todo = None if same else {p for ps, _ in perturbed for p in ps}
         seed = self._extra_state["seed"]
         step, at = self._counter_args("noise_step", -1)  # the draw of noise_step (counter - 1)
+        done = 0
         try:
             for group, ps in grouped:
-                ps = [p for p in ps if p in todo]
-                if not ps:
-                    continue
-                ops.mfvi_update_(ps, [p.grad for p in ps], self._backups_for(ps),
+                if not same:
+                    ps = [p for p in ps if p in todo]
+                    if not ps:
+                        continue
+                ops.mfvi_update_(ps, self._grads(ps), self._backups_for(ps),
                                  self._variances(group, ps), self._momenta(group, ps),
                                  self._param_ids_for(ps), seed, step,
                                  group["lr"], group["var_lr"], group["momentum"],
                                  group["prior_var"], group["num_data"],
                                  self._found_inf(ps[0].device), at)
-                todo.difference_update(set(ps))
+                if same:
+                    done += 1
+                else:
+                    todo.difference_update(set(ps))
         finally:  # anything not updated (no gradient now, or an error) goes back to the mean
-            self._copy_back(perturbed, todo)
+            if same:
+                todo = {p for _, ps in grouped[done:] for p in ps}
+            if todo or not same:
+                self._copy_back(perturbed, todo)
         self._finish_step(skipped=False)
         if zero_grad:
             self.zero_grad()

@@ -249,7 +249,7 @@ class RandomSAM(TwoPassOptimizer):
         if self._inner is None:
             return SAM.second_step(self, zero_grad, scaler=scaler)
         grouped = self._grouped()
-        if self.skip_pending or not self._grads_ok(False, [p for _, ps in grouped for p in ps],
+        if self.skip_pending or not self._grads_ok(False, self._flat(grouped),
                                                    scaler):
             self._abandon_step()
         else:

@@ -158,11 +158,11 @@ class SAM(TwoPassOptimizer):
         """w <- w + e with the gradients now in ``.grad``.  Returns the global norm ||T g||, or None
         when the gradients are not finite and the step is skipped (``skip_pending``)."""
         self._require_unperturbed("first_step")
-        work = [(g, ps, [p.grad for p in ps]) for g, ps in self._grouped()]
+        work = [(g, ps, self._grads(ps)) for g, ps in self._grouped()]
         self._skip_state["pending"] = False
         self._begin_step()
         # the norm spans every group (one reduction op per group); it is also the inf/NaN check
-        ok, norm = self._checked_norm([p for _, ps, _ in work for p in ps], scaler,
+        ok, norm = self._checked_norm(self._flat(work), scaler,
                                       lambda: _sam_norm(work, self._over_shards),
                                       len(work) > 1 or self._sharded)
         if not ok:
@@ -245,7 +245,7 @@ class SAM(TwoPassOptimizer):
         """Subclasses: forget per-step bookkeeping a base step must not act on."""
 
     def _base_update(self, group: dict, ps) -> None:
-        grads = [p.grad for p in ps]
+        grads = self._grads(ps)
         backups = self._backups_for(ps)
         found_inf = self._found_inf(ps[0].device)
         if group["base"] == "sgd":

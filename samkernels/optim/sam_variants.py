@@ -108,11 +108,11 @@ class _Variant(SAM):
         """w <- w + e (as ``SAM.first_step``), keeping the gradient g0 for the update.  Returns
         the ascent's norm, or None when the gradients are not finite and the step is skipped."""
         self._require_unperturbed("first_step")
-        work = [(g, ps, [p.grad for p in ps]) for g, ps in self._grouped()]
+        work = [(g, ps, self._grads(ps)) for g, ps in self._grouped()]
         self._skip_state["pending"] = False
         self._begin_step()
         self._variant.update(mode="full", kept=None)
-        ok, norm = self._checked_norm([p for _, ps, _ in work for p in ps], scaler,
+        ok, norm = self._checked_norm(self._flat(work), scaler,
                                       lambda: self._ascent_norm(work), True)
         if not ok:  # the norm's own reduction was the inf/NaN check (_checked_norm)
             self._skip_first_pass()
@@ -163,7 +163,7 @@ class _Variant(SAM):
                     if id(p) not in had:
                         self._saved_buf(p).zero_()
         dev = grouped[0][1][0].device
-        parts = self._over_shards([ops.samv_dots([p.grad for p in ps],
+        parts = self._over_shards([ops.samv_dots(self._grads(ps),
                                                  self._direction_lists(ps)[0], 0.0).to(dev)
                                    for _, ps in grouped])
         dots = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
@@ -177,7 +177,7 @@ class _Variant(SAM):
         the exact flag for a non-finite sum of finite gradients, float64 overflow)."""
         if not self._NEEDS_DOTS or self._variant["mode"] == "plain" or not grouped:
             return super()._descent_ok(grouped, scaler)
-        ok, _ = self._checked_norm([p for _, ps in grouped for p in ps], scaler,
+        ok, _ = self._checked_norm(self._flat(grouped), scaler,
                                    lambda: self._step_dots(grouped)[0], False, ascent=False)
         return ok
 

@@ -194,12 +194,12 @@ class VariationalSAM(GaussianPosterior, TwoPassOptimizer):
             self._var_saved["on"] = False
             self._var_now.clear()
             self._var_count.clear()
-        work = [(g, ps, [p.grad for p in ps], self._variances(g, ps)) for g, ps in self._grouped()]
+        work = [(g, ps, self._grads(ps), self._variances(g, ps)) for g, ps in self._grouped()]
         self._skip_state["pending"] = False
         self._begin_step()
         # eq. 2's g^T Sigma g spans every group (one reduction per group, summed); it is also the
         # inf/NaN check (_checked_norm)
-        ok, norm = self._checked_norm([p for _, ps, _, _ in work for p in ps], scaler,
+        ok, norm = self._checked_norm(self._flat(work), scaler,
                                       lambda: _sigma_norm(work, self._over_shards),
                                       len(work) > 1 or self._sharded)
         if not ok:

@@ -1,0 +1,186 @@
+"""The step's plan (``TwoPassOptimizer._grouped``, optim/_base.py): the grouping of the parameters
+into the lists handed to the ops is cached and reused while nothing changed, and rebuilt exactly
+when something did (a gradient appearing or disappearing, a frozen parameter, ``p.data = ...``,
+a dtype change, ``add_param_group``).  Checked here: every optimizer's trajectory equals, bit for
+bit, the one of a twin that regroups every tensor at every call, through each of those changes;
+the lists are reused while nothing changes; the optimizer holds no gradient past its use and no
+extra reference to a parameter (``torch.utils.swap_tensors`` still works after a step).
+"""
+import gc
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from samkernels import BSAM, SAM
+from samkernels.optim import IVON, MFVI, EBiSAM, RandomSAM, VariationalSAM
+
+MAKERS = {
+    "sam": lambda ps: SAM(ps, lr=0.1, rho=0.05, momentum=0.9, weight_decay=1e-3),
+    "sam_adam": lambda ps: SAM(ps, lr=1e-2, rho=0.05, base="adam"),
+    "bsam": lambda ps: BSAM(ps, lr=0.1, num_data=64, rho=0.05, seed=1),
+    "randomsam": lambda ps: RandomSAM(ps, lr=0.1, sigma=1e-2, momentum=0.9, seed=2),
+    "ebisam": lambda ps: EBiSAM(ps, lr=0.1, rho=0.05, momentum=0.9, seed=3),
+    "mfvi": lambda ps: MFVI(ps, lr=0.1, num_data=64, seed=4),
+    "vsam": lambda ps: VariationalSAM(ps, lr=0.1, num_data=64, momentum=0.9),
+    "ivon": lambda ps: IVON(ps, lr=0.1, ess=64, seed=5),
+}
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3),
+                               torch.nn.Tanh(), torch.nn.Linear(3, 2))
+
+
+def _twins(name):
+    """(model, optimizer with the plan) and (model, optimizer regrouping at every call)."""
+    out = []
+    for planned in (True, False):
+        model = _model()
+        opt = MAKERS[name](model.parameters())
+        if not planned:
+            opt._grouped = opt._grouped_now  # the per-tensor grouping, every call
+        out.append((model, opt))
+    return out
+
+
+def _step(model, opt, seed, skip_grad=()):
+    """One step on a fixed batch; the parameters in ``skip_grad`` get no gradient."""
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(16, 5, generator=g), torch.randint(0, 2, (16,), generator=g)
+
+    def closure(ascent=False):  # (EBiSAM asks for the pass flag; the same loss in both here)
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        for p in skip_grad:
+            p.grad = None
+
+    opt.step(closure)
+
+
+def _same(a, b, what):
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert p.dtype == q.dtype and torch.equal(p.detach(), q.detach()), f"{what}: {n}"
+
+
+@pytest.mark.parametrize("name", MAKERS)
+def test_plan_equals_regrouping_through_changes(name):
+    (m1, o1), (m2, o2) = _twins(name)
+    s = 0
+
+    def both(what, **kw):
+        nonlocal s
+        s += 1
+        _step(m1, o1, s, [dict(m1.named_parameters())[n] for n in kw.get("skip", ())])
+        _step(m2, o2, s, [dict(m2.named_parameters())[n] for n in kw.get("skip", ())])
+        _same(m1, m2, what)
+
+    for _ in range(2):
+        both("steady")
+    both("a gradient disappears", skip=("2.bias",))
+    both("it stays away", skip=("2.bias",))
+    both("it comes back")
+    for m in (m1, m2):  # a frozen layer: no gradient, and no noise for it
+        m[0].weight.requires_grad_(False)
+    both("frozen")
+    for m in (m1, m2):
+        m[0].weight.requires_grad_(True)
+    both("thawed")
+    for m in (m1, m2):  # new storage, same values: the plan is rebuilt, nothing else changes
+        with torch.no_grad():
+            for p in m.parameters():
+                p.data = p.data.clone()
+    both("new storage")
+    both("steady again")
+
+
+@pytest.mark.parametrize("name", MAKERS)
+def test_add_param_group_joins_the_plan(name):
+    (m1, o1), (m2, o2) = _twins(name)
+    extra = []
+    for m, o in ((m1, o1), (m2, o2)):
+        head = torch.nn.Linear(2, 2)
+        with torch.no_grad():
+            head.weight.copy_(torch.eye(2) * 0.5)
+            head.bias.fill_(0.1)
+        m.append(head)
+        extra.append(head)
+    _step(m1, o1, 1, list(extra[0].parameters()))  # planned while the head has no group
+    _step(m2, o2, 1, list(extra[1].parameters()))
+    o1.add_param_group({"params": list(extra[0].parameters())})
+    o2.add_param_group({"params": list(extra[1].parameters())})
+    for s in (2, 3):
+        _step(m1, o1, s)
+        _step(m2, o2, s)
+        _same(m1, m2, f"after add_param_group, step {s}")
+    assert not torch.equal(extra[0].bias.detach(), torch.full((2,), 0.1))  # it trains
+
+
+def test_dtype_change_rebuilds_the_plan():
+    """SAM-SGD without momentum keeps no state: after ``model.double()`` its next step equals a
+    new optimizer's on the float64 model (the backups follow the new dtype)."""
+    model = _model()
+    opt = SAM(model.parameters(), lr=0.1, rho=0.05)
+    _step(model, opt, 1)
+    model.double()
+    ref_model = _model().double()
+    ref_model.load_state_dict(model.state_dict())
+    ref = SAM(ref_model.parameters(), lr=0.1, rho=0.05)
+    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 2, (16,))
+    for m, o in ((model, opt), (ref_model, ref)):
+        def closure(m=m, o=o):
+            o.zero_grad(set_to_none=True)
+            F.cross_entropy(m(x), y).backward()
+        o.step(closure)
+    _same(model, ref_model, "after model.double()")
+
+
+def test_plan_lists_are_reused():
+    model = _model()
+    opt = MAKERS["sam"](model.parameters())
+    _step(model, opt, 1)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    first, again = opt._grouped(), opt._grouped()
+    assert [ps for _, ps in first] and all(a[1] is b[1] for a, b in zip(first, again))
+    model[0].bias.grad = None  # a gradient gone: a new grouping without it
+    changed = opt._grouped()
+    assert sum(len(ps) for _, ps in changed) == sum(len(ps) for _, ps in first) - 1
+    assert all(p is not model[0].bias for _, ps in changed for p in ps)
+
+
+@pytest.mark.parametrize("name", ["sam", "bsam", "vsam"])
+def test_no_gradient_held_after_a_phase(name):
+    """A gradient freed by zero_grad between the passes is gone: the optimizer keeps none."""
+    model = _model()
+    opt = MAKERS[name](model.parameters())
+    x, y = torch.randn(16, 5), torch.randint(0, 2, (16,))
+
+    def backward_then(phase):  # a pass, the phase, then zero_grad: its gradients must die
+        F.cross_entropy(model(x), y).backward()
+        phase()
+        refs = [weakref.ref(p.grad) for p in model.parameters()]
+        opt.zero_grad(set_to_none=True)
+        gc.collect()
+        assert all(r() is None for r in refs), phase.__name__
+
+    for _ in range(2):
+        if name == "bsam":
+            opt.noise_step()
+        backward_then(opt.first_step)
+        backward_then(opt.second_step)
+
+
+@pytest.mark.parametrize("name", MAKERS)
+def test_parameters_can_be_swapped_after_steps(name):
+    """The optimizer holds C++ references to its own buffers only: a parameter keeps the use
+    count ``torch.utils.swap_tensors`` (``module.to`` under swap mode) needs."""
+    model = _model()
+    opt = MAKERS[name](model.parameters())
+    _step(model, opt, 1)
+    _step(model, opt, 2)
+    opt.zero_grad(set_to_none=True)
+    for p in model.parameters():
+        torch.utils.swap_tensors(p, torch.nn.Parameter(p.detach().clone()))
