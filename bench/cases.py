@@ -409,6 +409,71 @@ def foreach_vsam(params):
     return step
 
 
+# IVON as built above (one sample a step): ess 50,000, the optimizer's defaults (betas (0.9,
+# 0.99999), weight decay delta 1e-4, h0 1, no clipping, lr rescaled by h0 + delta, debiased).
+_IVON = dict(lr=0.1, ess=50_000.0, beta1=0.9, beta2=0.99999, wd=1e-4, h0=1.0)
+
+
+def loop_ivon(params, noise=None):
+    """IVON (ops.reference.ivon_noise_, ivon_update_ with one sample) tensor by tensor."""
+    lr, ess, b1, b2, wd, h0 = (_IVON[k] for k in ("lr", "ess", "beta1", "beta2", "wd", "h0"))
+    hess = [torch.full_like(p, h0) for p in params]
+    gms = [torch.zeros_like(p) for p in params]
+    draw = _noise_source(params, noise)
+    t = [0]
+
+    @torch.no_grad()
+    def step():
+        z = draw()
+        t[0] += 1
+        bc = 1.0 - b1 ** t[0]
+        mean = []
+        for p, h, zi in zip(params, hess, z):  # theta = m + z / sqrt(ess (h + delta))
+            mean.append(p.data.clone())
+            p.add_(zi / torch.sqrt(ess * (h + wd)))
+        for p, h, gm, zi, m in zip(params, hess, gms, z, mean):
+            g = p.grad
+            f = zi / torch.sqrt(ess * (h + wd)) * g * (h + wd) * ess
+            gm.mul_(b1).add_(g, alpha=1.0 - b1)
+            h.copy_(b2 * h + (1.0 - b2) * f + 0.5 * (1.0 - b2) ** 2 * (h - f).square() / (h + wd))
+            p.copy_(m - lr * (h0 + wd) * (gm / bc + wd * m) / (h + wd))
+    return step
+
+
+def foreach_ivon(params, noise=None):
+    """IVON in ``torch._foreach_*`` ops (as loop_ivon)."""
+    lr, ess, b1, b2, wd, h0 = (_IVON[k] for k in ("lr", "ess", "beta1", "beta2", "wd", "h0"))
+    grads = [p.grad for p in params]
+    hess = [torch.full_like(p, h0) for p in params]
+    gms = [torch.zeros_like(p) for p in params]
+    mean = [torch.empty_like(p) for p in params]
+    draw = _noise_source(params, noise)
+    t = [0]
+
+    @torch.no_grad()
+    def step():
+        z = draw()
+        t[0] += 1
+        bc = 1.0 - b1 ** t[0]
+        torch._foreach_copy_(mean, params)
+        hd = torch._foreach_add(hess, wd)
+        sigma_z = torch._foreach_div(z, torch._foreach_sqrt(torch._foreach_mul(hd, ess)))
+        torch._foreach_add_(params, sigma_z)
+        f = torch._foreach_mul(torch._foreach_mul(torch._foreach_mul(sigma_z, grads), hd), ess)
+        torch._foreach_mul_(gms, b1)
+        torch._foreach_add_(gms, grads, alpha=1.0 - b1)
+        d = torch._foreach_sub(hess, f)
+        d = torch._foreach_div(torch._foreach_mul(d, d), hd)
+        torch._foreach_mul_(hess, b2)
+        torch._foreach_add_(hess, f, alpha=1.0 - b2)
+        torch._foreach_add_(hess, d, alpha=0.5 * (1.0 - b2) ** 2)
+        u = torch._foreach_add(torch._foreach_div(gms, bc), mean, alpha=wd)
+        torch._foreach_div_(u, torch._foreach_add(hess, wd))
+        torch._foreach_copy_(params, mean)
+        torch._foreach_add_(params, u, alpha=-lr * (h0 + wd))
+    return step
+
+
 IMPLS = {
     "sam": {"fused": fused_sam, "foreach": foreach_sam, "loop": loop_sam},
     "bsam": {"fused": fused_bsam, "foreach": foreach_bsam, "loop": loop_bsam},
@@ -421,6 +486,7 @@ IMPLS["randomsam"].update(foreach=foreach_randomsam, loop=loop_randomsam)
 IMPLS["ebisam"].update(foreach=foreach_ebisam, loop=loop_ebisam)
 IMPLS["mfvi"].update(foreach=foreach_mfvi, loop=loop_mfvi)
 IMPLS["vsam"].update(foreach=foreach_vsam, loop=loop_vsam)
+IMPLS["ivon"].update(foreach=foreach_ivon, loop=loop_ivon)
 
 # Bytes each element of the parameter list must move in each phase (fp32), for the bandwidth floor.
 # A phase's floor is its own traffic; a step's floor is the sum over its phases.

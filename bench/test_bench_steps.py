@@ -48,7 +48,7 @@ def _philox_noise(params, seed=0):
                       for i, p in enumerate(params)]
 
 
-EQUAL = [(algo, impl) for algo in ("sam", "mfvi", "vsam") for impl in ("foreach", "loop")]
+EQUAL = [(algo, impl) for algo in ("sam", "mfvi", "vsam", "ivon") for impl in ("foreach", "loop")]
 
 
 @pytest.mark.parametrize("algo,impl", EQUAL)
@@ -59,7 +59,7 @@ def test_baseline_equals_fused(algo, impl):
     shapes = cases.tiny_shapes(30) + [(17, 5), (64,)]
     mine, theirs = cases.make_params(shapes), cases.make_params(shapes)
     fused = cases.IMPLS[algo]["fused"](mine, "cpu", nonfinite="skip")
-    kw = {"noise": _philox_noise(theirs)} if algo == "mfvi" else {}
+    kw = {"noise": _philox_noise(theirs)} if algo in ("mfvi", "ivon") else {}
     base = cases.IMPLS[algo][impl](theirs, **kw)
     v0 = [v.clone() for v in getattr(base, "variances", [])]
     for _ in range(3):
