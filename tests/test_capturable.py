@@ -243,3 +243,25 @@ def test_loading_mixed_step_counts_is_refused():
     with pytest.raises(ValueError, match=r"param_groups\[0\].*Adam steps \[1.0, 2.0\]"):
         cap.load_state_dict(host.state_dict())
 
+
+
+@pytest.mark.parametrize("name", ["bsam", "sam_adam", "ivon"])
+def test_distributed_checkpoint_state_creation_as_on_the_host(name):
+    """torch.distributed.checkpoint's get_optimizer_state_dict creates the state with one
+    zero-gradient step at lr 0 (optimizer state may move, as torch.optim's does; the counters
+    are put back): a capturable optimizer does exactly what the host one does, keeping its
+    counter tensors in place."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    host, cap = run(name, False), run(name, True)
+    cap.step()  # the device counters exist
+    host.step()
+    held = dict(cap.opt._counters)
+    for r in (host, cap):
+        get_optimizer_state_dict(r.model, r.opt)
+    assert all(cap.opt._counters[k] is c for k, c in held.items())
+    for _ in range(2):
+        host.step()
+        cap.step()
+    for p, q in zip(host.model.parameters(), cap.model.parameters()):
+        assert torch.equal(p, q)
+    same_state(host.opt.state_dict(), cap.opt.state_dict())
