@@ -573,7 +573,8 @@ class TwoPassOptimizer(torch.optim.Optimizer):
 
     def _mark_perturbed(self, params: List[Tensor], backups: List[Tensor]) -> None:
         self._perturbed.append((params, backups))
-        self._fresh_grads.pop(id(params), None)  # (see _grads)
+        if not torch.compiler.is_compiling():  # (dynamo 2.11 cannot trace id() of a list)
+            self._fresh_grads.pop(id(params), None)  # (see _grads)
 
     def _take_perturbed(self) -> List[Tuple[List[Tensor], List[Tensor]]]:
         """The (params, backups) now moved, handed over: ``self._perturbed`` is emptied in place."""
@@ -702,7 +703,8 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         """``_nonfinite_flag`` of the gradients of ``ps``; for the plan's flat list, from the
         gradients its check fetched, already split by device."""
         plan = self._plans.get(True)
-        if plan is not None and ps is plan.flat and not torch.compiler.is_compiling():
+        # is_compiling first: dynamo (torch 2.11) cannot trace ``is`` between lists
+        if not torch.compiler.is_compiling() and plan is not None and ps is plan.flat:
             fresh = [self._fresh_grads.get(id(part)) for part in plan.parts]
             if all(f is not None and f[0] is part for f, part in zip(fresh, plan.parts)):
                 if len(fresh) == 1:
