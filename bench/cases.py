@@ -414,19 +414,27 @@ def foreach_vsam(params):
 _IVON = dict(lr=0.1, ess=50_000.0, beta1=0.9, beta2=0.99999, wd=1e-4, h0=1.0)
 
 
+def _ivon_state(params, noise):
+    """The Hessians (h0), the momenta (0) and ``draw_step()`` -> (this step's normals, its bias
+    correction 1 - beta1^t)."""
+    hess = [torch.full_like(p, _IVON["h0"]) for p in params]
+    gms = [torch.zeros_like(p) for p in params]
+    draw, t = _noise_source(params, noise), [0]
+
+    def draw_step():
+        t[0] += 1
+        return draw(), 1.0 - _IVON["beta1"] ** t[0]
+    return hess, gms, draw_step
+
+
 def loop_ivon(params, noise=None):
     """IVON (ops.reference.ivon_noise_, ivon_update_ with one sample) tensor by tensor."""
     lr, ess, b1, b2, wd, h0 = (_IVON[k] for k in ("lr", "ess", "beta1", "beta2", "wd", "h0"))
-    hess = [torch.full_like(p, h0) for p in params]
-    gms = [torch.zeros_like(p) for p in params]
-    draw = _noise_source(params, noise)
-    t = [0]
+    hess, gms, draw_step = _ivon_state(params, noise)
 
     @torch.no_grad()
     def step():
-        z = draw()
-        t[0] += 1
-        bc = 1.0 - b1 ** t[0]
+        z, bc = draw_step()
         mean = []
         for p, h, zi in zip(params, hess, z):  # theta = m + z / sqrt(ess (h + delta))
             mean.append(p.data.clone())
@@ -444,17 +452,12 @@ def foreach_ivon(params, noise=None):
     """IVON in ``torch._foreach_*`` ops (as loop_ivon)."""
     lr, ess, b1, b2, wd, h0 = (_IVON[k] for k in ("lr", "ess", "beta1", "beta2", "wd", "h0"))
     grads = [p.grad for p in params]
-    hess = [torch.full_like(p, h0) for p in params]
-    gms = [torch.zeros_like(p) for p in params]
+    hess, gms, draw_step = _ivon_state(params, noise)
     mean = [torch.empty_like(p) for p in params]
-    draw = _noise_source(params, noise)
-    t = [0]
 
     @torch.no_grad()
     def step():
-        z = draw()
-        t[0] += 1
-        bc = 1.0 - b1 ** t[0]
+        z, bc = draw_step()
         torch._foreach_copy_(mean, params)
         hd = torch._foreach_add(hess, wd)
         sigma_z = torch._foreach_div(z, torch._foreach_sqrt(torch._foreach_mul(hd, ess)))
