@@ -118,10 +118,10 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         self.ddp_model: Optional[torch.nn.Module] = None
         self.capturable = False
         # capturable: the counters of _extra_state as 0-dim int64 tensors on the parameters'
-        # device (see _counter_args), and how far each moved in the step in progress; otherwise
-        # the host value each had when the step began (what an abandoned step goes back to)
+        # device (see _counter_args); and how far each counter moved since the step in progress
+        # marked it (what an abandoned step takes back)
         self._counters: Dict[str, Tensor] = {}
-        self._counter_marks: Dict[str, int] = {}
+        self._counter_moves: Dict[str, int] = {}
         # transient: a skip decided in the first pass and waiting for second_step, the last step's
         # outcome (a bool, or the device flag under "skip_on_device"), how many GradScaler
         # stand-ins the ascent passes of this step used, and this step's device flag ("found")
@@ -265,28 +265,26 @@ class TwoPassOptimizer(torch.optim.Optimizer):
 
     def _mark_counter(self, name: str) -> None:
         """A step starts drawing from counter ``name``: what ``_rewind_counter`` goes back to."""
-        self._counter_marks[name] = 0 if self.capturable else self._extra_state[name]
+        self._counter_moves[name] = 0
 
     def _advance_counter(self, name: str, k: int) -> None:
         """Counter ``name`` += k: on the host, or (capturable) on the device."""
-        if self.capturable:
-            self._counter_args(name)[1].add_(k)
-            self._counter_marks[name] = self._counter_marks.get(name, 0) + k
-        else:
-            self._extra_state[name] += k
+        self._move_counter(name, k)
+        self._counter_moves[name] = self._counter_moves.get(name, 0) + k
 
     def _rewind_counter(self, name: str) -> None:
         """Counter ``name`` back to where ``_mark_counter`` left it (an abandoned or skipped step
         draws nothing)."""
-        mark = self._counter_marks.get(name)
-        if mark is None:
-            return
+        moved = self._counter_moves.get(name, 0)
+        if moved:
+            self._move_counter(name, -moved)
+        self._counter_moves[name] = 0
+
+    def _move_counter(self, name: str, k: int) -> None:
         if self.capturable:
-            if mark and name in self._counters:
-                self._counters[name].sub_(mark)
-            self._counter_marks[name] = 0
+            self._counter_args(name)[1].add_(k)
         else:
-            self._extra_state[name] = mark
+            self._extra_state[name] += k
 
     def _counter_values(self) -> Dict[str, int]:
         """The optimizer-wide values with the device counters read back (a host sync, for
@@ -805,6 +803,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
             self._skip_state.update(pending=False, last=skipped, ascents=0)
             if skipped:
                 self._rollback_skipped_step()
+        self._counter_moves.clear()  # the step is over: nothing left to take back
 
     def _rollback_skipped_step(self) -> None:
         """Undo what a skipped step changed besides weights and state (BSAM: the noise counter)."""

@@ -51,6 +51,17 @@ def _sam_norm(work, over_shards) -> torch.Tensor:
     return sq[0].sqrt() if len(sq) == 1 else torch.stack([s.double() for s in sq]).sum().sqrt()
 
 
+def _adam_state(state: dict, p: torch.Tensor) -> dict:
+    """``state[p]`` with Adam's entries, created where missing (the step count a CPU scalar, as in
+    torch.optim)."""
+    st = state[p]
+    if "step" not in st:
+        st["step"] = torch.tensor(0.0)
+        st["exp_avg"] = torch.zeros_like(p, dtype=opmath(p))
+        st["exp_avg_sq"] = torch.zeros_like(p, dtype=opmath(p))
+    return st
+
+
 class SAM(TwoPassOptimizer):
     r"""Sharpness-aware minimisation.
 
@@ -295,11 +306,7 @@ class SAM(TwoPassOptimizer):
             torch._foreach_add_(steps, -1.0)  # mixed step counts: the general path below
         by_step = {}
         for i, p in enumerate(ps):
-            st = self.state[p]
-            if "step" not in st:
-                st["step"] = torch.tensor(0.0)
-                st["exp_avg"] = torch.zeros_like(p, dtype=opmath(p))
-                st["exp_avg_sq"] = torch.zeros_like(p, dtype=opmath(p))
+            st = _adam_state(self.state, p)
             st["step"] += 1
             by_step.setdefault(int(st["step"].item()), []).append(i)  # CPU scalar: no device sync
         beta1, beta2 = group["betas"]
@@ -324,11 +331,7 @@ class SAM(TwoPassOptimizer):
         have = self._state_lists(ps, "step", "exp_avg", "exp_avg_sq")
         if have is None or have[0][0].device != ps[0].device:
             for p in ps:
-                st = self.state[p]
-                if "step" not in st:
-                    st["step"] = torch.tensor(0.0)
-                    st["exp_avg"] = torch.zeros_like(p, dtype=opmath(p))
-                    st["exp_avg_sq"] = torch.zeros_like(p, dtype=opmath(p))
+                st = _adam_state(self.state, p)
                 st["step"] = st["step"].to(p.device, torch.float32)  # loaded on the CPU
             self._memos.clear()
             have = self._state_lists(ps, "step", "exp_avg", "exp_avg_sq")
