@@ -52,10 +52,23 @@ def worker(steps: int, threads: int) -> dict:
             if i >= 2:
                 times[nf].append(time.perf_counter() - t0)
     ratios = [a / b for a, b in zip(times["skip"], times["unchecked"])]
+    # the check's read alone, interleaved with the whole step's reduction for comparison:
+    # grad_sumsq (the check before nonfinite_flag existed) and nonfinite_flag where the tree has it
+    grads = [p.grad for p in params]
+    reads = {"grad_sumsq": lambda: samkernels.ops.grad_sumsq(grads, grads)}
+    if hasattr(samkernels.ops, "nonfinite_flag"):
+        reads["nonfinite_flag"] = lambda: samkernels.ops.nonfinite_flag(grads)
+    read_times = {k: [] for k in reads}
+    for _ in range(steps):
+        for k, fn in reads.items():
+            t0 = time.perf_counter()
+            fn()
+            read_times[k].append(time.perf_counter() - t0)
     return {"tensors": len(params), "numel": sum(p.numel() for p in params),
             "samkernels": os.path.dirname(os.path.dirname(samkernels.__file__)),
             **{nf: statistics.median(ts) * 1e3 for nf, ts in times.items()},
-            "ratio": statistics.median(ratios)}
+            "ratio": statistics.median(ratios),
+            "reads": {k: statistics.median(ts) * 1e3 for k, ts in read_times.items()}}
 
 
 def run_worker(tree: str, steps: int, threads: int) -> dict:
@@ -102,6 +115,12 @@ def main() -> None:
         s, u, q = col("skip"), col("unchecked"), col("ratio")
         print(f"| {name} | {s[0]:.2f} ({s[1]:.2f}-{s[2]:.2f}) | {u[0]:.2f} ({u[1]:.2f}-{u[2]:.2f}) "
               f"| {q[0]:.3f} ({q[1]:.3f}-{q[2]:.3f}) | {100 * (q[0] - 1):.1f} % |")
+    print("\nThe check's read alone (median ms of the per-round medians):\n")
+    print("| tree | op | ms |")
+    print("|---|---|---:|")
+    for name, rs in results.items():
+        for op in rs[0]["reads"]:
+            print(f"| {name} | `{op}` | {statistics.median(x['reads'][op] for x in rs):.3f} |")
     print(f"\nload average after {os.getloadavg()[0]:.2f}")
 
 

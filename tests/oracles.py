@@ -159,6 +159,24 @@ def case_grad_sumsq(dtype, path, gen):
     return Case(dict(params=p, grads=g, adaptive=path == "asam", eta=eta), {"return": _sumsq(t)})
 
 
+def case_nonfinite_flag(dtype, path, gen):
+    """1.0 iff some element is inf/NaN (plain Python's math.isfinite); the largest finite values
+    are finite (a check by squares in the gradient dtype overflows there)."""
+    g = rand(gen, dtype)
+    big = max(range(len(g)), key=lambda i: g[i].numel())
+    if path == "huge":
+        for t in g:
+            t.fill_(torch.finfo(dtype).max).neg_()
+    elif path == "inf":  # the last element of the last tensor: a chunk's tail
+        g[-1].view(-1)[-1] = math.inf
+    elif path == "neg-inf":
+        g[0].view(-1)[0] = -math.inf
+    elif path == "nan":
+        g[big].view(-1)[g[big].numel() // 2] = math.nan
+    bad = any(not math.isfinite(v) for t in g for v in t.double().flatten().tolist())
+    return Case(dict(grads=g), {"return": 1.0 if bad else 0.0})
+
+
 def case_sam_perturb_(dtype, path, gen):
     """e = rho T^2 g / (||T g|| + eps), T = |w| + eta (ASAM) or 1; w <- w + e; returns ||T g||."""
     p, g, b = rand(gen, dtype), rand(gen, dtype), rand(gen, dtype)
@@ -682,6 +700,7 @@ _STEPS = [str(s) for s in GOLDEN_STEPS]
 # op -> its code paths (each a Case builder argument); every op of PHASES must be here
 PATHS: Dict[str, tuple] = {
     "grad_sumsq": ("sam", "asam"),
+    "nonfinite_flag": ("finite", "huge", "inf", "neg-inf", "nan"),
     "sam_perturb_": ("sam", "asam-norm", "sam-finite", "sam-skip"),
     "sam_restore_sgd_": tuple(SGD_PATHS),
     "sam_restore_adam_": tuple(ADAM_PATHS),
@@ -716,6 +735,7 @@ SAMV_COEFFS = [1.25, -0.4, 0.003, -0.002, 1.0, -0.6]  # the samv restores' c0 ..
 # it in every dtype, the variants in one.  EMPTY passes an optional list (role state?) empty.
 CASES: Dict[str, List[dict]] = {
     "grad_sumsq": [dict(adaptive=True, eta=0.01), dict(adaptive=False, eta=0.0)],
+    "nonfinite_flag": [dict()],
     "sam_perturb_": [dict(grad_norm=None, rho=0.05, eps=1e-12, adaptive=True, eta=0.01),
                      dict(adaptive=False, eta=0.0), dict(grad_norm=2.5, adaptive=False, eta=0.0),
                      dict(grad_norm=2.5), dict(rho=0.0, adaptive=False, eta=0.0)],

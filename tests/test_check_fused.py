@@ -31,7 +31,7 @@ MAKERS = {
     "vsam": lambda ps, **kw: VariationalSAM(ps, lr=0.1, num_data=32, rho=0.05, momentum=0.9,
                                             **kw),
 }
-REDUCTIONS = ("grad_sumsq", "vsam_sumsq", "samv_dots")
+REDUCTIONS = ("grad_sumsq", "vsam_sumsq", "samv_dots", "nonfinite_flag")
 # the perturbations and their norm argument (None: the op reduces the gradients itself)
 PERTURBS = {"sam_perturb_": "grad_norm", "ebisam_perturb_": "grad_norm",
             "samv_perturb_": "norm", "vsam_perturb_": "sigma_norm"}
@@ -225,18 +225,22 @@ def test_asam_nonfinite_weight_with_finite_gradients_is_not_skipped(nonfinite):
         assert torch.equal(p, q)
 
 
-def test_float64_overflow_is_still_a_skip():
-    """float64 gradients whose squares overflow: the separate check (a float64 sum of squares)
-    skipped such a step; the norm-based check does too."""
-    ps = _params(dtype=torch.float64)
-    for p in ps:
-        p.grad.fill_(1e200)
-    opt = SAM(ps, lr=0.1)
-    before = [p.detach().clone() for p in ps]
-    opt.first_step()
-    opt.second_step()
-    assert opt.step_skipped
-    assert all(torch.equal(b, p) for b, p in zip(before, ps))
+@pytest.mark.parametrize("nonfinite", ["skip", "raise"])
+def test_float64_overflow_of_finite_gradients_is_not_a_skip(nonfinite):
+    """float64 gradients whose squares overflow are finite: skip and raise, which decide on the
+    gradients alone, take the step as unchecked does (the ascent's norm is inf, so e = 0)."""
+    runs = []
+    for policy in (nonfinite, "unchecked"):
+        ps = _params(dtype=torch.float64)
+        for p in ps:
+            p.grad.fill_(1e200)
+        opt = SAM(ps, lr=0.1, momentum=0.9, nonfinite=policy)
+        opt.first_step()
+        opt.second_step()
+        assert not opt.step_skipped
+        runs.append(ps)
+    for p, q in zip(*runs):
+        assert torch.equal(p, q)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
@@ -251,8 +255,8 @@ def test_every_backend(backend):
 @pytest.mark.parametrize("name", ["sam", "gsam", "looksam", "wsam", "friendlysam"])
 def test_descent_check_reads_the_gradients_once(monkeypatch, name, nonfinite):
     """The second pass: GSAM's and LookSAM's update reduces <g, g> over every group (samv_dots,
-    one per group), which is then also the check (no grad_sumsq); the others, whose update takes
-    no norm, check with one grad_sumsq per device (none when unchecked)."""
+    one per group), which is then also the check (no other read); the others, whose update takes
+    no norm, check with one nonfinite_flag per device (none when unchecked)."""
     ps = _params()
     opt = MAKERS[name](_groups(ps, 2), nonfinite=nonfinite)
     rec = Recorder(monkeypatch)
@@ -270,7 +274,7 @@ def test_descent_check_reads_the_gradients_once(monkeypatch, name, nonfinite):
         if name in ("gsam", "looksam"):
             assert rec.reductions == ["samv_dots", "samv_dots"]
         else:
-            assert rec.reductions == ([] if nonfinite == "unchecked" else ["grad_sumsq"])
+            assert rec.reductions == ([] if nonfinite == "unchecked" else ["nonfinite_flag"])
 
 
 @pytest.mark.parametrize("nonfinite", CHECKED)

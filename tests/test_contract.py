@@ -120,6 +120,12 @@ def check_return(op, args, got, want):
         assert got.device.type == (lead[0].device.type if lead else "cpu")
         torch.testing.assert_close(got.cpu(), want.cpu(), rtol=1e-12, atol=1e-300)
         return
+    if op.result == "flag":  # nonfinite_flag: a 0-dim float32 0.0 / 1.0 on the lists' device
+        lead = args[0]
+        assert isinstance(got, torch.Tensor) and got.dim() == 0 and got.dtype == F32, got
+        assert got.device.type == (lead[0].device.type if lead else "cpu")
+        assert same_bits(got.cpu(), want.cpu()), (got, want)
+        return
     if op.result != "norm":
         assert got is None, f"{op.name} returned {got!r}"
         return
@@ -251,6 +257,37 @@ def test_found_inf_skip_form(name, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lists", ["hard", "big"])
+def test_nonfinite_flag_sees_every_placement(lists, backend):
+    """nonfinite_flag, the optimizers' check: 1.0 for one inf, -inf or NaN anywhere (first or
+    last element of each tensor, whatever its dtype or layout, across chunk borders), 0.0 for
+    finite lists, the largest finite values included."""
+    spec = HARD if lists == "hard" else LISTS["big"]
+    device = DEVICE.get(backend, "cpu")
+    op = PHASES["nonfinite_flag"]
+
+    def flag(grads):
+        out = ops.nonfinite_flag(grads, backend=backend)
+        assert out.dim() == 0 and out.dtype == F32 and out.device.type == device
+        return out.item()
+
+    grads, = op_args(op, {}, spec, 7, device)
+    assert flag(grads) == 0.0
+    for j, t in enumerate(grads):
+        if t.numel() == 0:
+            continue
+        for k, bad in ((0, float("inf")), (t.numel() - 1, float("nan")),
+                       (t.numel() // 2, float("-inf"))):
+            where = tuple(torch.unravel_index(torch.tensor(k), t.shape))
+            old = t[where].clone()
+            t[where] = bad
+            assert flag(grads) == 1.0, (j, tuple(t.shape), t.dtype, k, bad)
+            t[where] = old
+        t[where] = torch.finfo(t.dtype).max
+    assert flag(grads) == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("flag", [torch.tensor(1.), torch.tensor([float("inf")]),
                                   torch.tensor(float("nan")), torch.tensor(True),
                                   torch.tensor([2.0], dtype=F64)],
@@ -288,8 +325,10 @@ def _spoiled(name, kind, device):
     raise AssertionError(kind)
 
 
+# (an op of one list, nonfinite_flag, takes any lengths, sizes and float dtypes)
 SHARED_ERRORS = [(n, k) for n, op in PHASES.items()
-                 for k in ["length", "device"] + (["param_ids"] if op.takes_ids else [])]
+                 for k in (["length"] if len(op.lists) > 1 else []) + ["device"] +
+                 (["param_ids"] if op.takes_ids else [])]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -300,7 +339,8 @@ def test_shared_argument_errors(name, kind, backend):
     _raises(name, kind, backend, direct=kind != "length")
 
 
-TENSOR_ERRORS = [(n, k) for n in PHASES for k in ("numel", "dtype")]
+TENSOR_ERRORS = [(n, k) for n, op in PHASES.items() if len(op.lists) > 1
+                 for k in ("numel", "dtype")]
 
 
 @pytest.mark.parametrize("backend", COMPILED)
@@ -369,6 +409,8 @@ def test_opcheck_and_fake(name):
         assert out.shape == () and out.dtype == F64
     elif op.result == "dots":
         assert out.shape == (3,) and out.dtype == F64
+    elif op.result == "flag":
+        assert out.shape == () and out.dtype == F32
     else:
         assert out is None
 

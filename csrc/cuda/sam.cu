@@ -26,6 +26,15 @@ struct SumsqTerm : TermOf<P, P, P> {
   }
 };
 
+// nonfinite_flag's summand g - g: +0 for every finite g, NaN for inf and NaN (IEEE: nvcc keeps
+// it, no fast math).  Lists: 1 grads (list 0 is not read).
+template <typename P>
+struct NonfiniteTerm : TermOf<P, P, P> {
+  using M = opmath_t<P>;
+  static NonfiniteTerm make() { return {{2u}}; }
+  __device__ __forceinline__ M operator()(M, M g) const { return g - g; }
+};
+
 // Lists: 0 params, 1 grads, 2 backups.
 template <typename M>
 struct SamPerturbLists : ListsOf<math::SamPerturb<M>, 3, 3, Noise::kNone, /*Scaled=*/true> {
@@ -64,6 +73,15 @@ __global__ void __launch_bounds__(kBlockSize)
   if (threadIdx.x == 0) *out = take_sqrt ? sqrt(acc) : acc;
 }
 
+// nonfinite_flag's stage 2: one block; a NaN partial marks a non-finite chunk.
+__global__ void __launch_bounds__(kBlockSize)
+    flag_partials_kernel(const double* __restrict__ partials, int64_t n, float* flag) {
+  int bad = 0;
+  for (int64_t i = threadIdx.x; i < n; i += kBlockSize) bad |= partials[i] != partials[i];
+  bad = __syncthreads_or(bad);
+  if (threadIdx.x == 0) *flag = bad ? 1.0f : 0.0f;
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -77,6 +95,17 @@ cudaError_t launch_grad_sumsq_partials(const Group& g, double* partials, int64_t
 cudaError_t launch_reduce_partials(const double* partials, int64_t n, bool take_sqrt, double* out,
                                    cudaStream_t stream) {
   reduce_partials_kernel<<<1, kBlockSize, 0, stream>>>(partials, n, take_sqrt, out);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_nonfinite_partials(const Group& g, double* partials, int64_t first_block,
+                                      cudaStream_t stream) {
+  return launch_partials<NonfiniteTerm>(g, partials, first_block, stream);
+}
+
+cudaError_t launch_flag_partials(const double* partials, int64_t n, float* flag,
+                                 cudaStream_t stream) {
+  flag_partials_kernel<<<1, kBlockSize, 0, stream>>>(partials, n, flag);
   return cudaGetLastError();
 }
 

@@ -23,6 +23,10 @@ std::vector<ListArg> grad_sumsq_lists(at::TensorList params, at::TensorList grad
   return {{"params", params, kP}, {"grads", grads, kP}};
 }
 
+std::vector<ListArg> nonfinite_flag_lists(at::TensorList grads) {
+  return {{"grads", grads, kP}};
+}
+
 std::vector<ListArg> sam_perturb_lists(at::TensorList params, at::TensorList grads,
                                        at::TensorList backups) {
   return {{"params", params, kP, W}, {"grads", grads, kP}, {"backups", backups, kP, W}};
@@ -54,6 +58,13 @@ at::Tensor grad_sumsq(at::TensorList params, at::TensorList grads, bool adaptive
   return norm_tensor(pl.sum([&](const auto& v) { return chunk_sumsq(v, 0, 1, adaptive, eta); }));
 }
 TORCH_LIBRARY_IMPL(samkernels, CPU, m) { m.impl("grad_sumsq", &grad_sumsq); }
+
+at::Tensor nonfinite_flag(at::TensorList grads) {
+  PhaseLists pl("nonfinite_flag", nonfinite_flag_lists(grads));
+  const double s = pl.sum([&](const auto& v) { return chunk_nonfinite(v, 0); });
+  return at::scalar_tensor(std::isnan(s) ? 1.0 : 0.0, at::TensorOptions().dtype(at::kFloat));
+}
+TORCH_LIBRARY_IMPL(samkernels, CPU, m) { m.impl("nonfinite_flag", &nonfinite_flag); }
 
 at::Tensor sam_perturb(at::TensorList params, at::TensorList grads, at::TensorList backups,
                        const c10::optional<at::Tensor>& grad_norm, double rho, double eps,
@@ -153,6 +164,14 @@ namespace cuda {
 
 // Launch functions of cuda/sam.cu (grad_sumsq's two stages: cuda/launch.h).
 
+// nonfinite_flag stage 1: one float64 partial per chunk of list 1 (the grads), the sum of
+// (g - g): 0 iff the chunk is finite, NaN otherwise.  Stage 2: *flag = 1.0f if one of
+// partials[0 .. n) is NaN, else 0.0f.
+cudaError_t launch_nonfinite_partials(const Group& g, double* partials, int64_t first_block,
+                                      cudaStream_t stream);
+cudaError_t launch_flag_partials(const double* partials, int64_t n, float* flag,
+                                 cudaStream_t stream);
+
 // sam_perturb_ given the norm in device memory (*norm, float64).  Lists: 0 params, 1 grads,
 // 2 backups.
 cudaError_t launch_sam_perturb(const Group& g, const double* norm, double rho, double eps,
@@ -182,6 +201,24 @@ Tensor grad_sumsq_cuda(TensorList params, TensorList grads, bool adaptive, doubl
   });
 }
 TORCH_LIBRARY_IMPL(samkernels, CUDA, m) { m.impl("grad_sumsq", &grad_sumsq_cuda); }
+
+Tensor nonfinite_flag_cuda(TensorList grads) {
+  PhaseLists pl("samkernels::nonfinite_flag", nonfinite_flag_lists(grads));
+  if (pl.empty()) return at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(at::kCUDA));
+  const Tensor partials = at::empty({pl.chunks()}, pl.base()[0].options().dtype(at::kDouble));
+  Tensor flag = at::empty({}, pl.base()[0].options().dtype(at::kFloat));
+  int64_t first = 0;
+  for (const Group& g : pl.groups()) {
+    // the partials kernel reads its list 1 (list 0, unread, aliases it)
+    SK_CHECK_LAUNCH(launch_nonfinite_partials(remap_lists(g, {0, 0}), partials.data_ptr<double>(),
+                                              first, pl.stream));
+    first += count_chunks(g.numel, g.count);
+  }
+  SK_CHECK_LAUNCH(launch_flag_partials(partials.data_ptr<double>(), pl.chunks(),
+                                       flag.data_ptr<float>(), pl.stream));
+  return flag;
+}
+TORCH_LIBRARY_IMPL(samkernels, CUDA, m) { m.impl("nonfinite_flag", &nonfinite_flag_cuda); }
 
 Tensor sam_perturb_cuda(TensorList params, TensorList grads, TensorList backups,
                         const std::optional<Tensor>& grad_norm, double rho, double eps,

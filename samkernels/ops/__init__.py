@@ -218,7 +218,8 @@ def _docstring(op: OpSpec) -> str:
     spec = getattr(reference, op.name).__doc__ or ""
     writes = ", ".join(op.written) or "nothing"
     returns = "a 0-dim float64 norm" if op.result == "norm" else \
-        "a float64 tensor of 3 dot products" if op.result == "dots" else (
+        "a float64 tensor of 3 dot products" if op.result == "dots" else \
+        "a 0-dim float32 flag" if op.result == "flag" else (
         "None" if op.returns == "()" else op.returns)
     return (f"{spec.strip()}\n\nFused: writes {writes} in place; returns {returns}.  ``backend`` "
             f"forces a backend (reference | cpu | triton | cuda); the semantics are "

@@ -46,6 +46,8 @@ def generic_fake(op: OpSpec, name: str) -> Callable:
             return torch.empty((), dtype=torch.float64, device=device)
         if op.result == "dots":
             return torch.empty(3, dtype=torch.float64, device=device)
+        if op.result == "flag":
+            return torch.empty((), dtype=torch.float32, device=device)
         return None
     fake.__name__ = f"fake_{name}"
     return fake

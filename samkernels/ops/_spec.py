@@ -53,7 +53,8 @@ class OpSpec:
     reference: str               # "module:function" of the float64 executable spec (the
                                  # function the row is declared on)
     # "norm": a 0-dim float64 norm (returned as given when passed in: sam_perturb_ & co.);
-    # "dots": a float64 tensor of 3 dot products (samv_dots)
+    # "dots": a float64 tensor of 3 dot products (samv_dots); "flag": a 0-dim float32 0.0 / 1.0
+    # (nonfinite_flag)
     result: Optional[str] = None
     doc: str = ""
     notes: Tuple[str, ...] = field(default_factory=tuple)

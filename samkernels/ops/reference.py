@@ -161,6 +161,19 @@ def grad_sumsq(params: Sequence[Tensor], grads: Sequence[Tensor], adaptive: bool
     return total
 
 
+@op("sam", L("grads", "grad"), returns="Tensor", result="flag")
+def nonfinite_flag(grads: Sequence[Tensor]) -> Tensor:
+    """1.0 if some element of ``grads`` is inf or NaN, else 0.0 (also for no tensors): a 0-dim
+    float32 tensor on their device, the ``found_inf`` flag the gradient phases take.  The inf/NaN
+    check of the optimizers' passes that take no norm (README "Non-finite gradients"): one read of
+    the gradients in their own dtype, where ``grad_sumsq`` squares them in float64."""
+    flag = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else None)
+    for g in grads:
+        if not bool(torch.isfinite(g).all()):
+            flag.fill_(1.0)
+    return flag
+
+
 @op("sam", PERTURBED, Arg("grad_norm", OPT_TENSOR), floats("rho", "eps"), Arg("adaptive", BOOL),
     Arg("eta", FLOAT), FOUND_INF, returns="Tensor", result="norm")
 def sam_perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],

@@ -748,7 +748,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         inf or NaN (0 * inf is NaN), so the norm is finite exactly when the gradients are.  (A
         non-finite weight under ASAM, Sigma under VSAM or float64 overflow can make it
         non-finite too; skip and raise then take the exact flag of ``_grads_ok``, a second read
-        only on that rare path.)  With a GradScaler, or no norm (``norm_of`` None), the check
+        only on that rare path: they skip exactly when a gradient is inf/NaN.)  With a GradScaler, or no norm (``norm_of`` None), the check
         is ``_grads_ok``'s own read."""
         if norm_of is None or not ps or self.nonfinite == "unchecked" or (
                 scaler is not None and scaler.is_enabled()):
@@ -1222,14 +1222,14 @@ def _by_device(ts: List[Tensor]) -> List[List[Tensor]]:
 def _nonfinite_flag(grads: Optional[List[Tensor]], by_device=None) -> Tensor:
     """A one-element float32 tensor on the first gradient's device: > 0 iff some entry is inf/NaN.
 
-    One fused multi-tensor reduction per device (our ``grad_sumsq``: squares summed in float64,
-    so finite fp32/bf16/fp16 gradients can never overflow it); nothing is read back here.  (PyTorch's
-    ``_amp_foreach_non_finite_check_and_unscale_`` does the same job but is ~20x slower on the CPU.)
+    One fused multi-tensor read per device (our ``nonfinite_flag``, in the gradients' own dtype:
+    exactly "some element is inf/NaN", no sum that could overflow); nothing is read back here.
+    (PyTorch's ``_amp_foreach_non_finite_check_and_unscale_`` does the same job but is ~20x
+    slower on the CPU.)
     """
     by_device = _by_device(grads) if by_device is None else by_device  # (or given: the plan's)
     first = by_device[0][0].device
-    flags = [(~torch.isfinite(ops.grad_sumsq(gs, gs, False, 0.0))).float().reshape(1).to(first)
-             for gs in by_device]
+    flags = [ops.nonfinite_flag(gs).reshape(1).to(first) for gs in by_device]
     return flags[0] if len(flags) == 1 else torch.stack(flags).sum(0)
 
 

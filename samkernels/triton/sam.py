@@ -5,6 +5,7 @@ grad_sumsq, sam_perturb_, sam_restore_sgd_, sam_restore_adam_), on the skeleton 
 Launches per phase (G = number of dtype groups, usually 1):
   grad_sumsq          G partial-sum launches + one torch ``sum`` over the partials (no atomics);
                       float64 throughout, a 0-dim float64 result (as every backend)
+  nonfinite_flag      G partial-count launches + the sum, compared with 0 (a float32 flag)
   sam_perturb_        grad_sumsq + sqrt when grad_norm is None, then G apply launches
   sam_restore_sgd_    G launches   (reads backup, g, [buf]; writes w, [buf])
   sam_restore_adam_   G launches   (reads backup, g, m, v; writes w, m, v)
@@ -17,6 +18,7 @@ taken on the device: the host never reads the flag.
 """
 from typing import List, Optional
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -66,6 +68,36 @@ def grad_sumsq(params: List[Tensor], grads: List[Tensor], adaptive: bool, eta: f
 
 
 # --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------
+# nonfinite_flag: 1.0 if some gradient element is inf or NaN
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _nonfinite_body(base, n, ptrs, args, OPT: tl.constexpr, MATH: tl.constexpr,
+                    BLOCK: tl.constexpr, MASKED: tl.constexpr):
+    g, = ptrs
+    # widened (exactly: MATH is float64 here) before comparing: the interpreter compares bf16
+    # by its bits, where a NaN equals itself; masked lanes load 0, a finite value
+    x = load(g, tl.arange(0, BLOCK) + base, n, MASKED).to(MATH)
+    bad = (x != x) | (tl.abs(x) == float("inf"))
+    return tl.where(bad, 1.0, 0.0).to(MATH)
+
+
+@triton.jit
+def _nonfinite_kernel(work, numel, g_tab, partials, G_DT: tl.constexpr, ALIGNED: tl.constexpr,
+                      MATH: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    _, start, n, ptrs = chunk_ptrs(work, numel, (g_tab,), (G_DT,), ALIGNED)
+    # the partial counts the chunk's non-finite elements (exact in float64)
+    tl.store(partials + tl.program_id(0), chunk_sum(_nonfinite_body, start, n, ptrs, (), (),
+                                                    BLOCK, CHUNK))
+
+
+def nonfinite_flag(grads: List[Tensor]) -> Tensor:
+    """A 0-dim float32 1.0 / 0.0: the count of non-finite elements (partials summed in float64)
+    compared with 0."""
+    count = mt.launch(OPS["nonfinite_flag"], _nonfinite_kernel, [grads], sums=True)
+    return (count > 0).to(torch.float32)
+
+
 # sam_perturb_: backup <- w;  w <- w + e,  e = rho g / (||g|| + eps)  or  rho T^2 g / (||Tg|| + eps)
 # --------------------------------------------------------------------------------------------
 @triton.jit
