@@ -8,6 +8,7 @@ Rounds are interleaved (every implementation once per round, the order rotating)
 rounds of the per-round ratios (baseline / fused).
 
     python bench/bench_tiny.py --tensors 2000 --rounds 7 --steps 5
+    python bench/bench_tiny.py --in-process    # every optimizer in one process (order effects)
     python bench/bench_tiny.py --profile sam      # where a fused step's time goes (cProfile)
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import cProfile
 import os
 import pstats
 import statistics
+import subprocess
 import sys
 import time
 
@@ -43,9 +45,25 @@ def timed(step, steps: int, clock) -> float:
     return (clock() - t0) / steps
 
 
-def bench(algos, n: int, rounds: int, steps: int, clock) -> None:
-    print("| optimizer | fused ms | foreach ms | loop ms | foreach / fused | loop / fused |")
-    print("|---|---:|---:|---:|---:|---:|")
+HEADER = ("| optimizer | fused ms | foreach ms | loop ms | foreach / fused | loop / fused |\n"
+          "|---|---:|---:|---:|---:|---:|")
+
+
+def isolated(algos, argv) -> None:
+    """Each optimizer in a fresh process: in one process, whichever optimizer is benchmarked
+    later measures slower (its 2,000 tensors allocated among the freed ones of the earlier
+    optimizers: every implementation's per-tensor host work, fused or not, slows by 10-50 %)."""
+    print(HEADER, flush=True)
+    for algo in algos:
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--algos", algo,
+                              "--in-process", "--rows-only"], check=True, capture_output=True,
+                             text=True)
+        print(out.stdout.strip(), flush=True)
+
+
+def bench(algos, n: int, rounds: int, steps: int, clock, header: bool = True) -> None:
+    if header:
+        print(HEADER)
     for algo in algos:
         impls = [i for i in IMPLS if i in cases.IMPLS[algo]]
         steps_of = {i: build(algo, i, n) for i in impls}
@@ -85,17 +103,30 @@ def main() -> None:
     ap.add_argument("--clock", choices=("process", "wall"), default="process",
                     help="process: CPU time of this process (robust on a shared machine)")
     ap.add_argument("--profile", metavar="ALGO", help="cProfile the fused step of ALGO instead")
-    args = ap.parse_args()
+    ap.add_argument("--in-process", action="store_true",
+                    help="every optimizer in this process (default: one fresh process each)")
+    ap.add_argument("--rows-only", action="store_true", help=argparse.SUPPRESS)
+    args, argv = ap.parse_args(), [a for a in sys.argv[1:]]
+    if "--algos" in argv:  # the workers get their own
+        k = argv.index("--algos")
+        del argv[k:k + 2]
+    argv = [a for a in argv if not a.startswith("--algos=")]
     torch.set_num_threads(args.threads)
     if args.profile:
         return profile(args.profile, args.tensors, args.steps)
     clock = time.process_time if args.clock == "process" else time.perf_counter
+    if args.rows_only:
+        return bench(args.algos.split(","), args.tensors, args.rounds, args.steps, clock, False)
     print(f"date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; torch {torch.__version__}; "
           f"threads {args.threads}; {os.cpu_count()} CPUs; {args.clock} time; "
           f"load average before {os.getloadavg()[0]:.2f}")
     print(f"{args.tensors} tiny tensors (1-7 elements), CPU backend, nonfinite='skip'; "
-          f"{args.rounds} interleaved rounds of {args.steps} steps; medians over rounds\n")
-    bench(args.algos.split(","), args.tensors, args.rounds, args.steps, clock)
+          f"{args.rounds} interleaved rounds of {args.steps} steps; medians over rounds; "
+          f"{'one process' if args.in_process else 'a fresh process per optimizer'}\n")
+    if args.in_process:
+        bench(args.algos.split(","), args.tensors, args.rounds, args.steps, clock)
+    else:
+        isolated(args.algos.split(","), argv)
     print(f"\nload average after {os.getloadavg()[0]:.2f}")
 
 
