@@ -10,14 +10,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_rows_from_one_process_per_optimizer():
     out = subprocess.run([sys.executable, os.path.join(REPO, "bench", "bench_tiny.py"),
-                          "--tensors", "12", "--rounds", "2", "--steps", "1",
-                          "--algos", "sam,ivon"], check=True, capture_output=True, text=True,
+                          "--tensors", "40", "--rounds", "1", "--steps", "1",
+                          "--algos", "sam"], check=True, capture_output=True, text=True,
                          env=dict(os.environ, PYTHONPATH=REPO), timeout=300).stdout
     assert "a fresh process per optimizer" in out
     rows = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line]
-    assert rows[0].startswith("| optimizer |") and len(rows) == 3, out
+    assert rows[0].startswith("| optimizer |") and len(rows) == 2, out
     num = r"(\d+\.\d\d)"
-    for algo, row in zip(("sam", "ivon"), rows[1:]):
-        m = re.fullmatch(rf"\| {algo} \| {num} \| {num} \| {num} \| {num} \| {num} \|", row)
-        assert m, row
-        assert all(float(x) > 0 for x in m.groups()), row
+    m = re.fullmatch(rf"\| sam \| {num} \| {num} \| {num} \| {num} \| {num} \|", rows[1])
+    assert m, rows[1]
+    assert all(float(x) > 0 for x in m.groups()), rows[1]
