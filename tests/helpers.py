@@ -237,8 +237,14 @@ def hard_tensor(shape, dtype, layout, gen, device="cpu", positive=False) -> torc
 
 
 def param_ids(n: int) -> List[int]:
-    """Distinct ids, some above 2^32 (only the low 32 bits key the noise)."""
-    return [7 * i + 3 + (2 ** 32 if i % 3 == 0 else 0) for i in range(n)]
+    """Distinct int64 ids, most with a high word (docs/spec.md "Noise": the tensor is then a part
+    of its parameter starting at that Philox block), one of them 2^32 - 1 (the block counter
+    wraps), so negative as an int64."""
+    out = []
+    for i in range(n):
+        v = (0, 1, 2 ** 32 - 1, 12345)[i % 4] << 32 | (7 * i + 3)
+        out.append(v - 2 ** 64 if v >= 2 ** 63 else v)
+    return out
 
 
 def op_args(op, case: dict, spec, seed: int = 0, device="cpu") -> list:

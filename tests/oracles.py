@@ -51,11 +51,13 @@ KAT = [((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
 
 
 def _words(seed: int, step: int, pid: int, numel: int) -> List[int]:
-    """docs/spec.md "Noise": element i is word i % 4 of Philox(counter (i // 4, pid, step_lo,
-    step_hi), key (seed_lo, seed_hi))."""
+    """docs/spec.md "Noise": element i is word i % 4 of Philox(counter (first + i // 4 mod 2^32,
+    pid's low 32 bits, step_lo, step_hi), key (seed_lo, seed_hi)), first = pid's high 32 bits
+    (the tensor is a part of its parameter starting at element 4 first)."""
+    first = (pid >> 32) & MASK
     out = []
     for q in range((numel + 3) // 4):
-        out += philox4x32_10((q, pid & MASK, step & MASK, (step >> 32) & MASK),
+        out += philox4x32_10(((first + q) & MASK, pid & MASK, step & MASK, (step >> 32) & MASK),
                              (seed & MASK, (seed >> 32) & MASK))
     return out[:numel]
 
@@ -87,7 +89,9 @@ SEED = (0x1234567 << 32) | 0x9ABCDEF  # a key with both words set
 
 # --- inputs ------------------------------------------------------------------------------------
 SHAPES = [(7,), (2, 3)]  # 13 elements: several Philox blocks, a partial one
-IDS = [5, 2 ** 31 + 3]
+# the second tensor starts at Philox block 2^32 - 1 of its parameter (int64 -2^32 + ...): its
+# block counter wraps to 0 after its first four elements
+IDS = [5, ((2 ** 32 - 1) << 32 | 2 ** 31 + 3) - 2 ** 64]
 
 
 # fp32 tolerances: REL for state whose size says nothing (exp_avg_sq ~ 1e-3, small precisions):

@@ -65,22 +65,28 @@ CASES.update({"sam-phases": ("sam", "phases", -1),
 CASES.update({"nan-bsam": ("bsam", "closure", 1)})
 # a parameter with a gradient in the first pass and none in the second: restored from its backup
 CASES.update({"dropgrad-sam": ("sam", "dropgrad", -1), "dropgrad-bsam": ("bsam", "dropgrad", -1)})
+# the noisy optimizers on a model whose every shard starts at a whole Philox block (ALIGNED), with
+# the cpu backend named: a fall-back to the reference would raise
+CASES.update({f"fused-{name}": (name, "fused", -1) for name in NOISY})
 CHECKPOINTED = ("sam-adam", "vsam", "bsam", "mfvi")  # resumed through torch.distributed.checkpoint
 
 
 
-def model_and_data():
+def model_and_data(aligned=False):
+    """Uneven shards, some starting inside a Philox block (Linear(7, 3)'s weight: rank 1 at
+    element 14, its bias at 2), or (``aligned``) every shard at a multiple of 4 elements."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(),
-                                torch.nn.Linear(7, 3)).double()
+    hidden, out = (8, 8) if aligned else (7, 3)
+    model = torch.nn.Sequential(torch.nn.Linear(5, hidden), torch.nn.Tanh(),
+                                torch.nn.Linear(hidden, out)).double()
     g = torch.Generator().manual_seed(1)
     return (model, torch.randn(BATCH, 5, generator=g, dtype=torch.float64),
             torch.randint(0, 3, (BATCH,), generator=g))
 
 
-def sharded_model():
+def sharded_model(aligned=False):
     from torch.distributed.fsdp import fully_shard
-    model, x, y = model_and_data()
+    model, x, y = model_and_data(aligned)
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer)
@@ -111,7 +117,14 @@ def drive(opt, model, x, y, mode, steps, poison=lambda: None):
 
 
 def _run_case(rank, name, mode, poison_step):
-    model, x, y = sharded_model()
+    if mode == "fused":
+        with sk_backend("cpu"), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = _run_case(rank, name, "aligned", poison_step)
+        out["warnings"] = [str(w.message) for w in caught if w.category is RuntimeWarning]
+        return out
+    model, x, y = sharded_model(mode == "aligned")
+    mode = "closure" if mode == "aligned" else mode
     if mode == "device":
         opt = sk.SAM(model.parameters(), lr=0.1, rho=0.1, momentum=0.9, weight_decay=1e-3,
                      nonfinite="skip_on_device")
@@ -173,8 +186,9 @@ def _run_checkpointed(rank, name, out_dir):
 
 
 def _fused_refuses_shards(rank):
-    """Noise on shards: the automatic choice runs it on the reference (one warning); a fused
-    backend asked for by name raises on every rank (rank 0's shards start at element 0 too)."""
+    """Noise on shards of which one starts inside a Philox block (rank 1's part of Linear(7, 3)):
+    the automatic choice runs it on the reference (one warning); a fused backend asked for by
+    name raises, on every rank (the layout decides, not the rank's own offsets)."""
     model, x, y = sharded_model()
     opt = NOISY["bsam"](model.parameters())
     before = [p.full_tensor() for p in model.parameters()]
@@ -222,7 +236,8 @@ def fsdp_runs():
 
 def unsharded(name, mode="closure", skip_step=None, with_posterior=False):
     """The reference: one process (default backend), the whole batch, ``skip_step`` left out."""
-    model, x, y = model_and_data()
+    model, x, y = model_and_data(mode == "fused")
+    mode = "closure" if mode == "fused" else mode
     opt = MAKERS[name](model.parameters())
     for t in range(STEPS):
         if t != skip_step:
@@ -243,6 +258,8 @@ def test_fsdp_equals_unsharded_full_batch(fsdp_runs, case):
     for r in fsdp_runs[case]:
         assert r["skipped"] == [False] * STEPS
         _close(r["params"], want)
+        if mode == "fused":  # the noise of every shard drawn by the cpu kernels
+            assert r["warnings"] == []
 
 
 @pytest.mark.parametrize("name", POSTERIORS)
@@ -282,14 +299,17 @@ def test_shard_noise_runs_on_the_reference(fsdp_runs):
 @pytest.mark.parametrize("start", [0, 1, 6, 2 ** 34 + 3])
 def test_reference_noise_from_a_shard_start(start):
     """A ``ShardId`` draws the whole parameter's numbers from its start on (normals and E-BiSAM's
-    uniforms); its counter word is the id's low 32 bits, as a plain id's."""
+    uniforms); its counter word is the id's low 32 bits and the id's high word, as a plain id's,
+    moves its first element by 4 per unit (docs/spec.md "Noise")."""
     from samkernels.ops import reference as R
     seed, step, pid, n = 2 ** 40 + 17, 5, 2 ** 32 + 3, 23
     for draw in (R.philox_normal, R.philox_uniform):
         got = draw(seed, step, R.ShardId(pid, start), n)
         if start < 1000:
             assert torch.equal(got, draw(seed, step, pid, start + n)[start:])
-    i = torch.arange(start, start + n)  # far out: the counter's own words, i // 4 over 32 bits
+            assert torch.equal(got, draw(seed, step, 3, 4 + start + n)[4 + start:])
+    first = 4 + start  # high word 1
+    i = torch.arange(first, first + n)  # far out: the counter's own words, i // 4 over 32 bits
     x = R.philox4x32(i >> 2 & 0xFFFFFFFF, torch.full_like(i, 3), torch.full_like(i, step),
                      torch.zeros_like(i), seed & 0xFFFFFFFF, seed >> 32)
     assert torch.equal(R._uniform(torch.stack(x).gather(0, (i & 3)[None])[0], torch.float64), got)

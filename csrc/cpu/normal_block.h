@@ -193,23 +193,34 @@ inline void sqrt_inplace(double* x, int n) {
   for (int k = 0; k < n; ++k) x[k] = std::sqrt(x[k]);
 }
 
-// Standard normals of elements [begin, end) of parameter `pid` (begin a multiple of 4), handed
-// out in runs: f(q, len, z) with z[k] the normal of element q + k, k < len.  fp32 opmath takes the
-// vectorized blocks above (runs of kBlockElems); double keeps philox_normal4's exact path (runs of
-// one quad).  The one loop every CPU noise kernel uses.
+// A tensor's Philox key from its 64-bit param id (docs/spec.md "Noise"): the parameter word (low
+// 32 bits) and the tensor's first block in its parameter's stream (high 32 bits: a shard that
+// starts at element 4 * first).  Block counters wrap at 2^32, as philox.h's words do.
+struct NoiseKey {
+  uint32_t pid;
+  uint64_t first;
+  explicit NoiseKey(int64_t param_id)
+      : pid(static_cast<uint32_t>(param_id)), first(static_cast<uint64_t>(param_id) >> 32) {}
+};
+
+// Standard normals of elements [begin, end) of the tensor keyed `key` (begin a multiple of 4),
+// handed out in runs: f(q, len, z) with z[k] the normal of element q + k, k < len.  fp32 opmath
+// takes the vectorized blocks above (runs of kBlockElems); double keeps philox_normal4's exact
+// path (runs of one quad).  The one loop every CPU noise kernel uses.
 template <typename T, typename F>
-inline void for_each_normal_run(uint64_t seed, uint64_t step, uint32_t pid, int64_t begin,
+inline void for_each_normal_run(uint64_t seed, uint64_t step, NoiseKey key, int64_t begin,
                                 int64_t end, F&& f) {
   if constexpr (std::is_same<T, float>::value) {
     alignas(16) float z[kBlockElems];
     for (int64_t q = begin; q < end; q += kBlockElems) {
-      normal_block(seed, step, pid, static_cast<uint64_t>(q >> 2), z, block_quads(end - q));
+      normal_block(seed, step, key.pid, key.first + static_cast<uint64_t>(q >> 2), z,
+                   block_quads(end - q));
       f(q, static_cast<int>(std::min<int64_t>(end - q, kBlockElems)), static_cast<const T*>(z));
     }
   } else {
     for (int64_t q = begin; q < end; q += 4) {
       T z[4];
-      philox_normal4<T>(seed, step, pid, static_cast<uint64_t>(q >> 2), z);
+      philox_normal4<T>(seed, step, key.pid, key.first + static_cast<uint64_t>(q >> 2), z);
       f(q, static_cast<int>(std::min<int64_t>(end - q, 4)), static_cast<const T*>(z));
     }
   }
@@ -223,7 +234,7 @@ inline void for_each_normal(const V& v, int64_t seed, int64_t step, at::IntArray
                             F&& f) {
   using opmath_t = typename V::opmath_t;
   for_each_normal_run<opmath_t>(static_cast<uint64_t>(seed), static_cast<uint64_t>(step),
-                                static_cast<uint32_t>(param_ids[v.tensor]), v.begin, v.end,
+                                NoiseKey(param_ids[v.tensor]), v.begin, v.end,
                                 [&](int64_t q, int len, const opmath_t* z) {
                                   for (int k = 0; k < len; ++k) f(q + k, z[k]);
                                 });

@@ -215,7 +215,7 @@ class PhaseLists {
       for (size_t l = 0; l < args_.size(); ++l)
         if (present(l)) slot.ptrs[l].push_back(work_[l][i].data_ptr());
       if (!ids.empty())
-        slot.tags.push_back(static_cast<uint32_t>(static_cast<uint64_t>(ids[i]) & 0xFFFFFFFFu));
+        slot.tags.push_back(static_cast<uint64_t>(ids[i]));  // both words: docs/spec.md "Noise"
     }
     for (int s = 0; s < 4; ++s) {
       Slot& slot = slots_[s];
@@ -235,7 +235,7 @@ class PhaseLists {
     bool used = false;
     std::vector<int64_t> numel;
     std::array<std::vector<void*>, kMaxLists> ptrs;
-    std::vector<uint32_t> tags;
+    std::vector<uint64_t> tags;
   };
   std::vector<ListArg> args_;
   size_t base_ = 0;

@@ -32,7 +32,7 @@ struct Group {
   int64_t count = 0;
   const int64_t* numel = nullptr;
   void* const* lists[kMaxLists] = {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
-  const uint32_t* tags = nullptr;  // per tensor (bsam_noise_: param_ids), may be nullptr
+  const uint64_t* tags = nullptr;  // per tensor (the noise phases: param_ids), may be nullptr
 };
 
 // Blocks (= partial sums) that launch_grad_sumsq_partials writes for these sizes.

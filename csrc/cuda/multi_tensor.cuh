@@ -113,15 +113,15 @@ struct Table {
   int64_t numel[T];
   int64_t block_base;         // global index of this launch's block 0 (grad_sumsq partials)
   int32_t block_begin[T + 1]; // first block of each tensor; block_begin[count] = blocks
-  uint32_t tag[T];            // per-tensor tag (bsam_noise_: param id)
+  uint64_t tag[T];            // per-tensor tag (the noise phases: the 64-bit param id)
   int32_t count;
 };
 
-// Tensors per launch for D lists and a given argument budget (4 KB: 119/95/77/68/59 for 2..6
+// Tensors per launch for D lists and a given argument budget (4 KB: 105/86/73/63/56 for 2..6
 // lists; 32 KB: about 8x more).
 template <int D, int ArgBytes>
 constexpr int table_capacity() {
-  return (ArgBytes - kOpArgBytes - 32) / (8 * D + 8 + 4 + 4);
+  return (ArgBytes - kOpArgBytes - 32) / (8 * D + 8 + 4 + 8);
 }
 
 // Index of the tensor that owns `block`: the last t with block_begin[t] <= block.  Uniform across
@@ -293,7 +293,7 @@ __device__ __forceinline__ bool skip_requested(const SkipCopy& skip) {
 //   unused lists cost no traffic);
 //   __device__ Prepared prepare() const               (once per thread, e.g. a scale from device
 //                                                       memory; keeps the load out of the loop)
-//   __device__ void operator()(M (&r)[kDepth][kGroup], int cnt, int64_t idx, uint32_t tag,
+//   __device__ void operator()(M (&r)[kDepth][kGroup], int cnt, int64_t idx, uint64_t tag,
 //                              const Prepared& prepared) const
 // which updates the registers of one group in place (idx = index of the group's first element in
 // its tensor, a multiple of kGroup).  Each element of each list is read and written at most once.
@@ -315,7 +315,7 @@ __global__ void __launch_bounds__(kBlockSize)
   void* base[D];
 #pragma unroll
   for (int l = 0; l < D; ++l) base[l] = tab.addr[l][c.tensor];
-  const uint32_t tag = tab.tag[c.tensor];
+  const uint64_t tag = tab.tag[c.tensor];
   const auto prepared = op.prepare();
   for (int off = static_cast<int>(threadIdx.x) * K; off < c.n; off += kBlockSize * K) {
     const int cnt = c.n - off < K ? c.n - off : K;
@@ -418,7 +418,8 @@ cudaError_t apply(const Group& g, const Op& op, cudaStream_t stream, const SkipC
 //   __device__ void operator()(M (&x)[kLists], M scale, M noise) const
 // which updates one element's values of every list in place (x[l]: list l; lists not read hold
 // 0; lists not written are dropped).  `noise` is the element's Philox standard normal (kNormal)
-// or uniform (kUniform) from philox.h, keyed by (seed, step, tag = param id, element index);
+// or uniform (kUniform) from philox.h, keyed by (seed, step, tag = param id, element index; the
+// tag's high 32 bits are the tensor's first Philox block, docs/spec.md "Noise");
 // `scale` is maths.scale(norm) for the Scaled phases, the norm read from device memory once per
 // thread (no host sync).
 // ----------------------------------------------------------------------------------------------
@@ -485,13 +486,15 @@ struct PhaseOp {
   }
 
   // A group starts at a multiple of kGroup, so it covers kGroup / 4 whole Philox blocks: element
-  // idx + 4q + j takes lane j of block (idx >> 2) + q.
+  // idx + 4q + j takes lane j of block first + (idx >> 2) + q, `first` the tensor's first block
+  // (the tag's high word; the block counter wraps at 2^32 in philox_words).
   __device__ __forceinline__ void operator()(M (&r)[kDepth][kGroup], int, int64_t idx,
-                                             uint32_t pid, const Prepared& p) const {
+                                             uint64_t tag, const Prepared& p) const {
+    const uint32_t pid = static_cast<uint32_t>(tag);
 #pragma unroll
     for (int q = 0; q < kGroup / 4; ++q) {
       M noise[4] = {M(0), M(0), M(0), M(0)};
-      const uint64_t quad = static_cast<uint64_t>(idx >> 2) + q;
+      const uint64_t quad = (tag >> 32) + static_cast<uint64_t>(idx >> 2) + q;
       if constexpr (L::kNoise == Noise::kNormal)
         philox_normal4<M>(keys.seed, p.step, pid, quad, noise);
       if constexpr (L::kNoise == Noise::kUniform)

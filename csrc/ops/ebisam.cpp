@@ -53,7 +53,7 @@ at::Tensor ebisam_perturb(at::TensorList params, at::TensorList grads, at::Tenso
     const auto maths = math::EbisamPerturb<opmath_t>::make(rho, beta, eps);
     const opmath_t scale = maths.scale(norm);
     const auto p = gradient_lists(v);
-    const uint32_t pid = static_cast<uint32_t>(param_ids[v.tensor]);
+    const NoiseKey key(param_ids[v.tensor]);
     // u[k]: uniform of element q + k; runs of a vectorised block (fp32) or of one quad (fp64)
     const auto run = [&](int64_t q, int64_t stop, const opmath_t* u) {
       for (int64_t i = q; i < stop; ++i) {
@@ -66,15 +66,15 @@ at::Tensor ebisam_perturb(at::TensorList params, at::TensorList grads, at::Tenso
     if constexpr (std::is_same<opmath_t, float>::value) {
       alignas(16) float u[kBlockElems];
       for (int64_t q = v.begin; q < v.end; q += kBlockElems) {
-        uniform_block(static_cast<uint64_t>(seed), static_cast<uint64_t>(step), pid,
-                      static_cast<uint64_t>(q >> 2), u, block_quads(v.end - q));
+        uniform_block(static_cast<uint64_t>(seed), static_cast<uint64_t>(step), key.pid,
+                      key.first + static_cast<uint64_t>(q >> 2), u, block_quads(v.end - q));
         run(q, std::min(v.end, q + kBlockElems), u);
       }
     } else {
       for (int64_t q = v.begin; q < v.end; q += 4) {
         opmath_t u[4];
-        philox_uniform4<opmath_t>(static_cast<uint64_t>(seed), static_cast<uint64_t>(step), pid,
-                                  static_cast<uint64_t>(q >> 2), u);
+        philox_uniform4<opmath_t>(static_cast<uint64_t>(seed), static_cast<uint64_t>(step),
+                                  key.pid, key.first + static_cast<uint64_t>(q >> 2), u);
         run(q, std::min(v.end, q + 4), u);
       }
     }

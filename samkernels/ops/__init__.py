@@ -124,11 +124,19 @@ def _local_shards(lists: tuple) -> tuple:
     return tuple([t._local_tensor if isinstance(t, cls) else t for t in lst] for lst in lists)
 
 
+def _block_id(pid: int, blocks: int) -> int:
+    """``pid`` with ``blocks`` more Philox blocks in its high 32 bits (reference.first_element),
+    as the int64 the schema takes."""
+    v = (pid & 0xFFFFFFFF) | ((((pid >> 32) + blocks) & 0xFFFFFFFF) << 32)
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
 def _shard_ids(name: str, lead: Sequence[Tensor], param_ids: Sequence[int]):
-    """(param_ids with a ``reference.ShardId`` for each DTensor that is a part of a larger
-    parameter, whether there is one).  Its noise is the whole parameter's numbers from the
-    shard's first element on, so the shard must be a contiguous range of the flattened
-    parameter: sharded along dim 0 only."""
+    """(param_ids for the local shards, whether one needs the reference).  A DTensor that is a
+    part of a larger parameter draws the whole parameter's numbers from the shard's first
+    element on, so the shard must be a contiguous range of the flattened parameter: sharded
+    along dim 0 only.  A shard starting at a multiple of 4 gets its first Philox block in its
+    id's high word (every backend); one starting elsewhere a ``reference.ShardId``."""
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
     out, sharded = [], False
@@ -140,26 +148,46 @@ def _shard_ids(name: str, lead: Sequence[Tensor], param_ids: Sequence[int]):
                                       "shards that are contiguous ranges of the parameter")
             _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh,
                                                               t.placements)
-            pid = reference.ShardId(pid, offset[0] * (t.numel() // t.shape[0]))
-            sharded = True
+            start = offset[0] * (t.numel() // t.shape[0])
+            if _blocks_aligned(t):
+                pid = _block_id(int(pid), start // 4)
+            else:
+                pid, sharded = reference.ShardId(pid, start), True
         out.append(pid)
     return out, sharded
 
 
+def _blocks_aligned(t) -> bool:
+    """Whether every rank's shard of DTensor ``t`` (sharded along dim 0) starts at a whole Philox
+    block, a multiple of 4 elements: then the fused kernels draw it.  Decided from the global
+    layout, not this rank's offset, so that every rank takes the same backend (the ops' argument
+    errors and the collectives around them stay in step).  One Shard(0) placement: rank r
+    starts at row r * ceil(rows / ranks) (torch.chunk, as FSDP2); anything else: no."""
+    shards = [d for d, pl in enumerate(t.placements) if pl.is_shard()]
+    if len(shards) != 1:
+        return False
+    rows = t.shape[0]
+    ranks = t.device_mesh.size(shards[0])
+    return (-(-rows // ranks) * (t.numel() // rows)) % 4 == 0
+
+
 def _shard_noise_impl(name: str, impl, backend):
-    """The implementation for noise on shards: the reference, the one backend that draws from a
-    first element other than 0 so far (``reference.ShardId``).  Under the automatic choice a
-    fused backend gives way to it with one warning; a backend asked for by name raises."""
+    """The implementation for noise on shards of which one starts inside a Philox block (an
+    element index that is not a multiple of 4, ``reference.ShardId``): the reference, the one
+    backend that draws from there.  Under the automatic choice a fused backend gives way to it
+    with one warning; a backend asked for by name raises."""
     if impl is _SPEC[name]:
         return impl
     if backend is not None or _dispatch.requested() != "auto":
-        raise OpArgumentError(f"{name}: the noise of DTensor shards (each drawing its part of the "
-                              "whole parameter's numbers) is implemented by the reference backend "
-                              "only so far; run with the automatic backend choice or 'reference'")
+        raise OpArgumentError(f"{name}: a DTensor shard starting inside a Philox block (at an "
+                              "element index that is not a multiple of 4) draws its noise on the "
+                              "reference backend only; run with the automatic backend choice or "
+                              "'reference'")
     if name not in _warned_shards:
         _warned_shards.add(name)
-        warnings.warn(f"samkernels: {name} on DTensor shards runs on the reference backend (the "
-                      "fused kernels do not yet draw a shard's part of a parameter's noise)",
+        warnings.warn(f"samkernels: {name} runs on the reference backend for DTensor shards that "
+                      "start inside a Philox block (an element index that is not a multiple of "
+                      "4; the fused kernels start a tensor at a whole block)",
                       RuntimeWarning, stacklevel=3)
     return _SPEC[name]
 

@@ -77,11 +77,19 @@ def philox4x32(c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor, k0: int, k1: int,
     return c0, c1, c2, c3
 
 
+def first_element(param_id: int) -> int:
+    """Where a tensor's elements start in its parameter's noise stream (docs/spec.md "Noise"):
+    4 x the id's high 32 bits (a part of a larger parameter starting at a whole Philox block, as
+    the fused kernels take it), plus a ``ShardId``'s ``start`` (any element)."""
+    return 4 * ((param_id >> 32) & _MASK32) + getattr(param_id, "start", 0)
+
+
 def _philox_block(seed: int, step: int, param_id: int, numel: int, device):
-    """(element index i, the four Philox words of i's block): counter (i // 4, param_id, step_lo,
-    step_hi), key = seed (both 64-bit values split into 32-bit words).  A ``ShardId`` counts i
-    from its ``start``: a shard of a larger parameter draws that parameter's numbers."""
-    start = getattr(param_id, "start", 0)
+    """(element index i, the four Philox words of i's block): counter (i // 4, param_id's low 32
+    bits, step_lo, step_hi), key = seed (both 64-bit values split into 32-bit words); i counts
+    from ``first_element(param_id)``: a part of a larger parameter draws that parameter's
+    numbers."""
+    start = first_element(param_id)
     i = torch.arange(start, start + numel, dtype=torch.int64, device=device)
     q = (i >> 2) & _MASK32  # the counter word is 32 bits (philox.h casts the quad index)
     full = lambda v: torch.full_like(q, v)  # noqa: E731
@@ -94,8 +102,10 @@ class ShardId(int):
     """A ``param_ids`` entry (an int: the parameter's id) for a shard of a larger parameter (a
     DTensor's local part): ``start`` is the index, in the flattened parameter, of the shard's
     first element.  Its noise is then the whole parameter's numbers from there on, so a sharded
-    run draws exactly what the unsharded one does.  The public wrappers pass them for DTensor
-    shards, to this backend only (the fused kernels number elements from 0)."""
+    run draws exactly what the unsharded one does.  The public wrappers pass a plain id with the
+    start's block in its high 32 bits (``first_element``) when the start is a multiple of 4, to
+    any backend, and a ``ShardId`` otherwise, to this backend only (the fused kernels start a
+    tensor at a whole Philox block)."""
 
     start: int
 

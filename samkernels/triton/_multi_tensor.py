@@ -440,7 +440,8 @@ def _build(lists: Sequence[Sequence[torch.Tensor]], ids: Optional[Sequence[int]]
         host += numels + [0] * (tp - len(members))
         if ids is not None:
             seg["ids"] = len(host)
-            host += [ids[i] & 0xFFFFFFFF for i in members] + [0] * (tp - len(members))
+            # the whole int64 id: its high word is the tensor's first Philox block (_philox.py)
+            host += [ids[i] for i in members] + [0] * (tp - len(members))
         seg["work"] = len(host)
         n_chunks = 0
         for t, n in enumerate(numels):  # empty tensors get no chunk

@@ -65,15 +65,18 @@ def philox_normal4(quad, pid, seed_lo, seed_hi, step_lo, step_hi, MATH: tl.const
 
 
 @triton.jit
-def quad_tile(base, QB: tl.constexpr):
+def quad_tile(base, key, QB: tl.constexpr):
     """Offsets [QB, 4] of elements base .. base + 4 QB - 1 (row = one Philox block: 4 contiguous
     elements), the lane of each column [1, 4] and the Philox counter word of each row [QB].
-    ``base`` is a multiple of 4 (chunk starts are multiples of 16)."""
+    ``base`` is a multiple of 4 (chunk starts are multiples of 16); ``key`` the tensor's int64
+    param id (``param_key``), whose high word is its first block in its parameter's stream."""
     q = tl.arange(0, QB)
     lane = tl.arange(0, 4)[None, :]
     offs = base + 4 * q[:, None] + lane
-    # element i -> counter word i >> 2, truncated to 32 bits as philox.h's static_cast<uint32_t>
-    quad = ((base >> 2) + q).to(tl.uint32)
+    # element i -> counter word first + (i >> 2), truncated to 32 bits as philox.h's
+    # static_cast<uint32_t> (uint32 additions wrap)
+    first = (key >> 32).to(tl.uint32)
+    quad = ((base >> 2) + q).to(tl.uint32) + first
     return offs, lane, quad
 
 
@@ -85,18 +88,26 @@ def pick_lane(lane, x0, x1, x2, x3):
 
 
 @triton.jit
-def normal_tile(base, pid, seed_lo, seed_hi, step_lo, step_hi, MATH: tl.constexpr,
+def normal_tile(base, key, seed_lo, seed_hi, step_lo, step_hi, MATH: tl.constexpr,
                 QB: tl.constexpr):
-    """(offsets [QB, 4], z [QB, 4]): the Philox normals of elements base .. base + 4 QB - 1."""
-    offs, lane, quad = quad_tile(base, QB)
-    z0, z1, z2, z3 = philox_normal4(quad, pid, seed_lo, seed_hi, step_lo, step_hi, MATH)
+    """(offsets [QB, 4], z [QB, 4]): the Philox normals of elements base .. base + 4 QB - 1 of
+    the tensor keyed ``key`` (``param_key``)."""
+    offs, lane, quad = quad_tile(base, key, QB)
+    z0, z1, z2, z3 = philox_normal4(quad, key_word(key), seed_lo, seed_hi, step_lo, step_hi, MATH)
     return offs, pick_lane(lane, z0, z1, z2, z3)
 
 
 @triton.jit
 def param_key(ids, t):
-    """Parameter ``t``'s Philox counter word (the host stored param_id & 0xFFFFFFFF)."""
-    return tl.load(ids + t).to(tl.uint32)
+    """Tensor ``t``'s 64-bit param id (docs/spec.md "Noise"): low word the parameter's Philox
+    counter word (``key_word``), high word the tensor's first block (``quad_tile``)."""
+    return tl.load(ids + t)
+
+
+@triton.jit
+def key_word(key):
+    """The Philox counter word of a ``param_key``: its low 32 bits."""
+    return (key & 0xFFFFFFFF).to(tl.uint32)
 
 
 def uniforms_below(beta: float) -> int:

@@ -33,8 +33,8 @@ from samkernels.triton._philox import normal_tile, param_key, step_words
 def _noise_body(base, n, ptrs, args, OPT: tl.constexpr, MATH: tl.constexpr, BLOCK: tl.constexpr,
                 MASKED: tl.constexpr):
     p, b, s = ptrs
-    pid, seed_lo, seed_hi, step_lo, step_hi, num_data = args
-    offs, z = normal_tile(base, pid, seed_lo, seed_hi, step_lo, step_hi, MATH, BLOCK // 4)
+    key, seed_lo, seed_hi, step_lo, step_hi, num_data = args
+    offs, z = normal_tile(base, key, seed_lo, seed_hi, step_lo, step_hi, MATH, BLOCK // 4)
     w_raw = load(p, offs, n, MASKED)
     store(b, offs, w_raw, n, MASKED)  # backup <- omega, bit-exact
     ss = load_one(s, offs, n, MASKED).to(MATH)

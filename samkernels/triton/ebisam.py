@@ -19,8 +19,8 @@ from samkernels.ops._spec import OPS
 from samkernels.triton import _multi_tensor as mt
 from samkernels.triton._multi_tensor import (chunk_apply, chunk_ptrs, div, fp_args, load,
                                              load_flag, store)
-from samkernels.triton._philox import (param_key, philox_words, pick_lane, quad_tile, step_words,
-                                       uniforms_below)
+from samkernels.triton._philox import (key_word, param_key, philox_words, pick_lane, quad_tile,
+                                       step_words, uniforms_below)
 from samkernels.triton.sam import grad_sumsq
 
 
@@ -33,9 +33,9 @@ from samkernels.triton.sam import grad_sumsq
 def _ebisam_body(base, n, ptrs, args, OPT: tl.constexpr, MATH: tl.constexpr,
                  BLOCK: tl.constexpr, MASKED: tl.constexpr):
     p, g, b = ptrs
-    pid, seed_lo, seed_hi, step_lo, step_hi, n_below, scale = args
-    offs, lane, quad = quad_tile(base, BLOCK // 4)
-    x0, x1, x2, x3 = philox_words(quad, pid, seed_lo, seed_hi, step_lo, step_hi)
+    key, seed_lo, seed_hi, step_lo, step_hi, n_below, scale = args
+    offs, lane, quad = quad_tile(base, key, BLOCK // 4)
+    x0, x1, x2, x3 = philox_words(quad, key_word(key), seed_lo, seed_hi, step_lo, step_hi)
     x = pick_lane(lane, x0, x1, x2, x3)  # element i: word i & 3 of block i >> 2
     # line 4: u = uniform(x) < beta  <=>  (x >> 9) < n_below (exact: _philox.uniforms_below)
     chosen = (x >> 9) < n_below

@@ -44,8 +44,8 @@ def _sigma_z(h, z, ess, weight_decay):
 def _noise_body(base, n, ptrs, args, OPT: tl.constexpr, MATH: tl.constexpr, BLOCK: tl.constexpr,
                 MASKED: tl.constexpr):
     p, b, h = ptrs
-    pid, seed_lo, seed_hi, step_lo, step_hi, ess, weight_decay = args
-    offs, z = normal_tile(base, pid, seed_lo, seed_hi, step_lo, step_hi, MATH, BLOCK // 4)
+    key, seed_lo, seed_hi, step_lo, step_hi, ess, weight_decay = args
+    offs, z = normal_tile(base, key, seed_lo, seed_hi, step_lo, step_hi, MATH, BLOCK // 4)
     w_raw = load(p, offs, n, MASKED)
     store(b, offs, w_raw, n, MASKED)  # backup <- m, bit-exact
     hh = load_one(h, offs, n, MASKED).to(MATH)
@@ -81,10 +81,10 @@ def ivon_noise_(params, backups, hessians, param_ids, seed, step, ess, weight_de
 def _accumulate_body(base, n, ptrs, args, OPT: tl.constexpr, MATH: tl.constexpr,
                      BLOCK: tl.constexpr, MASKED: tl.constexpr):
     p, g, b, h, a, x = ptrs
-    pid, seed_lo, seed_hi, step_lo, step_hi, ess, weight_decay, count = args
+    key, seed_lo, seed_hi, step_lo, step_hi, ess, weight_decay, count = args
     FIRST: tl.constexpr = OPT[0]
     # z: the noise of the ivon_noise_ call with the same (seed, step), regenerated
-    offs, z = normal_tile(base, pid, seed_lo, seed_hi, step_lo, step_hi, MATH, BLOCK // 4)
+    offs, z = normal_tile(base, key, seed_lo, seed_hi, step_lo, step_hi, MATH, BLOCK // 4)
     gg = load(g, offs, n, MASKED).to(MATH)
     hh = load_one(h, offs, n, MASKED).to(MATH)
     nxg = _sigma_z(hh, z, ess, weight_decay) * gg
@@ -140,10 +140,10 @@ def ivon_accumulate_(params, grads, backups, hessians, avg_grads, avg_nxgs, para
 def _update_body(base, n, ptrs, args, OPT: tl.constexpr, MATH: tl.constexpr, BLOCK: tl.constexpr,
                  MASKED: tl.constexpr):
     p, g, b, h, gm, a, x = ptrs
-    (pid, seed_lo, seed_hi, step_lo, step_hi, lr, ess, weight_decay, beta1, omb1, beta2, omb2,
+    (key, seed_lo, seed_hi, step_lo, step_hi, lr, ess, weight_decay, beta1, omb1, beta2, omb2,
      half_sq_omb2, clip, bias_correction, count) = args
     AVERAGED: tl.constexpr = OPT[0]
-    offs, z = normal_tile(base, pid, seed_lo, seed_hi, step_lo, step_hi, MATH, BLOCK // 4)
+    offs, z = normal_tile(base, key, seed_lo, seed_hi, step_lo, step_hi, MATH, BLOCK // 4)
     m = load(b, offs, n, MASKED).to(MATH)
     gbar = load(g, offs, n, MASKED).to(MATH)
     hh = load_one(h, offs, n, MASKED).to(MATH)

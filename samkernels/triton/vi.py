@@ -41,9 +41,9 @@ from samkernels.triton._philox import normal_tile, param_key, step_words
 def _noise_body(base, n, ptrs, args, OPT: tl.constexpr, MATH: tl.constexpr, BLOCK: tl.constexpr,
                 MASKED: tl.constexpr):
     p, b, v = ptrs
-    pid, seed_lo, seed_hi, step_lo, step_hi, sigma = args
+    key, seed_lo, seed_hi, step_lo, step_hi, sigma = args
     LEARNED: tl.constexpr = OPT[0]
-    offs, z = normal_tile(base, pid, seed_lo, seed_hi, step_lo, step_hi, MATH, BLOCK // 4)
+    offs, z = normal_tile(base, key, seed_lo, seed_hi, step_lo, step_hi, MATH, BLOCK // 4)
     w_raw = load(p, offs, n, MASKED)
     store(b, offs, w_raw, n, MASKED)  # backup <- mu, bit-exact
     if LEARNED:  # MFVI: std = sqrt(Sigma)
@@ -85,10 +85,10 @@ def vi_noise_(params: List[Tensor], backups: List[Tensor], variances: List[Tenso
 def _mfvi_body(base, n, ptrs, args, OPT: tl.constexpr, MATH: tl.constexpr, BLOCK: tl.constexpr,
                MASKED: tl.constexpr):
     p, g, b, v, m = ptrs
-    pid, seed_lo, seed_hi, step_lo, step_hi, lr, var_lr, momentum, n_prior, prior_var, two_n = args
+    key, seed_lo, seed_hi, step_lo, step_hi, lr, var_lr, momentum, n_prior, prior_var, two_n = args
     MOMENTUM: tl.constexpr = OPT[0]
     # z: the noise of the vi_noise_ call with the same (seed, step), regenerated
-    offs, z = normal_tile(base, pid, seed_lo, seed_hi, step_lo, step_hi, MATH, BLOCK // 4)
+    offs, z = normal_tile(base, key, seed_lo, seed_hi, step_lo, step_hi, MATH, BLOCK // 4)
     mu = load(b, offs, n, MASKED).to(MATH)
     gg = load(g, offs, n, MASKED).to(MATH)
     var = load_one(v, offs, n, MASKED).to(MATH)
