@@ -38,6 +38,9 @@ CAPTURABLE.update({
                                                             base="adam", **kw),
     "ivon": lambda ps, **kw: IVON(ps, lr=0.1, ess=N, mc_samples=2, seed=6, **kw),
     "ivon_nodebias": lambda ps, **kw: IVON(ps, lr=0.1, ess=N, debias=False, seed=7, **kw),
+    # full steps 0, 2, 4 and one-pass steps 1, 3 (the kind is chosen on the host)
+    "looksam": lambda ps, **kw: LookSAM(ps, lr=0.1, rho=0.05, k=2, momentum=0.9, **kw),
+    "looksam_adam": lambda ps, **kw: LookSAM(ps, lr=1e-2, rho=0.05, k=2, base="adam", **kw),
 })
 BACKENDS = ["reference", "cpu", "triton"]
 
@@ -196,11 +199,6 @@ def _model():
 def test_needs_a_device_side_policy(nonfinite):
     with pytest.raises(ValueError, match="capturable=True needs nonfinite"):
         samkernels.SAM(_model().parameters(), lr=0.1, nonfinite=nonfinite, capturable=True)
-
-
-def test_refused_where_the_host_decides():
-    with pytest.raises(ValueError, match="LookSAM: capturable=True"):
-        LookSAM(_model().parameters(), lr=0.1, nonfinite="skip_on_device", capturable=True)
 
 
 def test_grad_scaler_is_refused():

@@ -667,7 +667,7 @@ def test_capturable_step_replays(backend, name):
             getattr(o, ph)()
     with samkernels.use_backend(backend):
         graph = _warmed_up_and_captured(lambda: step(opt), warm_ups=2)
-        for _ in range(3):  # the two warm-ups and the capture ran
+        for _ in range(2):  # the two warm-ups ran (a capture records its kernels, runs none)
             step(eager)
         for _ in range(3):
             graph.replay()
@@ -676,6 +676,37 @@ def test_capturable_step_replays(backend, name):
     for p, q in zip(model.parameters(), eager_model.parameters()):
         assert torch.equal(p, q), name
     assert opt.state_dict()["samkernels"] == eager.state_dict()["samkernels"]
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_capturable_looksam_replays_both_kinds_of_step(backend):
+    """LookSAM: the host picks the kind of step (full every k steps, else one pass), so each kind
+    is captured once (first_step + second_step; reuse_step) and the caller replays them on its
+    own schedule: equal to the eager steps bit for bit, Adam's step count on the device."""
+    from samkernels.optim import LookSAM
+    if backend == "triton":
+        _skip_unless_triton_on_cuda()
+    kw = dict(lr=1e-3, rho=0.05, k=2, base="adam", nonfinite="skip_on_device", capturable=True)
+    eager_model, model = _gpu_model_and_grads(), _gpu_model_and_grads()
+    eager, opt = (LookSAM(m.parameters(), **kw) for m in (eager_model, model))
+
+    def full(o):
+        o.first_step()
+        o.second_step()
+    with samkernels.use_backend(backend):
+        g_full = _warmed_up_and_captured(lambda: full(opt))  # one warm-up each ran
+        g_reuse = _warmed_up_and_captured(opt.reuse_step)
+        full(eager)
+        eager.reuse_step()
+        for i in range(4):
+            (g_full if i % 2 == 0 else g_reuse).replay()
+            full(eager) if i % 2 == 0 else eager.reuse_step()
+        torch.cuda.synchronize()
+    for p, q in zip(model.parameters(), eager_model.parameters()):
+        assert torch.equal(p, q)
+        for k, v in opt.state[p].items():  # exp_avg(_sq), g_v and the float32 step tensor
+            if torch.is_tensor(v):
+                assert torch.equal(v, eager.state[q][k]), k
 
 
 # ---------------------------------------------------------------------------------------------

@@ -305,6 +305,10 @@ class LookSAM(_Variant):
 
     The step counter (every finished step counts, a skipped one does not) and g_v
     (``state[p]["looksam_gv"]``) are saved by ``state_dict``.  docs/spec.md "LookSAM".
+
+    With ``capturable=True`` each kind of step is captured once (``first_step()`` +
+    ``second_step()``; ``reuse_step()``) and the caller replays them on its own step count:
+    ``full_step_due`` counts the steps Python ran, not the replays.
     """
 
     _KEYS = ("alpha",)
@@ -312,9 +316,6 @@ class LookSAM(_Variant):
     def __init__(self, params, lr: float, rho: float = 0.1, base: str = "sgd", *, k: int = 10,
                  alpha: float = 0.7, **kwargs):
         _check_int("k", k)
-        if kwargs.get("capturable"):
-            raise ValueError("LookSAM: capturable=True is not supported: whether a step is a full "
-                             "SAM step or a one-pass step (every k steps) is decided on the host")
         super().__init__(params, lr, rho, base, dict(alpha=alpha), **kwargs)
         self.k = k
         self._extra_state.setdefault("looksam_step", 0)
