@@ -756,8 +756,10 @@ class TwoPassOptimizer(torch.optim.Optimizer):
                 return False, None
             return True, (norm_of() if need_norm and norm_of is not None and ps else None)
         norm = norm_of()
-        flag = (~torch.isfinite(norm)).float().reshape(1)
         agree = ascent and self.ddp_model is not None  # first-pass gradients differ per rank
+        if not agree and self.nonfinite != "skip_on_device" and math.isfinite(norm.item()):
+            return True, norm  # the one host read of the usual step; no flag ops (bench/RESULTS.md)
+        flag = (~torch.isfinite(norm)).float().reshape(1)
         if agree:
             self._all_reduce([flag], "max")
         if self.nonfinite != "skip_on_device":
@@ -1220,7 +1222,8 @@ def _by_device(ts: List[Tensor]) -> List[List[Tensor]]:
 
 @torch.no_grad()
 def _nonfinite_flag(grads: Optional[List[Tensor]], by_device=None) -> Tensor:
-    """A one-element float32 tensor on the first gradient's device: > 0 iff some entry is inf/NaN.
+    """A one-element float32 tensor on the first gradient's device: > 0 iff some entry is inf/NaN
+    (0-dim for one device).
 
     One fused multi-tensor read per device (our ``nonfinite_flag``, in the gradients' own dtype:
     exactly "some element is inf/NaN", no sum that could overflow); nothing is read back here.
@@ -1228,9 +1231,10 @@ def _nonfinite_flag(grads: Optional[List[Tensor]], by_device=None) -> Tensor:
     slower on the CPU.)
     """
     by_device = _by_device(grads) if by_device is None else by_device  # (or given: the plan's)
+    if len(by_device) == 1:  # the usual case: the op's 0-dim flag, no further small op (they run
+        return ops.nonfinite_flag(by_device[0])  # cache-cold after a pass: bench/RESULTS.md)
     first = by_device[0][0].device
-    flags = [ops.nonfinite_flag(gs).reshape(1).to(first) for gs in by_device]
-    return flags[0] if len(flags) == 1 else torch.stack(flags).sum(0)
+    return torch.stack([ops.nonfinite_flag(gs).to(first) for gs in by_device]).sum(0)
 
 
 def closure_arity(fn: Callable) -> Optional[int]:
