@@ -249,22 +249,28 @@ inline Tensor zero_norm() {
   return at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(at::kCUDA));
 }
 
-// A global sum over the phase's tensors (float64, fixed order): `stage1(partials, group, first)`
-// launches group's partials from slot `first` on; one block then adds them (sqrt when take_sqrt)
-// into a 0-dim float64 tensor, the norm contract of every backend.
+// Stage 1 of a global reduction over the phase's tensors: `stage1(partials, group, first)`
+// launches group's float64 partials from slot `first` on; pl.chunks() slots in all.
 template <class Stage1>
-Tensor reduce(const PhaseLists& pl, bool take_sqrt, Stage1&& stage1) {
-  const auto f64 = pl.base()[0].options().dtype(at::kDouble);
-  const int64_t n = pl.chunks();
-  Tensor partials = at::empty({n}, f64);
-  Tensor out = at::empty({}, f64);
+Tensor partials_of(const PhaseLists& pl, Stage1&& stage1) {
+  Tensor partials = at::empty({pl.chunks()}, pl.base()[0].options().dtype(at::kDouble));
   int64_t first = 0;
   for (const Group& g : pl.groups()) {
     SK_CHECK_LAUNCH(stage1(partials.data_ptr<double>(), g, first));
     first += count_chunks(g.numel, g.count);
   }
-  SK_CHECK_LAUNCH(launch_reduce_partials(partials.data_ptr<double>(), n, take_sqrt,
-                                         out.data_ptr<double>(), pl.stream));
+  return partials;
+}
+
+// A global sum over the phase's tensors (float64, fixed order): the partials of `stage1`, which
+// one block then adds (sqrt when take_sqrt) into a 0-dim float64 tensor, the norm contract of
+// every backend.
+template <class Stage1>
+Tensor reduce(const PhaseLists& pl, bool take_sqrt, Stage1&& stage1) {
+  const Tensor partials = partials_of(pl, stage1);
+  Tensor out = at::empty({}, partials.options());
+  SK_CHECK_LAUNCH(launch_reduce_partials(partials.data_ptr<double>(), partials.numel(),
+                                         take_sqrt, out.data_ptr<double>(), pl.stream));
   return out;
 }
 

@@ -205,16 +205,12 @@ TORCH_LIBRARY_IMPL(samkernels, CUDA, m) { m.impl("grad_sumsq", &grad_sumsq_cuda)
 Tensor nonfinite_flag_cuda(TensorList grads) {
   PhaseLists pl("samkernels::nonfinite_flag", nonfinite_flag_lists(grads));
   if (pl.empty()) return at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(at::kCUDA));
-  const Tensor partials = at::empty({pl.chunks()}, pl.base()[0].options().dtype(at::kDouble));
-  Tensor flag = at::empty({}, pl.base()[0].options().dtype(at::kFloat));
-  int64_t first = 0;
-  for (const Group& g : pl.groups()) {
+  const Tensor partials = partials_of(pl, [&](double* parts, const Group& g, int64_t first) {
     // the partials kernel reads its list 1 (list 0, unread, aliases it)
-    SK_CHECK_LAUNCH(launch_nonfinite_partials(remap_lists(g, {0, 0}), partials.data_ptr<double>(),
-                                              first, pl.stream));
-    first += count_chunks(g.numel, g.count);
-  }
-  SK_CHECK_LAUNCH(launch_flag_partials(partials.data_ptr<double>(), pl.chunks(),
+    return launch_nonfinite_partials(remap_lists(g, {0, 0}), parts, first, pl.stream);
+  });
+  Tensor flag = at::empty({}, partials.options().dtype(at::kFloat));
+  SK_CHECK_LAUNCH(launch_flag_partials(partials.data_ptr<double>(), partials.numel(),
                                        flag.data_ptr<float>(), pl.stream));
   return flag;
 }

@@ -748,8 +748,8 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         inf or NaN (0 * inf is NaN), so the norm is finite exactly when the gradients are.  (A
         non-finite weight under ASAM, Sigma under VSAM or float64 overflow can make it
         non-finite too; skip and raise then take the exact flag of ``_grads_ok``, a second read
-        only on that rare path: they skip exactly when a gradient is inf/NaN.)  With a GradScaler, or no norm (``norm_of`` None), the check
-        is ``_grads_ok``'s own read."""
+        only on that rare path: they skip exactly when a gradient is inf/NaN.)  With a
+        GradScaler, or no norm (``norm_of`` None), the check is ``_grads_ok``'s own read."""
         if norm_of is None or not ps or self.nonfinite == "unchecked" or (
                 scaler is not None and scaler.is_enabled()):
             if not self._grads_ok(ascent, ps, scaler):
