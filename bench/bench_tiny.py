@@ -106,7 +106,7 @@ def main() -> None:
     ap.add_argument("--in-process", action="store_true",
                     help="every optimizer in this process (default: one fresh process each)")
     ap.add_argument("--rows-only", action="store_true", help=argparse.SUPPRESS)
-    args, argv = ap.parse_args(), [a for a in sys.argv[1:]]
+    args, argv = ap.parse_args(), list(sys.argv[1:])
     if "--algos" in argv:  # the workers get their own
         k = argv.index("--algos")
         del argv[k:k + 2]

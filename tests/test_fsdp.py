@@ -65,7 +65,7 @@ CASES.update({"sam-phases": ("sam", "phases", -1),
 CASES.update({"nan-bsam": ("bsam", "closure", 1)})
 # a parameter with a gradient in the first pass and none in the second: restored from its backup
 CASES.update({"dropgrad-sam": ("sam", "dropgrad", -1), "dropgrad-bsam": ("bsam", "dropgrad", -1)})
-# the noisy optimizers on a model whose every shard starts at a whole Philox block (ALIGNED), with
+# the noisy optimizers on a model whose every shard starts at a whole Philox block (aligned), with
 # the cpu backend named: a fall-back to the reference would raise
 CASES.update({f"fused-{name}": (name, "fused", -1) for name in NOISY})
 CHECKPOINTED = ("sam-adam", "vsam", "bsam", "mfvi")  # resumed through torch.distributed.checkpoint
