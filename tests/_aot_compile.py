@@ -2,13 +2,15 @@
 
     python tests/_aot_compile.py CONFIGS.json RESULTS.json
 
-CONFIGS.json: {"configs": [launch dicts of tests/triton_launches.py], "tasks": [[index, arch]],
-"processes": 2, "interpreter_sizes": {"BLOCK": b, "CHUNK": c}}.  Runs WITHOUT TRITON_INTERPRET
+CONFIGS.json: {"configs": [launch dicts of tests/triton_launches.py], "tasks": [[index, arch,
+assemble]], "processes": 2, "interpreter_sizes": {"BLOCK": b, "CHUNK": c}}.  A task with
+``assemble`` false runs every stage up to the PTX and not ptxas (the cubin stage, about two
+thirds of a compile's time, is replaced by an empty one).  Runs WITHOUT TRITON_INTERPRET
 (the kernels must be real JITFunctions; no GPU is needed: ``triton.compile`` with an explicit
 ``GPUTarget`` only runs the compiler and its bundled ptxas).  The interpreter's multi-tensor
 BLOCK/CHUNK are not the GPU's (see _multi_tensor.py): a configuration recorded with exactly the
 interpreter's values of both is compiled with this process's (the GPU) values.
-RESULTS.json: one entry per (configuration, arch): ok, seconds, error, and for aligned
+RESULTS.json: one entry per (configuration, arch): ok, assembled, seconds, error, and for aligned
 multi-tensor kernels whether the PTX has 16-byte vector loads.
 """
 import json
@@ -27,6 +29,7 @@ import importlib  # noqa: E402
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import CUDABackend  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
@@ -34,6 +37,21 @@ from samkernels.triton import _multi_tensor as mt  # noqa: E402
 from triton_launches import decode  # noqa: E402
 
 _JOB = {}
+_PTX_ONLY = [False]  # this task stops at the PTX (set per task: a pool worker runs one at once)
+
+
+def _stages_up_to_ptx(add_stages):
+    """CUDABackend.add_stages, with the cubin stage (ptxas) made empty while ``_PTX_ONLY``: the
+    compile then checks Triton's whole lowering (TTIR, TTGIR, LLVM IR, PTX) and assembles nothing.
+    (make_cubin adds no metadata, so the rest of triton.compile is unchanged.)"""
+    def wrapped(self, stages, *args, **kwargs):
+        add_stages(self, stages, *args, **kwargs)
+        if _PTX_ONLY[0]:
+            stages["cubin"] = lambda src, metadata: b""
+    return wrapped
+
+
+CUDABackend.add_stages = _stages_up_to_ptx(CUDABackend.add_stages)
 # 16-byte global loads (fp32/bf16/fp16 as v4.b32, fp64 as v2.b64), cached (.nc) or not
 _VEC16 = ("ld.global.v4.", "ld.global.nc.v4.", "ld.global.v2.b64", "ld.global.nc.v2.b64",
           "ld.global.v2.f64", "ld.global.nc.v2.f64")
@@ -68,13 +86,17 @@ def _message(e):
 
 
 def _compile(task):
-    i, arch = task
+    i, arch, assemble = task
     cfg = _JOB["configs"][i]
     t0 = time.perf_counter()
-    out = {"index": i, "arch": arch, "ok": False, "error": None, "vec16": None}
+    out = {"index": i, "arch": arch, "assembled": bool(assemble), "ok": False, "error": None,
+           "vec16": None}
     try:
         src, check_vec = _source(cfg)
+        _PTX_ONLY[0] = not assemble
         k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(cfg["options"]))
+        if assemble and not k.asm["cubin"]:
+            raise RuntimeError("ptxas produced no cubin")
         ptx = k.asm["ptx"]
         if check_vec:  # full chunks are unmasked and 16-byte aligned: vectorised accesses
             out["vec16"] = any(v in ptx for v in _VEC16)

@@ -15,7 +15,10 @@ arguments differently from the GPU JIT (it keeps Python floats as doubles).  So:
    ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))``, and the first
    configuration of each kernel also for ``GPUTarget("cuda", 80, 32)`` (what differs between the
    two architectures is the instructions a kernel's code selects, which one configuration per
-   kernel exercises; the whole matrix on both doubled this check's ~380 CPU-seconds)
+   kernel exercises; the whole matrix on both doubled this check's ~380 CPU-seconds).  Every
+   sm_90 configuration is lowered to PTX; ptxas assembles those of ``assembled``: per kernel, a
+   set that shows every element type and both values of every constexpr switch (ptxas was two
+   thirds of the time, and assembles no instruction kind these do not)
    (tests/_aot_compile.py,
    2 niced processes, started when collection selects this module: it runs beside the other
    tests), with the GPU's multi-tensor BLOCK/CHUNK, and checks that the full chunks of the
@@ -158,6 +161,34 @@ def drive_bisam_loss():
     _loss(wide, F32, phi="tanh", mu=2 * TB.FIXED_SHIFT_MAX_MU, grad=False)
 
 
+def features(cfg):
+    """What selects a configuration's instructions beyond its kernel: its element types (typed
+    pointers and dtype constexprs) and the value of each constexpr switch."""
+    f = {("dtype", v["dtype"]) for v in cfg["consts"].values()
+         if isinstance(v, dict) and "dtype" in v}
+    f |= {("dtype", t[1:]) for t in cfg["signature"].values() if t.startswith("*")}
+    return f | {(name, v) for name, v in cfg["consts"].items() if isinstance(v, bool)}
+
+
+def assembled(configs):
+    """The indices of the sm_90 configurations ptxas assembles: per kernel, a few that together
+    show every feature (``features``) any of its configurations has, chosen greedily (the one
+    adding most, the first on ties).  Every configuration is lowered to PTX; assembling all of
+    them took two thirds of this check's time and adds only ptxas runs on instructions these
+    already assemble."""
+    by_kernel = {}
+    for i, cfg in enumerate(configs):
+        by_kernel.setdefault((cfg["module"], cfg["kernel"]), []).append(i)
+    chosen = set()
+    for idx in by_kernel.values():
+        need = set().union(*(features(configs[i]) for i in idx))
+        while need:
+            best = max(idx, key=lambda i: len(features(configs[i]) & need))
+            chosen.add(best)
+            need -= features(configs[best])
+    return chosen
+
+
 class _Compile(conftest.ProcessJob):
     """The recording and, in a subprocess without TRITON_INTERPRET, the compile of every distinct
     configuration with a cold cache (a real compile) of the very samkernels that was recorded.
@@ -179,8 +210,9 @@ class _Compile(conftest.ProcessJob):
         first = {}
         for i, cfg in enumerate(self.configs):
             first.setdefault((cfg["module"], cfg["kernel"]), i)
-        tasks = [[i, ARCH] for i in range(len(self.configs))] + \
-            [[i, EXTRA_ARCH] for i in first.values()]
+        self.assembled = assembled(self.configs)
+        tasks = [[i, ARCH, i in self.assembled] for i in range(len(self.configs))] + \
+            [[i, EXTRA_ARCH, True] for i in first.values()]
         self.job = {"configs": self.configs, "tasks": tasks, "processes": PROCESSES,
                     "interpreter_sizes": {"BLOCK": mt.BLOCK, "CHUNK": mt.CHUNK}}
         (workdir / "configs.json").write_text(json.dumps(self.job))
@@ -235,14 +267,17 @@ def test_every_launched_configuration_compiles(compile_job):
     out = json.loads((compile_job.workdir / "results.json").read_text())
     results = out["results"]
     tasks = compile_job.job["tasks"]
-    assert sorted((r["index"], r["arch"]) for r in results) == sorted(map(tuple, tasks))
+    assert sorted((r["index"], r["arch"]) for r in results) == sorted((i, a) for i, a, _ in tasks)
     assert {r["index"] for r in results if r["arch"] == ARCH} == set(range(len(configs)))
     assert out["gpu_sizes"] != compile_job.job["interpreter_sizes"], \
         "the worker ran in interpreter mode"
-    kernels = sum(1 for _, a in tasks if a == EXTRA_ARCH)
+    assert {(r["index"], r["arch"]) for r in results if r["assembled"]} == \
+        {(i, a) for i, a, full in tasks if full}
+    kernels = sum(1 for _, a, _ in tasks if a == EXTRA_ARCH)
     print(f"\n{len(configs)} configurations ({len(launches.launches)} launches recorded in "
-          f"{launches.seconds:.1f} s) for sm_{ARCH}, the first of each of {kernels} kernels for "
-          f"sm_{EXTRA_ARCH}, compiled by Triton "
+          f"{launches.seconds:.1f} s) for sm_{ARCH} ({len(compile_job.assembled)} of them "
+          f"assembled), the first of each of {kernels} kernels for sm_{EXTRA_ARCH}, compiled by "
+          "Triton "
           f"{out['triton']} in {wall:.1f} s (worker pool {out['wall_s']} s, beside the other "
           "tests)")
     failed = [f"sm_{r['arch']}: {_describe(configs[r['index']])}\n{r['error']}"
@@ -252,6 +287,21 @@ def test_every_launched_configuration_compiles(compile_job):
               if r["vec16"] is False and not _vec16_exempt(configs[r["index"]])]
     assert not scalar, ("aligned multi-tensor kernels without 16-byte vector loads:\n"
                         + "\n".join(scalar))
+
+
+def test_assembled_configurations_show_every_feature(compile_job):
+    """Per kernel, the configurations ptxas assembles show every element type and both sides of
+    every switch that any of its configurations has; and only what is needed for that."""
+    configs, chosen = compile_job.configs, compile_job.assembled
+    by_kernel = {}
+    for i, cfg in enumerate(configs):
+        by_kernel.setdefault((cfg["module"], cfg["kernel"]), []).append(i)
+    for kernel, idx in by_kernel.items():
+        every = set().union(*(features(configs[i]) for i in idx))
+        picked = [i for i in idx if i in chosen]
+        assert set().union(*(features(configs[i]) for i in picked)) == every, kernel
+        assert len(picked) <= len(every), kernel
+    assert len(chosen) < len(configs)
 
 
 # --- (b) the matrix reaches every kernel and both sides of every constexpr bool -----------------
