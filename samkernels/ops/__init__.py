@@ -41,7 +41,7 @@ from torch import Tensor
 from samkernels import _dispatch
 from samkernels.ops import _library  # noqa: F401  (defines the schemas and fakes of the table)
 from samkernels.ops import reference
-from samkernels.ops._spec import PHASES, OpSpec
+from samkernels.ops._spec import PHASES, TENSOR_LIST, OpSpec
 
 __all__ = list(PHASES) + ["OpArgumentError"]
 
@@ -132,14 +132,15 @@ def _block_id(pid: int, blocks: int) -> int:
 
 
 def _shard_ids(name: str, lead: Sequence[Tensor], param_ids: Sequence[int]):
-    """(param_ids for the local shards, whether one needs the reference).  A DTensor that is a
-    part of a larger parameter draws the whole parameter's numbers from the shard's first
-    element on, so the shard must be a contiguous range of the flattened parameter: sharded
-    along dim 0 only.  A shard starting at a multiple of 4 gets its first Philox block in its
-    id's high word (every backend); one starting elsewhere a ``reference.ShardId``."""
+    """(param_ids for the local shards, the indices of the entries only the reference can draw).
+    A DTensor that is a part of a larger parameter draws the whole parameter's numbers from the
+    shard's first element on, so the shard must be a contiguous range of the flattened
+    parameter: sharded along dim 0 only.  A shard starting at a multiple of 4 gets its first
+    Philox block in its id's high word (every backend); one starting elsewhere a
+    ``reference.ShardId`` (``_split_call``)."""
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-    out, sharded = [], False
+    out, odd = [], []
     for i, (t, pid) in enumerate(zip(lead, param_ids)):
         if isinstance(t, DTensor) and t._local_tensor.numel() != t.numel():
             if any(pl.is_shard() and pl.dim != 0 for pl in t.placements):
@@ -152,15 +153,16 @@ def _shard_ids(name: str, lead: Sequence[Tensor], param_ids: Sequence[int]):
             if _blocks_aligned(t):
                 pid = _block_id(int(pid), start // 4)
             else:
-                pid, sharded = reference.ShardId(pid, start), True
+                pid = reference.ShardId(pid, start)
+                odd.append(i)
         out.append(pid)
-    return out, sharded
+    return out, odd
 
 
 def _blocks_aligned(t) -> bool:
     """Whether every rank's shard of DTensor ``t`` (sharded along dim 0) starts at a whole Philox
     block, a multiple of 4 elements: then the fused kernels draw it.  Decided from the global
-    layout, not this rank's offset, so that every rank takes the same backend (the ops' argument
+    layout, not this rank's offset, so that every rank splits its calls alike (the ops' argument
     errors and the collectives around them stay in step).  One Shard(0) placement: rank r
     starts at row r * ceil(rows / ranks) (torch.chunk, as FSDP2); anything else: no."""
     shards = [d for d, pl in enumerate(t.placements) if pl.is_shard()]
@@ -171,25 +173,51 @@ def _blocks_aligned(t) -> bool:
     return (-(-rows // ranks) * (t.numel() // rows)) % 4 == 0
 
 
-def _shard_noise_impl(name: str, impl, backend):
-    """The implementation for noise on shards of which one starts inside a Philox block (an
-    element index that is not a multiple of 4, ``reference.ShardId``): the reference, the one
-    backend that draws from there.  Under the automatic choice a fused backend gives way to it
-    with one warning; a backend asked for by name raises."""
-    if impl is _SPEC[name]:
-        return impl
-    if backend is not None or _dispatch.requested() != "auto":
-        raise OpArgumentError(f"{name}: a DTensor shard starting inside a Philox block (at an "
-                              "element index that is not a multiple of 4) draws its noise on the "
-                              "reference backend only; run with the automatic backend choice or "
-                              "'reference'")
-    if name not in _warned_shards:
-        _warned_shards.add(name)
-        warnings.warn(f"samkernels: {name} runs on the reference backend for DTensor shards that "
-                      "start inside a Philox block (an element index that is not a multiple of "
-                      "4; the fused kernels start a tensor at a whole block)",
-                      RuntimeWarning, stacklevel=3)
-    return _SPEC[name]
+def _split_call(name: str, impl, backend, odd: Sequence[int], values: tuple):
+    """A noise op on local shards of which those at ``odd`` start inside a Philox block (an
+    element index that is not a multiple of 4, ``reference.ShardId``): the reference backend, the
+    one that draws from there, takes those entries, and ``impl`` the others, in a second call on
+    the same arguments.  Exact: the ops treat every entry on its own and only read ``found_inf``
+    and the step tensors; an op that returns a norm (``ebisam_perturb_``) takes it as given,
+    so with no norm passed (it would span every entry) the whole call runs on the reference.
+    Under the automatic choice this warns once per op; a fused backend asked for by name
+    raises, on every rank (``_blocks_aligned``)."""
+    op = PHASES[name]
+    whole = op.result == "norm" and dict(zip(op.arg_names, values))["grad_norm"] is None
+    if impl is not _SPEC[name]:
+        if backend is not None or _dispatch.requested() != "auto":
+            raise OpArgumentError(f"{name}: a DTensor shard starting inside a Philox block (at an "
+                                  "element index that is not a multiple of 4) draws its noise on "
+                                  "the reference backend only; run with the automatic backend "
+                                  "choice (those entries on the reference, the rest fused) or "
+                                  "'reference'")
+        if name not in _warned_shards:
+            _warned_shards.add(name)
+            n = len(values[0])
+            warnings.warn(f"samkernels: {name} runs "
+                          + ("every entry of the call" if whole else f"{len(odd)} of {n} entries")
+                          + " on the reference backend: DTensor shards that start inside a "
+                          "Philox block (an element index that is not a multiple of 4; the fused "
+                          "kernels start a tensor at a whole block)", RuntimeWarning, stacklevel=3)
+    _check_devices(op, values)
+    if impl is _SPEC[name] or whole:
+        return _SPEC[name](*values)
+    odd_set = set(odd)
+    rest = [i for i in range(len(values[0])) if i not in odd_set]
+    result = impl(*_entries(op, values, rest)) if rest else None
+    done = _SPEC[name](*_entries(op, values, odd))
+    return done if result is None else result
+
+
+def _entries(op: OpSpec, values: tuple, idx: Sequence[int]) -> tuple:
+    """``values`` with every tensor list (an empty optional state list stays empty) and
+    ``param_ids`` cut to the entries ``idx``."""
+    cut = []
+    for a, v in zip(op.args, values):
+        if (a.type == TENSOR_LIST and len(v)) or a.name == "param_ids":
+            v = [v[i] for i in idx]
+        cut.append(v)
+    return tuple(cut)
 
 
 _warned_shards: set = set()
@@ -207,10 +235,10 @@ def _source(op: OpSpec) -> str:
     body = [f"def {op.name}({params}, *, backend=None):",
             f"    n = len({lead})"]
     lists = ", ".join(a.name for a in op.lists)
-    body += ["    sharded = False"] if op.takes_ids else []
+    body += ["    odd = None"] if op.takes_ids else []
     body += [f"    if n and type({lead}[0]) not in _PLAIN:  # DTensors: run on the local shards"]
     if op.takes_ids:
-        body += [f"        param_ids, sharded = _shard_ids({op.name!r}, {lead}, param_ids)"]
+        body += [f"        param_ids, odd = _shard_ids({op.name!r}, {lead}, param_ids)"]
     body += [f"        {lists}, = _local_shards(({lists},))"]
     if same:
         body += [f"    if {' or '.join(same)}:",
@@ -231,9 +259,9 @@ def _source(op: OpSpec) -> str:
     # result on every backend (no change; a norm op returns its norm argument, or a zero norm)
     pick = f"_dispatch.implementation({op.name!r}, "
     body += [f"    impl = {pick}{lead}[0].device, backend) if n else {pick}_CPU, 'reference')"]
-    if op.takes_ids:
-        body += ["    if sharded:",
-                 f"        impl = _shard_noise_impl({op.name!r}, impl, backend)"]
+    if op.takes_ids:  # shards starting inside a Philox block: those on the reference
+        body += ["    if odd:",
+                 f"        return _split_call({op.name!r}, impl, backend, odd, ({names},))"]
     body += [
              # the kernels check every tensor's device; the spec does not
              f"    if n and impl is _SPEC[{op.name!r}]:",
