@@ -14,13 +14,19 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from samkernels import _dispatch, ops
 from samkernels import optim as sk
 from samkernels import use_backend as sk_backend
+from samkernels.ops import reference as R
+from samkernels.ops._spec import PHASES
 
 import conftest
+from helpers import F64, op_args
+from oracles import case
 from test_distributed import WORLD, _Spawn, in_process_group
 
 STEPS, BATCH = 3, 16
+CPU = torch.device("cpu")
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -317,3 +323,81 @@ def test_reference_noise_from_a_shard_start(start):
     x = R.philox4x32(i >> 2 & 0xFFFFFFFF, torch.full_like(i, 3), torch.full_like(i, step),
                      torch.zeros_like(i), seed & 0xFFFFFFFF, seed >> 32)
     assert torch.equal(R._uniform(torch.stack(x).gather(0, (i & 3)[None])[0], torch.float64), got)
+
+
+# --- the split of a call (ops._split_call), in this process on plain tensors --------------------
+SPLIT_OPS = [name for name, op in PHASES.items() if op.takes_ids]
+SPLIT_SPEC = [((5, 3), F64), ((7,), F64), ((4, 2), F64), ((9,), F64)]
+ODD = [1, 3]  # the entries whose shards start inside a Philox block
+
+
+def _split_values(name, grad_norm="case"):
+    """The op's full argument tuple on SPLIT_SPEC (found_inf and the step tensors None), with
+    ``reference.ShardId`` ids at ODD."""
+    op = PHASES[name]
+    values = dict(zip(op.arg_names, op_args(op, case(name), SPLIT_SPEC, seed=3)))
+    ids = list(values["param_ids"])
+    ids[1], ids[3] = R.ShardId(ids[1], 6), R.ShardId(ids[3], 2 ** 33 + 1)
+    values["param_ids"] = ids
+    if grad_norm != "case" and "grad_norm" in values:
+        values["grad_norm"] = grad_norm
+    return tuple(values.get(n) for n in op.arg_names)
+
+
+def _cut(op, values, idx):  # the entries idx of every non-empty list and of param_ids
+    return tuple([v[i] for i in idx] if (a.type == "Tensor[]" and len(v)) or a.name == "param_ids"
+                 else v for a, v in zip(op.args, values))
+
+
+def _written(op, values):
+    return [t.clone() for a, v in zip(op.args, values) if a.written for t in v]
+
+
+@pytest.mark.parametrize("name", SPLIT_OPS)
+def test_split_call_runs_the_odd_entries_on_the_reference(name, monkeypatch):
+    """The entries at ODD get exactly what the reference gives them, the others exactly what the
+    cpu kernels give them alone: every argument reaches both calls, cut to its entries."""
+    from conftest import has_extension
+    if not has_extension():
+        pytest.skip("samkernels._C is not built")
+    op = PHASES[name]
+    monkeypatch.setattr(ops, "_warned_shards", set())
+    norm = torch.tensor(2.5, dtype=F64)  # E-BiSAM's: given, as the optimizer gives it on shards
+    split = _split_values(name, norm)
+    rest, odd = _split_values(name, norm), _split_values(name, norm)
+    with pytest.warns(RuntimeWarning, match=f"{name} runs 2 of 4 entries on the reference"):
+        got = ops._split_call(name, _dispatch.implementation(name, CPU, "cpu"), None, ODD, split)
+    want = getattr(ops, name)(*_cut(op, rest, [0, 2]), backend="cpu")
+    getattr(ops, name)(*_cut(op, odd, ODD), backend="reference")
+    by_list = zip(_written(op, split), _written(op, rest), _written(op, odd))
+    entries = [i for a in op.args if a.written for i in range(len(SPLIT_SPEC))]
+    for i, (s, r, o) in zip(entries, by_list):
+        assert torch.equal(s, (o if i in ODD else r)), (name, i)
+    if op.result == "norm":
+        assert got is not None and torch.equal(got, want)
+
+
+def test_split_call_without_a_norm_runs_wholly_on_the_reference(monkeypatch):
+    """E-BiSAM's perturbation with no norm given spans every entry: the reference takes the call."""
+    from conftest import has_extension
+    if not has_extension():
+        pytest.skip("samkernels._C is not built")
+    name, op = "ebisam_perturb_", PHASES["ebisam_perturb_"]
+    monkeypatch.setattr(ops, "_warned_shards", set())
+    split, whole = _split_values(name, None), _split_values(name, None)
+    with pytest.warns(RuntimeWarning, match="every entry of the call on the reference"):
+        got = ops._split_call(name, _dispatch.implementation(name, CPU, "cpu"), None, ODD, split)
+    want = getattr(ops, name)(*whole, backend="reference")
+    assert torch.equal(got, want)
+    for s, w in zip(_written(op, split), _written(op, whole)):
+        assert torch.equal(s, w)
+
+
+def test_split_call_refuses_a_named_fused_backend():
+    name = "bsam_noise_"
+    split = _split_values(name)
+    before = _written(PHASES[name], split)
+    with pytest.raises(ops.OpArgumentError, match="reference backend only"):
+        ops._split_call(name, _dispatch.implementation(name, CPU, "cpu"), "cpu", ODD, split)
+    for a, b in zip(before, _written(PHASES[name], split)):  # nothing written (backups: NaN)
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
