@@ -119,9 +119,9 @@ def in_process_group(rank, port, run):
         if rank == 0:
             _wait_count(store, "left")
     if done:
-        # Every result is saved: leave without the interpreter's teardown, where torch 2.11's
-        # gloo / store threads sometimes abort the process ("terminate called without an active
-        # exception", SIGABRT; seen in CI under load, after the FSDP cases had run).
+        # Every result is saved: leave without the interpreter's teardown, where gloo's and the
+        # store's threads can abort the process (SIGABRT, "terminate called without an active
+        # exception": rank 0 of the FSDP spawn, once in CI under torch 2.11).
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
