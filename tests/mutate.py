@@ -62,6 +62,7 @@ CPU_SAM, CPU_BSAM, CPU_VI = "csrc/math/sam.h", "csrc/math/bsam.h", "csrc/math/vi
 # a family's torch-facing code: CPU kernels, the list roles, CUDA glue (only the CPU part builds here)
 OPS_SAM, OPS_BSAM = "csrc/ops/sam.cpp", "csrc/ops/bsam.cpp"
 ORACLE, WORKED = "test_oracles.py", "test_optim.py::test_bsam_worked_example"
+OPS_INIT = "samkernels/ops/__init__.py"  # the public wrappers (the split of FSDP2 noise calls)
 ASCENT = "test_train.py::test_first_pass_perturbation_ascends"
 
 
@@ -133,6 +134,12 @@ MUTATIONS: List[Mutation] = [
     oracle_bug("a tensor's first Philox block ignored (triton)", "samkernels/triton/_philox.py",
                "bsam_noise_ or ebisam_perturb_", "first = (key >> 32).to(tl.uint32)",
                "first = (key * 0).to(tl.uint32)"),
+    Mutation("a split call's odd entries on the fused backend too", [
+        (OPS_INIT, "rest = [i for i in range(len(values[0])) if i not in odd_set]",
+         "rest = list(range(len(values[0])))")], ["test_fsdp.py"], k="split_call"),
+    Mutation("a split call gives the reference every entry", [
+        (OPS_INIT, "done = _SPEC[name](*_entries(op, values, odd))",
+         "done = _SPEC[name](*values)")], ["test_fsdp.py"], k="split_call"),
     oracle_bug("the check misses NaN (spec)", REF, "nonfinite_flag",
                "if not bool(torch.isfinite(g).all()):", "if bool(g.isinf().any()):"),
     oracle_bug("the check misses a chunk's tail (cpu)", "csrc/cpu/multi_tensor.h",
