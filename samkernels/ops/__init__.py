@@ -183,7 +183,7 @@ def _split_call(name: str, impl, backend, odd: Sequence[int], values: tuple):
     Under the automatic choice this warns once per op; a fused backend asked for by name
     raises, on every rank (``_blocks_aligned``)."""
     op = PHASES[name]
-    whole = op.result == "norm" and dict(zip(op.arg_names, values))["grad_norm"] is None
+    whole = op.result == "norm" and dict(zip(op.arg_names, values)).get("grad_norm") is None
     if impl is not _SPEC[name]:
         if backend is not None or _dispatch.requested() != "auto":
             raise OpArgumentError(f"{name}: a DTensor shard starting inside a Philox block (at an "
