@@ -4,8 +4,8 @@
 
 CONFIGS.json: {"configs": [launch dicts of tests/triton_launches.py], "tasks": [[index, arch,
 assemble]], "processes": 2, "interpreter_sizes": {"BLOCK": b, "CHUNK": c}}.  A task with
-``assemble`` false runs every stage up to the PTX and not ptxas (the cubin stage, about two
-thirds of a compile's time, is replaced by an empty one).  Runs WITHOUT TRITON_INTERPRET
+``assemble`` false runs every stage up to the PTX and not ptxas (the cubin stage, about a third
+of a compile's time, is replaced by an empty one).  Runs WITHOUT TRITON_INTERPRET
 (the kernels must be real JITFunctions; no GPU is needed: ``triton.compile`` with an explicit
 ``GPUTarget`` only runs the compiler and its bundled ptxas).  The interpreter's multi-tensor
 BLOCK/CHUNK are not the GPU's (see _multi_tensor.py): a configuration recorded with exactly the

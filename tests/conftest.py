@@ -132,26 +132,31 @@ def _start(name):
     _STARTED[name] = _JOBS[name][1](pathlib.Path(workdir))
 
 
-def pytest_collection_modifyitems(session, config, items):
-    """The modules that wait for a background job run last, the longest jobs last of all: the
-    main process runs every other test while the jobs run (a job module early in the order left
-    the main process waiting two minutes for the CUDA compiles with most of the suite still to
-    run).  Otherwise the order is collection's."""
-    last = [path for path, _ in sorted(_JOBS.values(), key=lambda job: _JOB_ORDER.index(
-        pathlib.Path(job[0]).stem) if pathlib.Path(job[0]).stem in _JOB_ORDER else -1)]
-    rank = {path: i + 1 for i, path in enumerate(last)}
-    items.sort(key=lambda item: rank.get(str(pathlib.Path(str(item.fspath)).resolve()), 0))
-
-
 # the job modules, shortest job first (tests/test_cuda_compile.py's compiles take longest)
 _JOB_ORDER = ["test_resume", "test_readme", "test_distributed", "test_fsdp", "test_gpu_session",
               "test_triton_aot", "test_cuda_compile"]
 
 
+def _module(item) -> str:
+    """The resolved path of a test's module file, as ``background_job`` records it."""
+    return str(pathlib.Path(str(item.fspath)).resolve())
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The modules that wait for a background job run last, the longest jobs last of all: the
+    main process runs every other test while the jobs run (a job module early in the order left
+    the main process waiting two minutes for the CUDA compiles with most of the suite still to
+    run).  Otherwise the order is collection's."""
+    stems = {path: pathlib.Path(path).stem for path, _ in _JOBS.values()}
+    rank = {path: 1 + (_JOB_ORDER.index(stem) + 1 if stem in _JOB_ORDER else 0)
+            for path, stem in stems.items()}
+    items.sort(key=lambda item: rank.get(_module(item), 0))
+
+
 def pytest_collection_finish(session):
     if session.config.option.collectonly:
         return
-    selected = {str(pathlib.Path(str(item.fspath)).resolve()) for item in session.items}
+    selected = {_module(item) for item in session.items}
     for name, (path, _) in _JOBS.items():
         if path in selected:
             _start(name)

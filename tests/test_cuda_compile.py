@@ -80,9 +80,9 @@ def _nvcc():
 NVCC = _nvcc()
 
 
-def _glue_command(tmp, glue):
-    """g++ -fsyntax-only for one ops file as the CUDA build sees it, or None (with the reason) when
-    it cannot run here."""
+def _glue_flags(tmp):
+    """(g++ and the flags of the CUDA build, which every ops file's pass and the precompiled
+    header share; None) or (None, the reason it cannot run here)."""
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         return None, "no C++ compiler"
@@ -111,10 +111,7 @@ def _glue_command(tmp, glue):
                                                      "-I", cuda_inc]
     for d in includes:  # torch's own headers: their warnings are not ours
         cmd += ["-isystem", d]
-    # torch's headers, parsed once into a precompiled header that every file's pass starts from
-    # (-Werror=invalid-pch: a PCH g++ would not use fails instead of silently parsing again)
-    pch = os.path.join(tmp, "pch", "torch_headers.h")
-    return cmd + ["-include", pch, "-Werror=invalid-pch", "-fsyntax-only", glue], None
+    return cmd, None
 
 
 # Every torch header the ops files include (the CUDA glue's c10/cuda ones among them); our own
@@ -124,14 +121,19 @@ PCH_HEADERS = ["torch/library.h", "torch/autograd.h", "ATen/ATen.h", "ATen/Dispa
                "c10/cuda/CUDAGuard.h", "c10/cuda/CUDAStream.h"]
 
 
-def _pch_command(glue_cmd):
-    """The g++ call that writes the precompiled header ``glue_cmd`` includes, with its flags."""
-    i = glue_cmd.index("-include")
-    pch = glue_cmd[i + 1]
+def _pch_command(flags, pch):
+    """The g++ call that writes ``pch`` (PCH_HEADERS) precompiled, with the passes' ``flags``."""
     os.makedirs(os.path.dirname(pch), exist_ok=True)
     with open(pch, "w") as f:
         f.write("#pragma once\n" + "".join(f"#include <{h}>\n" for h in PCH_HEADERS))
-    return glue_cmd[:i] + ["-x", "c++-header", pch, "-o", pch + ".gch"]
+    return flags + ["-x", "c++-header", pch, "-o", pch + ".gch"]
+
+
+def _glue_command(flags, pch, glue):
+    """g++ -fsyntax-only for one ops file as the CUDA build sees it, starting from the precompiled
+    torch headers (-Werror=invalid-pch: a PCH g++ would not use fails instead of silently parsing
+    them again)."""
+    return flags + ["-include", pch, "-Werror=invalid-pch", "-fsyntax-only", glue]
 
 
 def _object(tmp, cu):
@@ -179,18 +181,16 @@ class _Compiles:
             os.makedirs(keep, exist_ok=True)
             jobs[path] = [NVCC] + NVCC_FLAGS + ["--keep", "--keep-dir", keep, "-I", CSRC, "-c",
                                                 path, "-o", obj]
-        glues = {}
-        for glue in GLUES:
-            glue_cmd, glue_skip = _glue_command(tmp, glue)
-            if glue_cmd is None:
-                results[glue] = None, glue_skip, 0.0
-            else:
-                glues[glue] = glue_cmd
+        flags, glue_skip = _glue_flags(tmp)
+        pch_path = os.path.join(tmp, "pch", "torch_headers.h")  # torch's headers, parsed once
+        glues = {} if flags is None else {g: _glue_command(flags, pch_path, g) for g in GLUES}
+        if flags is None:
+            results.update({g: (None, glue_skip, 0.0) for g in GLUES})
         workers = max(1, min(len(jobs) + len(glues), os.cpu_count() or 1))
         with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
             # the precompiled header first; the file passes queue behind the nvcc jobs, so none
             # waits in a worker for it
-            pch = pool.submit(_run, _pch_command(next(iter(glues.values()))), ROOT,
+            pch = pool.submit(_run, _pch_command(flags, pch_path), ROOT,
                               self.procs) if glues else None
 
             def glue_pass(cmd):

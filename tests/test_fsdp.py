@@ -311,7 +311,6 @@ def test_reference_noise_from_a_shard_start(start):
     """A ``ShardId`` draws the whole parameter's numbers from its start on (normals and E-BiSAM's
     uniforms); its counter word is the id's low 32 bits and the id's high word, as a plain id's,
     moves its first element by 4 per unit (docs/spec.md "Noise")."""
-    from samkernels.ops import reference as R
     seed, step, pid, n = 2 ** 40 + 17, 5, 2 ** 32 + 3, 23
     for draw in (R.philox_normal, R.philox_uniform):
         got = draw(seed, step, R.ShardId(pid, start), n)
@@ -353,13 +352,11 @@ def _written(op, values):
     return [t.clone() for a, v in zip(op.args, values) if a.written for t in v]
 
 
+@conftest.needs_ext
 @pytest.mark.parametrize("name", SPLIT_OPS)
 def test_split_call_runs_the_odd_entries_on_the_reference(name, monkeypatch):
     """The entries at ODD get exactly what the reference gives them, the others exactly what the
     cpu kernels give them alone: every argument reaches both calls, cut to its entries."""
-    from conftest import has_extension
-    if not has_extension():
-        pytest.skip("samkernels._C is not built")
     op = PHASES[name]
     monkeypatch.setattr(ops, "_warned_shards", set())
     norm = torch.tensor(2.5, dtype=F64)  # E-BiSAM's: given, as the optimizer gives it on shards
@@ -377,11 +374,9 @@ def test_split_call_runs_the_odd_entries_on_the_reference(name, monkeypatch):
         assert got is not None and torch.equal(got, want)
 
 
+@conftest.needs_ext
 def test_split_call_without_a_norm_runs_wholly_on_the_reference(monkeypatch):
     """E-BiSAM's perturbation with no norm given spans every entry: the reference takes the call."""
-    from conftest import has_extension
-    if not has_extension():
-        pytest.skip("samkernels._C is not built")
     name, op = "ebisam_perturb_", PHASES["ebisam_perturb_"]
     monkeypatch.setattr(ops, "_warned_shards", set())
     split, whole = _split_values(name, None), _split_values(name, None)

@@ -699,8 +699,12 @@ def test_capturable_looksam_replays_both_kinds_of_step(backend):
         full(eager)
         eager.reuse_step()
         for i in range(4):
-            (g_full if i % 2 == 0 else g_reuse).replay()
-            full(eager) if i % 2 == 0 else eager.reuse_step()
+            if i % 2 == 0:
+                g_full.replay()
+                full(eager)
+            else:
+                g_reuse.replay()
+                eager.reuse_step()
         torch.cuda.synchronize()
     for p, q in zip(model.parameters(), eager_model.parameters()):
         assert torch.equal(p, q)

@@ -17,8 +17,8 @@ arguments differently from the GPU JIT (it keeps Python floats as doubles).  So:
    two architectures is the instructions a kernel's code selects, which one configuration per
    kernel exercises; the whole matrix on both doubled this check's ~380 CPU-seconds).  Every
    sm_90 configuration is lowered to PTX; ptxas assembles those of ``assembled``: per kernel, a
-   set that shows every element type and both values of every constexpr switch (ptxas was two
-   thirds of the time, and assembles no instruction kind these do not)
+   set that shows every element type and both values of every constexpr switch (ptxas is about
+   a third of a compile's time, and the others have no instruction kind these do not)
    (tests/_aot_compile.py,
    2 niced processes, started when collection selects this module: it runs beside the other
    tests), with the GPU's multi-tensor BLOCK/CHUNK, and checks that the full chunks of the
@@ -170,17 +170,22 @@ def features(cfg):
     return f | {(name, v) for name, v in cfg["consts"].items() if isinstance(v, bool)}
 
 
+def by_kernel(configs):
+    """{(module, kernel): the indices of its configurations, in recording order}."""
+    out = {}
+    for i, cfg in enumerate(configs):
+        out.setdefault((cfg["module"], cfg["kernel"]), []).append(i)
+    return out
+
+
 def assembled(configs):
     """The indices of the sm_90 configurations ptxas assembles: per kernel, a few that together
     show every feature (``features``) any of its configurations has, chosen greedily (the one
     adding most, the first on ties).  Every configuration is lowered to PTX; assembling all of
-    them took two thirds of this check's time and adds only ptxas runs on instructions these
+    them would add about a third of each compile's time for ptxas runs on instructions these
     already assemble."""
-    by_kernel = {}
-    for i, cfg in enumerate(configs):
-        by_kernel.setdefault((cfg["module"], cfg["kernel"]), []).append(i)
     chosen = set()
-    for idx in by_kernel.values():
+    for idx in by_kernel(configs).values():
         need = set().union(*(features(configs[i]) for i in idx))
         while need:
             best = max(idx, key=lambda i: len(features(configs[i]) & need))
@@ -207,12 +212,9 @@ class _Compile(conftest.ProcessJob):
             drive_bisam_loss()
         rec.seconds = time.perf_counter() - t0
         self.launches, self.configs, self.workdir = rec, rec.unique(), workdir
-        first = {}
-        for i, cfg in enumerate(self.configs):
-            first.setdefault((cfg["module"], cfg["kernel"]), i)
         self.assembled = assembled(self.configs)
         tasks = [[i, ARCH, i in self.assembled] for i in range(len(self.configs))] + \
-            [[i, EXTRA_ARCH, True] for i in first.values()]
+            [[idx[0], EXTRA_ARCH, True] for idx in by_kernel(self.configs).values()]
         self.job = {"configs": self.configs, "tasks": tasks, "processes": PROCESSES,
                     "interpreter_sizes": {"BLOCK": mt.BLOCK, "CHUNK": mt.CHUNK}}
         (workdir / "configs.json").write_text(json.dumps(self.job))
@@ -293,10 +295,7 @@ def test_assembled_configurations_show_every_feature(compile_job):
     """Per kernel, the configurations ptxas assembles show every element type and both sides of
     every switch that any of its configurations has; and only what is needed for that."""
     configs, chosen = compile_job.configs, compile_job.assembled
-    by_kernel = {}
-    for i, cfg in enumerate(configs):
-        by_kernel.setdefault((cfg["module"], cfg["kernel"]), []).append(i)
-    for kernel, idx in by_kernel.items():
+    for kernel, idx in by_kernel(configs).items():
         every = set().union(*(features(configs[i]) for i in idx))
         picked = [i for i in idx if i in chosen]
         assert set().union(*(features(configs[i]) for i in picked)) == every, kernel
