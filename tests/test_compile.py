@@ -1,6 +1,6 @@
-"""torch.compile: every C++ op has a fake (meta) implementation, a compiled SAM / bSAM training
-step follows the eager trajectory (a NaN step skipped as in eager mode), and the graph breaks are
-the documented ones (README)."""
+"""torch.compile: every C++ op has a fake (meta) implementation, a compiled training step of every
+optimizer with a step counter follows the eager trajectory (a NaN step skipped as in eager mode)
+without recompiling once warm, and the graph breaks are the documented ones (README)."""
 import collections
 
 import pytest
@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch._dynamo.backends.debugging import ExplainWithBackend
 
 from samkernels import BSAM, SAM
+from samkernels.optim import IVON, MFVI, EBiSAM, RandomSAM
 
 from conftest import needs_ext
 
@@ -81,6 +82,11 @@ MAKERS = {
                                           nonfinite="skip_on_device", capturable=True),
     "bsam_capturable": lambda ps: BSAM(ps, lr=0.1, num_data=32, seed=1,
                                        nonfinite="skip_on_device", capturable=True),
+    # the other host counters: noise steps, IVON's t (its bias correction), RandomSAM's Adam step
+    "randomsam_adam": lambda ps: RandomSAM(ps, lr=1e-2, rho=0.05, seed=1, base="adam"),
+    "mfvi": lambda ps: MFVI(ps, lr=0.1, num_data=32, seed=1),
+    "ivon": lambda ps: IVON(ps, lr=0.1, ess=32, seed=1),
+    "ebisam": lambda ps: EBiSAM(ps, lr=0.1, rho=0.05, seed=1),
 }
 
 
@@ -99,7 +105,7 @@ def _step_fn(name, mode, bad):
             model[2].weight.grad[0, 0] += bad["v"]
         return loss
 
-    def closure():
+    def closure(ascent=False):  # the pass flag, which E-BiSAM requires (the others ignore it)
         opt.zero_grad()
         return backward()
 
@@ -127,15 +133,27 @@ DOCUMENTED = {("sam_sgd", "closure"): (6, 5), ("bsam", "phases"): (6, 5),
               ("bsam_unchecked", "phases"): (4, 3), ("sam_sgd_device", "closure"): (5, 4),
               ("bsam_device", "phases"): (4, 3)}
 CONFIGS = list(DOCUMENTED) + [("sam_adam", "phases"), ("bsam", "closure"),
-                              ("sam_adam_capturable", "phases"), ("bsam_capturable", "phases")]
+                              ("sam_adam_capturable", "phases"), ("bsam_capturable", "phases"),
+                              ("randomsam_adam", "closure"), ("mfvi", "closure"),
+                              ("ivon", "closure"), ("ebisam", "closure")]
 NAN_AT = 3  # the step whose gradients get a NaN (not under nonfinite="unchecked")
+# Warm from this step on: no frame recompiles (error_on_recompile).  A host counter passed to an
+# op as a specialised int (or a float formed from it) recompiled every step until dynamo's
+# recompile limit (8) sent the frame back to eager mode; STEPS runs past that limit.
+WARM_AT, STEPS = 6, 11
 
 
 @pytest.mark.parametrize("name,mode", CONFIGS)
 def test_compiled_step_follows_eager(name, mode):
-    """One compilation per configuration checks three things: the compiled steps follow the eager
-    ones, a NaN step is skipped like in eager mode, and a steady-state step has only the
-    documented graph breaks."""
+    """One compilation per configuration checks four things: the compiled steps follow the eager
+    ones, a NaN step is skipped like in eager mode, a warm step compiles nothing (the counters
+    are traced, not specialised: no recompile per step, and no frame gives up at the recompile
+    limit), and a steady-state step has only the documented graph breaks."""
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        _follow_eager(name, mode)
+
+
+def _follow_eager(name, mode):
     bad = {"v": 0.0}
     eager_model, eager_opt, eager_step = _step_fn(name, mode, bad)
     model, opt, step = _step_fn(name, mode, bad)
@@ -146,9 +164,11 @@ def test_compiled_step_follows_eager(name, mode):
         step()
         eager_step()
     checks_nan = not name.endswith("unchecked")
-    for t in range(6):
+    for t in range(STEPS):
         bad["v"] = float("nan") if checks_nan and t == NAN_AT else 0.0
-        torch.testing.assert_close(compiled(), eager_step(), rtol=1e-6, atol=1e-6)
+        with torch._dynamo.config.patch(error_on_recompile=t >= WARM_AT):
+            loss = compiled()
+        torch.testing.assert_close(loss, eager_step(), rtol=1e-6, atol=1e-6)
         assert opt.step_skipped == eager_opt.step_skipped == (checks_nan and t == NAN_AT)
         if steady and t == 0:
             _assert_documented_breaks(name, mode, explain.output())
@@ -158,7 +178,7 @@ def test_compiled_step_follows_eager(name, mode):
     assert opt.state_dict().get("samkernels") == eager_opt.state_dict().get("samkernels")
     if isinstance(opt, BSAM):  # a step skipped on the host hands its noise to the next one
         rolled_back = checks_nan and opt.nonfinite != "skip_on_device"
-        assert opt.state_dict()["samkernels"]["noise_step"] == steady + 6 - rolled_back
+        assert opt.state_dict()["samkernels"]["noise_step"] == steady + STEPS - rolled_back
 
 
 def _assert_documented_breaks(name, mode, ex):

@@ -41,7 +41,7 @@ from torch import Tensor
 from samkernels import _dispatch
 from samkernels.ops import _library  # noqa: F401  (defines the schemas and fakes of the table)
 from samkernels.ops import reference
-from samkernels.ops._spec import PHASES, TENSOR_LIST, OpSpec
+from samkernels.ops._spec import PHASES, SYMINT, TENSOR_LIST, OpSpec, i64 as _i64
 
 __all__ = list(PHASES) + ["OpArgumentError"]
 
@@ -234,6 +234,8 @@ def _source(op: OpSpec) -> str:
     same += ["len(param_ids) != n"] if op.takes_ids else []
     body = [f"def {op.name}({params}, *, backend=None):",
             f"    n = len({lead})"]
+    # a counter past the int64 range: its low 64 bits (what the kernels use), as SymInt takes it
+    body += [f"    {a.name} = _i64({a.name})" for a in op.args if a.type == SYMINT]
     lists = ", ".join(a.name for a in op.lists)
     body += ["    odd = None"] if op.takes_ids else []
     body += [f"    if n and type({lead}[0]) not in _PLAIN:  # DTensors: run on the local shards"]

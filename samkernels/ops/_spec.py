@@ -33,6 +33,21 @@ from typing import Dict, Optional, Tuple
 # the schema types an argument may have
 TENSOR_LIST, OPT_TENSOR, INT_LIST = "Tensor[]", "Tensor?", "int[]"
 INT, FLOAT, BOOL, TENSOR = "int", "float", "bool", "Tensor"
+# a counter that changes every step (Philox noise step, Adam step, IVON's sample count): torch.compile
+# traces a SymInt argument symbolically, where an ``int`` is specialised, so a compiled step
+# recompiled for every new value until dynamo's recompile limit sent it back to eager mode
+SYMINT = "SymInt"
+
+
+def i64(x):
+    """The signed int64 with the same low 64 bits as ``x``, the value an int64 schema argument
+    takes (a SymInt argument refuses a Python int outside the int64 range).  In-range values, and
+    SymInts under torch.compile, pass through untouched: a changing ``step`` is not specialised
+    on."""
+    if isinstance(x, int) and not -(1 << 63) <= x < (1 << 63):
+        x &= (1 << 64) - 1
+        return x - (1 << 64) if x >= 1 << 63 else x
+    return x
 
 
 @dataclass(frozen=True)
@@ -132,7 +147,7 @@ NOISED = (L("params", "param", True), L("backups", "backup", True))
 # the lists a gradient phase starts with: perturbing writes the backups, updating reads them
 PERTURBED = (L("params", "param", True), L("grads", "grad"), L("backups", "backup", True))
 UPDATED = (L("params", "param", True), L("grads", "grad"), L("backups", "backup"))
-IDS_SEED_STEP = (Arg("param_ids", INT_LIST), Arg("seed", INT), Arg("step", INT))
+IDS_SEED_STEP = (Arg("param_ids", INT_LIST), Arg("seed", INT), Arg("step", SYMINT))
 # Every op that takes a ``step`` (a Philox noise counter, or Adam's step) also takes the last
 # argument ``device_step``: None, or a one-element int64 tensor on the parameters' device.  The op
 # then uses step + device_step, read by the kernel on the device (no host sync): the capturable

@@ -40,8 +40,8 @@ from torch import Tensor
 from samkernels._dtypes import opmath
 from samkernels.ops._library import op
 from samkernels.ops._spec import (BOOL, DEBIAS_STEP, DEVICE_STEP, FLOAT, FOUND_INF, IDS_SEED_STEP,
-                                  INT, INT_LIST, NOISED, OPT_TENSOR, PERTURBED, TENSOR, UPDATED, Arg,
-                                  L, floats)
+                                  INT, INT_LIST, NOISED, OPT_TENSOR, PERTURBED, SYMINT, TENSOR, UPDATED,
+                                  Arg, L, floats)
 
 
 def at_step(step: int, device_step: Optional[Tensor]) -> int:
@@ -257,7 +257,7 @@ def sam_restore_sgd_(params: List[Tensor], grads: List[Tensor], backups: List[Te
                            weight_decay, first))
 
 
-@op("sam", UPDATED, L("exp_avgs", "state", True), L("exp_avg_sqs", "state", True), Arg("step", INT),
+@op("sam", UPDATED, L("exp_avgs", "state", True), L("exp_avg_sqs", "state", True), Arg("step", SYMINT),
     floats("lr", "beta1", "beta2", "eps", "weight_decay"), Arg("decoupled", BOOL), FOUND_INF,
     DEVICE_STEP)
 def sam_restore_adam_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
@@ -445,7 +445,7 @@ def vsam_perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Tenso
 # E-BiSAM (Alg. 3 of the BiSAM paper): stochastic weight perturbation
 # ---------------------------------------------------------------------------------------------
 @op("ebisam", PERTURBED, Arg("param_ids", INT_LIST), Arg("grad_norm", OPT_TENSOR), Arg("seed", INT),
-    Arg("step", INT), floats("rho", "beta", "eps"), FOUND_INF, DEVICE_STEP, returns="Tensor",
+    Arg("step", SYMINT), floats("rho", "beta", "eps"), FOUND_INF, DEVICE_STEP, returns="Tensor",
     result="norm")
 def ebisam_perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
                   param_ids: List[int], grad_norm: Optional[Tensor], seed: int, step: int,
@@ -562,7 +562,7 @@ def samv_restore_sgd_(params: List[Tensor], grads: List[Tensor], backups: List[T
 
 @op("samv", UPDATED, L("saved", "state"), L("exp_avgs", "state", True),
     L("exp_avg_sqs", "state", True), L("outs", "state?", True), Arg("coeffs", TENSOR),
-    Arg("step", INT), floats("lr", "beta1", "beta2", "eps", "weight_decay"), Arg("decoupled", BOOL),
+    Arg("step", SYMINT), floats("lr", "beta1", "beta2", "eps", "weight_decay"), Arg("decoupled", BOOL),
     FOUND_INF, DEVICE_STEP)
 def samv_restore_adam_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
                        saved: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
@@ -631,7 +631,7 @@ def ivon_noise_(params: List[Tensor], backups: List[Tensor], hessians: List[Tens
 
 @op("ivon", UPDATED, L("hessians", "state"), L("avg_grads", "state", True),
     L("avg_nxgs", "state", True), IDS_SEED_STEP, floats("ess", "weight_decay"),
-    Arg("count", INT), FOUND_INF, DEVICE_STEP)
+    Arg("count", SYMINT), FOUND_INF, DEVICE_STEP)
 def ivon_accumulate_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
                      hessians: List[Tensor], avg_grads: List[Tensor], avg_nxgs: List[Tensor],
                      param_ids: List[int], seed: int, step: int, ess: float, weight_decay: float,
@@ -665,7 +665,7 @@ def ivon_accumulate_(params: List[Tensor], grads: List[Tensor], backups: List[Te
 @op("ivon", UPDATED, L("hessians", "state", True), L("momenta", "state", True),
     L("avg_grads", "state?"), L("avg_nxgs", "state?"), IDS_SEED_STEP,
     floats("lr", "ess", "weight_decay", "beta1", "beta2", "clip_radius", "bias_correction"),
-    Arg("count", INT), FOUND_INF, DEVICE_STEP, DEBIAS_STEP)
+    Arg("count", SYMINT), FOUND_INF, DEVICE_STEP, DEBIAS_STEP)
 def ivon_update_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
                  hessians: List[Tensor], momenta: List[Tensor], avg_grads: List[Tensor],
                  avg_nxgs: List[Tensor], param_ids: List[int], seed: int, step: int, lr: float,

@@ -277,6 +277,11 @@ class IVON(PosteriorSampler, TwoPassOptimizer):
         step, at = self._counter_args("noise_step", -1)  # the last sample's draw
         self._advance_counter("step", 1)  # t: this step's number, for the bias correction
         t, debias_step = self._counter_args("step") if self.debias else (0, None)
+        if debias_step is None and self.debias and torch.compiler.is_compiling():
+            # 1 - beta1^t as a host float is a new constant each step to dynamo (a recompile per
+            # step); t in a tensor is traced, and the op forms the same value from it
+            dev = next(p.device for g in self.param_groups for p in g["params"])
+            t, debias_step = 0, torch.full((1,), t, dtype=torch.int64, device=dev)
         try:
             for group, ps in self._with_grad(grouped, first=k == 1):
                 if not ps:

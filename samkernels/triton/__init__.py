@@ -36,23 +36,14 @@ from typing import Callable
 import torch
 
 from samkernels.ops import _library
-from samkernels.ops._spec import INT, INT_LIST, OPT_TENSOR, PHASES, TENSOR_LIST, OpSpec
+from samkernels.ops._spec import INT, INT_LIST, OPT_TENSOR, PHASES, SYMINT, TENSOR_LIST, OpSpec, i64
 from samkernels.triton._philox import philox_probe, uniforms_below
 
 __all__ = list(PHASES) + ["philox_probe", "uniforms_below"]
 
 
-def _i64(x):
-    """The signed int64 with the same low 64 bits as ``x``.  In-range values (and SymInts under
-    torch.compile) pass through untouched, so a changing ``step`` is not specialised on."""
-    if isinstance(x, int) and not -(1 << 63) <= x < (1 << 63):
-        x &= (1 << 64) - 1
-        return x - (1 << 64) if x >= 1 << 63 else x
-    return x
-
-
 # how each schema type reaches the op (None: as given)
-_CONVERT = {TENSOR_LIST: list, INT: _i64, INT_LIST: lambda ids: [_i64(i) for i in ids]}
+_CONVERT = {TENSOR_LIST: list, INT: i64, SYMINT: i64, INT_LIST: lambda ids: [i64(i) for i in ids]}
 
 
 def _defaults(op: OpSpec):
