@@ -203,25 +203,36 @@ struct NoiseKey {
       : pid(static_cast<uint32_t>(param_id)), first(static_cast<uint64_t>(param_id) >> 32) {}
 };
 
-// Standard normals of elements [begin, end) of the tensor keyed `key` (begin a multiple of 4),
-// handed out in runs: f(q, len, z) with z[k] the normal of element q + k, k < len.  fp32 opmath
-// takes the vectorized blocks above (runs of kBlockElems); double keeps philox_normal4's exact
-// path (runs of one quad).  The one loop every CPU noise kernel uses.
-template <typename T, typename F>
-inline void for_each_normal_run(uint64_t seed, uint64_t step, NoiseKey key, int64_t begin,
-                                int64_t end, F&& f) {
+// Which numbers of an element's Philox word a run hands out: its standard normal (Box-Muller of
+// its quad) or its uniform (E-BiSAM's mask).
+enum class Draw { kNormal, kUniform };
+
+// The numbers `D` of elements [begin, end) of the tensor keyed `key` (begin a multiple of 4),
+// handed out in runs: f(q, len, x) with x[k] the number of element q + k, k < len.  fp32 opmath
+// takes the vectorized blocks above (runs of kBlockElems); double keeps philox_normal4's /
+// philox_uniform4's exact path (runs of one quad).  The one loop every CPU noise kernel uses.
+template <typename T, Draw D, typename F>
+inline void for_each_run(uint64_t seed, uint64_t step, NoiseKey key, int64_t begin, int64_t end,
+                         F&& f) {
   if constexpr (std::is_same<T, float>::value) {
-    alignas(16) float z[kBlockElems];
+    alignas(16) float x[kBlockElems];
     for (int64_t q = begin; q < end; q += kBlockElems) {
-      normal_block(seed, step, key.pid, key.first + static_cast<uint64_t>(q >> 2), z,
-                   block_quads(end - q));
-      f(q, static_cast<int>(std::min<int64_t>(end - q, kBlockElems)), static_cast<const T*>(z));
+      const uint64_t quad = key.first + static_cast<uint64_t>(q >> 2);
+      if constexpr (D == Draw::kNormal)
+        normal_block(seed, step, key.pid, quad, x, block_quads(end - q));
+      else
+        uniform_block(seed, step, key.pid, quad, x, block_quads(end - q));
+      f(q, static_cast<int>(std::min<int64_t>(end - q, kBlockElems)), static_cast<const T*>(x));
     }
   } else {
     for (int64_t q = begin; q < end; q += 4) {
-      T z[4];
-      philox_normal4<T>(seed, step, key.pid, key.first + static_cast<uint64_t>(q >> 2), z);
-      f(q, static_cast<int>(std::min<int64_t>(end - q, 4)), static_cast<const T*>(z));
+      const uint64_t quad = key.first + static_cast<uint64_t>(q >> 2);
+      T x[4];
+      if constexpr (D == Draw::kNormal)
+        philox_normal4<T>(seed, step, key.pid, quad, x);
+      else
+        philox_uniform4<T>(seed, step, key.pid, quad, x);
+      f(q, static_cast<int>(std::min<int64_t>(end - q, 4)), static_cast<const T*>(x));
     }
   }
 }
@@ -233,11 +244,11 @@ template <typename V, class F>
 inline void for_each_normal(const V& v, int64_t seed, int64_t step, at::IntArrayRef param_ids,
                             F&& f) {
   using opmath_t = typename V::opmath_t;
-  for_each_normal_run<opmath_t>(static_cast<uint64_t>(seed), static_cast<uint64_t>(step),
-                                NoiseKey(param_ids[v.tensor]), v.begin, v.end,
-                                [&](int64_t q, int len, const opmath_t* z) {
-                                  for (int k = 0; k < len; ++k) f(q + k, z[k]);
-                                });
+  for_each_run<opmath_t, Draw::kNormal>(static_cast<uint64_t>(seed), static_cast<uint64_t>(step),
+                                        NoiseKey(param_ids[v.tensor]), v.begin, v.end,
+                                        [&](int64_t q, int len, const opmath_t* z) {
+                                          for (int k = 0; k < len; ++k) f(q + k, z[k]);
+                                        });
 }
 
 // The noise phases (bsam_noise_, vi_noise_, ivon_noise_) on one chunk view `v`: list 1 (backups)

@@ -54,30 +54,17 @@ at::Tensor ebisam_perturb(at::TensorList params, at::TensorList grads, at::Tenso
     const opmath_t scale = maths.scale(norm);
     const auto p = gradient_lists(v);
     const NoiseKey key(param_ids[v.tensor]);
-    // u[k]: uniform of element q + k; runs of a vectorised block (fp32) or of one quad (fp64)
-    const auto run = [&](int64_t q, int64_t stop, const opmath_t* u) {
-      for (int64_t i = q; i < stop; ++i) {
-        p.b[i] = p.w[i];
-        if (maths.chosen(u[i - q]))  // elements not chosen are not rewritten
-          p.w[i] = static_cast<scalar_t>(maths.perturbed(static_cast<opmath_t>(p.w[i]),
-                                                         static_cast<opmath_t>(p.g[i]), scale));
-      }
-    };
-    if constexpr (std::is_same<opmath_t, float>::value) {
-      alignas(16) float u[kBlockElems];
-      for (int64_t q = v.begin; q < v.end; q += kBlockElems) {
-        uniform_block(static_cast<uint64_t>(seed), static_cast<uint64_t>(step), key.pid,
-                      key.first + static_cast<uint64_t>(q >> 2), u, block_quads(v.end - q));
-        run(q, std::min(v.end, q + kBlockElems), u);
-      }
-    } else {
-      for (int64_t q = v.begin; q < v.end; q += 4) {
-        opmath_t u[4];
-        philox_uniform4<opmath_t>(static_cast<uint64_t>(seed), static_cast<uint64_t>(step),
-                                  key.pid, key.first + static_cast<uint64_t>(q >> 2), u);
-        run(q, std::min(v.end, q + 4), u);
-      }
-    }
+    // u[k]: the uniform of element q + k
+    for_each_run<opmath_t, Draw::kUniform>(
+        static_cast<uint64_t>(seed), static_cast<uint64_t>(step), key, v.begin, v.end,
+        [&](int64_t q, int len, const opmath_t* u) {
+          for (int64_t i = q; i < q + len; ++i) {
+            p.b[i] = p.w[i];
+            if (maths.chosen(u[i - q]))  // elements not chosen are not rewritten
+              p.w[i] = static_cast<scalar_t>(maths.perturbed(static_cast<opmath_t>(p.w[i]),
+                                                             static_cast<opmath_t>(p.g[i]), scale));
+          }
+        });
   });
   pl.finish();
   return norm_tensor(norm);
@@ -96,8 +83,8 @@ namespace cuda {
 // i is perturbed iff the Philox uniform of word i & 3 of block (i >> 2, pid, step) is < beta.
 // Lists: 0 params, 1 grads, 2 backups; tags = param ids.  Defined in cuda/ebisam.cu.
 cudaError_t launch_ebisam_perturb(const Group& g, const double* norm, uint64_t seed, uint64_t step,
-                                  const int64_t* device_step, double rho, double beta, double eps, const float* found_inf,
-                                  cudaStream_t stream);
+                                  const int64_t* device_step, double rho, double beta, double eps,
+                                  const float* found_inf, cudaStream_t stream);
 
 namespace {
 
