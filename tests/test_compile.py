@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch._dynamo.backends.debugging import ExplainWithBackend
 
 from samkernels import BSAM, SAM
-from samkernels.optim import IVON, MFVI, EBiSAM, RandomSAM
+from samkernels.optim import IVON, MFVI, EBiSAM, LookSAM, RandomSAM
 
 from conftest import needs_ext
 
@@ -87,6 +87,8 @@ MAKERS = {
     "mfvi": lambda ps: MFVI(ps, lr=0.1, num_data=32, seed=1),
     "ivon": lambda ps: IVON(ps, lr=0.1, ess=32, seed=1),
     "ebisam": lambda ps: EBiSAM(ps, lr=0.1, rho=0.05, seed=1),
+    # two kinds of step (README: under the default "skip" it reaches the recompile limit)
+    "looksam_device": lambda ps: LookSAM(ps, lr=0.1, rho=0.05, k=3, nonfinite="skip_on_device"),
 }
 
 
@@ -135,7 +137,8 @@ DOCUMENTED = {("sam_sgd", "closure"): (6, 5), ("bsam", "phases"): (6, 5),
 CONFIGS = list(DOCUMENTED) + [("sam_adam", "phases"), ("bsam", "closure"),
                               ("sam_adam_capturable", "phases"), ("bsam_capturable", "phases"),
                               ("randomsam_adam", "closure"), ("mfvi", "closure"),
-                              ("ivon", "closure"), ("ebisam", "closure")]
+                              ("ivon", "closure"), ("ebisam", "closure"),
+                              ("looksam_device", "closure")]
 NAN_AT = 3  # the step whose gradients get a NaN (not under nonfinite="unchecked")
 # Warm from this step on: no frame recompiles (error_on_recompile).  A host counter passed to an
 # op as a specialised int (or a float formed from it) recompiled every step until dynamo's
