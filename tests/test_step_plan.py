@@ -6,15 +6,17 @@ bit, the one of a twin that regroups every tensor at every call, through each of
 the lists are reused while nothing changes; the optimizer holds no gradient past its use and no
 extra reference to a parameter (``torch.utils.swap_tensors`` still works after a step).
 """
+import collections
 import gc
 import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from samkernels import BSAM, SAM
-from samkernels.optim import IVON, MFVI, EBiSAM, RandomSAM, VariationalSAM
+from samkernels.optim import IVON, MFVI, EBiSAM, LookSAM, RandomSAM, VariationalSAM
 
 MAKERS = {
     "sam": lambda ps: SAM(ps, lr=0.1, rho=0.05, momentum=0.9, weight_decay=1e-3),
@@ -149,6 +151,41 @@ def test_plan_lists_are_reused():
     changed = opt._grouped()
     assert sum(len(ps) for _, ps in changed) == sum(len(ps) for _, ps in first) - 1
     assert all(p is not model[0].bias for _, ps in changed for p in ps)
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _one_pass_ops(kind, model):
+    """The aten / samkernels ops of one ``kind`` step (after a full step made state and plan)."""
+    opt = (SAM(model.parameters(), lr=0.1, rho=0.05, momentum=0.9) if kind == "base_step" else
+           LookSAM(model.parameters(), lr=0.1, rho=0.05, k=3))
+    _step(model, opt, 1)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    with _CountOps() as counted:
+        getattr(opt, kind)()
+    return counted.ops
+
+
+@pytest.mark.parametrize("kind", ["base_step", "reuse_step"])
+def test_one_pass_step_copies_the_backups_in_one_op(kind):
+    """A step without a first pass (SAM's ``base_step``, LookSAM's ``reuse_step``) sets every
+    backup to its weight with one multi-tensor copy per parameter list, not a copy per tensor (on
+    2,000 tiny tensors the per-tensor copies made LookSAM's one-pass step slower than its full
+    two-pass step: bench/RESULTS.md): the ops it runs do not depend on the number of tensors."""
+    small = _one_pass_ops(kind, _model())  # 6 tensors
+    torch.manual_seed(1)
+    large = _one_pass_ops(kind, torch.nn.Sequential(*[torch.nn.Linear(5, 5) for _ in range(8)]))
+    assert small["aten._foreach_copy_.default"] == 1, small
+    assert small == large
 
 
 @pytest.mark.parametrize("name", ["sam", "bsam", "vsam"])

@@ -212,19 +212,21 @@ class SAM(TwoPassOptimizer):
                 self._base_update(group, ps)
         else:
             perturbed = {p for ps, _ in moved for p in ps}
+            # FSDP2 shards: DTensor has no _foreach_copy_ rule (inline: torch.compile)
+            copy = foreach_copy_ if self._sharded else torch._foreach_copy_
             for group, ps in grouped:
-                for p in ps:  # a gradient only in this pass: its backup is itself
-                    if p not in perturbed:
-                        self._backup(p).copy_(p)
+                # a gradient only in this pass: its backup is itself (every one in a step without
+                # a first pass, LookSAM's reuse_step and base_step: one copy, not one per tensor)
+                fresh = [p for p in ps if p not in perturbed] if perturbed else ps
+                if fresh:
+                    copy(self._backups_for(fresh), fresh)
                 self._base_update(group, ps)
                 perturbed.difference_update(set(ps))  # a set: torch.compile compares items with ==
             # parameters perturbed in the first pass but without a gradient now: just restore them
             for ps, bs in moved:
                 rest = [(p, b) for p, b in zip(ps, bs) if p in perturbed]
                 if rest:
-                    # FSDP2 shards: DTensor has no _foreach_copy_ rule (inline: torch.compile)
-                    (foreach_copy_ if self._sharded else torch._foreach_copy_)(
-                        [p for p, _ in rest], [b for _, b in rest])
+                    copy([p for p, _ in rest], [b for _, b in rest])
         self._perturbed.clear()
         self._finish_step(skipped=False)
         if zero_grad:
