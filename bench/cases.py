@@ -5,6 +5,7 @@ the same between the passes, so only the optimizer's own work is timed.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Dict, List, Tuple
 
@@ -119,6 +120,8 @@ def _fused(make, phases):
 fused_sam = _fused(lambda ps, nf: SAM(ps, lr=1e-3, rho=0.05, momentum=0.9, weight_decay=5e-4,
                                       nonfinite=nf),
                    ["first_step", "second_step"])
+fused_sam_adam = _fused(lambda ps, nf: SAM(ps, lr=1e-3, rho=0.05, base="adam", nonfinite=nf),
+                        ["first_step", "second_step"])
 fused_bsam = _fused(lambda ps, nf: BSAM(ps, lr=1e-3, num_data=50_000, rho=0.01, weight_decay=1e-4,
                                         seed=0, nonfinite=nf),
                     ["noise_step", "first_step", "second_step"])
@@ -151,10 +154,18 @@ def _family():
 # samkernels/ops/reference.py.  SAM, RandomSAM and E-BiSAM perturb, restore and take torch's SGD
 # step; the noise of the randomised ones is torch's (``noise=None``) or given: ``noise(step)``, the
 # per-tensor normals of step ``step`` (0, 1, ...), so a test can hand them the fused optimizer's.
-def _loop_perturbed(params, perturbation, **sgd):
-    """A perturb / restore / ``torch.optim.SGD`` step, tensor by tensor (davda54/sam style).
-    ``perturbation()`` runs once per step and returns ``e(i, p)``, the perturbation of tensor i."""
-    base = torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=False, **sgd)
+def _base(params, foreach, adam, **sgd):
+    """torch's base step of the fused builds: SGD with momentum 0.9, or Adam (``adam``)."""
+    if adam:
+        return torch.optim.Adam(params, lr=1e-3, foreach=foreach)
+    return torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=foreach, **sgd)
+
+
+def _loop_perturbed(params, perturbation, adam=False, **sgd):
+    """A perturb / restore / ``torch.optim.SGD`` (or ``Adam``) step, tensor by tensor (davda54/sam
+    style).  ``perturbation()`` runs once per step and returns ``e(i, p)``, the perturbation of
+    tensor i."""
+    base = _base(params, False, adam, **sgd)
     old = {}
 
     @torch.no_grad()
@@ -169,9 +180,9 @@ def _loop_perturbed(params, perturbation, **sgd):
     return step
 
 
-def _foreach_perturbed(params, perturbation, **sgd):
+def _foreach_perturbed(params, perturbation, adam=False, **sgd):
     """The same step in ``torch._foreach_*`` ops: ``perturbation()`` returns the list of e."""
-    base = torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=True, **sgd)
+    base = _base(params, True, adam, **sgd)
     backups = [torch.empty_like(p) for p in params]
 
     @torch.no_grad()
@@ -204,19 +215,20 @@ def _noise_source(params, noise):
     return draw
 
 
-def loop_sam(params):
-    """davda54/sam style: per-tensor norms stacked, per-tensor perturb, restore, torch SGD step."""
+def loop_sam(params, adam=False):
+    """davda54/sam style: per-tensor norms stacked, per-tensor perturb, restore, torch SGD (or
+    Adam) step."""
     def perturbation():
         scale = 0.05 / (_loop_norm(params) + 1e-12)
         return lambda i, p: p.grad * scale
-    return _loop_perturbed(params, perturbation, weight_decay=5e-4)
+    return _loop_perturbed(params, perturbation, adam, **({} if adam else {"weight_decay": 5e-4}))
 
 
-def foreach_sam(params):
+def foreach_sam(params, adam=False):
     grads = [p.grad for p in params]
     return _foreach_perturbed(
-        params, lambda: torch._foreach_mul(grads, 0.05 / (_foreach_norm(grads) + 1e-12)),
-        weight_decay=5e-4)
+        params, lambda: torch._foreach_mul(grads, 0.05 / (_foreach_norm(grads) + 1e-12)), adam,
+        **({} if adam else {"weight_decay": 5e-4}))
 
 
 def loop_randomsam(params, noise=None):
@@ -479,6 +491,8 @@ def foreach_ivon(params, noise=None):
 
 IMPLS = {
     "sam": {"fused": fused_sam, "foreach": foreach_sam, "loop": loop_sam},
+    "sam_adam": {"fused": fused_sam_adam, "foreach": functools.partial(foreach_sam, adam=True),
+                 "loop": functools.partial(loop_sam, adam=True)},
     "bsam": {"fused": fused_bsam, "foreach": foreach_bsam, "loop": loop_bsam},
 }
 # The rest of the family: fused step overhead only (report.py --algos bisam,... --impls fused-cpu)
@@ -497,6 +511,8 @@ BYTES_PER_PHASE = {
     # SAM+SGD-momentum: norm (read g) 4 + perturb (read w, g; write backup, w) 16 = 20;
     # restore/update (read backup, g, buf; write w, buf) 20.
     "sam": {"first_step": 20, "second_step": 20},
+    # SAM+Adam: the same first pass; restore/update (read backup, g, m, v; write w, m, v) 28
+    "sam_adam": {"first_step": 20, "second_step": 28},
     # bSAM: noise (read w, s; write backup, w) 16; perturb + precision (read g, s, backup; write w,
     # s) 20; momentum + mean update (read g, backup, s, gm; write gm, w) 24.
     "bsam": {"noise_step": 16, "first_step": 20, "second_step": 24},

@@ -48,7 +48,8 @@ def _philox_noise(params, seed=0):
                       for i, p in enumerate(params)]
 
 
-EQUAL = [(algo, impl) for algo in ("sam", "mfvi", "vsam", "ivon") for impl in ("foreach", "loop")]
+EQUAL = [(algo, impl) for algo in ("sam", "sam_adam", "mfvi", "vsam", "ivon")
+         for impl in ("foreach", "loop")]
 
 
 @pytest.mark.parametrize("algo,impl", EQUAL)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from samkernels import BSAM, SAM
+from samkernels.optim import sam as sam_module
 from samkernels.optim import IVON, MFVI, EBiSAM, LookSAM, RandomSAM, VariationalSAM
 
 MAKERS = {
@@ -163,6 +164,11 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _wide():
+    torch.manual_seed(1)
+    return torch.nn.Sequential(*[torch.nn.Linear(5, 5) for _ in range(8)])
+
+
 def _one_pass_ops(kind, model):
     """The aten / samkernels ops of one ``kind`` step (after a full step made state and plan)."""
     opt = (SAM(model.parameters(), lr=0.1, rho=0.05, momentum=0.9) if kind == "base_step" else
@@ -181,11 +187,32 @@ def test_one_pass_step_copies_the_backups_in_one_op(kind):
     backup to its weight with one multi-tensor copy per parameter list, not a copy per tensor (on
     2,000 tiny tensors the per-tensor copies made LookSAM's one-pass step slower than its full
     two-pass step: bench/RESULTS.md): the ops it runs do not depend on the number of tensors."""
-    small = _one_pass_ops(kind, _model())  # 6 tensors
-    torch.manual_seed(1)
-    large = _one_pass_ops(kind, torch.nn.Sequential(*[torch.nn.Linear(5, 5) for _ in range(8)]))
+    small = _one_pass_ops(kind, _model())  # 6 tensors, 16 in _wide()
+    large = _one_pass_ops(kind, _wide())
     assert small["aten._foreach_copy_.default"] == 1, small
     assert small == large
+
+
+@pytest.mark.parametrize("base", ["adam", "adamw"])
+def test_adam_counts_are_one_row(base, tmp_path):
+    """The Adam step counts stay a 0-dim float32 CPU tensor per parameter in ``state`` (as in
+    torch.optim), and those created together are consecutive elements of one storage, so a step
+    advances them with one add (``sam._one_row``): the per-tensor ``_foreach_add_`` on CPU scalars
+    took 5 of a SAM-Adam step's 11 ms on 2,000 tiny tensors (bench/RESULTS.md).  A checkpoint
+    keeps the sharing, so a resumed run takes the same path."""
+    model = _wide()
+    opt = SAM(model.parameters(), lr=1e-2, rho=0.05, base=base)
+    for s in (1, 2):
+        _step(model, opt, s)
+    steps = [opt.state[p]["step"] for p in model.parameters()]
+    assert all(t.shape == () and t.dtype == torch.float32 and float(t) == 2.0 for t in steps)
+    assert len(sam_module._one_row(steps)) == len(steps) == 16
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    again = SAM(_wide().parameters(), lr=1e-2, rho=0.05, base=base)
+    again.load_state_dict(torch.load(tmp_path / "opt.pt"))
+    loaded = [again.state[p]["step"] for p in again.param_groups[0]["params"]]
+    assert len(sam_module._one_row(loaded)) == 16
+    assert not len(sam_module._one_row([torch.tensor(1.0), torch.tensor(1.0)]))  # separate ones
 
 
 @pytest.mark.parametrize("name", ["sam", "bsam", "vsam"])

@@ -6,7 +6,7 @@ applies the base optimizer's update with the gradient taken at w + e (one fused 
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -49,6 +49,33 @@ def _sam_norm(work, over_shards) -> torch.Tensor:
     sq = over_shards([ops.grad_sumsq(ps, gs, g["adaptive"], g["eta"] if g["adaptive"] else 0.0)
                       .to(dev) for g, ps, gs in work])
     return sq[0].sqrt() if len(sq) == 1 else torch.stack([s.double() for s in sq]).sum().sqrt()
+
+
+def _new_adam_states(state: dict, ps: List[torch.Tensor]) -> None:
+    """Adam's entries for parameters ``ps`` that have none.  Each step count is a 0-dim float32 CPU
+    tensor, as in torch.optim, and those created together are the elements of one row, so that a
+    step counts them all with one add (``_one_row``) instead of an add per tensor."""
+    row = torch.zeros(len(ps))
+    for i, p in enumerate(ps):
+        st = state[p]
+        st["step"] = row[i]
+        st["exp_avg"] = torch.zeros_like(p, dtype=opmath(p))
+        st["exp_avg_sq"] = torch.zeros_like(p, dtype=opmath(p))
+
+
+def _one_row(steps: List[torch.Tensor]) -> torch.Tensor:
+    """A 1-D float32 CPU tensor whose elements are ``steps`` in order (the same memory), when they
+    are consecutive elements of one storage (``_new_adam_states``; a loaded checkpoint keeps the
+    sharing); else an empty tensor (each count is then added on its own)."""
+    t0 = steps[0]
+    if not all(type(t) is torch.Tensor and t.dim() == 0 and t.dtype == torch.float32 and
+               t.device.type == "cpu" for t in steps):
+        return torch.empty(0)
+    storage, base = t0.untyped_storage(), t0.storage_offset()
+    if any(t.untyped_storage().data_ptr() != storage.data_ptr() or t.storage_offset() != base + i
+           for i, t in enumerate(steps)):
+        return torch.empty(0)
+    return t0.as_strided((len(steps),), (1,), base)
 
 
 def _adam_state(state: dict, p: torch.Tensor) -> dict:
@@ -295,20 +322,29 @@ class SAM(TwoPassOptimizer):
             return self._capturable_adam(group, ps, grads, backups, found_inf)
         have = None if torch.compiler.is_compiling() else \
             self._state_lists(ps, "step", "exp_avg", "exp_avg_sq")
-        if have is not None:  # all state exists (eager): count the steps with one foreach op
+        if have is not None:  # all state exists (eager): count the steps in one op
             steps, exp_avgs, exp_avg_sqs = have
-            torch._foreach_add_(steps, 1.0)
-            # all at the same count (CPU scalars, as in torch.optim: no device sync)
-            if torch.equal(torch.stack(steps), steps[0].expand(len(steps))):
+            row = self._memo("adam_step_row", ps, lambda: _one_row(steps))
+            if len(row):  # the counts are one row's elements: one add
+                row.add_(1.0)
+                counts = row
+            else:
+                torch._foreach_add_(steps, 1.0)
+                counts = torch.stack(steps)
+            # all at the same count, the usual step (CPU scalars, as in torch.optim: no device sync)
+            if torch.equal(counts, counts[0].expand(len(steps))):
                 self._restore_adam(ps, grads, backups, exp_avgs, exp_avg_sqs,
-                                      int(steps[0].item()),
-                                      group["lr"], beta1, beta2, group["adam_eps"],
-                                      group["weight_decay"], group["base"] == "adamw", found_inf)
+                                   int(steps[0].item()),
+                                   group["lr"], beta1, beta2, group["adam_eps"],
+                                   group["weight_decay"], group["base"] == "adamw", found_inf)
                 return
             torch._foreach_add_(steps, -1.0)  # mixed step counts: the general path below
         by_step = {}
+        missing = [p for p in ps if "step" not in self.state[p]]
+        if missing:  # a first step: state for all of them (one row of counts)
+            _new_adam_states(self.state, missing)
         for i, p in enumerate(ps):
-            st = _adam_state(self.state, p)
+            st = self.state[p]
             st["step"] += 1
             by_step.setdefault(int(st["step"].item()), []).append(i)  # CPU scalar: no device sync
         beta1, beta2 = group["betas"]
