@@ -252,7 +252,7 @@ class BSAM(PosteriorSampler, TwoPassOptimizer):
                     # FSDP2 shards: DTensor has no _foreach_copy_ rule (inline: torch.compile)
                     (foreach_copy_ if self._sharded else torch._foreach_copy_)(
                         [p for p, _ in flat], [b for _, b in flat])
-            for ps, bs in perturbed:
+            for ps, bs in perturbed if todo else ():  # (the usual step: nothing left, no set)
                 rest = [(p, b) for p, b in zip(ps, bs) if p in todo]
                 if rest:
                     # FSDP2 shards: DTensor has no _foreach_copy_ rule (inline: torch.compile)
