@@ -22,7 +22,7 @@ from torch import Tensor
 from samkernels import ops
 from samkernels._dtypes import opmath
 from samkernels.optim._base import (TwoPassOptimizer, check_betas, check_nonneg, check_positive,
-                                    mean_loss)
+                                    foreach_copy_, mean_loss)
 from samkernels.optim.utils import PosteriorSampler, SeedLike
 
 
@@ -282,29 +282,43 @@ class IVON(PosteriorSampler, TwoPassOptimizer):
             # step); t in a tensor is traced, and the op forms the same value from it
             dev = next(p.device for g in self.param_groups for p in g["params"])
             t, debias_step = 0, torch.full((1,), t, dtype=torch.int64, device=dev)
+        # the usual step (one sample; the moved parameters are exactly those with a gradient):
+        # no per-tensor set work, ``upto`` counts the lists updated (for the restore on an error)
+        same = k == 1 and self._moved_are_grouped(moved, grouped)
+        upto = 0
         try:
-            for group, ps in self._with_grad(grouped, first=k == 1):
-                if not ps:
-                    continue
-                beta1, beta2 = group["betas"]
-                wd = group["weight_decay"]
-                lr = group["lr"] * (group["hess_init"] + wd) if self.rescale_lr else group["lr"]
-                # capturable: the op forms 1 - beta1^t from t on the device (debias_step)
-                bias_correction = 1.0 - math.pow(beta1, float(t)) if self.debias and \
-                    debias_step is None else 1.0
-                backups, hessians, momenta = self._lists(group, ps)
-                avg_grads, avg_nxgs = self._avgs(ps) if k > 1 else ([], [])
-                ops.ivon_update_(ps, self._grads(ps), backups, hessians, momenta, avg_grads,
-                                 avg_nxgs, self._param_ids_for(ps), seed, step, lr,
-                                 group["ess"], wd, beta1, beta2, group["clip_radius"],
-                                 bias_correction, k, self._found_inf(ps[0].device), at,
-                                 debias_step)
-                done.update(ps)
+            # (one sample: every parameter with a gradient now had one in every sample)
+            for group, ps in grouped if k == 1 else self._with_grad(grouped, first=False):
+                if ps:
+                    self._update(group, ps, seed, step, t, debias_step, k, at)
+                if same:
+                    upto += 1
+                else:
+                    done.update(ps)
         finally:  # anything not updated (no gradient in some sample, or an error): back to m
-            self._copy_back(moved, done, outside=True)
+            if same:
+                for ps, bs in moved[upto:]:
+                    foreach_copy_(ps, bs)
+            else:
+                self._copy_back(moved, done, outside=True)
         self._finish_step(skipped=False)
         if zero_grad:
             self.zero_grad()
+
+    def _update(self, group: dict, ps, seed: int, step, t, debias_step, k: int, at) -> None:
+        """Lines 2-8 on the parameters ``ps`` of ``group`` (second_step)."""
+        beta1, beta2 = group["betas"]
+        wd = group["weight_decay"]
+        lr = group["lr"] * (group["hess_init"] + wd) if self.rescale_lr else group["lr"]
+        # capturable: the op forms 1 - beta1^t from t on the device (debias_step)
+        bias_correction = 1.0 - math.pow(beta1, float(t)) if self.debias and \
+            debias_step is None else 1.0
+        backups, hessians, momenta = self._lists(group, ps)
+        avg_grads, avg_nxgs = self._avgs(ps) if k > 1 else ([], [])
+        ops.ivon_update_(ps, self._grads(ps), backups, hessians, momenta, avg_grads, avg_nxgs,
+                         self._param_ids_for(ps), seed, step, lr, group["ess"], wd, beta1, beta2,
+                         group["clip_radius"], bias_correction, k, self._found_inf(ps[0].device),
+                         at, debias_step)
 
     def step(self, closure: Optional[Callable] = None, *, scaler=None):
         """One IVON step: the closure runs ``mc_samples`` times, each at a fresh theta ~ q (the

@@ -248,7 +248,8 @@ class SAM(TwoPassOptimizer):
                 if fresh:
                     copy(self._backups_for(fresh), fresh)
                 self._base_update(group, ps)
-                perturbed.difference_update(set(ps))  # a set: torch.compile compares items with ==
+                if perturbed:  # a set: torch.compile compares items with ==
+                    perturbed.difference_update(set(ps))
             # parameters perturbed in the first pass but without a gradient now: just restore them
             for ps, bs in moved:
                 rest = [(p, b) for p, b in zip(ps, bs) if p in perturbed]

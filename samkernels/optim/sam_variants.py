@@ -423,8 +423,15 @@ class FriendlySAM(_Variant):
         if group["adaptive"]:
             raise ValueError("adaptive=True is not offered by FriendlySAM")
 
+    def _momenta(self, ps) -> Optional[List[Tensor]]:
+        """The momenta of ``ps`` (memoised), None while some parameter has none yet."""
+        have = self._state_lists(ps, "friendly_momentum")
+        return None if have is None else have[0]
+
     def _split(self, ps) -> List[Tuple[bool, List[int]]]:
         """(first, indices): the parameters without a momentum yet take first=True."""
+        if self._momenta(ps) is not None:  # the usual step: no per-tensor lookups
+            return [(False, list(range(len(ps))))]
         have = [("friendly_momentum" in self.state[p]) if p in self.state else False for p in ps]
         if all(have):
             return [(False, list(range(len(ps))))]
@@ -436,11 +443,13 @@ class FriendlySAM(_Variant):
         sq = []
         for group, ps, gs in work:
             for first, idx in self._split(ps):
-                sel, gsel = [ps[i] for i in idx], [gs[i] for i in idx]
+                whole = len(idx) == len(ps)
+                sel, gsel = (ps, gs) if whole else ([ps[i] for i in idx], [gs[i] for i in idx])
                 if first:
                     sq.append(ops.grad_sumsq(sel, gsel, False, 0.0).to(dev))
                 else:
-                    ms = [self.state[p]["friendly_momentum"] for p in sel]
+                    ms = self._momenta(ps) if whole else \
+                        [self.state[p]["friendly_momentum"] for p in sel]
                     sq.append(ops.samv_dots(gsel, ms, group["sigma"])[0].to(dev))
         sq = self._over_shards(sq)
         return sq[0].sqrt() if len(sq) == 1 else torch.stack(sq).sum().sqrt()
@@ -453,6 +462,13 @@ class FriendlySAM(_Variant):
         keep = self.nonfinite != "unchecked" or self._skip_state["ascents"] > 0
         copies: Dict[tuple, Tuple[List[Tensor], List[Tensor]]] = {}
         for _, ps, _ in work:
+            ms = self._momenta(ps)
+            if ms is not None:  # the usual step: every m exists; its copies are memoised
+                if keep:
+                    foreach_copy_(self._memo("friendly_copies", ps,
+                                             lambda: [self._m_copy(p) for p in ps]), ms)
+                    self._m_saved["params"].extend(ps)
+                continue
             for p in ps:
                 st = self.state[p]
                 if "friendly_momentum" not in st:
@@ -461,10 +477,7 @@ class FriendlySAM(_Variant):
                     self._m_saved["fresh"].append(p)
                     st["friendly_first"] = True
                 elif keep:
-                    c = self._m_copies.get(p)
-                    m = st["friendly_momentum"]
-                    if c is None or c.shape != m.shape or c.dtype != m.dtype:
-                        c = self._m_copies[p] = torch.empty_like(m)
+                    c, m = self._m_copy(p), st["friendly_momentum"]
                     pair = copies.setdefault((m.device, m.dtype), ([], []))
                     pair[0].append(c)
                     pair[1].append(m)
@@ -473,7 +486,16 @@ class FriendlySAM(_Variant):
             foreach_copy_(dst, src)
         self._m_saved["on"] = True
 
+    def _m_copy(self, p: Tensor) -> Tensor:
+        """The buffer that keeps ``p``'s m through a step (for a skip in its second pass)."""
+        c, m = self._m_copies.get(p), self.state[p]["friendly_momentum"]
+        if c is None or c.shape != m.shape or c.dtype != m.dtype:
+            c = self._m_copies[p] = torch.empty_like(m)
+        return c
+
     def _split_first(self, ps) -> List[Tuple[bool, List[int]]]:
+        if not self._m_saved["fresh"]:  # no m was created in this step: none is first
+            return [(False, list(range(len(ps))))]
         flags = [self.state[p].get("friendly_first", False) for p in ps]
         out = [(first, [i for i, f in enumerate(flags) if f == first]) for first in (False, True)]
         return [(f, idx) for f, idx in out if idx]
@@ -481,13 +503,18 @@ class FriendlySAM(_Variant):
     def _perturb(self, group: dict, ps, gs, backups, norm: Tensor) -> None:
         found = self._found_inf(ps[0].device)
         for first, idx in self._split_first(ps):
-            sel = [ps[i] for i in idx]
-            ops.samv_perturb_(sel, [gs[i] for i in idx], [backups[i] for i in idx], [],
-                              [self.state[p]["friendly_momentum"] for p in sel], norm,
-                              self._rho(group), group["perturb_eps"], False, 0.0,
-                              group["sigma"], group["lmbda"], first, found)
-        for p in ps:
-            self.state[p].pop("friendly_first", None)
+            if len(idx) == len(ps):  # (the usual step: the lists as they are)
+                sel, gsel, bsel, ms = ps, gs, backups, self._momenta(ps)
+            else:
+                sel = [ps[i] for i in idx]
+                gsel, bsel = [gs[i] for i in idx], [backups[i] for i in idx]
+                ms = [self.state[p]["friendly_momentum"] for p in sel]
+            ops.samv_perturb_(sel, gsel, bsel, [], ms, norm, self._rho(group),
+                              group["perturb_eps"], False, 0.0, group["sigma"], group["lmbda"],
+                              first, found)
+        if self._m_saved["fresh"]:
+            for p in ps:
+                self.state[p].pop("friendly_first", None)
 
     def _base_update(self, group: dict, ps) -> None:
         SAM._base_update(self, group, ps)  # SAM's restore and base step with g_p
