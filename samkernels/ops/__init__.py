@@ -127,8 +127,7 @@ def _local_shards(lists: tuple) -> tuple:
 def _block_id(pid: int, blocks: int) -> int:
     """``pid`` with ``blocks`` more Philox blocks in its high 32 bits (reference.first_element),
     as the int64 the schema takes."""
-    v = (pid & 0xFFFFFFFF) | ((((pid >> 32) + blocks) & 0xFFFFFFFF) << 32)
-    return v - (1 << 64) if v >= 1 << 63 else v
+    return _i64((pid & 0xFFFFFFFF) | ((((pid >> 32) + blocks) & 0xFFFFFFFF) << 32))
 
 
 def _shard_ids(name: str, lead: Sequence[Tensor], param_ids: Sequence[int]):

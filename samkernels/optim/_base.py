@@ -258,10 +258,13 @@ class TwoPassOptimizer(torch.optim.Optimizer):
             return self._extra_state[name] + offset, None
         c = self._counters.get(name)
         if c is None:
-            device = next(p.device for g in self.param_groups for p in g["params"])
             c = self._counters[name] = torch.tensor(self._extra_state[name], dtype=torch.int64,
-                                                    device=device)
+                                                    device=self._params_device())
         return offset, c
+
+    def _params_device(self) -> torch.device:
+        """The first parameter's device (one for every parameter where counters live there)."""
+        return next(p.device for g in self.param_groups for p in g["params"])
 
     def _mark_counter(self, name: str) -> None:
         """A step starts drawing from counter ``name``: what ``_rewind_counter`` goes back to."""

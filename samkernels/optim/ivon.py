@@ -280,8 +280,8 @@ class IVON(PosteriorSampler, TwoPassOptimizer):
         if debias_step is None and self.debias and torch.compiler.is_compiling():
             # 1 - beta1^t as a host float is a new constant each step to dynamo (a recompile per
             # step); t in a tensor is traced, and the op forms the same value from it
-            dev = next(p.device for g in self.param_groups for p in g["params"])
-            t, debias_step = 0, torch.full((1,), t, dtype=torch.int64, device=dev)
+            t, debias_step = 0, torch.full((1,), t, dtype=torch.int64,
+                                           device=self._params_device())
         # the usual step (one sample; the moved parameters are exactly those with a gradient):
         # no per-tensor set work, ``upto`` counts the lists updated (for the restore on an error)
         same = k == 1 and self._moved_are_grouped(moved, grouped)

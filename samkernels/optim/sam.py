@@ -81,12 +81,9 @@ def _one_row(steps: List[torch.Tensor]) -> torch.Tensor:
 def _adam_state(state: dict, p: torch.Tensor) -> dict:
     """``state[p]`` with Adam's entries, created where missing (the step count a CPU scalar, as in
     torch.optim)."""
-    st = state[p]
-    if "step" not in st:
-        st["step"] = torch.tensor(0.0)
-        st["exp_avg"] = torch.zeros_like(p, dtype=opmath(p))
-        st["exp_avg_sq"] = torch.zeros_like(p, dtype=opmath(p))
-    return st
+    if "step" not in state[p]:
+        _new_adam_states(state, [p])
+    return state[p]
 
 
 class SAM(TwoPassOptimizer):

@@ -433,8 +433,6 @@ class FriendlySAM(_Variant):
         if self._momenta(ps) is not None:  # the usual step: no per-tensor lookups
             return [(False, list(range(len(ps))))]
         have = [("friendly_momentum" in self.state[p]) if p in self.state else False for p in ps]
-        if all(have):
-            return [(False, list(range(len(ps))))]
         out = [(first, [i for i, h in enumerate(have) if h != first]) for first in (False, True)]
         return [(f, idx) for f, idx in out if idx]
 
