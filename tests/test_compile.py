@@ -87,7 +87,8 @@ MAKERS = {
     "mfvi": lambda ps: MFVI(ps, lr=0.1, num_data=32, seed=1),
     "ivon": lambda ps: IVON(ps, lr=0.1, ess=32, seed=1),
     "ebisam": lambda ps: EBiSAM(ps, lr=0.1, rho=0.05, seed=1),
-    # two kinds of step (README: under the default "skip" it reaches the recompile limit)
+    # two kinds of step: a full and a one-pass step take different frames
+    "looksam": lambda ps: LookSAM(ps, lr=0.1, rho=0.05, k=3),
     "looksam_device": lambda ps: LookSAM(ps, lr=0.1, rho=0.05, k=3, nonfinite="skip_on_device"),
 }
 
@@ -138,7 +139,7 @@ CONFIGS = list(DOCUMENTED) + [("sam_adam", "phases"), ("bsam", "closure"),
                               ("sam_adam_capturable", "phases"), ("bsam_capturable", "phases"),
                               ("randomsam_adam", "closure"), ("mfvi", "closure"),
                               ("ivon", "closure"), ("ebisam", "closure"),
-                              ("looksam_device", "closure")]
+                              ("looksam", "closure"), ("looksam_device", "closure")]
 NAN_AT = 3  # the step whose gradients get a NaN (not under nonfinite="unchecked")
 # Warm from this step on: no frame recompiles (error_on_recompile).  A host counter passed to an
 # op as a specialised int (or a float formed from it) recompiled every step until dynamo's

@@ -377,6 +377,12 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         (new state tensors) clears the entries.  Eager mode only: under torch.compile ``build()``
         runs every time."""
         if torch.compiler.is_compiling():
+            # dynamo meets every parameter through ``ps`` before ``build`` looks them up in a dict
+            # keyed by parameters: a tensor it first meets as such a key is guarded by identity
+            # down to its .grad, which zero_grad frees, so each step dropped the compiled frame
+            # (LookSAM's steps under nonfinite="skip" reached the recompile limit)
+            for p in ps:
+                p.shape  # noqa: B018 (the attribute read is what dynamo needs)
             return build()
         # a list of the step's plan (never mutated) is its own key: no per-tensor key
         planned = self._plan_lists.get(id(ps)) is ps
