@@ -10,12 +10,14 @@ of a compile's time, is replaced by an empty one).  Runs WITHOUT TRITON_INTERPRE
 ``GPUTarget`` only runs the compiler and its bundled ptxas).  The interpreter's multi-tensor
 BLOCK/CHUNK are not the GPU's (see _multi_tensor.py): a configuration recorded with exactly the
 interpreter's values of both is compiled with this process's (the GPU) values.
-RESULTS.json: one entry per (configuration, arch): ok, assembled, seconds, error, and for aligned
-multi-tensor kernels whether the PTX has 16-byte vector loads.
+RESULTS.json: one entry per (configuration, arch): ok, assembled, seconds, error, for aligned
+multi-tensor kernels whether the PTX has 16-byte vector loads, and the float add/sub/mul
+instructions without a rounding modifier (``contractible``: ptxas may fuse those into an fma).
 """
 import json
 import multiprocessing
 import os
+import re
 import sys
 import time
 import traceback
@@ -55,6 +57,9 @@ CUDABackend.add_stages = _stages_up_to_ptx(CUDABackend.add_stages)
 # 16-byte global loads (fp32/bf16/fp16 as v4.b32, fp64 as v2.b64), cached (.nc) or not
 _VEC16 = ("ld.global.v4.", "ld.global.nc.v4.", "ld.global.v2.b64", "ld.global.nc.v2.b64",
           "ld.global.v2.f64", "ld.global.nc.v2.f64")
+# a float add/sub/mul without a rounding modifier, which ptxas may contract into an fma (PTX ISA):
+# none may be left where the launch disabled contraction (enable_fp_fusion=False)
+_CONTRACTIBLE = re.compile(r"\b(?:add|sub|mul)(?:\.ftz)?(?:\.sat)?\.f(?:16|32|64)\b")
 
 
 def _source(cfg):
@@ -90,7 +95,7 @@ def _compile(task):
     cfg = _JOB["configs"][i]
     t0 = time.perf_counter()
     out = {"index": i, "arch": arch, "assembled": bool(assemble), "ok": False, "error": None,
-           "vec16": None}
+           "vec16": None, "contractible": None}
     try:
         src, check_vec = _source(cfg)
         _PTX_ONLY[0] = not assemble
@@ -100,6 +105,7 @@ def _compile(task):
         ptx = k.asm["ptx"]
         if check_vec:  # full chunks are unmasked and 16-byte aligned: vectorised accesses
             out["vec16"] = any(v in ptx for v in _VEC16)
+        out["contractible"] = sorted(set(_CONTRACTIBLE.findall(ptx)))
         out["ok"] = True
     except Exception as e:  # report every failing configuration, not only the first
         out["error"] = _message(e)

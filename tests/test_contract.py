@@ -75,21 +75,24 @@ def _is_list(x):
     return isinstance(x, list) and all(isinstance(t, torch.Tensor) for t in x)
 
 
-def run(name, backend, spec, i=0, seed=0, found_inf=None, **override):
-    """Build op ``name``'s arguments for case ``i`` on ``backend``'s device, run it; returns
-    (arguments after the call, arguments before, the op's return)."""
+def run(name, backend, spec, i=0, seed=0, found_inf=None, poison=False, **override):
+    """Build op ``name``'s arguments for case ``i`` on ``backend``'s device (``poison``: inf and
+    NaN in its gradients, ``_poison``), run it; returns (arguments after the call, arguments
+    before, the op's return)."""
     op = PHASES[name]
     device = DEVICE.get(backend, "cpu")
     args = op_args(op, {**case(name, i), **override}, spec, seed, device)
+    if poison:
+        _poison(args[op.arg_names.index("grads")])
     before = clone_args(args)
     extra = [] if found_inf is None else [found_inf]
     got = getattr(ops, name)(*args, *extra, backend=backend)
     return args, before, got
 
 
-def check_against_reference(name, backend, spec, i=0, seed=0, **override):
+def check_against_reference(name, backend, spec, i=0, seed=0, poison=False, **override):
     op = PHASES[name]
-    args, before, got = run(name, backend, spec, i, seed, **override)
+    args, before, got = run(name, backend, spec, i, seed, poison=poison, **override)
     want_args = f64_args(before)
     want = _reference(op)(*want_args)
     for a, x, b, w in zip(op.args, args, before, want_args):
@@ -105,7 +108,7 @@ def check_against_reference(name, backend, spec, i=0, seed=0, **override):
                 rtol, atol = tol(t.dtype)
                 torch.testing.assert_close(
                     t.double(), tw.cpu() if t.is_cuda else tw, rtol=rtol, atol=atol,
-                    check_device=False,
+                    check_device=False, equal_nan=True,
                     msg=lambda m: f"{name} {a.name}[{j}] ({t.dtype}, {tuple(t.shape)}): {m}")
     check_return(op, args, got, want)
     return args, got
@@ -168,6 +171,20 @@ def test_matches_reference(name, i, backend):
     """The hard list: only the written lists change, each equal to the float64 reference within
     its dtype's tolerance; the return is the norm contract's (or None)."""
     check_against_reference(name, backend, HARD, i, seed=i)
+
+
+GRAD_CASES = [(n, i) for n, i in CASE_IDS if "grads" in PHASES[n].arg_names]
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # (numpy, interpreter)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,i", GRAD_CASES, ids=[f"{n}-{i}" for n, i in GRAD_CASES])
+def test_nonfinite_gradients_without_a_flag_follow_the_reference(name, i, backend):
+    """inf and NaN gradients with no flag (the ops under ``nonfinite="unchecked"``): every written
+    list and the return are the reference's, NaN where it has NaN, inf where it has inf.  A
+    maximum or clamp that returns its other argument for a NaN (Triton's tl.maximum, C's fmax)
+    would hide the NaN in the state."""
+    check_against_reference(name, backend, HARD, i, seed=i, poison=True)
 
 
 # The reference loops over the tensors in Python: long lists test nothing new there.  Triton's

@@ -22,7 +22,9 @@ arguments differently from the GPU JIT (it keeps Python floats as doubles).  So:
    (tests/_aot_compile.py,
    2 niced processes, started when collection selects this module: it runs beside the other
    tests), with the GPU's multi-tensor BLOCK/CHUNK, and checks that the full chunks of the
-   aligned multi-tensor kernels issue 16-byte vector loads.
+   aligned multi-tensor kernels issue 16-byte vector loads, and that no kernel's PTX has a
+   float add/sub/mul without its rounding (.rn), which ptxas could contract into an fma (the
+   launches disable contraction: a GPU rounds as the interpreter).
 
 Plus: every kernel was launched and every constexpr bool took both values (coverage), and no launch
 passes a Python float (Triton types it fp32 on a GPU: an fp64 hyper-parameter would lose bits).
@@ -289,6 +291,11 @@ def test_every_launched_configuration_compiles(compile_job):
               if r["vec16"] is False and not _vec16_exempt(configs[r["index"]])]
     assert not scalar, ("aligned multi-tensor kernels without 16-byte vector loads:\n"
                         + "\n".join(scalar))
+    # every kernel is launched without multiply-add contraction (as the CPU and the interpreter
+    # round): each float product and sum carries its rounding (.rn), which ptxas keeps as is
+    fused = [f"sm_{r['arch']}: {_describe(configs[r['index']])}: {r['contractible']}"
+             for r in results if r["contractible"]]
+    assert not fused, "kernels whose PTX ptxas may contract into fma:\n" + "\n".join(fused)
 
 
 def test_assembled_configurations_show_every_feature(compile_job):

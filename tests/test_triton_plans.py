@@ -104,6 +104,8 @@ def test_plan_cache():
     assert len(mt._cache) == 2
     lists = [args[0], args[1]]
     assert mt.plan_for(lists) is mt.plan_for(lists)
+    # the same tensors in one list of four: other tables (the key once held only their sequence)
+    assert mt.plan_for([lists[0] + lists[1]]) is not mt.plan_for(lists)
 
 
 def test_no_plan_is_built_inside_a_graph_capture(monkeypatch):

@@ -20,13 +20,15 @@ namespace samkernels {
 namespace cuda {
 
 // (h, l) <- (h, l) (bh, bl) in double-double (Dekker's product by fma, then renormalised so that
-// h is the double nearest h + l).
+// h is the double nearest h + l).  p and the renormalisation are _rn intrinsics, which nvcc and
+// ptxas never contract into an fma: a contracted h = p + e, i.e. fma(h, bh, e), would add the
+// product's rounding error twice (the small cross terms may fuse).
 __device__ __forceinline__ void dd_mul(double& h, double& l, double bh, double bl) {
-  const double p = h * bh;
+  const double p = __dmul_rn(h, bh);
   double e = fma(h, bh, -p);  // exact: h bh = p + e
   e += h * bl + l * bh;
-  h = p + e;
-  l = e - (h - p);
+  h = __dadd_rn(p, e);
+  l = __dsub_rn(e, __dsub_rn(h, p));
 }
 
 // 1.0 - std::pow(beta, double(t)), bit for bit where that pow is correctly rounded (see above).

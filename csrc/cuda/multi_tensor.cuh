@@ -567,13 +567,15 @@ cudaError_t launch_noise(const Group& g, uint64_t seed, uint64_t step, const int
 // Norm partials: one float64 partial of sum_i term(a_i, b_i) per chunk (no atomics: each block owns
 // its slot; launch_reduce_partials then sums the slots in a fixed order).  Lists: 0 of storage
 // Term::A (read only when bit 0 of term.mask is set), 1 of Term::B.  The terms are formed in
-// opmath, the K of one group summed in opmath and added in float64.
+// Term::M, the K of one group summed in it and added in float64.  A norm's M is double: the
+// norm contract squares and sums in float64 (as the CPU and the reference), where a float square
+// would round in the 7th digit and overflow to inf for a finite |g| above ~1.8e19.
 // ----------------------------------------------------------------------------------------------
-// The base of every Term: its storage types A, B and `mask` (bit l: list l is read); the term
-// adds a make(...) and __device__ M operator()(M a, M b) const.
-template <typename P, typename A_, typename B_>
+// The base of every Term: its storage types A, B, its type M and `mask` (bit l: list l is read);
+// the term adds a make(...) and __device__ M operator()(M a, M b) const.
+template <typename P, typename A_, typename B_, typename M_ = opmath_t<P>>
 struct TermOf {
-  using M = opmath_t<P>;
+  using M = M_;
   using A = A_;
   using B = B_;
   unsigned mask;
@@ -583,7 +585,7 @@ template <typename P, class Term, class Tab>
 __global__ void __launch_bounds__(kBlockSize)
     partials_kernel(const SK_GRID_CONSTANT Tab tab, double* __restrict__ partials,
                     const Term term) {
-  using M = opmath_t<P>;
+  using M = typename Term::M;
   constexpr int K = group_size<P>;
   const ChunkInfo c = chunk_info(tab);
   const bool aligned = lists_aligned(tab, c.tensor, term.mask);

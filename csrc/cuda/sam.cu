@@ -9,17 +9,15 @@ namespace samkernels {
 namespace cuda {
 namespace {
 
-// grad_sumsq's summand (T g)^2, T = |w| + eta for ASAM.  Lists: 0 params (read only when
-// adaptive), 1 grads.
+// grad_sumsq's summand (T g)^2, T = |w| + eta for ASAM, in float64 (the norm contract).
+// Lists: 0 params (read only when adaptive), 1 grads.
 template <typename P>
-struct SumsqTerm : TermOf<P, P, P> {
-  using M = opmath_t<P>;
-  M eta;
+struct SumsqTerm : TermOf<P, P, P, double> {
+  using M = double;
+  double eta;
   bool adaptive;
 
-  static SumsqTerm make(bool adaptive, double eta) {
-    return {{adaptive ? 3u : 2u}, static_cast<M>(eta), adaptive};
-  }
+  static SumsqTerm make(bool adaptive, double eta) { return {{adaptive ? 3u : 2u}, eta, adaptive}; }
   __device__ __forceinline__ M operator()(M w, M g) const {
     const M t = adaptive ? math::asam_scaled(g, w, eta) : g;
     return t * t;

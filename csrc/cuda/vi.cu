@@ -26,10 +26,11 @@ struct MfviUpdateLists : ListsOf<math::MfviUpdate<M>, 5, 3, Noise::kNormal> {
   }
 };
 
-// vsam_sumsq's summand Sigma g^2.  Lists: 0 grads (parameter dtype), 1 variances (opmath).
+// vsam_sumsq's summand Sigma g^2, in float64 (the norm contract).  Lists: 0 grads (parameter
+// dtype), 1 variances (opmath).
 template <typename P>
-struct SigmaSumsqTerm : TermOf<P, P, opmath_t<P>> {
-  using M = opmath_t<P>;
+struct SigmaSumsqTerm : TermOf<P, P, opmath_t<P>, double> {
+  using M = double;
 
   static SigmaSumsqTerm make() { return {{3u}}; }
   __device__ __forceinline__ M operator()(M g, M var) const { return math::sigma_gsq(g, var); }

@@ -524,7 +524,8 @@ def plan_for(lists: Sequence[Sequence[torch.Tensor]], ids: Optional[Sequence[int
         raise RuntimeError("TRITON_INTERPRET=1 runs on CPU tensors only (the interpreter cannot "
                            "follow a table of CUDA addresses)")
     chunk = int(CHUNK)
-    key = (device, chunk, None if ids is None else tuple(ids),
+    # the lists' count beside their flat contents: [[a, b], [c, d]] is not [[a], [b], [c], [d]]
+    key = (device, chunk, len(lists), None if ids is None else tuple(ids),
            tuple((t.data_ptr(), t.numel(), t.dtype) for lst in lists for t in lst))
     plan = _cache.get(key)
     capturing = _capturing(device)
@@ -608,10 +609,13 @@ def contiguous(lists: Sequence[Sequence[torch.Tensor]], mutated: Sequence[int],
 
 
 def _launch_args(group: Group):
-    """Constexprs every kernel takes."""
+    """Constexprs and compile options every kernel takes.  No multiply-add contraction
+    (``enable_fp_fusion=False``): every product and sum rounds as written, as on the CPU and in
+    the interpreter; a contracted ``p + e`` in ``_dd_mul`` counts the product's error twice, and
+    the default changes between Triton versions."""
     assert BLOCK % 16 == 0 and CHUNK % BLOCK == 0 and BLOCK & (BLOCK - 1) == 0, (BLOCK, CHUNK)
     return dict(ALIGNED=group.aligned, MATH=group.math, BLOCK=int(BLOCK), CHUNK=int(CHUNK),
-                num_warps=NUM_WARPS)
+                num_warps=NUM_WARPS, enable_fp_fusion=False)
 
 
 def launch(op: OpSpec, kernel, lists: Sequence[Optional[Sequence[torch.Tensor]]], *,

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from samkernels.triton import _multi_tensor as mt
-from samkernels.triton._multi_tensor import fp_arg
+from samkernels.triton._multi_tensor import div, fp_arg
 
 GAMMA = tl.constexpr(math.log(math.e - 1.0))  # phi_neglog(0) = 0 (eq. 18)
 MAX_BLOCK = 8192  # widest chunk; larger rows take the two-loop path (tests lower it)
@@ -34,13 +34,13 @@ def _phi(F, alpha, PHI: tl.constexpr):
         v = GAMMA - F
         a = tl.exp(-tl.abs(v))
         ph = 1.0 - (tl.maximum(v, 0.0) + tl.log(1.0 + a))
-        dph = tl.where(v >= 0.0, 1.0, a) / (1.0 + a)
+        dph = div(tl.where(v >= 0.0, 1.0, a), 1.0 + a)
     else:  # eq. 17: tanh(t) = (1 - a)/(1 + a), a = exp(-2|t|); tanh' = 4a/(1 + a)^2
         t = alpha * F
         a = tl.exp(-2.0 * tl.abs(t))
-        th = (1.0 - a) / (1.0 + a)
+        th = div(1.0 - a, 1.0 + a)
         ph = tl.where(t < 0.0, -th, th)
-        dph = alpha * 4.0 * a / ((1.0 + a) * (1.0 + a))
+        dph = div(alpha * 4.0 * a, (1.0 + a) * (1.0 + a))
     return ph, dph
 
 
@@ -97,9 +97,9 @@ def _bisam_loss_fwd_kernel(x_ptr, x_row_stride, t_ptr, loss_ptr, g_ptr, K, mu_bi
             dph = tl.where(cols == yv, 0.0, dph)  # the sum for dQ/df_y runs over j != y
             s = tl.sum(e, axis=0)
             s1 = tl.sum(e * dph, axis=0)
-            tl.store(loss_ptr + row, (m + tl.log(s) - log_k) / mu + poison)
+            tl.store(loss_ptr + row, div(m + tl.log(s) - log_k, mu) + poison)
             if COMPUTE_GRAD:
-                c = grad_scale / s
+                c = div(grad_scale, s)
                 g = tl.where(cols == yv, -s1 * c, e * dph * c) + poison
                 tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=mask)
         else:
@@ -135,9 +135,9 @@ def _bisam_loss_fwd_kernel(x_ptr, x_row_stride, t_ptr, loss_ptr, g_ptr, K, mu_bi
                     s1 = s1 * r + tl.sum(tl.where(offs == yv, 0.0, e * dph), axis=0)
                     m = m_new
                     start += BLOCK
-            tl.store(loss_ptr + row, (m + tl.log(s) - log_k) / mu + poison)
+            tl.store(loss_ptr + row, div(m + tl.log(s) - log_k, mu) + poison)
             if COMPUTE_GRAD:
-                c = grad_scale / s
+                c = div(grad_scale, s)
                 start = 0
                 while start < K:
                     offs = start + cols
@@ -171,7 +171,7 @@ def _launch(logits: torch.Tensor, target: torch.Tensor, mu: float, phi: int, alp
             PHI=int(phi), BLOCK=block, ONE_BLOCK=K <= block,
             FIXED_SHIFT=mu <= (500.0 if acc == torch.float64 else FIXED_SHIFT_MAX_MU),
             COMPUTE_GRAD=bool(compute_grad), ACC=tl.float64 if acc == torch.float64 else tl.float32,
-            num_warps=num_warps)
+            num_warps=num_warps, enable_fp_fusion=False)  # as the CPU rounds (_launch_args)
     return loss_rows, grad
 
 

@@ -186,7 +186,8 @@ def _vsam_body(base, n, ptrs, args, OPT: tl.constexpr, MATH: tl.constexpr, BLOCK
         v_new = var * tl.exp(-var_lr * du)
     else:  # Alg. 3 line 7 on Sigma itself, clamped at min_var
         dv = half_sq * gg * gg * inv + prior_term - div(half_n, var)
-        v_new = tl.maximum(var - var_lr * dv, min_var)
+        v_lin = var - var_lr * dv
+        v_new = tl.where(v_lin < min_var, min_var, v_lin)  # a NaN stays NaN (tl.maximum drops it)
     store(v, offs, v_new, n, MASKED)
 
 
