@@ -26,6 +26,7 @@ import torch
 BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 _forced: Optional[str] = None
 _warned_fallback = False
+_warned_fallback_cuda = False
 
 
 def _check(name: str) -> str:
@@ -133,7 +134,7 @@ def _why_not(backend: str, device: torch.device) -> Optional[str]:
 
 def resolve(device: torch.device) -> str:
     """The backend that runs an op on tensors of ``device``."""
-    global _warned_fallback
+    global _warned_fallback, _warned_fallback_cuda
     want = requested()
     if want != "auto":
         why = _why_not(want, device)
@@ -157,6 +158,13 @@ def resolve(device: torch.device) -> str:
             return choice
         if triton_usable(device):
             return "triton"
+        if not _warned_fallback_cuda:  # the reference syncs with the host and is slow: say so
+            _warned_fallback_cuda = True
+            warnings.warn(f"samkernels has no fused kernels for {device.type} tensors (cuda: "
+                          f"{_why_not('cuda', device)}; triton: {_why_not('triton', device)}); "
+                          "using the slow reference backend, which reads flags and counters on "
+                          "the host (no skip_on_device, no CUDA-graph capture)", RuntimeWarning,
+                          stacklevel=3)
     return "reference"
 
 

@@ -1,4 +1,6 @@
 """The backend choice: auto by device, forced by SAMKERNELS_BACKEND or use_backend, clear errors."""
+import warnings
+
 import pytest
 import torch
 
@@ -144,3 +146,18 @@ def test_auto_falls_back_when_a_backend_lacks_an_op(monkeypatch):
     assert impl is reference.grad_sumsq
     with pytest.raises(NotImplementedError, match="no 'cpu' implementation"):
         _dispatch.implementation("grad_sumsq", torch.device("cpu"), backend="cpu")
+
+
+def test_auto_on_cuda_without_fused_kernels_warns_once(monkeypatch):
+    """CUDA tensors with neither the CUDA kernels nor a usable Triton run on the reference, which
+    reads flags and counters on the host: auto says so once (as on the CPU without samkernels._C),
+    naming why each fused backend is missing."""
+    monkeypatch.setattr(_dispatch, "cuda_kernels_built", lambda: False)
+    monkeypatch.setattr(_dispatch, "_warned_fallback_cuda", False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # triton cannot run CUDA tensors then
+    with pytest.warns(RuntimeWarning, match=r"no fused kernels for cuda tensors \(cuda: .*"
+                                            r"triton: .*\); using the slow reference"):
+        assert _dispatch.resolve(torch.device("cuda", 0)) == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _dispatch.resolve(torch.device("cuda", 0)) == "reference"

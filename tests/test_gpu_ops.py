@@ -584,14 +584,23 @@ def _gpu_model_and_grads(seed=0):
 
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
-@pytest.mark.parametrize("name", ["sam", "sam_adam", "bsam", "mfvi", "vsam", "ebisam"])
+@pytest.mark.parametrize("name", ["sam", "sam_adam", "bsam", "mfvi", "vsam", "ebisam", "gsam",
+                                  "wsam", "looksam", "friendlysam"])
 def test_skip_on_device_step_never_syncs(backend, name):
     """nonfinite='skip_on_device': a whole step (grads given) runs with CUDA's sync debug mode set
-    to error, including a step whose gradients hold a NaN; the NaN step changes no weight."""
-    from samkernels.optim import BSAM, MFVI, SAM, EBiSAM, VariationalSAM
+    to error, including a step whose gradients hold a NaN; the NaN step changes no weight.  (The
+    SAM variants' direction coefficients once wrote Python numbers into a GPU tensor: a
+    host-to-device copy per step.)"""
+    from samkernels.optim import (BSAM, GSAM, MFVI, SAM, WSAM, EBiSAM, FriendlySAM, LookSAM,
+                                  VariationalSAM)
     if backend == "triton":
         _skip_unless_triton_on_cuda()
     makers = {
+        "gsam": lambda ps: GSAM(ps, lr=0.1, momentum=0.9, nonfinite="skip_on_device"),
+        "wsam": lambda ps: WSAM(ps, lr=0.1, momentum=0.9, nonfinite="skip_on_device"),
+        "looksam": lambda ps: LookSAM(ps, lr=0.1, momentum=0.9, k=1, nonfinite="skip_on_device"),
+        "friendlysam": lambda ps: FriendlySAM(ps, lr=0.1, momentum=0.9,
+                                              nonfinite="skip_on_device"),
         "sam": lambda ps: SAM(ps, lr=0.1, momentum=0.9, nonfinite="skip_on_device"),
         "sam_adam": lambda ps: SAM(ps, lr=1e-3, base="adam", nonfinite="skip_on_device"),
         "bsam": lambda ps: BSAM(ps, lr=0.1, num_data=1000, seed=1, nonfinite="skip_on_device"),
@@ -622,6 +631,15 @@ def test_skip_on_device_step_never_syncs(backend, name):
     assert opt.step_skipped
     for p, q in zip(model.parameters(), before):
         assert torch.equal(p, q)
+
+
+def test_cuda_generator_seeds_the_noise():
+    """A CUDA torch.Generator is a valid ``seed`` (one draw on its device), as a CPU one is."""
+    from samkernels.optim.utils import draw_seed
+    g = torch.Generator(device="cuda").manual_seed(3)
+    s = draw_seed(g)
+    assert isinstance(s, int) and 0 <= s < 2 ** 62
+    assert draw_seed(torch.Generator(device="cuda").manual_seed(3)) == s
 
 
 _CAPTURABLE = {  # capturable=True: counters on the device (tests/test_capturable.py on the CPU)

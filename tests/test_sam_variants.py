@@ -538,3 +538,36 @@ def test_looksam_one_pass_steps_update_batchnorm_statistics():
         opt.step(closure)
         assert not torch.equal(bn.running_mean, before), t
         assert passes == ([True, False] if t == 0 else [False])
+
+
+@pytest.mark.parametrize("method", ["gsam", "looksam", "friendlysam"])
+def test_channels_last_buffers_follow_the_parameter(method):
+    """A channels_last weight's buffers (g0, g_v, FriendlySAM's momentum) take its layout, so the
+    fused ops take its lists in place (a contiguous buffer beside a channels_last weight made the
+    GPU backends copy the weight's lists at every call, and a Triton step uncapturable); the
+    steps equal those of the same model in the contiguous layout."""
+    cls, kw, _ = METHODS[method]
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3).double()
+    conv_cl = copy.deepcopy(conv).to(memory_format=torch.channels_last)
+    assert not conv_cl.weight.is_contiguous()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    opts = [cls(m.parameters(), lr=0.05, momentum=0.9, **kw) for m in (conv, conv_cl)]
+    def closure_of(m):
+        def closure():
+            m.zero_grad()
+            loss = m(x).square().mean()
+            loss.backward()
+            return loss
+        return closure
+
+    for _ in range(4):  # LookSAM (k=3): full and one-pass steps
+        for m, opt in zip((conv, conv_cl), opts):
+            opt.step(closure_of(m))
+    w = conv_cl.weight
+    bufs = [t for t in opts[1].state[w].values() if torch.is_tensor(t) and t.shape == w.shape]
+    bufs += [b for b in getattr(opts[1], "_saved", {}).values() if b.shape == w.shape]
+    assert bufs and all(b.stride() == w.stride() for b in bufs), [b.stride() for b in bufs]
+    # (the two layouts' convolutions may round differently: equal to float64 rounding)
+    torch.testing.assert_close(w, conv.weight, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(conv_cl.bias, conv.bias, rtol=1e-12, atol=1e-14)

@@ -282,3 +282,16 @@ def test_parameters_can_be_swapped_after_steps(name):
     opt.zero_grad(set_to_none=True)
     for p in model.parameters():
         torch.utils.swap_tensors(p, torch.nn.Parameter(p.detach().clone()))
+
+
+def test_part_devices_are_numbered_densely():
+    """The plan numbers its parts' devices 0, 1, ... in order of first appearance, one inf/NaN
+    check per number (``_grads_flag``): group 0 on one device and group 1 split over it and
+    another gave [0, 0, 2], an empty middle check whose CPU zero was copied to the GPU (a sync
+    under skip_on_device).  Meta tensors stand in for a second device."""
+    from samkernels.optim._base import _Plan
+    a, b, c = (torch.zeros(3, requires_grad=True) for _ in range(3))
+    m = torch.zeros(3, device="meta", requires_grad=True)
+    groups = [{"params": [a]}, {"params": [b, m, c]}]
+    out = [(groups[0], [a]), (groups[1], [b, c]), (groups[1], [m])]
+    assert _Plan(groups, out, with_grad=False).part_device == [0, 0, 1]

@@ -1113,8 +1113,10 @@ class _Plan:
         self.out = out
         self.parts = [ps for _, ps in out]
         self.flat = [p for ps in self.parts for p in ps]
-        devices = [ps[0].device for ps in self.parts]  # each part's device, numbered
-        self.part_device = [devices.index(d) for d in devices]
+        # each part's device, numbered densely in order of first appearance (_grads_flag makes
+        # one check per number: a gap would be an empty check, a CPU zero copied to the GPU)
+        devices = list(dict.fromkeys(ps[0].device for ps in self.parts))
+        self.part_device = [devices.index(ps[0].device) for ps in self.parts]
         # per group: the kept mask (gradient present / requires grad) and the data addresses
         self.kept = [self._mask(ps) for ps in self.param_lists]
         self.addresses = [tuple(map(_DATA_PTR, ps)) for ps in self.param_lists]

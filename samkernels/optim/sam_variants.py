@@ -63,8 +63,9 @@ class _Variant(SAM):
     def _saved_buf(self, p: Tensor) -> Tensor:
         s = self._saved.get(p)
         if s is None or s.shape != p.shape or s.dtype != opmath(p) or s.device != p.device:
-            s = self._saved[p] = torch.zeros_like(p, dtype=opmath(p),
-                                                  memory_format=torch.contiguous_format)
+            # p's own layout (channels_last too): the fused ops then take every list of p in
+            # place, where a differing layout makes the GPU backends copy p's lists each call
+            s = self._saved[p] = torch.zeros_like(p, dtype=opmath(p))
         return s
 
     def _saved_for(self, ps: List[Tensor]) -> List[Tensor]:
@@ -78,12 +79,13 @@ class _Variant(SAM):
             return have[0]
         for p in ps:
             if name not in self.state[p]:
-                self.state[p][name] = torch.zeros_like(p, dtype=opmath(p),
-                                                       memory_format=torch.contiguous_format)
+                self.state[p][name] = torch.zeros_like(p, dtype=opmath(p))  # p's layout
         return [self.state[p][name] for p in ps]
 
     def _const_coeffs(self, values: Tuple[float, ...], device) -> Tensor:
-        """A float64 coefficient tensor of host constants, made once per (values, device)."""
+        """A float64 coefficient tensor of host constants, made once per (values, device).  A
+        step must not write a Python number into a GPU tensor (``c[1] = -alpha``): that is a
+        host-to-device copy, which syncs and cannot be captured in a CUDA graph."""
         key = (values, device)
         c = self._coeff_cache.get(key)
         if c is None:
@@ -242,9 +244,9 @@ class GSAM(_Variant):
         d = dots.to(device)
         n_p, n_0 = d[0].sqrt(), d[2].sqrt()
         cos = d[1] / (n_p * n_0 + eps)
-        c = torch.zeros(6, dtype=torch.float64, device=device)
+        # host constants from the cache, device values assigned: no host-to-device copy
+        c = self._const_coeffs((0.0, -alpha, 0.0, 0.0, 0.0, 0.0), device).clone()
         c[0] = 1.0 + alpha * cos * n_0 / (n_p + eps)
-        c[1] = -alpha
         return c
 
 
@@ -337,13 +339,12 @@ class LookSAM(_Variant):
     def _coeffs(self, group: dict, dots: Tensor, device) -> Tensor:
         eps = group["perturb_eps"]
         d = dots.to(device)
-        c = torch.zeros(6, dtype=torch.float64, device=device)
+        # host constants from the cache, device values assigned (see GSAM._coeffs)
         if self._variant["mode"] == "reuse":  # d = g + alpha ||g|| / (||g_v|| + eps) g_v
-            c[0] = 1.0
+            c = self._const_coeffs((1.0, 0.0, 0.0, 0.0, 0.0, 0.0), device).clone()
             c[1] = group["alpha"] * d[0].sqrt() / (d[2].sqrt() + eps)
         else:  # d = g_p;  g_v = g_p - <g_p, g0> / (||g0||^2 + eps) g0
-            c[0] = 1.0
-            c[4] = 1.0
+            c = self._const_coeffs((1.0, 0.0, 0.0, 0.0, 1.0, 0.0), device).clone()
             c[5] = -d[1] / (d[2] + eps)
         return c
 
@@ -470,8 +471,7 @@ class FriendlySAM(_Variant):
             for p in ps:
                 st = self.state[p]
                 if "friendly_momentum" not in st:
-                    st["friendly_momentum"] = torch.zeros_like(
-                        p, dtype=opmath(p), memory_format=torch.contiguous_format)
+                    st["friendly_momentum"] = torch.zeros_like(p, dtype=opmath(p))  # p's layout
                     self._m_saved["fresh"].append(p)
                     st["friendly_first"] = True
                 elif keep:

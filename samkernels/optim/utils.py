@@ -19,7 +19,8 @@ def draw_seed(seed: SeedLike) -> int:
         if not 0 <= seed < 2 ** 63:
             raise ValueError(f"seed must be in [0, 2**63), got {seed}")
         return seed
-    return int(torch.randint(0, 2 ** 62, (1,), generator=seed).item())
+    device = seed.device if isinstance(seed, torch.Generator) else None  # a CUDA generator too
+    return int(torch.randint(0, 2 ** 62, (1,), generator=seed, device=device).item())
 
 
 @contextlib.contextmanager
