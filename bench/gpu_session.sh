@@ -82,7 +82,8 @@ run_stage() {
   lim=$(limit_for "$max" "$reserve")
   say "stage $name: start (limit ${lim} s)"
   t0=$(date +%s)
-  timeout -k 10 "$lim" bash -c "$fn" >>"$logfile" 2>&1
+  # STAGE_SIGNAL: what the limit sends first (INT lets pytest stop and still write junit.xml)
+  timeout -s "${STAGE_SIGNAL:-TERM}" -k 20 "$lim" bash -c "$fn" >>"$logfile" 2>&1
   rc=$?
   if [ "$rc" = 0 ]; then status=passed
   elif [ "$rc" = 124 ] || [ "$rc" = 137 ]; then status="timed-out"
@@ -181,9 +182,11 @@ stage_tests() {
   if [ "$HAS_CUDA" = 1 ] && [ -f test_contract.py ]; then files="$files test_contract.py"; fi
   extra=""
   if "$PY" -c "import pytest_timeout" 2>/dev/null; then extra="--timeout=150"; fi
-  # on a GPU: several workers (Triton compilations and float64 references are CPU-bound)
+  # on a GPU: a worker per core but two (Triton compilations and float64 references are
+  # CPU-bound); loadgroup keeps the tests that need most of the GPU's memory on one worker
   if [ "$HAS_CUDA" = 1 ] && "$PY" -c "import xdist" 2>/dev/null; then
-    extra="$extra -n ${SAMKERNELS_TEST_WORKERS:-6}"
+    workers=$(( $(nproc) > 4 ? $(nproc) - 2 : 2 ))
+    extra="$extra -n ${SAMKERNELS_TEST_WORKERS:-$workers} --dist loadgroup"
   fi
   echo "tests: cd $PWD && $PY -m pytest $files (TRITON_INTERPRET=$TRITON_INTERPRET)"
   # -v: a stage cut at its time limit still shows in the log which tests ran
@@ -191,7 +194,7 @@ stage_tests() {
 }
 export -f stage_tests
 : >"$OUT/gpu_tests.log"
-run_stage tests "${L_TESTS[@]}" "$OUT/gpu_tests.log" stage_tests
+STAGE_SIGNAL=INT run_stage tests "${L_TESTS[@]}" "$OUT/gpu_tests.log" stage_tests
 # collected / skipped from junit.xml: a run in which every test skipped is no pass
 read -r N_TESTS N_SKIPPED < <("$PY" - "$OUT/junit.xml" <<'EOF' 2>/dev/null || echo "0 0"
 import sys, xml.etree.ElementTree as ET

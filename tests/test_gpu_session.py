@@ -29,7 +29,8 @@ FILES = {"session.log", "gpu_tests.log", "junit.xml", "steps.md", "steps.json", 
 STAGES = ["build", "tests", "tune", "steps", "loss"]
 DRY_SETS = ["resnet50-dry", "gpt2-dry", "tiny-24"]  # bench/cases.py DRY_SETS
 HAVE_TRITON = importlib.util.find_spec("triton") is not None  # else its rows say why not
-STEP_IMPLS = ["fused-cpu:skip_on_device", "fused-triton:skip_on_device", "foreach", "loop"]
+STEP_IMPLS = ["fused-cpu:skip_on_device", "fused-triton:skip_on_device", "foreach", "loop",
+              "fused-cpu:unchecked"]
 LOSS_IMPLS = ["fused-cpu"] + (["fused-triton"] if HAVE_TRITON else []) + ["cross_entropy", "naive"]
 
 

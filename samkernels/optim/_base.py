@@ -768,7 +768,13 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         agree = ascent and self.ddp_model is not None  # first-pass gradients differ per rank
         if not agree and self.nonfinite != "skip_on_device" and math.isfinite(norm.item()):
             return True, norm  # the one host read of the usual step; no flag ops (bench/RESULTS.md)
-        flag = (~torch.isfinite(norm)).float().reshape(1)
+        if self.nonfinite == "skip_on_device" and not agree:
+            # the flag in two ops: norm - norm is +0 for a finite norm, NaN for inf and NaN, and
+            # a NaN flag is set (the ops skip on any nonzero, NaN included); float32 as the other
+            # passes' flags.  (isfinite, ~ and float were six kernel launches on a GPU.)
+            flag = (norm - norm).float()
+        else:
+            flag = (~torch.isfinite(norm)).float().reshape(1)
         if agree:
             self._all_reduce([flag], "max")
         if self.nonfinite != "skip_on_device":
