@@ -49,7 +49,7 @@ from samkernels import _dispatch  # noqa: E402
 from samkernels.ops.bisam_loss import bisam_loss, bisam_loss_reference  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/: the shared timer and options
-from report import add_output_options, time_once  # noqa: E402
+from report import add_output_options, time_once, write_whole  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SIZES = [(128, 10), (128, 100), (8192, 1000), (4096, 32000), (1024, 128000)]
@@ -270,15 +270,14 @@ def main(argv=None):
         target_rows = targets(rows, large_k)
         md = table(res, bw, target_rows)
         if args.md:
-            with open(args.md, "w") as f:
-                f.write(header + ("" if final else "; PARTIAL (still running or cut short)")
+            write_whole(args.md, header + ("" if final else "; PARTIAL (still running or cut short)")
                         + "\n\n" + "".join(f"{i} unavailable: {w}\n" for i, w in missing.items())
                         + ("\n" if missing else "") + md + "\n")
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(dict(device=device, torch=torch.__version__, dry_run=args.dry_run,
-                               complete=final, copy_bandwidth_GBps=bw / 1e9, impls=impls,
-                               unavailable=missing, rows=rows, targets=target_rows), f, indent=1)
+            write_whole(args.json, json.dumps(
+                dict(device=device, torch=torch.__version__, dry_run=args.dry_run, complete=final,
+                     copy_bandwidth_GBps=bw / 1e9, impls=impls, unavailable=missing, rows=rows,
+                     targets=target_rows), indent=1))
         return md
 
     res = measure(sizes, DTYPES, impls, rounds, progress=write)

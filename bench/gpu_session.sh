@@ -257,8 +257,8 @@ run_stage loss "${L_LOSS[@]}" "$LOG" stage_loss
   done
 } >"$WORK/stages.tsv"
 TOTAL=$(( $(date +%s) - START ))
-(cd "$WORK" && "$PY" - "$WORK/stages.tsv" "$OUT" "$WORK/tune.json" "$DRY" "$TOTAL" "$SAMK_FROM" \
-  "$BUDGET" <<'EOF'
+(cd "$WORK" && timeout -k 5 60 "$PY" - "$WORK/stages.tsv" "$OUT" "$WORK/tune.json" "$DRY" \
+  "$TOTAL" "$SAMK_FROM" "$BUDGET" <<'EOF'
 import json, os, sys, xml.etree.ElementTree as ET
 tsv, out, tune_path, dry, total, samk_from, budget = sys.argv[1:8]
 stages = []

@@ -147,6 +147,30 @@ def _speedups(rows):
         row["vs_loop"] = base["loop"] / t if t and base.get("loop") else None
 
 
+def write_whole(path: str, text: str) -> None:
+    """``text`` into ``path`` by a rename: a session cut while writing leaves the last whole
+    table, never a truncated one."""
+    tmp = f"{path}.part"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _counted(count, what, log):
+    """``count(what)``, the launches the profiler saw; None (and a log line) when the profiler
+    fails or sees none: the row keeps its timings."""
+    try:
+        n = count(what)
+    except Exception as exc:
+        log(f"# launch count failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+        return None
+    zero = n == 0 or (isinstance(n, dict) and n and all(v == 0 for v in n.values()))
+    if zero:  # a profiler that dropped the kernel events, not a step without launches
+        log("# the profiler saw no kernel launch: not counted")
+        return None
+    return n
+
+
 def measure(shape_sets, algos, impls, repeat, phases=True, log=print, progress=None):
     """(bandwidth, rows, phase_rows): dicts with every number of the tables.  ``progress(bw, rows,
     phase_rows)`` is called after each step and shape set (a session cut short keeps its tables)."""
@@ -172,17 +196,17 @@ def measure(shape_sets, algos, impls, repeat, phases=True, log=print, progress=N
                     t = timed(step, repeat)
                     row.update(median_ms=t * 1e3, x_floor=t / floor)
                     if kind != "fused" or not phases:
-                        row["launches"] = launches(step)
+                        row["launches"] = _counted(launches, step, log)
                     else:
                         ts = timed_phases(step.phases, repeat)
-                        ns = phase_launches(step.phases)
-                        if DEVICE == "cuda":  # the step's launches: its phases' (one profile each)
+                        ns = _counted(phase_launches, step.phases, log) or {}
+                        if DEVICE == "cuda" and ns:  # the step's launches: its phases' (one profile each)
                             row["launches"] = sum(ns.values())
                         for name, tp in ts.items():
                             ph_floor = cases.BYTES_PER_PHASE[algo][name] * numel / bw
                             phase_rows.append(dict(algo=algo, shapes=shape_name, impl=impl,
                                                    phase=name, median_ms=tp * 1e3,
-                                                   x_floor=tp / ph_floor, launches=ns[name]))
+                                                   x_floor=tp / ph_floor, launches=ns.get(name)))
                 except Exception as exc:  # a backend not available here: a row that says why
                     row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
                 del params
@@ -294,14 +318,13 @@ def main(argv=None):
         target_rows = targets(rows, phase_rows)
         md = markdown(header, rows, phase_rows, target_rows)
         if args.md:
-            with open(args.md, "w") as f:
-                f.write(md)
+            write_whole(args.md, md)
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(dict(device=device, torch=torch.__version__, dry_run=args.dry_run,
-                               complete=final, copy_bandwidth_GBps=bw / 1e9, repeat=repeat,
-                               rows=rows, phases=phase_rows, targets=target_rows,
-                               target_values=cases.TARGETS), f, indent=1)
+            write_whole(args.json, json.dumps(
+                dict(device=device, torch=torch.__version__, dry_run=args.dry_run,
+                     complete=final, copy_bandwidth_GBps=bw / 1e9, repeat=repeat, rows=rows,
+                     phases=phase_rows, targets=target_rows, target_values=cases.TARGETS),
+                indent=1))
         return md
 
     bw, rows, phase_rows = measure(shape_sets, args.algos.split(","), impls, repeat,
