@@ -552,18 +552,11 @@ def test_channels_last_buffers_follow_the_parameter(method):
     conv_cl = copy.deepcopy(conv).to(memory_format=torch.channels_last)
     assert not conv_cl.weight.is_contiguous()
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    y = torch.randint(0, 4, (2, 4, 4))  # a class per output pixel (4 channels)
     opts = [cls(m.parameters(), lr=0.05, momentum=0.9, **kw) for m in (conv, conv_cl)]
-    def closure_of(m):
-        def closure():
-            m.zero_grad()
-            loss = m(x).square().mean()
-            loss.backward()
-            return loss
-        return closure
-
     for _ in range(4):  # LookSAM (k=3): full and one-pass steps
         for m, opt in zip((conv, conv_cl), opts):
-            opt.step(closure_of(m))
+            opt.step(closure_for(opt, m, x, y))
     w = conv_cl.weight
     bufs = [t for t in opts[1].state[w].values() if torch.is_tensor(t) and t.shape == w.shape]
     bufs += [b for b in getattr(opts[1], "_saved", {}).values() if b.shape == w.shape]
