@@ -64,6 +64,11 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 BLOCK = 8192 if INTERPRET else 1024
 CHUNK = 8192 if INTERPRET else 4096
 NUM_WARPS = 4
+# Compile options of every launch (the multi-tensor kernels, the BiSAM loss, the Philox probe): no
+# multiply-add contraction, so every product and sum rounds as written, as on the CPU and in the
+# interpreter (a contracted ``p + e`` in ``_dd_mul`` counts the product's error twice; the
+# default also changes between Triton versions).  tests/test_triton_aot.py checks the PTX.
+FP_OPTIONS = {"enable_fp_fusion": False}
 # Most chunks per launch: bigger plans are split into several launches over slices of the work
 # table (keeps grid and int32 program ids far from their limits; tests lower it).
 MAX_CHUNKS_PER_LAUNCH = 1 << 20
@@ -609,13 +614,10 @@ def contiguous(lists: Sequence[Sequence[torch.Tensor]], mutated: Sequence[int],
 
 
 def _launch_args(group: Group):
-    """Constexprs and compile options every kernel takes.  No multiply-add contraction
-    (``enable_fp_fusion=False``): every product and sum rounds as written, as on the CPU and in
-    the interpreter; a contracted ``p + e`` in ``_dd_mul`` counts the product's error twice, and
-    the default changes between Triton versions."""
+    """Constexprs and compile options every kernel takes."""
     assert BLOCK % 16 == 0 and CHUNK % BLOCK == 0 and BLOCK & (BLOCK - 1) == 0, (BLOCK, CHUNK)
     return dict(ALIGNED=group.aligned, MATH=group.math, BLOCK=int(BLOCK), CHUNK=int(CHUNK),
-                num_warps=NUM_WARPS, enable_fp_fusion=False)
+                num_warps=NUM_WARPS, **FP_OPTIONS)
 
 
 def launch(op: OpSpec, kernel, lists: Sequence[Optional[Sequence[torch.Tensor]]], *,

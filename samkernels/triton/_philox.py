@@ -155,6 +155,5 @@ def philox_probe(seed: int, step: int, param_id: int, numel: int, dtype=torch.fl
     with mt.device_guard(words.device):
         _philox_probe_kernel[(1,)](words, normals, n_quads, mt.u32_words(param_id)[0],
                                    *mt.u32_words(seed), *mt.u32_words(step), QB=qb,
-                                   MATH=mt.math_dtype(dtype),
-                                   enable_fp_fusion=False)  # as the kernels (mt._launch_args)
+                                   MATH=mt.math_dtype(dtype), **mt.FP_OPTIONS)
     return words.view(n_quads, 4), normals[:numel]

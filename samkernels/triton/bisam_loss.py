@@ -171,7 +171,7 @@ def _launch(logits: torch.Tensor, target: torch.Tensor, mu: float, phi: int, alp
             PHI=int(phi), BLOCK=block, ONE_BLOCK=K <= block,
             FIXED_SHIFT=mu <= (500.0 if acc == torch.float64 else FIXED_SHIFT_MAX_MU),
             COMPUTE_GRAD=bool(compute_grad), ACC=tl.float64 if acc == torch.float64 else tl.float32,
-            num_warps=num_warps, enable_fp_fusion=False)  # as the CPU rounds (_launch_args)
+            num_warps=num_warps, **mt.FP_OPTIONS)
     return loss_rows, grad
 
 
