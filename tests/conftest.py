@@ -142,19 +142,77 @@ def _module(item) -> str:
     return str(pathlib.Path(str(item.fspath)).resolve())
 
 
+# --- the offline GPU checks: a tier of their own ------------------------------------------------
+# The CUDA sources compiled with nvcc, every Triton kernel configuration compiled for sm_90, the GPU
+# session's CPU dry run: checks of code for a GPU this machine lacks, whose compilers take about
+# 360 CPU-seconds, as much as all the other tests together.  ``pytest`` leaves them out (reported
+# as deselected) so that the suite stays a few minutes; ``--offline-gpu-checks`` adds them, and a
+# module named on the command line runs anyway.  CI runs them (tests/install_and_test.sh).
+OFFLINE_GPU_CHECKS = ("test_cuda_compile", "test_triton_aot", "test_gpu_session")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--offline-gpu-checks", action="store_true",
+                     help="also run " + ", ".join(f"{m}.py" for m in OFFLINE_GPU_CHECKS) +
+                          " (nvcc, Triton's sm_90 compiler, the GPU session's dry run: minutes "
+                          "of CPU); a module named on the command line runs without it")
+
+
+def _offline_gpu_checks_left_out(config, items) -> None:
+    if config.getoption("offline_gpu_checks"):
+        return
+    here = config.invocation_params.dir
+    named = {str((here / arg.split("::")[0]).resolve()) for arg in config.args}
+    out = [item for item in items if pathlib.Path(_module(item)).stem in OFFLINE_GPU_CHECKS
+           and _module(item) not in named]
+    if out:
+        left = set(map(id, out))
+        items[:] = [item for item in items if id(item) not in left]
+        config.hook.pytest_deselected(items=out)
+
+
 def pytest_collection_modifyitems(session, config, items):
     """The modules that wait for a background job run last, the longest jobs last of all: the
     main process runs every other test while the jobs run (a job module early in the order left
     the main process waiting two minutes for the CUDA compiles with most of the suite still to
     run).  Otherwise the order is collection's."""
+    _offline_gpu_checks_left_out(config, items)
     stems = {path: pathlib.Path(path).stem for path, _ in _JOBS.values()}
     rank = {path: 1 + (_JOB_ORDER.index(stem) + 1 if stem in _JOB_ORDER else 0)
             for path, stem in stems.items()}
     items.sort(key=lambda item: rank.get(_module(item), 0))
 
 
+# --- pytest -n N (pytest-xdist) -----------------------------------------------------------------
+# Modules whose tests spread one by one over the workers (see pytest_xdist_make_scheduler).
+SPREAD = ("test_compile",)
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, which may be missing
+def pytest_xdist_make_scheduler(config, log):
+    """``pytest -n N`` (xdist's default ``--dist load``): a module's tests run on one worker, so
+    that its warm-ups (Triton parsing each kernel it launches, module fixtures, background jobs)
+    run once, except the modules of ``SPREAD``: each of test_compile's tests compiles from
+    scratch, and together they are the longest module.  xdist hands out the modules with the most
+    tests first, so these one-test units come last and keep the workers' loads even.  An explicit
+    ``--dist`` (the GPU session's loadgroup) keeps xdist's own scheduler."""
+    if config.getoption("dist") != "load":
+        return None  # xdist's own scheduler for an explicit --dist
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return nodeid if pathlib.Path(module).stem in SPREAD else module
+
+    return ByModule(config, log)
+
+
 def pytest_collection_finish(session):
-    if session.config.option.collectonly:
+    # Under pytest-xdist every worker collects every test but runs only some modules: a worker
+    # starts a module's job when the module's fixture first asks for it (``job``), so each job
+    # runs once, beside the other worker's tests.
+    if session.config.option.collectonly or os.environ.get("PYTEST_XDIST_WORKER"):
         return
     selected = {_module(item) for item in session.items}
     for name, (path, _) in _JOBS.items():

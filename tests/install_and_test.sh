@@ -3,16 +3,17 @@
 # torch -> the samkernels wheel built against it (no build isolation) -> install the wheel -> the
 # tests against the *installed* package.
 #
-#   torch 2.13.0 (CPU build)            the whole suite, Triton's interpreter (Triton 3.9), the CUDA
+#   torch 2.13.0 (CPU build)            the suite (pytest -n auto: Triton's interpreter (Triton
+#                                       3.9), the Lightning / Transformers / Accelerate
+#                                       integrations ...), then the offline GPU checks: the CUDA
 #                                       sources compiled with nvcc, every Triton kernel compiled
 #                                       ahead of time for sm_90 (each kernel for sm_80 too), the
-#                                       GPU-session dry run, the Lightning / Transformers /
-#                                       Accelerate integrations
+#                                       GPU-session dry run
 #   torch 2.11.0+cu130 (Triton 3.6)     the GPU machines' stack: wheel built WITH the CUDA kernels
 #   torch 2.14.1+cu130 (Triton 3.8)     (sm_90), imported, then the ops, optimizer, compile,
 #                                       Triton-interpreter and ahead-of-time compile tests
 #
-# Extra arguments go to pytest of the first stack (e.g. -k bsam).  SAMKERNELS_STACKS picks stacks
+# Extra arguments go to the torch 2.13 suite's pytest (e.g. -k bsam).  SAMKERNELS_STACKS picks stacks
 # (default: all three, e.g. SAMKERNELS_STACKS=2.13.0 for the quick CPU run).
 #
 # Disk: a CUDA stack's venv is about 6 GB (torch + the nvidia libraries), so stacks run one after
@@ -30,7 +31,11 @@ export PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 CUDA_STACK_TESTS="test_contract.py test_oracles.py test_triton_plans.py test_optim.py test_compile.py
   test_dispatch.py test_bisam_loss.py test_nonfinite_device.py test_norm_contract.py
   test_triton_aot.py test_precision.py test_check_fused.py test_fsdp.py"
-COMMON_PKGS=(numpy pytest hypothesis "setuptools>=64" wheel ninja)
+COMMON_PKGS=(numpy pytest pytest-xdist hypothesis "setuptools>=64" wheel ninja)
+# The offline GPU checks (tests/conftest.py OFFLINE_GPU_CHECKS): nvcc, Triton's sm_90 compiler and
+# the GPU session's dry run, about as much CPU as the rest of the suite; `pytest` leaves them out,
+# the torch 2.13 stack runs them after the suite (the CUDA stacks name test_triton_aot.py).
+OFFLINE_GPU_TESTS="test_cuda_compile.py test_triton_aot.py test_gpu_session.py"
 SECONDS=0
 
 log() { echo "=== [$(date -u +%H:%M:%S) +${SECONDS}s] $*"; }
@@ -66,8 +71,8 @@ build_and_install() {
   "$venv/bin/pip" install -q --no-deps "$dist"/samkernels-*.whl
 }
 
-run_pytest() {  # venv, pytest args...
-  local venv="$1"; shift
+run_pytest() {  # venv, pytest args...  (-n auto: a pytest-xdist worker per core, tests/conftest.py
+  local venv="$1"; shift  # pytest_xdist_make_scheduler keeps each module's tests on one worker)
   (cd "$REPO/tests" &&
    SAMKERNELS_REQUIRE_NVCC="${SAMKERNELS_REQUIRE_NVCC:-1}" SAMKERNELS_TEST_INSTALLED=1 \
    TRITON_INTERPRET=1 "$venv/bin/python" -P -m pytest -p no:cacheprovider -q --durations=10 "$@")
@@ -84,9 +89,13 @@ if [[ " $STACKS " == *" 2.13.0 "* ]]; then
     lightning transformers accelerate ivon-opt==0.1.3 pytorch_optimizer==4.1.0
   log "torch 2.13.0: build + install"
   build_and_install "$VENV" "$REPO/dist"
-  log "torch 2.13.0: the whole suite"
-  # nvcc missing = a failing test, not a skip (SAMKERNELS_REQUIRE_NVCC=0 on a machine without it)
-  run_pytest "$VENV" "$@"
+  log "torch 2.13.0: the suite"
+  run_pytest "$VENV" -n auto "$@"
+  log "torch 2.13.0: the offline GPU checks"
+  # nvcc missing = a failing test, not a skip (SAMKERNELS_REQUIRE_NVCC=0 on a machine without it);
+  # one process: its three modules' compilers run as background jobs beside each other
+  # shellcheck disable=SC2086
+  run_pytest "$VENV" $OFFLINE_GPU_TESTS
   drop_venv "$VENV"
 fi
 
@@ -108,7 +117,7 @@ assert _dispatch.cuda_kernels_built(), 'the CUDA kernels were not built'
 print('samkernels imports against torch', torch.__version__, '- CUDA kernels built:', _dispatch.cuda_kernels_built())")
   log "torch $version: tests"
   # shellcheck disable=SC2086
-  run_pytest "$v" $CUDA_STACK_TESTS
+  run_pytest "$v" -n auto $CUDA_STACK_TESTS
   drop_venv "$v"
   rm -rf "$REPO/dist-torch$version" "$REPO/build"
 done
