@@ -260,6 +260,5 @@ def test_distributed_checkpoint_state_creation_as_on_the_host(name):
     for _ in range(2):
         host.step()
         cap.step()
-    for p, q in zip(host.model.parameters(), cap.model.parameters()):
-        assert torch.equal(p, q)
+    assert all(map(torch.equal, host.model.parameters(), cap.model.parameters()))
     same_state(host.opt.state_dict(), cap.opt.state_dict())

@@ -955,6 +955,15 @@ class TwoPassOptimizer(torch.optim.Optimizer):
             raise
 
     # -- torch.distributed.checkpoint ------------------------------------------------------------
+    def _step_without_closure(self, why: str, phases: str) -> None:
+        """``step()`` without a closure: None after torch.distributed.checkpoint's call of it
+        (``_checkpoint_init``), else an error naming what the step needs (``why``, may be empty)
+        and the ``phases`` to call instead."""
+        if self._checkpoint_init():
+            return None
+        raise RuntimeError(f"{type(self).__name__}.step needs a closure{why}; or call {phases} "
+                           "yourself")
+
     def _checkpoint_init(self) -> bool:
         """True when ``step()`` came without a closure from torch.distributed.checkpoint, whose
         ``get/set_optimizer_state_dict`` call it (every gradient zero, every lr 0) to create the
@@ -962,7 +971,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         any step.  That step is taken here, on those zero gradients at lr 0; the weights and the
         optimizer-wide values (noise seed and counter) stay as they were.  False (nothing done)
         for any other caller."""
-        frame = sys._getframe(1)
+        frame = sys._getframe(2)  # (called by _step_without_closure)
         for _ in range(8):  # our step <- torch.optim's step wrappers <- _init_optim_state
             frame = frame.f_back
             if frame is None:

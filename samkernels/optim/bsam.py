@@ -165,8 +165,7 @@ class BSAM(PosteriorSampler, TwoPassOptimizer):
                     [p for p, _ in rest], [b for _, b in rest])
         noised = set() if same else {p for ps, _ in noisy for p in ps}
         for group, ps in grouped:
-            if not same:
-                ps = [p for p in ps if p in noised]
+            ps = ps if same else [p for p in ps if p in noised]
             if not ps:
                 continue
             backups, precisions, _ = self._lists(group, ps)
@@ -227,8 +226,7 @@ class BSAM(PosteriorSampler, TwoPassOptimizer):
         _, world = self._rank_world()
         try:
             for group, ps in grouped:
-                if not same:
-                    ps = [p for p in ps if p in todo]
+                ps = ps if same else [p for p in ps if p in todo]
                 if not ps:
                     continue
                 backups, precisions, momenta = self._lists(group, ps)
@@ -270,10 +268,8 @@ class BSAM(PosteriorSampler, TwoPassOptimizer):
         noise and perturbation; sqrt(s)|g| and g_eps are averaged over the micro-batches before
         lines 5-7.  Returns the mean first-pass loss.  ``scaler``: as in ``SAM.step``."""
         if closure is None:
-            if self._checkpoint_init():  # torch.distributed.checkpoint creating the state
-                return None
-            raise RuntimeError("BSAM.step needs a closure (it evaluates the loss twice); or call "
-                               "noise_step() / first_step() / second_step() yourself")
+            return self._step_without_closure(" (it evaluates the loss twice)",
+                                              "noise_step() / first_step() / second_step()")
         if self._check_m(m) == 1:
             self.noise_step()
             return self._two_passes(closure, scaler)

@@ -325,11 +325,9 @@ class IVON(PosteriorSampler, TwoPassOptimizer):
         gradients zeroed between samples); returns the mean loss.  ``scaler``: a GradScaler whose
         ``scale(loss).backward()`` the closure calls (``scaler.update()`` after)."""
         if closure is None:
-            if self._checkpoint_init():  # torch.distributed.checkpoint creating the state
-                return None
-            raise RuntimeError("IVON.step needs a closure (forward + backward at the sampled "
-                               "weights); or call noise_step() / accumulate_step() / "
-                               "second_step() yourself")
+            return self._step_without_closure(
+                " (forward + backward at the sampled weights)",
+                "noise_step() / accumulate_step() / second_step()")
         losses = []
         with self._restore_on_error():
             for k in range(self.mc_samples):

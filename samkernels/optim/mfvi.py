@@ -181,10 +181,9 @@ class MFVI(GaussianPosterior, TwoPassOptimizer):
         done = 0
         try:
             for group, ps in grouped:
-                if not same:
-                    ps = [p for p in ps if p in todo]
-                    if not ps:
-                        continue
+                ps = ps if same else [p for p in ps if p in todo]
+                if not ps:
+                    continue
                 ops.mfvi_update_(ps, self._grads(ps), self._backups_for(ps),
                                  self._variances(group, ps), self._momenta(group, ps),
                                  self._param_ids_for(ps), seed, step,
@@ -213,10 +212,8 @@ class MFVI(GaussianPosterior, TwoPassOptimizer):
                              "no gradient-built perturbation) and its variance step needs each "
                              "sample's own g*z product; use m=1 (a larger batch averages more)")
         if closure is None:
-            if self._checkpoint_init():  # torch.distributed.checkpoint creating the state
-                return None
-            raise RuntimeError("MFVI.step needs a closure (forward + backward at the sampled "
-                               "weights); or call noise_step() / second_step() yourself")
+            return self._step_without_closure(" (forward + backward at the sampled weights)",
+                                              "noise_step() / second_step()")
         self.noise_step()
         with self._restore_on_error():
             loss = self._run_pass(closure, ascent=True)

@@ -279,10 +279,8 @@ class RandomSAM(TwoPassOptimizer):
         or ``closure(i, ascent)``; returns the mean loss.  ``scaler``: a GradScaler whose
         ``scale(loss).backward()`` the closure calls (one unscale of the averaged gradient)."""
         if closure is None:
-            if self._checkpoint_init():  # torch.distributed.checkpoint creating the state
-                return None
-            raise RuntimeError("RandomSAM.step needs a closure (forward + backward at the "
-                               "perturbed weights); or call noise_step() / second_step() yourself")
+            return self._step_without_closure(" (forward + backward at the perturbed weights)",
+                                              "noise_step() / second_step()")
         if self._check_m(m) == 1:
             self.noise_step()
             with self._restore_on_error():

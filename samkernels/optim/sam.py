@@ -402,10 +402,8 @@ class SAM(TwoPassOptimizer):
         run the second pass.
         """
         if closure is None:
-            if self._checkpoint_init():  # torch.distributed.checkpoint creating the state
-                return None
-            raise RuntimeError(f"{type(self).__name__}.step needs a closure (it evaluates the loss "
-                               "twice); or call first_step() / second_step() yourself")
+            return self._step_without_closure(" (it evaluates the loss twice)",
+                                              "first_step() / second_step()")
         if self._check_m(m) == 1:
             return self._two_passes(closure, scaler)
         return self._micro_batch_passes(

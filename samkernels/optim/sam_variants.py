@@ -377,10 +377,7 @@ class LookSAM(_Variant):
         """A full SAM step when ``full_step_due`` (``closure`` called twice), else one pass and
         ``reuse_step``.  Returns the (first) loss."""
         if closure is None:
-            if self._checkpoint_init():  # torch.distributed.checkpoint creating the state
-                return None
-            raise RuntimeError("LookSAM.step needs a closure; or call first_step() / "
-                               "second_step() / reuse_step() yourself")
+            return self._step_without_closure("", "first_step() / second_step() / reuse_step()")
         if self._check_m(m) != 1:
             raise ValueError(f"LookSAM: m-sharpness (m > 1) is not supported; got m={m}")
         if self.full_step_due:

@@ -329,10 +329,8 @@ class VariationalSAM(GaussianPosterior, TwoPassOptimizer):
         clamping each one first would not be the averaged step.  Returns the mean first-pass loss.
         An exception (or a skip) leaves Sigma as before the step."""
         if closure is None:
-            if self._checkpoint_init():  # torch.distributed.checkpoint creating the state
-                return None
-            raise RuntimeError("VariationalSAM.step needs a closure (it evaluates the loss twice); "
-                               "or call first_step() / second_step() yourself")
+            return self._step_without_closure(" (it evaluates the loss twice)",
+                                              "first_step() / second_step()")
         if self._check_m(m) == 1:
             return self._two_passes(closure, scaler)
         return self._micro_batch_passes(
