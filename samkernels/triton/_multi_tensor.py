@@ -43,6 +43,7 @@ the float64 terms to add, and store its result in their ``partials`` slot.
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 import struct
 from collections import OrderedDict
@@ -74,6 +75,11 @@ FP_OPTIONS = {"enable_fp_fusion": False}
 MAX_CHUNKS_PER_LAUNCH = 1 << 20
 # Plans kept in the LRU cache (one per distinct set of tensor lists: a few per optimizer).
 CACHE_SIZE = 64
+
+# per-tensor reads for the plan key, as C methods (``map`` runs them without Python bytecode)
+_DATA_PTR, _NUMEL, _DEVICE_INDEX = torch.Tensor.data_ptr, torch.Tensor.numel, torch.Tensor.get_device
+_DTYPE = operator.attrgetter("dtype")
+_CONTIGUOUS = torch.Tensor.is_contiguous
 
 TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64,
             torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -510,31 +516,35 @@ def _check_tensors(lists: Sequence[Sequence[torch.Tensor]], op: OpSpec, roles) -
 def plan_for(lists: Sequence[Sequence[torch.Tensor]], ids: Optional[Sequence[int]] = None,
              op: Optional[OpSpec] = None, roles=None) -> Plan:
     """The (cached) plan for equally long, contiguous tensor lists; ``lists[0]`` are the params,
-    whose dtype decides the maths.  The key is every tensor's (address, numel, dtype): the tables
-    hold nothing else, so a hit is always valid even if a storage was freed and reused.  With
-    ``op`` and the lists' ``roles`` (its table entries), a new plan first checks the tensors
-    (``_check_tensors``): a hit has the numels and dtypes of a plan that passed."""
+    whose dtype decides the maths.  The key is every tensor's (address, numel, dtype, device
+    index): the tables hold nothing else, so a hit is always valid even if a storage was freed
+    and reused.  The key is read with maps of C methods, and the dtypes and devices are checked
+    only when a plan is built: a Python loop over the tensors on every call was most of the host
+    time of an op on thousands of tiny tensors.  With ``op`` and the lists' ``roles`` (its table
+    entries), a new plan first checks the tensors (``_check_tensors``): a hit has the numels and
+    dtypes of a plan that passed."""
     n = len(lists[0])
     for lst in lists:
         if len(lst) != n:
             raise ValueError(f"tensor lists of different lengths: {[len(x) for x in lists]}")
     device = lists[0][0].device
-    for lst in lists:
-        for t in lst:
-            if t.dtype not in TL_DTYPE:
-                raise TypeError(f"samkernels.triton: unsupported dtype {t.dtype}")
-            if t.device != device:
-                raise ValueError(f"samkernels.triton: tensors on {device} and {t.device}")
     if INTERPRET and device.type != "cpu":
         raise RuntimeError("TRITON_INTERPRET=1 runs on CPU tensors only (the interpreter cannot "
                            "follow a table of CUDA addresses)")
     chunk = int(CHUNK)
+    flat = [t for lst in lists for t in lst]
     # the lists' count beside their flat contents: [[a, b], [c, d]] is not [[a], [b], [c], [d]]
     key = (device, chunk, len(lists), None if ids is None else tuple(ids),
-           tuple((t.data_ptr(), t.numel(), t.dtype) for lst in lists for t in lst))
+           tuple(map(_DATA_PTR, flat)), tuple(map(_NUMEL, flat)), tuple(map(_DTYPE, flat)),
+           tuple(map(_DEVICE_INDEX, flat)))
     plan = _cache.get(key)
     capturing = _capturing(device)
     if plan is None:
+        for t in flat:
+            if t.dtype not in TL_DTYPE:
+                raise TypeError(f"samkernels.triton: unsupported dtype {t.dtype}")
+            if t.device != device:
+                raise ValueError(f"samkernels.triton: tensors on {device} and {t.device}")
         if capturing:
             # A plan's tables reach the device by a host-to-device copy.  Recorded in a graph,
             # that copy would re-read host memory at every replay (pinned memory cannot even be
@@ -588,7 +598,7 @@ def contiguous(lists: Sequence[Sequence[torch.Tensor]], mutated: Sequence[int],
     channels_last weight with its channels_last grad and state): a flat view of the same memory, no
     copy, and the plan cache still hits.  Otherwise the tensor is copied, and on exit the copies
     in the lists at ``mutated`` positions are written back into the originals."""
-    if all(t.is_contiguous() for lst in lists for t in lst):
+    if all(all(map(_CONTIGUOUS, lst)) for lst in lists):
         yield lists
         return
     out = [list(lst) for lst in lists]
