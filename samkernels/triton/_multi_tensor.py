@@ -77,9 +77,10 @@ MAX_CHUNKS_PER_LAUNCH = 1 << 20
 CACHE_SIZE = 64
 
 # per-tensor reads for the plan key, as C methods (``map`` runs them without Python bytecode)
-_DATA_PTR, _NUMEL, _DEVICE_INDEX = torch.Tensor.data_ptr, torch.Tensor.numel, torch.Tensor.get_device
-_DTYPE = operator.attrgetter("dtype")
+_DATA_PTR, _NUMEL = torch.Tensor.data_ptr, torch.Tensor.numel
 _CONTIGUOUS = torch.Tensor.is_contiguous
+_DEVICE_INDEX = torch.Tensor.get_device  # -1 on the CPU
+_DTYPE = operator.attrgetter("dtype")
 
 TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64,
             torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
