@@ -85,9 +85,9 @@ MUTATIONS: List[Mutation] = [
         (CPU_BSAM, "static_cast<M>(delta + gamma)", "static_cast<M>(gamma)")],
         [ORACLE, WORKED], k="bsam_perturb_ or worked_example"),
     Mutation("adam 1-beta2 from fp32 beta2 (triton)", [
-        (TRI_SAM, "beta2, 1 - beta2, math.sqrt(bc2)",
-         "beta2, 1 - __import__('torch').tensor(beta2, dtype=__import__('torch').float32).item(), "
-         "math.sqrt(bc2)")], [ORACLE], k="sam_restore_adam_"),
+        (TRI_SAM, "beta2, 1 - beta2, eps, weight_decay,",
+         "beta2, 1 - torch.tensor(beta2, dtype=torch.float32).item(), eps, weight_decay,")],
+        [ORACLE], k="sam_restore_adam_"),
     oracle_bug("adam 1-beta2 from fp32 beta2 (cpu)", CPU_SAM, "sam_restore_adam_",
                "static_cast<M>(1.0 - beta2)", "M(1) - static_cast<M>(beta2)"),
     Mutation("bsam 1-beta2 from fp32 beta2 (cpu)", [
@@ -109,8 +109,8 @@ MUTATIONS: List[Mutation] = [
                "const M sd = learned ? sk_sqrt(var) : sigma;",
                "const M sd = learned ? var : sigma;"),
     Mutation("randomsam skip keeps the noise counter", [
-        ("samkernels/optim/random_sam.py", 'self._extra_state["noise_step"] = self._noise["at"]\n',
-         "pass\n")], ["test_hostile.py"], k="nonfinite"),
+        ("samkernels/optim/random_sam.py", 'self._rewind_counter("noise_step")\n', "pass\n")],
+        ["test_hostile.py"], k="nonfinite"),
     # --- more single bugs ------------------------------------------------------------------------
     Mutation("philox drops the step's high word (spec)", [
         (REF, "full((step >> 32) & _MASK32)", "full(0)")], [ORACLE], k="bsam_noise_"),
@@ -199,8 +199,8 @@ MUTATIONS: List[Mutation] = [
     oracle_bug("ivon running mean over count - 1 (cpu)", "csrc/math/ivon.h", "ivon",
                "return avg + (x - avg) / count;", "return avg + (x - avg) / (count - M(1));"),
     Mutation("ivon samples of a step share one noise draw (optimizer)", [
-        ("samkernels/optim/ivon.py", 'step = self._sample["start"] + k\n',
-         'step = self._sample["start"]\n')],
+        ("samkernels/optim/ivon.py", 'step, at = self._counter_args("noise_step")\n',
+         'step, at = self._counter_args("noise_step", -k)\n')],
         ["test_ivon.py"], k="50_steps and reference and fp64-2"),
 ]
 
