@@ -84,10 +84,9 @@ MUTATIONS: List[Mutation] = [
          "store(s, offs, beta2 * ss + omb2 * (h + gamma)"),
         (CPU_BSAM, "static_cast<M>(delta + gamma)", "static_cast<M>(gamma)")],
         [ORACLE, WORKED], k="bsam_perturb_ or worked_example"),
-    Mutation("adam 1-beta2 from fp32 beta2 (triton)", [
-        (TRI_SAM, "beta2, 1 - beta2, eps, weight_decay,",
-         "beta2, 1 - torch.tensor(beta2, dtype=torch.float32).item(), eps, weight_decay,")],
-        [ORACLE], k="sam_restore_adam_"),
+    oracle_bug("adam 1-beta2 from fp32 beta2 (triton)", TRI_SAM, "sam_restore_adam_",
+               "beta2, 1 - beta2, eps, weight_decay,",
+               "beta2, 1 - torch.tensor(beta2, dtype=torch.float32).item(), eps, weight_decay,"),
     oracle_bug("adam 1-beta2 from fp32 beta2 (cpu)", CPU_SAM, "sam_restore_adam_",
                "static_cast<M>(1.0 - beta2)", "M(1) - static_cast<M>(beta2)"),
     Mutation("bsam 1-beta2 from fp32 beta2 (cpu)", [
@@ -108,9 +107,9 @@ MUTATIONS: List[Mutation] = [
     oracle_bug("mfvi noise std = Sigma (cpu)", CPU_VI, "vi_noise_ or std_sqrt_sigma",
                "const M sd = learned ? sk_sqrt(var) : sigma;",
                "const M sd = learned ? var : sigma;"),
-    Mutation("randomsam skip keeps the noise counter", [
-        ("samkernels/optim/random_sam.py", 'self._rewind_counter("noise_step")\n', "pass\n")],
-        ["test_hostile.py"], k="nonfinite"),
+    Mutation("randomsam skip keeps the noise counter",  # (its rollback: the counter rewound)
+             [("samkernels/optim/random_sam.py", 'self._rewind_counter("noise_step")\n', "pass\n")],
+             ["test_hostile.py"], k="nonfinite"),
     # --- more single bugs ------------------------------------------------------------------------
     Mutation("philox drops the step's high word (spec)", [
         (REF, "full((step >> 32) & _MASK32)", "full(0)")], [ORACLE], k="bsam_noise_"),
