@@ -13,6 +13,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import ctypes  # noqa: E402
+import functools  # noqa: E402
 import inspect  # noqa: E402
 import pathlib  # noqa: E402
 import shutil  # noqa: E402
@@ -139,7 +140,12 @@ _JOB_ORDER = ["test_resume", "test_readme", "test_distributed", "test_fsdp", "te
 
 def _module(item) -> str:
     """The resolved path of a test's module file, as ``background_job`` records it."""
-    return str(pathlib.Path(str(item.fspath)).resolve())
+    return _resolved(str(item.fspath))
+
+
+@functools.lru_cache(maxsize=None)
+def _resolved(path: str) -> str:  # once per module file, not per test (~6,000 per hook)
+    return str(pathlib.Path(path).resolve())
 
 
 # --- the offline GPU checks: a tier of their own ------------------------------------------------
@@ -163,8 +169,8 @@ def _offline_gpu_checks_left_out(config, items) -> None:
         return
     here = config.invocation_params.dir
     named = {str((here / arg.split("::")[0]).resolve()) for arg in config.args}
-    out = [item for item in items if pathlib.Path(_module(item)).stem in OFFLINE_GPU_CHECKS
-           and _module(item) not in named]
+    out = [item for item in items if _module(item) not in named
+           and pathlib.Path(_module(item)).stem in OFFLINE_GPU_CHECKS]
     if out:
         left = set(map(id, out))
         items[:] = [item for item in items if id(item) not in left]

@@ -71,8 +71,10 @@ build_and_install() {
   "$venv/bin/pip" install -q --no-deps "$dist"/samkernels-*.whl
 }
 
-run_pytest() {  # venv, pytest args...  (-n auto: a pytest-xdist worker per core, tests/conftest.py
-  local venv="$1"; shift  # pytest_xdist_make_scheduler keeps each module's tests on one worker)
+# venv, pytest args...  (with -n auto: a pytest-xdist worker per core; tests/conftest.py's
+# pytest_xdist_make_scheduler keeps each module's tests on one worker)
+run_pytest() {
+  local venv="$1"; shift
   (cd "$REPO/tests" &&
    SAMKERNELS_REQUIRE_NVCC="${SAMKERNELS_REQUIRE_NVCC:-1}" SAMKERNELS_TEST_INSTALLED=1 \
    TRITON_INTERPRET=1 "$venv/bin/python" -P -m pytest -p no:cacheprovider -q --durations=10 "$@")

@@ -35,8 +35,8 @@ the noisy pass then the perturbed one, RandomSAM/MFVI one noisy pass.  What it d
 One optimizer per module.  ``Trainer(gradient_clip_val=)`` is refused by Lightning under manual
 optimization.  **DDP** (``strategy="ddp"``/``"ddp_spawn"``/``"ddp_fork"``): every
 ``manual_backward`` all-reduces (Lightning prepares DDP's reducer for each backward under manual
-optimization), so both passes use
-the global gradient: SAM on the global batch (with accumulation: on all ranks' micro-batches).
+optimization), so both passes use the global gradient: SAM on the global batch (with accumulation:
+on all ranks' micro-batches).
 Other multi-process strategies (FSDP, DeepSpeed) are refused with a NotImplementedError.
 """
 from __future__ import annotations
